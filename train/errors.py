@@ -1,0 +1,21 @@
+"""Errors a user can cause. Entry points print them as one line and exit non-zero."""
+
+
+class UserError(Exception):
+    """A problem with the user's input: the message names the field or file and the fix."""
+
+    exit_code = 2
+
+
+def exit_on_user_error(main, *args, **kwargs):
+    """Run `main`; a UserError becomes one line on stderr and exit code 2, no traceback."""
+    import os
+    import sys
+
+    try:
+        return main(*args, **kwargs)
+    except UserError as err:
+        # Under a multi-rank launcher every rank fails the same way; one line is enough.
+        if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(err.exit_code)
