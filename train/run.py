@@ -1,0 +1,138 @@
+"""One training stage, end to end, in a fixed order:
+
+    setup (config, runtime, tokenizer, data checks)  ->  train (TRL trainer under DeepSpeed)
+    ->  save (consolidated weights + tokenizer + resolved config, published atomically)
+
+Every user error is raised before the run directory is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, List
+
+from omegaconf import DictConfig, OmegaConf
+from transformers import set_seed
+
+from train.checkpoint import (
+    FINAL_TMP,
+    RUN_CONFIG,
+    checkpoints_dir,
+    is_finished,
+    publish_final_model,
+    resume_checkpoint,
+)
+from train.config import compose_train_config
+from train.deepspeed_config import build_deepspeed_config
+from train.errors import UserError
+from train.model import load_model, load_tokenizer, max_positions
+from train.runtime import Runtime, detect_runtime
+from train.stages import get_stage
+from train.tracking import ThroughputCallback, configure_wandb, report_to
+
+log = logging.getLogger("domainforge")
+
+
+def main(argv: List[str]) -> None:
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    cfg = compose_train_config(argv)
+    run_stage(cfg)
+
+
+def run_name(cfg: DictConfig) -> str:
+    return cfg.logging.run_name or f"{cfg.stage.name}-{cfg.model.name}"
+
+
+def common_trainer_kwargs(cfg: DictConfig, runtime: Runtime) -> Dict[str, Any]:
+    """TrainingArguments shared by every stage; each stage adds its own to its TRL config."""
+    t = cfg.training
+    kwargs: Dict[str, Any] = dict(
+        output_dir=str(checkpoints_dir(cfg.output_dir)),
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_ratio=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        bf16=runtime.bf16,  # TRL configs default bf16=True: always say it explicitly
+        fp16=runtime.fp16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        logging_steps=cfg.logging.logging_steps,
+        logging_first_step=True,
+        report_to=report_to(cfg.logging),
+        run_name=run_name(cfg),
+        seed=t.seed,
+        data_seed=t.seed,
+        dataloader_num_workers=t.dataloader_num_workers,
+        include_num_input_tokens_seen="all",
+        deepspeed=build_deepspeed_config(cfg.deepspeed),
+    )
+    kwargs.update(OmegaConf.to_container(t.extra_args, resolve=True))
+    return kwargs
+
+
+def check_limits(cfg: DictConfig) -> None:
+    limit = max_positions(cfg.model)
+    if limit and cfg.training.max_seq_length > limit:
+        raise UserError(
+            f"training.max_seq_length={cfg.training.max_seq_length} exceeds model '{cfg.model.name}' "
+            f"limit of {limit} positions (max_position_embeddings): set training.max_seq_length<={limit}"
+        )
+    if cfg.training.max_seq_length < 8:
+        raise UserError(f"training.max_seq_length={cfg.training.max_seq_length} is too small: use >= 8")
+
+
+def run_stage(cfg: DictConfig) -> Path:
+    """Train `cfg.stage` and publish the final model into `cfg.output_dir`; returns that path."""
+    runtime = detect_runtime(cfg.training.precision)
+    stage = get_stage(cfg.stage.name)
+    out = Path(cfg.output_dir)
+    if is_finished(out):
+        raise UserError(
+            f"output_dir={out} already holds a finished model: choose another output_dir, or delete it to retrain"
+        )
+
+    # Setup: everything a user can get wrong is checked before the run directory exists.
+    tokenizer = load_tokenizer(cfg.model)
+    check_limits(cfg)
+    data = stage.prepare_data(cfg, tokenizer)
+    resume_from = resume_checkpoint(cfg.output_dir, cfg.resume)
+
+    set_seed(cfg.training.seed)
+    configure_wandb(cfg.logging, run_name(cfg), cfg.output_dir)
+    args = stage.trainer_args(cfg, common_trainer_kwargs(cfg, runtime))
+    # From here on transformers builds models inside deepspeed.zero.Init (ZeRO-3).
+    model = load_model(cfg.model, runtime.torch_dtype, tokenizer)
+    throughput = ThroughputCallback(data.stats)
+    trainer = stage.build_trainer(cfg, args, model, tokenizer, data, [])
+    # First in line, so the loggers after it (console, W&B) see the values it adds.
+    trainer.callback_handler.callbacks.insert(0, throughput)
+
+    # Train.
+    if resume_from and runtime.is_main:
+        print(f"resuming from {resume_from}", flush=True)
+    trainer.train(resume_from_checkpoint=resume_from)
+
+    # Save: all ranks take part (ZeRO-3 gathers the shards), rank 0 writes.
+    save_final_model(trainer, tokenizer, cfg)
+    return out
+
+
+def save_final_model(trainer, tokenizer, cfg: DictConfig) -> None:
+    out = Path(cfg.output_dir)
+    tmp = out / FINAL_TMP
+    trainer.save_model(str(tmp))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(tmp)
+        (tmp / RUN_CONFIG).write_text(OmegaConf.to_yaml(cfg))
+        publish_final_model(out)
+        print(f"saved final model to {out}", flush=True)
+    trainer.accelerator.wait_for_everyone()

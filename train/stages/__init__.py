@@ -1,0 +1,50 @@
+"""Training stages. Each stage module defines a `STAGE` object with the three hooks below;
+train/run.py calls them in a fixed order:
+
+    data    = stage.prepare_data(cfg, tokenizer)        # validate + tokenize; UserError on bad input
+    args    = stage.trainer_args(cfg, common_kwargs)    # a TRL config; from here on ZeRO-3 init is live
+    model   = load_model(...)                           # partitioned across ranks under ZeRO-3
+    trainer = stage.build_trainer(cfg, args, model, tokenizer, data, callbacks)
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Protocol
+
+from train.errors import UserError
+
+
+@dataclass
+class PreparedData:
+    """What a stage trains on, ready for its trainer."""
+
+    train_dataset: Any
+    data_collator: Optional[Callable] = None
+    stats: Dict[str, float] = field(default_factory=dict)
+    """Logged once at the start (e.g. packing_efficiency, num_tokens, truncated_rows)."""
+
+
+class Stage(Protocol):
+    name: str
+
+    def prepare_data(self, cfg, tokenizer) -> PreparedData: ...
+
+    def trainer_args(self, cfg, common: Dict[str, Any]): ...
+
+    def build_trainer(self, cfg, args, model, tokenizer, data: PreparedData, callbacks: List): ...
+
+
+STAGE_MODULES = {
+    "cpt": "train.stages.cpt",
+    "sft": "train.stages.sft",
+    "dpo": "train.stages.dpo",
+    "orpo": "train.stages.orpo",
+}
+
+
+def get_stage(name: str) -> Stage:
+    if name not in STAGE_MODULES:
+        raise UserError(f"unknown stage '{name}': choose one of {', '.join(STAGE_MODULES)}")
+    return importlib.import_module(STAGE_MODULES[name]).STAGE

@@ -1,0 +1,43 @@
+"""Supervised fine-tuning on chat Q&A: loss on assistant tokens only; optional packing with a
+block-diagonal mask so packed examples never attend to each other.
+
+    deepspeed launch/train.py +stage=sft model.path=outputs/cpt-tiny
+
+CPT (train/stages/cpt.py) runs through the same TRL SFTTrainer on pre-packed text blocks.
+"""
+
+from trl import SFTConfig, SFTTrainer
+
+from train.data import prepare_sft
+
+
+class PretokenizedSFTStage:
+    """TRL's SFTTrainer on data that train/data.py already tokenized, masked and packed."""
+
+    def __init__(self, name, prepare):
+        self.name = name
+        self._prepare = prepare
+
+    def prepare_data(self, cfg, tokenizer):
+        return self._prepare(cfg, tokenizer)
+
+    def trainer_args(self, cfg, common):
+        return SFTConfig(
+            **common,
+            max_length=cfg.training.max_seq_length,
+            dataset_kwargs={"skip_prepare_dataset": True},  # TRL must not re-tokenize
+            remove_unused_columns=False,
+        )
+
+    def build_trainer(self, cfg, args, model, tokenizer, data, callbacks):
+        return SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=data.train_dataset,
+            data_collator=data.data_collator,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+
+
+STAGE = PretokenizedSFTStage("sft", prepare_sft)
