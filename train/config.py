@@ -117,7 +117,8 @@ class TrainingConfig:
     per_device_train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
     lr_scheduler_type: str = "cosine"
-    warmup_ratio: float = 0.0
+    warmup_steps: float = 0.0
+    """Steps of linear warm-up; a value below 1 is a fraction of all steps (transformers 5)."""
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     max_seq_length: int = 2048

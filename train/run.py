@@ -28,7 +28,7 @@ from train.config import compose_train_config
 from train.deepspeed_config import build_deepspeed_config
 from train.errors import UserError
 from train.model import load_model, load_tokenizer, max_positions
-from train.runtime import Runtime, detect_runtime
+from train.runtime import Runtime, detect_runtime, let_accelerate_see_cpu_ranks
 from train.stages import get_stage
 from train.tracking import ThroughputCallback, configure_wandb, report_to
 
@@ -56,7 +56,7 @@ def common_trainer_kwargs(cfg: DictConfig, runtime: Runtime) -> Dict[str, Any]:
         per_device_train_batch_size=t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         lr_scheduler_type=t.lr_scheduler_type,
-        warmup_ratio=t.warmup_ratio,
+        warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         bf16=runtime.bf16,  # TRL configs default bf16=True: always say it explicitly
@@ -108,6 +108,8 @@ def run_stage(cfg: DictConfig) -> Path:
 
     set_seed(cfg.training.seed)
     configure_wandb(cfg.logging, run_name(cfg), cfg.output_dir)
+    if runtime.device == "cpu":
+        let_accelerate_see_cpu_ranks()
     args = stage.trainer_args(cfg, common_trainer_kwargs(cfg, runtime))
     # From here on transformers builds models inside deepspeed.zero.Init (ZeRO-3).
     model = load_model(cfg.model, runtime.torch_dtype, tokenizer)

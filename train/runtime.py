@@ -56,3 +56,34 @@ def detect_runtime(precision: str = "auto") -> Runtime:
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
         world_size=int(os.environ.get("WORLD_SIZE", 1)),
     )
+
+
+def let_accelerate_see_cpu_ranks() -> None:
+    """Make accelerate count every rank when DeepSpeed runs on the CPU.
+
+    accelerate 1.15 only picks a distributed backend for DeepSpeed when a GPU-like device is
+    present; on the CPU it falls back to a 1-process world, so the HF Trainer neither shards
+    the data nor sizes "auto" batches for the real world size (measured: world_size 1 on each
+    of 2 ranks, and DeepSpeed then rejects train_batch_size). Here the backend becomes gloo,
+    which DeepSpeed's CPU accelerator uses anyway. GPU runs never reach this.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    if getattr(PartialState, "_domainforge_cpu_patch", False):
+        return
+    original = PartialState._prepare_backend
+
+    def _prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
+        backend_name, dist_type = original(self, cpu, sagemaker_dp, backend)
+        deepspeed_ranks = (
+            backend_name is None
+            and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+            and int(os.environ.get("LOCAL_RANK", -1)) != -1
+        )
+        if deepspeed_ranks:
+            return "gloo", DistributedType.MULTI_CPU
+        return backend_name, dist_type
+
+    PartialState._prepare_backend = _prepare_backend
+    PartialState._domainforge_cpu_patch = True
