@@ -260,6 +260,11 @@ def _explain(err: BaseException, overrides: List[str], config_dir: Path) -> str:
     m = re.search(r"Key '([^']+)' not in '(\w+)'", text)
     if m:
         key = key or m.group(1)
+        for ov in overrides:  # name the whole key the user typed, e.g. 'modle.path'
+            typed = ov.lstrip("+~").split("=", 1)[0]
+            if typed.startswith(key + ".") or typed == key:
+                key = typed
+                break
         return (
             f"unknown config key '{key}' (not a field of {m.group(2)}): check the spelling; "
             "valid keys are the fields in train/config.py"

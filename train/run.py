@@ -113,6 +113,7 @@ def run_stage(cfg: DictConfig) -> Path:
     args = stage.trainer_args(cfg, common_trainer_kwargs(cfg, runtime))
     # From here on transformers builds models inside deepspeed.zero.Init (ZeRO-3).
     model = load_model(cfg.model, runtime.torch_dtype, tokenizer)
+    report_parameter_share(model, runtime)
     throughput = ThroughputCallback(data.stats)
     trainer = stage.build_trainer(cfg, args, model, tokenizer, data, [])
     # First in line, so the loggers after it (console, W&B) see the values it adds.
@@ -126,6 +127,23 @@ def run_stage(cfg: DictConfig) -> Path:
     # Save: all ranks take part (ZeRO-3 gathers the shards), rank 0 writes.
     save_final_model(trainer, tokenizer, cfg)
     return out
+
+
+def report_parameter_share(model, runtime: Runtime) -> None:
+    """Print how much of the model this rank holds: ~1/N under ZeRO-3, all of it otherwise."""
+    total = local = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_tensor"):  # partitioned by deepspeed.zero.Init
+            total += p.ds_numel
+            local += p.ds_tensor.numel()
+        else:
+            total += p.numel()
+            local += p.numel()
+    print(
+        f"[rank {runtime.rank}/{runtime.world_size}] holds {local} of {total} parameters "
+        f"({100.0 * local / max(total, 1):.1f}%) after loading",
+        flush=True,
+    )
 
 
 def save_final_model(trainer, tokenizer, cfg: DictConfig) -> None:

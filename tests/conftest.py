@@ -1,0 +1,88 @@
+"""Shared test helpers: run the real entry points the way a user types them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_env(**extra: str) -> dict:
+    """The environment every launched command gets: offline, quiet, 1 thread per rank."""
+    env = dict(os.environ)
+    env.update(
+        WANDB_MODE="offline",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRL_EXPERIMENTAL_SILENCE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("WANDB_RUN_ID", None)
+    env.update(extra)
+    return env
+
+
+def launch(
+    script: str,
+    args: List[str],
+    ranks: Optional[int] = None,
+    timeout: int = 600,
+    cwd: Optional[Path] = None,
+    env: Optional[dict] = None,
+) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N launch/<script> ...` (ranks=N) or `python launch/<script> ...`.
+
+    A free master port per call lets tests run one after another without TIME_WAIT clashes.
+    """
+    path = str(REPO / "launch" / script)
+    if ranks:
+        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), path, *args]
+    else:
+        cmd = [sys.executable, path, *args]
+    return subprocess.run(
+        cmd, cwd=cwd or REPO, env=env or test_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loss_history(output_dir: Path) -> List[float]:
+    """Per-step training losses that the HF Trainer recorded, from the newest trainer_state."""
+    states = sorted(
+        (output_dir / "checkpoints").glob("checkpoint-*/trainer_state.json"),
+        key=lambda p: int(p.parent.name.split("-")[1]),
+    )
+    assert states, f"no trainer_state.json under {output_dir}/checkpoints"
+    history = json.loads(states[-1].read_text())["log_history"]
+    return [row["loss"] for row in history if "loss" in row]
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """A user error: non-zero exit, exactly one `error:` line naming the problem, no traceback."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO

