@@ -1,0 +1,152 @@
+"""The real launcher (`deepspeed --num_gpus 2 launch/train.py ...`) on the tiny model, ZeRO-3
+across 2 CPU ranks: the loss falls, parameters are partitioned, W&B holds the history, the
+SFT stage continues from the CPT output, and a killed run resumes on the same trajectory."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import REPO, free_port, launch, loss_history, test_env
+from train.checkpoint import is_complete_checkpoint
+from wandb_offline import find_offline_runs, history
+
+pytestmark = pytest.mark.integration
+
+FAST = [
+    "training.max_seq_length=256",
+    "training.learning_rate=1e-3",
+    "training.warmup_steps=0",
+    "training.lr_scheduler_type=constant",
+]
+
+
+def tail(proc) -> str:
+    return (proc.stdout + proc.stderr)[-4000:]
+
+
+def generates(model_dir: Path) -> str:
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the density of iron?"}],
+        add_generation_prompt=True, return_tensors="pt", return_dict=True,
+    )
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    new = out[0, ids["input_ids"].shape[1]:]
+    assert new.numel() > 0
+    return tok.decode(new)
+
+
+@pytest.fixture(scope="module")
+def cpt_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cpt") / "run"
+    proc = launch(
+        "train.py",
+        ["+stage=cpt", f"output_dir={out}", *FAST, "training.max_steps=30", "training.save_steps=10",
+         "logging=wandb", "logging.mode=offline", "logging.tags=[test,cpt]"],
+        ranks=2,
+    )
+    assert proc.returncode == 0, tail(proc)
+    return out, proc
+
+
+def test_cpt_loss_falls(cpt_run):
+    out, _ = cpt_run
+    losses = loss_history(out)
+    assert len(losses) == 30
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, losses
+
+
+def test_zero3_partitions_parameters_across_ranks(cpt_run):
+    _, proc = cpt_run
+    shares = re.findall(r"\[rank (\d)/2\] holds (\d+) of (\d+) parameters", proc.stdout)
+    assert sorted(r for r, _, _ in shares) == ["0", "1"], proc.stdout[-2000:]
+    total = int(shares[0][2])
+    for _, local, t in shares:
+        assert int(t) == total
+        # each rank holds its half (ZeRO-3 pads each tensor to a multiple of the world size)
+        assert abs(int(local) - total / 2) <= 0.01 * total
+    assert total > 3_000_000
+
+
+def test_wandb_offline_run_holds_the_loss_history(cpt_run):
+    out, _ = cpt_run
+    runs = find_offline_runs(out)
+    assert len(runs) == 1, runs
+    rows = [r for r in history(runs[0]) if "train/loss" in r]
+    assert [round(r["train/loss"], 4) for r in rows] == [round(l, 4) for l in loss_history(out)]
+    for key in ("train/learning_rate", "train/grad_norm", "train/tokens_per_second", "train/packing_efficiency"):
+        assert all(key in r for r in rows), (key, rows[0].keys())
+    assert 0.9 < rows[0]["train/packing_efficiency"] <= 1.0
+
+
+def test_cpt_output_is_a_finished_model(cpt_run):
+    out, _ = cpt_run
+    assert (out / "domainforge.yaml").is_file() and not (out / ".final-tmp").exists()
+    assert (out / "chat_template.jinja").is_file() or "chat_template" in (out / "tokenizer_config.json").read_text()
+    generates(out)
+
+
+def test_sft_continues_from_cpt_output(cpt_run, tmp_path):
+    cpt_out, _ = cpt_run
+    out = tmp_path / "sft"
+    proc = launch(
+        "train.py",
+        ["+stage=sft", f"model.path={cpt_out}", f"output_dir={out}", *FAST, "training.max_steps=12"],
+        ranks=2,
+    )
+    assert proc.returncode == 0, tail(proc)
+    losses = loss_history(out)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    generates(out)
+    # it really started from the CPT weights, not from scratch
+    a = AutoModelForCausalLM.from_pretrained(cpt_out).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    drift = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert 0 < drift < 1.0
+
+
+def _start(args, out):
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
+           str(REPO / "launch" / "train.py"), *args, f"output_dir={out}"]
+    log = open(out.parent / f"{out.name}.log", "w")
+    return subprocess.Popen(cmd, cwd=REPO, env=test_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def test_killed_run_resumes_on_the_same_trajectory(tmp_path):
+    args = ["+stage=cpt", *FAST, "training.max_steps=24", "training.save_steps=4", "training.save_total_limit=null"]
+    straight = tmp_path / "straight"
+    proc = launch("train.py", [*args, f"output_dir={straight}"], ranks=2)
+    assert proc.returncode == 0, tail(proc)
+    expected = loss_history(straight)
+
+    killed = tmp_path / "killed"
+    run = _start(args, killed)
+    deadline = time.time() + 300
+    while not is_complete_checkpoint(killed / "checkpoints" / "checkpoint-4"):
+        assert run.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.1)
+    os.killpg(run.pid, signal.SIGKILL)  # the whole launcher tree, like a node failure
+    run.wait()
+    assert not (killed / "config.json").exists(), "a killed run must not look finished"
+
+    proc = launch("train.py", [*args, f"output_dir={killed}"], ranks=2)
+    assert proc.returncode == 0, tail(proc)
+    resumed_from = re.search(r"resuming from \S+checkpoint-(\d+)", proc.stdout)
+    assert resumed_from, proc.stdout[-2000:]
+    assert 4 <= int(resumed_from.group(1)) < 24
+    got = loss_history(killed)
+    assert len(got) == len(expected) == 24
+    assert got == pytest.approx(expected, abs=1e-4)
