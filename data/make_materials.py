@@ -1,0 +1,306 @@
+"""Write the bundled materials-science sample set from the element data that the `periodictable`
+package ships (atomic masses, densities, crystal structures, covalent radii, K-alpha X-ray
+lines, neutron cross sections, isotope abundances, compound mass fractions).
+
+    python data/make_materials.py            # rewrites data/materials/*.jsonl
+    python data/make_materials.py --out DIR  # somewhere else
+
+Deterministic: the same periodictable version gives byte-identical files. Outputs:
+  cpt.jsonl              {"text": str}                          prose documents (continued pretraining)
+  sft.jsonl              {"messages": [{"role", "content"}...]}  system/user/assistant chats
+  preference.jsonl       {"prompt", "chosen", "rejected": str}   rejected = a plausible wrong value
+  preference_chat.jsonl  the same pairs as chat messages (conversational DPO/ORPO format)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import periodictable as pt
+
+OUT_DIR = Path(__file__).resolve().parent / "materials"
+SEED = 2409  # arXiv 2409.03444
+SYSTEM_PROMPT = "You are a materials science assistant. Answer precisely and state units."
+
+STRUCTURE_NAMES = {
+    "bcc": "body-centred cubic (bcc)",
+    "fcc": "face-centred cubic (fcc)",
+    "hcp": "hexagonal close-packed (hcp)",
+    "diamond": "diamond cubic",
+    "sc": "simple cubic",
+    "cubic": "cubic",
+    "orthorhombic": "orthorhombic",
+    "rhombohedral": "rhombohedral",
+    "tetragonal": "tetragonal",
+    "monoclinic": "monoclinic",
+    "diatom": "diatomic molecular",
+    "atom": "monatomic",
+}
+# Common materials; molar masses and mass fractions are computed by periodictable.
+COMPOUNDS = [
+    ("Al2O3", "alumina"), ("SiO2", "silica"), ("TiO2", "titania"), ("Fe2O3", "hematite"),
+    ("Fe3O4", "magnetite"), ("ZrO2", "zirconia"), ("MgO", "magnesia"), ("CaCO3", "calcite"),
+    ("NaCl", "rock salt"), ("SiC", "silicon carbide"), ("Si3N4", "silicon nitride"),
+    ("WC", "tungsten carbide"), ("BN", "boron nitride"), ("GaAs", "gallium arsenide"),
+    ("GaN", "gallium nitride"), ("ZnO", "zinc oxide"), ("CuO", "cupric oxide"),
+    ("Cu2O", "cuprous oxide"), ("BaTiO3", "barium titanate"), ("SrTiO3", "strontium titanate"),
+    ("LiCoO2", "lithium cobalt oxide"), ("LiFePO4", "lithium iron phosphate"),
+    ("Y2O3", "yttria"), ("CeO2", "ceria"), ("TiN", "titanium nitride"), ("AlN", "aluminium nitride"),
+    ("MoS2", "molybdenum disulfide"), ("CdTe", "cadmium telluride"), ("InP", "indium phosphide"),
+    ("PbTiO3", "lead titanate"), ("Ni3Al", "nickel aluminide"), ("TiAl", "titanium aluminide"),
+    ("Fe3C", "cementite"), ("CaF2", "fluorite"), ("MgAl2O4", "spinel"), ("Ca5(PO4)3OH", "hydroxyapatite"),
+    ("CH4", "methane"), ("H2O", "water"), ("CO2", "carbon dioxide"), ("C2H4", "ethylene"),
+    ("UO2", "uranium dioxide"), ("Nb3Sn", "niobium-tin"), ("YBa2Cu3O7", "YBCO"),
+    ("Bi2Te3", "bismuth telluride"), ("PbS", "galena"), ("FeS2", "pyrite"), ("Cr2O3", "chromia"),
+    ("SnO2", "tin dioxide"), ("In2O3", "indium oxide"), ("LiNbO3", "lithium niobate"),
+]
+
+
+def _num(x: float, digits: int = 4) -> str:
+    return f"{x:.{digits}g}"
+
+
+def element_facts(el) -> dict:
+    """Everything periodictable knows about one element, as display strings (None = unknown)."""
+    cs = getattr(el, "crystal_structure", None)
+    structure = STRUCTURE_NAMES.get(cs["symmetry"].lower()) if cs else None
+    isotopes = [iso for iso in el.isotopes if el[iso].abundance]
+    major = max(isotopes, key=lambda iso: el[iso].abundance) if isotopes else None
+    neutron = el.neutron
+    return {
+        "name": el.name,
+        "symbol": el.symbol,
+        "number": el.number,
+        "mass": _num(el.mass, 6),
+        "density": _num(el.density) if el.density else None,
+        "density_caveat": el.density_caveat,
+        "structure": structure,
+        "lattice_a": _num(cs["a"]) if cs and "a" in cs else None,
+        "radius": _num(el.covalent_radius) if getattr(el, "covalent_radius", None) else None,
+        "k_alpha": _num(el.K_alpha) if getattr(el, "K_alpha", None) else None,
+        "absorption": _num(neutron.absorption) if neutron.absorption is not None else None,
+        "b_c": _num(neutron.b_c) if neutron.b_c is not None else None,
+        "major_isotope": f"{el.symbol}-{major}" if major else None,
+        "major_abundance": _num(el[major].abundance) if major else None,
+        "n_isotopes": len(el.isotopes),
+    }
+
+
+# -------------------------------------------------------------------------------------------
+# CPT prose
+# -------------------------------------------------------------------------------------------
+def _density_sentence(f: dict, rng: random.Random) -> str:
+    if not f["density"]:
+        return rng.choice([
+            f"No reliable bulk density is tabulated for {f['name']}.",
+            f"A bulk density for {f['name']} has not been measured.",
+        ])
+    caveat = f["density_caveat"]
+    where = ""
+    if caveat.startswith("T="):
+        where = f" (measured at {caveat[2:]} degrees Celsius)"
+    elif caveat in ("calculated", "estimated", "approximate"):
+        where = f" ({caveat})"
+    return rng.choice([
+        f"Its density is {f['density']} g/cm3{where}.",
+        f"{f['name'].capitalize()} has a density of {f['density']} g/cm3{where}.",
+        f"The bulk density of {f['name']} is {f['density']} g/cm3{where}.",
+    ])
+
+
+def element_document(f: dict, rng: random.Random) -> str:
+    name, sym = f["name"].capitalize(), f["symbol"]
+    parts = [rng.choice([
+        f"{name} ({sym}) is the element with atomic number {f['number']}.",
+        f"{name}, chemical symbol {sym}, has atomic number {f['number']}.",
+        f"Element {f['number']} is {f['name']}, written {sym}.",
+    ])]
+    parts.append(rng.choice([
+        f"Its standard atomic weight is {f['mass']} u.",
+        f"The atomic mass of {f['name']} is {f['mass']} u.",
+        f"One mole of {f['name']} weighs {f['mass']} g.",
+    ]))
+    parts.append(_density_sentence(f, rng))
+    if f["structure"]:
+        lattice = f" with a lattice parameter of {f['lattice_a']} angstrom" if f["lattice_a"] else ""
+        parts.append(rng.choice([
+            f"In the solid it adopts a {f['structure']} structure{lattice}.",
+            f"Solid {f['name']} crystallizes in the {f['structure']} structure{lattice}.",
+        ]))
+    if f["radius"]:
+        parts.append(f"The covalent radius of {f['name']} is {f['radius']} angstrom.")
+    if f["k_alpha"]:
+        parts.append(rng.choice([
+            f"Its K-alpha X-ray emission line lies at a wavelength of {f['k_alpha']} angstrom.",
+            f"In X-ray fluorescence, {f['name']} is identified by its K-alpha line at {f['k_alpha']} angstrom.",
+        ]))
+    if f["absorption"]:
+        parts.append(
+            f"For thermal neutrons it has an absorption cross section of {f['absorption']} barn"
+            + (f" and a coherent scattering length of {f['b_c']} fm." if f["b_c"] else ".")
+        )
+    if f["major_isotope"]:
+        parts.append(
+            f"Its most abundant natural isotope is {f['major_isotope']} ({f['major_abundance']} percent)."
+        )
+    return " ".join(parts)
+
+
+def comparison_document(a: dict, b: dict, rng: random.Random) -> str:
+    parts = [rng.choice([
+        f"Comparing {a['name']} and {b['name']}, neighbours in the periodic table:",
+        f"{a['name'].capitalize()} (Z={a['number']}) and {b['name']} (Z={b['number']}) differ as follows.",
+    ])]
+    parts.append(f"{a['name'].capitalize()} has an atomic mass of {a['mass']} u and {b['name']} {b['mass']} u.")
+    if a["density"] and b["density"]:
+        denser = a if float(a["density"]) > float(b["density"]) else b
+        parts.append(
+            f"With {a['density']} g/cm3 against {b['density']} g/cm3, {denser['name']} is the denser of the two."
+        )
+    if a["structure"] and b["structure"]:
+        if a["structure"] == b["structure"]:
+            parts.append(f"Both crystallize in the {a['structure']} structure.")
+        else:
+            parts.append(f"{a['name'].capitalize()} is {a['structure']} while {b['name']} is {b['structure']}.")
+    return " ".join(parts)
+
+
+def compound_document(formula: str, common: str, facts: dict, rng: random.Random) -> str:
+    comp = pt.formula(formula)
+    fractions = ", ".join(
+        f"{facts[el.symbol]['name']} {100 * w:.2f} percent"
+        for el, w in sorted(comp.mass_fraction.items(), key=lambda kv: -kv[1])
+    )
+    return " ".join([
+        rng.choice([
+            f"{common.capitalize()} has the formula {formula}.",
+            f"The chemical formula of {common} is {formula}.",
+        ]),
+        f"Its molar mass is {comp.mass:.3f} g/mol.",
+        f"By mass it is {fractions}.",
+    ])
+
+
+# -------------------------------------------------------------------------------------------
+# Q&A: every question has one true answer and a wrong one from a neighbouring element
+# -------------------------------------------------------------------------------------------
+QUESTIONS = [
+    # (fact key, question templates, answer template)
+    ("number", ["What is the atomic number of {name}?", "Which atomic number does {name} have?"],
+     "The atomic number of {name} is {value}."),
+    ("symbol", ["What is the chemical symbol of {name}?", "How is {name} written as a symbol?"],
+     "The chemical symbol of {name} is {value}."),
+    ("mass", ["What is the atomic mass of {name}?", "How heavy is one mole of {name}?"],
+     "The atomic mass of {name} is {value} u, so one mole weighs {value} g."),
+    ("density", ["What is the density of {name}?", "How dense is {name}?"],
+     "The density of {name} is {value} g/cm3."),
+    ("structure", ["What crystal structure does solid {name} have?", "In which structure does {name} crystallize?"],
+     "Solid {name} has a {value} crystal structure."),
+    ("radius", ["What is the covalent radius of {name}?"],
+     "The covalent radius of {name} is {value} angstrom."),
+    ("k_alpha", ["At what wavelength is the K-alpha line of {name}?", "Where is the K-alpha X-ray line of {name}?"],
+     "The K-alpha line of {name} is at {value} angstrom."),
+    ("absorption", ["What is the thermal neutron absorption cross section of {name}?"],
+     "The thermal neutron absorption cross section of {name} is {value} barn."),
+    ("major_isotope", ["What is the most abundant isotope of {name}?"],
+     "The most abundant natural isotope of {name} is {value}."),
+]
+
+
+def qa_items(facts_list: list, rng: random.Random) -> list:
+    """(question, right answer, wrong answer) for every fact of every element."""
+    items = []
+    for i, f in enumerate(facts_list):
+        for key, questions, answer in QUESTIONS:
+            if not f[key]:
+                continue
+            # the wrong value comes from the nearest neighbour whose value differs
+            wrong = None
+            for offset in (1, -1, 2, -2, 3, -3):
+                j = i + offset
+                if 0 <= j < len(facts_list) and facts_list[j][key] and facts_list[j][key] != f[key]:
+                    wrong = facts_list[j][key]
+                    break
+            if wrong is None:
+                continue
+            question = rng.choice(questions).format(name=f["name"])
+            items.append((
+                question,
+                answer.format(name=f["name"], value=f[key]),
+                answer.format(name=f["name"], value=wrong),
+            ))
+    for formula, common in COMPOUNDS:
+        comp = pt.formula(formula)
+        right = f"The molar mass of {formula} ({common}) is {comp.mass:.3f} g/mol."
+        wrong = f"The molar mass of {formula} ({common}) is {comp.mass * rng.choice([0.8, 0.9, 1.1, 1.25]):.3f} g/mol."
+        items.append((f"What is the molar mass of {formula}?", right, wrong))
+    return items
+
+
+def build(out_dir: Path) -> dict:
+    rng = random.Random(SEED)
+    elements = [el for el in pt.elements if el.number > 0 and el.number <= 96]
+    facts_list = [element_facts(el) for el in elements]
+    facts = {f["symbol"]: f for f in facts_list}
+    all_facts = {el.symbol: element_facts(el) for el in pt.elements if el.number > 0}
+
+    cpt = []
+    for f in facts_list:  # three differently worded documents per element
+        cpt += [element_document(f, rng) for _ in range(3)]
+    for a, b in zip(facts_list, facts_list[1:]):
+        cpt.append(comparison_document(a, b, rng))
+    for formula, common in COMPOUNDS:
+        cpt += [compound_document(formula, common, all_facts, rng) for _ in range(2)]
+    rng.shuffle(cpt)
+
+    items = qa_items(facts_list, rng)
+    rng.shuffle(items)
+    sft = []
+    for k in range(0, len(items) - 1, 2):
+        q1, a1, _ = items[k]
+        if k % 10 == 0:  # every fifth conversation has two exchanges (two assistant turns)
+            q2, a2, _ = items[k + 1]
+            turns = [("user", q1), ("assistant", a1), ("user", q2), ("assistant", a2)]
+        else:
+            turns = [("user", q1), ("assistant", a1)]
+        sft.append({"messages": [{"role": "system", "content": SYSTEM_PROMPT}]
+                    + [{"role": r, "content": c} for r, c in turns]})
+    preference = [{"prompt": q, "chosen": right, "rejected": wrong} for q, right, wrong in items[1::2]]
+    preference_chat = [
+        {
+            "prompt": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": p["prompt"]}],
+            "chosen": [{"role": "assistant", "content": p["chosen"]}],
+            "rejected": [{"role": "assistant", "content": p["rejected"]}],
+        }
+        for p in preference
+    ]
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs = {
+        "cpt.jsonl": [{"text": t} for t in cpt],
+        "sft.jsonl": sft,
+        "preference.jsonl": preference,
+        "preference_chat.jsonl": preference_chat,
+    }
+    for name, rows in outputs.items():
+        with open(out_dir / name, "w") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return {name: len(rows) for name, rows in outputs.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=OUT_DIR)
+    args = parser.parse_args()
+    counts = build(args.out)
+    for name, n in counts.items():
+        path = args.out / name
+        print(f"{path}: {n} rows, {path.stat().st_size / 1024:.0f} KB")
+
+
+if __name__ == "__main__":
+    main()
