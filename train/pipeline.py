@@ -1,0 +1,424 @@
+"""Pipelines: a named, ordered list of steps (training stages and merges) that run one after
+another, each step reading the previous step's output.
+
+    python launch/pipeline.py pipeline=tiny                       # here, through deepspeed
+    python launch/submit.py pipeline=tiny cluster=slurm ...       # one SLURM job per step
+
+Outputs go to `<root>/<pipeline>/<step>/`; generated files (merge configs, sbatch scripts,
+job logs, job ids) to `<root>/<pipeline>/jobs/`. A step whose output holds a finished model
+(config.json, written last) is skipped, so a rerun continues where the last one stopped; a
+step that failed reruns and resumes from its newest checkpoint (`resume=auto`).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from train.checkpoint import is_finished
+from train.config import REPO_ROOT, STAGES, compose_config, compose_train_config
+from train.errors import UserError
+from train.preemption import PREEMPTED_EXIT_CODE
+
+JOBS_DIR = "jobs"
+START = "start"
+"""Reference to the pipeline's starting model (e.g. the Instruct model a merge goes back to)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# schemas
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class MergeStepConfig:
+    models: List[str] = MISSING
+    """The two models to merge: earlier step names, `start`, names in pipeline.models, or model
+    directories. The first is the base (t=0 keeps it)."""
+    method: str = "slerp"
+    t: Dict[str, Any] = field(default_factory=lambda: {"default": 0.5})
+    """SLERP interpolation factor per tensor filter (self_attn, mlp, ...); `default` for the rest.
+    A list is a gradient over the layers (mergekit convention)."""
+    dtype: str = "bfloat16"
+
+
+@dataclass
+class StepConfig:
+    name: str = MISSING
+    """Names the output directory `<root>/<pipeline>/<name>/`."""
+    stage: Optional[str] = None
+    """cpt, sft, dpo or orpo for a training step ..."""
+    merge: Optional[MergeStepConfig] = None
+    """... or a merge."""
+    input: Optional[str] = None
+    """Input model of a training step: an earlier step, `start`, a name in pipeline.models or a
+    model directory. None: the previous step's output (`start` for the first step)."""
+    overrides: List[str] = field(default_factory=list)
+    """launch/train.py overrides for this step only, after the pipeline's."""
+
+
+@dataclass
+class PipelineConfig:
+    name: str = MISSING
+    model: str = MISSING
+    """The model preset (conf/model/) every training step uses."""
+    start: Optional[str] = None
+    """Directory of the starting model; None: the preset's model.path."""
+    models: Dict[str, str] = field(default_factory=dict)
+    """Outside models a merge can name, e.g. {instruct: /models/Mistral-7B-Instruct-v0.3}."""
+    overrides: List[str] = field(default_factory=list)
+    """launch/train.py overrides for every training step."""
+    steps: List[StepConfig] = MISSING
+
+
+@dataclass
+class ClusterConfig:
+    name: str = MISSING
+    """local (this machine, the deepspeed launcher) or slurm (launch/submit.py)."""
+    nodes: int = 1
+    gpus_per_node: int = 1
+    """Ranks per node: one per GPU (on a CPU-only partition: CPU ranks per node)."""
+    tasks: Optional[int] = None
+    """Training ranks in all; None: nodes x gpus_per_node."""
+    request_gpus: bool = True
+    """Ask SLURM for the GPUs (--gpus-per-node); false on CPU-only partitions."""
+    cpus_per_task: Optional[int] = None
+    mem: Optional[str] = None
+    """Memory per node, e.g. 500G; None: the partition default."""
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time: str = "24:00:00"
+    """Time limit of each job; a job that hits it checkpoints and requeues itself."""
+    signal_seconds: int = 600
+    """SIGUSR1 this long before the time limit: time to finish a step and write a checkpoint."""
+    requeue: bool = True
+    merge_tasks: Optional[int] = None
+    """Tasks of a merge job (the merge is split across them); None: one per node."""
+    master_port: Optional[int] = None
+    """torch.distributed port; None: derived from the job id so jobs sharing a node differ."""
+    python: Optional[str] = None
+    """Interpreter on the compute nodes; None: the one running submit.py."""
+    setup: List[str] = field(default_factory=list)
+    """Shell lines each job runs first (module load ..., source venv/bin/activate)."""
+    sbatch_args: List[str] = field(default_factory=list)
+    """Extra `#SBATCH` options, e.g. [--constraint=a100, --exclusive]."""
+
+    def world_size(self) -> int:
+        return self.tasks if self.tasks is not None else self.nodes * self.gpus_per_node
+
+
+@dataclass
+class PipelineJobConfig:
+    """Root of launch/pipeline.py and launch/submit.py (conf/pipeline_job.yaml)."""
+
+    pipeline: PipelineConfig = MISSING
+    cluster: ClusterConfig = MISSING
+    root: str = "outputs/pipelines"
+    """Outputs go to <root>/<pipeline>/<step>/."""
+    step: Optional[str] = None
+    """Run or submit only this step (its inputs must exist or be earlier in the same run)."""
+
+
+def register_pipeline_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="pipeline_job_schema", node=PipelineJobConfig)
+
+
+def compose_pipeline_job(overrides: List[str]) -> DictConfig:
+    register_pipeline_configs()
+    cfg = compose_config(overrides, "pipeline_job", schema=PipelineJobConfig)
+    check_cluster(cfg.cluster)
+    return cfg
+
+
+def cluster_of(cfg: DictConfig) -> ClusterConfig:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClusterConfig), cfg.cluster))
+
+
+def check_cluster(cluster: DictConfig) -> None:
+    nodes, gpus, tasks = cluster.nodes, cluster.gpus_per_node, cluster.tasks
+    if nodes < 1 or gpus < 1:
+        raise UserError(f"cluster.nodes={nodes}, cluster.gpus_per_node={gpus}: both must be >= 1")
+    if tasks is not None and tasks > nodes * gpus:
+        raise UserError(
+            f"cluster.tasks={tasks} is more than cluster.nodes x cluster.gpus_per_node = {nodes} x {gpus} = "
+            f"{nodes * gpus}: lower cluster.tasks or raise cluster.nodes / cluster.gpus_per_node"
+        )
+    if tasks is not None and tasks < nodes:
+        raise UserError(f"cluster.tasks={tasks} is fewer than cluster.nodes={nodes}: every node needs a rank")
+    if cluster.merge_tasks is not None and cluster.merge_tasks < 1:
+        raise UserError(f"cluster.merge_tasks={cluster.merge_tasks}: use >= 1 (or null for one per node)")
+
+
+# ---------------------------------------------------------------------------------------------
+# step resolution
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Step:
+    """A step with every reference resolved to a directory."""
+
+    name: str
+    index: int
+    output_dir: Path
+    stage: Optional[str] = None
+    train_args: List[str] = field(default_factory=list)
+    """launch/train.py arguments (training steps)."""
+    merge_models: List[str] = field(default_factory=list)
+    """Directories to merge (merge steps)."""
+    merge: Optional[Dict[str, Any]] = None
+    depends_on: List[str] = field(default_factory=list)
+    """Earlier steps whose outputs this one reads."""
+
+    @property
+    def kind(self) -> str:
+        return "merge" if self.merge is not None else "train"
+
+    def is_complete(self) -> bool:
+        return is_finished(self.output_dir)
+
+
+@dataclass
+class Plan:
+    pipeline: str
+    run_dir: Path
+    steps: List[Step]
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.run_dir / JOBS_DIR
+
+    def select(self, name: Optional[str]) -> List[Step]:
+        if name is None:
+            return self.steps
+        for step in self.steps:
+            if step.name == name:
+                return [step]
+        raise UserError(
+            f"unknown step '{name}' in pipeline {self.pipeline}: choose one of "
+            + ", ".join(s.name for s in self.steps)
+        )
+
+
+def start_model_dir(pipeline: DictConfig) -> Optional[str]:
+    """The starting model as a directory (None for random-init presets)."""
+    if pipeline.start:
+        return str(Path(pipeline.start).expanduser())
+    model = compose_config([f"model={pipeline.model}", "+stage=cpt"], "config").model
+    if model.path is None:
+        return None
+    if model.gguf_file:
+        # The first training step dequantizes it to this directory (train/model.py).
+        from train.model import CACHE_DIR
+
+        return str(CACHE_DIR / Path(model.gguf_file).stem)
+    return str(model.path)
+
+
+def plan_pipeline(cfg: DictConfig) -> Plan:
+    """Resolve every step's input, output and arguments; UserError on a bad reference."""
+    pipeline = cfg.pipeline
+    run_dir = Path(cfg.root).expanduser().resolve() / pipeline.name
+    if not pipeline.steps:
+        raise UserError(f"pipeline {pipeline.name} has no steps: add some under steps: in conf/pipeline/")
+    names = [s.name for s in pipeline.steps]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise UserError(f"pipeline {pipeline.name}: two steps are named '{name}': step names must be unique")
+        if name in (START, JOBS_DIR) or name in pipeline.models:
+            raise UserError(f"pipeline {pipeline.name}: step name '{name}' is reserved: rename the step")
+
+    start_dir: Optional[str] = None
+    start_known = False
+    steps: List[Step] = []
+
+    def resolve(ref: str, step_name: str, field_name: str) -> tuple[Optional[str], Optional[str]]:
+        """(directory, step it comes from) for a reference in step `step_name`."""
+        nonlocal start_dir, start_known
+        earlier = {s.name: s for s in steps}
+        if ref in earlier:
+            return str(earlier[ref].output_dir), ref
+        if ref in names:
+            raise UserError(
+                f"pipeline {pipeline.name}: step '{step_name}' {field_name} names step '{ref}', which comes "
+                "later: a step can only read earlier steps"
+            )
+        if ref == START:
+            if not start_known:
+                start_dir, start_known = start_model_dir(pipeline), True
+            return start_dir, None
+        if ref in pipeline.models:
+            return str(Path(pipeline.models[ref]).expanduser()), None
+        if "/" in ref or ref.startswith((".", "~")):
+            return str(Path(ref).expanduser()), None
+        raise UserError(
+            f"pipeline {pipeline.name}: step '{step_name}' {field_name} names '{ref}', which is not a step, "
+            f"`start`, a name in pipeline.models or a path: choose one of {', '.join(names[: len(steps)] + [START])}"
+        )
+
+    for index, spec in enumerate(pipeline.steps):
+        out = run_dir / spec.name
+        if (spec.stage is None) == (spec.merge is None):
+            raise UserError(
+                f"pipeline {pipeline.name}: step '{spec.name}' needs exactly one of stage: or merge:"
+            )
+        if spec.merge is not None:
+            if spec.input is not None:
+                raise UserError(f"pipeline {pipeline.name}: merge step '{spec.name}' takes merge.models, not input")
+            if len(spec.merge.models) != 2:
+                raise UserError(
+                    f"pipeline {pipeline.name}: merge step '{spec.name}' names {len(spec.merge.models)} models: "
+                    "SLERP merges exactly two (merge.models=[a,b])"
+                )
+            dirs, deps = [], []
+            for ref in spec.merge.models:
+                path, dep = resolve(ref, spec.name, "merge.models")
+                if path is None:
+                    raise UserError(
+                        f"pipeline {pipeline.name}: merge step '{spec.name}' names `start`, but model "
+                        f"{pipeline.model} is random-init (no directory): name a step instead"
+                    )
+                dirs.append(path)
+                deps += [dep] if dep else []
+            merge = OmegaConf.to_container(spec.merge, resolve=True)
+            steps.append(Step(spec.name, index, out, merge_models=dirs, merge=merge, depends_on=deps))
+            continue
+
+        if spec.stage not in STAGES:
+            raise UserError(
+                f"pipeline {pipeline.name}: step '{spec.name}' has unknown stage '{spec.stage}': "
+                f"choose one of {', '.join(STAGES)}"
+            )
+        if spec.input is not None:
+            input_dir, dep = resolve(spec.input, spec.name, "input")
+        elif steps:
+            input_dir, dep = str(steps[-1].output_dir), steps[-1].name
+        else:
+            input_dir, dep = resolve(START, spec.name, "input")
+        args = [f"+stage={spec.stage}", f"model={pipeline.model}", f"output_dir={out}"]
+        if input_dir is not None and (dep is not None or pipeline.start or spec.input):
+            # A step's input is a saved HF directory: drop the preset's GGUF file name.
+            args += [f"model.path={input_dir}", "model.gguf_file=null"]
+        args += list(pipeline.overrides) + list(spec.overrides)
+        steps.append(Step(spec.name, index, out, stage=spec.stage, train_args=args, depends_on=[dep] if dep else []))
+    return Plan(pipeline.name, run_dir, steps)
+
+
+def validate_step_configs(plan: Plan) -> None:
+    """Compose each training step's config now, so a typo'd override fails before any job runs."""
+    for step in plan.steps:
+        if step.kind == "train":
+            try:
+                compose_train_config(step.train_args)
+            except UserError as err:
+                raise UserError(f"pipeline {plan.pipeline}, step '{step.name}': {err}") from err
+
+
+def check_outside_models(plan: Plan, steps: List[Step]) -> None:
+    """Merge inputs that no step of this pipeline produces must already exist."""
+    produced = {str(s.output_dir) for s in plan.steps}
+    for step in steps:
+        for path in step.merge_models:
+            if path not in produced and not (Path(path) / "config.json").is_file():
+                raise UserError(
+                    f"pipeline {plan.pipeline}: merge step '{step.name}' reads {path}, which is not a model "
+                    "directory (no config.json): download the model and set pipeline.models.<name>=<local dir>"
+                )
+
+
+def merge_config_text(step: Step) -> str:
+    """The merge recipe in mergekit's YAML form (what launch/merge.py reads), kept beside the jobs."""
+    base, other = step.merge_models
+    spec = {
+        "merge_method": step.merge["method"],
+        "base_model": base,
+        "models": [{"model": base}, {"model": other}],
+        "parameters": {
+            "t": [
+                {"filter": k, "value": v} for k, v in step.merge["t"].items() if k != "default"
+            ]
+            + [{"value": step.merge["t"].get("default", 0.5)}]
+        },
+        "dtype": step.merge["dtype"],
+    }
+    return OmegaConf.to_yaml(OmegaConf.create(spec))
+
+
+def write_merge_config(plan: Plan, step: Step) -> Path:
+    plan.jobs_dir.mkdir(parents=True, exist_ok=True)
+    path = plan.jobs_dir / f"{step.name}.merge.yml"
+    path.write_text(merge_config_text(step))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# local runner
+# ---------------------------------------------------------------------------------------------
+class StepFailed(UserError):
+    exit_code = 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_command(plan: Plan, step: Step, cluster: DictConfig) -> List[str]:
+    if step.kind == "merge":
+        config = write_merge_config(plan, step)
+        return [sys.executable, str(REPO_ROOT / "launch" / "merge.py"), str(config), str(step.output_dir)]
+    # A free port: other deepspeed runs on this machine may hold the default 29500.
+    return [
+        "deepspeed", "--num_gpus", str(cluster.gpus_per_node), "--master_port", str(free_port()),
+        str(REPO_ROOT / "launch" / "train.py"), *step.train_args,
+    ]
+
+
+def run_local(cfg: DictConfig) -> Plan:
+    """Run the pipeline's steps in order on this machine, skipping finished ones."""
+    if cfg.cluster.name != "local":
+        raise UserError(
+            f"launch/pipeline.py runs on this machine (cluster=local), not cluster={cfg.cluster.name}: "
+            f"submit with python launch/submit.py pipeline={cfg.pipeline.name} cluster={cfg.cluster.name}"
+        )
+    if cfg.cluster.nodes != 1:
+        raise UserError(f"cluster=local runs on one node, not cluster.nodes={cfg.cluster.nodes}: use cluster=slurm")
+    plan = plan_pipeline(cfg)
+    selected = plan.select(cfg.step)
+    validate_step_configs(plan)
+    check_outside_models(plan, selected)
+    for step in selected:
+        if step.is_complete():
+            print(f"pipeline {plan.pipeline}: step {step.name} is complete ({step.output_dir}), skipping", flush=True)
+            continue
+        for dep in step.depends_on:
+            dep_step = plan.select(dep)[0]
+            if not dep_step.is_complete():
+                raise UserError(
+                    f"pipeline {plan.pipeline}: step '{step.name}' needs step '{dep}' first ({dep_step.output_dir} "
+                    f"is not finished): run python launch/pipeline.py pipeline={plan.pipeline} step={dep}"
+                )
+        cmd = local_command(plan, step, cfg.cluster)
+        print(f"pipeline {plan.pipeline}: step {step.name}: {shlex.join(cmd)}", flush=True)
+        code = subprocess.call(cmd, cwd=REPO_ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        if code == PREEMPTED_EXIT_CODE:
+            raise StepFailed(
+                f"pipeline {plan.pipeline}: step '{step.name}' stopped on a signal after saving a checkpoint: "
+                "rerun the same command to resume"
+            )
+        if code != 0 or not step.is_complete():
+            raise StepFailed(
+                f"pipeline {plan.pipeline}: step '{step.name}' failed (exit {code}, see the output above): "
+                f"fix the cause and rerun the same command; finished steps are skipped and '{step.name}' "
+                "resumes from its newest checkpoint"
+            )
+    print(f"pipeline {plan.pipeline}: done, outputs in {plan.run_dir}", flush=True)
+    return plan
