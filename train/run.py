@@ -28,6 +28,7 @@ from train.config import compose_train_config
 from train.deepspeed_config import build_deepspeed_config
 from train.errors import UserError
 from train.model import load_model, load_tokenizer, max_positions
+from train.preemption import exit_if_preempted, preemption_callback
 from train.runtime import Runtime, detect_runtime, let_accelerate_see_cpu_ranks
 from train.stages import get_stage
 from train.tracking import ThroughputCallback, configure_wandb, report_to
@@ -100,6 +101,9 @@ def run_stage(cfg: DictConfig) -> Path:
             f"output_dir={out} already holds a finished model: choose another output_dir, or delete it to retrain"
         )
 
+    # From here SIGUSR1/SIGTERM (SLURM preemption, time limit) stop at a step end with a checkpoint.
+    preemption = preemption_callback()
+
     # Setup: everything a user can get wrong is checked before the run directory exists.
     tokenizer = load_tokenizer(cfg.model)
     check_limits(cfg)
@@ -115,7 +119,7 @@ def run_stage(cfg: DictConfig) -> Path:
     model = load_model(cfg.model, runtime.torch_dtype, tokenizer)
     report_parameter_share(model, runtime)
     throughput = ThroughputCallback(data.stats)
-    trainer = stage.build_trainer(cfg, args, model, tokenizer, data, [])
+    trainer = stage.build_trainer(cfg, args, model, tokenizer, data, [preemption])
     # First in line, so the loggers after it (console, W&B) see the values it adds.
     trainer.callback_handler.callbacks.insert(0, throughput)
 
@@ -123,6 +127,7 @@ def run_stage(cfg: DictConfig) -> Path:
     if resume_from and runtime.is_main:
         print(f"resuming from {resume_from}", flush=True)
     trainer.train(resume_from_checkpoint=resume_from)
+    exit_if_preempted()  # stopped by a signal: the checkpoint is saved; exit 75 to be requeued
 
     # Save: all ranks take part (ZeRO-3 gathers the shards), rank 0 writes.
     save_final_model(trainer, tokenizer, cfg)
