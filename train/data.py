@@ -1,0 +1,363 @@
+"""Datasets for every stage: load rows from disk, check them, tokenize, mask and pack.
+
+Formats (`data.<kind>.path`): .jsonl/.json, .parquet, .csv, .txt, a glob or a directory of such
+files (one format per directory), or a saved HF dataset directory (`Dataset.save_to_disk`).
+A .txt file is ONE document (CPT only): EOS then marks real document ends, as in litgpt's
+TextFiles; split a single huge dump into several files (or use jsonl) to stream it.
+
+CPT: documents are tokenized (with the tokenizer's own BOS, if it adds one), each followed by
+EOS, concatenated and cut into blocks of exactly `training.max_seq_length` tokens, labels =
+input_ids. The last partial block is padded (labels -100) rather than dropped, so no text is
+lost; `packing_efficiency` = real tokens / (blocks * max_seq_length) counts that padding.
+
+SFT: `messages` (or `prompt` + `completion`, rendered as user/assistant) go through the
+tokenizer's chat template and are truncated to `max_seq_length`. With
+`stage.assistant_only_loss`, labels are -100 everywhere except the assistant turns (content and
+end-of-turn token). With `stage.packing`, several examples share a row (TRL's best-fit-decreasing
+`pack_dataset`) and TRL's padding-free collator restarts position_ids per example; transformers
+5.23 turns restarting position_ids into a block-diagonal causal mask (masking_utils.
+find_packed_sequence_indices; flash-attention uses cu_seq_lens), so no example attends to
+another. That holds only with NO 2-D attention_mask and no KV cache (SFTTrainer passes
+use_cache=False); tests/test_sft_packing.py proves it and shows the 2-D-mask variant leaks.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import datasets
+from datasets import Dataset, DatasetDict, IterableDataset
+from trl.data_utils import pack_dataset
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from train.errors import UserError
+from train.stages import PreparedData
+
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+KINDS = ("cpt", "sft", "preference")
+COLUMNS_NEEDED = {
+    "cpt": "`text`",
+    "sft": "`messages` (chat turns) or `prompt` + `completion`",
+    "preference": "`prompt`, `chosen` and `rejected`",
+}
+IGNORE_INDEX = -100  # label value the loss skips
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------
+def load_rows(spec, kind: str):
+    """Rows of `data.<kind>` (a DatasetConfig): a Dataset, or an IterableDataset when
+    `spec.streaming`. UserError (one line, naming `data.<kind>.path`) on anything unusable."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+    key = f"data.{kind}.path"
+    path = str(spec.path)
+    try:
+        if _is_saved_dataset(Path(path)):
+            rows = datasets.load_from_disk(path)
+            if isinstance(rows, DatasetDict):
+                if spec.split not in rows:
+                    raise UserError(
+                        f"{key}={path} has splits {', '.join(rows)}, not '{spec.split}': "
+                        f"set data.{kind}.split to one of them"
+                    )
+                rows = rows[spec.split]
+            if spec.streaming:
+                rows = rows.to_iterable_dataset()
+        else:
+            builder, files = _data_files(path, key, kind)
+            rows = datasets.load_dataset(builder, data_files=files, split="train", streaming=spec.streaming,
+                                         **({"sample_by": "document"} if builder == "text" else {}))
+    except UserError:
+        raise
+    except Exception as err:  # malformed json, unreadable parquet, ...: name the file, keep one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"could not read {key}={path}: {first}") from err
+
+    _check_columns(column_names(rows), kind, key, path)
+    if spec.max_samples is not None:
+        rows = rows.take(spec.max_samples) if spec.streaming else rows.select(range(min(spec.max_samples, len(rows))))
+    empty = next(iter(rows.take(1)), None) is None if spec.streaming else len(rows) == 0
+    if empty:
+        raise UserError(f"{key}={path} holds no rows: point it at a non-empty dataset")
+    return rows
+
+
+def column_names(rows) -> List[str]:
+    if rows.column_names is not None:
+        return list(rows.column_names)
+    return list(next(iter(rows), {}).keys())  # a stream may only know its columns once read
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and (
+        (path / datasets.config.DATASET_STATE_JSON_FILENAME).is_file()
+        or (path / datasets.config.DATASETDICT_JSON_FILENAME).is_file()
+    )
+
+
+def _data_files(path: str, key: str, kind: str) -> Tuple[str, List[str]]:
+    """The `datasets` builder name and the sorted files behind a file, glob or directory."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in BUILDERS)
+        if not files:
+            raise UserError(
+                f"{key}={path} is a directory without data files ({', '.join(sorted(BUILDERS))}) "
+                "or a saved HF dataset: point it at one"
+            )
+    elif any(ch in path for ch in "*?["):
+        files = sorted(glob.glob(path, recursive=True))
+        if not files:
+            raise UserError(f"{key}={path} matches no files: fix the pattern")
+    elif p.is_file():
+        files = [path]
+    else:
+        raise UserError(f"{key}={path} does not exist: fix the path or set {key}=<file|glob|dir>")
+
+    suffixes = sorted({Path(f).suffix.lower() for f in files})
+    unknown = [s for s in suffixes if s not in BUILDERS]
+    if unknown:
+        raise UserError(
+            f"{key}={path}: unsupported format '{unknown[0] or Path(files[0]).name}'; use .jsonl, .json, "
+            ".parquet, .csv, .txt, a directory of those, or a saved HF dataset (save_to_disk)"
+        )
+    builders = sorted({BUILDERS[s] for s in suffixes})
+    if len(builders) > 1:
+        raise UserError(f"{key}={path} mixes formats ({', '.join(suffixes)}): keep one format per dataset")
+    if builders[0] == "text" and kind != "cpt":
+        raise UserError(
+            f"{key}={path}: plain text has no {COLUMNS_NEEDED[kind]} columns; use jsonl or parquet for {kind} data"
+        )
+    return builders[0], files
+
+
+def _check_columns(columns: List[str], kind: str, key: str, path: str) -> None:
+    have = set(columns)
+    ok = {
+        "cpt": "text" in have,
+        "sft": "messages" in have or {"prompt", "completion"} <= have,
+        "preference": {"prompt", "chosen", "rejected"} <= have,
+    }[kind]
+    if not ok:
+        raise UserError(
+            f"{key}={path} has columns [{', '.join(columns)}] but {kind} data needs "
+            f"{COLUMNS_NEEDED[kind]}: rename the columns or point {key} at the right dataset"
+        )
+
+
+def _require_max_steps(cfg, kind: str) -> None:
+    if cfg.data[kind].streaming and cfg.training.max_steps <= 0:
+        raise UserError(
+            f"data.{kind}.streaming=true needs training.max_steps>0 (a stream has no length): set training.max_steps"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# CPT: documents -> EOS-joined token stream -> fixed blocks
+# ---------------------------------------------------------------------------------------------
+def tokenize_documents(batch: Dict[str, list], tokenizer) -> Dict[str, list]:
+    """{"text": [str]} -> {"input_ids": [[int]]}, each document followed by EOS."""
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(batch["text"], add_special_tokens=True)["input_ids"]
+    return {"input_ids": [doc if doc and doc[-1] == eos else doc + [eos] for doc in ids]}
+
+
+def pad_block(block: List[int], block_size: int, pad_id: int) -> Dict[str, List[int]]:
+    """One training row of exactly block_size tokens; padding gets label -100."""
+    pad = block_size - len(block)
+    return {"input_ids": block + [pad_id] * pad, "labels": block + [IGNORE_INDEX] * pad}
+
+
+def iter_blocks(token_lists, block_size: int, pad_id: int) -> Iterator[Dict[str, List[int]]]:
+    """Stream packing: concatenate token lists and cut them into block_size rows, carrying the
+    remainder across input batches; only the very last block is padded."""
+    buffer: List[int] = []
+    for ids in token_lists:
+        buffer.extend(ids)
+        while len(buffer) >= block_size:
+            yield pad_block(buffer[:block_size], block_size, pad_id)
+            del buffer[:block_size]
+    if buffer:
+        yield pad_block(buffer, block_size, pad_id)
+
+
+def _stream_blocks(documents: IterableDataset, block_size: int, pad_id: int):
+    yield from iter_blocks((row["input_ids"] for row in documents), block_size, pad_id)
+
+
+def prepare_cpt(cfg, tokenizer) -> PreparedData:
+    spec, block_size = cfg.data.cpt, cfg.training.max_seq_length
+    _require_max_steps(cfg, "cpt")
+    rows = load_rows(spec, "cpt")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collator = DataCollatorForLanguageModeling(pad_token_id=pad_id)
+    map_kwargs = dict(batched=True, remove_columns=column_names(rows), fn_kwargs={"tokenizer": tokenizer})
+
+    if spec.streaming:
+        # TRL's pack_dataset wraps each map batch on its own (a short block per batch); a
+        # generator that carries the remainder keeps every block but the last one full.
+        documents = rows.map(tokenize_documents, **map_kwargs)
+        blocks = IterableDataset.from_generator(
+            _stream_blocks, gen_kwargs={"documents": documents, "block_size": block_size, "pad_id": pad_id}
+        )
+        return PreparedData(train_dataset=blocks, data_collator=collator, stats={"block_size": block_size})
+
+    documents = rows.map(tokenize_documents, num_proc=cfg.data.num_proc, desc="tokenize cpt", **map_kwargs)
+    num_tokens = sum(len(ids) for ids in documents["input_ids"])
+    if num_tokens == len(documents):  # nothing but the EOS we appended
+        raise UserError(f"data.cpt.path={spec.path} holds only empty `text`: point it at a corpus with text")
+    # TRL's "wrapped" packing is exactly EOS-joined fixed blocks; one map batch over the whole
+    # dataset so only the final block can be short, then that block is padded.
+    blocks = pack_dataset(documents, block_size, strategy="wrapped", map_kwargs={"batch_size": None})
+    blocks = blocks.map(
+        lambda row: pad_block(row["input_ids"], block_size, pad_id), desc="pad last cpt block"
+    )
+    num_blocks = len(blocks)
+    stats = {
+        "num_documents": len(documents),
+        "num_tokens": num_tokens,
+        "num_blocks": num_blocks,
+        "packing_efficiency": num_tokens / (num_blocks * block_size),
+    }
+    return PreparedData(train_dataset=blocks, data_collator=collator, stats=stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT: chats -> chat template -> assistant-only labels -> optional packing
+# ---------------------------------------------------------------------------------------------
+def to_messages(row: dict) -> List[dict]:
+    """A row's chat: `messages` as is; `prompt` + `completion` as user/assistant turns (or as
+    two message lists, when they already are conversational)."""
+    if row.get("messages") is not None:
+        return list(row["messages"])
+    prompt, completion = row["prompt"], row["completion"]
+    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
+    return prompt + completion
+
+
+def _render(tokenizer, messages: List[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_char_spans(tokenizer, messages: List[dict]) -> Tuple[str, List[Tuple[int, int]]]:
+    """The rendered chat and the [start, end) character span of each assistant turn, found by
+    rendering prefixes: the turn starts where the generation prompt ends and stops at its
+    end-of-turn token (trailing whitespace belongs to the template, not the model)."""
+    text = _render(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        through = _render(tokenizer, messages[: i + 1])
+        if not (text.startswith(through) and through.startswith(before)):
+            raise UserError(
+                "the chat template renders earlier turns differently as the chat grows, so assistant "
+                "tokens cannot be located: set stage.assistant_only_loss=false or use a template with "
+                "{% generation %} tags"
+            )
+        spans.append((len(before), len(through.rstrip())))
+    return text, spans
+
+
+def tokenize_chat(tokenizer, messages: List[dict], assistant_only: bool) -> Tuple[List[int], List[int]]:
+    """input_ids and labels of one chat (labels -100 outside assistant turns if assistant_only)."""
+    if not assistant_only:
+        ids = tokenizer(_render(tokenizer, messages), add_special_tokens=False)["input_ids"]
+        return ids, list(ids)
+    if GENERATION_TAG.search(tokenizer.chat_template or ""):
+        # The template marks assistant tokens itself: use transformers' own mask.
+        enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids, mask = list(enc["input_ids"]), enc["assistant_masks"]
+    else:
+        # No {% generation %} (e.g. SmolLM2's ChatML): map character spans to tokens by offsets.
+        if not tokenizer.is_fast:
+            raise UserError("assistant_only_loss needs a fast tokenizer or a chat template with {% generation %} tags")
+        text, spans = assistant_char_spans(tokenizer, messages)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        mask = [any(s <= start < e for s, e in spans) for start, _ in enc["offset_mapping"]]
+    return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+
+
+def _check_messages(messages, where: str) -> None:
+    ok = isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    )
+    if not ok:
+        raise UserError(
+            f"{where}: a chat must be a non-empty list of {{role, content}} with string content: fix that row"
+        )
+
+
+def tokenize_chats(batch: Dict[str, list], indices: List[int], tokenizer, max_length: int,
+                   assistant_only: bool, key: str) -> Dict[str, list]:
+    """Batched map: chat rows -> input_ids, labels, truncated (bool) per row."""
+    out: Dict[str, list] = {"input_ids": [], "labels": [], "truncated": []}
+    columns = list(batch)
+    for j, index in enumerate(indices):
+        messages = to_messages({c: batch[c][j] for c in columns})
+        _check_messages(messages, f"{key} row {index}")
+        ids, labels = tokenize_chat(tokenizer, messages, assistant_only)
+        out["input_ids"].append(ids[:max_length])
+        out["labels"].append(labels[:max_length])
+        out["truncated"].append(len(ids) > max_length)
+    return out
+
+
+def _has_loss_tokens(row: dict) -> bool:
+    return any(label != IGNORE_INDEX for label in row["labels"])
+
+
+def prepare_sft(cfg, tokenizer) -> PreparedData:
+    spec, max_length = cfg.data.sft, cfg.training.max_seq_length
+    key = "data.sft.path"
+    packing = bool(cfg.stage.packing)
+    if packing and spec.streaming:
+        raise UserError("stage.packing=true needs the whole SFT set in memory: set data.sft.streaming=false")
+    _require_max_steps(cfg, "sft")
+    rows = load_rows(spec, "sft")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    map_kwargs = dict(
+        batched=True,
+        with_indices=True,
+        remove_columns=column_names(rows),
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length,
+                   "assistant_only": bool(cfg.stage.assistant_only_loss), "key": key},
+    )
+    if spec.streaming:
+        chats = rows.map(tokenize_chats, **map_kwargs).filter(_has_loss_tokens).remove_columns("truncated")
+        return PreparedData(chats, DataCollatorForLanguageModeling(pad_token_id=pad_id), {})
+
+    chats = rows.map(tokenize_chats, num_proc=cfg.data.num_proc, desc="tokenize sft", **map_kwargs)
+    truncated_rows = sum(chats["truncated"])
+    chats = chats.remove_columns("truncated")
+    kept = chats.filter(_has_loss_tokens, num_proc=cfg.data.num_proc, desc="drop rows without loss tokens")
+    if len(kept) == 0:
+        raise UserError(
+            f"{key}={spec.path}: no row has an assistant turn within training.max_seq_length={max_length}: "
+            "add assistant turns or raise training.max_seq_length"
+        )
+    lengths = [len(ids) for ids in kept["input_ids"]]
+    stats = {
+        "num_examples": len(kept),
+        "num_tokens": sum(lengths),
+        "loss_tokens": sum(sum(label != IGNORE_INDEX for label in row) for row in kept["labels"]),
+        "truncated_rows": truncated_rows,
+        "dropped_rows": len(chats) - len(kept),
+    }
+    if not packing:
+        return PreparedData(kept, DataCollatorForLanguageModeling(pad_token_id=pad_id), stats)
+
+    # Best-fit-decreasing bins of whole examples; `seq_lengths` tells the collator where each
+    # example starts, so position_ids restart there (the block-diagonal mask, see the docstring).
+    packed = pack_dataset(kept, max_length, strategy="bfd")
+    stats.update(num_rows=len(packed), packing_efficiency=stats["num_tokens"] / (len(packed) * max_length))
+    return PreparedData(packed, DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=True), stats)
