@@ -1,0 +1,181 @@
+"""Preference pairs for the DPO and ORPO stages: validate, render with the chat template,
+tokenize and truncate once, here, so both trainers see the same tokens.
+
+A row is `prompt`, `chosen`, `rejected`, each either a plain string or chat messages (TRL's
+conversational preference format; `chosen`/`rejected` holding the whole conversation with an
+implicit prompt works too). Plain strings become a user turn and an assistant turn, so every
+row is rendered with the tokenizer's chat template, as the model will see it at inference.
+
+Output rows (TRL DPOTrainer's tokenized format): `prompt_ids`, `chosen_ids`, `rejected_ids`.
+Truncation is TRL's classic rule: when prompt + longer answer exceeds `max_length`, keep the
+last `max_prompt_length` prompt tokens (the end of the question and the assistant header),
+then cut each answer to `max_length - max_prompt_length` tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from datasets import Dataset
+from trl.data_utils import common_prefix_length, is_conversational, maybe_extract_prompt
+
+from train.errors import UserError
+from train.stages import PreparedData
+
+log = logging.getLogger("domainforge")
+
+PAIR_KEYS = ("prompt", "chosen", "rejected")
+
+
+def as_messages(value: Any, role: str) -> List[Dict[str, str]]:
+    """A plain string becomes one chat turn; chat messages pass through."""
+    return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
+
+
+def _is_blank(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    return len(value) == 0
+
+
+def to_conversation(row: Dict[str, Any], index: int, source: str) -> Dict[str, List[Dict[str, str]]]:
+    """Validate one row and return it as chat messages: prompt, chosen, rejected."""
+    for key in ("chosen", "rejected"):
+        if _is_blank(row.get(key)):
+            raise UserError(
+                f"{source}: row {index} has no '{key}': every preference row needs prompt, chosen and "
+                "rejected (strings or chat messages); fix or drop that row"
+            )
+    if _is_blank(row.get("prompt")):
+        if isinstance(row["chosen"], str):
+            raise UserError(
+                f"{source}: row {index} has no 'prompt': plain-text rows need prompt, chosen and rejected"
+            )
+        row = maybe_extract_prompt({"chosen": row["chosen"], "rejected": row["rejected"]})
+    return {
+        "prompt": as_messages(row["prompt"], "user"),
+        "chosen": as_messages(row["chosen"], "assistant"),
+        "rejected": as_messages(row["rejected"], "assistant"),
+    }
+
+
+def tokenize_conversation(conv: Dict[str, List[Dict[str, str]]], tokenizer) -> Dict[str, List[int]]:
+    """TRL DPOTrainer's tokenization: the completion starts where prompt and prompt+answer diverge
+    (some templates render a prompt alone differently from one followed by an answer)."""
+
+    def ids(messages, **kwargs):
+        return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"]
+
+    prompt = ids(conv["prompt"], add_generation_prompt=True)
+    prompt_chosen = ids(conv["prompt"] + conv["chosen"])
+    prompt_rejected = ids(conv["prompt"] + conv["rejected"])
+    prompt_len = min(common_prefix_length(prompt, prompt_chosen), common_prefix_length(prompt, prompt_rejected))
+    return {
+        "prompt_ids": prompt[:prompt_len],
+        "chosen_ids": prompt_chosen[prompt_len:],
+        "rejected_ids": prompt_rejected[prompt_len:],
+    }
+
+
+def truncate_pair(
+    prompt: List[int], chosen: List[int], rejected: List[int], max_prompt_length: int, max_length: int
+) -> Tuple[List[int], List[int], List[int], bool]:
+    """TRL's classic preference truncation; returns the pieces and whether anything was cut."""
+    longer = max(len(chosen), len(rejected))
+    if len(prompt) + longer <= max_length:
+        return prompt, chosen, rejected, False
+    prompt = prompt[-max_prompt_length:]  # keep the end: the question and the assistant header
+    if len(prompt) + longer > max_length:
+        keep = max_length - len(prompt)
+        chosen, rejected = chosen[:keep], rejected[:keep]
+    return prompt, chosen, rejected, True
+
+
+def check_lengths(stage_cfg) -> None:
+    if stage_cfg.max_prompt_length >= stage_cfg.max_length:
+        raise UserError(
+            f"stage.max_prompt_length={stage_cfg.max_prompt_length} must be below stage.max_length="
+            f"{stage_cfg.max_length} to leave room for the answers: lower stage.max_prompt_length"
+        )
+
+
+def tokenize_preference_rows(
+    rows,
+    tokenizer,
+    max_prompt_length: int,
+    max_length: int,
+    source: str = "data.preference",
+    num_proc: Optional[int] = None,
+) -> Tuple[Dataset, Dict[str, float]]:
+    """Rows (a list of dicts or a datasets.Dataset) -> tokenized, truncated pairs and their stats."""
+    conversations = [to_conversation(dict(row), i, source) for i, row in enumerate(rows)]
+    if not conversations:
+        raise UserError(f"{source} is empty: it needs rows of prompt, chosen and rejected")
+    identical = sum(c["chosen"] == c["rejected"] for c in conversations)
+    if identical == len(conversations):
+        raise UserError(
+            f"{source}: chosen equals rejected in every one of the {identical} rows, so there is no preference "
+            "to learn: the rejected answer must differ (e.g. a plausible but wrong answer)"
+        )
+
+    def tokenize(conv):
+        return tokenize_conversation(conv, tokenizer)
+
+    tokenized = Dataset.from_list(conversations).map(
+        tokenize, remove_columns=list(PAIR_KEYS), num_proc=num_proc, desc="Tokenizing preference pairs"
+    )
+
+    prompt_lengths = [len(p) for p in tokenized["prompt_ids"]]
+    too_long = [n for n in prompt_lengths if n >= max_length]
+    if too_long:
+        raise UserError(
+            f"{source}: {len(too_long)} of {len(prompt_lengths)} rows have a prompt of at least stage.max_length="
+            f"{max_length} tokens (longest {max(too_long)}), leaving no room for the answer: raise "
+            f"stage.max_length={max(too_long) + max_length - max_prompt_length} or shorten those prompts"
+        )
+
+    def truncate(row):
+        p, c, r, cut = truncate_pair(
+            row["prompt_ids"], row["chosen_ids"], row["rejected_ids"], max_prompt_length, max_length
+        )
+        return {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r, "truncated": cut}
+
+    tokenized = tokenized.map(truncate, num_proc=num_proc, desc="Truncating preference pairs")
+    truncated = int(sum(tokenized["truncated"]))
+    tokenized = tokenized.remove_columns("truncated")
+    stats = {
+        "preference_rows": float(len(tokenized)),
+        "truncated_rows": float(truncated),
+        "identical_pairs": float(identical),
+    }
+    return tokenized, stats
+
+
+def prepare_preference(cfg, tokenizer) -> PreparedData:
+    """`cfg.data.preference` -> PreparedData for the DPO/ORPO stages (called before any output exists)."""
+    from train.data import load_rows
+
+    check_lengths(cfg.stage)
+    spec = cfg.data.preference
+    rows = load_rows(spec, "preference")
+    dataset, stats = tokenize_preference_rows(
+        rows,
+        tokenizer,
+        cfg.stage.max_prompt_length,
+        cfg.stage.max_length,
+        source=f"data.preference.path={spec.path}",
+        num_proc=cfg.data.num_proc,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"preference data: {len(dataset)} pairs from {Path(spec.path).name}; {int(stats['truncated_rows'])} "
+            f"truncated to stage.max_prompt_length={cfg.stage.max_prompt_length} / stage.max_length="
+            f"{cfg.stage.max_length}; {int(stats['identical_pairs'])} with chosen == rejected",
+            flush=True,
+        )
+    return PreparedData(train_dataset=dataset, stats=stats)

@@ -1,0 +1,249 @@
+"""Direct Preference Optimization with TRL's DPOTrainer, against a frozen reference model.
+
+    deepspeed launch/train.py +stage=dpo model.path=outputs/sft-tiny
+    deepspeed --num_gpus 8 launch/train.py +stage=dpo model=llama3_1_8b model.path=/ckpt/sft stage.beta=0.05
+    deepspeed launch/train.py +stage=dpo model.path=outputs/sft-tiny stage.precompute_ref_log_probs=true
+
+The reference is `stage.ref_model_path`, else the starting model. It is loaded after the TRL
+config exists, so under ZeRO-3 it is partitioned across ranks like the policy (TRL wraps it in
+a DeepSpeed inference engine). With `stage.precompute_ref_log_probs=true` its log-probs are
+computed once and cached on disk, keyed by the reference model and the tokenized data; a
+rerun or a resume loads them and never builds the reference at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import pyarrow.compute as pc
+import torch
+import trl
+from accelerate.utils import broadcast_object_list
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from trl import DPOConfig, DPOTrainer
+from trl.models import prepare_deepspeed
+
+from train.errors import UserError
+from train.model import CACHE_DIR, _is_model_dir, load_model, resolve_model_dir
+from train.preference import prepare_preference
+
+REF_LOGPS_DIR = CACHE_DIR / "ref_logps"
+
+
+# ---------------------------------------------------------------------------------------------
+# reference model
+# ---------------------------------------------------------------------------------------------
+def reference_dir(cfg) -> Optional[Path]:
+    """The reference model's directory; None: the random-init starting model (tiny preset)."""
+    if cfg.stage.ref_model_path:
+        path = Path(cfg.stage.ref_model_path).expanduser()
+        if not _is_model_dir(path):
+            raise UserError(
+                f"stage.ref_model_path={cfg.stage.ref_model_path} is not a model directory (no config.json): "
+                "point it at a directory written by save_pretrained, or drop it to use the starting model"
+            )
+        return path
+    return resolve_model_dir(cfg.model)
+
+
+def reference_identity(cfg) -> dict:
+    """What the reference log-probs depend on besides the data. Weight files are identified by
+    name, size and mtime: hashing the contents of a 16 GB checkpoint would cost minutes."""
+    ref_dir = reference_dir(cfg)
+    if ref_dir is None:
+        return {
+            "random_init": OmegaConf.to_container(cfg.model.arch, resolve=True),
+            "seed": cfg.training.seed,
+            "world_size": int(os.environ.get("WORLD_SIZE", 1)),
+        }
+    files = sorted(p for p in ref_dir.iterdir() if p.suffix in (".safetensors", ".bin", ".json") and p.is_file())
+    return {
+        "path": str(ref_dir.resolve()),
+        "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files],
+    }
+
+
+def copy_initial_weights(policy, reference) -> None:
+    """reference <- policy. Under ZeRO-3 both are partitioned the same way, so each rank copies its
+    own shard: no gather, and never a full copy of the model in memory."""
+    pairs = list(zip(policy.named_parameters(), reference.named_parameters()))
+    for (name, src), (ref_name, dst) in pairs:
+        assert name == ref_name, (name, ref_name)
+        with torch.no_grad():
+            if hasattr(src, "ds_tensor"):
+                dst.ds_tensor.copy_(src.ds_tensor)
+            else:
+                dst.copy_(src)
+
+
+def build_reference(cfg, policy, tokenizer):
+    """The frozen reference: loaded from its directory, or a copy of a random-init policy."""
+    ref_dir = reference_dir(cfg)
+    reference = load_model(cfg.model, policy.dtype, tokenizer, path=str(ref_dir) if ref_dir else None)
+    if ref_dir is None:
+        copy_initial_weights(policy, reference)
+    report_reference_share(reference)
+    return reference
+
+
+def report_reference_share(model) -> None:
+    """~1/N of the reference on each rank under ZeRO-3, like the policy."""
+    total = local = 0
+    for p in model.parameters():
+        total += p.ds_numel if hasattr(p, "ds_tensor") else p.numel()
+        local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    print(
+        f"[rank {rank}/{world}] reference model holds {local} of {total} parameters "
+        f"({100.0 * local / max(total, 1):.1f}%)",
+        flush=True,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# reference log-prob cache
+# ---------------------------------------------------------------------------------------------
+def token_fingerprint(dataset) -> str:
+    """sha256 of the tokenized pairs, in dataset order (covers data, tokenizer, template, truncation)."""
+    table = dataset.with_format("arrow")[:]
+    h = hashlib.sha256()
+    for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        ids = table.column(column).combine_chunks()
+        h.update(pc.list_value_length(ids).to_numpy(zero_copy_only=False).tobytes())
+        h.update(pc.list_flatten(ids).to_numpy(zero_copy_only=False).astype("int64").tobytes())
+    return h.hexdigest()
+
+
+def ref_logps_cache_path(cfg, dataset, args, dtype) -> Path:
+    key = {
+        "reference": reference_identity(cfg),
+        "data": token_fingerprint(dataset),
+        "max_length": args.max_length,
+        "ld_alpha": args.ld_alpha,
+        "dtype": str(dtype),
+        "attn_implementation": cfg.model.attn_implementation,
+        "trl": trl.__version__,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return REF_LOGPS_DIR / f"{digest}.safetensors"
+
+
+class CachedReferenceDPOTrainer(DPOTrainer):
+    """TRL's DPOTrainer on data train/preference.py already tokenized, with the precomputed
+    reference log-probs cached in one file shared by every rank, node and rerun.
+
+    TRL 1.16 caches them beside the dataset's own cache files (a per-process temp dir for
+    in-memory data, so ranks cannot share it) and keys them by a hash of the model's
+    state_dict, which under ZeRO-3 holds only empty partitioned placeholders; hence our own.
+    """
+
+    def __init__(self, *args, ref_logps_cache: Optional[Path] = None, **kwargs):
+        self.ref_logps_cache = ref_logps_cache
+        self.ref_logps_source = None  # "cache" or "computed", for logs and tests
+        super().__init__(*args, **kwargs)
+        if self.precompute_ref_logps and self.ref_model is not None:
+            self.ref_model = None  # the loss reads the cached columns; free the reference
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset  # tokenized and truncated by train/preference.py
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        path = self.ref_logps_cache
+        cached = [None]
+        if self.accelerator.is_main_process and path is not None and path.is_file():
+            tensors = load_file(path)
+            if tensors["chosen"].numel() == len(dataset):
+                cached = [(tensors["chosen"], tensors["rejected"])]
+        broadcast_object_list(cached, from_process=0)  # one decision for every rank and node
+        if cached[0] is not None:
+            chosen, rejected = cached[0]
+            self.ref_logps_source = "cache"
+        else:
+            chosen, rejected = self._compute_ref_logps(dataset, batch_size)
+            if self.accelerator.is_main_process and path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp-{os.getpid()}")
+                save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(tmp))
+                os.replace(tmp, path)  # atomic: a killed run never leaves half a cache
+            self.accelerator.wait_for_everyone()
+            self.ref_logps_source = "computed"
+        if self.accelerator.is_main_process:
+            verb = "loaded from" if self.ref_logps_source == "cache" else "computed and cached in"
+            print(f"reference log-probs for {len(dataset)} pairs {verb} {path}", flush=True)
+        dataset = dataset.add_column("ref_chosen_logps", chosen.tolist())
+        return dataset.add_column("ref_rejected_logps", rejected.tolist())
+
+    def _compute_ref_logps(self, dataset, batch_size):
+        """TRL's precompute loop: batches sharded over ranks, gathered back in dataset order."""
+        loader = self.accelerator.prepare(
+            DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+        )
+        if self.ref_model is not None:
+            model = self.ref_model
+        elif self.is_deepspeed_enabled:
+            # The policy before its first step is the reference; under ZeRO-3 it is still partitioned,
+            # so run it through a DeepSpeed inference engine that gathers the shards (as TRL does).
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            model = self._precompute_engine
+        else:
+            model = self.model
+        chosen, rejected = [], []
+        for batch in loader:
+            c, r = self.compute_ref_log_probs(model, batch)
+            c, r = self.accelerator.gather_for_metrics((c, r))
+            chosen.append(c.float().cpu())
+            rejected.append(r.float().cpu())
+        return torch.cat(chosen), torch.cat(rejected)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+# ---------------------------------------------------------------------------------------------
+class DPOStage:
+    name = "dpo"
+
+    def prepare_data(self, cfg, tokenizer):
+        reference_dir(cfg)  # a bad stage.ref_model_path fails before anything is written
+        return prepare_preference(cfg, tokenizer)
+
+    def trainer_args(self, cfg, common):
+        return DPOConfig(
+            **common,
+            beta=cfg.stage.beta,
+            loss_type=cfg.stage.loss_type,
+            max_length=cfg.stage.max_length,
+            precompute_ref_log_probs=cfg.stage.precompute_ref_log_probs,
+        )
+
+    def build_trainer(self, cfg, args, model, tokenizer, data, callbacks):
+        reference = None
+        cache = None
+        if args.precompute_ref_log_probs:
+            cache = ref_logps_cache_path(cfg, data.train_dataset, args, model.dtype)
+            hit = [cache.is_file()]
+            broadcast_object_list(hit, from_process=0)
+            # Without a cache hit a separate reference is loaded for the precompute, then freed;
+            # the starting model needs none (TRL scores the policy before its first step).
+            if not hit[0] and cfg.stage.ref_model_path:
+                reference = build_reference(cfg, model, tokenizer)
+        else:
+            reference = build_reference(cfg, model, tokenizer)
+        return CachedReferenceDPOTrainer(
+            model=model,
+            ref_model=reference,
+            args=args,
+            train_dataset=data.train_dataset,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+            ref_logps_cache=cache,
+        )
+
+
+STAGE = DPOStage()
