@@ -24,6 +24,7 @@ use_cache=False); tests/test_sft_packing.py proves it and shows the 2-D-mask var
 from __future__ import annotations
 
 import glob
+import json
 import re
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -57,8 +58,13 @@ def load_rows(spec, kind: str):
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
     key = f"data.{kind}.path"
     path = str(spec.path)
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parsers log errors we re-raise as one line
     try:
         if _is_saved_dataset(Path(path)):
+            state = Path(path, datasets.config.DATASET_STATE_JSON_FILENAME)
+            if state.is_file() and not json.loads(state.read_text()).get("_data_files"):
+                raise _empty(key, path)  # datasets 5.2 cannot even load a saved dataset of 0 rows
             rows = datasets.load_from_disk(path)
             if isinstance(rows, DatasetDict):
                 if spec.split not in rows:
@@ -73,19 +79,28 @@ def load_rows(spec, kind: str):
             builder, files = _data_files(path, key, kind)
             rows = datasets.load_dataset(builder, data_files=files, split="train", streaming=spec.streaming,
                                          **({"sample_by": "document"} if builder == "text" else {}))
+        if spec.max_samples is not None:
+            rows = rows.take(spec.max_samples) if spec.streaming else rows.select(range(min(spec.max_samples, len(rows))))
+        # A stream is only read here, so its parse errors surface here too.
+        if next(iter(rows.take(1)), None) is None if spec.streaming else len(rows) == 0:
+            raise _empty(key, path)
+        columns = column_names(rows)
     except UserError:
         raise
+    except StopIteration as err:  # the json builder's way of saying "no rows at all"
+        raise _empty(key, path) from err
     except Exception as err:  # malformed json, unreadable parquet, ...: name the file, keep one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"could not read {key}={path}: {first}") from err
-
-    _check_columns(column_names(rows), kind, key, path)
-    if spec.max_samples is not None:
-        rows = rows.take(spec.max_samples) if spec.streaming else rows.select(range(min(spec.max_samples, len(rows))))
-    empty = next(iter(rows.take(1)), None) is None if spec.streaming else len(rows) == 0
-    if empty:
-        raise UserError(f"{key}={path} holds no rows: point it at a non-empty dataset")
+        cause = err.__cause__ or err  # datasets wraps the parser's error in a generic one
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise UserError(f"could not read {key}={path}: {first}: fix or replace the file") from err
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+    _check_columns(columns, kind, key, path)
     return rows
+
+
+def _empty(key: str, path: str) -> UserError:
+    return UserError(f"{key}={path} is empty (no rows): point it at a dataset with rows")
 
 
 def column_names(rows) -> List[str]:
