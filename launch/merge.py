@@ -1,0 +1,70 @@
+"""Merge two models by SLERP (or linear), streaming, with bounded memory: see docs/merge.md.
+
+Drop-in for `mergekit-yaml CONFIG.yml OUT_DIR`:
+
+    python launch/merge.py merge.yml outputs/merged
+    python launch/merge.py merge.yml outputs/merged --workers 2 --shard-size 2GB --verify
+    srun -N 4 --ntasks-per-node 1 python launch/merge.py merge.yml /shared/merged   # 4 nodes
+    python launch/merge.py merge.yml out --num-workers 4 --worker-rank 1   # one of 4, by hand
+
+Hydra form (conf/merge_job.yaml + conf/merge/<preset>.yaml):
+
+    python launch/merge.py merge=paper_slerp merge.model=outputs/orpo-tiny \
+        merge.base_model=/models/Instruct output_dir=outputs/merged workers=2
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+# Put the repo root first: this file's own folder would otherwise shadow the `merge` package.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from train.errors import UserError, exit_on_user_error  # noqa: E402
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, like every other user error
+        raise UserError(f"{message}: usage: python launch/merge.py CONFIG.yml OUT_DIR [--workers W] [--verify]")
+
+
+def main(argv):
+    from merge.plan import load_merge_config, parse_size
+    from merge.run import MergeOptions, run_merge
+
+    if argv and all("=" in a and not a.startswith("-") for a in argv):
+        from merge.config import MergeJobConfig, options_from_config, recipe_from_config, register_merge_configs
+        from train.config import compose_config
+
+        register_merge_configs()
+        cfg = compose_config(argv, "merge_job", schema=MergeJobConfig)
+        return run_merge(recipe_from_config(cfg), cfg.output_dir, options_from_config(cfg))
+
+    parser = _Parser(prog="launch/merge.py", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="mergekit YAML")
+    parser.add_argument("out_dir", help="output model directory")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    parser.add_argument("--num-workers", type=int, help="independent workers (default: SLURM_NTASKS)")
+    parser.add_argument("--worker-rank", type=int, help="this worker's rank (default: SLURM_PROCID)")
+    parser.add_argument("--shard-size", default="2GB", help="output shard size, e.g. 2GB, 500MB")
+    parser.add_argument("--out-shard-size", dest="shard_size", help=argparse.SUPPRESS)  # mergekit's name
+    parser.add_argument("--verify", action="store_true", help="re-read and check the output before publishing")
+    parser.add_argument("--wait-timeout", type=float, default=14400.0, help="seconds worker 0 waits for others")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        raise UserError(f"--workers {args.workers}: give at least 1")
+    options = MergeOptions(
+        shard_size=parse_size(args.shard_size),
+        workers=args.workers,
+        num_workers=args.num_workers,
+        worker_rank=args.worker_rank,
+        verify=args.verify,
+        wait_timeout=args.wait_timeout,
+        progress=not args.quiet,
+    )
+    return run_merge(load_merge_config(args.config), args.out_dir, options)
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main, sys.argv[1:])

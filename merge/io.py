@@ -1,0 +1,263 @@
+"""Safetensors I/O by byte offset: a lazy model reader and a pre-allocated shard writer.
+
+The safetensors format is an 8-byte little-endian header length, a JSON header
+({name: {dtype, shape, data_offsets: [begin, end]}}, offsets relative to the data area), then
+the raw little-endian tensor bytes. Because every tensor's place is in the header, a chunk of
+a tensor is one `pread`, and an output shard can be laid out up front and each tensor written
+straight to its offset with `pwrite`.
+
+pread/pwrite rather than mmap or `safetensors.safe_open`: pages of a mapped file count toward
+the process RSS until unmapped, and safe_open hands out whole tensors; reading into reused
+buffers keeps the merger's memory flat whatever the model size. numpy rather than torch: the
+workers start in milliseconds and carry no torch runtime (~300 MB RSS).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from train.errors import UserError
+
+# safetensors dtype -> bytes per element (floating types only: merges interpolate floats)
+ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
+# names accepted in a merge config's `dtype` / `out_dtype`
+DTYPE_NAMES = {
+    "bfloat16": "BF16", "bf16": "BF16",
+    "float16": "F16", "fp16": "F16", "half": "F16",
+    "float32": "F32", "fp32": "F32", "float": "F32",
+    "float64": "F64", "fp64": "F64", "double": "F64",
+}
+TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+_PROMOTION = {"F16": 1, "BF16": 1, "F32": 2, "F64": 3}
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors crate's own limit
+
+
+def promote(a: str, b: str) -> str:
+    """torch.promote_types on safetensors dtype names (bf16 + f16 -> f32)."""
+    if a == b:
+        return a
+    if {a, b} == {"BF16", "F16"}:
+        return "F32"
+    return a if _PROMOTION[a] > _PROMOTION[b] else b
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: Tuple[int, ...]
+    begin: int
+    """Absolute byte offset of the first element in the file."""
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+
+@dataclass
+class ShardHeader:
+    path: Path
+    tensors: Dict[str, TensorInfo]
+    metadata: Dict[str, str]
+
+
+def read_header(path: Path) -> ShardHeader:
+    """Parse and check a safetensors header against the file size; UserError if corrupt."""
+    fix = "the file is corrupt or truncated: re-download or re-save that model"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise UserError(f"{path}: {size} bytes, too short for a safetensors header; {fix}")
+            (length,) = struct.unpack("<Q", head)
+            if length > min(_MAX_HEADER, size - 8):
+                raise UserError(f"{path}: header length {length} exceeds the file ({size} bytes); {fix}")
+            raw = json.loads(f.read(length))
+    except (OSError, ValueError) as err:
+        if isinstance(err, UserError):
+            raise
+        raise UserError(f"{path}: unreadable safetensors header ({err.__class__.__name__}); {fix}") from err
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: safetensors header is not a JSON object; {fix}")
+    data_start = 8 + length
+    metadata = raw.pop("__metadata__", None) or {}
+    tensors = {}
+    for name, entry in raw.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{path}: malformed header entry for '{name}'; {fix}") from err
+        info = TensorInfo(dtype, shape, data_start + int(begin), int(end) - int(begin))
+        if dtype in ITEMSIZE and info.nbytes != info.numel * ITEMSIZE[dtype]:
+            raise UserError(f"{path}: tensor '{name}' has {info.nbytes} bytes for shape {list(shape)} {dtype}; {fix}")
+        if data_start + int(end) > size:
+            raise UserError(
+                f"{path}: tensor '{name}' ends at byte {data_start + int(end)} but the file has {size} bytes; {fix}"
+            )
+        tensors[name] = info
+    return ShardHeader(path, tensors, metadata)
+
+
+class ModelReader:
+    """A Hugging Face model directory opened lazily: headers only, tensors read on demand."""
+
+    def __init__(self, path: str):
+        self.path = Path(path).expanduser()
+        if not self.path.is_dir():
+            what = "is a file, not a model directory" if self.path.exists() else "does not exist"
+            raise UserError(f"model path '{path}' {what}: give a Hugging Face model directory with *.safetensors")
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise UserError(f"{index}: not a valid safetensors index (no weight_map); re-save the model") from err
+            files = sorted(set(weight_map.values()))
+        else:
+            weight_map = None
+            files = sorted(p.name for p in self.path.glob("*.safetensors"))
+        if not files:
+            has_bin = any(self.path.glob("*.bin")) or any(self.path.glob("*.pt"))
+            hint = "convert it with save_pretrained(..., safe_serialization=True)" if has_bin else (
+                "point to the directory that holds the model weights")
+            raise UserError(f"model path '{path}' holds no .safetensors files: {hint}")
+        self.tensors: Dict[str, Tuple[Path, TensorInfo]] = {}
+        for name in files:
+            shard = self.path / name
+            if not shard.is_file():
+                raise UserError(f"{index}: lists shard '{name}', which is missing from {self.path}; re-download the model")
+            for tensor, info in read_header(shard).tensors.items():
+                self.tensors[tensor] = (shard, info)
+        if weight_map is not None:
+            for tensor, name in weight_map.items():
+                if tensor not in self.tensors:
+                    raise UserError(f"{index}: lists '{tensor}' in {name}, whose header lacks it; re-download the model")
+        config = self.path / "config.json"
+        self.config: Optional[dict] = json.loads(config.read_text()) if config.is_file() else None
+        self._fds: Dict[Path, int] = {}
+
+    def info(self, name: str) -> TensorInfo:
+        return self.tensors[name][1]
+
+    def read_into(self, name: str, start: int, out: np.ndarray) -> np.ndarray:
+        """Read elements [start, start + len) of tensor `name` into the byte buffer `out`."""
+        shard, info = self.tensors[name]
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(shard, os.O_RDONLY)
+        pread_exact(fd, out, info.begin + start * ITEMSIZE[info.dtype], shard)
+        return out
+
+    def files(self) -> List[Path]:
+        return sorted({shard for shard, _ in self.tensors.values()})
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def pread_exact(fd: int, out: np.ndarray, offset: int, path: Path) -> None:
+    view = memoryview(out).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise UserError(f"{path}: ends before byte {offset + len(view)}; the file is truncated: re-download it")
+        done += n
+
+
+def pwrite_exact(fd: int, data: np.ndarray, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+# ---------------------------------------------------------------------------------------------
+# dtype conversion between raw storage bytes and the float32/float64 compute buffers
+# ---------------------------------------------------------------------------------------------
+def decode(raw: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
+    """Storage bytes `raw` (uint8, n·itemsize) -> `out` (float32 or float64, n elements)."""
+    if dtype == "BF16":
+        src = raw.view(np.uint16)
+        if out.dtype == np.float32:  # bf16 is the top half of a float32
+            bits = out.view(np.uint32)
+            np.copyto(bits, src)
+            np.left_shift(bits, 16, out=bits)
+        else:
+            np.copyto(out, (src.astype(np.uint32) << 16).view(np.float32))
+        return out
+    np.copyto(out, raw.view({"F16": np.float16, "F32": np.float32, "F64": np.float64}[dtype]))
+    return out
+
+
+def encode(src: np.ndarray, dtype: str, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """float32/float64 `src` -> storage bytes of `dtype`, rounding to nearest even (as torch).
+
+    Returns a uint8 view to write. `out` (uint8) and `scratch` (uint32) are reused buffers of
+    at least src.size * itemsize bytes / src.size elements; `src` may be returned as is.
+    """
+    n = src.shape[0]
+    if dtype == "BF16":
+        if src.dtype != np.float32:
+            src32 = scratch[:n].view(np.float32)
+            np.copyto(src32, src, casting="unsafe")
+            src = src32
+        bits = src.view(np.uint32)
+        tmp = scratch[:n]
+        # round to nearest even on the 16 dropped bits: add 0x7FFF + lowest kept bit
+        np.right_shift(bits, 16, out=tmp)
+        np.bitwise_and(tmp, 1, out=tmp)
+        np.add(tmp, 0x7FFF, out=tmp)
+        np.add(tmp, bits, out=tmp)
+        np.right_shift(tmp, 16, out=tmp)
+        dst = out[: 2 * n].view(np.uint16)
+        np.copyto(dst, tmp, casting="unsafe")
+        return out[: 2 * n]
+    target = {"F16": np.float16, "F32": np.float32, "F64": np.float64}[dtype]
+    if src.dtype == target:
+        return src.view(np.uint8)
+    dst = out[: n * ITEMSIZE[dtype]].view(target)
+    np.copyto(dst, src, casting="unsafe")
+    return dst.view(np.uint8)
+
+
+def round_through(buf: np.ndarray, dtype: str, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """Round a compute buffer to the storage `dtype` and back, in place."""
+    return decode(encode(buf, dtype, out, scratch), dtype, buf)
+
+
+# ---------------------------------------------------------------------------------------------
+# output shards
+# ---------------------------------------------------------------------------------------------
+def shard_header(entries: List[Tuple[str, str, Tuple[int, ...], int]], metadata: Dict[str, str]) -> Tuple[bytes, List[int]]:
+    """(header bytes incl. the 8-byte length, absolute offset of each entry) for
+    entries [(name, dtype, shape, nbytes)] laid out back to back in the given order."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    relative = []
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        relative.append(offset)
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)  # data area 8-byte aligned, as the safetensors crate does
+    head = struct.pack("<Q", len(text)) + text
+    return head, [len(head) + r for r in relative]
+
+
+def create_shard(path: Path, head: bytes, total_size: int) -> int:
+    """Open `path` for writing at offsets: header written, file pre-sized to `total_size`."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.ftruncate(fd, total_size)
+    pwrite_exact(fd, np.frombuffer(head, np.uint8), 0)
+    return fd

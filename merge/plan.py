@@ -1,0 +1,460 @@
+"""A mergekit YAML -> a per-tensor merge plan and an output shard layout, from headers only.
+
+Semantics follow mergekit 0.1.5 (`mergekit/plan.py`, `mergekit/config.py`):
+- `models:` is one slice over every model's full layer range (the base model added if absent);
+- within a slice of N layers, layer i has depth d = i/(N-1) (d = 1 when N = 1); tensors
+  outside the layers (embeddings, final norm, lm_head) use d = 0;
+- a parameter is looked up in the slice's `parameters`, then the top-level `parameters`
+  (per-model parameters such as linear `weight` first in the source's own `parameters`);
+- a value is a number, a gradient (list of anchors, linearly interpolated at d·(K-1)) or a
+  list of {filter, value}: the first entry whose filter is a substring of the tensor name (or
+  that has no filter) wins.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+from merge.io import DTYPE_NAMES, ITEMSIZE, ModelReader, promote, shard_header
+from train.errors import UserError
+
+METHODS = {"slerp": ("t",), "linear": ("weight", "normalize")}
+TOP_LEVEL_KEYS = (
+    "slices", "models", "merge_method", "base_model", "parameters", "dtype", "out_dtype",
+    "tokenizer_source", "embed_mismatch",
+)
+LAYER_NAME = re.compile(r"^(?P<prefix>.*?\.layers\.)(?P<index>\d+)\.(?P<rest>.+)$")
+
+
+# ---------------------------------------------------------------------------------------------
+# the merge config
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Source:
+    model: str
+    layer_range: Optional[Tuple[int, int]]
+    """None: every layer of the model (the `models:` form)."""
+    parameters: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Slice:
+    sources: List[Source]
+    parameters: Dict[str, Any] = field(default_factory=dict)
+    base_model: Optional[str] = None
+
+
+@dataclass
+class MergeSpec:
+    merge_method: str
+    slices: List[Slice]
+    base_model: Optional[str]
+    parameters: Dict[str, Any]
+    dtype: Optional[str]
+    """safetensors name of the dtype inputs are loaded as (None: promoted input dtype)."""
+    out_dtype: Optional[str]
+    embed_mismatch: str
+    raw: Dict[str, Any]
+    """The config as given, for the card and the fingerprint."""
+
+
+def load_merge_config(path: str) -> Dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"merge config '{path}' does not exist: give the path of a mergekit YAML file")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"merge config '{path}' is not valid YAML{where}: fix the syntax") from err
+    if not isinstance(raw, dict):
+        raise UserError(f"merge config '{path}' must be a YAML mapping with merge_method and slices or models")
+    return raw
+
+
+def _dtype(raw: Dict[str, Any], key: str) -> Optional[str]:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if str(value) not in DTYPE_NAMES:
+        raise UserError(f"{key} '{value}' is not supported: use bfloat16, float16, float32 or float64")
+    return DTYPE_NAMES[str(value)]
+
+
+def _params(value: Any, where: str, method: str) -> Dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{where}.parameters must be a mapping like {{t: 0.5}}")
+    for name, setting in value.items():
+        if name not in METHODS[method]:
+            raise UserError(
+                f"{where}.parameters.{name} is not a parameter of {method}: use "
+                + " or ".join(METHODS[method])
+            )
+        if name == "t":
+            for number in _numbers(setting, f"{where}.parameters.t"):
+                if not 0.0 <= number <= 1.0:
+                    raise UserError(f"{where}.parameters.t has {number}, outside [0, 1]: SLERP t must lie in [0, 1]")
+    return dict(value)
+
+
+def _numbers(setting: Any, where: str) -> List[float]:
+    """Every number in a parameter setting (scalar, gradient or filter list)."""
+    if isinstance(setting, bool):
+        return []
+    if isinstance(setting, (int, float)):
+        return [float(setting)]
+    if isinstance(setting, dict):
+        if "value" not in setting or set(setting) - {"filter", "value"}:
+            raise UserError(f"{where}: each entry needs 'value' and optionally 'filter', got {sorted(setting)}")
+        return _numbers(setting["value"], where)
+    if isinstance(setting, list) and setting:
+        out = []
+        for item in setting:
+            out += _numbers(item, where)
+        return out
+    raise UserError(f"{where}: expected a number, a list of numbers or a list of {{filter, value}}, got {setting!r}")
+
+
+def parse_merge_config(raw: Dict[str, Any]) -> MergeSpec:
+    """Validate a mergekit-style config without touching the models."""
+    unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
+    if unknown:
+        raise UserError(f"unknown merge config key '{unknown[0]}': valid keys are {', '.join(TOP_LEVEL_KEYS)}")
+    method = raw.get("merge_method")
+    if method not in METHODS:
+        raise UserError(f"unknown merge_method '{method}': this merger supports {' and '.join(METHODS)}")
+    if bool(raw.get("slices")) == bool(raw.get("models")):
+        raise UserError("the merge config needs exactly one of 'slices' or 'models' (both given or neither)")
+    base = raw.get("base_model")
+    base = str(base) if base is not None else None
+    if method == "slerp" and base is None:
+        raise UserError("merge_method slerp needs base_model: set it to the model that t=0 returns")
+    mismatch = raw.get("embed_mismatch", "error")
+    if mismatch not in ("error", "truncate"):
+        raise UserError(f"embed_mismatch '{mismatch}' is not supported: use error or truncate")
+    if raw.get("tokenizer_source") not in (None, "base"):
+        raise UserError("tokenizer_source: only 'base' is supported (the tokenizer is copied from base_model)")
+
+    slices = []
+    if raw.get("models"):
+        models = raw["models"]
+        if not isinstance(models, list):
+            raise UserError("models must be a list of {model: PATH}")
+        sources = []
+        for i, m in enumerate(models):
+            m = m if isinstance(m, dict) else {"model": m}
+            if "model" not in m:
+                raise UserError(f"models[{i}] needs a 'model' path")
+            sources.append(Source(str(m["model"]), None, _params(m.get("parameters"), f"models[{i}]", method)))
+        if base is not None and base not in [s.model for s in sources]:
+            sources.append(Source(base, None))  # mergekit adds the base model to the inputs
+        slices.append(Slice(sources))
+    else:
+        if not isinstance(raw["slices"], list):
+            raise UserError("slices must be a list of {sources: [{model, layer_range}, ...]}")
+        for i, s in enumerate(raw["slices"]):
+            if not isinstance(s, dict) or not s.get("sources"):
+                raise UserError(f"slices[{i}] needs 'sources': a list of {{model, layer_range}}")
+            sources = []
+            for j, src in enumerate(s["sources"]):
+                where = f"slices[{i}].sources[{j}]"
+                if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
+                    raise UserError(f"{where} needs 'model' and 'layer_range: [start, end]'")
+                lr = src["layer_range"]
+                if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) for x in lr)):
+                    raise UserError(f"{where}.layer_range must be two integers [start, end], got {lr!r}")
+                sources.append(Source(str(src["model"]), (lr[0], lr[1]), _params(src.get("parameters"), where, method)))
+            slice_base = s.get("base_model")
+            slices.append(Slice(sources, _params(s.get("parameters"), f"slices[{i}]", method),
+                                str(slice_base) if slice_base is not None else None))
+    for i, s in enumerate(slices):
+        b = s.base_model or base
+        models = [src.model for src in s.sources]
+        if method == "slerp":
+            if len(models) != 2 or b not in models or len(set(models)) != 2:
+                raise UserError(
+                    f"slices[{i}]: slerp merges exactly two models, one of them base_model '{b}'; got {models}"
+                )
+    return MergeSpec(
+        merge_method=method,
+        slices=slices,
+        base_model=base,
+        parameters=_params(raw.get("parameters"), "merge config", method),
+        dtype=_dtype(raw, "dtype"),
+        out_dtype=_dtype(raw, "out_dtype"),
+        embed_mismatch=mismatch,
+        raw=raw,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# parameter values per tensor
+# ---------------------------------------------------------------------------------------------
+def evaluate_setting(tensor_name: str, setting: Any, depth: float) -> Optional[float]:
+    """A parameter's value for one tensor at layer depth d in [0, 1] (mergekit semantics)."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, (bool, int, float)):
+        return setting
+    if isinstance(setting, list) and setting:
+        if all(isinstance(v, (bool, int, float)) for v in setting):
+            # a gradient: anchors spread evenly over the slice, linear in between
+            scaled = depth * (len(setting) - 1)
+            i0 = int(scaled)
+            i1 = min(len(setting) - 1, i0 + 1)
+            frac = scaled - i0
+            return (1 - frac) * setting[i0] + frac * setting[i1]
+        for cond in setting:
+            flt = cond.get("filter")
+            if flt is None or flt == "*" or (tensor_name and flt in tensor_name):
+                return evaluate_setting(tensor_name, cond["value"], depth)
+    return None
+
+
+def resolve(name: str, tensor_name: str, depth: float, scopes: Sequence[Dict[str, Any]], default=None):
+    for scope in scopes:
+        if name in scope:
+            value = evaluate_setting(tensor_name, scope[name], depth)
+            if value is not None:
+                return value
+    if default is None:
+        raise UserError(
+            f"parameters.{name} gives no value for tensor '{tensor_name}': add an entry without a filter"
+        )
+    return default
+
+
+# ---------------------------------------------------------------------------------------------
+# the per-tensor plan
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TensorPlan:
+    name: str
+    shape: Tuple[int, ...]
+    work_dtype: str
+    """Inputs are rounded to this dtype before the math (mergekit's `dtype`)."""
+    out_dtype: str
+    sources: List[Tuple[str, str]]
+    """(model path, tensor name); for slerp the base model first (v0)."""
+    method: str
+    t: Optional[float] = None
+    weights: Optional[List[float]] = None
+    normalize: bool = True
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ITEMSIZE[self.out_dtype]
+
+
+@dataclass
+class MergePlan:
+    spec: MergeSpec
+    tensors: List[TensorPlan]
+    base_model: str
+    """The model whose config, tokenizer and generation config the output gets."""
+    vocab_rows: Optional[int] = None
+    """Set when embed_mismatch: truncate cut the vocabulary to this many rows."""
+    warnings: List[str] = field(default_factory=list)
+
+
+def _is_vocab(name: str) -> bool:
+    return "embed" in name or "lm_head" in name
+
+
+def _layers(reader: ModelReader) -> Tuple[Dict[int, Dict[str, str]], List[str], int]:
+    """({layer index: {rest of name: full name}}, non-layer names, number of layers)."""
+    layers: Dict[int, Dict[str, str]] = {}
+    others = []
+    for name in reader.tensors:
+        m = LAYER_NAME.match(name)
+        if m:
+            layers.setdefault(int(m["index"]), {})[m["rest"]] = name
+        else:
+            others.append(name)
+    count = (reader.config or {}).get("num_hidden_layers") or (max(layers) + 1 if layers else 0)
+    return layers, others, int(count)
+
+
+def plan_merge(spec: MergeSpec, open_model) -> MergePlan:
+    """Every output tensor with its sources and t, checked against the models' headers.
+
+    `open_model(path) -> ModelReader` (cached by the caller)."""
+    tensors: List[TensorPlan] = []
+    warnings: List[str] = []
+    vocab_rows: Optional[int] = None
+    info = {}
+
+    def layout(model: str):
+        if model not in info:
+            info[model] = _layers(open_model(model))
+        return info[model]
+
+    def add(out_name: str, names: List[str], models: List[str], s: Slice, depth: float):
+        nonlocal vocab_rows
+        readers = [open_model(m) for m in models]
+        infos = [r.info(n) for r, n in zip(readers, names)]
+        shape = infos[0].shape
+        for m, n, inf in zip(models[1:], names[1:], infos[1:]):
+            if inf.shape == shape:
+                continue
+            if _is_vocab(n) and inf.shape[1:] == shape[1:] and len(shape) >= 1:
+                if spec.embed_mismatch != "truncate":
+                    raise UserError(
+                        f"vocabulary mismatch: '{n}' has {shape[0]} rows in {models[0]} and {inf.shape[0]} in {m}; "
+                        "merge models with the same tokenizer, or set embed_mismatch: truncate to keep the common rows"
+                    )
+                rows = min(shape[0], inf.shape[0])
+                warnings.append(f"embed_mismatch: truncate: '{n}' cut to its first {rows} rows "
+                                f"({models[0]}: {shape[0]}, {m}: {inf.shape[0]})")
+                shape = (rows,) + tuple(shape[1:])
+                vocab_rows = rows
+            else:
+                raise UserError(
+                    f"shape mismatch for '{n}': {list(shape)} in {models[0]} vs {list(inf.shape)} in {m}; "
+                    "both models must share one architecture"
+                )
+        for m, n, inf in zip(models, names, infos):
+            if inf.dtype not in ITEMSIZE:
+                raise UserError(f"'{n}' in {m} is {inf.dtype}: only floating-point weights (BF16, F16, F32, F64) merge")
+        work = spec.dtype
+        if work is None:
+            work = infos[0].dtype
+            for inf in infos[1:]:
+                work = promote(work, inf.dtype)
+        base = s.base_model or spec.base_model
+        plan = TensorPlan(out_name, tuple(shape), work, spec.out_dtype or work,
+                          list(zip(models, names)), spec.merge_method)
+        if spec.merge_method == "slerp":
+            order = [models.index(base), 1 - models.index(base)]
+            plan.sources = [plan.sources[i] for i in order]
+            plan.t = float(resolve("t", out_name, depth, [s.parameters, spec.parameters]))
+        else:
+            plan.weights = []
+            for src, n in zip(s.sources, names):
+                plan.weights.append(float(resolve("weight", n, depth, [src.parameters, s.parameters, spec.parameters])))
+            plan.normalize = bool(resolve("normalize", out_name, depth, [s.parameters, spec.parameters], True))
+        tensors.append(plan)
+
+    # tensors outside the layers: from the first slice (embeddings) or the last (norm, head)
+    def non_layer(s: Slice, keep) -> None:
+        models = [src.model for src in s.sources]
+        per_model = [set(layout(m)[1]) for m in models]
+        names = sorted(set().union(*per_model))
+        for name in names:
+            if not keep(name):
+                continue
+            for m, have in zip(models, per_model):
+                if name not in have:
+                    other = next(o for o, h in zip(models, per_model) if name in h)
+                    tied = " (tie_word_embeddings differs between them)" if "lm_head" in name else ""
+                    raise UserError(
+                        f"tensor '{name}' is in {other} but missing from {m}{tied}: both models must share one architecture"
+                    )
+            add(name, [name] * len(models), models, s, 0.0)
+
+    non_layer(spec.slices[0], lambda n: "embed" in n)
+    out_layer = 0
+    for i, s in enumerate(spec.slices):
+        ranges = []
+        for src in s.sources:
+            layers, _, count = layout(src.model)
+            lr = src.layer_range if src.layer_range is not None else (0, count)
+            if not (0 <= lr[0] < lr[1] <= count):
+                raise UserError(
+                    f"layer_range {list(lr)} of {src.model} is outside the model, which has {count} layers: "
+                    f"use a range within [0, {count}]"
+                )
+            ranges.append(lr)
+        lengths = {b - a for a, b in ranges}
+        if len(lengths) != 1:
+            raise UserError(
+                f"slices[{i}]: the sources span different numbers of layers {[list(r) for r in ranges]}; "
+                "give every source a layer_range of the same length"
+            )
+        n_layers = lengths.pop()
+        models = [src.model for src in s.sources]
+        for offset in range(n_layers):
+            depth = offset / (n_layers - 1) if n_layers > 1 else 1.0
+            per_model = [layout(m)[0].get(r[0] + offset, {}) for m, r in zip(models, ranges)]
+            rests = per_model[0].keys()
+            for m, r, layer in zip(models, ranges, per_model):
+                for rest in sorted(set().union(*per_model) - set(layer)):
+                    other = next(o for o, l in zip(models, per_model) if rest in l)
+                    name = next(l[rest] for l in per_model if rest in l)
+                    raise UserError(
+                        f"tensor '{name}' is in {other} but layer {r[0] + offset} of {m} has no '{rest}': "
+                        "both models must share one architecture"
+                    )
+            for rest in rests:
+                names = [layer[rest] for layer in per_model]
+                m0 = LAYER_NAME.match(names[0])
+                add(f"{m0['prefix']}{out_layer}.{rest}", names, models, s, depth)
+            out_layer += 1
+    non_layer(spec.slices[-1], lambda n: "embed" not in n)
+    base = spec.base_model or spec.slices[0].sources[0].model
+    return MergePlan(spec, tensors, base, vocab_rows, warnings)
+
+
+# ---------------------------------------------------------------------------------------------
+# output shards
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ShardPlan:
+    filename: str
+    tensors: List[TensorPlan]
+    offsets: List[int]
+    """Absolute byte offset of each tensor in the file."""
+    head: bytes
+    size: int
+
+
+_SIZE_UNITS = {
+    "": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+    "B": 10**9,  # mergekit's --out-shard-size 5B means five billion
+    "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}
+
+
+def parse_size(text) -> int:
+    """Bytes from '2GB', '500MB', '1.5GiB', '5B' (mergekit's 5 billion) or a plain number."""
+    if isinstance(text, int) and text > 0:
+        return text
+    m = re.fullmatch(r"\s*([\d.]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = m[2].upper() if m else None
+    if not m or unit not in _SIZE_UNITS or float(m[1]) <= 0:
+        raise UserError(f"shard size '{text}' is not a size: write e.g. 2GB, 500MB or 1GiB")
+    return int(float(m[1]) * _SIZE_UNITS[unit])
+
+
+def plan_output_shards(tensors: List[TensorPlan], max_shard_bytes: int) -> List[ShardPlan]:
+    """Pack tensors in order into shards of at most max_shard_bytes (a larger tensor gets a
+    shard of its own), named as transformers names them."""
+    groups: List[List[TensorPlan]] = []
+    size = 0
+    for t in tensors:
+        if not groups or (size + t.nbytes > max_shard_bytes and groups[-1]):
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    shards = []
+    for i, group in enumerate(groups):
+        name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        head, offsets = shard_header([(t.name, t.out_dtype, t.shape, t.nbytes) for t in group], {"format": "pt"})
+        shards.append(ShardPlan(name, group, offsets, head, len(head) + sum(t.nbytes for t in group)))
+    return shards

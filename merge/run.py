@@ -1,0 +1,492 @@
+"""Run a merge: plan, split the output shards across workers, stream, verify, publish.
+
+Crash safety: everything is written into a hidden sibling `.<OUT_DIR>.partial/`. A shard
+counts as complete only when `<shard>.done` holds this merge's fingerprint, written after the
+shard was fsynced and its header re-read; a rerun keeps complete shards. Worker 0 writes the
+index, config, tokenizer and card once every shard is complete, then renames the directory
+into place, so OUT_DIR either does not exist or holds a finished model.
+
+Workers: `workers=W` forks W processes on this machine; under SLURM (SLURM_NTASKS > 1) or
+with `num_workers`/`worker_rank`, this process is one of W independent workers that share
+only the filesystem (no rendezvous): each owns whole shards, worker 0 waits for the others'
+markers and publishes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import yaml
+
+from merge.io import ITEMSIZE, TORCH_NAMES, ModelReader, create_shard, decode, encode, read_header, pwrite_exact, round_through
+from merge.plan import MergePlan, ShardPlan, TensorPlan, parse_merge_config, plan_merge, plan_output_shards
+from merge.slerp import SlerpStats, combine, combine_linear, slerp_coefficients
+from train.errors import UserError
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
+# Test hook: seconds to sleep after each completed shard, so a test can kill a merge mid-way.
+PAUSE_ENV = "DOMAINFORGE_MERGE_PAUSE_AFTER_SHARD"
+
+
+@dataclass
+class MergeOptions:
+    shard_size: int = 2 * 10**9
+    """Bytes per output shard (a larger tensor gets a shard of its own)."""
+    workers: int = 1
+    """Worker processes to fork on this machine."""
+    num_workers: Optional[int] = None
+    """Independent workers over a shared filesystem (SLURM_NTASKS by default)."""
+    worker_rank: Optional[int] = None
+    verify: bool = False
+    """Re-read the output before publishing: every tensor present, right shape/dtype, finite."""
+    wait_timeout: float = 4 * 3600.0
+    """Seconds worker 0 waits for the other workers' shards before giving up."""
+    chunk_elements: int = 4 * 1024 * 1024
+    """Elements per chunk: bounds memory at ~16 bytes x chunk x inputs per worker."""
+    progress: bool = True
+
+
+def distributed_rank(options: MergeOptions) -> Optional[tuple]:
+    """(rank, world) when this process is one of several independent workers, else None."""
+    if options.num_workers is not None or options.worker_rank is not None:
+        if options.num_workers is None or options.worker_rank is None:
+            raise UserError("give both --num-workers W and --worker-rank R (0 <= R < W)")
+        world, rank = options.num_workers, options.worker_rank
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        world, rank = int(os.environ["SLURM_NTASKS"]), int(os.environ["SLURM_PROCID"])
+    else:
+        return None
+    if not 0 <= rank < world:
+        raise UserError(f"worker rank {rank} is outside [0, {world}): give --worker-rank between 0 and W-1")
+    return rank, world
+
+
+# ---------------------------------------------------------------------------------------------
+# planning shared by every worker
+# ---------------------------------------------------------------------------------------------
+class Merge:
+    def __init__(self, raw_config: dict, out_dir: str, options: MergeOptions):
+        self.options = options
+        self.spec = parse_merge_config(raw_config)
+        self.readers: Dict[str, ModelReader] = {}
+        self.plan: MergePlan = plan_merge(self.spec, self.reader)
+        self.shards: List[ShardPlan] = plan_output_shards(self.plan.tensors, options.shard_size)
+        self.out = Path(out_dir).expanduser().resolve()
+        self.tmp = self.out.parent / f".{self.out.name}.partial"
+        self.fingerprint = self._fingerprint()
+
+    def reader(self, path: str) -> ModelReader:
+        if path not in self.readers:
+            self.readers[path] = ModelReader(path)
+        return self.readers[path]
+
+    def _fingerprint(self) -> str:
+        """Changes whenever the output bytes could: config, plan, layout, input files."""
+        inputs = sorted(
+            (str(f), f.stat().st_size, f.stat().st_mtime_ns) for r in self.readers.values() for f in r.files()
+        )
+        layout = [
+            (s.filename, [(t.name, t.shape, t.work_dtype, t.out_dtype, t.sources, t.t, t.weights, t.normalize)
+                          for t in s.tensors])
+            for s in self.shards
+        ]
+        blob = json.dumps([self.spec.raw, layout, inputs], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    def owned_shards(self, rank: int, world: int) -> List[ShardPlan]:
+        """Largest shards first, each to the least-loaded worker: the same on every worker."""
+        load = [0] * world
+        owner = {}
+        for s in sorted(self.shards, key=lambda s: (-s.size, s.filename)):
+            w = min(range(world), key=lambda i: (load[i], i))
+            owner[s.filename] = w
+            load[w] += s.size
+        return [s for s in self.shards if owner[s.filename] == rank]
+
+    def is_complete(self, shard: ShardPlan) -> bool:
+        marker = self.tmp / f"{shard.filename}.done"
+        path = self.tmp / shard.filename
+        try:
+            return marker.read_text() == self.fingerprint and path.stat().st_size == shard.size
+        except OSError:
+            return False
+
+    def already_published(self) -> bool:
+        index = self.out / "model.safetensors.index.json"
+        if not self.out.exists():
+            return False
+        if index.is_file():
+            try:
+                if json.loads(index.read_text())["metadata"].get("merge_fingerprint") == self.fingerprint:
+                    return True
+            except (ValueError, KeyError):
+                pass
+        if any(self.out.iterdir()):
+            raise UserError(
+                f"output directory {self.out} already exists and is not this merge's output: "
+                "choose a new OUT_DIR or delete it"
+            )
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# the streaming kernel
+# ---------------------------------------------------------------------------------------------
+class Buffers:
+    """Reused per-worker scratch: memory stays flat whatever the tensor or model size."""
+
+    def __init__(self, chunk: int, inputs: int):
+        self.chunk = chunk
+        self.raw = [np.empty(chunk * 8, np.uint8) for _ in range(inputs)]
+        self.out = np.empty(chunk * 8, np.uint8)
+        self.scratch = np.empty(chunk, np.uint32)
+        self.finite = np.empty(chunk, np.bool_)
+        self._compute: Dict[type, List[np.ndarray]] = {}
+
+    def compute(self, dtype) -> List[np.ndarray]:
+        if dtype not in self._compute:
+            self._compute[dtype] = [np.empty(self.chunk, dtype) for _ in self.raw]
+        return self._compute[dtype]
+
+
+def _load(plan: TensorPlan, merge: Merge, buf: Buffers, start: int, count: int, compute) -> List[np.ndarray]:
+    """Elements [start, start+count) of every source, as `compute` arrays rounded to the
+    plan's working dtype (mergekit loads inputs as `dtype`, then computes in float32)."""
+    arrays = []
+    for j, (model, name) in enumerate(plan.sources):
+        reader = merge.reader(model)
+        src = reader.info(name).dtype
+        raw = reader.read_into(name, start, buf.raw[j][: count * ITEMSIZE[src]])
+        x = decode(raw, src, buf.compute(compute)[j][:count])
+        if plan.work_dtype in ("BF16", "F16") and src != plan.work_dtype:
+            round_through(x, plan.work_dtype, buf.out, buf.scratch)
+        arrays.append(x)
+    return arrays
+
+
+def merge_tensor(plan: TensorPlan, merge: Merge, buf: Buffers, fd: int, offset: int) -> None:
+    """Stream one output tensor to byte `offset` of the open shard `fd`."""
+    compute = np.float64 if plan.work_dtype == "F64" else np.float32
+    n, chunk = plan.numel, buf.chunk
+    coefficients = None
+    if plan.method == "slerp" and n > chunk:
+        # pass one: |v0|², |v1|², v0·v1 over all chunks, in float64
+        stats = SlerpStats()
+        for start in range(0, n, chunk):
+            stats.add(*_load(plan, merge, buf, start, min(chunk, n - start), compute))
+        coefficients = slerp_coefficients(plan.t, stats.sq0, stats.sq1, stats.dot, compute)
+    out_size = ITEMSIZE[plan.out_dtype]
+    for start in range(0, n, chunk):
+        count = min(chunk, n - start)
+        xs = _load(plan, merge, buf, start, count, compute)
+        if plan.method == "slerp":
+            if coefficients is None:  # the whole tensor is this one chunk
+                stats = SlerpStats()
+                stats.add(*xs)
+                coefficients = slerp_coefficients(plan.t, stats.sq0, stats.sq1, stats.dot, compute)
+            result = combine(*coefficients, *xs)
+        else:
+            result = combine_linear(plan.weights, plan.normalize, xs)
+        if not np.isfinite(result, out=buf.finite[:count]).all():
+            raise UserError(
+                f"merged tensor '{plan.name}' has inf/nan values (from {plan.sources[0][0]} and "
+                f"{plan.sources[1][0]}): check the input models for non-finite weights"
+            )
+        if plan.out_dtype != plan.work_dtype and plan.work_dtype in ("BF16", "F16"):
+            round_through(result, plan.work_dtype, buf.out, buf.scratch)  # mergekit stores in `dtype` first
+        pwrite_exact(fd, encode(result, plan.out_dtype, buf.out, buf.scratch), offset + start * out_size)
+
+
+def check_shard_header(path: Path, shard: ShardPlan) -> None:
+    header = read_header(path)
+    for t in shard.tensors:
+        info = header.tensors.get(t.name)
+        if info is None or info.shape != tuple(t.shape) or info.dtype != t.out_dtype:
+            raise UserError(f"{path}: tensor '{t.name}' missing or wrong after writing; rerun the merge")
+
+
+def write_shard(merge: Merge, shard: ShardPlan, buf: Buffers, report: Callable[[int, int], None]) -> None:
+    path = merge.tmp / shard.filename
+    marker = merge.tmp / f"{shard.filename}.done"
+    marker.unlink(missing_ok=True)
+    fd = create_shard(path, shard.head, shard.size)
+    try:
+        for t, offset in zip(shard.tensors, shard.offsets):
+            merge_tensor(t, merge, buf, fd, offset)
+            report(1, t.nbytes)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    check_shard_header(path, shard)
+    write_atomic(marker, merge.fingerprint)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def run_worker(merge: Merge, rank: int, world: int, report: Callable[[int, int], None]) -> None:
+    todo = [s for s in merge.owned_shards(rank, world) if not merge.is_complete(s)]
+    if not todo:
+        return
+    buf = Buffers(merge.options.chunk_elements, max(len(t.sources) for s in todo for t in s.tensors))
+    pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
+    for shard in todo:
+        write_shard(merge, shard, buf, report)
+        if pause:
+            time.sleep(pause)
+
+
+# ---------------------------------------------------------------------------------------------
+# publishing
+# ---------------------------------------------------------------------------------------------
+def wait_for_shards(merge: Merge, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = [s.filename for s in merge.shards if not merge.is_complete(s)]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise UserError(
+                f"timed out after {timeout:.0f}s waiting for {len(missing)} shard(s) ({missing[0]}, ...) from the "
+                "other workers: check their logs, then rerun the same command (complete shards are kept)"
+            )
+        time.sleep(1.0)
+
+
+def verify_output(directory: Path, merge: Merge) -> None:
+    """Every planned tensor present in the index and its shard, right shape/dtype, finite."""
+    index = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
+    buf = Buffers(merge.options.chunk_elements, 1)
+    for shard in merge.shards:
+        path = directory / shard.filename
+        header = read_header(path)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for t in shard.tensors:
+                info = header.tensors.get(t.name)
+                if index.get(t.name) != shard.filename or info is None:
+                    raise UserError(f"verify: tensor '{t.name}' is missing from {path.name}: rerun the merge")
+                if info.shape != tuple(t.shape) or info.dtype != t.out_dtype:
+                    raise UserError(
+                        f"verify: '{t.name}' is {list(info.shape)} {info.dtype}, expected {list(t.shape)} "
+                        f"{t.out_dtype}: rerun the merge"
+                    )
+                compute = np.float64 if info.dtype == "F64" else np.float32
+                for start in range(0, t.numel, buf.chunk):
+                    count = min(buf.chunk, t.numel - start)
+                    raw = buf.raw[0][: count * ITEMSIZE[info.dtype]]
+                    from merge.io import pread_exact
+
+                    pread_exact(fd, raw, info.begin + start * ITEMSIZE[info.dtype], path)
+                    x = decode(raw, info.dtype, buf.compute(compute)[0][:count])
+                    if not np.isfinite(x, out=buf.finite[:count]).all():
+                        raise UserError(f"verify: '{t.name}' in {path.name} has inf/nan values: rerun the merge")
+        finally:
+            os.close(fd)
+
+
+def model_card(merge: Merge) -> str:
+    spec = merge.spec
+    models = sorted({src.model for s in spec.slices for src in s.sources})
+    lines = [
+        "---",
+        "tags: [merge, domainforge]",
+        "---",
+        f"# {merge.out.name}",
+        "",
+        f"This model is a **{spec.merge_method.upper()}** merge of "
+        + ", ".join(f"`{m}`" for m in models)
+        + (f", with `{spec.base_model}` as the base (t=0 returns it)." if spec.base_model else "."),
+        "It was made with domainforge's streaming merger (`python launch/merge.py`), whose SLERP and",
+        "per-layer t follow mergekit 0.1.5; the tokenizer, chat template and generation config come",
+        f"from `{merge.plan.base_model}`. {len(merge.plan.tensors)} tensors, "
+        f"{sum(t.nbytes for t in merge.plan.tensors) / 1e9:.2f} GB in {len(merge.shards)} shard(s).",
+        "",
+    ]
+    for w in merge.plan.warnings:
+        lines.append(f"Note: {w}.")
+    lines += ["", "## Configuration", "", "```yaml", yaml.safe_dump(spec.raw, sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def publish(merge: Merge) -> None:
+    """Index, config, tokenizer, card into the temp dir; verify; rename into OUT_DIR."""
+    tmp, base = merge.tmp, Path(merge.plan.base_model)
+    weight_map = {t.name: s.filename for s in merge.shards for t in s.tensors}
+    total = sum(t.nbytes for t in merge.plan.tensors)
+    index = {"metadata": {"total_size": total, "merge_fingerprint": merge.fingerprint}, "weight_map": weight_map}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config = dict(merge.reader(str(base)).config or {})
+    if config:
+        out_dtype = TORCH_NAMES[merge.plan.tensors[0].out_dtype]
+        config["dtype"] = out_dtype
+        if "torch_dtype" in config:
+            config["torch_dtype"] = out_dtype
+        if merge.plan.vocab_rows is not None:
+            config["vocab_size"] = merge.plan.vocab_rows
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name in TOKENIZER_FILES:
+        if (base / name).is_file():
+            shutil.copyfile(base / name, tmp / name)
+    (tmp / "mergekit_config.yml").write_text(yaml.safe_dump(merge.spec.raw, sort_keys=False))
+    (tmp / "README.md").write_text(model_card(merge))
+    if merge.options.verify:
+        verify_output(tmp, merge)
+    expected = {s.filename for s in merge.shards} | {
+        "model.safetensors.index.json", "config.json", "mergekit_config.yml", "README.md", *TOKENIZER_FILES}
+    for p in tmp.iterdir():  # markers and leftovers of an earlier, different merge
+        if p.name not in expected:
+            p.unlink() if p.is_file() else shutil.rmtree(p)
+    for p in tmp.iterdir():
+        with open(p, "rb+") as f:
+            os.fsync(f.fileno())
+    fsync_dir(tmp)
+    if merge.out.exists():
+        merge.out.rmdir()  # empty (already_published checked)
+    os.rename(tmp, merge.out)
+    fsync_dir(merge.out.parent)
+
+
+# ---------------------------------------------------------------------------------------------
+# entry
+# ---------------------------------------------------------------------------------------------
+class Progress:
+    """tqdm bar: tensors done and output MB/s."""
+
+    def __init__(self, total: int, done: int, enabled: bool, desc: str):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=done, unit="tensor", desc=desc, disable=not enabled,
+                        mininterval=0.5, file=sys.stderr, dynamic_ncols=True)
+        self.bytes = 0
+        self.start = time.monotonic()
+
+    def __call__(self, tensors: int, nbytes: int) -> None:
+        self.bytes += nbytes
+        rate = self.bytes / 1e6 / max(1e-6, time.monotonic() - self.start)
+        self.bar.set_postfix_str(f"{rate:,.0f} MB/s", refresh=False)
+        self.bar.update(tensors)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def log(message: str) -> None:
+    print(f"merge: {message}", file=sys.stderr, flush=True)
+
+
+def run_merge(raw_config: dict, out_dir: str, options: MergeOptions) -> Path:
+    """Merge as configured into out_dir; returns out_dir. UserError on bad input."""
+    dist = distributed_rank(options)
+    merge = Merge(raw_config, out_dir, options)
+    rank, world = dist if dist else (0, max(1, options.workers))
+    for w in merge.plan.warnings:
+        if rank == 0:
+            print(f"warning: {w}", file=sys.stderr, flush=True)
+    if merge.already_published():
+        if rank == 0:
+            log(f"{merge.out} already holds this merge; nothing to do")
+        return merge.out
+    merge.tmp.mkdir(parents=True, exist_ok=True)
+    complete = {s.filename for s in merge.shards if merge.is_complete(s)}
+    scope = merge.owned_shards(rank, world) if dist else merge.shards
+    total = sum(len(s.tensors) for s in scope)
+    done = sum(len(s.tensors) for s in scope if s.filename in complete)
+    if rank == 0:
+        log(f"{len(merge.plan.tensors)} tensors, {sum(t.nbytes for t in merge.plan.tensors) / 1e9:.2f} GB in "
+            f"{len(merge.shards)} shard(s) ({len(complete)} already complete), {world} worker(s) -> {merge.out}")
+    progress = Progress(total, done, options.progress, f"merge {rank}/{world}" if dist else "merge")
+    try:
+        if dist or world == 1:
+            run_worker(merge, rank, world, progress)
+        else:
+            run_local_workers(merge, world, progress)
+    finally:
+        progress.close()
+    if rank != 0:
+        return merge.out
+    if dist:
+        wait_for_shards(merge, options.wait_timeout)
+    publish(merge)
+    log(f"done: {merge.out}")
+    return merge.out
+
+
+def _child(merge: Merge, rank: int, world: int, queue) -> None:
+    try:
+        import ctypes
+        import signal
+
+        # die with the parent: a killed merge must not leave workers writing behind it
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    try:
+        run_worker(merge, rank, world, lambda n, b: queue.put(("progress", n, b)))
+        queue.put(("done", rank, 0))
+    except UserError as err:
+        queue.put(("error", str(err), 0))
+        os._exit(2)
+
+
+def run_local_workers(merge: Merge, world: int, report: Callable[[int, int], None]) -> None:
+    import multiprocessing as mp
+    import queue as queue_lib
+
+    ctx = mp.get_context("fork")  # the plan and open readers are inherited, nothing re-parsed
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_child, args=(merge, r, world, queue), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    finished = 0
+    try:
+        while finished < world:
+            try:
+                kind, a, b = queue.get(timeout=1.0)
+            except queue_lib.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise UserError(
+                        f"merge worker exited with code {dead[0].exitcode} (see the message above); "
+                        "rerun the same command to resume"
+                    )
+                continue
+            if kind == "progress":
+                report(a, b)
+            elif kind == "done":
+                finished += 1
+            else:
+                raise UserError(a)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
