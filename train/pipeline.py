@@ -4,8 +4,8 @@ another, each step reading the previous step's output.
     python launch/pipeline.py pipeline=tiny                       # here, through deepspeed
     python launch/submit.py pipeline=tiny cluster=slurm ...       # one SLURM job per step
 
-Outputs go to `<root>/<pipeline>/<step>/`; generated files (merge configs, sbatch scripts,
-job logs, job ids) to `<root>/<pipeline>/jobs/`. A step whose output holds a finished model
+Outputs go to `<root>/<pipeline>/<step>/`; generated files (sbatch scripts, job logs, job
+ids) to `<root>/<pipeline>/jobs/`. A step whose output holds a finished model
 (config.json, written last) is skipped, so a rerun continues where the last one stopped; a
 step that failed reruns and resumes from its newest checkpoint (`resume=auto`).
 """
@@ -19,7 +19,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -39,14 +39,15 @@ START = "start"
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class MergeStepConfig:
-    models: List[str] = MISSING
-    """The two models to merge: earlier step names, `start`, names in pipeline.models, or model
-    directories. The first is the base (t=0 keeps it)."""
-    method: str = "slerp"
-    t: Dict[str, Any] = field(default_factory=lambda: {"default": 0.5})
-    """SLERP interpolation factor per tensor filter (self_attn, mlp, ...); `default` for the rest.
-    A list is a gradient over the layers (mergekit convention)."""
-    dtype: str = "bfloat16"
+    preset: str = "paper_slerp"
+    """The merge recipe: a preset in conf/merge/ (launch/merge.py merge=<preset>)."""
+    base_model: str = MISSING
+    """t=0 returns it (the paper: the Instruct model): an earlier step, `start`, a name in
+    pipeline.models or a model directory."""
+    model: str = MISSING
+    """The other model (the paper: the fine-tuned one), named the same ways."""
+    overrides: List[str] = field(default_factory=list)
+    """launch/merge.py overrides, e.g. [merge.dtype=float32]."""
 
 
 @dataclass
@@ -171,15 +172,16 @@ class Step:
     stage: Optional[str] = None
     train_args: List[str] = field(default_factory=list)
     """launch/train.py arguments (training steps)."""
+    merge_args: List[str] = field(default_factory=list)
+    """launch/merge.py arguments (merge steps)."""
     merge_models: List[str] = field(default_factory=list)
     """Directories to merge (merge steps)."""
-    merge: Optional[Dict[str, Any]] = None
     depends_on: List[str] = field(default_factory=list)
     """Earlier steps whose outputs this one reads."""
 
     @property
     def kind(self) -> str:
-        return "merge" if self.merge is not None else "train"
+        return "merge" if self.merge_args else "train"
 
     def is_complete(self) -> bool:
         return is_finished(self.output_dir)
@@ -271,24 +273,25 @@ def plan_pipeline(cfg: DictConfig) -> Plan:
             )
         if spec.merge is not None:
             if spec.input is not None:
-                raise UserError(f"pipeline {pipeline.name}: merge step '{spec.name}' takes merge.models, not input")
-            if len(spec.merge.models) != 2:
                 raise UserError(
-                    f"pipeline {pipeline.name}: merge step '{spec.name}' names {len(spec.merge.models)} models: "
-                    "SLERP merges exactly two (merge.models=[a,b])"
+                    f"pipeline {pipeline.name}: merge step '{spec.name}' reads merge.base_model and merge.model, "
+                    "not input"
                 )
-            dirs, deps = [], []
-            for ref in spec.merge.models:
-                path, dep = resolve(ref, spec.name, "merge.models")
+            dirs, deps = {}, []
+            for key in ("base_model", "model"):
+                path, dep = resolve(spec.merge[key], spec.name, f"merge.{key}")
                 if path is None:
                     raise UserError(
                         f"pipeline {pipeline.name}: merge step '{spec.name}' names `start`, but model "
                         f"{pipeline.model} is random-init (no directory): name a step instead"
                     )
-                dirs.append(path)
+                dirs[key] = path
                 deps += [dep] if dep else []
-            merge = OmegaConf.to_container(spec.merge, resolve=True)
-            steps.append(Step(spec.name, index, out, merge_models=dirs, merge=merge, depends_on=deps))
+            args = [
+                f"merge={spec.merge.preset}", f"merge.base_model={dirs['base_model']}",
+                f"merge.model={dirs['model']}", f"output_dir={out}", *spec.merge.overrides,
+            ]
+            steps.append(Step(spec.name, index, out, merge_args=args, merge_models=list(dirs.values()), depends_on=deps))
             continue
 
         if spec.stage not in STAGES:
@@ -312,13 +315,18 @@ def plan_pipeline(cfg: DictConfig) -> Plan:
 
 
 def validate_step_configs(plan: Plan) -> None:
-    """Compose each training step's config now, so a typo'd override fails before any job runs."""
+    """Compose each step's config now, so a typo'd override fails before any job runs."""
     for step in plan.steps:
-        if step.kind == "train":
-            try:
+        try:
+            if step.kind == "train":
                 compose_train_config(step.train_args)
-            except UserError as err:
-                raise UserError(f"pipeline {plan.pipeline}, step '{step.name}': {err}") from err
+            else:
+                from merge.config import MergeJobConfig, register_merge_configs
+
+                register_merge_configs()
+                compose_config(step.merge_args, "merge_job", schema=MergeJobConfig)
+        except UserError as err:
+            raise UserError(f"pipeline {plan.pipeline}, step '{step.name}': {err}") from err
 
 
 def check_outside_models(plan: Plan, steps: List[Step]) -> None:
@@ -331,31 +339,6 @@ def check_outside_models(plan: Plan, steps: List[Step]) -> None:
                     f"pipeline {plan.pipeline}: merge step '{step.name}' reads {path}, which is not a model "
                     "directory (no config.json): download the model and set pipeline.models.<name>=<local dir>"
                 )
-
-
-def merge_config_text(step: Step) -> str:
-    """The merge recipe in mergekit's YAML form (what launch/merge.py reads), kept beside the jobs."""
-    base, other = step.merge_models
-    spec = {
-        "merge_method": step.merge["method"],
-        "base_model": base,
-        "models": [{"model": base}, {"model": other}],
-        "parameters": {
-            "t": [
-                {"filter": k, "value": v} for k, v in step.merge["t"].items() if k != "default"
-            ]
-            + [{"value": step.merge["t"].get("default", 0.5)}]
-        },
-        "dtype": step.merge["dtype"],
-    }
-    return OmegaConf.to_yaml(OmegaConf.create(spec))
-
-
-def write_merge_config(plan: Plan, step: Step) -> Path:
-    plan.jobs_dir.mkdir(parents=True, exist_ok=True)
-    path = plan.jobs_dir / f"{step.name}.merge.yml"
-    path.write_text(merge_config_text(step))
-    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,8 +356,7 @@ def free_port() -> int:
 
 def local_command(plan: Plan, step: Step, cluster: DictConfig) -> List[str]:
     if step.kind == "merge":
-        config = write_merge_config(plan, step)
-        return [sys.executable, str(REPO_ROOT / "launch" / "merge.py"), str(config), str(step.output_dir)]
+        return [sys.executable, str(REPO_ROOT / "launch" / "merge.py"), *step.merge_args]
     # A free port: other deepspeed runs on this machine may hold the default 29500.
     return [
         "deepspeed", "--num_gpus", str(cluster.gpus_per_node), "--master_port", str(free_port()),

@@ -1,0 +1,347 @@
+"""SLURM submission: one batch job per pipeline step, chained with --dependency=afterok, and
+the status of the jobs a submission recorded.
+
+    python launch/submit.py pipeline=tiny cluster=slurm cluster.nodes=2 cluster.gpus_per_node=8
+    python launch/submit.py status pipeline=tiny
+
+The sbatch scripts are rendered from launch/train.sbatch and launch/merge.sbatch into
+`<run dir>/jobs/` and kept there, with the job logs and `jobs.jsonl` (one line per submitted
+job: step, job id, script, log, output directory).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from string import Template
+from typing import Dict, List, Optional
+
+from omegaconf import DictConfig
+
+from train.config import REPO_ROOT, compose_train_config
+from train.errors import UserError
+from train.pipeline import (
+    JOBS_DIR,
+    Plan,
+    Step,
+    check_outside_models,
+    plan_pipeline,
+    validate_step_configs,
+)
+from train.preemption import PREEMPTED_EXIT_CODE
+
+JOBS_FILE = "jobs.jsonl"
+ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
+                 "COMPLETING", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}
+
+
+class SbatchTemplate(Template):
+    """`@{name}` placeholders only: bash's own `$` and `${...}` pass through untouched."""
+
+    delimiter = "@"
+    pattern = r"@\{(?P<braced>[a-z_]+)\}|(?P<escaped>@@)|(?P<named>(?!))|(?P<invalid>(?!))"
+
+
+def render_template(name: str, values: Dict[str, object]) -> str:
+    text = (REPO_ROOT / "launch" / name).read_text()
+    return SbatchTemplate(text).substitute({k: str(v) for k, v in values.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering
+# ---------------------------------------------------------------------------------------------
+def common_sbatch_lines(cluster: DictConfig, dependency: Optional[str]) -> List[str]:
+    lines = []
+    for option in ("partition", "account", "qos", "mem"):
+        if cluster.get(option):
+            lines.append(f"--{option}={cluster[option]}")
+    if cluster.cpus_per_task:
+        lines.append(f"--cpus-per-task={cluster.cpus_per_task}")
+    if cluster.requeue:
+        lines.append("--requeue")
+    if dependency:
+        lines.append(f"--dependency=afterok:{dependency}")
+    lines += list(cluster.sbatch_args)
+    return lines
+
+
+def python_of(cluster: DictConfig) -> str:
+    return cluster.python or sys.executable
+
+
+def setup_lines(cluster: DictConfig) -> str:
+    return "\n".join(cluster.setup)
+
+
+def render_train_job(
+    step: Step, cluster: DictConfig, title: str, script: Path, log: Path, dependency: Optional[str]
+) -> str:
+    world = cluster.tasks if cluster.tasks is not None else cluster.nodes * cluster.gpus_per_node
+    per_node = math.ceil(world / cluster.nodes)
+    lines = common_sbatch_lines(cluster, dependency)
+    if cluster.request_gpus:
+        lines.insert(0, f"--gpus-per-node={cluster.gpus_per_node}")
+    # Warn this shell (B:) before the time limit; it forwards the signal to the ranks.
+    lines.append(f"--signal=B:USR1@{cluster.signal_seconds}")
+    command = " \\\n        ".join(shlex.quote(a) for a in [python_of(cluster), "launch/train.py", *step.train_args])
+    port = cluster.master_port or "$((29500 + SLURM_JOB_ID % 10000))"
+    return render_template(
+        "train.sbatch",
+        dict(
+            title=title,
+            world_size=world,
+            layout=f"{cluster.nodes} node(s) x {per_node} rank(s) per node",
+            script=script,
+            job_name=f"df-{step.name}",
+            nodes=cluster.nodes,
+            tasks_per_node=per_node,
+            log=log,
+            time=cluster.time,
+            sbatch_lines="\n".join(f"#SBATCH {line}" for line in lines),
+            repo=shlex.quote(str(REPO_ROOT)),
+            setup=setup_lines(cluster),
+            master_port=port,
+            command=command,
+            output_dir=shlex.quote(str(step.output_dir)),
+            preempted_code=PREEMPTED_EXIT_CODE,
+        ),
+    )
+
+
+def render_merge_job(
+    step: Step, cluster: DictConfig, title: str, script: Path, log: Path, dependency: Optional[str]
+) -> str:
+    tasks = cluster.merge_tasks or cluster.nodes
+    nodes = min(cluster.nodes, tasks)
+    command = " \\\n        ".join(shlex.quote(a) for a in [python_of(cluster), "launch/merge.py", *step.merge_args])
+    return render_template(
+        "merge.sbatch",
+        dict(
+            title=title,
+            tasks=tasks,
+            script=script,
+            job_name=f"df-{step.name}",
+            nodes=nodes,
+            log=log,
+            time=cluster.time,
+            sbatch_lines="\n".join(f"#SBATCH {line}" for line in common_sbatch_lines(cluster, dependency)),
+            repo=shlex.quote(str(REPO_ROOT)),
+            setup=setup_lines(cluster),
+            command=command,
+        ),
+    )
+
+
+def render_step(plan: Plan, step: Step, cluster: DictConfig, dependency: Optional[str]) -> tuple[Path, str]:
+    """(script path, script text) for one step."""
+    jobs = plan.jobs_dir
+    script = jobs / f"{step.index:02d}-{step.name}.sbatch"
+    log = jobs / f"{step.index:02d}-{step.name}-%j.log"
+    title = f"pipeline {plan.pipeline}, step {step.name} ({step.stage or 'merge'}) -> {step.output_dir}"
+    if step.kind == "merge":
+        return script, render_merge_job(step, cluster, title, script, log, dependency)
+    return script, render_train_job(step, cluster, title, script, log, dependency)
+
+
+# ---------------------------------------------------------------------------------------------
+# submission
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class JobRecord:
+    step: str
+    job_id: str
+    script: str
+    log: str
+    output_dir: str
+    submitted: float
+
+
+def require_sbatch() -> str:
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise UserError(
+            "sbatch not found: this machine has no SLURM client; submit from a login node of the cluster, "
+            "or run here with python launch/pipeline.py pipeline=<name> (or deepspeed launch/train.py +stage=<s>)"
+        )
+    return sbatch
+
+
+def sbatch(script: Path) -> str:
+    proc = subprocess.run([require_sbatch(), "--parsable", str(script)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        reason = " ".join(proc.stderr.split()) or f"exit {proc.returncode}"
+        raise UserError(f"sbatch rejected {script}: {reason}: fix the cluster.* settings (see docs/slurm.md)")
+    return proc.stdout.strip().split(";")[0]
+
+
+def read_jobs(jobs_dir: Path) -> List[JobRecord]:
+    path = jobs_dir / JOBS_FILE
+    if not path.is_file():
+        return []
+    return [JobRecord(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+def latest_jobs(jobs_dir: Path) -> Dict[str, JobRecord]:
+    """The newest job of each step."""
+    return {r.step: r for r in read_jobs(jobs_dir)}
+
+
+def record_job(jobs_dir: Path, record: JobRecord) -> None:
+    with open(jobs_dir / JOBS_FILE, "a") as f:
+        f.write(json.dumps(asdict(record)) + "\n")
+
+
+def submit_plan(plan: Plan, steps: List[Step], cluster: DictConfig, dry_run: bool, out=sys.stdout) -> List[JobRecord]:
+    """Submit `steps` (in order) as a chain of jobs; finished steps are skipped."""
+    if cluster.name != "slurm":
+        raise UserError(
+            f"launch/submit.py needs cluster=slurm (got cluster={cluster.name}): add cluster=slurm, or run "
+            f"here with python launch/pipeline.py pipeline={plan.pipeline}"
+        )
+    todo = [s for s in steps if not s.is_complete()]
+    for step in steps:
+        if step.is_complete():
+            print(f"step {step.name}: complete ({step.output_dir}), not submitted", file=out)
+    if not todo:
+        print(f"pipeline {plan.pipeline}: every step is complete, nothing to submit", file=out)
+        return []
+    if not dry_run:
+        require_sbatch()
+        check_outside_models(plan, todo)
+    known = latest_jobs(plan.jobs_dir)
+    states = {} if dry_run else job_states([r.job_id for r in known.values()])
+    active = {name: r for name, r in known.items() if states.get(r.job_id, "") in ACTIVE_STATES}
+    for step in todo:
+        if step.name in active:
+            r = active[step.name]
+            raise UserError(
+                f"step '{step.name}' already has job {r.job_id} ({states[r.job_id]}) writing {step.output_dir}: "
+                f"wait for it (python launch/submit.py status), or scancel {r.job_id} first"
+            )
+
+    # The first job waits for earlier steps still queued; each later one for its predecessor.
+    first = todo[0]
+    earlier = [s for s in plan.steps if s.index < first.index and not s.is_complete()]
+    dependency = None
+    for s in earlier:
+        if s.name not in active:
+            raise UserError(
+                f"step '{first.name}' needs step '{s.name}' first ({s.output_dir} is not finished and no job "
+                f"of it is queued): submit from step {s.name} (drop step=) or run it first"
+            )
+        dependency = active[s.name].job_id
+
+    records = []
+    if not dry_run:
+        plan.jobs_dir.mkdir(parents=True, exist_ok=True)
+    for step in todo:
+        dep_text = dependency if not dry_run else (f"<job of {records[-1].step}>" if records else dependency)
+        script, text = render_step(plan, step, cluster, dep_text)
+        if dry_run:
+            print(f"# ---- {script} (not submitted)", file=out)
+            print(text, file=out)
+            records.append(JobRecord(step.name, "", str(script), "", str(step.output_dir), 0.0))
+            continue
+        script.write_text(text)
+        job_id = sbatch(script)
+        log = str(script.parent / f"{step.index:02d}-{step.name}-{job_id}.log")
+        record = JobRecord(step.name, job_id, str(script), log, str(step.output_dir), time.time())
+        record_job(plan.jobs_dir, record)
+        records.append(record)
+        print(
+            f"step {step.name}: job {job_id}"
+            + (f" (after {dependency})" if dependency else "")
+            + f" -> {step.output_dir}",
+            file=out,
+            flush=True,
+        )
+        dependency = job_id
+    if not dry_run:
+        print(f"scripts and logs: {plan.jobs_dir}; follow with python launch/submit.py status", file=out)
+    return records
+
+
+def stage_plan(train_args: List[str]) -> Plan:
+    """A one-step plan for `submit.py +stage=<s> ...`: the run directory is its output_dir."""
+    cfg = compose_train_config(train_args)
+    out = Path(cfg.output_dir).expanduser().resolve()
+    args = [a for a in train_args if not a.startswith("output_dir=")] + [f"output_dir={out}"]
+    step = Step(cfg.stage.name, 0, out, stage=cfg.stage.name, train_args=args)
+    return Plan(f"stage-{cfg.stage.name}", out, [step])
+
+
+def submit_pipeline(cfg: DictConfig, dry_run: bool) -> List[JobRecord]:
+    plan = plan_pipeline(cfg)
+    steps = plan.steps if cfg.step is None else plan.steps[plan.select(cfg.step)[0].index:][:1]
+    validate_step_configs(plan)
+    return submit_plan(plan, steps, cfg.cluster, dry_run)
+
+
+# ---------------------------------------------------------------------------------------------
+# status
+# ---------------------------------------------------------------------------------------------
+def _run(cmd: List[str]) -> Optional[str]:
+    if shutil.which(cmd[0]) is None:
+        return None
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def job_states(job_ids: List[str]) -> Dict[str, str]:
+    """SLURM state of each job: squeue for queued jobs, then scontrol (recently finished), then
+    sacct (accounting, when the cluster has it)."""
+    ids = [j for j in job_ids if j]
+    if not ids:
+        return {}
+    states: Dict[str, str] = {}
+    text = _run(["squeue", "-h", "-j", ",".join(ids), "-o", "%i|%T"]) or ""
+    for line in text.splitlines():
+        job, _, state = line.strip().partition("|")
+        states[job] = state
+    for job in ids:
+        if job in states:
+            continue
+        text = _run(["scontrol", "show", "job", "-o", job]) or ""
+        for field in text.split():
+            if field.startswith("JobState="):
+                states[job] = field.split("=", 1)[1]
+        if job not in states:
+            text = _run(["sacct", "-n", "-P", "-X", "-j", job, "-o", "State"]) or ""
+            if text.strip():
+                states[job] = text.split()[0]
+    return states
+
+
+def print_status(run_dir: Path, out=sys.stdout) -> List[Dict[str, str]]:
+    from train.checkpoint import is_finished
+
+    records = read_jobs(run_dir / JOBS_DIR)
+    if not records:
+        raise UserError(
+            f"no submitted jobs recorded in {run_dir / JOBS_DIR / JOBS_FILE}: submit first "
+            "(python launch/submit.py pipeline=<name> cluster=slurm), or name the run: status pipeline=<name> root=<dir>"
+        )
+    states = job_states([r.job_id for r in records])
+    rows = []
+    for r in records:
+        rows.append(dict(
+            step=r.step,
+            job=r.job_id,
+            state=states.get(r.job_id, "UNKNOWN"),
+            output=r.output_dir + (" (finished)" if is_finished(r.output_dir) else ""),
+            log=r.log,
+        ))
+    widths = {k: max(len(k), *(len(row[k]) for row in rows)) for k in ("step", "job", "state")}
+    print(f"{'step':<{widths['step']}}  {'job':<{widths['job']}}  {'state':<{widths['state']}}  output", file=out)
+    for row in rows:
+        print(f"{row['step']:<{widths['step']}}  {row['job']:<{widths['job']}}  {row['state']:<{widths['state']}}  "
+              f"{row['output']}", file=out)
+    print(f"scripts and logs: {run_dir / JOBS_DIR}", file=out)
+    return rows
