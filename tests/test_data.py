@@ -146,7 +146,7 @@ def test_cpt_blocks_are_full_eos_joined_and_lose_nothing(tmp_path, tokenizer):
     n_pad = 16 * len(blocks) - len(stream)
     assert 0 <= n_pad < 16 and last["labels"][16 - n_pad :] == [IGNORE_INDEX] * n_pad
     assert all(IGNORE_INDEX not in b["labels"] for b in blocks.select(range(len(blocks) - 1)))
-    assert data.stats["num_tokens"] == len(stream)
+    assert data.stats["dataset_tokens"] == len(stream)
     assert data.stats["num_blocks"] == len(blocks) == -(-len(stream) // 16)
     assert data.stats["packing_efficiency"] == pytest.approx(len(stream) / (16 * len(blocks)))
 
@@ -169,7 +169,7 @@ def test_cpt_bundled_corpus_efficiency(tokenizer):
     data = prepare_cpt(cfg_for("cpt", "training.max_seq_length=256"), tokenizer)
     s = data.stats
     assert s["num_documents"] == 483  # data/materials/cpt.jsonl
-    assert s["num_tokens"] / (s["num_blocks"] * 256) == s["packing_efficiency"] > 0.99
+    assert s["dataset_tokens"] / (s["num_blocks"] * 256) == s["packing_efficiency"] > 0.99
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +250,7 @@ def test_sft_packing_bins_whole_examples(tokenizer):
     rows = packed.train_dataset
     assert all(len(r["input_ids"]) == sum(r["seq_lengths"]) <= 256 for r in rows)
     assert sorted(n for r in rows for n in r["seq_lengths"]) == sorted(len(r["input_ids"]) for r in unpacked.train_dataset)
-    assert packed.stats["packing_efficiency"] == pytest.approx(packed.stats["num_tokens"] / (256 * len(rows)))
+    assert packed.stats["packing_efficiency"] == pytest.approx(packed.stats["dataset_tokens"] / (256 * len(rows)))
     assert packed.stats["packing_efficiency"] > 0.8
     batch = packed.data_collator([rows[0]])
     starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()

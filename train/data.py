@@ -236,7 +236,7 @@ def prepare_cpt(cfg, tokenizer) -> PreparedData:
     num_blocks = len(blocks)
     stats = {
         "num_documents": len(documents),
-        "num_tokens": num_tokens,
+        "dataset_tokens": num_tokens,  # not "num_tokens": TRL logs its running token count under that name
         "num_blocks": num_blocks,
         "packing_efficiency": num_tokens / (num_blocks * block_size),
     }
@@ -363,7 +363,7 @@ def prepare_sft(cfg, tokenizer) -> PreparedData:
     lengths = [len(ids) for ids in kept["input_ids"]]
     stats = {
         "num_examples": len(kept),
-        "num_tokens": sum(lengths),
+        "dataset_tokens": sum(lengths),
         "loss_tokens": sum(sum(label != IGNORE_INDEX for label in row) for row in kept["labels"]),
         "truncated_rows": truncated_rows,
         "dropped_rows": len(chats) - len(kept),
@@ -374,5 +374,5 @@ def prepare_sft(cfg, tokenizer) -> PreparedData:
     # Best-fit-decreasing bins of whole examples; `seq_lengths` tells the collator where each
     # example starts, so position_ids restart there (the block-diagonal mask, see the docstring).
     packed = pack_dataset(kept, max_length, strategy="bfd")
-    stats.update(num_rows=len(packed), packing_efficiency=stats["num_tokens"] / (len(packed) * max_length))
+    stats.update(num_rows=len(packed), packing_efficiency=stats["dataset_tokens"] / (len(packed) * max_length))
     return PreparedData(packed, DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=True), stats)
