@@ -17,7 +17,8 @@ from typing import Dict
 import pytest
 import yaml
 
-from conftest import REPO, test_env
+from conftest import REPO
+from conftest import test_env as child_env
 
 TOKENIZER = REPO / "train" / "assets" / "tiny_tokenizer"
 PAPER_T = [
@@ -67,7 +68,7 @@ def write_config(path: Path, base: Path, other: Path, t=None, layers=4, **extra)
 
 def run_merge_cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "launch" / "merge.py"), *map(str, args)],
-                          cwd=REPO, env=env or test_env(), capture_output=True, text=True, timeout=timeout)
+                          cwd=REPO, env=env or child_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def load_dir(path: Path):

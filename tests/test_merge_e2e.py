@@ -1,0 +1,195 @@
+"""End-to-end merges of two tiny sharded Llama checkpoints through the real entry point:
+the output loads with AutoModelForCausalLM and equals an independent float64 reference merge;
+workers, ranks, chunking and the Hydra form give identical bytes; a killed merge leaves no
+finished-looking output and resumes to identical bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import REPO, assert_one_line_error
+from conftest import test_env as child_env
+from test_merge_models import (  # noqa: F401  (tiny_pair is a fixture)
+    assert_bf16_close, build_llama, load_dir, paper_t, reference_slerp, run_merge_cli, shard_bytes, tiny_pair,
+    write_config,
+)
+
+pytestmark = pytest.mark.integration
+SHARD = "100KB"  # ~5 output shards for the tiny pair
+
+
+@pytest.fixture(scope="session")
+def paper_merge(tiny_pair, tmp_path_factory):
+    """The paper's gradient SLERP of the tiny pair, one worker: the reference output."""
+    root = tmp_path_factory.mktemp("paper_merge")
+    cfg = write_config(root / "merge.yml", tiny_pair["base"], tiny_pair["other"])
+    out = root / "out"
+    proc = run_merge_cli(cfg, out, "--shard-size", SHARD, "--verify")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_merge_loads_and_matches_reference(paper_merge, tiny_pair):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = paper_merge
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 3  # sharded
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    base, other = load_dir(tiny_pair["base"]), load_dir(tiny_pair["other"])
+    merged = {k: v for k, v in model.state_dict().items()}
+    assert set(merged) == set(base) == set(index["weight_map"])
+    for name, tensor in merged.items():
+        assert_bf16_close(tensor, reference_slerp(paper_t(name, 4), base[name], other[name]), name)
+    # the gradient really varies: layer 0 attention is the base, layer 3 attention the other model
+    assert torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(merged["model.layers.3.self_attn.q_proj.weight"], other["model.layers.3.self_attn.q_proj.weight"])
+    assert torch.equal(merged["model.layers.0.mlp.up_proj.weight"], other["model.layers.0.mlp.up_proj.weight"])
+    # tokenizer + chat template from the base, config dtype, resolved config and card beside it
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template and (out / "chat_template.jinja").read_text() == (
+        tiny_pair["base"] / "chat_template.jinja").read_text()
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (out / "generation_config.json").is_file()
+    assert yaml.safe_load((out / "mergekit_config.yml").read_text())["merge_method"] == "slerp"
+    card = (out / "README.md").read_text()
+    assert "SLERP" in card and str(tiny_pair["base"]) in card
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert torch.isfinite(logits).all()
+    assert not (out.parent / ".out.partial").exists()
+
+
+@pytest.mark.parametrize("t,source", [(0, "base"), (1, "other")])
+def test_t_endpoints_return_a_model_exactly(tmp_path, tiny_pair, t, source):
+    cfg = write_config(tmp_path / "m.yml", tiny_pair["base"], tiny_pair["other"], t=t)
+    proc = run_merge_cli(cfg, tmp_path / "out", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    got, want = load_dir(tmp_path / "out"), load_dir(tiny_pair[source])
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype and got[name].view(-1).view(dtype=__import__("torch").int16).equal(
+            want[name].view(-1).view(dtype=__import__("torch").int16)), name
+
+
+def test_workers_ranks_chunks_and_hydra_give_identical_bytes(tmp_path, tiny_pair, paper_merge):
+    from merge.plan import load_merge_config, parse_size
+    from merge.run import MergeOptions, run_merge
+
+    want = shard_bytes(paper_merge)
+    cfg = write_config(tmp_path / "m.yml", tiny_pair["base"], tiny_pair["other"])
+    # W local worker processes
+    proc = run_merge_cli(cfg, tmp_path / "w2", "--shard-size", SHARD, "--workers", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert shard_bytes(tmp_path / "w2") == want
+    # two independent ranks (as under srun): rank 1 finishes its shards and leaves, rank 0 publishes
+    for rank in (1, 0):
+        proc = run_merge_cli(cfg, tmp_path / "ranks", "--shard-size", SHARD, "--num-workers", "2",
+                             "--worker-rank", rank, "--wait-timeout", "60")
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / "ranks").exists() == (rank == 0)
+    assert shard_bytes(tmp_path / "ranks") == want
+    # SLURM's variables select the same
+    env = child_env(SLURM_NTASKS="2", SLURM_PROCID="1")
+    proc = run_merge_cli(cfg, tmp_path / "slurm", "--shard-size", SHARD, env=env)
+    assert proc.returncode == 0 and not (tmp_path / "slurm").exists()
+    assert len(list((tmp_path / ".slurm.partial").glob("*.done"))) >= 1
+    # chunks of 1000 elements (every big tensor in two passes) equal whole tensors
+    run_merge(load_merge_config(str(cfg)), str(tmp_path / "chunked"),
+              MergeOptions(shard_size=parse_size(SHARD), chunk_elements=1000, progress=False))
+    assert shard_bytes(tmp_path / "chunked") == want
+    # the Hydra form with the paper preset (models: form) plans the same merge
+    proc = run_merge_cli("merge=paper_slerp", f"merge.model={tiny_pair['other']}",
+                         f"merge.base_model={tiny_pair['base']}", f"output_dir={tmp_path / 'hydra'}",
+                         f"shard_size={SHARD}", "progress=false")
+    assert proc.returncode == 0, proc.stderr
+    assert shard_bytes(tmp_path / "hydra") == want
+
+
+def test_rank0_times_out_with_one_line_when_other_workers_never_come(tmp_path, tiny_pair):
+    cfg = write_config(tmp_path / "m.yml", tiny_pair["base"], tiny_pair["other"])
+    proc = run_merge_cli(cfg, tmp_path / "out", "--shard-size", SHARD, "--num-workers", "3", "--worker-rank", "0",
+                         "--wait-timeout", "1", "--quiet")
+    assert_one_line_error(proc, "timed out", "rerun")
+    assert not (tmp_path / "out").exists()
+
+
+def test_killed_merge_leaves_no_output_and_resumes_to_identical_bytes(tmp_path, tiny_pair, paper_merge):
+    cfg = write_config(tmp_path / "m.yml", tiny_pair["base"], tiny_pair["other"])
+    out, partial = tmp_path / "out", tmp_path / ".out.partial"
+    env = child_env(DOMAINFORGE_MERGE_PAUSE_AFTER_SHARD="60")
+    proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "merge.py"), str(cfg), str(out),
+                             "--shard-size", SHARD, "--quiet"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not list(partial.glob("*.done")) and time.time() < deadline:
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = list(partial.glob("*.done"))
+    assert len(done) == 1 and not out.exists()
+    first = partial / done[0].name[: -len(".done")]
+    stamp = (first.stat().st_ino, first.stat().st_mtime_ns)
+    proc = run_merge_cli(cfg, out, "--shard-size", SHARD)
+    assert proc.returncode == 0, proc.stderr
+    assert "(1 already complete)" in proc.stderr
+    kept = out / first.name
+    assert (kept.stat().st_ino, kept.stat().st_mtime_ns) == stamp  # kept, not recomputed
+    assert shard_bytes(out) == shard_bytes(paper_merge)
+    assert not partial.exists() and not list(out.glob("*.done"))
+    # a finished merge rerun is a no-op; a foreign non-empty OUT_DIR is refused
+    proc = run_merge_cli(cfg, out, "--shard-size", SHARD)
+    assert proc.returncode == 0 and "nothing to do" in proc.stderr
+    other = write_config(tmp_path / "o.yml", tiny_pair["base"], tiny_pair["other"], t=0.2)
+    assert_one_line_error(run_merge_cli(other, out, "--shard-size", SHARD), "already exists", str(out))
+
+
+def test_tied_embeddings_merge_without_lm_head(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    a = build_llama(tmp_path / "a", 3, tie=True)
+    b = build_llama(tmp_path / "b", 4, tie=True)
+    assert "lm_head.weight" not in load_dir(a)
+    cfg = write_config(tmp_path / "m.yml", a, b, t=0.5)
+    proc = run_merge_cli(cfg, tmp_path / "out", "--verify", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    merged = load_dir(tmp_path / "out")
+    assert "lm_head.weight" not in merged
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
+    assert model.config.tie_word_embeddings
+    emb = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight.data_ptr() == emb.data_ptr()
+    ref = reference_slerp(0.5, load_dir(a)["model.embed_tokens.weight"], load_dir(b)["model.embed_tokens.weight"])
+    assert_bf16_close(emb.detach(), ref)
+
+
+def test_vocab_mismatch_fails_or_truncates(tmp_path, tiny_pair):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    bigger = build_llama(tmp_path / "bigger", 5, vocab=2056)
+    cfg = write_config(tmp_path / "m.yml", tiny_pair["base"], bigger)
+    line = assert_one_line_error(run_merge_cli(cfg, tmp_path / "out"), "vocabulary mismatch", "2048", "2056",
+                                 "embed_mismatch: truncate")
+    assert "model.embed_tokens.weight" in line and not (tmp_path / "out").exists()
+
+    cfg = write_config(tmp_path / "t.yml", tiny_pair["base"], bigger, embed_mismatch="truncate")
+    proc = run_merge_cli(cfg, tmp_path / "out", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: embed_mismatch: truncate" in proc.stderr
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
+    assert model.config.vocab_size == 2048
+    emb = model.get_input_embeddings().weight.detach()
+    ref = reference_slerp(0.5, load_dir(tiny_pair["base"])["model.embed_tokens.weight"],
+                          load_dir(bigger)["model.embed_tokens.weight"][:2048])
+    assert_bf16_close(emb, ref)
