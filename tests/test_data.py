@@ -336,3 +336,21 @@ def test_bad_chat_rows_and_streaming_without_max_steps(tmp_path, tokenizer):
     assert "stage.packing=true needs the whole SFT set in memory" in error_of(
         prepare_sft, cfg_for("sft", "stage.packing=true", "data.sft.streaming=true", "training.max_steps=3"), tokenizer
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# the bundled sample set
+# ---------------------------------------------------------------------------------------------
+def test_bundled_sample_set_is_what_the_generator_writes(tmp_path, repo):
+    """data/materials/ is reproducible: data/make_materials.py rewrites it byte for byte."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, str(repo / "data" / "make_materials.py"), "--out", str(tmp_path)], check=True,
+                   capture_output=True)
+    committed = repo / "data" / "materials"
+    names = sorted(p.name for p in committed.glob("*.jsonl"))
+    assert names == ["cpt.jsonl", "preference.jsonl", "preference_chat.jsonl", "sft.jsonl"]
+    for name in names:
+        assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name
+    assert sum((committed / n).stat().st_size for n in names) < 3_000_000
