@@ -249,8 +249,8 @@ def plan_pipeline(cfg: DictConfig) -> Plan:
             return str(earlier[ref].output_dir), ref
         if ref in names:
             raise UserError(
-                f"pipeline {pipeline.name}: step '{step_name}' {field_name} names step '{ref}', which comes "
-                "later: a step can only read earlier steps"
+                f"pipeline {pipeline.name}: step '{step_name}' {field_name} names step '{ref}', which does "
+                "not come before it: a step can only read the outputs of earlier steps"
             )
         if ref == START:
             if not start_known:

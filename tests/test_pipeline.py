@@ -1,0 +1,144 @@
+"""Pipelines: every preset composes and resolves (inputs chain, merges read the right
+directories), and every bad input is one line and a non-zero exit. The local runner's real
+run (deepspeed, tiny model) is the integration test at the bottom."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM
+
+from conftest import REPO, assert_one_line_error, launch
+from train.errors import UserError
+from train.pipeline import PipelineJobConfig, compose_pipeline_job, plan_pipeline, run_local, validate_step_configs
+
+PRESETS = sorted(p.stem for p in (REPO / "conf" / "pipeline").glob("*.yaml"))
+
+
+def arg(step, key):
+    """The value of `key=...` in a step's launch arguments."""
+    values = [a.split("=", 1)[1] for a in step.train_args + step.merge_args if a.startswith(key + "=")]
+    assert len(values) == 1, (key, step.train_args, step.merge_args)
+    return values[0]
+
+
+def test_presets_are_the_papers_recipes():
+    assert PRESETS == [
+        "llama_instruct_cpt_sft_dpo",
+        "llama_instruct_cpt_sft_orpo_slerp",
+        "mistral_base_cpt_sft_slerp",
+        "smollm_base_cpt_sft_dpo",
+        "tiny",
+    ]
+    steps = {p: [s.stage or "merge" for s in plan_pipeline(compose_pipeline_job([f"pipeline={p}"])).steps] for p in PRESETS}
+    assert steps["llama_instruct_cpt_sft_orpo_slerp"] == ["cpt", "sft", "orpo", "merge"]
+    assert steps["llama_instruct_cpt_sft_dpo"] == ["cpt", "sft", "dpo"]
+    assert steps["mistral_base_cpt_sft_slerp"] == ["cpt", "sft", "merge"]
+    assert steps["smollm_base_cpt_sft_dpo"] == ["cpt", "sft", "dpo"]
+    assert steps["tiny"] == ["cpt", "sft", "dpo", "orpo", "merge"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_step_of_every_preset_composes(preset, tmp_path):
+    plan = plan_pipeline(compose_pipeline_job([f"pipeline={preset}", f"root={tmp_path}"]))
+    validate_step_configs(plan)  # composes each step's train/merge config: no typo anywhere
+    assert [s.output_dir for s in plan.steps] == [tmp_path / preset / s.name for s in plan.steps]
+
+
+def test_each_step_reads_the_previous_output(tmp_path):
+    plan = plan_pipeline(compose_pipeline_job(["pipeline=tiny", f"root={tmp_path}"]))
+    cpt, sft, dpo, orpo, slerp = plan.steps
+    run = tmp_path / "tiny"
+    assert "model.path" not in " ".join(cpt.train_args)  # the preset's own (random-init) model
+    assert arg(sft, "model.path") == str(run / "cpt")
+    assert arg(dpo, "model.path") == str(run / "sft")
+    assert arg(orpo, "model.path") == str(run / "sft")  # input: sft in the preset
+    assert arg(orpo, "output_dir") == str(run / "orpo")
+    assert arg(sft, "training.max_steps") == "4"  # pipeline-wide overrides reach every stage
+    assert (arg(slerp, "merge.base_model"), arg(slerp, "merge.model")) == (str(run / "sft"), str(run / "orpo"))
+    assert arg(slerp, "merge") == "paper_slerp" and arg(slerp, "merge.dtype") == "float32"
+    assert slerp.depends_on == ["sft", "orpo"]
+
+
+def test_merge_with_the_start_and_outside_models(tmp_path):
+    llama = plan_pipeline(compose_pipeline_job([
+        "pipeline=llama_instruct_cpt_sft_orpo_slerp", f"root={tmp_path}", "pipeline.start=/models/llama-instruct",
+    ]))
+    assert arg(llama.steps[0], "model.path") == "/models/llama-instruct"
+    assert arg(llama.steps[-1], "merge.base_model") == "/models/llama-instruct"
+    assert arg(llama.steps[-1], "merge.model") == str(tmp_path / llama.pipeline / "orpo")
+    mistral = plan_pipeline(compose_pipeline_job([
+        "pipeline=mistral_base_cpt_sft_slerp", f"root={tmp_path}", "pipeline.models.instruct=/models/m-instruct",
+    ]))
+    assert arg(mistral.steps[-1], "merge.base_model") == "/models/m-instruct"
+
+
+def plan_of(steps):
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(PipelineJobConfig),
+        {"pipeline": {"name": "p", "model": "tiny", "steps": steps}, "cluster": {"name": "local"}},
+    )
+    return plan_pipeline(cfg)
+
+
+def test_merge_of_a_later_step_is_refused():
+    with pytest.raises(UserError, match=r"step 'm' merge.model names step 'b', which does not come before it"):
+        plan_of([
+            {"name": "a", "stage": "cpt"},
+            {"name": "m", "merge": {"base_model": "a", "model": "b"}},
+            {"name": "b", "stage": "sft"},
+        ])
+    with pytest.raises(UserError, match=r"names `start`, but model tiny is random-init"):
+        plan_of([{"name": "a", "stage": "cpt"}, {"name": "m", "merge": {"base_model": "start", "model": "a"}}])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["pipeline=nope"], r"unknown pipeline 'nope': choose one of .*tiny"),
+        (["step=nope"], r"unknown step 'nope' in pipeline tiny: choose one of cpt, sft, dpo, orpo, slerp"),
+        (["pipeline.steps.4.merge.model=nope"], r"step 'slerp' merge.model names 'nope', which is not a step"),
+        (["pipeline.steps.4.merge.model=slerp"], r"names step 'slerp', which does not come before it"),
+        (["pipeline.steps.1.input=orpo"], r"step 'sft' input names step 'orpo', which does not come before it"),
+        (["pipeline.steps.0.stage=pretrain"], r"unknown stage 'pretrain': choose one of cpt, sft, dpo, orpo"),
+        (["pipeline.overrides=['training.lerning_rate=1']"], r"step 'cpt': unknown config key 'training.lerning_rate'"),
+        (["cluster=slurm"], r"launch/pipeline.py runs on this machine .* launch/submit.py"),
+        (["cluster.nodes=2"], r"cluster=local runs on one node"),
+    ],
+)
+def test_bad_pipeline_input(argv, message, tmp_path):
+    with pytest.raises(UserError, match=message):
+        run_local(compose_pipeline_job(["pipeline=tiny", *argv, f"root={tmp_path}"]))
+    assert not (tmp_path / "tiny").exists()  # nothing ran
+
+
+def test_bad_pipeline_input_is_one_line_and_exit_2(tmp_path):
+    for argv, needle in [(["pipeline=nope"], "unknown pipeline 'nope'"), (["step=nope"], "unknown step 'nope'")]:
+        proc = launch("pipeline.py", [*argv, f"root={tmp_path}"], timeout=120)
+        assert_one_line_error(proc, needle)
+        assert proc.returncode == 2
+
+
+@pytest.mark.integration
+def test_local_pipeline_skips_finished_steps_and_reruns_failed_ones(tmp_path):
+    two_steps = ["pipeline=tiny", "pipeline.steps=[{name:cpt,stage:cpt},{name:sft,stage:sft}]", f"root={tmp_path}",
+                 "cluster.gpus_per_node=2"]
+    # sft fails (its data is missing) after cpt finished: one line naming the step, non-zero exit.
+    proc = launch("pipeline.py", [*two_steps, "pipeline.steps.1.overrides=[data.sft.path=/nonexistent.jsonl]"])
+    assert_one_line_error(proc, "step 'sft' failed", "rerun the same command")
+    assert proc.returncode == 1
+    assert (tmp_path / "tiny" / "cpt" / "config.json").is_file()
+    assert not (tmp_path / "tiny" / "sft" / "config.json").exists()
+    # The rerun skips cpt and runs sft on cpt's output, through the deepspeed launcher (2 ranks).
+    proc = launch("pipeline.py", two_steps)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step cpt is complete" in proc.stdout and "skipping" in proc.stdout
+    assert "deepspeed --num_gpus 2" in proc.stdout
+    assert "[rank 1/2]" in proc.stdout + proc.stderr
+    sft = tmp_path / "tiny" / "sft"
+    assert OmegaConf.load(sft / "domainforge.yaml").model.path == str(tmp_path / "tiny" / "cpt")
+    model = AutoModelForCausalLM.from_pretrained(sft)
+    assert model.num_parameters() > 1e6

@@ -1,0 +1,124 @@
+"""The sbatch scripts submit.py renders, for 1, 2 and 16 nodes x 8 GPUs: resources, world size,
+the per-task launch line, the afterok chain, the preemption hooks, and bash syntax; plus the
+submission errors (sbatch missing, too many tasks) as one line and exit 2."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, assert_one_line_error
+from train.errors import UserError
+from train.pipeline import compose_pipeline_job, plan_pipeline
+from train.preemption import PREEMPTED_EXIT_CODE
+from train.slurm import render_step
+
+LLAMA = "llama_instruct_cpt_sft_orpo_slerp"
+
+
+def sbatch_options(text):
+    return re.findall(r"^#SBATCH (\S+)", text, flags=re.M)
+
+
+def render_chain(tmp_path, *overrides):
+    cfg = compose_pipeline_job([f"pipeline={LLAMA}", "cluster=slurm", f"root={tmp_path}", *overrides])
+    plan = plan_pipeline(cfg)
+    scripts, previous = [], None
+    for i, step in enumerate(plan.steps):
+        job_id = str(1000 + i)
+        scripts.append(render_step(plan, step, cfg.cluster, previous)[1])
+        previous = job_id
+    return plan, scripts
+
+
+@pytest.mark.parametrize("nodes", [1, 2, 16])
+def test_rendered_scripts(nodes, tmp_path):
+    plan, scripts = render_chain(
+        tmp_path, f"cluster.nodes={nodes}", "cluster.gpus_per_node=8", "cluster.partition=gpu",
+        "cluster.time=12:00:00", "cluster.account=proj", "cluster.signal_seconds=900",
+        "cluster.setup=['source /opt/venv/bin/activate']",
+    )
+    cpt, sft, orpo, slerp = scripts
+    for i, text in enumerate(scripts):
+        options = sbatch_options(text)
+        assert f"--nodes={nodes}" in options
+        assert {"--partition=gpu", "--account=proj", "--time=12:00:00", "--requeue"} <= set(options)
+        # Each job waits for the one before it; the first for nothing.
+        deps = [o for o in options if o.startswith("--dependency")]
+        assert deps == ([] if i == 0 else [f"--dependency=afterok:{1000 + i - 1}"])
+        assert "source /opt/venv/bin/activate" in text
+        assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0  # valid bash
+
+    for text in (cpt, sft, orpo):
+        options = sbatch_options(text)
+        assert f"--ntasks={nodes * 8}" in options  # world size: one task per GPU
+        assert "--ntasks-per-node=8" in options and "--gpus-per-node=8" in options
+        assert "--signal=B:USR1@900" in options
+        assert f"# {nodes * 8} training ranks = {nodes} node(s) x 8 rank(s) per node" in text
+        assert 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in text
+        assert "export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS" in text
+        assert "srun --kill-on-bad-exit=1" in text
+        assert not re.search(r"^[^#]*\b(ssh|pdsh|--hostfile)\b", text, flags=re.M)  # no ssh anywhere
+        assert f"[ $status -eq {PREEMPTED_EXIT_CODE} ]" in text and "scontrol requeue $SLURM_JOB_ID" in text
+        assert "trap 'stop_signal=USR1" in text and "trap 'stop_signal=TERM" in text
+    assert "launch/train.py \\\n        +stage=sft" in sft
+    assert f"model.path={plan.run_dir / 'cpt'}" in sft and f"output_dir={plan.run_dir / 'sft'}" in sft
+    # The merge is split across one task per node.
+    assert f"--ntasks={nodes}" in sbatch_options(slerp)
+    assert "srun --kill-on-bad-exit=1" in slerp and "launch/merge.py" in slerp
+    assert f"merge.model={plan.run_dir / 'orpo'}" in slerp
+    assert "--signal" not in slerp
+
+
+def test_rank_mapping_line_gives_torch_distributed_its_variables(tmp_path):
+    """The per-task line, run with the variables srun sets for task 13 of 128 (local 5)."""
+    _, scripts = render_chain(tmp_path, "cluster.nodes=16", "cluster.gpus_per_node=8")
+    line = re.search(r"bash -c \\\n\s+('[^']+')", scripts[0]).group(1)
+    env = dict(os.environ, SLURM_PROCID="13", SLURM_LOCALID="5", SLURM_NTASKS="128")
+    cmd = f"bash -c {line} rank {sys.executable} -c 'import os; print(os.environ[\"RANK\"], os.environ[\"LOCAL_RANK\"], os.environ[\"WORLD_SIZE\"])'"
+    out = subprocess.run(cmd, shell=True, env=env, capture_output=True, text=True).stdout.split()
+    assert out == ["13", "5", "128"]
+
+
+def test_cpu_partition_and_fewer_tasks(tmp_path):
+    _, scripts = render_chain(tmp_path, "cluster.nodes=2", "cluster.gpus_per_node=4", "cluster.tasks=6",
+                              "cluster.request_gpus=false", "cluster.merge_tasks=3")
+    options = sbatch_options(scripts[0])
+    assert {"--nodes=2", "--ntasks=6", "--ntasks-per-node=3"} <= set(options)
+    assert not any(o.startswith("--gpus") for o in options)
+    assert "--ntasks=3" in sbatch_options(scripts[-1])
+
+
+def test_more_tasks_than_gpus_is_refused():
+    with pytest.raises(UserError, match=r"cluster.tasks=17 is more than cluster.nodes x cluster.gpus_per_node = 2 x 8 = 16"):
+        compose_pipeline_job(["cluster=slurm", "cluster.nodes=2", "cluster.gpus_per_node=8", "cluster.tasks=17"])
+
+
+def run_submit(args, env=None, tmp_path=None):
+    return subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), *args], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=120)
+
+
+def test_submission_errors_are_one_line(tmp_path):
+    # No SLURM client on this machine: say how to run locally instead.
+    env = dict(os.environ, PATH=str(tmp_path))
+    proc = run_submit(["pipeline=tiny", f"root={tmp_path}"], env=env)
+    assert_one_line_error(proc, "sbatch not found", "python launch/pipeline.py pipeline=<name>")
+    assert proc.returncode == 2
+    proc = run_submit(["pipeline=tiny", "cluster.nodes=2", "cluster.gpus_per_node=2", "cluster.tasks=5", "--dry-run"])
+    assert_one_line_error(proc, "cluster.tasks=5 is more than cluster.nodes x cluster.gpus_per_node = 2 x 2 = 4")
+    assert proc.returncode == 2
+    assert not (tmp_path / "tiny").exists()
+
+
+def test_dry_run_prints_every_script_and_submits_nothing(tmp_path):
+    proc = run_submit(["pipeline=tiny", f"root={tmp_path}", "cluster.gpus_per_node=2", "--dry-run"],
+                      env=dict(os.environ, PATH=str(tmp_path)))  # no sbatch needed for a dry run
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("#!/bin/bash") == 5
+    assert "--dependency=afterok:<job of orpo>" in proc.stdout
+    assert not (tmp_path / "tiny").exists()
