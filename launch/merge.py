@@ -33,11 +33,9 @@ def main(argv):
     from merge.run import MergeOptions, run_merge
 
     if argv and all("=" in a and not a.startswith("-") for a in argv):
-        from merge.config import MergeJobConfig, options_from_config, recipe_from_config, register_merge_configs
-        from train.config import compose_config
+        from merge.config import compose_merge_config, options_from_config, recipe_from_config
 
-        register_merge_configs()
-        cfg = compose_config(argv, "merge_job", schema=MergeJobConfig)
+        cfg = compose_merge_config(argv)
         return run_merge(recipe_from_config(cfg), cfg.output_dir, options_from_config(cfg))
 
     parser = _Parser(prog="launch/merge.py", description=__doc__.splitlines()[0])

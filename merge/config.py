@@ -60,6 +60,30 @@ def register_merge_configs() -> None:
     ConfigStore.instance().store(name="merge_job_schema", node=MergeJobConfig)
 
 
+HINTS = {
+    "output_dir": "output_dir=PATH (the merged model directory)",
+    "merge.base_model": "merge.base_model=PATH (the model t=0 returns, e.g. the Instruct model)",
+    "merge.model": "merge.model=PATH (the model to merge into merge.base_model, e.g. the fine-tuned one)",
+}
+
+
+def compose_merge_config(overrides: List[str]) -> DictConfig:
+    """conf/merge_job.yaml + overrides; UserError (one line) on a typo or an unset key."""
+    from train.config import compose_config
+    from train.errors import UserError
+
+    register_merge_configs()
+    try:
+        cfg = compose_config(overrides, "merge_job", schema=MergeJobConfig)
+    except UserError as err:  # the merge schemas live here, not in train/config.py
+        raise UserError(str(err).replace("train/config.py", "merge/config.py")) from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        key = missing[0]
+        raise UserError(f"{key} is not set: add {HINTS.get(key, key + '=...')}")
+    return cfg
+
+
 def recipe_from_config(cfg: DictConfig) -> dict:
     """The mergekit-style dict of a composed `merge` node."""
     recipe = OmegaConf.to_container(cfg.merge, resolve=True)
@@ -68,7 +92,7 @@ def recipe_from_config(cfg: DictConfig) -> dict:
         if model is None:
             from train.errors import UserError
 
-            raise UserError("merge.model is not set: give merge.model=<the model to merge with merge.base_model>")
+            raise UserError(f"merge.model is not set: add {HINTS['merge.model']}")
         recipe["models"] = [{"model": model}, {"model": recipe["base_model"]}]
     return {k: v for k, v in recipe.items() if v is not None and not (k in ("models", "slices") and not v)}
 
