@@ -15,7 +15,8 @@ from train.stages import get_stage
 
 
 def compose(stage: str, *overrides: str):
-    return compose_train_config([f"+stage={stage}", *overrides])
+    # 16 pairs are plenty for a unit test and keep the reference precompute to a few forwards
+    return compose_train_config([f"+stage={stage}", "data.preference.max_samples=16", *overrides])
 
 
 def trainer_for(cfg, out: Path, batch_size: int = 2, max_steps: int = 2, learning_rate: float = 1e-3):
