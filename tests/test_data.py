@@ -35,6 +35,18 @@ SMOLLM2_TEMPLATE = (
     "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# Mistral-7B-Instruct-v0.3's template, shortened (no tools, no bos): the system prompt joins the
+# LAST user turn, so prefixes render differently as the chat grows.
+MISTRAL_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+    "{%- if loop.last and system_message is defined %}"
+    "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content']|trim + eos_token }}"
+    "{%- endif %}{%- endfor %}"
+)
 CHAT = [
     {"role": "system", "content": "You are a materials science assistant."},
     {"role": "user", "content": "What is the density of iron?"},
@@ -53,11 +65,15 @@ def tokenizer():
     return load_tokenizer(cfg_for("cpt").model)
 
 
+def with_template(tokenizer, template):
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tok.chat_template = template
+    return tok
+
+
 @pytest.fixture
 def smollm2_tokenizer(tokenizer):
-    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
-    tok.chat_template = SMOLLM2_TEMPLATE
-    return tok
+    return with_template(tokenizer, SMOLLM2_TEMPLATE)
 
 
 def write_jsonl(path, rows):
@@ -179,9 +195,10 @@ def label_text(tokenizer, labels):
     return tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
 
 
-@pytest.mark.parametrize("template", ["tiny (generation tags)", "SmolLM2 ChatML (no tags)"])
-def test_assistant_only_labels_cover_exactly_the_assistant_turns(template, tokenizer, smollm2_tokenizer):
-    tok = tokenizer if template.startswith("tiny") else smollm2_tokenizer
+@pytest.mark.parametrize("template", ["tiny: generation tags", "SmolLM2: prefix renders", "Mistral: markers"])
+def test_assistant_only_labels_cover_exactly_the_assistant_turns(template, tokenizer):
+    tok = {"tiny": tokenizer, "SmolLM2": with_template(tokenizer, SMOLLM2_TEMPLATE),
+           "Mistral": with_template(tokenizer, MISTRAL_TEMPLATE)}[template.split(":")[0]]
     ids, labels = tokenize_chat(tok, CHAT, assistant_only=True)
     assert ids == tok.apply_chat_template(CHAT, tokenize=True, return_dict=True)["input_ids"]
     # Contiguous label runs are exactly "content<|im_end|>" of each assistant turn.
@@ -195,7 +212,8 @@ def test_assistant_only_labels_cover_exactly_the_assistant_turns(template, token
             assert lab == t
             current.append(t)
     runs += [current] if current else []
-    assert [tok.decode(r) for r in runs] == [m["content"] + "<|im_end|>" for m in CHAT if m["role"] == "assistant"]
+    lead = " " if template.startswith("Mistral") else ""  # BPE fuses the template's space into " The"
+    assert [tok.decode(r) for r in runs] == [lead + m["content"] + "<|im_end|>" for m in CHAT if m["role"] == "assistant"]
 
 
 def test_offset_spans_agree_with_generation_tags_on_the_bundled_set(tokenizer, smollm2_tokenizer):
@@ -208,12 +226,16 @@ def test_offset_spans_agree_with_generation_tags_on_the_bundled_set(tokenizer, s
         assert tokenize_chat(tagless, row["messages"], True) == tokenize_chat(tokenizer, row["messages"], True)
 
 
-def test_char_spans_end_at_the_end_of_turn_token(smollm2_tokenizer):
-    text, spans = assistant_char_spans(smollm2_tokenizer, CHAT)
+@pytest.mark.parametrize("template", [SMOLLM2_TEMPLATE, MISTRAL_TEMPLATE], ids=["SmolLM2", "Mistral"])
+def test_char_spans_end_at_the_end_of_turn_token(template, tokenizer):
+    text, spans = assistant_char_spans(with_template(tokenizer, template), CHAT)
     assert [text[s:e] for s, e in spans] == [
         "The density of iron is 7.874 g/cm3.<|im_end|>",
         "Iron is body-centred cubic (bcc).<|im_end|>",
     ]
+    if template is MISTRAL_TEMPLATE:  # the system prompt joins the last user turn only, so a
+        # chat that ends with the assistant drops it and prefix renders disagree: markers needed
+        assert "materials science assistant" not in text
 
 
 def test_prompt_completion_rows_render_as_user_assistant(tmp_path, tokenizer):

@@ -246,12 +246,14 @@ def prepare_cpt(cfg, tokenizer) -> PreparedData:
 # ---------------------------------------------------------------------------------------------
 # SFT: chats -> chat template -> assistant-only labels -> optional packing
 # ---------------------------------------------------------------------------------------------
-def to_messages(row: dict) -> List[dict]:
+def to_messages(row: dict) -> Optional[List[dict]]:
     """A row's chat: `messages` as is; `prompt` + `completion` as user/assistant turns (or as
-    two message lists, when they already are conversational)."""
+    two message lists, when they already are conversational). None if the row has neither."""
     if row.get("messages") is not None:
         return list(row["messages"])
-    prompt, completion = row["prompt"], row["completion"]
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if prompt is None or completion is None:
+        return None
     prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
     return prompt + completion
@@ -262,10 +264,17 @@ def _render(tokenizer, messages: List[dict], add_generation_prompt: bool = False
 
 
 def assistant_char_spans(tokenizer, messages: List[dict]) -> Tuple[str, List[Tuple[int, int]]]:
-    """The rendered chat and the [start, end) character span of each assistant turn, found by
-    rendering prefixes: the turn starts where the generation prompt ends and stops at its
-    end-of-turn token (trailing whitespace belongs to the template, not the model)."""
+    """The rendered chat and the [start, end) character span of each assistant turn: its
+    content and its end-of-turn token, never the template's text around them."""
     text = _render(tokenizer, messages)
+    spans = _spans_by_prefix(tokenizer, messages, text)
+    return text, spans if spans is not None else _spans_by_marker(tokenizer, messages, text)
+
+
+def _spans_by_prefix(tokenizer, messages, text) -> Optional[List[Tuple[int, int]]]:
+    """Render prefixes: a turn starts where the generation prompt ends and stops where the
+    template's rendering of that turn stops (less trailing whitespace). None if the template
+    renders earlier turns differently as the chat grows (e.g. Mistral's system prompt)."""
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -273,13 +282,39 @@ def assistant_char_spans(tokenizer, messages: List[dict]) -> Tuple[str, List[Tup
         before = _render(tokenizer, messages[:i], add_generation_prompt=True)
         through = _render(tokenizer, messages[: i + 1])
         if not (text.startswith(through) and through.startswith(before)):
-            raise UserError(
-                "the chat template renders earlier turns differently as the chat grows, so assistant "
-                "tokens cannot be located: set stage.assistant_only_loss=false or use a template with "
-                "{% generation %} tags"
-            )
+            return None
         spans.append((len(before), len(through.rstrip())))
-    return text, spans
+    return spans
+
+
+ASSISTANT_MARKER = "\u2063ASSISTANT{}\u2063"  # invisible separator: never in real chat text
+
+
+def _spans_by_marker(tokenizer, messages, text) -> List[Tuple[int, int]]:
+    """Render the chat once with each assistant content replaced by a marker; the template text
+    between markers must appear verbatim in the real rendering, which pins each content down.
+    The end-of-turn token counts when the template puts eos_token right after the content."""
+    marked = [
+        dict(m, content=ASSISTANT_MARKER.format(i)) if m["role"] == "assistant" else m for i, m in enumerate(messages)
+    ]
+    pieces = re.split("\u2063ASSISTANT\\d+\u2063", _render(tokenizer, marked))
+    n_assistant = sum(m["role"] == "assistant" for m in messages)
+    fail = UserError(
+        "the chat template does not render assistant turns verbatim, so their tokens cannot be located: "
+        "set stage.assistant_only_loss=false or use a template with {% generation %} tags"
+    )
+    if len(pieces) != n_assistant + 1 or not text.startswith(pieces[0]):
+        raise fail
+    spans, pos = [], len(pieces[0])
+    for k, after in enumerate(pieces[1:]):
+        last = k == n_assistant - 1
+        end = len(text) - len(after) if last else text.find(after, pos)
+        if end < pos or (last and not text.endswith(after)):
+            raise fail
+        eos = tokenizer.eos_token or ""
+        spans.append((pos, end + (len(eos) if eos and after.startswith(eos) else 0)))
+        pos = end + len(after)
+    return spans
 
 
 def tokenize_chat(tokenizer, messages: List[dict], assistant_only: bool) -> Tuple[List[int], List[int]]:
@@ -298,7 +333,8 @@ def tokenize_chat(tokenizer, messages: List[dict], assistant_only: bool) -> Tupl
         text, spans = assistant_char_spans(tokenizer, messages)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = enc["input_ids"]
-        mask = [any(s <= start < e for s, e in spans) for start, _ in enc["offset_mapping"]]
+        # Overlap, not containment: BPE may fuse the template's space with the first word (" The").
+        mask = [any(start < e and end > s for s, e in spans) for start, end in enc["offset_mapping"]]
     return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
 
 
