@@ -31,6 +31,9 @@ def test_env(**extra: str) -> dict:
     return env
 
 
+test_env.__test__ = False  # a helper, not a test, wherever it is imported
+
+
 def launch(
     script: str,
     args: List[str],
