@@ -146,7 +146,8 @@ def test_bundled_sample_set_loads_for_every_kind():
 # CPT packing
 # ---------------------------------------------------------------------------------------------
 def test_cpt_blocks_are_full_eos_joined_and_lose_nothing(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in DOCS])
+    rows = [{"text": d} for d in DOCS]
+    path = write_jsonl(tmp_path / "c.jsonl", rows[:2] + [{"text": "  "}] + rows[2:])  # blank docs are dropped
     data = prepare_cpt(cfg_for("cpt", f"data.cpt.path={path}", "training.max_seq_length=16"), tokenizer)
     eos = tokenizer.eos_token_id
     blocks = data.train_dataset
@@ -162,7 +163,7 @@ def test_cpt_blocks_are_full_eos_joined_and_lose_nothing(tmp_path, tokenizer):
     n_pad = 16 * len(blocks) - len(stream)
     assert 0 <= n_pad < 16 and last["labels"][16 - n_pad :] == [IGNORE_INDEX] * n_pad
     assert all(IGNORE_INDEX not in b["labels"] for b in blocks.select(range(len(blocks) - 1)))
-    assert data.stats["dataset_tokens"] == len(stream)
+    assert data.stats["dataset_tokens"] == len(stream) and data.stats["num_documents"] == len(DOCS)
     assert data.stats["num_blocks"] == len(blocks) == -(-len(stream) // 16)
     assert data.stats["packing_efficiency"] == pytest.approx(len(stream) / (16 * len(blocks)))
 
@@ -318,8 +319,11 @@ def test_empty_dataset(tmp_path, streaming, tokenizer):
     )
     Dataset.from_dict({"text": []}).save_to_disk(str(tmp_path / "saved"))
     assert "is empty (no rows)" in error_of(load_rows, DatasetConfig(path=str(tmp_path / "saved")), "cpt")
-    blank = write_jsonl(tmp_path / "blank.jsonl", [{"text": ""}])
-    assert "holds only empty `text`" in error_of(prepare_cpt, cfg_for("cpt", f"data.cpt.path={blank}"), tokenizer)
+    blank = write_jsonl(tmp_path / "blank.jsonl", [{"text": ""}, {"text": " \n"}, {"text": None}])
+    streamed = ["data.cpt.streaming=true", "training.max_steps=1"] if streaming else []
+    assert error_of(prepare_cpt, cfg_for("cpt", f"data.cpt.path={blank}", *streamed), tokenizer) == (
+        f"data.cpt.path={blank} holds only empty `text`: point it at a corpus with text"
+    )
 
 
 def test_unsupported_and_mixed_formats(tmp_path):

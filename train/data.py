@@ -177,9 +177,11 @@ def _require_max_steps(cfg, kind: str) -> None:
 # CPT: documents -> EOS-joined token stream -> fixed blocks
 # ---------------------------------------------------------------------------------------------
 def tokenize_documents(batch: Dict[str, list], tokenizer) -> Dict[str, list]:
-    """{"text": [str]} -> {"input_ids": [[int]]}, each document followed by EOS."""
+    """{"text": [str]} -> {"input_ids": [[int]]}, each document followed by EOS; blank documents
+    are dropped (they would only add EOS tokens)."""
     eos = tokenizer.eos_token_id
-    ids = tokenizer(batch["text"], add_special_tokens=True)["input_ids"]
+    texts = [t for t in batch["text"] if isinstance(t, str) and t.strip()]
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
     return {"input_ids": [doc if doc and doc[-1] == eos else doc + [eos] for doc in ids]}
 
 
@@ -206,6 +208,10 @@ def _stream_blocks(documents: IterableDataset, block_size: int, pad_id: int):
     yield from iter_blocks((row["input_ids"] for row in documents), block_size, pad_id)
 
 
+def _only_blank(spec) -> UserError:
+    return UserError(f"data.cpt.path={spec.path} holds only empty `text`: point it at a corpus with text")
+
+
 def prepare_cpt(cfg, tokenizer) -> PreparedData:
     spec, block_size = cfg.data.cpt, cfg.training.max_seq_length
     _require_max_steps(cfg, "cpt")
@@ -221,12 +227,14 @@ def prepare_cpt(cfg, tokenizer) -> PreparedData:
         blocks = IterableDataset.from_generator(
             _stream_blocks, gen_kwargs={"documents": documents, "block_size": block_size, "pad_id": pad_id}
         )
+        if next(iter(blocks.take(1)), None) is None:
+            raise _only_blank(spec)
         return PreparedData(train_dataset=blocks, data_collator=collator, stats={"block_size": block_size})
 
     documents = rows.map(tokenize_documents, num_proc=cfg.data.num_proc, desc="tokenize cpt", **map_kwargs)
+    if len(documents) == 0:
+        raise _only_blank(spec)
     num_tokens = sum(len(ids) for ids in documents["input_ids"])
-    if num_tokens == len(documents):  # nothing but the EOS we appended
-        raise UserError(f"data.cpt.path={spec.path} holds only empty `text`: point it at a corpus with text")
     # TRL's "wrapped" packing is exactly EOS-joined fixed blocks; one map batch over the whole
     # dataset so only the final block can be short, then that block is padded.
     blocks = pack_dataset(documents, block_size, strategy="wrapped", map_kwargs={"batch_size": None})
