@@ -105,6 +105,8 @@ def test_txt_file_is_one_document_glob_and_directory(tmp_path):
     corpus.mkdir()
     for i, doc in enumerate(DOCS):  # multi-paragraph files stay one document each
         (corpus / f"{i:02d}.txt").write_text(f"{doc}\n\nSecond paragraph {i}.\n")
+    (corpus / ".checkpoints").mkdir()
+    (corpus / ".checkpoints" / "00.txt").write_text("a stale copy, hidden: skipped")
     expected = [f"{doc}\n\nSecond paragraph {i}.\n" for i, doc in enumerate(DOCS)]
     assert texts(load_rows(DatasetConfig(path=str(corpus)), "cpt")) == expected
     assert texts(load_rows(DatasetConfig(path=str(corpus / "0[0-2].txt")), "cpt")) == expected[:3]

@@ -120,7 +120,11 @@ def _data_files(path: str, key: str, kind: str) -> Tuple[str, List[str]]:
     """The `datasets` builder name and the sorted files behind a file, glob or directory."""
     p = Path(path)
     if p.is_dir():
-        files = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in BUILDERS)
+        files = sorted(
+            str(f) for f in p.rglob("*")
+            if f.is_file() and f.suffix.lower() in BUILDERS
+            and not any(part.startswith(".") for part in f.relative_to(p).parts)  # .ipynb_checkpoints etc.
+        )
         if not files:
             raise UserError(
                 f"{key}={path} is a directory without data files ({', '.join(sorted(BUILDERS))}) "
