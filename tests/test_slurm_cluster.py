@@ -1,0 +1,128 @@
+"""Against a real SLURM (slurmctld + slurmd + munge on localhost, tests/slurm_cluster.py):
+
+- the `tiny` pipeline submitted with 2 tasks per training job: 2 ranks rendezvous through the
+  SLURM variables as on two nodes; the jobs run in dependency order and end COMPLETED; every
+  step's output loads; the merge (split across 2 tasks) is there; `status` lists them all;
+- a training job that gets SLURM's warning signal after its first checkpoint saves a
+  checkpoint, requeues itself, resumes from that checkpoint and ends with the right step count.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from conftest import REPO
+from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
+from train.checkpoint import is_complete_checkpoint
+from train.slurm import read_jobs
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
+
+
+def job_env(cluster):
+    from conftest import test_env
+
+    return cluster.env(test_env())
+
+
+def submit(cluster, *args, cwd=None):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "submit.py"), *args],
+        capture_output=True, text=True, env=job_env(cluster), cwd=cwd or REPO, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    return proc
+
+
+def when(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+def test_tiny_pipeline_runs_in_order_on_two_ranks(slurm_cluster, tmp_path):
+    t0 = time.time()
+    submit(slurm_cluster, "pipeline=tiny", "cluster=slurm", f"root={tmp_path}", "cluster.gpus_per_node=2",
+           "cluster.request_gpus=false", "cluster.merge_tasks=2", "cluster.time=00:20:00")
+    run = tmp_path / "tiny"
+    jobs = read_jobs(run / "jobs")
+    assert [j.step for j in jobs] == ["cpt", "sft", "dpo", "orpo", "slerp"]
+    infos = slurm_cluster.wait_jobs([j.job_id for j in jobs], timeout=840)
+    wall = time.time() - t0
+    states = {j.step: infos[j.job_id]["JobState"] for j in jobs}
+    logs = {j.step: Path(j.log).read_text() if Path(j.log).exists() else "" for j in jobs}
+    assert set(states.values()) == {"COMPLETED"}, (states, {s: l[-2000:] for s, l in logs.items()})
+
+    # Dependency order: each job started after the previous one ended, and waited for it.
+    for prev, job in zip(jobs, jobs[1:]):
+        assert when(infos[job.job_id]["StartTime"]) >= when(infos[prev.job_id]["EndTime"])
+        assert f"afterok:{prev.job_id}" in Path(job.script).read_text()
+
+    # Training jobs ran 2 ranks, ZeRO-3 partitioned between them, from the SLURM variables.
+    for step in ("cpt", "sft", "dpo", "orpo"):
+        assert "[rank 0/2]" in logs[step] and "[rank 1/2]" in logs[step], logs[step][-2000:]
+        model = AutoModelForCausalLM.from_pretrained(run / step)
+        assert model.config.num_hidden_layers == 4
+    # Each stage read the previous stage's output.
+    sft_cfg = (run / "sft" / "domainforge.yaml").read_text()
+    assert f"path: {run / 'cpt'}" in sft_cfg
+
+    # The merge ran as 2 workers and produced a model that loads.
+    assert "2 worker(s)" in logs["slerp"], logs["slerp"][-2000:]
+    merged = AutoModelForCausalLM.from_pretrained(run / "slerp")
+    assert merged.num_parameters() == AutoModelForCausalLM.from_pretrained(run / "orpo").num_parameters()
+
+    status = submit(slurm_cluster, "status", "pipeline=tiny", f"root={tmp_path}").stdout
+    for job in jobs:
+        assert re.search(rf"^{job.step}\s+{job.job_id}\s+COMPLETED\s+{re.escape(job.output_dir)} \(finished\)$",
+                         status, flags=re.M), status
+    # Resubmitting a finished pipeline submits nothing.
+    again = submit(slurm_cluster, "pipeline=tiny", "cluster=slurm", f"root={tmp_path}", "cluster.request_gpus=false")
+    assert "every step is complete, nothing to submit" in again.stdout
+    print(f"\ntiny pipeline on SLURM (5 jobs, 2 ranks): {wall:.0f} s wall")
+
+
+def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
+    out = tmp_path / "cpt"
+    max_steps, save_steps = 30, 5
+    submit(slurm_cluster, "+stage=cpt", f"output_dir={out}", f"training.max_steps={max_steps}",
+           f"training.save_steps={save_steps}", "training.save_total_limit=null", "training.max_seq_length=128",
+           "cluster=slurm", "cluster.gpus_per_node=2", "cluster.request_gpus=false", "cluster.time=00:20:00")
+    (job,) = read_jobs(out / "jobs")
+
+    # After the first periodic checkpoint, send what SLURM sends before a time limit.
+    first = out / "checkpoints" / f"checkpoint-{save_steps}"
+    deadline = time.time() + 300
+    while not is_complete_checkpoint(first):
+        assert time.time() < deadline, Path(job.log).read_text()[-3000:]
+        assert slurm_cluster.job_info(job.job_id).get("JobState") in ("PENDING", "RUNNING"), Path(job.log).read_text()[-3000:]
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job.job_id], check=True, env=job_env(slurm_cluster))
+
+    info = slurm_cluster.wait_jobs([job.job_id], timeout=600)[job.job_id]
+    log = Path(job.log).read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert info["Restarts"] == "1", info
+
+    saved = re.search(r"preemption: SIGUSR1 received, saving checkpoint-(\d+)", log)
+    assert saved, log[-3000:]
+    step = int(saved.group(1))
+    assert save_steps <= step < max_steps
+    assert f"requeueing job {job.job_id}" in log
+    # The requeued run resumed from exactly the checkpoint the signal wrote.
+    assert f"resuming from {out / 'checkpoints' / f'checkpoint-{step}'}" in log, log[-3000:]
+    # ... and finished with the right step count: the final state counts max_steps, and the
+    # second run trained only the remaining steps.
+    last = out / "checkpoints" / f"checkpoint-{max_steps}" / "trainer_state.json"
+    state = json.loads(last.read_text())
+    assert state["global_step"] == max_steps and state["max_steps"] == max_steps
+    logged_steps = sorted({row["step"] for row in state["log_history"] if "loss" in row})
+    assert logged_steps == list(range(1, max_steps + 1))
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
