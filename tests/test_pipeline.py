@@ -126,10 +126,11 @@ def test_bad_pipeline_input_is_one_line_and_exit_2(tmp_path):
 def test_local_pipeline_skips_finished_steps_and_reruns_failed_ones(tmp_path):
     two_steps = ["pipeline=tiny", "pipeline.steps=[{name:cpt,stage:cpt},{name:sft,stage:sft}]", f"root={tmp_path}",
                  "cluster.gpus_per_node=2"]
-    # sft fails (its data is missing) after cpt finished: one line naming the step, non-zero exit.
-    proc = launch("pipeline.py", [*two_steps, "pipeline.steps.1.overrides=[data.sft.path=/nonexistent.jsonl]"])
-    assert_one_line_error(proc, "step 'sft' failed", "rerun the same command")
-    assert proc.returncode == 1
+    # sft fails (its data is missing) after cpt finished: sft's one error line, then where it stopped.
+    proc = launch("pipeline.py", [*two_steps, "pipeline.steps.1.overrides=['data.sft.path=/nonexistent.jsonl']"])
+    assert_one_line_error(proc, "/nonexistent.jsonl")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("pipeline tiny: stopped at step 'sft'")
     assert (tmp_path / "tiny" / "cpt" / "config.json").is_file()
     assert not (tmp_path / "tiny" / "sft" / "config.json").exists()
     # The rerun skips cpt and runs sft on cpt's output, through the deepspeed launcher (2 ranks).

@@ -172,6 +172,8 @@ class Step:
     stage: Optional[str] = None
     train_args: List[str] = field(default_factory=list)
     """launch/train.py arguments (training steps)."""
+    input_dir: Optional[str] = None
+    """The model a training step starts from (None: random init, or a GGUF preset)."""
     merge_args: List[str] = field(default_factory=list)
     """launch/merge.py arguments (merge steps)."""
     merge_models: List[str] = field(default_factory=list)
@@ -306,11 +308,15 @@ def plan_pipeline(cfg: DictConfig) -> Plan:
         else:
             input_dir, dep = resolve(START, spec.name, "input")
         args = [f"+stage={spec.stage}", f"model={pipeline.model}", f"output_dir={out}"]
-        if input_dir is not None and (dep is not None or pipeline.start or spec.input):
+        explicit = input_dir is not None and bool(dep is not None or pipeline.start or spec.input)
+        if explicit:
             # A step's input is a saved HF directory: drop the preset's GGUF file name.
             args += [f"model.path={input_dir}", "model.gguf_file=null"]
+        elif input_dir is not None and _is_gguf_cache(input_dir):
+            input_dir = None  # the step converts the preset's GGUF file itself
         args += list(pipeline.overrides) + list(spec.overrides)
-        steps.append(Step(spec.name, index, out, stage=spec.stage, train_args=args, depends_on=[dep] if dep else []))
+        steps.append(Step(spec.name, index, out, stage=spec.stage, train_args=args, input_dir=input_dir,
+                          depends_on=[dep] if dep else []))
     return Plan(pipeline.name, run_dir, steps)
 
 
@@ -329,16 +335,24 @@ def validate_step_configs(plan: Plan) -> None:
             raise UserError(f"pipeline {plan.pipeline}, step '{step.name}': {err}") from err
 
 
+def _is_gguf_cache(path: str) -> bool:
+    from train.model import CACHE_DIR
+
+    return Path(path).parent == CACHE_DIR
+
+
 def check_outside_models(plan: Plan, steps: List[Step]) -> None:
-    """Merge inputs that no step of this pipeline produces must already exist."""
+    """Models that no step of this pipeline produces must already exist, before jobs queue."""
     produced = {str(s.output_dir) for s in plan.steps}
     for step in steps:
-        for path in step.merge_models:
-            if path not in produced and not (Path(path) / "config.json").is_file():
-                raise UserError(
-                    f"pipeline {plan.pipeline}: merge step '{step.name}' reads {path}, which is not a model "
-                    "directory (no config.json): download the model and set pipeline.models.<name>=<local dir>"
-                )
+        for path in step.merge_models or [step.input_dir]:
+            if path is None or path in produced or (Path(path) / "config.json").is_file():
+                continue
+            fix = "pipeline.models.<name>=<local dir>" if step.kind == "merge" else "pipeline.start=<local dir>"
+            raise UserError(
+                f"pipeline {plan.pipeline}: step '{step.name}' reads {path}, which is not a local model directory "
+                f"(no config.json): download the model and set {fix}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,6 +410,13 @@ def run_local(cfg: DictConfig) -> Plan:
                 f"pipeline {plan.pipeline}: step '{step.name}' stopped on a signal after saving a checkpoint: "
                 "rerun the same command to resume"
             )
+        if code == UserError.exit_code:
+            # The step already printed its one-line error; add where the pipeline stopped.
+            print(
+                f"pipeline {plan.pipeline}: stopped at step '{step.name}'; fix it and rerun the same command "
+                "(finished steps are skipped)", file=sys.stderr, flush=True,
+            )
+            sys.exit(code)
         if code != 0 or not step.is_complete():
             raise StepFailed(
                 f"pipeline {plan.pipeline}: step '{step.name}' failed (exit {code}, see the output above): "

@@ -177,7 +177,8 @@ def sbatch(script: Path) -> str:
     proc = subprocess.run([require_sbatch(), "--parsable", str(script)], capture_output=True, text=True)
     if proc.returncode != 0:
         reason = " ".join(proc.stderr.split()) or f"exit {proc.returncode}"
-        raise UserError(f"sbatch rejected {script}: {reason}: fix the cluster.* settings (see docs/slurm.md)")
+        hint = " (a CPU-only partition? cluster.request_gpus=false)" if "gres" in reason.lower() else ""
+        raise UserError(f"sbatch rejected {script}: {reason}: fix the cluster.* settings{hint} (see docs/slurm.md)")
     return proc.stdout.strip().split(";")[0]
 
 
