@@ -1,0 +1,219 @@
+"""The real launcher for the preference stages, ZeRO-3 across 2 CPU ranks on the tiny model:
+on a learnable set the DPO reward margin and the ORPO log-odds ratio rise, the DPO reference
+is partitioned like the policy, metrics reach W&B, cached reference log-probs are reused by a
+rerun, both stages continue from a saved model and save one that loads and generates, and bad
+input fails with one line."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_one_line_error, launch
+from conftest import test_env as launcher_env
+from test_train_integration import generates
+from transformers import AutoModelForCausalLM, set_seed
+
+from train.config import REPO_ROOT, compose_train_config
+from train.model import load_model, load_tokenizer
+from wandb_offline import find_offline_runs, history
+
+pytestmark = pytest.mark.integration
+
+FAST = [
+    "training.learning_rate=1e-3",
+    "training.warmup_steps=0",
+    "training.lr_scheduler_type=constant",
+    "training.per_device_train_batch_size=2",
+    "stage.max_length=256",
+    "stage.max_prompt_length=192",
+]
+BUNDLED = REPO_ROOT / "data" / "materials" / "preference.jsonl"
+
+
+def tail(proc) -> str:
+    return (proc.stdout + proc.stderr)[-4000:]
+
+
+def log_rows(output_dir: Path):
+    """Per-step log rows from the newest trainer_state.json."""
+    states = sorted((output_dir / "checkpoints").glob("checkpoint-*/trainer_state.json"),
+                    key=lambda p: int(p.parent.name.split("-")[1]))
+    assert states, f"no trainer_state.json under {output_dir}/checkpoints"
+    return [r for r in json.loads(states[-1].read_text())["log_history"] if "loss" in r]
+
+
+def rises(values, n=4):
+    return sum(values[-n:]) / n > sum(values[:n]) / n
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    # reference log-probs cache of this module only
+    return launcher_env(DOMAINFORGE_CACHE=str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="module")
+def learnable_set(tmp_path_factory):
+    """Bundled prompts and correct answers against one evasive non-answer: clearly distinct."""
+    path = tmp_path_factory.mktemp("data") / "learnable.jsonl"
+    rows = [json.loads(l) for l in BUNDLED.read_text().splitlines()[:64]]
+    path.write_text("".join(
+        json.dumps({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": "I cannot say, maybe ask someone."}) + "\n"
+        for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """A tiny model saved the way a finished SFT run saves it (weights + tokenizer)."""
+    out = tmp_path_factory.mktemp("sft") / "model"
+    cfg = compose_train_config(["+stage=sft"])
+    tokenizer = load_tokenizer(cfg.model)
+    set_seed(3)
+    load_model(cfg.model, torch.float32, tokenizer).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def train(stage, out, env, *overrides, steps):
+    proc = launch(
+        "train.py",
+        [f"+stage={stage}", f"output_dir={out}", *FAST, f"training.max_steps={steps}",
+         f"training.save_steps={steps}", *overrides],
+        ranks=2, env=env,
+    )
+    assert proc.returncode == 0, tail(proc)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory, learnable_set, env):
+    out = tmp_path_factory.mktemp("dpo") / "run"
+    proc = train("dpo", out, env, f"data.preference.path={learnable_set}", "stage.beta=0.5",
+                 "logging=wandb", "logging.mode=offline", steps=16)
+    return out, proc
+
+
+@pytest.fixture(scope="module")
+def orpo_run(tmp_path_factory, learnable_set, env):
+    out = tmp_path_factory.mktemp("orpo") / "run"
+    proc = train("orpo", out, env, f"data.preference.path={learnable_set}",
+                 "logging=wandb", "logging.mode=offline", steps=16)
+    return out, proc
+
+
+def test_dpo_reward_margin_rises(dpo_run):
+    rows = log_rows(dpo_run[0])
+    assert len(rows) == 16
+    assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 0
+    margins = [r["rewards/margins"] for r in rows]
+    assert rises(margins) and margins[-1] > 0, margins
+    assert sum(r["rewards/accuracies"] for r in rows[-4:]) / 4 > 0.5
+
+
+def test_dpo_reference_is_partitioned_under_zero3(dpo_run):
+    _, proc = dpo_run
+    shares = re.findall(r"\[rank (\d)/2\] reference model holds (\d+) of (\d+) parameters", proc.stdout)
+    assert sorted(r for r, _, _ in shares) == ["0", "1"], proc.stdout[-2000:]
+    for _, local, total in shares:
+        assert abs(int(local) - int(total) / 2) <= 0.01 * int(total)  # ~1/N each, not a replica
+        assert int(total) > 3_000_000
+
+
+def test_orpo_log_odds_ratio_rises(orpo_run):
+    rows = log_rows(orpo_run[0])
+    assert len(rows) == 16
+    ratio = [r["log_odds_ratio"] for r in rows]
+    assert rises(ratio), ratio
+    assert rises([-r["nll_loss"] for r in rows])  # the SFT term falls too
+
+
+@pytest.mark.parametrize("run, keys", [
+    ("dpo_run", ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"]),
+    ("orpo_run", ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                  "log_odds_ratio", "nll_loss"]),
+])
+def test_preference_metrics_reach_wandb(run, keys, request):
+    out, _ = request.getfixturevalue(run)
+    (wandb_run,) = find_offline_runs(out)
+    rows = [r for r in history(wandb_run) if "train/loss" in r]
+    assert len(rows) == 16
+    for key in keys:
+        assert all(f"train/{key}" in r for r in rows), (key, sorted(rows[0]))
+    assert rows[0]["train/preference_rows"] == 64
+
+
+@pytest.mark.parametrize("run", ["dpo_run", "orpo_run"])
+def test_saved_model_loads_and_generates(run, request):
+    out, _ = request.getfixturevalue(run)
+    assert (out / "domainforge.yaml").is_file()
+    generates(out)
+
+
+def test_dpo_from_a_saved_model_reuses_cached_reference_log_probs(tmp_path, saved_model, env):
+    args = [f"model.path={saved_model}", "stage.precompute_ref_log_probs=true"]
+    first = train("dpo", tmp_path / "first", env, *args, steps=4)
+    match = re.search(r"reference log-probs for 437 pairs computed and cached in (\S+)", first.stdout)
+    assert match, first.stdout[-2000:]
+    cache = Path(match.group(1))
+    written = cache.stat().st_mtime_ns
+
+    rerun = train("dpo", tmp_path / "rerun", env, *args, steps=4)
+    assert f"reference log-probs for 437 pairs loaded from {cache}" in rerun.stdout, rerun.stdout[-2000:]
+    assert cache.stat().st_mtime_ns == written
+    assert "reference model holds" not in rerun.stdout  # nothing to load: the log-probs are cached
+    assert log_rows(tmp_path / "rerun")[0]["loss"] == pytest.approx(log_rows(tmp_path / "first")[0]["loss"], abs=1e-6)
+    generates(tmp_path / "rerun")
+
+
+def test_orpo_continues_from_a_saved_model(tmp_path, saved_model, env):
+    train("orpo", tmp_path / "orpo", env, f"model.path={saved_model}", steps=4)
+    generates(tmp_path / "orpo")
+    a = AutoModelForCausalLM.from_pretrained(saved_model).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "orpo").state_dict()
+    drift = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert 0 < drift < 1.0  # trained from the saved weights, not from scratch
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: one line, non-zero exit, nothing written
+# ---------------------------------------------------------------------------------------------
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def fails(tmp_path, env, *overrides):
+    out = tmp_path / "run"
+    proc = launch("train.py", [*overrides, f"output_dir={out}"], timeout=300, env=env)
+    assert not out.exists(), list(out.rglob("*"))
+    return proc
+
+
+def test_row_missing_rejected(tmp_path, env):
+    data = write_rows(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"},
+                                             {"prompt": "q2", "chosen": "a2"}])
+    proc = fails(tmp_path, env, "+stage=dpo", f"data.preference.path={data}")
+    assert_one_line_error(proc, "row 1 has no 'rejected'", "data.preference.path")
+
+
+def test_every_chosen_equals_rejected(tmp_path, env):
+    data = write_rows(tmp_path / "p.jsonl", [{"prompt": f"q{i}", "chosen": "same", "rejected": "same"} for i in range(3)])
+    proc = fails(tmp_path, env, "+stage=orpo", f"data.preference.path={data}")
+    assert_one_line_error(proc, "chosen equals rejected in every one of the 3 rows")
+
+
+def test_prompt_longer_than_max_length(tmp_path, env):
+    proc = fails(tmp_path, env, "+stage=orpo", "stage.max_length=24", "stage.max_prompt_length=16")
+    assert_one_line_error(proc, "of 437 rows have a prompt of at least stage.max_length=24", "raise stage.max_length=")
+
+
+@pytest.mark.parametrize("key", ["model.path", "stage.ref_model_path"])
+def test_path_that_is_not_a_model(tmp_path, env, key):
+    (tmp_path / "notamodel").mkdir()
+    proc = fails(tmp_path, env, "+stage=dpo", f"{key}={tmp_path}/notamodel")
+    assert_one_line_error(proc, key, "config.json")
