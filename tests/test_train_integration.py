@@ -150,3 +150,19 @@ def test_killed_run_resumes_on_the_same_trajectory(tmp_path):
     got = loss_history(killed)
     assert len(got) == len(expected) == 24
     assert got == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "python"])
+def test_same_entry_point_under_torchrun_and_plain_python(launcher, tmp_path):
+    out = tmp_path / "run"
+    args = [str(REPO / "launch" / "train.py"), "+stage=sft", f"output_dir={out}", *FAST, "training.max_steps=3"]
+    if launcher == "torchrun":
+        cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), *args]
+    else:
+        cmd = [sys.executable, *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=test_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, tail(proc)
+    ranks = 2 if launcher == "torchrun" else 1
+    assert len(re.findall(rf"\[rank \d/{ranks}\] holds", proc.stdout)) == ranks, proc.stdout[-2000:]
+    assert len(loss_history(out)) == 3
+    generates(out)

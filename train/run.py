@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -29,7 +30,7 @@ from train.deepspeed_config import build_deepspeed_config
 from train.errors import UserError
 from train.model import load_model, load_tokenizer, max_positions
 from train.preemption import exit_if_preempted, preemption_callback
-from train.runtime import Runtime, detect_runtime, let_accelerate_see_cpu_ranks
+from train.runtime import Runtime, detect_runtime, ensure_process_group_env, let_accelerate_see_cpu_ranks
 from train.stages import get_stage
 from train.tracking import ThroughputCallback, configure_wandb, report_to
 
@@ -38,6 +39,9 @@ log = logging.getLogger("domainforge")
 
 def main(argv: List[str]) -> None:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    # torch.distributed's deprecation notices repeat on every collective; they are not ours to fix.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed.*")
+    warnings.filterwarnings("ignore", message=r".*'pin_memory' argument is set as true.*")
     cfg = compose_train_config(argv)
     run_stage(cfg)
 
@@ -93,6 +97,7 @@ def check_limits(cfg: DictConfig) -> None:
 
 def run_stage(cfg: DictConfig) -> Path:
     """Train `cfg.stage` and publish the final model into `cfg.output_dir`; returns that path."""
+    ensure_process_group_env()
     runtime = detect_runtime(cfg.training.precision)
     stage = get_stage(cfg.stage.name)
     out = Path(cfg.output_dir)

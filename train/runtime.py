@@ -40,6 +40,20 @@ class Runtime:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
 
 
+def ensure_process_group_env() -> None:
+    """Plain `python launch/train.py` has no launcher: describe a 1-process world so that
+    deepspeed.zero.Init can start its process group (it otherwise goes looking for MPI)."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 def detect_runtime(precision: str = "auto") -> Runtime:
     gpu = torch.cuda.is_available()
     if precision == "auto":
