@@ -166,3 +166,24 @@ def test_same_entry_point_under_torchrun_and_plain_python(launcher, tmp_path):
     assert len(re.findall(rf"\[rank \d/{ranks}\] holds", proc.stdout)) == ranks, proc.stdout[-2000:]
     assert len(loss_history(out)) == 3
     generates(out)
+
+
+def test_packed_sft_step_equals_unpacked(tmp_path):
+    """Two chats in one packed row give the same first-step loss as the same two chats as a
+    padded batch of 2: packing changes the layout, never what an example attends to."""
+    import json
+
+    chats = tmp_path / "two.jsonl"
+    with chats.open("w") as f:
+        for q, a in [("What is the density of iron?", "The density of iron is 7.874 g/cm3."),
+                     ("What is the symbol of copper?", "Copper is written Cu; its atomic number is 29.")]:
+            f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n")
+    first_loss = {}
+    for packing, batch in [(True, 1), (False, 2)]:
+        out = tmp_path / f"packing-{packing}"
+        proc = launch("train.py", ["+stage=sft", f"data.sft.path={chats}", f"stage.packing={str(packing).lower()}",
+                                   f"training.per_device_train_batch_size={batch}", "training.max_steps=1",
+                                   "training.max_seq_length=256", f"output_dir={out}"])
+        assert proc.returncode == 0, tail(proc)
+        first_loss[packing] = loss_history(out)[0]
+    assert first_loss[True] == pytest.approx(first_loss[False], abs=1e-5)
