@@ -14,8 +14,13 @@ Hydra form (conf/merge_job.yaml + conf/merge/<preset>.yaml):
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+# Parallelism comes from the workers. A threaded BLAS under each of them (or beside other jobs)
+# spins on busy cores: 64k-element dots went from 13 ms to 170 ms per 16M elements here.
+os.environ["OPENBLAS_NUM_THREADS"] = "1"
 
 # Put the repo root first: this file's own folder would otherwise shadow the `merge` package.
 sys.path[0] = str(Path(__file__).resolve().parents[1])

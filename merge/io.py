@@ -201,12 +201,10 @@ def decode(raw: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
 
 
 def encode(src: np.ndarray, dtype: str, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    """float32/float64 `src` -> storage bytes of `dtype`, rounding to nearest even (as torch).
-
-    Returns a uint8 view to write. `out` (uint8) and `scratch` (uint32) are reused buffers of
-    at least src.size * itemsize bytes / src.size elements; `src` may be returned as is.
-    """
+    """float32/float64 `src` -> storage bytes of `dtype` in `out` (uint8), rounding to nearest
+    even as torch does; returns the filled uint8 view. `scratch` (uint32) has >= src.size."""
     n = src.shape[0]
+    dst = out[: n * ITEMSIZE[dtype]]
     if dtype == "BF16":
         if src.dtype != np.float32:
             src32 = scratch[:n].view(np.float32)
@@ -220,15 +218,11 @@ def encode(src: np.ndarray, dtype: str, out: np.ndarray, scratch: np.ndarray) ->
         np.add(tmp, 0x7FFF, out=tmp)
         np.add(tmp, bits, out=tmp)
         np.right_shift(tmp, 16, out=tmp)
-        dst = out[: 2 * n].view(np.uint16)
-        np.copyto(dst, tmp, casting="unsafe")
-        return out[: 2 * n]
+        np.copyto(dst.view(np.uint16), tmp, casting="unsafe")
+        return dst
     target = {"F16": np.float16, "F32": np.float32, "F64": np.float64}[dtype]
-    if src.dtype == target:
-        return src.view(np.uint8)
-    dst = out[: n * ITEMSIZE[dtype]].view(target)
-    np.copyto(dst, src, casting="unsafe")
-    return dst.view(np.uint8)
+    np.copyto(dst.view(target), src, casting="unsafe")
+    return dst
 
 
 def round_through(buf: np.ndarray, dtype: str, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:

@@ -27,7 +27,10 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import yaml
 
-from merge.io import ITEMSIZE, TORCH_NAMES, ModelReader, create_shard, decode, encode, read_header, pwrite_exact, round_through
+from merge.io import (
+    ITEMSIZE, TORCH_NAMES, ModelReader, create_shard, decode, encode, pread_exact, pwrite_exact, read_header,
+    round_through,
+)
 from merge.plan import MergePlan, ShardPlan, TensorPlan, parse_merge_config, plan_merge, plan_output_shards
 from merge.slerp import SlerpStats, combine, combine_linear, slerp_coefficients
 from train.errors import UserError
@@ -54,8 +57,8 @@ class MergeOptions:
     """Re-read the output before publishing: every tensor present, right shape/dtype, finite."""
     wait_timeout: float = 4 * 3600.0
     """Seconds worker 0 waits for the other workers' shards before giving up."""
-    chunk_elements: int = 4 * 1024 * 1024
-    """Elements per chunk: bounds memory at ~16 bytes x chunk x inputs per worker."""
+    chunk_elements: int = 8 * 1024 * 1024
+    """Elements per read/write: memory per worker is ~8 bytes x chunk x (inputs + 1) at most."""
     progress: bool = True
 
 
@@ -78,12 +81,22 @@ def distributed_rank(options: MergeOptions) -> Optional[tuple]:
 # planning shared by every worker
 # ---------------------------------------------------------------------------------------------
 class Merge:
-    def __init__(self, raw_config: dict, out_dir: str, options: MergeOptions):
+    def __init__(self, raw_config: dict, out_dir: str, options: MergeOptions, world: int = 1):
         self.options = options
         self.spec = parse_merge_config(raw_config)
         self.readers: Dict[str, ModelReader] = {}
         self.plan: MergePlan = plan_merge(self.spec, self.reader)
-        self.shards: List[ShardPlan] = plan_output_shards(self.plan.tensors, options.shard_size)
+        self.shard_size = options.shard_size
+        self.shards: List[ShardPlan] = plan_output_shards(self.plan.tensors, self.shard_size)
+        if len(self.shards) < world <= len(self.plan.tensors):
+            # workers own whole shards: cut smaller shards so that every worker gets one
+            total = sum(t.nbytes for t in self.plan.tensors)
+            step = max(1, max(t.nbytes for t in self.plan.tensors) // 16)
+            self.shard_size = -(-total // world)
+            self.shards = plan_output_shards(self.plan.tensors, self.shard_size)
+            while len(self.shards) > world:  # greedy packing left a remainder: grow a little
+                self.shard_size += step
+                self.shards = plan_output_shards(self.plan.tensors, self.shard_size)
         self.out = Path(out_dir).expanduser().resolve()
         self.tmp = self.out.parent / f".{self.out.name}.partial"
         self.fingerprint = self._fingerprint()
@@ -146,68 +159,94 @@ class Merge:
 # the streaming kernel
 # ---------------------------------------------------------------------------------------------
 class Buffers:
-    """Reused per-worker scratch: memory stays flat whatever the tensor or model size."""
+    """Reused per-worker scratch: memory stays flat whatever the tensor or model size.
+
+    Two levels: an I/O chunk (`chunk` elements of each input's raw bytes, one pread each, and
+    the output bytes, one pwrite) and compute blocks (`BLOCK` elements) that stay in CPU cache
+    while they are decoded, reduced, interpolated and encoded.
+    """
+
+    BLOCK = 256 * 1024
 
     def __init__(self, chunk: int, inputs: int):
         self.chunk = chunk
         self.raw = [np.empty(chunk * 8, np.uint8) for _ in range(inputs)]
         self.out = np.empty(chunk * 8, np.uint8)
-        self.scratch = np.empty(chunk, np.uint32)
-        self.finite = np.empty(chunk, np.bool_)
+        block = min(self.BLOCK, chunk)
+        self.block = block
+        self.tmp = np.empty(block * 8, np.uint8)
+        self.scratch = np.empty(block, np.uint32)
+        self.finite = np.empty(block, np.bool_)
         self._compute: Dict[type, List[np.ndarray]] = {}
 
     def compute(self, dtype) -> List[np.ndarray]:
         if dtype not in self._compute:
-            self._compute[dtype] = [np.empty(self.chunk, dtype) for _ in self.raw]
+            self._compute[dtype] = [np.empty(self.block, dtype) for _ in self.raw]
         return self._compute[dtype]
 
 
-def _load(plan: TensorPlan, merge: Merge, buf: Buffers, start: int, count: int, compute) -> List[np.ndarray]:
-    """Elements [start, start+count) of every source, as `compute` arrays rounded to the
-    plan's working dtype (mergekit loads inputs as `dtype`, then computes in float32)."""
-    arrays = []
+def _read(plan: TensorPlan, merge: Merge, buf: Buffers, start: int, count: int) -> List[tuple]:
+    """Raw bytes of elements [start, start+count) of every source: [(uint8 array, dtype)]."""
+    raws = []
     for j, (model, name) in enumerate(plan.sources):
         reader = merge.reader(model)
-        src = reader.info(name).dtype
-        raw = reader.read_into(name, start, buf.raw[j][: count * ITEMSIZE[src]])
-        x = decode(raw, src, buf.compute(compute)[j][:count])
-        if plan.work_dtype in ("BF16", "F16") and src != plan.work_dtype:
-            round_through(x, plan.work_dtype, buf.out, buf.scratch)
+        dtype = reader.info(name).dtype
+        raws.append((reader.read_into(name, start, buf.raw[j][: count * ITEMSIZE[dtype]]), dtype))
+    return raws
+
+
+def _decode(plan: TensorPlan, buf: Buffers, raws, lo: int, hi: int, compute) -> List[np.ndarray]:
+    """Elements [lo, hi) of a chunk as `compute` arrays, rounded to the plan's working dtype
+    (mergekit loads the inputs as `dtype`, then computes in float32)."""
+    arrays = []
+    for j, (raw, dtype) in enumerate(raws):
+        size = ITEMSIZE[dtype]
+        x = decode(raw[lo * size : hi * size], dtype, buf.compute(compute)[j][: hi - lo])
+        if plan.work_dtype in ("BF16", "F16") and dtype != plan.work_dtype:
+            round_through(x, plan.work_dtype, buf.tmp, buf.scratch)
         arrays.append(x)
     return arrays
 
 
 def merge_tensor(plan: TensorPlan, merge: Merge, buf: Buffers, fd: int, offset: int) -> None:
-    """Stream one output tensor to byte `offset` of the open shard `fd`."""
+    """Stream one output tensor to byte `offset` of the open shard `fd`.
+
+    SLERP needs the whole tensor's norms and dot before writing anything: pass one reduces
+    every chunk, pass two interpolates it. A tensor that fits one chunk is read once."""
     compute = np.float64 if plan.work_dtype == "F64" else np.float32
-    n, chunk = plan.numel, buf.chunk
+    n, chunk, block = plan.numel, buf.chunk, buf.block
+    held = None  # the raw chunk kept between the passes when the tensor is one chunk
     coefficients = None
-    if plan.method == "slerp" and n > chunk:
-        # pass one: |v0|², |v1|², v0·v1 over all chunks, in float64
+    if plan.method == "slerp":
         stats = SlerpStats()
         for start in range(0, n, chunk):
-            stats.add(*_load(plan, merge, buf, start, min(chunk, n - start), compute))
+            count = min(chunk, n - start)
+            raws = _read(plan, merge, buf, start, count)
+            for lo in range(0, count, block):
+                stats.add(*_decode(plan, buf, raws, lo, min(lo + block, count), compute))
+            held = raws if count == n else None
         coefficients = slerp_coefficients(plan.t, stats.sq0, stats.sq1, stats.dot, compute)
     out_size = ITEMSIZE[plan.out_dtype]
     for start in range(0, n, chunk):
         count = min(chunk, n - start)
-        xs = _load(plan, merge, buf, start, count, compute)
-        if plan.method == "slerp":
-            if coefficients is None:  # the whole tensor is this one chunk
-                stats = SlerpStats()
-                stats.add(*xs)
-                coefficients = slerp_coefficients(plan.t, stats.sq0, stats.sq1, stats.dot, compute)
-            result = combine(*coefficients, *xs)
-        else:
-            result = combine_linear(plan.weights, plan.normalize, xs)
-        if not np.isfinite(result, out=buf.finite[:count]).all():
-            raise UserError(
-                f"merged tensor '{plan.name}' has inf/nan values (from {plan.sources[0][0]} and "
-                f"{plan.sources[1][0]}): check the input models for non-finite weights"
-            )
-        if plan.out_dtype != plan.work_dtype and plan.work_dtype in ("BF16", "F16"):
-            round_through(result, plan.work_dtype, buf.out, buf.scratch)  # mergekit stores in `dtype` first
-        pwrite_exact(fd, encode(result, plan.out_dtype, buf.out, buf.scratch), offset + start * out_size)
+        raws = held if held is not None else _read(plan, merge, buf, start, count)
+        out = buf.out[: count * out_size]
+        for lo in range(0, count, block):
+            hi = min(lo + block, count)
+            xs = _decode(plan, buf, raws, lo, hi, compute)
+            if plan.method == "slerp":
+                result = combine(*coefficients, *xs)
+            else:
+                result = combine_linear(plan.weights, plan.normalize, xs)
+            if not np.isfinite(result, out=buf.finite[: hi - lo]).all():
+                raise UserError(
+                    f"merged tensor '{plan.name}' has inf/nan values (from {plan.sources[0][0]} and "
+                    f"{plan.sources[-1][0]}): check the input models for non-finite weights"
+                )
+            if plan.out_dtype != plan.work_dtype and plan.work_dtype in ("BF16", "F16"):
+                round_through(result, plan.work_dtype, buf.tmp, buf.scratch)  # mergekit stores `dtype` first
+            encode(result, plan.out_dtype, out[lo * out_size : hi * out_size], buf.scratch)
+        pwrite_exact(fd, out, offset + start * out_size)
 
 
 def check_shard_header(path: Path, shard: ShardPlan) -> None:
@@ -300,15 +339,16 @@ def verify_output(directory: Path, merge: Merge) -> None:
                         f"{t.out_dtype}: rerun the merge"
                     )
                 compute = np.float64 if info.dtype == "F64" else np.float32
+                size = ITEMSIZE[info.dtype]
                 for start in range(0, t.numel, buf.chunk):
                     count = min(buf.chunk, t.numel - start)
-                    raw = buf.raw[0][: count * ITEMSIZE[info.dtype]]
-                    from merge.io import pread_exact
-
-                    pread_exact(fd, raw, info.begin + start * ITEMSIZE[info.dtype], path)
-                    x = decode(raw, info.dtype, buf.compute(compute)[0][:count])
-                    if not np.isfinite(x, out=buf.finite[:count]).all():
-                        raise UserError(f"verify: '{t.name}' in {path.name} has inf/nan values: rerun the merge")
+                    raw = buf.raw[0][: count * size]
+                    pread_exact(fd, raw, info.begin + start * size, path)
+                    for lo in range(0, count, buf.block):
+                        hi = min(lo + buf.block, count)
+                        x = decode(raw[lo * size : hi * size], info.dtype, buf.compute(compute)[0][: hi - lo])
+                        if not np.isfinite(x, out=buf.finite[: hi - lo]).all():
+                            raise UserError(f"verify: '{t.name}' in {path.name} has inf/nan values: rerun the merge")
         finally:
             os.close(fd)
 
@@ -406,8 +446,8 @@ def log(message: str) -> None:
 def run_merge(raw_config: dict, out_dir: str, options: MergeOptions) -> Path:
     """Merge as configured into out_dir; returns out_dir. UserError on bad input."""
     dist = distributed_rank(options)
-    merge = Merge(raw_config, out_dir, options)
     rank, world = dist if dist else (0, max(1, options.workers))
+    merge = Merge(raw_config, out_dir, options, world)
     for w in merge.plan.warnings:
         if rank == 0:
             print(f"warning: {w}", file=sys.stderr, flush=True)

@@ -1,0 +1,233 @@
+"""Benchmark the streaming SLERP merger against mergekit 0.1.5 and the I/O floor, side by side.
+
+    python bench/merge_bench.py                       # ~840M params, then 2x; both contenders
+    python bench/merge_bench.py --params 840M --scales 1 --workers 2 --skip-mergekit
+    bash bench/setup_mergekit.sh                      # once, for the mergekit column
+
+Builds two synthetic Llama checkpoints (bf16, several shards, the second correlated with the
+first) under --work-dir, then for each size runs, one after another on warm page cache
+(inputs read once before each contender):
+  - ours:     python launch/merge.py paper.yml OUT --workers W --shard-size 2GB
+  - mergekit: /opt/mergekit-venv/bin/mergekit-yaml paper.yml OUT (if the venv exists)
+  - I/O floor: `cat` every input shard (reading both models) and write one model's worth of
+    output with `cat > file`; reported without and with an fsync of the output, since our
+    merger fsyncs every shard before marking it complete and mergekit does not.
+Peak RSS is the largest sum of RSS over the contender's whole process tree, sampled every 10 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+MERGEKIT = Path("/opt/mergekit-venv/bin/mergekit-yaml")
+HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = 2048, 5632, 32, 4, 32000
+PAPER_T = [
+    {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+    {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+    {"value": 0.5},
+]
+
+
+def parse_count(text: str) -> int:
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}.get(text[-1].upper(), 1)
+    return int(float(text.rstrip("KMBGkmbg")) * scale)
+
+
+def layer_shapes(i: int):
+    kv = HIDDEN // HEADS * KV_HEADS
+    p = f"model.layers.{i}."
+    return {
+        p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
+        p + "self_attn.k_proj.weight": (kv, HIDDEN),
+        p + "self_attn.v_proj.weight": (kv, HIDDEN),
+        p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+        p + "mlp.gate_proj.weight": (INTER, HIDDEN),
+        p + "mlp.up_proj.weight": (INTER, HIDDEN),
+        p + "mlp.down_proj.weight": (HIDDEN, INTER),
+        p + "input_layernorm.weight": (HIDDEN,),
+        p + "post_attention_layernorm.weight": (HIDDEN,),
+    }
+
+
+def numel(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def build_pair(root: Path, params: int, shards: int):
+    """Two Llama-shaped bf16 checkpoints of ~params parameters: base and other = 0.8·base + 0.6·noise."""
+    import torch
+    from safetensors.torch import save_file
+
+    per_layer = sum(numel(s) for s in layer_shapes(0).values())
+    layers = max(1, round((params - 2 * VOCAB * HIDDEN - HIDDEN) / per_layer))
+    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
+    for i in range(layers):
+        shapes.update(layer_shapes(i))
+    shapes.update({"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)})
+    total = sum(numel(s) for s in shapes.values())
+    dirs = {"base": root / "base", "other": root / "other"}
+    marker = root / "built.json"
+    if marker.is_file() and json.loads(marker.read_text()) == {"params": total, "shards": shards}:
+        return dirs, total, layers
+    shutil.rmtree(root, ignore_errors=True)
+    for d in dirs.values():
+        d.mkdir(parents=True)
+    groups, size = [[]], 0
+    for name, shape in shapes.items():
+        if size > total / shards and groups[-1]:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += numel(shape)
+    gen = torch.Generator().manual_seed(0)
+    weight_map = {}
+    for k, names in enumerate(groups):
+        fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        base, other = {}, {}
+        for name in names:
+            shape = shapes[name]
+            b = torch.randn(shape, generator=gen) * 0.02 + (1.0 if "norm" in name else 0.0)
+            o = 0.8 * b + 0.6 * (torch.randn(shape, generator=gen) * 0.02)
+            base[name], other[name] = b.to(torch.bfloat16), o.to(torch.bfloat16)
+            weight_map[name] = fname
+        save_file(base, str(dirs["base"] / fname), metadata={"format": "pt"})
+        save_file(other, str(dirs["other"] / fname), metadata={"format": "pt"})
+        del base, other
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+        "intermediate_size": INTER, "num_hidden_layers": layers, "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "dtype": "bfloat16",
+        "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
+    }
+    for d in dirs.values():
+        (d / "config.json").write_text(json.dumps(config, indent=2))
+        index = {"metadata": {"total_size": total * 2}, "weight_map": weight_map}
+        (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        for f in (REPO / "train" / "assets" / "tiny_tokenizer").iterdir():
+            shutil.copyfile(f, d / f.name)
+    marker.write_text(json.dumps({"params": total, "shards": shards}))
+    return dirs, total, layers
+
+
+def warm(dirs) -> None:
+    """Read every input byte once so each contender starts on the same warm page cache."""
+    for d in dirs.values():
+        for f in sorted(d.glob("*.safetensors")):
+            with open(f, "rb") as fh:
+                while fh.read(64 << 20):
+                    pass
+
+
+def measure(cmd, env=None, shell=False):
+    """(wall seconds, peak RSS bytes summed over the process tree, return code)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, shell=shell, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    root = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            procs = [root] + root.children(recursive=True)
+            rss = 0
+            for p in procs:
+                try:
+                    rss += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            peak = max(peak, rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.01)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read().decode(errors="replace")
+    if proc.returncode != 0:
+        print(f"[{cmd if shell else ' '.join(map(str, cmd))}] failed:\n{err[-2000:]}", file=sys.stderr)
+    return wall, peak, proc.returncode
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="840M", help="parameters per model at scale 1")
+    ap.add_argument("--scales", default="1,2", help="model sizes as multiples of --params")
+    ap.add_argument("--shards", type=int, default=4, help="input shards per model at scale 1")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--work-dir", default=str(REPO / "bench" / "_work"))
+    ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--repeat", type=int, default=2, help="runs per contender; the best is reported")
+    ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
+    args = ap.parse_args()
+    work = Path(args.work_dir)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    rows = []
+    for scale in [float(s) for s in args.scales.split(",")]:
+        root = work / f"x{scale:g}"
+        dirs, total, layers = build_pair(root / "models", int(parse_count(args.params) * scale),
+                                         max(2, round(args.shards * scale)))
+        size = sum(f.stat().st_size for f in dirs["base"].glob("*.safetensors"))
+        cfg = root / "paper.yml"
+        cfg.write_text(json.dumps({
+            "slices": [{"sources": [{"model": str(dirs["other"]), "layer_range": [0, layers]},
+                                    {"model": str(dirs["base"]), "layer_range": [0, layers]}]}],
+            "merge_method": "slerp", "base_model": str(dirs["base"]),
+            "parameters": {"t": PAPER_T}, "dtype": "bfloat16"}))
+        print(f"\n== scale {scale:g}: {total / 1e6:.0f}M params, {layers} layers, {size / 1e9:.2f} GB per model", flush=True)
+        results = {}
+
+        def run(label, cmd, out, shell=False):
+            walls, peaks = [], []
+            for _ in range(args.repeat):
+                shutil.rmtree(out, ignore_errors=True)
+                shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)
+                warm(dirs)
+                wall, peak, rc = measure(cmd, env=env, shell=shell)
+                if rc != 0:
+                    sys.exit(f"{label} failed (exit {rc})")
+                walls.append(wall)
+                peaks.append(peak)
+                shutil.rmtree(out, ignore_errors=True)
+            results[label] = (min(walls), max(peaks), walls)
+            mbps = 3 * size / 1e6 / min(walls)  # bytes moved: two inputs read, one output written
+            print(f"{label:15s} best {min(walls):6.2f} s (runs: {', '.join(f'{w:.2f}' for w in walls)})  "
+                  f"{mbps:6.0f} MB/s in+out  peak RSS {max(peaks) / 2**20:5.0f} MiB", flush=True)
+
+        out_floor = root / "floor"
+        copy = (f"mkdir -p {out_floor}; for f in {dirs['base']}/*.safetensors; do "
+                f"cat \"$f\" > {out_floor}/$(basename \"$f\"); done; cat {dirs['other']}/*.safetensors > /dev/null")
+        run("io-floor", copy, out_floor, shell=True)
+        run("io-floor+fsync", copy + f"; sync -d {out_floor}/*.safetensors", out_floor, shell=True)
+        run("ours", [sys.executable, str(REPO / "launch" / "merge.py"), str(cfg), str(root / "ours"),
+                     "--workers", str(args.workers), "--shard-size", "2GB", "--quiet"], root / "ours")
+        if MERGEKIT.exists() and not args.skip_mergekit:
+            run("mergekit", [str(MERGEKIT), str(cfg), str(root / "mergekit")], root / "mergekit")
+        ours = results["ours"][0]
+        line = f"ours vs io-floor: {ours / results['io-floor'][0]:.2f}x the time " \
+               f"({ours / results['io-floor+fsync'][0]:.2f}x with fsync)"
+        if "mergekit" in results:
+            line += f"; mergekit / ours: {results['mergekit'][0] / ours:.1f}x faster"
+        print(line, flush=True)
+        rows.append((scale, total, size, results))
+    print("\n| size | params | GB/model | contender | wall s (best) | all runs s | peak RSS MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for scale, total, size, results in rows:
+        for label, (wall, peak, walls) in results.items():
+            print(f"| x{scale:g} | {total / 1e6:.0f}M | {size / 1e9:.2f} | {label} | {wall:.2f} | "
+                  f"{', '.join(f'{w:.2f}' for w in walls)} | {peak / 2**20:.0f} |")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
