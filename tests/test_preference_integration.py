@@ -145,6 +145,7 @@ def test_preference_metrics_reach_wandb(run, keys, request):
     for key in keys:
         assert all(f"train/{key}" in r for r in rows), (key, sorted(rows[0]))
     assert rows[0]["train/preference_rows"] == 64
+    assert all(r["train/tokens_per_second"] > 0 for r in rows[1:])  # input tokens are counted
 
 
 @pytest.mark.parametrize("run", ["dpo_run", "orpo_run"])
@@ -161,6 +162,9 @@ def test_dpo_from_a_saved_model_reuses_cached_reference_log_probs(tmp_path, save
     assert match, first.stdout[-2000:]
     cache = Path(match.group(1))
     written = cache.stat().st_mtime_ns
+    # reference == starting model: log 2 at step 0 only if the log-probs gathered from both
+    # ranks landed on the right rows
+    assert log_rows(tmp_path / "first")[0]["loss"] == pytest.approx(0.6931, abs=1e-4)
 
     rerun = train("dpo", tmp_path / "rerun", env, *args, steps=4)
     assert f"reference log-probs for 437 pairs loaded from {cache}" in rerun.stdout, rerun.stdout[-2000:]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
-from trl.experimental.utils import pad_to_length  # noqa: E402
+from trl.experimental.utils import DPODataCollatorWithPadding, pad_to_length  # noqa: E402
 
 from train.preference import prepare_preference  # noqa: E402
 
@@ -53,6 +53,25 @@ class PretokenizedORPOTrainer(ORPOTrainer):
         return tuple(outputs)
 
 
+class CountingPaddingCollator:
+    """TRL's ORPO padding collator plus `input_ids` (chosen rows, then rejected rows): the HF
+    Trainer counts input tokens from `input_ids`, and ORPO's batch has none, so its
+    throughput logs would read 0. ORPO itself only reads the chosen_*/rejected_* fields."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+        self.padding = DPODataCollatorWithPadding(pad_token_id=pad_token_id)
+
+    def __call__(self, features):
+        batch = self.padding(features)
+        chosen, rejected = batch["chosen_input_ids"], batch["rejected_input_ids"]  # [B, Tc], [B, Tr]
+        length = max(chosen.shape[1], rejected.shape[1])
+        batch["input_ids"] = torch.cat(
+            [pad_to_length(chosen, length, self.pad_token_id), pad_to_length(rejected, length, self.pad_token_id)]
+        )  # [2B, T]
+        return batch
+
+
 class ORPOStage:
     name = "orpo"
 
@@ -72,6 +91,7 @@ class ORPOStage:
             model=model,
             args=args,
             train_dataset=data.train_dataset,
+            data_collator=CountingPaddingCollator(tokenizer.pad_token_id),
             processing_class=tokenizer,
             callbacks=callbacks,
         )
