@@ -93,3 +93,11 @@ def test_max_prompt_length_must_leave_room_for_answers():
 
     with pytest.raises(UserError, match="stage.max_prompt_length=2048 must be below stage.max_length=2048"):
         check_lengths(Stage)
+
+
+def test_max_length_within_the_model_limit():
+    class Stage:
+        max_prompt_length, max_length = 1700, 8192
+
+    with pytest.raises(UserError, match=r"stage.max_length=8192 exceeds the model's limit of 4096"):
+        check_lengths(Stage, 4096)

@@ -156,9 +156,9 @@ def test_saved_model_loads_and_generates(run, request):
 
 
 def test_dpo_from_a_saved_model_reuses_cached_reference_log_probs(tmp_path, saved_model, env):
-    args = [f"model.path={saved_model}", "stage.precompute_ref_log_probs=true"]
+    args = [f"model.path={saved_model}", "stage.precompute_ref_log_probs=true", "data.preference.max_samples=64"]
     first = train("dpo", tmp_path / "first", env, *args, steps=4)
-    match = re.search(r"reference log-probs for 437 pairs computed and cached in (\S+)", first.stdout)
+    match = re.search(r"reference log-probs for 64 pairs computed and cached in (\S+)", first.stdout)
     assert match, first.stdout[-2000:]
     cache = Path(match.group(1))
     written = cache.stat().st_mtime_ns
@@ -167,7 +167,7 @@ def test_dpo_from_a_saved_model_reuses_cached_reference_log_probs(tmp_path, save
     assert log_rows(tmp_path / "first")[0]["loss"] == pytest.approx(0.6931, abs=1e-4)
 
     rerun = train("dpo", tmp_path / "rerun", env, *args, steps=4)
-    assert f"reference log-probs for 437 pairs loaded from {cache}" in rerun.stdout, rerun.stdout[-2000:]
+    assert f"reference log-probs for 64 pairs loaded from {cache}" in rerun.stdout, rerun.stdout[-2000:]
     assert cache.stat().st_mtime_ns == written
     assert "reference model holds" not in rerun.stdout  # nothing to load: the log-probs are cached
     assert log_rows(tmp_path / "rerun")[0]["loss"] == pytest.approx(log_rows(tmp_path / "first")[0]["loss"], abs=1e-6)

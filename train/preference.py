@@ -22,7 +22,9 @@ from typing import Any, Dict, List, Optional, Tuple
 from datasets import Dataset
 from trl.data_utils import common_prefix_length, is_conversational, maybe_extract_prompt
 
+from train.data import load_rows
 from train.errors import UserError
+from train.model import max_positions
 from train.stages import PreparedData
 
 log = logging.getLogger("domainforge")
@@ -96,7 +98,12 @@ def truncate_pair(
     return prompt, chosen, rejected, True
 
 
-def check_lengths(stage_cfg) -> None:
+def check_lengths(stage_cfg, model_limit: int = 0) -> None:
+    if model_limit and stage_cfg.max_length > model_limit:
+        raise UserError(
+            f"stage.max_length={stage_cfg.max_length} exceeds the model's limit of {model_limit} positions "
+            f"(max_position_embeddings): set stage.max_length<={model_limit}"
+        )
     if stage_cfg.max_prompt_length >= stage_cfg.max_length:
         raise UserError(
             f"stage.max_prompt_length={stage_cfg.max_prompt_length} must be below stage.max_length="
@@ -158,9 +165,7 @@ def tokenize_preference_rows(
 
 def prepare_preference(cfg, tokenizer) -> PreparedData:
     """`cfg.data.preference` -> PreparedData for the DPO/ORPO stages (called before any output exists)."""
-    from train.data import load_rows
-
-    check_lengths(cfg.stage)
+    check_lengths(cfg.stage, max_positions(cfg.model))
     spec = cfg.data.preference
     rows = load_rows(spec, "preference")
     dataset, stats = tokenize_preference_rows(
