@@ -22,6 +22,8 @@ from typing import Dict, List, Optional
 
 import pytest
 
+from conftest import free_port
+
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo", "munged"]
 
@@ -53,12 +55,6 @@ KillWait=30
 NodeName={host} CPUs={cpus} RealMemory=20000 State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ensure_installed() -> None:
@@ -95,7 +91,7 @@ class LocalSlurm:
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
         self.conf.write_text(SLURM_CONF.format(
-            host=self.host, dir=self.dir, cpus=self.cpus, ctld_port=_free_port(), d_port=_free_port()
+            host=self.host, dir=self.dir, cpus=self.cpus, ctld_port=free_port(), d_port=free_port()
         ))
         munged = [
             _binary("munged"), "--foreground", "--force", f"--socket={self.dir}/munge.socket",

@@ -126,3 +126,22 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path
     logged_steps = sorted({row["step"] for row in state["log_history"] if "loss" in row})
     assert logged_steps == list(range(1, max_steps + 1))
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
+
+
+def test_scancel_is_not_undone_by_a_requeue(slurm_cluster, tmp_path):
+    """scancel sends SIGTERM like a preemption does; the job must stay cancelled."""
+    out = tmp_path / "cpt"
+    submit(slurm_cluster, "+stage=cpt", f"output_dir={out}", "training.max_steps=500", "training.max_seq_length=128",
+           "cluster=slurm", "cluster.gpus_per_node=2", "cluster.request_gpus=false")
+    (job,) = read_jobs(out / "jobs")
+    log = Path(job.log)
+    deadline = time.time() + 300
+    while "[rank 1/2]" not in (log.read_text() if log.exists() else ""):  # training is under way
+        assert time.time() < deadline and slurm_cluster.job_info(job.job_id)["JobState"] in ("PENDING", "RUNNING")
+        time.sleep(0.5)
+    subprocess.run(["scancel", job.job_id], check=True, env=job_env(slurm_cluster))
+    info = slurm_cluster.wait_jobs([job.job_id], timeout=120)[job.job_id]
+    time.sleep(15)  # a requeued job would be eligible again after cred_expire (10 s here)
+    info = slurm_cluster.job_info(job.job_id)
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), log.read_text()[-3000:]
+    assert "requeueing" not in log.read_text()
