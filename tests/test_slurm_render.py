@@ -50,6 +50,7 @@ def test_rendered_scripts(nodes, tmp_path):
         # Each job waits for the one before it; the first for nothing.
         deps = [o for o in options if o.startswith("--dependency")]
         assert deps == ([] if i == 0 else [f"--dependency=afterok:{1000 + i - 1}"])
+        assert ("--kill-on-invalid-dep=yes" in options) == (i > 0)  # a failed chain does not hang
         assert "source /opt/venv/bin/activate" in text
         assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0  # valid bash
 

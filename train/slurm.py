@@ -67,7 +67,9 @@ def common_sbatch_lines(cluster: DictConfig, dependency: Optional[str]) -> List[
     if cluster.requeue:
         lines.append("--requeue")
     if dependency:
-        lines.append(f"--dependency=afterok:{dependency}")
+        # If the previous job fails, cancel this one instead of leaving it pending forever, so
+        # resubmitting the pipeline is all it takes to continue.
+        lines += [f"--dependency=afterok:{dependency}", "--kill-on-invalid-dep=yes"]
     lines += list(cluster.sbatch_args)
     return lines
 
