@@ -166,7 +166,7 @@ def main():
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--work-dir", default=str(REPO / "bench" / "_work"))
     ap.add_argument("--skip-mergekit", action="store_true")
-    ap.add_argument("--repeat", type=int, default=2, help="runs per contender; the best is reported")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds over the contenders; the best is reported")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
     args = ap.parse_args()
     work = Path(args.work_dir)
@@ -184,34 +184,35 @@ def main():
             "merge_method": "slerp", "base_model": str(dirs["base"]),
             "parameters": {"t": PAPER_T}, "dtype": "bfloat16"}))
         print(f"\n== scale {scale:g}: {total / 1e6:.0f}M params, {layers} layers, {size / 1e9:.2f} GB per model", flush=True)
-        results = {}
-
-        def run(label, cmd, out, shell=False):
-            walls, peaks = [], []
-            for _ in range(args.repeat):
+        out_floor = root / "floor"
+        copy = (f"mkdir -p {out_floor}; for f in {dirs['base']}/*.safetensors; do "
+                f"cat \"$f\" > {out_floor}/$(basename \"$f\"); done; cat {dirs['other']}/*.safetensors > /dev/null")
+        contenders = {
+            "io-floor": (copy, out_floor, True),
+            "io-floor+fsync": (copy + f"; sync -d {out_floor}/*.safetensors", out_floor, True),
+            "ours": ([sys.executable, str(REPO / "launch" / "merge.py"), str(cfg), str(root / "ours"),
+                      "--workers", str(args.workers), "--shard-size", "2GB", "--quiet"], root / "ours", False),
+        }
+        if MERGEKIT.exists() and not args.skip_mergekit:
+            contenders["mergekit"] = ([str(MERGEKIT), str(cfg), str(root / "mergekit")], root / "mergekit", False)
+        walls = {label: [] for label in contenders}
+        peaks = {label: 0 for label in contenders}
+        for _ in range(args.repeat):  # rounds interleave the contenders: same load for each
+            for label, (cmd, out, shell) in contenders.items():
                 shutil.rmtree(out, ignore_errors=True)
                 shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)
                 warm(dirs)
                 wall, peak, rc = measure(cmd, env=env, shell=shell)
                 if rc != 0:
                     sys.exit(f"{label} failed (exit {rc})")
-                walls.append(wall)
-                peaks.append(peak)
+                walls[label].append(wall)
+                peaks[label] = max(peaks[label], peak)
                 shutil.rmtree(out, ignore_errors=True)
-            results[label] = (min(walls), max(peaks), walls)
-            mbps = 3 * size / 1e6 / min(walls)  # bytes moved: two inputs read, one output written
-            print(f"{label:15s} best {min(walls):6.2f} s (runs: {', '.join(f'{w:.2f}' for w in walls)})  "
-                  f"{mbps:6.0f} MB/s in+out  peak RSS {max(peaks) / 2**20:5.0f} MiB", flush=True)
-
-        out_floor = root / "floor"
-        copy = (f"mkdir -p {out_floor}; for f in {dirs['base']}/*.safetensors; do "
-                f"cat \"$f\" > {out_floor}/$(basename \"$f\"); done; cat {dirs['other']}/*.safetensors > /dev/null")
-        run("io-floor", copy, out_floor, shell=True)
-        run("io-floor+fsync", copy + f"; sync -d {out_floor}/*.safetensors", out_floor, shell=True)
-        run("ours", [sys.executable, str(REPO / "launch" / "merge.py"), str(cfg), str(root / "ours"),
-                     "--workers", str(args.workers), "--shard-size", "2GB", "--quiet"], root / "ours")
-        if MERGEKIT.exists() and not args.skip_mergekit:
-            run("mergekit", [str(MERGEKIT), str(cfg), str(root / "mergekit")], root / "mergekit")
+                print(f"  {label:15s} {wall:6.2f} s  peak RSS {peak / 2**20:5.0f} MiB", flush=True)
+        results = {label: (min(walls[label]), peaks[label], walls[label]) for label in contenders}
+        for label, (best, peak, all_walls) in results.items():
+            print(f"{label:15s} best {best:6.2f} s  {3 * size / 1e6 / best:6.0f} MB/s in+out  "
+                  f"peak RSS {peak / 2**20:5.0f} MiB", flush=True)
         ours = results["ours"][0]
         line = f"ours vs io-floor: {ours / results['io-floor'][0]:.2f}x the time " \
                f"({ours / results['io-floor+fsync'][0]:.2f}x with fsync)"

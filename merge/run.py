@@ -171,8 +171,8 @@ class Buffers:
     def __init__(self, chunk: int, inputs: int):
         self.chunk = chunk
         self.raw = [np.empty(chunk * 8, np.uint8) for _ in range(inputs)]
-        self.out = np.empty(chunk * 8, np.uint8)
         block = min(self.BLOCK, chunk)
+        self.out = np.empty(block * 8, np.uint8)
         self.block = block
         self.tmp = np.empty(block * 8, np.uint8)
         self.scratch = np.empty(block, np.uint32)
@@ -230,7 +230,6 @@ def merge_tensor(plan: TensorPlan, merge: Merge, buf: Buffers, fd: int, offset: 
     for start in range(0, n, chunk):
         count = min(chunk, n - start)
         raws = held if held is not None else _read(plan, merge, buf, start, count)
-        out = buf.out[: count * out_size]
         for lo in range(0, count, block):
             hi = min(lo + block, count)
             xs = _decode(plan, buf, raws, lo, hi, compute)
@@ -245,8 +244,8 @@ def merge_tensor(plan: TensorPlan, merge: Merge, buf: Buffers, fd: int, offset: 
                 )
             if plan.out_dtype != plan.work_dtype and plan.work_dtype in ("BF16", "F16"):
                 round_through(result, plan.work_dtype, buf.tmp, buf.scratch)  # mergekit stores `dtype` first
-            encode(result, plan.out_dtype, out[lo * out_size : hi * out_size], buf.scratch)
-        pwrite_exact(fd, out, offset + start * out_size)
+            # write each block while it is still in cache (one 16 MB write per chunk ran ~2x slower)
+            pwrite_exact(fd, encode(result, plan.out_dtype, buf.out, buf.scratch), offset + (start + lo) * out_size)
 
 
 def check_shard_header(path: Path, shard: ShardPlan) -> None:
