@@ -104,14 +104,10 @@ def run_submit(args, env=None, tmp_path=None):
                           text=True, env=env, cwd=tmp_path, timeout=120)
 
 
-def test_submission_errors_are_one_line(tmp_path):
-    # No SLURM client on this machine: say how to run locally instead.
+def test_sbatch_missing_is_one_line_saying_how_to_run_locally(tmp_path):
     env = dict(os.environ, PATH=str(tmp_path))
     proc = run_submit(["pipeline=tiny", f"root={tmp_path}"], env=env)
     assert_one_line_error(proc, "sbatch not found", "python launch/pipeline.py pipeline=<name>")
-    assert proc.returncode == 2
-    proc = run_submit(["pipeline=tiny", "cluster.nodes=2", "cluster.gpus_per_node=2", "cluster.tasks=5", "--dry-run"])
-    assert_one_line_error(proc, "cluster.tasks=5 is more than cluster.nodes x cluster.gpus_per_node = 2 x 2 = 4")
     assert proc.returncode == 2
     assert not (tmp_path / "tiny").exists()
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 
 from train.checkpoint import is_finished
 from train.config import REPO_ROOT, STAGES, compose_config, compose_train_config
@@ -112,9 +112,6 @@ class ClusterConfig:
     sbatch_args: List[str] = field(default_factory=list)
     """Extra `#SBATCH` options, e.g. [--constraint=a100, --exclusive]."""
 
-    def world_size(self) -> int:
-        return self.tasks if self.tasks is not None else self.nodes * self.gpus_per_node
-
 
 @dataclass
 class PipelineJobConfig:
@@ -138,10 +135,6 @@ def compose_pipeline_job(overrides: List[str]) -> DictConfig:
     cfg = compose_config(overrides, "pipeline_job", schema=PipelineJobConfig)
     check_cluster(cfg.cluster)
     return cfg
-
-
-def cluster_of(cfg: DictConfig) -> ClusterConfig:
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClusterConfig), cfg.cluster))
 
 
 def check_cluster(cluster: DictConfig) -> None:
@@ -211,10 +204,16 @@ class Plan:
         )
 
 
+def local_path(path: str) -> str:
+    """Absolute when it exists here (jobs run from the repo root, not the caller's cwd)."""
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else str(p)
+
+
 def start_model_dir(pipeline: DictConfig) -> Optional[str]:
     """The starting model as a directory (None for random-init presets)."""
     if pipeline.start:
-        return str(Path(pipeline.start).expanduser())
+        return local_path(pipeline.start)
     model = compose_config([f"model={pipeline.model}", "+stage=cpt"], "config").model
     if model.path is None:
         return None
@@ -259,9 +258,9 @@ def plan_pipeline(cfg: DictConfig) -> Plan:
                 start_dir, start_known = start_model_dir(pipeline), True
             return start_dir, None
         if ref in pipeline.models:
-            return str(Path(pipeline.models[ref]).expanduser()), None
+            return local_path(pipeline.models[ref]), None
         if "/" in ref or ref.startswith((".", "~")):
-            return str(Path(ref).expanduser()), None
+            return local_path(ref), None
         raise UserError(
             f"pipeline {pipeline.name}: step '{step_name}' {field_name} names '{ref}', which is not a step, "
             f"`start`, a name in pipeline.models or a path: choose one of {', '.join(names[: len(steps)] + [START])}"
