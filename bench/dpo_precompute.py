@@ -1,72 +1,74 @@
 """DPO step time with a live reference model vs precomputed (cached) reference log-probs, on
-the tiny model under the real launcher (ZeRO-3, 2 CPU ranks), both in one invocation.
+the tiny model, both in one process, through the real stage code (train/stages/dpo.py).
 
-    python bench/dpo_precompute.py --steps 30 --repeats 2
+    python bench/dpo_precompute.py --steps 40
 
-Runs alternate (live, precompute, live, precompute, ...) so a noisy neighbour hits both
-alike. Step time is the median gap between consecutive `train_runtime` values the Trainer
-logs, after 2 warm-up steps. The first precompute run computes and caches the reference
-log-probs (its wall time includes that); later ones load them from the cache.
+One training step here is forward + backward of the DPO loss on a batch of 4 pairs at
+max_length 256 (the optimizer step is the same in both modes and left out). The two trainers
+step in turns on the same batches, and time is this process's CPU time (1 thread), so a
+busy neighbour on a shared machine slows neither side. The one-off precompute (a reference
+forward over the data set, then cached on disk) is timed separately.
 """
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[0:0] = [str(ROOT), str(ROOT / "tests")]
+
+from preference_harness import compose, trainer_for  # noqa: E402
+
+import train.stages.dpo as dpo  # noqa: E402
 
 
-def run(mode: str, steps: int, work: Path, cache: Path, index: int) -> dict:
-    out = work / f"{mode}-{index}"
-    cmd = [
-        "deepspeed", "--num_gpus", "2", "--master_port", str(29700 + index),
-        str(ROOT / "launch" / "train.py"), "+stage=dpo", f"output_dir={out}",
-        f"training.max_steps={steps}", f"training.save_steps={steps}",
-        "training.per_device_train_batch_size=2", "training.learning_rate=1e-4",
-        "training.warmup_steps=0", "training.lr_scheduler_type=constant",
-        "stage.max_length=256", "stage.max_prompt_length=192",
-        f"stage.precompute_ref_log_probs={'true' if mode == 'precompute' else 'false'}",
-    ]
-    env = dict(os.environ, DOMAINFORGE_CACHE=str(cache), OMP_NUM_THREADS="1", WANDB_MODE="offline",
-               TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false")
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"error: {mode} run failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
-    (state,) = (out / "checkpoints").glob("checkpoint-*/trainer_state.json")
-    rows = [r for r in json.loads(state.read_text())["log_history"] if "loss" in r]
-    times = [r["train_runtime"] for r in rows]
-    gaps = [b - a for a, b in zip(times[2:], times[3:])]
-    return {"mode": mode, "step_s": statistics.median(gaps), "wall_s": wall,
-            "cached": "loaded from" in proc.stdout}
+def step_cpu_seconds(trainer, batch) -> float:
+    model = trainer.model
+    model.train()
+    start = time.process_time()
+    trainer.compute_loss(model, batch).backward()
+    elapsed = time.process_time() - start
+    model.zero_grad(set_to_none=True)
+    return elapsed
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch", type=int, default=4)
     a = p.parse_args()
+    torch.set_num_threads(1)
+    common = ["stage.max_length=256", "stage.max_prompt_length=192"]
     with tempfile.TemporaryDirectory() as tmp:
-        work, cache = Path(tmp) / "runs", Path(tmp) / "cache"
-        results = []
-        for i in range(a.repeats):
-            for mode in ("live", "precompute"):
-                r = run(mode, a.steps, work, cache, 2 * i + (mode == "precompute"))
-                print(f"{mode:10s} step {r['step_s'] * 1000:7.1f} ms  wall {r['wall_s']:5.1f} s"
-                      f"{'  (reference log-probs from cache)' if r['cached'] else ''}", flush=True)
-                results.append(r)
-    live = statistics.median(r["step_s"] for r in results if r["mode"] == "live")
-    pre = statistics.median(r["step_s"] for r in results if r["mode"] == "precompute")
-    print(f"\nmedian DPO step: live reference {live * 1000:.1f} ms, precomputed {pre * 1000:.1f} ms, "
-          f"ratio live/precomputed {live / pre:.2f}x  ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()})")
+        dpo.REF_LOGPS_DIR = Path(tmp) / "ref_logps"
+        _, live = trainer_for(compose("dpo", *common), Path(tmp) / "live", batch_size=a.batch)
+        start = time.process_time()
+        _, pre = trainer_for(compose("dpo", *common, "stage.precompute_ref_log_probs=true"), Path(tmp) / "pre",
+                             batch_size=a.batch)
+        setup_pre = time.process_time() - start
+        assert live.ref_model is not None and pre.ref_model is None and pre.ref_logps_source == "computed"
+
+        n = len(live.train_dataset)
+        times = {"live": [], "precomputed": []}
+        for step in range(a.steps):
+            rows = [(step * a.batch + i) % n for i in range(a.batch)]
+            for name, trainer in (("live", live), ("precomputed", pre)):
+                batch = trainer.data_collator([trainer.train_dataset[i] for i in rows])
+                times[name].append(step_cpu_seconds(trainer, batch))
+    live_s = statistics.median(times["live"][2:])
+    pre_s = statistics.median(times["precomputed"][2:])
+    print(f"DPO step (fwd+bwd, {a.batch} pairs, CPU time, median of {a.steps - 2}): "
+          f"live reference {live_s * 1000:.1f} ms, precomputed {pre_s * 1000:.1f} ms, "
+          f"ratio live/precomputed {live_s / pre_s:.2f}x")
+    print(f"precomputed trainer setup incl. the reference pass over {n} pairs: {setup_pre:.1f} s CPU")
+    print(f"machine: {os.cpu_count()} CPUs, {platform.machine()}, torch {torch.__version__}, 1 thread")
 
 
 if __name__ == "__main__":
