@@ -12,6 +12,7 @@ Clients find the cluster through SLURM_CONF, which `cluster.env()` sets.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -51,6 +52,9 @@ JobAcctGatherType=jobacct_gather/none
 MpiDefault=none
 # Keep finished jobs visible to scontrol for the whole test session (no accounting here).
 MinJobAge=3600
+# Jobs derive MASTER_PORT from their id: a random first id keeps two test clusters on one
+# machine (parallel CI runs) from handing the same port to jobs running at the same time.
+FirstJobId={first_job_id}
 KillWait=30
 NodeName={host} CPUs={cpus} RealMemory=20000 State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
@@ -91,7 +95,8 @@ class LocalSlurm:
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
         self.conf.write_text(SLURM_CONF.format(
-            host=self.host, dir=self.dir, cpus=self.cpus, ctld_port=free_port(), d_port=free_port()
+            host=self.host, dir=self.dir, cpus=self.cpus, ctld_port=free_port(), d_port=free_port(),
+            first_job_id=random.randrange(1000, 1_000_000),
         ))
         munged = [
             _binary("munged"), "--foreground", "--force", f"--socket={self.dir}/munge.socket",
