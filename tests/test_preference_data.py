@@ -101,3 +101,21 @@ def test_max_length_within_the_model_limit():
 
     with pytest.raises(UserError, match=r"stage.max_length=8192 exceeds the model's limit of 4096"):
         check_lengths(Stage, 4096)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "saved"])
+def test_chat_pairs_from_parquet_and_saved_datasets(tmp_path, tokenizer, fmt):
+    from datasets import Dataset
+
+    from train.config import compose_train_config
+    from train.preference import prepare_preference
+
+    lines = (REPO_ROOT / "data" / "materials" / "preference_chat.jsonl").read_text().splitlines()[:8]
+    table = Dataset.from_list([json.loads(l) for l in lines])
+    path = tmp_path / ("pairs.parquet" if fmt == "parquet" else "pairs")
+    table.to_parquet(str(path)) if fmt == "parquet" else table.save_to_disk(str(path))
+    cfg = compose_train_config(["+stage=orpo", f"data.preference.path={path}"])
+    data = prepare_preference(cfg, tokenizer)
+    expected, _ = tokenize_preference_rows([json.loads(l) for l in lines], tokenizer, 1700, 2048)
+    assert data.train_dataset[:] == expected[:]
+    assert data.stats["preference_rows"] == 8
