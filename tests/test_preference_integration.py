@@ -1,7 +1,7 @@
 """The real launcher for the preference stages, ZeRO-3 across 2 CPU ranks on the tiny model:
 on a learnable set the DPO reward margin and the ORPO log-odds ratio rise, the DPO reference
 is partitioned like the policy, metrics reach W&B, cached reference log-probs are reused by a
-rerun, both stages continue from a saved model and save one that loads and generates, and bad
+rerun, both stages continue from an SFT output and save a model that loads and generates, and bad
 input fails with one line."""
 
 from __future__ import annotations
@@ -11,14 +11,12 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import assert_one_line_error, launch
 from conftest import test_env as launcher_env
 from test_train_integration import generates
-from transformers import AutoModelForCausalLM, set_seed
+from transformers import AutoModelForCausalLM
 
-from train.config import REPO_ROOT, compose_train_config
-from train.model import load_model, load_tokenizer
+from train.config import REPO_ROOT
 from wandb_offline import find_offline_runs, history
 
 pytestmark = pytest.mark.integration
@@ -68,14 +66,12 @@ def learnable_set(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    """A tiny model saved the way a finished SFT run saves it (weights + tokenizer)."""
-    out = tmp_path_factory.mktemp("sft") / "model"
-    cfg = compose_train_config(["+stage=sft"])
-    tokenizer = load_tokenizer(cfg.model)
-    set_seed(3)
-    load_model(cfg.model, torch.float32, tokenizer).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+def saved_model(tmp_path_factory, env):
+    """A model saved by the SFT stage (2 steps of it, under the same launcher)."""
+    out = tmp_path_factory.mktemp("sft") / "run"
+    proc = launch("train.py", ["+stage=sft", f"output_dir={out}", "training.max_steps=2",
+                               "training.max_seq_length=256"], ranks=2, env=env)
+    assert proc.returncode == 0, tail(proc)
     return out
 
 
@@ -155,7 +151,7 @@ def test_saved_model_loads_and_generates(run, request):
     generates(out)
 
 
-def test_dpo_from_a_saved_model_reuses_cached_reference_log_probs(tmp_path, saved_model, env):
+def test_dpo_from_an_sft_output_reuses_cached_reference_log_probs(tmp_path, saved_model, env):
     args = [f"model.path={saved_model}", "stage.precompute_ref_log_probs=true", "data.preference.max_samples=64"]
     first = train("dpo", tmp_path / "first", env, *args, steps=4)
     match = re.search(r"reference log-probs for 64 pairs computed and cached in (\S+)", first.stdout)
@@ -174,7 +170,7 @@ def test_dpo_from_a_saved_model_reuses_cached_reference_log_probs(tmp_path, save
     generates(tmp_path / "rerun")
 
 
-def test_orpo_continues_from_a_saved_model(tmp_path, saved_model, env):
+def test_orpo_continues_from_an_sft_output(tmp_path, saved_model, env):
     train("orpo", tmp_path / "orpo", env, f"model.path={saved_model}", steps=4)
     generates(tmp_path / "orpo")
     a = AutoModelForCausalLM.from_pretrained(saved_model).state_dict()
