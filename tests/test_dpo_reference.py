@@ -4,6 +4,7 @@ log-probs give the live reference's loss at step 0, and the on-disk cache is reu
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from preference_harness import batch_of, compose, trainer_for
 from transformers import set_seed
 
 import train.stages.dpo as dpo
+from train.errors import UserError
 from train.model import load_model, load_tokenizer
 
 
@@ -88,3 +90,19 @@ def test_cached_reference_log_probs_are_reused(tmp_path, other_model, cache_dir,
     _, third = trainer_for(compose("dpo", *short), tmp_path / "c")
     assert third.ref_logps_source == "computed"
     assert len(list(cache_dir.glob("*.safetensors"))) == 2
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("stage.loss_type=sigmoidd", "stage.loss_type='sigmoidd' is not a DPO loss"),
+    ("stage.beta=0", "stage.beta=0.0 must be positive"),
+])
+def test_bad_dpo_settings_fail_before_training(override, needle):
+    cfg = compose("dpo", override)
+    with pytest.raises(UserError, match=re.escape(needle)):
+        dpo.STAGE.prepare_data(cfg, load_tokenizer(cfg.model))
+
+
+def test_combined_loss_types_reach_trl(tmp_path):
+    cfg = compose("dpo", "stage.loss_type='sigmoid,sft'")
+    assert dpo.STAGE.trainer_args(cfg, dict(output_dir=str(tmp_path), report_to=["none"], bf16=False)).loss_type == [
+        "sigmoid", "sft"]

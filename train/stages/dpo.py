@@ -157,9 +157,8 @@ class CachedReferenceDPOTrainer(DPOTrainer):
         path = self.ref_logps_cache
         cached = [None]
         if self.accelerator.is_main_process and path is not None and path.is_file():
-            tensors = load_file(path)
-            if tensors["chosen"].numel() == len(dataset):
-                cached = [(tensors["chosen"], tensors["rejected"])]
+            tensors = load_file(path)  # keyed by the tokenized rows, so it has one value per row
+            cached = [(tensors["chosen"], tensors["rejected"])]
         broadcast_object_list(cached, from_process=0)  # one decision for every rank and node
         if cached[0] is not None:
             chosen, rejected = cached[0]
@@ -206,18 +205,37 @@ class CachedReferenceDPOTrainer(DPOTrainer):
 # ---------------------------------------------------------------------------------------------
 # the stage
 # ---------------------------------------------------------------------------------------------
+# TRL 1.16's DPO losses (DPOConfig.loss_type); several, comma-separated, are summed.
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
+def loss_types(stage_cfg) -> list:
+    types = [t.strip() for t in str(stage_cfg.loss_type).split(",") if t.strip()]
+    unknown = [t for t in types if t not in LOSS_TYPES]
+    if unknown or not types:
+        raise UserError(
+            f"stage.loss_type='{stage_cfg.loss_type}' is not a DPO loss: use one of {', '.join(LOSS_TYPES)} "
+            "(comma-separated to combine)"
+        )
+    if stage_cfg.beta <= 0:
+        raise UserError(f"stage.beta={stage_cfg.beta} must be positive (paper: 0.05 Llama, 0.01 Mistral Base)")
+    return types
+
+
 class DPOStage:
     name = "dpo"
 
     def prepare_data(self, cfg, tokenizer):
-        reference_dir(cfg)  # a bad stage.ref_model_path fails before anything is written
+        loss_types(cfg.stage)  # bad settings fail before anything is written
+        reference_dir(cfg)
         return prepare_preference(cfg, tokenizer)
 
     def trainer_args(self, cfg, common):
         return DPOConfig(
             **common,
             beta=cfg.stage.beta,
-            loss_type=cfg.stage.loss_type,
+            loss_type=loss_types(cfg.stage),
             max_length=cfg.stage.max_length,
             precompute_ref_log_probs=cfg.stage.precompute_ref_log_probs,
         )
