@@ -392,6 +392,11 @@ def plan_merge(spec: MergeSpec, open_model) -> MergePlan:
             depth = offset / (n_layers - 1) if n_layers > 1 else 1.0
             per_model = [layout(m)[0].get(r[0] + offset, {}) for m, r in zip(models, ranges)]
             rests = per_model[0].keys()
+            if not rests:
+                raise UserError(
+                    f"layer {ranges[0][0] + offset} of {models[0]} has no tensors although its config.json "
+                    "counts it (num_hidden_layers): the checkpoint is incomplete; re-save or re-download it"
+                )
             for m, r, layer in zip(models, ranges, per_model):
                 for rest in sorted(set().union(*per_model) - set(layer)):
                     other = next(o for o, l in zip(models, per_model) if rest in l)

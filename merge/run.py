@@ -28,8 +28,7 @@ import numpy as np
 import yaml
 
 from merge.io import (
-    ITEMSIZE, TORCH_NAMES, ModelReader, create_shard, decode, encode, pread_exact, pwrite_exact, read_header,
-    round_through,
+    ITEMSIZE, TORCH_NAMES, ModelReader, ShardWriter, decode, encode, pread_exact, read_header, round_through,
 )
 from merge.plan import MergePlan, ShardPlan, TensorPlan, parse_merge_config, plan_merge, plan_output_shards
 from merge.slerp import SlerpStats, combine, combine_linear, slerp_coefficients
@@ -161,16 +160,16 @@ class Merge:
 class Buffers:
     """Reused per-worker scratch: memory stays flat whatever the tensor or model size.
 
-    Two levels: an I/O chunk (`chunk` elements of each input's raw bytes, one pread each, and
-    the output bytes, one pwrite) and compute blocks (`BLOCK` elements) that stay in CPU cache
-    while they are decoded, reduced, interpolated and encoded.
+    Two levels: an I/O chunk (`chunk` elements of each input, mapped from the page cache) and
+    compute blocks (`BLOCK` elements) that stay in CPU cache while they are decoded, reduced,
+    interpolated, encoded and written.
     """
 
     BLOCK = 256 * 1024
 
     def __init__(self, chunk: int, inputs: int):
         self.chunk = chunk
-        self.raw = [np.empty(chunk * 8, np.uint8) for _ in range(inputs)]
+        self.inputs = inputs
         block = min(self.BLOCK, chunk)
         self.out = np.empty(block * 8, np.uint8)
         self.block = block
@@ -181,17 +180,16 @@ class Buffers:
 
     def compute(self, dtype) -> List[np.ndarray]:
         if dtype not in self._compute:
-            self._compute[dtype] = [np.empty(self.block, dtype) for _ in self.raw]
+            self._compute[dtype] = [np.empty(self.block, dtype) for _ in range(self.inputs)]
         return self._compute[dtype]
 
 
-def _read(plan: TensorPlan, merge: Merge, buf: Buffers, start: int, count: int) -> List[tuple]:
+def _read(plan: TensorPlan, merge: Merge, start: int, count: int) -> List[tuple]:
     """Raw bytes of elements [start, start+count) of every source: [(uint8 array, dtype)]."""
     raws = []
-    for j, (model, name) in enumerate(plan.sources):
+    for model, name in plan.sources:
         reader = merge.reader(model)
-        dtype = reader.info(name).dtype
-        raws.append((reader.read_into(name, start, buf.raw[j][: count * ITEMSIZE[dtype]]), dtype))
+        raws.append((reader.map_elements(name, start, count), reader.info(name).dtype))
     return raws
 
 
@@ -208,8 +206,8 @@ def _decode(plan: TensorPlan, buf: Buffers, raws, lo: int, hi: int, compute) -> 
     return arrays
 
 
-def merge_tensor(plan: TensorPlan, merge: Merge, buf: Buffers, fd: int, offset: int) -> None:
-    """Stream one output tensor to byte `offset` of the open shard `fd`.
+def merge_tensor(plan: TensorPlan, merge: Merge, buf: Buffers, writer: ShardWriter, offset: int) -> None:
+    """Stream one output tensor to byte `offset` of the open shard.
 
     SLERP needs the whole tensor's norms and dot before writing anything: pass one reduces
     every chunk, pass two interpolates it. A tensor that fits one chunk is read once."""
@@ -221,7 +219,7 @@ def merge_tensor(plan: TensorPlan, merge: Merge, buf: Buffers, fd: int, offset: 
         stats = SlerpStats()
         for start in range(0, n, chunk):
             count = min(chunk, n - start)
-            raws = _read(plan, merge, buf, start, count)
+            raws = _read(plan, merge, start, count)
             for lo in range(0, count, block):
                 stats.add(*_decode(plan, buf, raws, lo, min(lo + block, count), compute))
             held = raws if count == n else None
@@ -229,7 +227,7 @@ def merge_tensor(plan: TensorPlan, merge: Merge, buf: Buffers, fd: int, offset: 
     out_size = ITEMSIZE[plan.out_dtype]
     for start in range(0, n, chunk):
         count = min(chunk, n - start)
-        raws = held if held is not None else _read(plan, merge, buf, start, count)
+        raws = held if held is not None else _read(plan, merge, start, count)
         for lo in range(0, count, block):
             hi = min(lo + block, count)
             xs = _decode(plan, buf, raws, lo, hi, compute)
@@ -245,7 +243,7 @@ def merge_tensor(plan: TensorPlan, merge: Merge, buf: Buffers, fd: int, offset: 
             if plan.out_dtype != plan.work_dtype and plan.work_dtype in ("BF16", "F16"):
                 round_through(result, plan.work_dtype, buf.tmp, buf.scratch)  # mergekit stores `dtype` first
             # write each block while it is still in cache (one 16 MB write per chunk ran ~2x slower)
-            pwrite_exact(fd, encode(result, plan.out_dtype, buf.out, buf.scratch), offset + (start + lo) * out_size)
+            writer.write(encode(result, plan.out_dtype, buf.out, buf.scratch), offset + (start + lo) * out_size)
 
 
 def check_shard_header(path: Path, shard: ShardPlan) -> None:
@@ -260,14 +258,15 @@ def write_shard(merge: Merge, shard: ShardPlan, buf: Buffers, report: Callable[[
     path = merge.tmp / shard.filename
     marker = merge.tmp / f"{shard.filename}.done"
     marker.unlink(missing_ok=True)
-    fd = create_shard(path, shard.head, shard.size)
+    writer = ShardWriter(path, shard.head, shard.size)
     try:
         for t, offset in zip(shard.tensors, shard.offsets):
-            merge_tensor(t, merge, buf, fd, offset)
+            merge_tensor(t, merge, buf, writer, offset)
             report(1, t.nbytes)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    except BaseException:
+        writer.close(sync=False)
+        raise
+    writer.close()
     check_shard_header(path, shard)
     write_atomic(marker, merge.fingerprint)
 
@@ -323,6 +322,7 @@ def verify_output(directory: Path, merge: Merge) -> None:
     """Every planned tensor present in the index and its shard, right shape/dtype, finite."""
     index = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
     buf = Buffers(merge.options.chunk_elements, 1)
+    raw_buf = np.empty(buf.chunk * 8, np.uint8)
     for shard in merge.shards:
         path = directory / shard.filename
         header = read_header(path)
@@ -341,7 +341,7 @@ def verify_output(directory: Path, merge: Merge) -> None:
                 size = ITEMSIZE[info.dtype]
                 for start in range(0, t.numel, buf.chunk):
                     count = min(buf.chunk, t.numel - start)
-                    raw = buf.raw[0][: count * size]
+                    raw = raw_buf[: count * size]
                     pread_exact(fd, raw, info.begin + start * size, path)
                     for lo in range(0, count, buf.block):
                         hi = min(lo + buf.block, count)

@@ -91,6 +91,11 @@ def test_workers_ranks_chunks_and_hydra_give_identical_bytes(tmp_path, tiny_pair
     proc = run_merge_cli(cfg, tmp_path / "w2", "--shard-size", SHARD, "--workers", "2")
     assert proc.returncode == 0, proc.stderr
     assert shard_bytes(tmp_path / "w2") == want
+    # fewer shards than workers at the default 2GB: shards are cut so that each worker has one
+    proc = run_merge_cli(cfg, tmp_path / "split", "--workers", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((tmp_path / "split").glob("*.safetensors"))) == 2
+    assert load_dir(tmp_path / "split").keys() == load_dir(paper_merge).keys()
     # two independent ranks (as under srun): rank 1 finishes its shards and leaves, rank 0 publishes
     for rank in (1, 0):
         proc = run_merge_cli(cfg, tmp_path / "ranks", "--shard-size", SHARD, "--num-workers", "2",
