@@ -86,6 +86,22 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     return lines[0]
 
 
+def generates(model_dir: Path) -> str:
+    """Load a saved model with AutoModelForCausalLM and greedily answer one chat turn."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the density of iron?"}],
+        add_generation_prompt=True, return_tensors="pt", return_dict=True,
+    )
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    new = out[0, ids["input_ids"].shape[1]:]
+    assert new.numel() > 0
+    return tok.decode(new)
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

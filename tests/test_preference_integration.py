@@ -11,9 +11,8 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import assert_one_line_error, launch
+from conftest import assert_one_line_error, generates, launch
 from conftest import test_env as launcher_env
-from test_train_integration import generates
 from transformers import AutoModelForCausalLM
 
 from train.config import REPO_ROOT

@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-from conftest import REPO, free_port, launch, loss_history, test_env
+from conftest import REPO, free_port, generates, launch, loss_history, test_env
 from train.checkpoint import is_complete_checkpoint
 from wandb_offline import find_offline_runs, history
 
@@ -32,19 +31,6 @@ FAST = [
 
 def tail(proc) -> str:
     return (proc.stdout + proc.stderr)[-4000:]
-
-
-def generates(model_dir: Path) -> str:
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    ids = tok.apply_chat_template(
-        [{"role": "user", "content": "What is the density of iron?"}],
-        add_generation_prompt=True, return_tensors="pt", return_dict=True,
-    )
-    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
-    new = out[0, ids["input_ids"].shape[1]:]
-    assert new.numel() > 0
-    return tok.decode(new)
 
 
 @pytest.fixture(scope="module")

@@ -319,7 +319,8 @@ def compose_config(
                 + " (e.g. deepspeed launch/train.py +stage=cpt)"
             )
         OmegaConf.resolve(cfg)
-    except (HydraException, OmegaConfBaseException, ValueError) as err:
+    except (HydraException, OmegaConfBaseException, ValueError, AttributeError, KeyError, TypeError) as err:
+        # OmegaConf raises plain AttributeError/KeyError for some overrides of null nodes.
         raise UserError(_explain(err, overrides, config_dir)) from err
     return cfg
 
