@@ -57,7 +57,7 @@ class MergeOptions:
     wait_timeout: float = 4 * 3600.0
     """Seconds worker 0 waits for the other workers' shards before giving up."""
     chunk_elements: int = 8 * 1024 * 1024
-    """Elements per read/write: memory per worker is ~8 bytes x chunk x (inputs + 1) at most."""
+    """Elements mapped per input at a time (8M: 32 MB for two bf16 inputs); bounds memory."""
     progress: bool = True
 
 
