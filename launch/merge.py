@@ -46,7 +46,7 @@ def main(argv):
     parser = _Parser(prog="launch/merge.py", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="mergekit YAML")
     parser.add_argument("out_dir", help="output model directory")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    parser.add_argument("--workers", type=int, help="worker processes on this machine (default: CPUs, at most 4)")
     parser.add_argument("--num-workers", type=int, help="independent workers (default: SLURM_NTASKS)")
     parser.add_argument("--worker-rank", type=int, help="this worker's rank (default: SLURM_PROCID)")
     parser.add_argument("--shard-size", default="2GB", help="output shard size, e.g. 2GB, 500MB")
@@ -55,7 +55,7 @@ def main(argv):
     parser.add_argument("--wait-timeout", type=float, default=14400.0, help="seconds worker 0 waits for others")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers {args.workers}: give at least 1")
     options = MergeOptions(
         shard_size=parse_size(args.shard_size),

@@ -43,8 +43,8 @@ class MergeJobConfig:
     merge: MergeRecipeConfig = MISSING
     output_dir: str = MISSING
     """The merged model directory (written via a hidden sibling, renamed when complete)."""
-    workers: int = 1
-    """Worker processes on this machine."""
+    workers: Optional[int] = None
+    """Worker processes on this machine; null: one per available CPU, at most 4."""
     num_workers: Optional[int] = None
     """Independent workers over a shared filesystem; default SLURM_NTASKS."""
     worker_rank: Optional[int] = None

@@ -47,8 +47,8 @@ PAUSE_ENV = "DOMAINFORGE_MERGE_PAUSE_AFTER_SHARD"
 class MergeOptions:
     shard_size: int = 2 * 10**9
     """Bytes per output shard (a larger tensor gets a shard of its own)."""
-    workers: int = 1
-    """Worker processes to fork on this machine."""
+    workers: Optional[int] = None
+    """Worker processes to fork on this machine; None: one per available CPU, at most 4."""
     num_workers: Optional[int] = None
     """Independent workers over a shared filesystem (SLURM_NTASKS by default)."""
     worker_rank: Optional[int] = None
@@ -59,6 +59,15 @@ class MergeOptions:
     chunk_elements: int = 8 * 1024 * 1024
     """Elements mapped per input at a time (8M: 32 MB for two bf16 inputs); bounds memory."""
     progress: bool = True
+
+
+def default_workers() -> int:
+    """One worker per CPU this process may use, at most 4 (~70 MB RSS each)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
 
 
 def distributed_rank(options: MergeOptions) -> Optional[tuple]:
@@ -445,7 +454,7 @@ def log(message: str) -> None:
 def run_merge(raw_config: dict, out_dir: str, options: MergeOptions) -> Path:
     """Merge as configured into out_dir; returns out_dir. UserError on bad input."""
     dist = distributed_rank(options)
-    rank, world = dist if dist else (0, max(1, options.workers))
+    rank, world = dist if dist else (0, options.workers or default_workers())
     merge = Merge(raw_config, out_dir, options, world)
     for w in merge.plan.warnings:
         if rank == 0:

@@ -32,7 +32,7 @@ def paper_merge(tiny_pair, tmp_path_factory):
     root = tmp_path_factory.mktemp("paper_merge")
     cfg = write_config(root / "merge.yml", tiny_pair["base"], tiny_pair["other"])
     out = root / "out"
-    proc = run_merge_cli(cfg, out, "--shard-size", SHARD, "--verify")
+    proc = run_merge_cli(cfg, out, "--shard-size", SHARD, "--workers", "1", "--verify")
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -110,7 +110,7 @@ def test_workers_ranks_chunks_and_hydra_give_identical_bytes(tmp_path, tiny_pair
     assert len(list((tmp_path / ".slurm.partial").glob("*.done"))) >= 1
     # chunks of 1000 elements (every big tensor in two passes) equal whole tensors
     run_merge(load_merge_config(str(cfg)), str(tmp_path / "chunked"),
-              MergeOptions(shard_size=parse_size(SHARD), chunk_elements=1000, progress=False))
+              MergeOptions(shard_size=parse_size(SHARD), workers=1, chunk_elements=1000, progress=False))
     assert shard_bytes(tmp_path / "chunked") == want
     # the Hydra form with the paper preset (models: form) plans the same merge
     proc = run_merge_cli("merge=paper_slerp", f"merge.model={tiny_pair['other']}",
@@ -133,7 +133,7 @@ def test_killed_merge_leaves_no_output_and_resumes_to_identical_bytes(tmp_path, 
     out, partial = tmp_path / "out", tmp_path / ".out.partial"
     env = child_env(DOMAINFORGE_MERGE_PAUSE_AFTER_SHARD="60")
     proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "merge.py"), str(cfg), str(out),
-                             "--shard-size", SHARD, "--quiet"], cwd=REPO, env=env,
+                             "--shard-size", SHARD, "--workers", "1", "--quiet"], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while not list(partial.glob("*.done")) and time.time() < deadline:
