@@ -198,3 +198,30 @@ def test_vocab_mismatch_fails_or_truncates(tmp_path, tiny_pair):
     ref = reference_slerp(0.5, load_dir(tiny_pair["base"])["model.embed_tokens.weight"],
                           load_dir(bigger)["model.embed_tokens.weight"][:2048])
     assert_bf16_close(emb, ref)
+
+
+def test_verify_finds_non_finite_and_missing_tensors(tmp_path, tiny_pair, paper_merge):
+    import shutil
+
+    from merge.plan import load_merge_config, parse_size
+    from merge.run import Merge, MergeOptions, verify_output
+    from train.errors import UserError
+
+    cfg = write_config(tmp_path / "m.yml", tiny_pair["base"], tiny_pair["other"])
+    merge = Merge(load_merge_config(str(cfg)), str(tmp_path / "unused"),
+                  MergeOptions(shard_size=parse_size(SHARD), workers=1), world=1)
+    out = tmp_path / "copy"
+    shutil.copytree(paper_merge, out)
+    verify_output(out, merge)  # the real output passes
+    shard = merge.shards[1]
+    victim, offset = shard.tensors[0], shard.offsets[0]
+    with open(out / shard.filename, "r+b") as f:
+        f.seek(offset + 2 * 3)
+        f.write(b"\xc0\x7f")  # bf16 NaN in the 4th element
+    with pytest.raises(UserError, match=f"'{victim.name}'.*inf/nan"):
+        verify_output(out, merge)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    del index["weight_map"][merge.shards[0].tensors[0].name]
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="missing"):
+        verify_output(out, merge)
