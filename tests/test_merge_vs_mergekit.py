@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import test_env as child_env
-from test_merge_models import load_dir, run_merge_cli, tiny_pair, write_config  # noqa: F401
+from test_merge_models import build_llama, load_dir, run_merge_cli, tiny_pair, write_config  # noqa: F401
 
 MERGEKIT = Path("/opt/mergekit-venv/bin/mergekit-yaml")
 pytestmark = [
@@ -20,11 +20,18 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_same_tensors_as_mergekit(tmp_path, tiny_pair, dtype):
+@pytest.mark.parametrize("inputs,dtype", [("bfloat16", "bfloat16"), ("bfloat16", "float32"),
+                                          ("float32", "bfloat16")])
+def test_same_tensors_as_mergekit(tmp_path, tiny_pair, inputs, dtype):
+    """bf16 pair merged in bf16 (the paper's case), upcast to fp32, and fp32 checkpoints (as
+    CPU training writes them) merged with `dtype: bfloat16` (inputs rounded first)."""
     import torch
 
-    cfg = write_config(tmp_path / "m.yml", tiny_pair["base"], tiny_pair["other"], dtype=dtype)
+    pair = tiny_pair if inputs == "bfloat16" else {
+        "base": build_llama(tmp_path / "base", 11, dtype="float32"),
+        "other": build_llama(tmp_path / "other", 12, dtype="float32"),
+    }
+    cfg = write_config(tmp_path / "m.yml", pair["base"], pair["other"], dtype=dtype)
     proc = subprocess.run([str(MERGEKIT), str(cfg), str(tmp_path / "mk")], env=child_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
