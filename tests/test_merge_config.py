@@ -9,6 +9,7 @@ from train.errors import UserError
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "merge").glob("*.yaml"))
 
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_merge_preset_composes_to_a_valid_recipe(preset):
     cfg = compose_merge_config([f"merge={preset}", "merge.model=/m/ft", "merge.base_model=/m/instruct",
@@ -20,6 +21,7 @@ def test_every_merge_preset_composes_to_a_valid_recipe(preset):
     options = options_from_config(cfg)
     assert options.workers == 2 and options.shard_size == 500 * 10**6
 
+
 def test_paper_preset_is_the_papers_gradient():
     recipe = recipe_from_config(compose_merge_config(
         ["merge=paper_slerp", "merge.model=a", "merge.base_model=b", "output_dir=o"]))
@@ -29,6 +31,7 @@ def test_paper_preset_is_the_papers_gradient():
         {"value": 0.5},
     ]
     assert recipe["merge_method"] == "slerp" and recipe["dtype"] == "bfloat16"
+
 
 def test_typo_names_the_key_and_the_merge_schema():
     with pytest.raises(UserError, match=r"'merge\.dtpye'.*merge/config\.py"):
