@@ -66,7 +66,7 @@ def common_trainer_kwargs(cfg: DictConfig, runtime: Runtime) -> Dict[str, Any]:
         max_grad_norm=t.max_grad_norm,
         bf16=runtime.bf16,  # TRL configs default bf16=True: always say it explicitly
         fp16=runtime.fp16,
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,  # transformers 5 name
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
