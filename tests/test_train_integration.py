@@ -143,7 +143,7 @@ def test_same_entry_point_under_torchrun_and_plain_python(launcher, tmp_path):
     out = tmp_path / "run"
     args = [str(REPO / "launch" / "train.py"), "+stage=sft", f"output_dir={out}", *FAST, "training.max_steps=3"]
     if launcher == "torchrun":
-        cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), *args]
+        cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", *args]  # standalone: picks a free port
     else:
         cmd = [sys.executable, *args]
     proc = subprocess.run(cmd, cwd=REPO, env=test_env(), capture_output=True, text=True, timeout=600)
