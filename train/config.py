@@ -242,7 +242,7 @@ def _choices(config_dir: Path, group: str) -> str:
     return ", ".join(sorted(p.stem for p in (config_dir / group).glob("*.yaml")))
 
 
-def _explain(err: BaseException, overrides: List[str], config_dir: Path) -> str:
+def _explain(err: BaseException, overrides: List[str], config_dir: Path, schema_file: str = "train/config.py") -> str:
     """Turn Hydra/OmegaConf's multi-line errors into one line that names the key and the fix."""
     chain, e = [], err
     while e is not None:  # Hydra wraps the OmegaConf error that names the key
@@ -267,11 +267,11 @@ def _explain(err: BaseException, overrides: List[str], config_dir: Path) -> str:
                 break
         return (
             f"unknown config key '{key}' (not a field of {m.group(2)}): check the spelling; "
-            "valid keys are the fields in train/config.py"
+            f"valid keys are the fields in {schema_file}"
         )
     m = re.search(r"Could not override '([^']+)'", text)
     if m:
-        return f"unknown config key '{m.group(1)}': check the spelling (see conf/ and train/config.py)"
+        return f"unknown config key '{m.group(1)}': check the spelling (see conf/ and {schema_file})"
     m = re.search(r"Value '([^']*)' (?:of type '\w+' )?(?:could not be converted to|is not a valid) (\w+)", text)
     if m:
         return f"config key '{key}': '{m.group(1)}' is not a valid {m.group(2)}"
@@ -321,7 +321,8 @@ def compose_config(
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException, ValueError, AttributeError, KeyError, TypeError) as err:
         # OmegaConf raises plain AttributeError/KeyError for some overrides of null nodes.
-        raise UserError(_explain(err, overrides, config_dir)) from err
+        schema_file = schema.__module__.replace(".", "/") + ".py" if schema is not None else "train/config.py"
+        raise UserError(_explain(err, overrides, config_dir, schema_file)) from err
     return cfg
 
 
