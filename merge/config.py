@@ -73,10 +73,7 @@ def compose_merge_config(overrides: List[str]) -> DictConfig:
     from train.errors import UserError
 
     register_merge_configs()
-    try:
-        cfg = compose_config(overrides, "merge_job", schema=MergeJobConfig)
-    except UserError as err:  # the merge schemas live here, not in train/config.py
-        raise UserError(str(err).replace("train/config.py", "merge/config.py")) from None
+    cfg = compose_config(overrides, "merge_job", schema=MergeJobConfig)  # errors name merge/config.py
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         key = missing[0]

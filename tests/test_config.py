@@ -1,7 +1,6 @@
 """Every file in conf/ composes against its schema; typos fail naming the key; GPU paths are
 configured as shipped (checked here by composition, since this machine has no GPU)."""
 
-from pathlib import Path
 
 import pytest
 from train.config import CONF_DIR, STAGES, compose_train_config, strip_launcher_args

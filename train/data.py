@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import datasets
-from datasets import Dataset, DatasetDict, IterableDataset
+from datasets import DatasetDict, IterableDataset
 from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 

@@ -129,3 +129,18 @@ def load_model(model_cfg, dtype: torch.dtype, tokenizer=None, path: Optional[str
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
 
+
+def report_parameter_share(model, name: str = "") -> None:
+    """Print how much of `model` this rank holds: ~1/N under ZeRO-3, all of it otherwise."""
+    total = local = 0
+    for p in model.parameters():
+        partitioned = hasattr(p, "ds_tensor")  # by deepspeed.zero.Init
+        total += p.ds_numel if partitioned else p.numel()
+        local += p.ds_tensor.numel() if partitioned else p.numel()
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    who = f"{name} " if name else ""
+    print(
+        f"[rank {rank}/{world}] {who}holds {local} of {total} parameters "
+        f"({100.0 * local / max(total, 1):.1f}%) after loading",
+        flush=True,
+    )

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from datasets import Dataset
-from trl.data_utils import common_prefix_length, is_conversational, maybe_extract_prompt
+from trl.data_utils import common_prefix_length, maybe_extract_prompt
 
 from train.data import load_rows
 from train.errors import UserError

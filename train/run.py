@@ -28,7 +28,7 @@ from train.checkpoint import (
 from train.config import compose_train_config
 from train.deepspeed_config import build_deepspeed_config
 from train.errors import UserError
-from train.model import load_model, load_tokenizer, max_positions
+from train.model import load_model, load_tokenizer, max_positions, report_parameter_share
 from train.preemption import exit_if_preempted, preemption_callback
 from train.runtime import Runtime, detect_runtime, ensure_process_group_env, let_accelerate_see_cpu_ranks
 from train.stages import get_stage
@@ -122,7 +122,7 @@ def run_stage(cfg: DictConfig) -> Path:
     args = stage.trainer_args(cfg, common_trainer_kwargs(cfg, runtime))
     # From here on transformers builds models inside deepspeed.zero.Init (ZeRO-3).
     model = load_model(cfg.model, runtime.torch_dtype, tokenizer)
-    report_parameter_share(model, runtime)
+    report_parameter_share(model)
     throughput = ThroughputCallback(data.stats)
     trainer = stage.build_trainer(cfg, args, model, tokenizer, data, [preemption])
     # First in line, so the loggers after it (console, W&B) see the values it adds.
@@ -137,23 +137,6 @@ def run_stage(cfg: DictConfig) -> Path:
     # Save: all ranks take part (ZeRO-3 gathers the shards), rank 0 writes.
     save_final_model(trainer, tokenizer, cfg)
     return out
-
-
-def report_parameter_share(model, runtime: Runtime) -> None:
-    """Print how much of the model this rank holds: ~1/N under ZeRO-3, all of it otherwise."""
-    total = local = 0
-    for p in model.parameters():
-        if hasattr(p, "ds_tensor"):  # partitioned by deepspeed.zero.Init
-            total += p.ds_numel
-            local += p.ds_tensor.numel()
-        else:
-            total += p.numel()
-            local += p.numel()
-    print(
-        f"[rank {runtime.rank}/{runtime.world_size}] holds {local} of {total} parameters "
-        f"({100.0 * local / max(total, 1):.1f}%) after loading",
-        flush=True,
-    )
 
 
 def save_final_model(trainer, tokenizer, cfg: DictConfig) -> None:

@@ -30,7 +30,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.models import prepare_deepspeed
 
 from train.errors import UserError
-from train.model import CACHE_DIR, _is_model_dir, load_model, resolve_model_dir
+from train.model import CACHE_DIR, _is_model_dir, load_model, report_parameter_share, resolve_model_dir
 from train.preference import prepare_preference
 
 REF_LOGPS_DIR = CACHE_DIR / "ref_logps"
@@ -88,22 +88,8 @@ def build_reference(cfg, policy, tokenizer):
     reference = load_model(cfg.model, policy.dtype, tokenizer, path=str(ref_dir) if ref_dir else None)
     if ref_dir is None:
         copy_initial_weights(policy, reference)
-    report_reference_share(reference)
+    report_parameter_share(reference, "reference model")
     return reference
-
-
-def report_reference_share(model) -> None:
-    """~1/N of the reference on each rank under ZeRO-3, like the policy."""
-    total = local = 0
-    for p in model.parameters():
-        total += p.ds_numel if hasattr(p, "ds_tensor") else p.numel()
-        local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
-    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
-    print(
-        f"[rank {rank}/{world}] reference model holds {local} of {total} parameters "
-        f"({100.0 * local / max(total, 1):.1f}%)",
-        flush=True,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
