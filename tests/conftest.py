@@ -105,3 +105,21 @@ def generates(model_dir: Path) -> str:
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+def _allreduce_buffers() -> set:
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob("deepspeed_allreduce_buffer_*")} if shm.is_dir() else set()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_leaked_shared_memory():
+    """Every DeepSpeed run, killed ones included, must leave /dev/shm as it found it:
+    leaked all-reduce buffers (66 MB a rank) are RAM that later runs go without.
+    Module scope, so that runs made by module-scoped fixtures are watched too."""
+    before = _allreduce_buffers()
+    yield
+    leaked = sorted(_allreduce_buffers() - before)
+    for name in leaked:
+        (Path("/dev/shm") / name).unlink(missing_ok=True)  # do not let the next test pay for it
+    assert not leaked, f"runs left DeepSpeed shared-memory buffers behind: {leaked}"

@@ -30,7 +30,13 @@ from train.deepspeed_config import build_deepspeed_config
 from train.errors import UserError
 from train.model import load_model, load_tokenizer, max_positions, report_parameter_share
 from train.preemption import exit_if_preempted, preemption_callback
-from train.runtime import Runtime, detect_runtime, ensure_process_group_env, let_accelerate_see_cpu_ranks
+from train.runtime import (
+    Runtime,
+    detect_runtime,
+    ensure_process_group_env,
+    let_accelerate_see_cpu_ranks,
+    release_cpu_allreduce_buffers,
+)
 from train.stages import get_stage
 from train.tracking import ThroughputCallback, configure_wandb, report_to
 
@@ -119,7 +125,8 @@ def run_stage(cfg: DictConfig) -> Path:
     configure_wandb(cfg.logging, run_name(cfg), cfg.output_dir)
     if runtime.device == "cpu":
         let_accelerate_see_cpu_ranks()
-    args = stage.trainer_args(cfg, common_trainer_kwargs(cfg, runtime))
+    args = stage.trainer_args(cfg, common_trainer_kwargs(cfg, runtime))  # starts the process group
+    release_cpu_allreduce_buffers(runtime)
     # From here on transformers builds models inside deepspeed.zero.Init (ZeRO-3).
     model = load_model(cfg.model, runtime.torch_dtype, tokenizer)
     report_parameter_share(model)

@@ -101,3 +101,27 @@ def let_accelerate_see_cpu_ranks() -> None:
 
     PartialState._prepare_backend = _prepare_backend
     PartialState._domainforge_cpu_patch = True
+
+
+def release_cpu_allreduce_buffers(runtime: Runtime) -> None:
+    """Unlink the names of DeepSpeed's CPU shared-memory all-reduce buffers once every rank
+    has mapped them.
+
+    On the CPU, DeepSpeed (0.19.8) maps a 66 MB /dev/shm file per rank and never unlinks it, so
+    every run left 132 MB of RAM-backed tmpfs behind on 2 ranks (measured: 18 GB after a day of
+    test runs, until a later run slowed to a crawl for want of memory). Unlinking the name
+    right after the all-ranks barrier keeps the mappings valid for this run, and the memory is
+    returned when the processes exit, even when they are killed.
+    """
+    import torch.distributed as dist
+
+    if runtime.device != "cpu" or not dist.is_available() or not dist.is_initialized():
+        return
+    dist.barrier()  # every rank has opened every peer's buffer once it is past initialize()
+    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), runtime.rank
+    )
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:
+        pass  # ranks on different hosts: DeepSpeed made no shared buffer
