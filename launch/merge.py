@@ -55,8 +55,6 @@ def main(argv):
     parser.add_argument("--wait-timeout", type=float, default=14400.0, help="seconds worker 0 waits for others")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.workers is not None and args.workers < 1:
-        raise UserError(f"--workers {args.workers}: give at least 1")
     options = MergeOptions(
         shard_size=parse_size(args.shard_size),
         workers=args.workers,

@@ -108,6 +108,7 @@ def test_bad_cli_arguments(tmp_path, tiny_pair):
     fails(tmp_path, cfg, "shard size 'lots'", args=("--shard-size", "lots"))
     fails(tmp_path, cfg, "worker rank 5", "W-1", args=("--num-workers", "2", "--worker-rank", "5"))
     fails(tmp_path, cfg, "unrecognized arguments", "usage", args=("--bogus",))
+    fails(tmp_path, cfg, "workers=0", "at least 1", args=("--workers", "0"))
 
 
 def test_hydra_form_typo_and_missing_model(tmp_path, tiny_pair):
@@ -118,6 +119,9 @@ def test_hydra_form_typo_and_missing_model(tmp_path, tiny_pair):
     assert_one_line_error(run_merge_cli("merge=paper_slerp", f"merge.base_model={tiny_pair['base']}",
                                         f"output_dir={out}"), "merge.model")
     assert_one_line_error(run_merge_cli("merge=dare", f"output_dir={out}"), "unknown merge 'dare'", "paper_slerp")
+    assert_one_line_error(run_merge_cli("merge=paper_slerp", f"merge.base_model={tiny_pair['base']}",
+                                        f"merge.model={tiny_pair['other']}", f"output_dir={out}", "workers=0"),
+                          "workers=0", "at least 1")
     assert not out.exists()
 
 
