@@ -25,12 +25,7 @@ os.environ["OPENBLAS_NUM_THREADS"] = "1"
 # Put the repo root first: this file's own folder would otherwise shadow the `merge` package.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from train.errors import UserError, exit_on_user_error  # noqa: E402
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2, like every other user error
-        raise UserError(f"{message}: usage: python launch/merge.py CONFIG.yml OUT_DIR [--workers W] [--verify]")
+from train.errors import argument_parser, exit_on_user_error  # noqa: E402
 
 
 def main(argv):
@@ -43,7 +38,8 @@ def main(argv):
         cfg = compose_merge_config(argv)
         return run_merge(recipe_from_config(cfg), cfg.output_dir, options_from_config(cfg))
 
-    parser = _Parser(prog="launch/merge.py", description=__doc__.splitlines()[0])
+    parser = argument_parser("python launch/merge.py CONFIG.yml OUT_DIR [--workers W] [--verify]",
+                             prog="launch/merge.py", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="mergekit YAML")
     parser.add_argument("out_dir", help="output model directory")
     parser.add_argument("--workers", type=int, help="worker processes on this machine (default: CPUs, at most 4)")

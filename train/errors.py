@@ -19,3 +19,15 @@ def exit_on_user_error(main, *args, **kwargs):
         if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":
             print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(err.exit_code)
+
+
+def argument_parser(usage: str, **kwargs):
+    """An argparse parser whose mistakes (unknown flag, missing argument) are UserErrors: one
+    line that ends with `usage`, instead of argparse's own multi-line usage and exit."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise UserError(f"{message}: usage: {usage}")
+
+    return Parser(**kwargs)
