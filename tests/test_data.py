@@ -266,6 +266,10 @@ def test_sft_truncates_and_drops_rows_without_loss_tokens(tmp_path, tokenizer):
     assert data.stats["truncated_rows"] == 2  # both long rows; the late answer is cut away entirely
     assert data.stats["dropped_rows"] == 1
     assert data.stats["num_examples"] == len(data.train_dataset) == 2
+    # Counted in Arrow over the filtered rows only (the dropped row still sits in the table).
+    kept = list(data.train_dataset)
+    assert data.stats["dataset_tokens"] == sum(len(r["input_ids"]) for r in kept)
+    assert data.stats["loss_tokens"] == sum(label != -100 for r in kept for label in r["labels"])
 
 
 def test_sft_packing_bins_whole_examples(tokenizer):

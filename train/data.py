@@ -180,6 +180,25 @@ def _require_max_steps(cfg, kind: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # CPT: documents -> EOS-joined token stream -> fixed blocks
 # ---------------------------------------------------------------------------------------------
+def list_lengths(dataset, column: str):
+    """Per-row lengths of a list column, computed in Arrow (the rows never become Python lists:
+    on 5M tokens of SFT data that took 2.2 of 4.7 s, and its memory grows with the corpus)."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(dataset.with_format("arrow")[column]).to_numpy()
+
+
+def count_not_equal(dataset, column: str, value) -> int:
+    """How many values of a column (the elements, for a list column) differ from `value`, in Arrow."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = dataset.with_format("arrow")[column]
+    if pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+        values = pc.list_flatten(values)
+    return int(pc.sum(pc.not_equal(values, value)).as_py() or 0)
+
+
 def tokenize_documents(batch: Dict[str, list], tokenizer) -> Dict[str, list]:
     """{"text": [str]} -> {"input_ids": [[int]]}, each document followed by EOS; blank documents
     are dropped (they would only add EOS tokens)."""
@@ -238,7 +257,7 @@ def prepare_cpt(cfg, tokenizer) -> PreparedData:
     documents = rows.map(tokenize_documents, num_proc=cfg.data.num_proc, desc="tokenize cpt", **map_kwargs)
     if len(documents) == 0:
         raise _only_blank(spec)
-    num_tokens = sum(len(ids) for ids in documents["input_ids"])
+    num_tokens = int(list_lengths(documents, "input_ids").sum())
     # TRL's "wrapped" packing is exactly EOS-joined fixed blocks; one map batch over the whole
     # dataset so only the final block can be short, then that block is padded.
     blocks = pack_dataset(documents, block_size, strategy="wrapped", map_kwargs={"batch_size": None})
@@ -400,7 +419,7 @@ def prepare_sft(cfg, tokenizer) -> PreparedData:
         return PreparedData(chats, DataCollatorForLanguageModeling(pad_token_id=pad_id), {})
 
     chats = rows.map(tokenize_chats, num_proc=cfg.data.num_proc, desc="tokenize sft", **map_kwargs)
-    truncated_rows = sum(chats["truncated"])
+    truncated_rows = count_not_equal(chats, "truncated", False)
     chats = chats.remove_columns("truncated")
     kept = chats.filter(_has_loss_tokens, num_proc=cfg.data.num_proc, desc="drop rows without loss tokens")
     if len(kept) == 0:
@@ -408,11 +427,10 @@ def prepare_sft(cfg, tokenizer) -> PreparedData:
             f"{key}={spec.path}: no row has an assistant turn within training.max_seq_length={max_length}: "
             "add assistant turns or raise training.max_seq_length"
         )
-    lengths = [len(ids) for ids in kept["input_ids"]]
     stats = {
         "num_examples": len(kept),
-        "dataset_tokens": sum(lengths),
-        "loss_tokens": sum(sum(label != IGNORE_INDEX for label in row) for row in kept["labels"]),
+        "dataset_tokens": int(list_lengths(kept, "input_ids").sum()),
+        "loss_tokens": count_not_equal(kept, "labels", IGNORE_INDEX),
         "truncated_rows": truncated_rows,
         "dropped_rows": len(chats) - len(kept),
     }

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from datasets import Dataset
 from trl.data_utils import common_prefix_length, maybe_extract_prompt
 
-from train.data import load_rows
+from train.data import count_not_equal, list_lengths, load_rows
 from train.errors import UserError
 from train.model import max_positions
 from train.stages import PreparedData
@@ -137,13 +137,14 @@ def tokenize_preference_rows(
         tokenize, remove_columns=list(PAIR_KEYS), num_proc=num_proc, desc="Tokenizing preference pairs"
     )
 
-    prompt_lengths = [len(p) for p in tokenized["prompt_ids"]]
-    too_long = [n for n in prompt_lengths if n >= max_length]
-    if too_long:
+    prompt_lengths = list_lengths(tokenized, "prompt_ids")
+    too_long = prompt_lengths[prompt_lengths >= max_length]
+    if too_long.size:
+        longest = int(too_long.max())
         raise UserError(
-            f"{source}: {len(too_long)} of {len(prompt_lengths)} rows have a prompt of at least stage.max_length="
-            f"{max_length} tokens (longest {max(too_long)}), leaving no room for the answer: raise "
-            f"stage.max_length={max(too_long) + max_length - max_prompt_length} or shorten those prompts"
+            f"{source}: {too_long.size} of {prompt_lengths.size} rows have a prompt of at least stage.max_length="
+            f"{max_length} tokens (longest {longest}), leaving no room for the answer: raise "
+            f"stage.max_length={longest + max_length - max_prompt_length} or shorten those prompts"
         )
 
     def truncate(row):
@@ -153,7 +154,7 @@ def tokenize_preference_rows(
         return {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r, "truncated": cut}
 
     tokenized = tokenized.map(truncate, num_proc=num_proc, desc="Truncating preference pairs")
-    truncated = int(sum(tokenized["truncated"]))
+    truncated = count_not_equal(tokenized, "truncated", False)
     tokenized = tokenized.remove_columns("truncated")
     stats = {
         "preference_rows": float(len(tokenized)),
