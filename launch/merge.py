@@ -29,11 +29,12 @@ from train.errors import argument_parser, exit_on_user_error  # noqa: E402
 
 
 def main(argv):
-    from merge.plan import load_merge_config, parse_size
-    from merge.run import MergeOptions, run_merge
+    from merge.config import options_from_config
+    from merge.plan import load_merge_config
+    from merge.run import run_merge
 
     if argv and all("=" in a and not a.startswith("-") for a in argv):
-        from merge.config import compose_merge_config, options_from_config, recipe_from_config
+        from merge.config import compose_merge_config, recipe_from_config
 
         cfg = compose_merge_config(argv)
         return run_merge(recipe_from_config(cfg), cfg.output_dir, options_from_config(cfg))
@@ -49,18 +50,9 @@ def main(argv):
     parser.add_argument("--out-shard-size", dest="shard_size", help=argparse.SUPPRESS)  # mergekit's name
     parser.add_argument("--verify", action="store_true", help="re-read and check the output before publishing")
     parser.add_argument("--wait-timeout", type=float, default=14400.0, help="seconds worker 0 waits for others")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar")
     args = parser.parse_args(argv)
-    options = MergeOptions(
-        shard_size=parse_size(args.shard_size),
-        workers=args.workers,
-        num_workers=args.num_workers,
-        worker_rank=args.worker_rank,
-        verify=args.verify,
-        wait_timeout=args.wait_timeout,
-        progress=not args.quiet,
-    )
-    return run_merge(load_merge_config(args.config), args.out_dir, options)
+    return run_merge(load_merge_config(args.config), args.out_dir, options_from_config(args))
 
 
 if __name__ == "__main__":

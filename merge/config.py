@@ -94,7 +94,8 @@ def recipe_from_config(cfg: DictConfig) -> dict:
     return {k: v for k, v in recipe.items() if v is not None and not (k in ("models", "slices") and not v)}
 
 
-def options_from_config(cfg: DictConfig) -> MergeOptions:
+def options_from_config(cfg) -> MergeOptions:
+    """MergeOptions from the composed Hydra config or the CLI's parsed arguments (same names)."""
     return MergeOptions(
         shard_size=parse_size(cfg.shard_size),
         workers=cfg.workers,

@@ -143,7 +143,9 @@ def parents_of(merged_dir: Path) -> List[str]:
 
 
 def check_model_dir(path: Path, role: str) -> Path:
-    if not (path / "config.json").is_file():
+    from train.model import is_model_dir
+
+    if not is_model_dir(path):
         raise UserError(f"{role} {path} is not a model directory (no config.json): give a saved model's directory")
     return path
 
@@ -159,10 +161,7 @@ def run_synergy(merged_dir: str, parents: Optional[List[str]], data_path: str, m
     parent_dirs = [check_model_dir(Path(p), "parent model") for p in (parents or parents_of(merged))]
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: give at least 1")
-    try:
-        rows = load_rows(DatasetConfig(path=data_path, max_samples=max_samples), "preference")
-    except UserError as err:  # it names the training config's key; here the flag is --data
-        raise UserError(str(err).replace("data.preference.path", "--data")) from err
+    rows = load_rows(DatasetConfig(path=data_path, max_samples=max_samples), "preference", key="--data")
     conversations = [to_conversation(dict(row), i, data_path) for i, row in enumerate(rows)]
 
     models = [*((f"parent {i + 1}", p) for i, p in enumerate(parent_dirs)), ("merged", merged)]

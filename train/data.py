@@ -51,12 +51,13 @@ GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 # ---------------------------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------------------------
-def load_rows(spec, kind: str):
+def load_rows(spec, kind: str, key: Optional[str] = None):
     """Rows of `data.<kind>` (a DatasetConfig): a Dataset, or an IterableDataset when
-    `spec.streaming`. UserError (one line, naming `data.<kind>.path`) on anything unusable."""
+    `spec.streaming`. UserError (one line, naming `key`, by default `data.<kind>.path`) on
+    anything unusable."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
-    key = f"data.{kind}.path"
+    key = key or f"data.{kind}.path"
     path = str(spec.path)
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parsers log errors we re-raise as one line

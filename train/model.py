@@ -21,7 +21,7 @@ from train.errors import UserError
 CACHE_DIR = Path(os.environ.get("DOMAINFORGE_CACHE", Path.home() / ".cache" / "domainforge"))
 
 
-def _is_model_dir(path: Path) -> bool:
+def is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
@@ -44,7 +44,7 @@ def resolve_model_dir(model_cfg) -> Optional[Path]:
                 "(huggingface-cli download ...) and set model.path=<local dir>"
             )
         raise UserError(f"model.path={model_cfg.path} does not exist: point it at a saved model directory")
-    if not _is_model_dir(path):
+    if not is_model_dir(path):
         raise UserError(
             f"model.path={model_cfg.path} is not a model directory (no config.json): point it at a "
             "directory written by save_pretrained, e.g. a finished stage's output_dir"
@@ -55,12 +55,12 @@ def resolve_model_dir(model_cfg) -> Optional[Path]:
 def materialize_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF model to fp32 safetensors once; later runs (and other ranks) reuse it."""
     target = CACHE_DIR / gguf.stem
-    if _is_model_dir(target):
+    if is_model_dir(target):
         return target
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     with open(CACHE_DIR / f"{gguf.stem}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one rank converts, the others wait and reuse
-        if _is_model_dir(target):
+        if is_model_dir(target):
             return target
         tmp = CACHE_DIR / f".{gguf.stem}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -113,7 +113,7 @@ def max_positions(model_cfg) -> int:
 def load_model(model_cfg, dtype: torch.dtype, tokenizer=None, path: Optional[str] = None):
     """The model to train (or a reference model at `path`). Call after the TRL config exists."""
     model_dir = Path(path) if path else resolve_model_dir(model_cfg)
-    if model_dir is not None and not _is_model_dir(model_dir):
+    if model_dir is not None and not is_model_dir(model_dir):
         raise UserError(f"{model_dir} is not a model directory (no config.json)")
     kwargs = dict(dtype=dtype, attn_implementation=model_cfg.attn_implementation)
     if model_dir is None:

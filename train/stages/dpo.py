@@ -30,7 +30,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.models import prepare_deepspeed
 
 from train.errors import UserError
-from train.model import CACHE_DIR, _is_model_dir, load_model, report_parameter_share, resolve_model_dir
+from train.model import CACHE_DIR, is_model_dir, load_model, report_parameter_share, resolve_model_dir
 from train.preference import prepare_preference
 
 REF_LOGPS_DIR = CACHE_DIR / "ref_logps"
@@ -43,7 +43,7 @@ def reference_dir(cfg) -> Optional[Path]:
     """The reference model's directory; None: the random-init starting model (tiny preset)."""
     if cfg.stage.ref_model_path:
         path = Path(cfg.stage.ref_model_path).expanduser()
-        if not _is_model_dir(path):
+        if not is_model_dir(path):
             raise UserError(
                 f"stage.ref_model_path={cfg.stage.ref_model_path} is not a model directory (no config.json): "
                 "point it at a directory written by save_pretrained, or drop it to use the starting model"
