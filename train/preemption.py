@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from train.runtime import shutdown_process_group
+
 # sysexits.h EX_TEMPFAIL: "temporary failure, the user is invited to retry".
 PREEMPTED_EXIT_CODE = 75
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -95,4 +97,5 @@ def exit_if_preempted() -> None:
     # --kill-on-bad-exit would otherwise kill it mid-write.
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+    shutdown_process_group()
     sys.exit(PREEMPTED_EXIT_CODE)

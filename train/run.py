@@ -36,6 +36,7 @@ from train.runtime import (
     ensure_process_group_env,
     let_accelerate_see_cpu_ranks,
     release_cpu_allreduce_buffers,
+    shutdown_process_group,
 )
 from train.stages import get_stage
 from train.tracking import ThroughputCallback, configure_wandb, report_to
@@ -50,6 +51,7 @@ def main(argv: List[str]) -> None:
     warnings.filterwarnings("ignore", message=r".*'pin_memory' argument is set as true.*")
     cfg = compose_train_config(argv)
     run_stage(cfg)
+    shutdown_process_group()  # every rank is past save_final_model's barrier
 
 
 def run_name(cfg: DictConfig) -> str:

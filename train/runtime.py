@@ -125,3 +125,14 @@ def release_cpu_allreduce_buffers(runtime: Runtime) -> None:
         os.unlink(os.path.join("/dev/shm", name))
     except FileNotFoundError:
         pass  # ranks on different hosts: DeepSpeed made no shared buffer
+
+
+def shutdown_process_group() -> None:
+    """Destroy the process group before the interpreter exits. Without it, gloo's worker threads
+    are torn down at exit and a finished run can abort with "terminate called without an
+    active exception" (exit 250 through the deepspeed launcher; seen once in CI, and
+    pytorch/pytorch#190489), which would fail a SLURM afterok chain after a good run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
