@@ -5,7 +5,6 @@ domainforge code, on the same data, model, tokenizer, DeepSpeed ZeRO-3 config an
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch

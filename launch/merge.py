@@ -13,7 +13,6 @@ Hydra form (conf/merge_job.yaml + conf/merge/<preset>.yaml):
         merge.base_model=/models/Instruct output_dir=outputs/merged workers=2
 """
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -25,34 +24,30 @@ os.environ["OPENBLAS_NUM_THREADS"] = "1"
 # Put the repo root first: this file's own folder would otherwise shadow the `merge` package.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from train.errors import argument_parser, exit_on_user_error  # noqa: E402
+from core.errors import argument_parser, exit_on_user_error  # noqa: E402
 
 
 def main(argv):
-    from merge.config import options_from_config
+    from merge.config import (
+        add_merge_options,
+        compose_merge_config,
+        options_from,
+        recipe_from_config,
+    )
     from merge.plan import load_merge_config
     from merge.run import run_merge
 
     if argv and all("=" in a and not a.startswith("-") for a in argv):
-        from merge.config import compose_merge_config, recipe_from_config
-
         cfg = compose_merge_config(argv)
-        return run_merge(recipe_from_config(cfg), cfg.output_dir, options_from_config(cfg))
+        return run_merge(recipe_from_config(cfg), cfg.output_dir, options_from(cfg))
 
     parser = argument_parser("python launch/merge.py CONFIG.yml OUT_DIR [--workers W] [--verify]",
                              prog="launch/merge.py", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="mergekit YAML")
     parser.add_argument("out_dir", help="output model directory")
-    parser.add_argument("--workers", type=int, help="worker processes on this machine (default: CPUs, at most 4)")
-    parser.add_argument("--num-workers", type=int, help="independent workers (default: SLURM_NTASKS)")
-    parser.add_argument("--worker-rank", type=int, help="this worker's rank (default: SLURM_PROCID)")
-    parser.add_argument("--shard-size", default="2GB", help="output shard size, e.g. 2GB, 500MB")
-    parser.add_argument("--out-shard-size", dest="shard_size", help=argparse.SUPPRESS)  # mergekit's name
-    parser.add_argument("--verify", action="store_true", help="re-read and check the output before publishing")
-    parser.add_argument("--wait-timeout", type=float, default=14400.0, help="seconds worker 0 waits for others")
-    parser.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar")
+    add_merge_options(parser)
     args = parser.parse_args(argv)
-    return run_merge(load_merge_config(args.config), args.out_dir, options_from_config(args))
+    return run_merge(load_merge_config(args.config), args.out_dir, options_from(args))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from pathlib import Path
 # Put the repo root first: this file's own folder would otherwise shadow the `train` package.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from train.errors import exit_on_user_error  # noqa: E402
-from train.pipeline import compose_pipeline_job, run_local  # noqa: E402
+from core.errors import exit_on_user_error  # noqa: E402
+from orchestration.pipeline import compose_pipeline_job, run_local  # noqa: E402
 
 
 def main(argv):

@@ -19,9 +19,9 @@ from pathlib import Path
 # Put the repo root first: this file's own folder would otherwise shadow the `train` package.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from train.errors import exit_on_user_error  # noqa: E402
-from train.pipeline import compose_pipeline_job, plan_pipeline  # noqa: E402
-from train.slurm import print_status, stage_plan, submit_pipeline, submit_plan  # noqa: E402
+from core.errors import exit_on_user_error  # noqa: E402
+from orchestration.pipeline import compose_pipeline_job, plan_pipeline  # noqa: E402
+from orchestration.slurm import print_status, stage_plan, submit_pipeline, submit_plan  # noqa: E402
 
 # Options of the submission itself; in `+stage=` mode everything else goes to launch/train.py.
 SUBMIT_KEYS = ("cluster", "cluster.", "root=")

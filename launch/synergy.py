@@ -14,7 +14,7 @@ from pathlib import Path
 # Put the repo root first: this file's own folder would otherwise shadow the `merge` package.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from train.errors import argument_parser, exit_on_user_error  # noqa: E402
+from core.errors import argument_parser, exit_on_user_error  # noqa: E402
 
 BUNDLED = str(Path(__file__).resolve().parents[1] / "data" / "materials" / "preference_chat.jsonl")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 # Put the repo root first: this file's own folder would otherwise shadow the `train` package.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from train.errors import exit_on_user_error  # noqa: E402
+from core.errors import exit_on_user_error  # noqa: E402
 from train.run import main  # noqa: E402
 
 if __name__ == "__main__":

@@ -1,29 +1,33 @@
-"""Hydra schema of `launch/merge.py merge=<preset> output_dir=...` (conf/merge_job.yaml).
+"""The merge's two schemas, each written once:
 
-The `merge` group holds a mergekit-style recipe; presets in conf/merge/ name the models as
-keys (`merge.model`, `merge.base_model`) so that a pipeline can set them after training.
+- `MergeRecipeConfig`: a mergekit-style recipe. The Hydra `merge` group (conf/merge/) is typed
+  by it, and merge/plan.py's `parse_merge_config` fills a YAML file's recipe from it before
+  checking what types cannot say (models exist in pairs, t in [0, 1], ...).
+- `MergeOptions`: how to run a merge. `launch/merge.py`'s flags are generated from its fields
+  (`add_merge_options`, as mergekit does), and the Hydra form's root `MergeJobConfig` extends it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import argparse
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from merge.plan import parse_size
-from merge.run import MergeOptions
+from core.config import compose_config
+from core.errors import UserError
 
 
 @dataclass
 class MergeRecipeConfig:
-    merge_method: str = "slerp"
+    merge_method: str = MISSING
     """slerp or linear."""
-    base_model: str = MISSING
-    """Model directory that t=0 returns; its tokenizer, chat template and config are copied."""
+    base_model: Optional[str] = None
+    """Model directory that t=0 returns (slerp needs it); its tokenizer, chat template and
+    config are copied to the output."""
     model: Optional[str] = None
-    """The other (e.g. fine-tuned) model. Shorthand for models: [{model: ...}, {model: base}]
+    """The other (e.g. fine-tuned) model: shorthand for models: [{model: ...}, {model: base}]
     when neither `models` nor `slices` is given."""
     models: Optional[List[Any]] = None
     """mergekit `models:` form: [{model: PATH, parameters: {...}}, ...]."""
@@ -31,33 +35,62 @@ class MergeRecipeConfig:
     """mergekit `slices:` form: [{sources: [{model: PATH, layer_range: [0, 32]}, ...]}]."""
     parameters: Dict[str, Any] = field(default_factory=dict)
     """t (slerp) as a number, a gradient list or [{filter, value}, ...]; weight (linear)."""
-    dtype: Optional[str] = "bfloat16"
-    """Inputs are rounded to this dtype before the math; also the output dtype."""
+    dtype: Optional[str] = None
+    """Inputs are rounded to this dtype before the math; also the output dtype. None: the
+    inputs' own (promoted) dtype, as mergekit does."""
     out_dtype: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    """Only `base` (or unset): the tokenizer is copied from base_model."""
     embed_mismatch: str = "error"
     """error, or truncate: keep the common embedding rows when vocabularies differ."""
 
 
+def option(default, help: str, flag: Optional[str] = None, aliases: tuple = ()):
+    """A MergeOptions field with its command-line help (and a flag name when it is not
+    --<field-name>)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "aliases": aliases})
+
+
 @dataclass
-class MergeJobConfig:
+class MergeOptions:
+    shard_size: str = option("2GB", "output shard size, e.g. 2GB, 500MB (a larger tensor gets a shard of its own)",
+                             aliases=("--out-shard-size",))  # mergekit's name
+    workers: Optional[int] = option(None, "worker processes on this machine (default: one per CPU, at most 4)")
+    num_workers: Optional[int] = option(None, "independent workers over a shared filesystem (default: SLURM_NTASKS)")
+    worker_rank: Optional[int] = option(None, "this worker's rank among num_workers (default: SLURM_PROCID)")
+    verify: bool = option(False, "re-read the output before publishing: every tensor present, right shape, finite")
+    wait_timeout: float = option(4 * 3600.0, "seconds worker 0 waits for the other workers' shards")
+    chunk_elements: int = option(8 * 1024 * 1024,
+                                 "elements mapped per input at a time (8M: 32 MB for two bf16 inputs); bounds memory")
+    progress: bool = option(True, "show a progress bar", flag="--quiet")
+
+
+def add_merge_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per MergeOptions field, with its default and help."""
+    for f in fields(MergeOptions):
+        meta = f.metadata
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            # --verify turns a False default on; --quiet turns progress (True) off.
+            action = "store_false" if f.default else "store_true"
+            parser.add_argument(flag, dest=f.name, action=action, default=f.default, help=meta["help"])
+            continue
+        kind = {"Optional[int]": int, "int": int, "float": float, "str": str}[f.type]
+        parser.add_argument(flag, *meta["aliases"], dest=f.name, type=kind, default=f.default, help=meta["help"])
+
+
+def options_from(cfg) -> MergeOptions:
+    """MergeOptions from the composed Hydra config or the CLI's parsed arguments (same names)."""
+    return MergeOptions(**{f.name: getattr(cfg, f.name) for f in fields(MergeOptions)})
+
+
+@dataclass
+class MergeJobConfig(MergeOptions):
+    """Root of the Hydra form `launch/merge.py merge=<preset> output_dir=...` (conf/merge_job.yaml)."""
+
     merge: MergeRecipeConfig = MISSING
     output_dir: str = MISSING
     """The merged model directory (written via a hidden sibling, renamed when complete)."""
-    workers: Optional[int] = None
-    """Worker processes on this machine; null: one per available CPU, at most 4."""
-    num_workers: Optional[int] = None
-    """Independent workers over a shared filesystem; default SLURM_NTASKS."""
-    worker_rank: Optional[int] = None
-    """This process's rank among num_workers; default SLURM_PROCID."""
-    shard_size: str = "2GB"
-    verify: bool = False
-    wait_timeout: float = 14400.0
-    """Seconds worker 0 waits for the other workers' shards."""
-    progress: bool = True
-
-
-def register_merge_configs() -> None:
-    ConfigStore.instance().store(name="merge_job_schema", node=MergeJobConfig)
 
 
 HINTS = {
@@ -69,11 +102,7 @@ HINTS = {
 
 def compose_merge_config(overrides: List[str]) -> DictConfig:
     """conf/merge_job.yaml + overrides; UserError (one line) on a typo or an unset key."""
-    from train.config import compose_config
-    from train.errors import UserError
-
-    register_merge_configs()
-    cfg = compose_config(overrides, "merge_job", schema=MergeJobConfig)  # errors name merge/config.py
+    cfg = compose_config(overrides, "merge_job", MergeJobConfig)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         key = missing[0]
@@ -82,26 +111,6 @@ def compose_merge_config(overrides: List[str]) -> DictConfig:
 
 
 def recipe_from_config(cfg: DictConfig) -> dict:
-    """The mergekit-style dict of a composed `merge` node."""
+    """The recipe of a composed `merge` node, as the mergekit-style dict a YAML file gives."""
     recipe = OmegaConf.to_container(cfg.merge, resolve=True)
-    model = recipe.pop("model", None)
-    if not recipe.get("models") and not recipe.get("slices"):
-        if model is None:
-            from train.errors import UserError
-
-            raise UserError(f"merge.model is not set: add {HINTS['merge.model']}")
-        recipe["models"] = [{"model": model}, {"model": recipe["base_model"]}]
-    return {k: v for k, v in recipe.items() if v is not None and not (k in ("models", "slices") and not v)}
-
-
-def options_from_config(cfg) -> MergeOptions:
-    """MergeOptions from the composed Hydra config or the CLI's parsed arguments (same names)."""
-    return MergeOptions(
-        shard_size=parse_size(cfg.shard_size),
-        workers=cfg.workers,
-        num_workers=cfg.num_workers,
-        worker_rank=cfg.worker_rank,
-        verify=cfg.verify,
-        wait_timeout=cfg.wait_timeout,
-        progress=cfg.progress,
-    )
+    return {k: v for k, v in recipe.items() if v is not None and v != {}}

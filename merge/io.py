@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from train.errors import UserError
+from core.errors import UserError
 
 # safetensors dtype -> bytes per element (floating types only: merges interpolate floats)
 ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}

@@ -14,20 +14,17 @@ Semantics follow mergekit 0.1.5 (`mergekit/plan.py`, `mergekit/config.py`):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from core.errors import UserError
+from merge.config import MergeRecipeConfig
 from merge.io import DTYPE_NAMES, ITEMSIZE, ModelReader, promote, shard_header
-from train.errors import UserError
 
 METHODS = {"slerp": ("t",), "linear": ("weight", "normalize")}
-TOP_LEVEL_KEYS = (
-    "slices", "models", "merge_method", "base_model", "parameters", "dtype", "out_dtype",
-    "tokenizer_source", "embed_mismatch",
-)
 LAYER_NAME = re.compile(r"^(?P<prefix>.*?\.layers\.)(?P<index>\d+)\.(?P<rest>.+)$")
 
 
@@ -123,11 +120,29 @@ def _numbers(setting: Any, where: str) -> List[float]:
     raise UserError(f"{where}: expected a number, a list of numbers or a list of {{filter, value}}, got {setting!r}")
 
 
+def recipe_keys() -> List[str]:
+    return [f.name for f in fields(MergeRecipeConfig)]
+
+
+def expand_model_shorthand(raw: Dict[str, Any]) -> Dict[str, Any]:
+    """`model: X` (the Hydra presets' form) is `models: [{model: X}, {model: base_model}]`."""
+    raw = dict(raw)
+    model = raw.pop("model", None)
+    if model is None:
+        return raw
+    if raw.get("models") or raw.get("slices"):
+        raise UserError("the merge config gives 'model' and also 'models' or 'slices': use one form")
+    raw["models"] = [{"model": model}, {"model": raw.get("base_model")}]
+    return raw
+
+
 def parse_merge_config(raw: Dict[str, Any]) -> MergeSpec:
-    """Validate a mergekit-style config without touching the models."""
-    unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
+    """Validate a mergekit-style config (keys: merge/config.py's MergeRecipeConfig) without
+    touching the models."""
+    unknown = sorted(set(raw) - set(recipe_keys()))
     if unknown:
-        raise UserError(f"unknown merge config key '{unknown[0]}': valid keys are {', '.join(TOP_LEVEL_KEYS)}")
+        raise UserError(f"unknown merge config key '{unknown[0]}': valid keys are {', '.join(recipe_keys())}")
+    raw = expand_model_shorthand(raw)
     method = raw.get("merge_method")
     if method not in METHODS:
         raise UserError(f"unknown merge_method '{method}': this merger supports {' and '.join(METHODS)}")
@@ -137,7 +152,7 @@ def parse_merge_config(raw: Dict[str, Any]) -> MergeSpec:
     base = str(base) if base is not None else None
     if method == "slerp" and base is None:
         raise UserError("merge_method slerp needs base_model: set it to the model that t=0 returns")
-    mismatch = raw.get("embed_mismatch", "error")
+    mismatch = raw.get("embed_mismatch", MergeRecipeConfig.embed_mismatch)
     if mismatch not in ("error", "truncate"):
         raise UserError(f"embed_mismatch '{mismatch}' is not supported: use error or truncate")
     if raw.get("tokenizer_source") not in (None, "base"):

@@ -21,19 +21,36 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import yaml
 
+from core.errors import UserError
+from core.outputs import fsync_dir, write_atomic
+from merge.config import MergeOptions
 from merge.io import (
-    ITEMSIZE, TORCH_NAMES, ModelReader, ShardWriter, decode, encode, pread_exact, read_header, round_through,
+    ITEMSIZE,
+    TORCH_NAMES,
+    ModelReader,
+    ShardWriter,
+    decode,
+    encode,
+    pread_exact,
+    read_header,
+    round_through,
 )
-from merge.plan import MergePlan, ShardPlan, TensorPlan, parse_merge_config, plan_merge, plan_output_shards
+from merge.plan import (
+    MergePlan,
+    ShardPlan,
+    TensorPlan,
+    parse_merge_config,
+    parse_size,
+    plan_merge,
+    plan_output_shards,
+)
 from merge.slerp import SlerpStats, combine, combine_linear, slerp_coefficients
-from train.errors import UserError
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -42,24 +59,6 @@ TOKENIZER_FILES = (
 )
 # Test hook: seconds to sleep after each completed shard, so a test can kill a merge mid-way.
 PAUSE_ENV = "DOMAINFORGE_MERGE_PAUSE_AFTER_SHARD"
-
-
-@dataclass
-class MergeOptions:
-    shard_size: int = 2 * 10**9
-    """Bytes per output shard (a larger tensor gets a shard of its own)."""
-    workers: Optional[int] = None
-    """Worker processes to fork on this machine; None: one per available CPU, at most 4."""
-    num_workers: Optional[int] = None
-    """Independent workers over a shared filesystem (SLURM_NTASKS by default)."""
-    worker_rank: Optional[int] = None
-    verify: bool = False
-    """Re-read the output before publishing: every tensor present, right shape/dtype, finite."""
-    wait_timeout: float = 4 * 3600.0
-    """Seconds worker 0 waits for the other workers' shards before giving up."""
-    chunk_elements: int = 8 * 1024 * 1024
-    """Elements mapped per input at a time (8M: 32 MB for two bf16 inputs); bounds memory."""
-    progress: bool = True
 
 
 def default_workers() -> int:
@@ -95,7 +94,7 @@ class Merge:
         self.spec = parse_merge_config(raw_config)
         self.readers: Dict[str, ModelReader] = {}
         self.plan: MergePlan = plan_merge(self.spec, self.reader)
-        self.shard_size = options.shard_size
+        self.shard_size = parse_size(options.shard_size)
         self.shards: List[ShardPlan] = plan_output_shards(self.plan.tensors, self.shard_size)
         if len(self.shards) < world <= len(self.plan.tensors):
             # workers own whole shards: cut smaller shards so that every worker gets one
@@ -284,24 +283,6 @@ def write_shard(merge: Merge, shard: ShardPlan, buf: Buffers, report: Callable[[
     writer.close()
     check_shard_header(path, shard)
     write_atomic(marker, merge.fingerprint)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def run_worker(merge: Merge, rank: int, world: int, report: Callable[[int, int], None]) -> None:

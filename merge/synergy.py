@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from train.errors import UserError
+from core.errors import UserError
 
 SCORES = ("accuracy", "answer_logprob")
 
@@ -143,7 +143,7 @@ def parents_of(merged_dir: Path) -> List[str]:
 
 
 def check_model_dir(path: Path, role: str) -> Path:
-    from train.model import is_model_dir
+    from core.outputs import is_model_dir
 
     if not is_model_dir(path):
         raise UserError(f"{role} {path} is not a model directory (no config.json): give a saved model's directory")

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
-
 from conftest import free_port
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 
-import datasets
 import pytest
 from datasets import Dataset, DatasetDict, IterableDataset
 
+from core.errors import UserError
 from train.config import DatasetConfig, compose_train_config
 from train.data import (
     IGNORE_INDEX,
@@ -18,7 +18,6 @@ from train.data import (
     prepare_sft,
     tokenize_chat,
 )
-from train.errors import UserError
 from train.model import load_tokenizer
 
 DOCS = [

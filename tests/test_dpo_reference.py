@@ -12,7 +12,7 @@ from preference_harness import batch_of, compose, trainer_for
 from transformers import set_seed
 
 import train.stages.dpo as dpo
-from train.errors import UserError
+from core.errors import UserError
 from train.model import load_model, load_tokenizer
 
 

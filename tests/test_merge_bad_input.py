@@ -8,7 +8,6 @@ import shutil
 
 import pytest
 import yaml
-
 from conftest import assert_one_line_error
 from test_merge_models import build_llama, run_merge_cli, tiny_pair, write_config  # noqa: F401
 
@@ -161,7 +160,6 @@ def test_hydra_form_typo_and_missing_model(tmp_path, tiny_pair):
 def test_linear_merge_weights(tmp_path, tiny_pair):
     """Not bad input: the linear method with per-model weights matches its formula."""
     import torch
-
     from test_merge_models import load_dir
 
     cfg = tmp_path / "lin.yml"

@@ -2,10 +2,10 @@
 
 import pytest
 
-from merge.config import compose_merge_config, options_from_config, recipe_from_config
-from merge.plan import parse_merge_config
-from train.config import CONF_DIR
-from train.errors import UserError
+from core.errors import UserError
+from merge.config import compose_merge_config, options_from, recipe_from_config
+from merge.plan import parse_merge_config, parse_size
+from core.config import CONF_DIR
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "merge").glob("*.yaml"))
 
@@ -18,8 +18,8 @@ def test_every_merge_preset_composes_to_a_valid_recipe(preset):
     spec = parse_merge_config(recipe)
     assert {s.model for s in spec.slices[0].sources} == {"/m/ft", "/m/instruct"}
     assert spec.base_model == "/m/instruct"
-    options = options_from_config(cfg)
-    assert options.workers == 2 and options.shard_size == 500 * 10**6
+    options = options_from(cfg)
+    assert options.workers == 2 and parse_size(options.shard_size) == 500 * 10**6
 
 
 def test_paper_preset_is_the_papers_gradient():

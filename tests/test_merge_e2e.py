@@ -14,11 +14,17 @@ import time
 
 import pytest
 import yaml
-
 from conftest import REPO, assert_one_line_error
 from conftest import test_env as child_env
 from test_merge_models import (  # noqa: F401  (tiny_pair is a fixture)
-    assert_bf16_close, build_llama, load_dir, paper_t, reference_slerp, run_merge_cli, shard_bytes, tiny_pair,
+    assert_bf16_close,
+    build_llama,
+    load_dir,
+    paper_t,
+    reference_slerp,
+    run_merge_cli,
+    shard_bytes,
+    tiny_pair,
     write_config,
 )
 
@@ -203,9 +209,9 @@ def test_vocab_mismatch_fails_or_truncates(tmp_path, tiny_pair):
 def test_verify_finds_non_finite_and_missing_tensors(tmp_path, tiny_pair, paper_merge):
     import shutil
 
+    from core.errors import UserError
     from merge.plan import load_merge_config, parse_size
     from merge.run import Merge, MergeOptions, verify_output
-    from train.errors import UserError
 
     cfg = write_config(tmp_path / "m.yml", tiny_pair["base"], tiny_pair["other"])
     merge = Merge(load_merge_config(str(cfg)), str(tmp_path / "unused"),

@@ -8,10 +8,16 @@ import math
 import numpy as np
 import pytest
 
+from core.errors import UserError
 from merge.io import ModelReader, decode, encode, read_header
-from merge.plan import evaluate_setting, parse_merge_config, parse_size, plan_merge, plan_output_shards
+from merge.plan import (
+    evaluate_setting,
+    parse_merge_config,
+    parse_size,
+    plan_merge,
+    plan_output_shards,
+)
 from merge.slerp import SlerpStats, combine, lerp, slerp, slerp_coefficients
-from train.errors import UserError
 
 
 def ref_slerp64(t, v0, v1):

@@ -16,7 +16,6 @@ from typing import Dict
 
 import pytest
 import yaml
-
 from conftest import REPO
 from conftest import test_env as child_env
 

@@ -9,9 +9,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import test_env as child_env
-from test_merge_models import build_llama, load_dir, run_merge_cli, tiny_pair, write_config  # noqa: F401
+from test_merge_models import (  # noqa: F401
+    build_llama,
+    load_dir,
+    run_merge_cli,
+    tiny_pair,
+    write_config,
+)
 
 MERGEKIT = Path("/opt/mergekit-venv/bin/mergekit-yaml")
 pytestmark = [

@@ -5,12 +5,18 @@ run (deepspeed, tiny model) is the integration test at the bottom."""
 from __future__ import annotations
 
 import pytest
+from conftest import REPO, assert_one_line_error, launch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, assert_one_line_error, launch
-from train.errors import UserError
-from train.pipeline import PipelineJobConfig, compose_pipeline_job, plan_pipeline, run_local, validate_step_configs
+from core.errors import UserError
+from orchestration.pipeline import (
+    PipelineJobConfig,
+    compose_pipeline_job,
+    plan_pipeline,
+    run_local,
+    validate_step_configs,
+)
 
 PRESETS = sorted(p.stem for p in (REPO / "conf" / "pipeline").glob("*.yaml"))
 

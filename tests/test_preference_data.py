@@ -8,8 +8,8 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from train.config import REPO_ROOT
-from train.errors import UserError
+from core.errors import UserError
+from core.config import REPO_ROOT
 from train.preference import check_lengths, tokenize_preference_rows, truncate_pair
 
 TOKENIZER = REPO_ROOT / "train" / "assets" / "tiny_tokenizer"

@@ -14,9 +14,9 @@ import pytest
 from conftest import assert_one_line_error, generates, launch
 from conftest import test_env as launcher_env
 from transformers import AutoModelForCausalLM
-
-from train.config import REPO_ROOT
 from wandb_offline import find_offline_runs, history
+
+from core.config import REPO_ROOT
 
 pytestmark = pytest.mark.integration
 

@@ -18,12 +18,12 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForCausalLM
-
 from conftest import REPO
 from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
+from transformers import AutoModelForCausalLM
+
+from orchestration.slurm import read_jobs
 from train.checkpoint import is_complete_checkpoint
-from train.slurm import read_jobs
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
 

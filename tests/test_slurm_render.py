@@ -10,12 +10,11 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, assert_one_line_error
-from train.errors import UserError
-from train.pipeline import compose_pipeline_job, plan_pipeline
-from train.preemption import PREEMPTED_EXIT_CODE
-from train.slurm import render_step
+
+from core.errors import PREEMPTED_EXIT_CODE, UserError
+from orchestration.pipeline import compose_pipeline_job, plan_pipeline
+from orchestration.slurm import render_step
 
 LLAMA = "llama_instruct_cpt_sft_orpo_slerp"
 

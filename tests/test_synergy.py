@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, assert_one_line_error
 from conftest import test_env as child_env
 from test_merge_models import run_merge_cli, tiny_pair, write_config  # noqa: F401

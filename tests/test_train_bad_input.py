@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import assert_one_line_error, launch
 
 pytestmark = pytest.mark.integration

@@ -13,11 +13,11 @@ import sys
 import time
 
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from conftest import REPO, free_port, generates, launch, loss_history, test_env
-from train.checkpoint import is_complete_checkpoint
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from wandb_offline import find_offline_runs, history
+
+from train.checkpoint import is_complete_checkpoint
 
 pytestmark = pytest.mark.integration
 

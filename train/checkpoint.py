@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from train.errors import UserError
+from core.errors import UserError
 
 CHECKPOINTS = "checkpoints"
 FINAL_TMP = ".final-tmp"
@@ -23,11 +23,6 @@ RUN_CONFIG = "domainforge.yaml"
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / CHECKPOINTS
-
-
-def is_finished(output_dir: str | Path) -> bool:
-    """A finished run has its final model; config.json is published last."""
-    return (Path(output_dir) / "config.json").is_file()
 
 
 def is_complete_checkpoint(ckpt: Path) -> bool:

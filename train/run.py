@@ -17,18 +17,23 @@ from typing import Any, Dict, List
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
+from core.errors import UserError
+from core.outputs import is_model_dir
 from train.checkpoint import (
     FINAL_TMP,
     RUN_CONFIG,
     checkpoints_dir,
-    is_finished,
     publish_final_model,
     resume_checkpoint,
 )
 from train.config import compose_train_config
 from train.deepspeed_config import build_deepspeed_config
-from train.errors import UserError
-from train.model import load_model, load_tokenizer, max_positions, report_parameter_share
+from train.model import (
+    load_model,
+    load_tokenizer,
+    max_positions,
+    report_parameter_share,
+)
 from train.preemption import exit_if_preempted, preemption_callback
 from train.runtime import (
     Runtime,
@@ -109,7 +114,7 @@ def run_stage(cfg: DictConfig) -> Path:
     runtime = detect_runtime(cfg.training.precision)
     stage = get_stage(cfg.stage.name)
     out = Path(cfg.output_dir)
-    if is_finished(out):
+    if is_model_dir(out):
         raise UserError(
             f"output_dir={out} already holds a finished model: choose another output_dir, or delete it to retrain"
         )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from train.errors import UserError
+from core.errors import UserError
 
 
 @dataclass(frozen=True)

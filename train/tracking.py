@@ -10,7 +10,7 @@ from typing import Dict, List
 
 from transformers import TrainerCallback
 
-from train.errors import UserError
+from core.errors import UserError
 
 
 def report_to(log_cfg) -> List[str]:

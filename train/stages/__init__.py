@@ -13,7 +13,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Protocol
 
-from train.errors import UserError
+from core.errors import UserError
+from train.config import STAGES
 
 
 @dataclass
@@ -36,15 +37,8 @@ class Stage(Protocol):
     def build_trainer(self, cfg, args, model, tokenizer, data: PreparedData, callbacks: List): ...
 
 
-STAGE_MODULES = {
-    "cpt": "train.stages.cpt",
-    "sft": "train.stages.sft",
-    "dpo": "train.stages.dpo",
-    "orpo": "train.stages.orpo",
-}
-
-
 def get_stage(name: str) -> Stage:
-    if name not in STAGE_MODULES:
-        raise UserError(f"unknown stage '{name}': choose one of {', '.join(STAGE_MODULES)}")
-    return importlib.import_module(STAGE_MODULES[name]).STAGE
+    """The stage registered in train/config.py as STAGE_SCHEMAS[name]: train/stages/<name>.py."""
+    if name not in STAGES:
+        raise UserError(f"unknown stage '{name}': choose one of {', '.join(STAGES)}")
+    return importlib.import_module(f"{__name__}.{name}").STAGE

@@ -16,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import pyarrow.compute as pc
 import torch
@@ -29,11 +30,12 @@ from torch.utils.data import DataLoader
 from trl import DPOConfig, DPOTrainer
 from trl.models import prepare_deepspeed
 
-from train.errors import UserError
-from train.model import CACHE_DIR, is_model_dir, load_model, report_parameter_share, resolve_model_dir
+from core.errors import UserError
+from core.outputs import MODEL_CACHE_DIR, is_model_dir
+from train.model import load_model, report_parameter_share, resolve_model_dir
 from train.preference import prepare_preference
 
-REF_LOGPS_DIR = CACHE_DIR / "ref_logps"
+REF_LOGPS_DIR = MODEL_CACHE_DIR / "ref_logps"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,17 +193,20 @@ class CachedReferenceDPOTrainer(DPOTrainer):
 # ---------------------------------------------------------------------------------------------
 # the stage
 # ---------------------------------------------------------------------------------------------
-# TRL 1.16's DPO losses (DPOConfig.loss_type); several, comma-separated, are summed.
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+def trl_loss_types() -> List[str]:
+    """The DPO losses the installed TRL implements, as its DPOConfig documents them. TRL itself
+    only rejects an unknown one inside the first loss computation, after the models load."""
+    return re.findall(r"`'(\w+)'`", DPOConfig.__dataclass_fields__["loss_type"].metadata["help"])
 
 
 def loss_types(stage_cfg) -> list:
+    """stage.loss_type as TRL's list; several, comma-separated, are summed."""
+    known = trl_loss_types()
     types = [t.strip() for t in str(stage_cfg.loss_type).split(",") if t.strip()]
-    unknown = [t for t in types if t not in LOSS_TYPES]
+    unknown = [t for t in types if t not in known]
     if unknown or not types:
         raise UserError(
-            f"stage.loss_type='{stage_cfg.loss_type}' is not a DPO loss: use one of {', '.join(LOSS_TYPES)} "
+            f"stage.loss_type='{stage_cfg.loss_type}' is not a DPO loss: use one of {', '.join(known)} "
             "(comma-separated to combine)"
         )
     if stage_cfg.beta <= 0:

@@ -1,4 +1,10 @@
-"""Errors a user can cause. Entry points print them as one line and exit non-zero."""
+"""How a run ends when it does not finish: errors a user can cause (printed as one line, exit 2)
+and the preempted exit code (a checkpoint was saved; requeue and resume)."""
+
+
+# sysexits.h EX_TEMPFAIL, "temporary failure, the user is invited to retry": a training rank
+# exits with it after a preemption checkpoint, and the batch script requeues the job on it.
+PREEMPTED_EXIT_CODE = 75
 
 
 class UserError(Exception):

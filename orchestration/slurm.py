@@ -4,7 +4,7 @@ the status of the jobs a submission recorded.
     python launch/submit.py pipeline=tiny cluster=slurm cluster.nodes=2 cluster.gpus_per_node=8
     python launch/submit.py status pipeline=tiny
 
-The sbatch scripts are rendered from launch/train.sbatch and launch/merge.sbatch into
+The sbatch scripts are rendered from orchestration/sbatch/train.sbatch and orchestration/sbatch/merge.sbatch into
 `<run dir>/jobs/` and kept there, with the job logs and `jobs.jsonl` (one line per submitted
 job: step, job id, script, log, output directory).
 """
@@ -25,9 +25,10 @@ from typing import Dict, List, Optional
 
 from omegaconf import DictConfig
 
-from train.config import REPO_ROOT, compose_train_config
-from train.errors import UserError
-from train.pipeline import (
+from core.config import REPO_ROOT
+from core.errors import PREEMPTED_EXIT_CODE, UserError
+from core.outputs import is_model_dir
+from orchestration.pipeline import (
     JOBS_DIR,
     Plan,
     Step,
@@ -35,7 +36,7 @@ from train.pipeline import (
     plan_pipeline,
     validate_step_configs,
 )
-from train.preemption import PREEMPTED_EXIT_CODE
+from train.config import compose_train_config
 
 JOBS_FILE = "jobs.jsonl"
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
@@ -50,7 +51,7 @@ class SbatchTemplate(Template):
 
 
 def render_template(name: str, values: Dict[str, object]) -> str:
-    text = (REPO_ROOT / "launch" / name).read_text()
+    text = (Path(__file__).parent / "sbatch" / name).read_text()
     return SbatchTemplate(text).substitute({k: str(v) for k, v in values.items()})
 
 
@@ -323,8 +324,6 @@ def job_states(job_ids: List[str]) -> Dict[str, str]:
 
 
 def print_status(run_dir: Path, out=sys.stdout) -> List[Dict[str, str]]:
-    from train.checkpoint import is_finished
-
     records = read_jobs(run_dir / JOBS_DIR)
     if not records:
         raise UserError(
@@ -338,7 +337,7 @@ def print_status(run_dir: Path, out=sys.stdout) -> List[Dict[str, str]]:
             step=r.step,
             job=r.job_id,
             state=states.get(r.job_id, "UNKNOWN"),
-            output=r.output_dir + (" (finished)" if is_finished(r.output_dir) else ""),
+            output=r.output_dir + (" (finished)" if is_model_dir(r.output_dir) else ""),
             log=r.log,
         ))
     widths = {k: max(len(k), *(len(row[k]) for row in rows)) for k in ("step", "job", "state")}

