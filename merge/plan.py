@@ -291,8 +291,18 @@ def _is_vocab(name: str) -> bool:
     return "embed" in name or "lm_head" in name
 
 
-def _layers(reader: ModelReader) -> Tuple[Dict[int, Dict[str, str]], List[str], int]:
-    """({layer index: {rest of name: full name}}, non-layer names, number of layers)."""
+@dataclass
+class ModelLayout:
+    """A model's tensor names, split into numbered layers and the rest."""
+
+    layers: Dict[int, Dict[str, str]]
+    """{layer index: {name within the layer: full tensor name}}."""
+    others: List[str]
+    """Tensors outside the layers: embeddings, final norm, lm_head."""
+    num_layers: int
+
+
+def model_layout(reader: ModelReader) -> ModelLayout:
     layers: Dict[int, Dict[str, str]] = {}
     others = []
     for name in reader.tensors:
@@ -302,75 +312,47 @@ def _layers(reader: ModelReader) -> Tuple[Dict[int, Dict[str, str]], List[str], 
         else:
             others.append(name)
     count = (reader.config or {}).get("num_hidden_layers") or (max(layers) + 1 if layers else 0)
-    return layers, others, int(count)
+    return ModelLayout(layers, others, int(count))
 
 
-def plan_merge(spec: MergeSpec, open_model) -> MergePlan:
-    """Every output tensor with its sources and t, checked against the models' headers.
+class MergePlanner:
+    """Plans a merge in named steps, as mergekit's MergePlanner does:
 
-    `open_model(path) -> ModelReader` (cached by the caller)."""
-    tensors: List[TensorPlan] = []
-    warnings: List[str] = []
-    vocab_rows: Optional[int] = None
-    info = {}
+        plan()                      every slice, embeddings first and norm/head last
+          plan_non_layer(slice)     tensors outside the layers, at depth 0
+          plan_slice(slice)         check the layer ranges, then each layer at its depth
+            plan_layer(...)         the tensors of one output layer
+              plan_tensor(...)      shapes, dtypes and t (or weights) for one output tensor
+    """
 
-    def layout(model: str):
-        if model not in info:
-            info[model] = _layers(open_model(model))
-        return info[model]
+    def __init__(self, spec: MergeSpec, open_model):
+        self.spec = spec
+        self.open_model = open_model
+        self.tensors: List[TensorPlan] = []
+        self.warnings: List[str] = []
+        self.vocab_rows: Optional[int] = None
+        self.out_layer = 0
+        self._layouts: Dict[str, ModelLayout] = {}
 
-    def add(out_name: str, names: List[str], models: List[str], s: Slice, depth: float):
-        nonlocal vocab_rows
-        readers = [open_model(m) for m in models]
-        infos = [r.info(n) for r, n in zip(readers, names)]
-        shape = infos[0].shape
-        for m, n, inf in zip(models[1:], names[1:], infos[1:]):
-            if inf.shape == shape:
-                continue
-            if _is_vocab(n) and inf.shape[1:] == shape[1:] and len(shape) >= 1:
-                if spec.embed_mismatch != "truncate":
-                    raise UserError(
-                        f"vocabulary mismatch: '{n}' has {shape[0]} rows in {models[0]} and {inf.shape[0]} in {m}; "
-                        "merge models with the same tokenizer, or set embed_mismatch: truncate to keep the common rows"
-                    )
-                rows = min(shape[0], inf.shape[0])
-                warnings.append(f"embed_mismatch: truncate: '{n}' cut to its first {rows} rows "
-                                f"({models[0]}: {shape[0]}, {m}: {inf.shape[0]})")
-                shape = (rows,) + tuple(shape[1:])
-                vocab_rows = rows
-            else:
-                raise UserError(
-                    f"shape mismatch for '{n}': {list(shape)} in {models[0]} vs {list(inf.shape)} in {m}; "
-                    "both models must share one architecture"
-                )
-        for m, n, inf in zip(models, names, infos):
-            if inf.dtype not in ITEMSIZE:
-                raise UserError(f"'{n}' in {m} is {inf.dtype}: only floating-point weights (BF16, F16, F32, F64) merge")
-        work = spec.dtype
-        if work is None:
-            work = infos[0].dtype
-            for inf in infos[1:]:
-                work = promote(work, inf.dtype)
-        base = s.base_model or spec.base_model
-        plan = TensorPlan(out_name, tuple(shape), work, spec.out_dtype or work,
-                          list(zip(models, names)), spec.merge_method)
-        if spec.merge_method == "slerp":
-            order = [models.index(base), 1 - models.index(base)]
-            plan.sources = [plan.sources[i] for i in order]
-            plan.t = float(resolve("t", out_name, depth, [s.parameters, spec.parameters]))
-        else:
-            plan.weights = []
-            for src, n in zip(s.sources, names):
-                plan.weights.append(float(resolve("weight", n, depth, [src.parameters, s.parameters, spec.parameters])))
-            plan.normalize = bool(resolve("normalize", out_name, depth, [s.parameters, spec.parameters], True))
-        tensors.append(plan)
+    def layout(self, model: str) -> ModelLayout:
+        if model not in self._layouts:
+            self._layouts[model] = model_layout(self.open_model(model))
+        return self._layouts[model]
 
-    # tensors outside the layers: from the first slice (embeddings) or the last (norm, head)
-    def non_layer(s: Slice, keep) -> None:
+    def plan(self) -> MergePlan:
+        slices = self.spec.slices
+        self.plan_non_layer(slices[0], lambda n: "embed" in n)
+        for i, s in enumerate(slices):
+            self.plan_slice(i, s)
+        self.plan_non_layer(slices[-1], lambda n: "embed" not in n)
+        base = self.spec.base_model or slices[0].sources[0].model
+        return MergePlan(self.spec, self.tensors, base, self.vocab_rows, self.warnings)
+
+    def plan_non_layer(self, s: Slice, keep) -> None:
+        """Tensors outside the layers: from the first slice (embeddings) or the last (norm, head)."""
         models = [src.model for src in s.sources]
-        per_model = [set(layout(m)[1]) for m in models]
-        names = sorted(set().union(*per_model))
-        for name in names:
+        per_model = [set(self.layout(m).others) for m in models]
+        for name in sorted(set().union(*per_model)):
             if not keep(name):
                 continue
             for m, have in zip(models, per_model):
@@ -380,14 +362,13 @@ def plan_merge(spec: MergeSpec, open_model) -> MergePlan:
                     raise UserError(
                         f"tensor '{name}' is in {other} but missing from {m}{tied}: both models must share one architecture"
                     )
-            add(name, [name] * len(models), models, s, 0.0)
+            self.plan_tensor(name, [name] * len(models), models, s, 0.0)
 
-    non_layer(spec.slices[0], lambda n: "embed" in n)
-    out_layer = 0
-    for i, s in enumerate(spec.slices):
+    def layer_ranges(self, i: int, s: Slice) -> List[Tuple[int, int]]:
+        """Each source's layer range, checked against its model and against each other."""
         ranges = []
         for src in s.sources:
-            layers, _, count = layout(src.model)
+            count = self.layout(src.model).num_layers
             lr = src.layer_range if src.layer_range is not None else (0, count)
             if not (0 <= lr[0] < lr[1] <= count):
                 raise UserError(
@@ -395,39 +376,103 @@ def plan_merge(spec: MergeSpec, open_model) -> MergePlan:
                     f"use a range within [0, {count}]"
                 )
             ranges.append(lr)
-        lengths = {b - a for a, b in ranges}
-        if len(lengths) != 1:
+        if len({b - a for a, b in ranges}) != 1:
             raise UserError(
                 f"slices[{i}]: the sources span different numbers of layers {[list(r) for r in ranges]}; "
                 "give every source a layer_range of the same length"
             )
-        n_layers = lengths.pop()
-        models = [src.model for src in s.sources]
+        return ranges
+
+    def plan_slice(self, i: int, s: Slice) -> None:
+        ranges = self.layer_ranges(i, s)
+        n_layers = ranges[0][1] - ranges[0][0]
         for offset in range(n_layers):
             depth = offset / (n_layers - 1) if n_layers > 1 else 1.0
-            per_model = [layout(m)[0].get(r[0] + offset, {}) for m, r in zip(models, ranges)]
-            rests = per_model[0].keys()
-            if not rests:
+            self.plan_layer(s, [r[0] + offset for r in ranges], depth)
+            self.out_layer += 1
+
+    def plan_layer(self, s: Slice, indices: List[int], depth: float) -> None:
+        """Output layer `self.out_layer` from layer indices[k] of source k."""
+        models = [src.model for src in s.sources]
+        per_model = [self.layout(m).layers.get(index, {}) for m, index in zip(models, indices)]
+        if not per_model[0]:
+            raise UserError(
+                f"layer {indices[0]} of {models[0]} has no tensors although its config.json "
+                "counts it (num_hidden_layers): the checkpoint is incomplete; re-save or re-download it"
+            )
+        for m, index, layer in zip(models, indices, per_model):
+            for rest in sorted(set().union(*per_model) - set(layer)):
+                other = next(o for o, l in zip(models, per_model) if rest in l)
+                name = next(l[rest] for l in per_model if rest in l)
                 raise UserError(
-                    f"layer {ranges[0][0] + offset} of {models[0]} has no tensors although its config.json "
-                    "counts it (num_hidden_layers): the checkpoint is incomplete; re-save or re-download it"
+                    f"tensor '{name}' is in {other} but layer {index} of {m} has no '{rest}': "
+                    "both models must share one architecture"
                 )
-            for m, r, layer in zip(models, ranges, per_model):
-                for rest in sorted(set().union(*per_model) - set(layer)):
-                    other = next(o for o, l in zip(models, per_model) if rest in l)
-                    name = next(l[rest] for l in per_model if rest in l)
+        for rest in per_model[0]:
+            names = [layer[rest] for layer in per_model]
+            prefix = LAYER_NAME.match(names[0])["prefix"]
+            self.plan_tensor(f"{prefix}{self.out_layer}.{rest}", names, models, s, depth)
+
+    def common_shape(self, names: List[str], models: List[str], infos) -> Tuple[int, ...]:
+        """The output shape; vocabularies of different sizes are cut only with embed_mismatch: truncate."""
+        shape = infos[0].shape
+        for m, n, inf in zip(models[1:], names[1:], infos[1:]):
+            if inf.shape == shape:
+                continue
+            if _is_vocab(n) and inf.shape[1:] == shape[1:] and len(shape) >= 1:
+                if self.spec.embed_mismatch != "truncate":
                     raise UserError(
-                        f"tensor '{name}' is in {other} but layer {r[0] + offset} of {m} has no '{rest}': "
-                        "both models must share one architecture"
+                        f"vocabulary mismatch: '{n}' has {shape[0]} rows in {models[0]} and {inf.shape[0]} in {m}; "
+                        "merge models with the same tokenizer, or set embed_mismatch: truncate to keep the common rows"
                     )
-            for rest in rests:
-                names = [layer[rest] for layer in per_model]
-                m0 = LAYER_NAME.match(names[0])
-                add(f"{m0['prefix']}{out_layer}.{rest}", names, models, s, depth)
-            out_layer += 1
-    non_layer(spec.slices[-1], lambda n: "embed" not in n)
-    base = spec.base_model or spec.slices[0].sources[0].model
-    return MergePlan(spec, tensors, base, vocab_rows, warnings)
+                rows = min(shape[0], inf.shape[0])
+                self.warnings.append(f"embed_mismatch: truncate: '{n}' cut to its first {rows} rows "
+                                     f"({models[0]}: {shape[0]}, {m}: {inf.shape[0]})")
+                shape = (rows,) + tuple(shape[1:])
+                self.vocab_rows = rows
+            else:
+                raise UserError(
+                    f"shape mismatch for '{n}': {list(shape)} in {models[0]} vs {list(inf.shape)} in {m}; "
+                    "both models must share one architecture"
+                )
+        return tuple(shape)
+
+    def work_dtype(self, names: List[str], models: List[str], infos) -> str:
+        for m, n, inf in zip(models, names, infos):
+            if inf.dtype not in ITEMSIZE:
+                raise UserError(f"'{n}' in {m} is {inf.dtype}: only floating-point weights (BF16, F16, F32, F64) merge")
+        if self.spec.dtype is not None:
+            return self.spec.dtype
+        work = infos[0].dtype
+        for inf in infos[1:]:
+            work = promote(work, inf.dtype)
+        return work
+
+    def plan_tensor(self, out_name: str, names: List[str], models: List[str], s: Slice, depth: float) -> None:
+        spec = self.spec
+        infos = [self.open_model(m).info(n) for m, n in zip(models, names)]
+        shape = self.common_shape(names, models, infos)
+        work = self.work_dtype(names, models, infos)
+        plan = TensorPlan(out_name, shape, work, spec.out_dtype or work, list(zip(models, names)), spec.merge_method)
+        if spec.merge_method == "slerp":
+            base = s.base_model or spec.base_model
+            order = [models.index(base), 1 - models.index(base)]  # v0 is the base model
+            plan.sources = [plan.sources[i] for i in order]
+            plan.t = float(resolve("t", out_name, depth, [s.parameters, spec.parameters]))
+        else:
+            plan.weights = [
+                float(resolve("weight", n, depth, [src.parameters, s.parameters, spec.parameters]))
+                for src, n in zip(s.sources, names)
+            ]
+            plan.normalize = bool(resolve("normalize", out_name, depth, [s.parameters, spec.parameters], True))
+        self.tensors.append(plan)
+
+
+def plan_merge(spec: MergeSpec, open_model) -> MergePlan:
+    """Every output tensor with its sources and t, checked against the models' headers.
+
+    `open_model(path) -> ModelReader` (cached by the caller)."""
+    return MergePlanner(spec, open_model).plan()
 
 
 # ---------------------------------------------------------------------------------------------

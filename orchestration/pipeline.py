@@ -12,6 +12,7 @@ step that failed reruns and resumes from its newest checkpoint (`resume=auto`).
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import socket
@@ -19,7 +20,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from omegaconf import MISSING, DictConfig
 
@@ -217,98 +218,111 @@ def start_model_dir(pipeline: DictConfig) -> Optional[str]:
     return str(model.path)
 
 
-def plan_pipeline(cfg: DictConfig) -> Plan:
-    """Resolve every step's input, output and arguments; UserError on a bad reference."""
-    pipeline = cfg.pipeline
-    run_dir = Path(cfg.root).expanduser().resolve() / pipeline.name
-    if not pipeline.steps:
-        raise UserError(f"pipeline {pipeline.name} has no steps: add some under steps: in conf/pipeline/")
-    names = [s.name for s in pipeline.steps]
-    for i, name in enumerate(names):
-        if name in names[:i]:
-            raise UserError(f"pipeline {pipeline.name}: two steps are named '{name}': step names must be unique")
-        if name in (START, JOBS_DIR) or name in pipeline.models:
-            raise UserError(f"pipeline {pipeline.name}: step name '{name}' is reserved: rename the step")
+class PipelinePlanner:
+    """Resolves a pipeline config into steps, in named steps:
 
-    start_dir: Optional[str] = None
-    start_known = False
-    steps: List[Step] = []
+        plan()                          check the step names, then each step in order
+          plan_merge_step(spec)         both models resolved, the launch/merge.py arguments
+          plan_train_step(spec)         the input model resolved, the launch/train.py arguments
+            resolve(ref)                an earlier step, `start`, a name in pipeline.models or a path
+    """
 
-    def resolve(ref: str, step_name: str, field_name: str) -> tuple[Optional[str], Optional[str]]:
-        """(directory, step it comes from) for a reference in step `step_name`."""
-        nonlocal start_dir, start_known
-        earlier = {s.name: s for s in steps}
+    def __init__(self, cfg: DictConfig):
+        self.pipeline = cfg.pipeline
+        self.run_dir = Path(cfg.root).expanduser().resolve() / self.pipeline.name
+        self.names = [s.name for s in self.pipeline.steps]
+        self.steps: List[Step] = []
+
+    def fail(self, message: str) -> UserError:
+        return UserError(f"pipeline {self.pipeline.name}: {message}")
+
+    def plan(self) -> Plan:
+        self.check_step_names()
+        for spec in self.pipeline.steps:
+            if (spec.stage is None) == (spec.merge is None):
+                raise self.fail(f"step '{spec.name}' needs exactly one of stage: or merge:")
+            self.steps.append(self.plan_merge_step(spec) if spec.merge is not None else self.plan_train_step(spec))
+        return Plan(self.pipeline.name, self.run_dir, self.steps)
+
+    def check_step_names(self) -> None:
+        if not self.pipeline.steps:
+            raise UserError(f"pipeline {self.pipeline.name} has no steps: add some under steps: in conf/pipeline/")
+        for i, name in enumerate(self.names):
+            if name in self.names[:i]:
+                raise self.fail(f"two steps are named '{name}': step names must be unique")
+            if name in (START, JOBS_DIR) or name in self.pipeline.models:
+                raise self.fail(f"step name '{name}' is reserved: rename the step")
+
+    @functools.cached_property
+    def start_dir(self) -> Optional[str]:
+        return start_model_dir(self.pipeline)
+
+    def resolve(self, ref: str, step_name: str, field_name: str) -> Tuple[Optional[str], Optional[str]]:
+        """(directory, step it comes from) for a model reference in step `step_name`."""
+        earlier = {s.name: s for s in self.steps}
         if ref in earlier:
             return str(earlier[ref].output_dir), ref
-        if ref in names:
-            raise UserError(
-                f"pipeline {pipeline.name}: step '{step_name}' {field_name} names step '{ref}', which does "
-                "not come before it: a step can only read the outputs of earlier steps"
+        if ref in self.names:
+            raise self.fail(
+                f"step '{step_name}' {field_name} names step '{ref}', which does not come before it: a step can "
+                "only read the outputs of earlier steps"
             )
         if ref == START:
-            if not start_known:
-                start_dir, start_known = start_model_dir(pipeline), True
-            return start_dir, None
-        if ref in pipeline.models:
-            return local_path(pipeline.models[ref]), None
+            return self.start_dir, None
+        if ref in self.pipeline.models:
+            return local_path(self.pipeline.models[ref]), None
         if "/" in ref or ref.startswith((".", "~")):
             return local_path(ref), None
-        raise UserError(
-            f"pipeline {pipeline.name}: step '{step_name}' {field_name} names '{ref}', which is not a step, "
-            f"`start`, a name in pipeline.models or a path: choose one of {', '.join(names[: len(steps)] + [START])}"
+        raise self.fail(
+            f"step '{step_name}' {field_name} names '{ref}', which is not a step, `start`, a name in "
+            f"pipeline.models or a path: choose one of {', '.join(self.names[: len(self.steps)] + [START])}"
         )
 
-    for index, spec in enumerate(pipeline.steps):
-        out = run_dir / spec.name
-        if (spec.stage is None) == (spec.merge is None):
-            raise UserError(
-                f"pipeline {pipeline.name}: step '{spec.name}' needs exactly one of stage: or merge:"
-            )
-        if spec.merge is not None:
-            if spec.input is not None:
-                raise UserError(
-                    f"pipeline {pipeline.name}: merge step '{spec.name}' reads merge.base_model and merge.model, "
-                    "not input"
-                )
-            dirs, deps = {}, []
-            for key in ("base_model", "model"):
-                path, dep = resolve(spec.merge[key], spec.name, f"merge.{key}")
-                if path is None:
-                    raise UserError(
-                        f"pipeline {pipeline.name}: merge step '{spec.name}' names `start`, but model "
-                        f"{pipeline.model} is random-init (no directory): name a step instead"
-                    )
-                dirs[key] = path
-                deps += [dep] if dep else []
-            args = [
-                f"merge={spec.merge.preset}", f"merge.base_model={dirs['base_model']}",
-                f"merge.model={dirs['model']}", f"output_dir={out}", *spec.merge.overrides,
-            ]
-            steps.append(Step(spec.name, index, out, merge_args=args, merge_models=list(dirs.values()), depends_on=deps))
-            continue
-
-        if spec.stage not in STAGES:
-            raise UserError(
-                f"pipeline {pipeline.name}: step '{spec.name}' has unknown stage '{spec.stage}': "
-                f"choose one of {', '.join(STAGES)}"
-            )
+    def plan_merge_step(self, spec) -> Step:
         if spec.input is not None:
-            input_dir, dep = resolve(spec.input, spec.name, "input")
-        elif steps:
-            input_dir, dep = str(steps[-1].output_dir), steps[-1].name
+            raise self.fail(f"merge step '{spec.name}' reads merge.base_model and merge.model, not input")
+        out = self.run_dir / spec.name
+        dirs, deps = {}, []
+        for key in ("base_model", "model"):
+            path, dep = self.resolve(spec.merge[key], spec.name, f"merge.{key}")
+            if path is None:
+                raise self.fail(
+                    f"merge step '{spec.name}' names `start`, but model {self.pipeline.model} is random-init "
+                    "(no directory): name a step instead"
+                )
+            dirs[key] = path
+            deps += [dep] if dep else []
+        args = [
+            f"merge={spec.merge.preset}", f"merge.base_model={dirs['base_model']}",
+            f"merge.model={dirs['model']}", f"output_dir={out}", *spec.merge.overrides,
+        ]
+        return Step(spec.name, len(self.steps), out, merge_args=args, merge_models=list(dirs.values()),
+                    depends_on=deps)
+
+    def plan_train_step(self, spec) -> Step:
+        if spec.stage not in STAGES:
+            raise self.fail(f"step '{spec.name}' has unknown stage '{spec.stage}': choose one of {', '.join(STAGES)}")
+        out = self.run_dir / spec.name
+        if spec.input is not None:
+            input_dir, dep = self.resolve(spec.input, spec.name, "input")
+        elif self.steps:
+            input_dir, dep = str(self.steps[-1].output_dir), self.steps[-1].name
         else:
-            input_dir, dep = resolve(START, spec.name, "input")
-        args = [f"+stage={spec.stage}", f"model={pipeline.model}", f"output_dir={out}"]
-        explicit = input_dir is not None and bool(dep is not None or pipeline.start or spec.input)
-        if explicit:
+            input_dir, dep = self.resolve(START, spec.name, "input")
+        args = [f"+stage={spec.stage}", f"model={self.pipeline.model}", f"output_dir={out}"]
+        if input_dir is not None and (dep is not None or self.pipeline.start or spec.input):
             # A step's input is a saved HF directory: drop the preset's GGUF file name.
             args += [f"model.path={input_dir}", "model.gguf_file=null"]
         elif input_dir is not None and _is_gguf_cache(input_dir):
             input_dir = None  # the step converts the preset's GGUF file itself
-        args += list(pipeline.overrides) + list(spec.overrides)
-        steps.append(Step(spec.name, index, out, stage=spec.stage, train_args=args, input_dir=input_dir,
-                          depends_on=[dep] if dep else []))
-    return Plan(pipeline.name, run_dir, steps)
+        args += list(self.pipeline.overrides) + list(spec.overrides)
+        return Step(spec.name, len(self.steps), out, stage=spec.stage, train_args=args, input_dir=input_dir,
+                    depends_on=[dep] if dep else [])
+
+
+def plan_pipeline(cfg: DictConfig) -> Plan:
+    """Resolve every step's input, output and arguments; UserError on a bad reference."""
+    return PipelinePlanner(cfg).plan()
 
 
 def validate_step_configs(plan: Plan) -> None:
