@@ -1,0 +1,81 @@
+"""One source of truth per default: a schema dataclass states it, and no YAML in conf/ repeats
+it. A YAML value equal to its schema default is a second copy that drifts when the schema
+changes, so it fails here."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from omegaconf import MISSING, OmegaConf
+
+from core.config import CONF_DIR
+from merge.config import MergeJobConfig, MergeRecipeConfig
+from orchestration.pipeline import ClusterConfig, PipelineConfig, PipelineJobConfig
+from train.config import STAGE_SCHEMAS, DataConfig, DeepSpeedConfig, LoggingConfig, ModelConfig, TrainJobConfig
+
+# group folder -> schema of the node it fills
+GROUP_SCHEMAS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "deepspeed": DeepSpeedConfig,
+    "logging": LoggingConfig,
+    "merge": MergeRecipeConfig,
+    "pipeline": PipelineConfig,
+    "cluster": ClusterConfig,
+}
+ROOT_SCHEMAS = {"config.yaml": TrainJobConfig, "merge_job.yaml": MergeJobConfig, "pipeline_job.yaml": PipelineJobConfig}
+
+
+def repeated_defaults(values: dict, schema: type, where: str) -> list:
+    """Keys in `values` whose value equals the schema's default (recursing into nested schemas)."""
+    found = []
+    by_name = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in values.items():
+        f = by_name.get(key)
+        if f is None or key == "defaults":
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            continue
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            found += repeated_defaults(value, type(default), f"{where}{key}.")
+        elif default is not MISSING and value == default:
+            found.append(f"{where}{key}: {value!r}")
+    return found
+
+
+def yaml_values(path: Path) -> dict:
+    data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    data.pop("defaults", None)
+    return data
+
+
+def conf_files():
+    for path in sorted(CONF_DIR.rglob("*.yaml")):
+        yield pytest.param(path, id=str(path.relative_to(CONF_DIR)))
+
+
+@pytest.mark.parametrize("path", conf_files())
+def test_yaml_sets_only_what_differs_from_the_schema(path):
+    values = yaml_values(path)
+    rel = path.relative_to(CONF_DIR)
+    if rel.parts[0] == "stage":  # `# @package _global_`: stage.* and training.* from one file
+        stage = values.get("stage", {})
+        found = repeated_defaults(stage, STAGE_SCHEMAS[rel.stem], "stage.")
+        found += repeated_defaults({k: v for k, v in values.items() if k != "stage"}, TrainJobConfig, "")
+    elif len(rel.parts) == 1:
+        found = repeated_defaults(values, ROOT_SCHEMAS[rel.name], "")
+    else:
+        found = repeated_defaults(values, GROUP_SCHEMAS[rel.parts[0]], f"{rel.parts[0]}.")
+    assert not found, f"{rel} repeats schema defaults (delete these lines): {found}"
+
+
+def test_every_conf_folder_has_a_schema():
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()} - {"stage"}
+    assert groups == set(GROUP_SCHEMAS)
+    assert {p.name for p in CONF_DIR.glob("*.yaml")} == set(ROOT_SCHEMAS)
