@@ -1,0 +1,157 @@
+"""The layout is the architecture: imports point one way, login-node commands stay light, and
+nothing generic is installed into site-packages.
+
+    core/                      the base: no torch, imports only itself
+    train/  merge/  evaluation/    each on the base only, none imports another
+    orchestration/             above all three
+    launch/                    thin entry points on top
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import stat
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, test_env
+from test_merge_models import tiny_pair, write_config  # noqa: F401  (session fixture)
+
+PROJECT = ("core", "train", "merge", "evaluation", "orchestration", "launch")
+ALLOWED = {
+    "core": {"core"},
+    "train": {"core", "train"},
+    "merge": {"core", "merge"},
+    "evaluation": {"core", "evaluation"},
+    "orchestration": {"core", "train", "merge", "evaluation", "orchestration"},
+}
+HEAVY = ("torch", "transformers", "trl", "deepspeed")
+
+
+def project_imports(path: Path) -> set:
+    """Top-level project packages a file imports, lazily inside functions included."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        found |= {n.split(".")[0] for n in names if n.split(".")[0] in PROJECT}
+    return found
+
+
+def test_imports_point_one_way():
+    bad = []
+    for layer, allowed in ALLOWED.items():
+        for path in sorted((REPO / layer).rglob("*.py")):
+            for imported in project_imports(path) - allowed:
+                bad.append(f"{path.relative_to(REPO)} imports {imported}")
+    assert not bad, "imports against the layering (see tests/test_architecture.py): " + "; ".join(bad)
+
+
+def test_the_base_imports_no_heavy_library():
+    for path in sorted((REPO / "core").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not [n for n in names if n.split(".")[0] in HEAVY], f"{path} imports {names}"
+
+
+# ---------------------------------------------------------------------------------------------
+# login-node commands, run with the heavy libraries poisoned: importing one fails
+# ---------------------------------------------------------------------------------------------
+POISON = (
+    "import runpy, sys\n"
+    f"for name in {HEAVY!r}: sys.modules[name] = None\n"
+    "script = sys.argv[1]; sys.argv = sys.argv[1:]\n"
+    "runpy.run_path(script, run_name='__main__')\n"
+)
+
+
+def run_light(script: str, *args, env=None, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", POISON, str(REPO / "launch" / script), *map(str, args)],
+        cwd=cwd, env=env or test_env(), capture_output=True, text=True, timeout=120,
+    )
+
+
+def fake_slurm(bin_dir: Path) -> dict:
+    """An sbatch that accepts every script (job ids 101, 102, ...) and a squeue that knows none:
+    enough to run submit.py's submit and status modes without a cluster. The real daemons are
+    exercised in test_slurm_cluster.py."""
+    bin_dir.mkdir()
+    counter = bin_dir / "next"
+    counter.write_text("101")
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\nn=$(cat {counter}); echo $((n+1)) > {counter}; echo "$n"\n')
+    (bin_dir / "squeue").write_text("#!/bin/sh\nexit 0\n")
+    for tool in ("sbatch", "squeue"):
+        (bin_dir / tool).chmod((bin_dir / tool).stat().st_mode | stat.S_IEXEC)
+    return test_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_submit_imports_no_heavy_library(tmp_path):
+    root = tmp_path / "runs"
+    dry = run_light("submit.py", "pipeline=tiny", f"root={root}", "--dry-run")
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert "#SBATCH --dependency=afterok" in dry.stdout
+
+    env = fake_slurm(tmp_path / "bin")
+    sub = run_light("submit.py", "pipeline=tiny", f"root={root}", env=env)
+    assert sub.returncode == 0, sub.stderr[-2000:]
+    assert "step slerp: job 105 (after 104)" in sub.stdout
+
+    status = run_light("submit.py", "status", "pipeline=tiny", f"root={root}", env=env)
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert [line.split()[:2] for line in status.stdout.splitlines()[1:6]] == [
+        ["cpt", "101"], ["sft", "102"], ["dpo", "103"], ["orpo", "104"], ["slerp", "105"]]
+
+
+def test_merge_imports_no_heavy_library(tmp_path, tiny_pair):  # noqa: F811
+    config = write_config(tmp_path / "merge.yml", tiny_pair["base"], tiny_pair["other"])
+    out = tmp_path / "merged"
+    proc = run_light("merge.py", config, out, "--workers", "1", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "config.json").is_file()
+    hydra = run_light("merge.py", "merge=slerp_half", f"merge.model={tiny_pair['other']}",
+                      f"merge.base_model={tiny_pair['base']}", f"output_dir={tmp_path / 'hydra'}", "workers=1",
+                      "progress=false")
+    assert hydra.returncode == 0, hydra.stderr[-2000:]
+    assert yaml.safe_load((tmp_path / "hydra" / "mergekit_config.yml").read_text())["parameters"] == {"t": 0.5}
+
+
+def test_poisoning_would_catch_a_heavy_import(tmp_path):
+    """The guard itself: a training command, which needs torch, fails under it."""
+    proc = run_light("train.py", "+stage=cpt", f"output_dir={tmp_path / 'x'}")
+    assert proc.returncode != 0 and "halted; None in sys.modules" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# packaging: a checkout-run application
+# ---------------------------------------------------------------------------------------------
+def test_the_wheel_installs_no_top_level_package(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = tmp_path.glob("domainforge-*.whl")
+    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert tops == {"domainforge-0.1.0.dist-info"}, tops
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "launch").glob("*.py")))
+def test_entry_points_are_thin_and_documented(script):
+    """Each entry point opens with the command lines that run it, and holds no logic of its own."""
+    text = (REPO / "launch" / script).read_text()
+    doc = ast.get_docstring(ast.parse(text)) or ""
+    assert f"launch/{script}" in doc, f"launch/{script}: the docstring should give its command lines"
+    assert len(text.splitlines()) <= 60, f"launch/{script} has grown logic: move it into a package"
