@@ -13,6 +13,7 @@ step that failed reruns and resumes from its newest checkpoint (`resume=auto`).
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shlex
 import socket
@@ -26,13 +27,20 @@ from omegaconf import MISSING, DictConfig
 
 from core.config import REPO_ROOT, compose_config
 from core.errors import PREEMPTED_EXIT_CODE, UserError
-from core.outputs import MODEL_CACHE_DIR, is_model_dir
+from core.outputs import MODEL_CACHE_DIR, is_model_dir, write_atomic
 from merge.config import compose_merge_config
 from train.config import STAGES, compose_train_config
 
 JOBS_DIR = "jobs"
 START = "start"
 """Reference to the pipeline's starting model (e.g. the Instruct model a merge goes back to)."""
+EVAL_DIR = "eval"
+"""Evaluation results of a model: <run dir>/<step>/eval/<task>.json (the start model: <run dir>/start/eval/)."""
+EPOCHS_DIR = "epochs"
+"""Models that end each CPT epoch, kept when pipeline.eval.cpt_epochs: <step>/epochs/epoch-<k>/."""
+PLAN_FILE = "pipeline.json"
+"""The resolved plan, written into the run directory: what the study report reads."""
+STUDY_FILE = "study.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,6 +75,19 @@ class StepConfig:
 
 
 @dataclass
+class PipelineEvalConfig:
+    tasks: List[str] = field(default_factory=list)
+    """lm-eval tasks run on every model the pipeline makes (evaluation/tasks/, or lm-eval's own);
+    empty: no evaluation steps and no study."""
+    start: bool = True
+    """Evaluate the starting model too: the baseline every strategy is compared with."""
+    cpt_epochs: bool = False
+    """Keep the model that ends each CPT epoch and evaluate it (the paper's CPT-epoch curve)."""
+    overrides: List[str] = field(default_factory=list)
+    """launch/eval.py overrides for every evaluation, e.g. [limit=200, batch_size=16]."""
+
+
+@dataclass
 class PipelineConfig:
     name: str = MISSING
     model: str = MISSING
@@ -78,6 +99,13 @@ class PipelineConfig:
     overrides: List[str] = field(default_factory=list)
     """launch/train.py overrides for every training step."""
     steps: List[StepConfig] = MISSING
+    """Training and merge steps. Steps form a tree: several strategies can branch from a shared
+    prefix (name the branch point as `input:`), which is trained once."""
+    eval: PipelineEvalConfig = field(default_factory=PipelineEvalConfig)
+    """Evaluation steps, one per model, then the study report (launch/study.py) over all of them."""
+    wandb: Optional[str] = None
+    """offline or online: every step logs to W&B, in one group named after the pipeline (job type:
+    the stage, merge, eval or study); offline runs sync later with `wandb sync`. None: no W&B."""
 
 
 @dataclass
@@ -168,13 +196,43 @@ class Step:
     """Directories to merge (merge steps)."""
     depends_on: List[str] = field(default_factory=list)
     """Earlier steps whose outputs this one reads."""
+    eval_args: List[str] = field(default_factory=list)
+    """launch/eval.py arguments (evaluation steps)."""
+    evaluates: Optional[str] = None
+    """The model an evaluation step scores: a step name, `start`, or `<step>/epoch-<k>`."""
+    tasks: List[str] = field(default_factory=list)
+    """The tasks of an evaluation step; it is complete when each has its result file."""
+    study_args: List[str] = field(default_factory=list)
+    """launch/study.py arguments (the study step)."""
+    parents: List[str] = field(default_factory=list)
+    """A merge's models as the pipeline names them: [base_model, model] (step names, `start`, ...)."""
 
     @property
     def kind(self) -> str:
-        return "merge" if self.merge_args else "train"
+        for kind in ("merge", "eval", "study"):
+            if getattr(self, f"{kind}_args"):
+                return kind
+        return "train"
+
+    @property
+    def args(self) -> List[str]:
+        """The arguments of this step's entry point, launch/<ENTRY_POINTS[kind]>."""
+        return getattr(self, f"{self.kind}_args")
 
     def is_complete(self) -> bool:
+        if self.kind == "eval":
+            return all((self.output_dir / f"{task}.json").is_file() for task in self.tasks)
+        if self.kind == "study":
+            return (self.output_dir / STUDY_FILE).is_file()
         return is_model_dir(self.output_dir)
+
+    def describe(self) -> dict:
+        """What the study report needs to know of this step (written to pipeline.json)."""
+        return dict(name=self.name, kind=self.kind, stage=self.stage, output_dir=str(self.output_dir),
+                    depends_on=self.depends_on, evaluates=self.evaluates, tasks=self.tasks, parents=self.parents)
+
+
+ENTRY_POINTS = {"train": "train.py", "merge": "merge.py", "eval": "eval.py", "study": "study.py"}
 
 
 @dataclass
@@ -182,6 +240,8 @@ class Plan:
     pipeline: str
     run_dir: Path
     steps: List[Step]
+    wandb: Optional[str] = None
+    """W&B mode of every step (pipeline.wandb)."""
 
     @property
     def jobs_dir(self) -> Path:
@@ -225,6 +285,8 @@ class PipelinePlanner:
           plan_merge_step(spec)         both models resolved, the launch/merge.py arguments
           plan_train_step(spec)         the input model resolved, the launch/train.py arguments
             resolve(ref)                an earlier step, `start`, a name in pipeline.models or a path
+          plan_evals(step)              with pipeline.eval.tasks: an evaluation after each model
+          plan_study()                  and the study report over all of them, last
     """
 
     def __init__(self, cfg: DictConfig):
@@ -236,13 +298,72 @@ class PipelinePlanner:
     def fail(self, message: str) -> UserError:
         return UserError(f"pipeline {self.pipeline.name}: {message}")
 
+    @property
+    def model_steps(self) -> List[Step]:
+        """The training and merge steps planned so far."""
+        return [s for s in self.steps if s.kind in ("train", "merge")]
+
+    @property
+    def evaluating(self) -> bool:
+        return bool(self.pipeline.eval.tasks)
+
     def plan(self) -> Plan:
         self.check_step_names()
         for spec in self.pipeline.steps:
             if (spec.stage is None) == (spec.merge is None):
                 raise self.fail(f"step '{spec.name}' needs exactly one of stage: or merge:")
-            self.steps.append(self.plan_merge_step(spec) if spec.merge is not None else self.plan_train_step(spec))
-        return Plan(self.pipeline.name, self.run_dir, self.steps)
+            step = self.plan_merge_step(spec) if spec.merge is not None else self.plan_train_step(spec)
+            self.steps.append(step)
+            if self.evaluating:
+                self.plan_evals(step)
+        if self.evaluating:
+            self.plan_study()
+        return Plan(self.pipeline.name, self.run_dir, self.steps, self.pipeline.wandb)
+
+    def eval_step(self, name: str, model_dir: str, evaluates: str, out: Path, depends_on: List[str]) -> Step:
+        tasks = list(self.pipeline.eval.tasks)
+        args = [model_dir, f"tasks=[{','.join(tasks)}]", f"output_dir={out}", *self.pipeline.eval.overrides]
+        return Step(name, len(self.steps), out, eval_args=args, evaluates=evaluates, tasks=tasks,
+                    depends_on=depends_on)
+
+    def plan_evals(self, step: Step) -> None:
+        """An evaluation of `step`'s model right after it; before the first model step, of the
+        start model too (after the first training step when that step converts it from GGUF)."""
+        first_model_step = len(self.model_steps) == 1
+        if first_model_step and self.pipeline.eval.start and self.start_dir is not None:
+            after = [step.name] if _is_gguf_cache(self.start_dir) else []
+            start_eval = self.eval_step(f"eval-{START}", self.start_dir, START, self.run_dir / START / EVAL_DIR, after)
+            if after:
+                self.steps.append(start_eval)
+            else:
+                self.steps.insert(len(self.steps) - 1, start_eval)
+                for i, s in enumerate(self.steps):
+                    s.index = i
+        if step.stage == "cpt" and self.pipeline.eval.cpt_epochs:
+            for k in range(1, self.cpt_epochs(step) + 1):
+                model = step.output_dir / EPOCHS_DIR / f"epoch-{k}"
+                self.steps.append(self.eval_step(f"eval-{step.name}-epoch-{k}", str(model),
+                                                 f"{step.name}/epoch-{k}", model / EVAL_DIR, [step.name]))
+        self.steps.append(self.eval_step(f"eval-{step.name}", str(step.output_dir), step.name,
+                                         step.output_dir / EVAL_DIR, [step.name]))
+
+    def cpt_epochs(self, step: Step) -> int:
+        """Whole epochs a CPT step runs; each one's final model is kept and evaluated."""
+        training = compose_train_config(step.train_args).training
+        epochs = training.num_train_epochs
+        if training.max_steps > 0 or epochs != int(epochs):
+            raise self.fail(
+                f"pipeline.eval.cpt_epochs evaluates each CPT epoch, but step '{step.name}' runs "
+                f"training.max_steps={training.max_steps}, num_train_epochs={epochs}: give it whole epochs "
+                "(training.max_steps=-1, an integer training.num_train_epochs)"
+            )
+        step.train_args.append("training.keep_epoch_models=true")
+        return int(epochs)
+
+    def plan_study(self) -> None:
+        evals = [s.name for s in self.steps if s.kind == "eval"]
+        self.steps.append(Step("study", len(self.steps), self.run_dir, study_args=[str(self.run_dir)],
+                               depends_on=evals))
 
     def check_step_names(self) -> None:
         if not self.pipeline.steps:
@@ -250,7 +371,7 @@ class PipelinePlanner:
         for i, name in enumerate(self.names):
             if name in self.names[:i]:
                 raise self.fail(f"two steps are named '{name}': step names must be unique")
-            if name in (START, JOBS_DIR) or name in self.pipeline.models:
+            if name in (START, JOBS_DIR, "study") or name.startswith("eval-") or name in self.pipeline.models:
                 raise self.fail(f"step name '{name}' is reserved: rename the step")
 
     @functools.cached_property
@@ -259,7 +380,12 @@ class PipelinePlanner:
 
     def resolve(self, ref: str, step_name: str, field_name: str) -> Tuple[Optional[str], Optional[str]]:
         """(directory, step it comes from) for a model reference in step `step_name`."""
-        earlier = {s.name: s for s in self.steps}
+        if ref.startswith("eval-") or ref == "study":
+            raise self.fail(
+                f"step '{step_name}' {field_name} names '{ref}', an evaluation step: {field_name} takes a model "
+                f"(a training or merge step, `start`, a name in pipeline.models or a path)"
+            )
+        earlier = {s.name: s for s in self.model_steps}
         if ref in earlier:
             return str(earlier[ref].output_dir), ref
         if ref in self.names:
@@ -275,7 +401,7 @@ class PipelinePlanner:
             return local_path(ref), None
         raise self.fail(
             f"step '{step_name}' {field_name} names '{ref}', which is not a step, `start`, a name in "
-            f"pipeline.models or a path: choose one of {', '.join(self.names[: len(self.steps)] + [START])}"
+            f"pipeline.models or a path: choose one of {', '.join([s.name for s in self.model_steps] + [START])}"
         )
 
     def plan_merge_step(self, spec) -> Step:
@@ -297,7 +423,7 @@ class PipelinePlanner:
             f"merge.model={dirs['model']}", f"output_dir={out}", *spec.merge.overrides,
         ]
         return Step(spec.name, len(self.steps), out, merge_args=args, merge_models=list(dirs.values()),
-                    depends_on=deps)
+                    depends_on=deps, parents=[spec.merge.base_model, spec.merge.model])
 
     def plan_train_step(self, spec) -> Step:
         if spec.stage not in STAGES:
@@ -305,11 +431,13 @@ class PipelinePlanner:
         out = self.run_dir / spec.name
         if spec.input is not None:
             input_dir, dep = self.resolve(spec.input, spec.name, "input")
-        elif self.steps:
-            input_dir, dep = str(self.steps[-1].output_dir), self.steps[-1].name
+        elif self.model_steps:
+            input_dir, dep = str(self.model_steps[-1].output_dir), self.model_steps[-1].name
         else:
             input_dir, dep = self.resolve(START, spec.name, "input")
         args = [f"+stage={spec.stage}", f"model={self.pipeline.model}", f"output_dir={out}"]
+        if self.pipeline.wandb is not None:
+            args += ["logging=wandb", f"logging.mode={self.pipeline.wandb}", f"logging.run_name={spec.name}"]
         if input_dir is not None and (dep is not None or self.pipeline.start or spec.input):
             # A step's input is a saved HF directory: drop the preset's GGUF file name.
             args += [f"model.path={input_dir}", "model.gguf_file=null"]
@@ -369,13 +497,31 @@ def free_port() -> int:
 
 
 def local_command(plan: Plan, step: Step, cluster: DictConfig) -> List[str]:
-    if step.kind == "merge":
-        return [sys.executable, str(REPO_ROOT / "launch" / "merge.py"), *step.merge_args]
+    script = str(REPO_ROOT / "launch" / ENTRY_POINTS[step.kind])
+    if step.kind != "train":
+        return [sys.executable, script, *step.args]
     # A free port: other deepspeed runs on this machine may hold the default 29500.
-    return [
-        "deepspeed", "--num_gpus", str(cluster.gpus_per_node), "--master_port", str(free_port()),
-        str(REPO_ROOT / "launch" / "train.py"), *step.train_args,
-    ]
+    return ["deepspeed", "--num_gpus", str(cluster.gpus_per_node), "--master_port", str(free_port()), script,
+            *step.args]
+
+
+def step_env(plan: Plan, step: Step) -> Dict[str, str]:
+    """Environment of a step: W&B groups every run of the pipeline and types each by its step."""
+    if plan.wandb is None:
+        return {}
+    env = {"WANDB_RUN_GROUP": plan.pipeline, "WANDB_JOB_TYPE": step.stage or step.kind, "WANDB_MODE": plan.wandb}
+    if step.kind != "train":  # training runs log through transformers (logging=wandb), the rest here
+        env.update(DOMAINFORGE_WANDB="1", WANDB_DIR=str(plan.run_dir), WANDB_NAME=step.name)
+    return env
+
+
+def write_plan_file(plan: Plan) -> Path:
+    """<run dir>/pipeline.json: the steps, what each evaluates and reads; the study's map of the run."""
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    path = plan.run_dir / PLAN_FILE
+    write_atomic(path, json.dumps({"pipeline": plan.pipeline, "steps": [s.describe() for s in plan.steps]},
+                                  indent=2) + "\n")
+    return path
 
 
 def run_local(cfg: DictConfig) -> Plan:
@@ -391,9 +537,11 @@ def run_local(cfg: DictConfig) -> Plan:
     selected = plan.select(cfg.step)
     validate_step_configs(plan)
     check_outside_models(plan, selected)
+    write_plan_file(plan)
     for step in selected:
         if step.is_complete():
-            print(f"pipeline {plan.pipeline}: step {step.name} is complete ({step.output_dir}), skipping", flush=True)
+            print(f"pipeline {plan.pipeline}: step {step.name} ({step.index + 1}/{len(plan.steps)}) is complete "
+                  f"({step.output_dir}), skipping", flush=True)
             continue
         for dep in step.depends_on:
             dep_step = plan.select(dep)[0]
@@ -403,8 +551,9 @@ def run_local(cfg: DictConfig) -> Plan:
                     f"is not finished): run python launch/pipeline.py pipeline={plan.pipeline} step={dep}"
                 )
         cmd = local_command(plan, step, cfg.cluster)
-        print(f"pipeline {plan.pipeline}: step {step.name}: {shlex.join(cmd)}", flush=True)
-        code = subprocess.call(cmd, cwd=REPO_ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        print(f"pipeline {plan.pipeline}: step {step.name} ({step.index + 1}/{len(plan.steps)}) running: "
+              f"{shlex.join(cmd)}", flush=True)
+        code = subprocess.call(cmd, cwd=REPO_ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1", **step_env(plan, step)))
         if code == PREEMPTED_EXIT_CODE:
             raise StepFailed(
                 f"pipeline {plan.pipeline}: step '{step.name}' stopped on a signal after saving a checkpoint: "

@@ -29,12 +29,15 @@ from core.config import REPO_ROOT
 from core.errors import PREEMPTED_EXIT_CODE, UserError
 from core.outputs import is_model_dir
 from orchestration.pipeline import (
+    ENTRY_POINTS,
     JOBS_DIR,
     Plan,
     Step,
     check_outside_models,
     plan_pipeline,
+    step_env,
     validate_step_configs,
+    write_plan_file,
 )
 from train.config import compose_train_config
 
@@ -83,8 +86,12 @@ def setup_lines(cluster: DictConfig) -> str:
     return "\n".join(cluster.setup)
 
 
+def env_lines(plan: Plan, step: Step) -> str:
+    return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in step_env(plan, step).items())
+
+
 def render_train_job(
-    step: Step, cluster: DictConfig, title: str, script: Path, log: Path, dependency: Optional[str]
+    plan: Plan, step: Step, cluster: DictConfig, title: str, script: Path, log: Path, dependency: Optional[str]
 ) -> str:
     world = cluster.tasks if cluster.tasks is not None else cluster.nodes * cluster.gpus_per_node
     per_node = math.ceil(world / cluster.nodes)
@@ -110,6 +117,7 @@ def render_train_job(
             sbatch_lines="\n".join(f"#SBATCH {line}" for line in lines),
             repo=shlex.quote(str(REPO_ROOT)),
             setup=setup_lines(cluster),
+            env=env_lines(plan, step),
             master_port=port,
             command=command,
             output_dir=shlex.quote(str(step.output_dir)),
@@ -119,7 +127,7 @@ def render_train_job(
 
 
 def render_merge_job(
-    step: Step, cluster: DictConfig, title: str, script: Path, log: Path, dependency: Optional[str]
+    plan: Plan, step: Step, cluster: DictConfig, title: str, script: Path, log: Path, dependency: Optional[str]
 ) -> str:
     tasks = cluster.merge_tasks or cluster.nodes
     nodes = min(cluster.nodes, tasks)
@@ -137,6 +145,33 @@ def render_merge_job(
             sbatch_lines="\n".join(f"#SBATCH {line}" for line in common_sbatch_lines(cluster, dependency)),
             repo=shlex.quote(str(REPO_ROOT)),
             setup=setup_lines(cluster),
+            env=env_lines(plan, step),
+            command=command,
+        ),
+    )
+
+
+def render_task_job(
+    plan: Plan, step: Step, cluster: DictConfig, title: str, script: Path, log: Path, dependency: Optional[str]
+) -> str:
+    """An evaluation (on one node's GPUs) or the study report (CPU only)."""
+    lines = common_sbatch_lines(cluster, dependency)
+    if step.kind == "eval" and cluster.request_gpus:
+        lines.insert(0, f"--gpus-per-node={cluster.gpus_per_node}")
+    entry = f"launch/{ENTRY_POINTS[step.kind]}"
+    command = " \\\n        ".join(shlex.quote(a) for a in [python_of(cluster), entry, *step.args])
+    return render_template(
+        "task.sbatch",
+        dict(
+            title=title,
+            script=script,
+            job_name=f"df-{step.name}",
+            log=log,
+            time=cluster.time,
+            sbatch_lines="\n".join(f"#SBATCH {line}" for line in lines),
+            repo=shlex.quote(str(REPO_ROOT)),
+            setup=setup_lines(cluster),
+            env=env_lines(plan, step),
             command=command,
         ),
     )
@@ -147,10 +182,9 @@ def render_step(plan: Plan, step: Step, cluster: DictConfig, dependency: Optiona
     jobs = plan.jobs_dir
     script = jobs / f"{step.index:02d}-{step.name}.sbatch"
     log = jobs / f"{step.index:02d}-{step.name}-%j.log"
-    title = f"pipeline {plan.pipeline}, step {step.name} ({step.stage or 'merge'}) -> {step.output_dir}"
-    if step.kind == "merge":
-        return script, render_merge_job(step, cluster, title, script, log, dependency)
-    return script, render_train_job(step, cluster, title, script, log, dependency)
+    title = f"pipeline {plan.pipeline}, step {step.name} ({step.stage or step.kind}) -> {step.output_dir}"
+    render = {"train": render_train_job, "merge": render_merge_job}.get(step.kind, render_task_job)
+    return script, render(plan, step, cluster, title, script, log, dependency)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,28 +264,32 @@ def submit_plan(plan: Plan, steps: List[Step], cluster: DictConfig, dry_run: boo
                 f"wait for it (python launch/submit.py status), or scancel {r.job_id} first"
             )
 
-    # The first job waits for earlier steps still queued; each later one for its predecessor.
-    first = todo[0]
-    earlier = [s for s in plan.steps if s.index < first.index and not s.is_complete()]
-    dependency = None
-    for s in earlier:
-        if s.name not in active:
-            raise UserError(
-                f"step '{first.name}' needs step '{s.name}' first ({s.output_dir} is not finished and no job "
-                f"of it is queued): submit from step {s.name} (drop step=) or run it first"
-            )
-        dependency = active[s.name].job_id
-
+    # Each job waits (afterok) for the jobs of the steps it reads, queued now or before: the
+    # branches of a grid run side by side, and a failed step cancels only what depends on it.
+    job_of = {name: r.job_id for name, r in active.items()}
     records = []
     if not dry_run:
         plan.jobs_dir.mkdir(parents=True, exist_ok=True)
+        write_plan_file(plan)
     for step in todo:
-        dep_text = dependency if not dry_run else (f"<job of {records[-1].step}>" if records else dependency)
-        script, text = render_step(plan, step, cluster, dep_text)
+        waits = []
+        for dep in step.depends_on:
+            dep_step = plan.select(dep)[0]
+            if dep_step.is_complete():
+                continue
+            if dep not in job_of:
+                raise UserError(
+                    f"step '{step.name}' needs step '{dep}' first ({dep_step.output_dir} is not finished and no job "
+                    f"of it is queued): submit from step {dep} (drop step=) or run it first"
+                )
+            waits.append(job_of[dep])
+        dependency = ":".join(waits) or None
+        script, text = render_step(plan, step, cluster, dependency)
         if dry_run:
             print(f"# ---- {script} (not submitted)", file=out)
             print(text, file=out)
             records.append(JobRecord(step.name, "", str(script), "", str(step.output_dir), 0.0))
+            job_of[step.name] = f"<job of {step.name}>"
             continue
         script.write_text(text)
         job_id = sbatch(script)
@@ -266,7 +304,7 @@ def submit_plan(plan: Plan, steps: List[Step], cluster: DictConfig, dry_run: boo
             file=out,
             flush=True,
         )
-        dependency = job_id
+        job_of[step.name] = job_id
     if not dry_run:
         print(f"scripts and logs: {plan.jobs_dir}; follow with python launch/submit.py status", file=out)
     return records

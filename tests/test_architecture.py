@@ -107,7 +107,7 @@ def test_submit_imports_no_heavy_library(tmp_path):
     env = fake_slurm(tmp_path / "bin")
     sub = run_light("submit.py", "pipeline=tiny", f"root={root}", env=env)
     assert sub.returncode == 0, sub.stderr[-2000:]
-    assert "step slerp: job 105 (after 104)" in sub.stdout
+    assert "step orpo: job 104 (after 102)" in sub.stdout and "step slerp: job 105 (after 102:104)" in sub.stdout
 
     status = run_light("submit.py", "status", "pipeline=tiny", f"root={root}", env=env)
     assert status.returncode == 0, status.stderr[-2000:]

@@ -116,5 +116,8 @@ def test_dry_run_prints_every_script_and_submits_nothing(tmp_path):
                       env=dict(os.environ, PATH=str(tmp_path)))  # no sbatch needed for a dry run
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("#!/bin/bash") == 5
-    assert "--dependency=afterok:<job of orpo>" in proc.stdout
+    # Each job waits for the steps it reads: orpo for sft (not dpo), the merge for both its models.
+    scripts = {part.split(".sbatch")[0].rsplit("-", 1)[1]: part for part in proc.stdout.split("# ---- ")[1:]}
+    assert "--dependency=afterok:<job of sft>\n" in scripts["orpo"]
+    assert "--dependency=afterok:<job of sft>:<job of orpo>" in proc.stdout
     assert not (tmp_path / "tiny").exists()

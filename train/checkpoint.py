@@ -4,6 +4,7 @@ is published so that a half-written one never looks finished.
     <output_dir>/checkpoints/checkpoint-<step>/   DeepSpeed checkpoints (every save_steps)
     <output_dir>/config.json, model*.safetensors, tokenizer*, domainforge.yaml
                                                   the final model; config.json is moved in last
+    <output_dir>/epochs/epoch-<k>/                the model that ended epoch k (keep_epoch_models)
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import re
 import shutil
 from pathlib import Path
 from typing import Optional
+
+from transformers import TrainerCallback
 
 from core.errors import UserError
 
@@ -76,3 +79,46 @@ def publish_final_model(output_dir: str | Path) -> None:
         os.replace(src, dst)
     os.replace(tmp / "config.json", out / "config.json")
     tmp.rmdir()
+
+
+EPOCHS = "epochs"
+# What a checkpoint holds besides the model: DeepSpeed and Trainer state, not for evaluation.
+TRAINING_STATE = ("trainer_state.json", "training_args.bin", "latest", "zero_to_fp32.py", "zero_to_torch.py", "scheduler.pt")
+
+
+def epoch_model_dir(output_dir: str | Path, epoch: int) -> Path:
+    return Path(output_dir) / EPOCHS / f"epoch-{epoch}"
+
+
+def keep_epoch_model(checkpoint: Path, target: Path) -> None:
+    """Hard-link a checkpoint's model files (consolidated weights, config, tokenizer) into
+    `target`, config.json last: checkpoints rotate (save_total_limit), the links stay."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    files = [p for p in checkpoint.iterdir()
+             if p.is_file() and p.name not in TRAINING_STATE and not p.name.startswith(("rng_state", "global_step"))]
+    for src in sorted(files, key=lambda p: p.name == "config.json"):
+        os.link(src, tmp / src.name)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+class EpochModelCallback(TrainerCallback):
+    """training.keep_epoch_models: a checkpoint at every epoch end, and its model kept in
+    <output_dir>/epochs/epoch-<k>/ (the paper's CPT-epoch curve evaluates each)."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        control.should_save = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        epoch = round(state.epoch or 0)
+        if not state.is_world_process_zero or epoch < 1 or abs(state.epoch - epoch) > 1e-6:
+            return control
+        checkpoint = checkpoints_dir(self.output_dir) / f"checkpoint-{state.global_step}"
+        keep_epoch_model(checkpoint, epoch_model_dir(self.output_dir, epoch))
+        return control

@@ -122,6 +122,9 @@ class TrainingConfig:
     save_steps: int = 500
     """DeepSpeed checkpoint every N optimizer steps (and at the end)."""
     save_total_limit: Optional[int] = 2
+    keep_epoch_models: bool = False
+    """Also keep the model that ends each epoch, in <output_dir>/epochs/epoch-<k>/ (a model
+    directory; checkpoints rotate, these stay): the paper's CPT-epoch curve evaluates each."""
     seed: int = 42
     dataloader_num_workers: int = 0
     extra_args: Dict[str, Any] = field(default_factory=dict)

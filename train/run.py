@@ -22,6 +22,7 @@ from core.outputs import is_model_dir
 from train.checkpoint import (
     FINAL_TMP,
     RUN_CONFIG,
+    EpochModelCallback,
     checkpoints_dir,
     publish_final_model,
     resume_checkpoint,
@@ -138,7 +139,8 @@ def run_stage(cfg: DictConfig) -> Path:
     model = load_model(cfg.model, runtime.torch_dtype, tokenizer)
     report_parameter_share(model)
     throughput = ThroughputCallback(data.stats)
-    trainer = stage.build_trainer(cfg, args, model, tokenizer, data, [preemption])
+    callbacks = [preemption] + ([EpochModelCallback(cfg.output_dir)] if cfg.training.keep_epoch_models else [])
+    trainer = stage.build_trainer(cfg, args, model, tokenizer, data, callbacks)
     # First in line, so the loggers after it (console, W&B) see the values it adds.
     trainer.callback_handler.callbacks.insert(0, throughput)
 

@@ -1,0 +1,284 @@
+"""The study report: every evaluation of a pipeline run side by side, as the paper compares
+strategies (Lu, Luu & Buehler 2024, Figs 4-7).
+
+    python launch/study.py outputs/pipelines/tiny
+
+reads <run dir>/pipeline.json (written when the pipeline starts) and each evaluation step's
+<model>/eval/<task>.json, and writes into the run directory:
+
+    study.json       every number below, machine-readable
+    study.md         one row per model, one column per task (= protocol), value ± 95% interval;
+                     the change against the start model; for every merge P1, P2, E=(P1+P2)/2,
+                     max(P1,P2), merged-E, merged-max and a verdict
+    study_bars.png   one bar per model and task, the start model as a line
+    study_synergy.png  merged score against E for every merge, with the diagonal
+    study_cpt_epochs.png  score after each CPT epoch, against the start model (when evaluated)
+
+A partial run gives a partial report that lists what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from core.errors import UserError
+from core.outputs import write_atomic
+from core.wandb_runs import log_wandb_run, table_rows
+from evaluation.results import Score, load_results, primary_metric
+from evaluation.synergy import synergy
+from orchestration.pipeline import PLAN_FILE, START, STUDY_FILE
+
+Z95 = 1.96
+
+
+@dataclass
+class ModelRow:
+    name: str
+    """start, a step name, or <cpt step>/epoch-<k>."""
+    kind: str
+    """start, train (with its stage), merge or epoch."""
+    stage: Optional[str] = None
+    scores: Dict[str, Score] = field(default_factory=dict)
+    """task -> the task's primary metric."""
+
+
+def read_plan(run_dir: Path) -> dict:
+    path = run_dir / PLAN_FILE
+    if not path.is_file():
+        raise UserError(
+            f"{run_dir} is not a pipeline run (no {PLAN_FILE}): give the directory a pipeline wrote, "
+            "<root>/<pipeline>, e.g. outputs/pipelines/tiny"
+        )
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise UserError(f"{path} is not valid JSON ({err}): rerun the pipeline to rewrite it") from err
+
+
+def collect(plan: dict) -> Tuple[List[ModelRow], List[str], List[dict]]:
+    """(rows in pipeline order, task names, missing evaluations)."""
+    steps = {s["name"]: s for s in plan["steps"]}
+    rows: List[ModelRow] = []
+    tasks: List[str] = []
+    missing = []
+    for step in plan["steps"]:
+        if step["kind"] != "eval":
+            continue
+        target = step["evaluates"]
+        for task in step["tasks"]:
+            if task not in tasks:
+                tasks.append(task)
+        if target == START:
+            row = ModelRow(START, "start")
+        elif "/" in target:
+            row = ModelRow(target, "epoch", "cpt")
+        else:
+            row = ModelRow(target, steps[target]["kind"], steps[target]["stage"])
+        results = load_results(Path(step["output_dir"]))
+        for task in step["tasks"]:
+            if task in results:
+                row.scores[task] = primary_metric(results[task])
+            else:
+                missing.append({"step": step["name"], "model": target, "task": task})
+        rows.append(row)
+    return rows, tasks, missing
+
+
+def epoch_of(row: ModelRow) -> int:
+    return int(row.name.rsplit("-", 1)[1])
+
+
+def improvements(rows: List[ModelRow], tasks: List[str]) -> Dict[str, Dict[str, dict]]:
+    """{model: {task: {abs, rel}}} against the start model."""
+    start = next((r for r in rows if r.kind == "start"), None)
+    out: Dict[str, Dict[str, dict]] = {}
+    if start is None:
+        return out
+    for row in rows:
+        for task in tasks:
+            if task in row.scores and task in start.scores:
+                base = start.scores[task].value
+                diff = row.scores[task].value - base
+                out.setdefault(row.name, {})[task] = {"abs": diff, "rel": diff / base if base else None}
+    return out
+
+
+def merge_synergies(plan: dict, rows: List[ModelRow], tasks: List[str]) -> List[dict]:
+    by_name = {r.name: r for r in rows}
+    found = []
+    for step in plan["steps"]:
+        if step["kind"] != "merge" or step["name"] not in by_name:
+            continue
+        parents = [by_name.get(p) for p in step["parents"]]
+        for task in tasks:
+            scores = [p.scores.get(task) if p else None for p in parents] + [by_name[step["name"]].scores.get(task)]
+            if any(s is None for s in scores):
+                continue
+            p1, p2, merged = (s.value for s in scores)
+            found.append(dict(merge=step["name"], parents=step["parents"], task=task, **synergy(p1, p2, merged)))
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------
+def cell(score: Optional[Score]) -> str:
+    if score is None:
+        return "–"
+    if score.stderr is None or math.isnan(score.stderr):
+        return f"{score.value:.3f}"
+    return f"{score.value:.3f} ± {Z95 * score.stderr:.3f}"
+
+
+def signed(x: Optional[float], percent: bool = False) -> str:
+    if x is None:
+        return "–"
+    return f"{100 * x:+.1f}%" if percent else f"{x:+.3f}"
+
+
+def markdown(plan: dict, rows, tasks, gains, synergies, missing) -> str:
+    metric = {t: next((r.scores[t].metric for r in rows if t in r.scores), "?") for t in tasks}
+    lines = [f"# Study: {plan['pipeline']}", "",
+             "Each column is one lm-eval task (one protocol), its primary metric ± the 95% interval "
+             "(1.96 x lm-eval's standard error); Δ is the change against the start model.", ""]
+    head = ["model", "kind"] + [f"{t} ({metric[t]})" for t in tasks] + [f"Δ {t}" for t in tasks]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        kind = row.stage if row.kind == "train" else row.kind
+        g = gains.get(row.name, {})
+        deltas = [f"{signed(g[t]['abs'])} ({signed(g[t]['rel'], True)})" if t in g else "–" for t in tasks]
+        lines.append("| " + " | ".join([row.name, kind] + [cell(row.scores.get(t)) for t in tasks] + deltas) + " |")
+    if synergies:
+        lines += ["", "## Merges against their parents", "",
+                  "E = (P1+P2)/2 is what a merge scores if it only averages its parents; above max(P1, P2) "
+                  "it beats both (the paper's synergy).", "",
+                  "| merge | task | P1 | P2 | E | max | merged | merged−E | merged−max | verdict |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for s in synergies:
+            p1, p2 = s["parents"]
+            lines.append(
+                f"| {s['merge']} | {s['task']} | {s['p1']:.3f} ({p1}) | {s['p2']:.3f} ({p2}) | {s['expected']:.3f} | "
+                f"{s['best_parent']:.3f} | {s['merged']:.3f} | {signed(s['merged_minus_expected'])} | "
+                f"{signed(s['merged_minus_best'])} | {s['verdict']} |"
+            )
+    if missing:
+        lines += ["", "## Missing", ""]
+        lines += [f"- {m['model']}: {m['task']} (step {m['step']} has not written it yet)" for m in missing]
+    return "\n".join(lines) + "\n"
+
+
+def plot(run_dir: Path, rows: List[ModelRow], tasks: List[str], synergies: List[dict]) -> Dict[str, str]:
+    """The PNGs; returns {name: path} of those written."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    written = {}
+    start = next((r for r in rows if r.kind == "start"), None)
+    strategies = [r for r in rows if r.kind in ("train", "merge")]
+    if strategies and tasks:
+        fig, axes = plt.subplots(len(tasks), 1, figsize=(max(6, 1.1 * len(strategies) + 2), 3.2 * len(tasks)),
+                                 squeeze=False)
+        for ax, task in zip(axes[:, 0], tasks):
+            present = [r for r in strategies if task in r.scores]
+            values = [r.scores[task].value for r in present]
+            errors = [Z95 * (r.scores[task].stderr or 0) for r in present]
+            colors = ["tab:orange" if r.kind == "merge" else "tab:blue" for r in present]
+            ax.bar([r.name for r in present], values, yerr=errors, color=colors, capsize=3)
+            if start is not None and task in start.scores:
+                base = start.scores[task].value
+                ax.axhline(base, color="black", linestyle="--", label=f"start {base:.3f}")
+                for i, v in enumerate(values):
+                    ax.annotate(f"{100 * (v - base) / base:+.0f}%" if base else "", (i, v), ha="center",
+                                va="bottom", fontsize=8)
+                ax.legend(loc="lower right", fontsize=8)
+            ax.set_title(task)
+            ax.set_ylabel(start.scores[task].metric if start and task in start.scores else "score")
+            ax.tick_params(axis="x", rotation=30)
+        fig.tight_layout()
+        written["bars"] = str(run_dir / "study_bars.png")
+        fig.savefig(written["bars"], dpi=110)
+        plt.close(fig)
+    if synergies:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        xs = [s["expected"] for s in synergies]
+        ys = [s["merged"] for s in synergies]
+        ax.scatter(xs, ys)
+        for s in synergies:
+            ax.annotate(f"{s['merge']}:{s['task']}", (s["expected"], s["merged"]), fontsize=7)
+        lo, hi = min(xs + ys) - 0.02, max(xs + ys) + 0.02
+        ax.plot([lo, hi], [lo, hi], color="gray", linestyle="--", label="merged = E")
+        ax.set_xlabel("E = (P1 + P2) / 2")
+        ax.set_ylabel("merged")
+        ax.set_title("Merges against their parents' mean")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written["synergy"] = str(run_dir / "study_synergy.png")
+        fig.savefig(written["synergy"], dpi=110)
+        plt.close(fig)
+    epochs = sorted((r for r in rows if r.kind == "epoch"), key=epoch_of)
+    if epochs and tasks:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for task in tasks:
+            points = [(epoch_of(r), r.scores[task].value) for r in epochs if task in r.scores]
+            if start is not None and task in start.scores:
+                points = [(0, start.scores[task].value)] + points
+            if points:
+                ax.plot(*zip(*points), marker="o", label=task)
+        ax.set_xlabel("CPT epoch (0 = start model)")
+        ax.set_ylabel("score")
+        ax.set_title("Score after each CPT epoch")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written["cpt_epochs"] = str(run_dir / "study_cpt_epochs.png")
+        fig.savefig(written["cpt_epochs"], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def run_study(run_dir: str) -> dict:
+    """Write study.json, study.md and the plots for a pipeline run; returns the report."""
+    run = Path(run_dir).expanduser().resolve()
+    plan = read_plan(run)
+    rows, tasks, missing = collect(plan)
+    if not any(r.scores for r in rows):
+        raise UserError(
+            f"{run}: no evaluation results yet (no <model>/eval/<task>.json): run the pipeline's evaluation steps "
+            "first (pipeline.eval.tasks=[...])"
+        )
+    gains = improvements(rows, tasks)
+    synergies = merge_synergies(plan, rows, tasks)
+    plots = plot(run, rows, tasks, synergies)
+    report = {
+        "pipeline": plan["pipeline"],
+        "tasks": tasks,
+        "models": [{"name": r.name, "kind": r.kind, "stage": r.stage,
+                    "scores": {t: s.as_dict() for t, s in r.scores.items()},
+                    "vs_start": gains.get(r.name, {})} for r in rows],
+        "merges": synergies,
+        "missing": missing,
+        "plots": {k: Path(v).name for k, v in plots.items()},
+    }
+    md = markdown(plan, rows, tasks, gains, synergies, missing)
+    write_atomic(run / "study.md", md)
+    write_atomic(run / STUDY_FILE, json.dumps(report, indent=2) + "\n")  # last: it marks the step complete
+    columns = ["model", "kind", "task", "metric", "value", "stderr"]
+    flat = [dict(model=r.name, kind=r.kind, task=t, metric=s.metric, value=s.value, stderr=s.stderr)
+            for r in rows for t, s in r.scores.items()]
+    log_wandb_run("study", {"pipeline": plan["pipeline"], "tasks": tasks},
+                  {f"{r['model']}/{r['task']}": r["value"] for r in flat},
+                  tables={"study": table_rows(flat, columns),
+                          "synergy": table_rows(synergies, ["merge", "task", "p1", "p2", "expected", "best_parent",
+                                                            "merged", "verdict"])},
+                  images=plots)
+    print(md)
+    print(f"study: {run / 'study.md'}, {run / STUDY_FILE}" + "".join(f", {p}" for p in plots.values()), flush=True)
+    if missing:
+        print(f"study: {len(missing)} evaluation(s) missing, listed in study.md; rerun the pipeline to fill them",
+              flush=True)
+    return report
