@@ -29,6 +29,7 @@ import yaml
 
 from core.errors import UserError
 from core.outputs import fsync_dir, write_atomic
+from core.wandb_runs import log_wandb_run
 from merge.config import MergeOptions
 from merge.io import (
     ITEMSIZE,
@@ -442,6 +443,7 @@ def run_merge(raw_config: dict, out_dir: str, options: MergeOptions) -> Path:
     """Merge as configured into out_dir; returns out_dir. UserError on bad input."""
     if options.workers is not None and options.workers < 1:
         raise UserError(f"workers={options.workers} (--workers): give at least 1, or leave it unset for one per CPU")
+    started = time.time()
     dist = distributed_rank(options)
     rank, world = dist if dist else (0, options.workers or default_workers())
     merge = Merge(raw_config, out_dir, options, world)
@@ -474,6 +476,13 @@ def run_merge(raw_config: dict, out_dir: str, options: MergeOptions) -> Path:
         wait_for_shards(merge, options.wait_timeout)
     publish(merge)
     log(f"done: {merge.out}")
+    log_wandb_run("merge", merge.spec.raw, {
+        "merge/seconds": round(time.time() - started, 3),
+        "merge/output_bytes": sum(s.size for s in merge.shards),
+        "merge/tensors": len(merge.plan.tensors),
+        "merge/shards": len(merge.shards),
+        "merge/workers": world,
+    })
     return merge.out
 
 

@@ -206,6 +206,8 @@ class Step:
     """launch/study.py arguments (the study step)."""
     parents: List[str] = field(default_factory=list)
     """A merge's models as the pipeline names them: [base_model, model] (step names, `start`, ...)."""
+    epochs: Optional[int] = None
+    """Epochs of a CPT step whose epoch models are kept and evaluated (pipeline.eval.cpt_epochs)."""
 
     @property
     def kind(self) -> str:
@@ -220,19 +222,34 @@ class Step:
         return getattr(self, f"{self.kind}_args")
 
     def is_complete(self) -> bool:
-        if self.kind == "eval":
-            return all((self.output_dir / f"{task}.json").is_file() for task in self.tasks)
-        if self.kind == "study":
-            return (self.output_dir / STUDY_FILE).is_file()
-        return is_model_dir(self.output_dir)
+        return output_complete(self.kind, self.output_dir, self.tasks)
 
     def describe(self) -> dict:
         """What the study report needs to know of this step (written to pipeline.json)."""
         return dict(name=self.name, kind=self.kind, stage=self.stage, output_dir=str(self.output_dir),
-                    depends_on=self.depends_on, evaluates=self.evaluates, tasks=self.tasks, parents=self.parents)
+                    depends_on=self.depends_on, evaluates=self.evaluates, tasks=self.tasks, parents=self.parents,
+                    epochs=self.epochs)
 
 
 ENTRY_POINTS = {"train": "train.py", "merge": "merge.py", "eval": "eval.py", "study": "study.py"}
+
+
+def output_complete(kind: str, output_dir: str | Path, tasks: List[str] = ()) -> bool:
+    """A step's output is finished: a model directory, every task's result, or the study."""
+    out = Path(output_dir)
+    if kind == "eval":
+        return all((out / f"{task}.json").is_file() for task in tasks)
+    if kind == "study":
+        return (out / STUDY_FILE).is_file()
+    return is_model_dir(out)
+
+
+def read_plan_file(run_dir: Path) -> Dict[str, dict]:
+    """{step name: its description} from <run dir>/pipeline.json; empty when there is none."""
+    path = run_dir / PLAN_FILE
+    if not path.is_file():
+        return {}
+    return {s["name"]: s for s in json.loads(path.read_text())["steps"]}
 
 
 @dataclass
@@ -340,7 +357,9 @@ class PipelinePlanner:
                 for i, s in enumerate(self.steps):
                     s.index = i
         if step.stage == "cpt" and self.pipeline.eval.cpt_epochs:
-            for k in range(1, self.cpt_epochs(step) + 1):
+            # The last epoch's model is the step's own output, evaluated below.
+            step.epochs = self.cpt_epochs(step)
+            for k in range(1, step.epochs):
                 model = step.output_dir / EPOCHS_DIR / f"epoch-{k}"
                 self.steps.append(self.eval_step(f"eval-{step.name}-epoch-{k}", str(model),
                                                  f"{step.name}/epoch-{k}", model / EVAL_DIR, [step.name]))
@@ -349,7 +368,10 @@ class PipelinePlanner:
 
     def cpt_epochs(self, step: Step) -> int:
         """Whole epochs a CPT step runs; each one's final model is kept and evaluated."""
-        training = compose_train_config(step.train_args).training
+        try:
+            training = compose_train_config(step.train_args).training
+        except UserError as err:
+            raise UserError(f"pipeline {self.pipeline.name}, step '{step.name}': {err}") from err
         epochs = training.num_train_epochs
         if training.max_steps > 0 or epochs != int(epochs):
             raise self.fail(
@@ -459,7 +481,7 @@ def validate_step_configs(plan: Plan) -> None:
         try:
             if step.kind == "train":
                 compose_train_config(step.train_args)
-            else:
+            elif step.kind == "merge":
                 compose_merge_config(step.merge_args)
         except UserError as err:
             raise UserError(f"pipeline {plan.pipeline}, step '{step.name}': {err}") from err
@@ -540,8 +562,8 @@ def run_local(cfg: DictConfig) -> Plan:
     write_plan_file(plan)
     for step in selected:
         if step.is_complete():
-            print(f"pipeline {plan.pipeline}: step {step.name} ({step.index + 1}/{len(plan.steps)}) is complete "
-                  f"({step.output_dir}), skipping", flush=True)
+            print(f"pipeline {plan.pipeline}: step {step.name} is complete ({step.output_dir}), skipping "
+                  f"[{step.index + 1}/{len(plan.steps)}]", flush=True)
             continue
         for dep in step.depends_on:
             dep_step = plan.select(dep)[0]
@@ -551,8 +573,8 @@ def run_local(cfg: DictConfig) -> Plan:
                     f"is not finished): run python launch/pipeline.py pipeline={plan.pipeline} step={dep}"
                 )
         cmd = local_command(plan, step, cfg.cluster)
-        print(f"pipeline {plan.pipeline}: step {step.name} ({step.index + 1}/{len(plan.steps)}) running: "
-              f"{shlex.join(cmd)}", flush=True)
+        print(f"pipeline {plan.pipeline}: step {step.name}: {shlex.join(cmd)} [{step.index + 1}/{len(plan.steps)}]",
+              flush=True)
         code = subprocess.call(cmd, cwd=REPO_ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1", **step_env(plan, step)))
         if code == PREEMPTED_EXIT_CODE:
             raise StepFailed(

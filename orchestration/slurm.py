@@ -27,14 +27,15 @@ from omegaconf import DictConfig
 
 from core.config import REPO_ROOT
 from core.errors import PREEMPTED_EXIT_CODE, UserError
-from core.outputs import is_model_dir
 from orchestration.pipeline import (
     ENTRY_POINTS,
     JOBS_DIR,
     Plan,
     Step,
     check_outside_models,
+    output_complete,
     plan_pipeline,
+    read_plan_file,
     step_env,
     validate_step_configs,
     write_plan_file,
@@ -369,13 +370,16 @@ def print_status(run_dir: Path, out=sys.stdout) -> List[Dict[str, str]]:
             "(python launch/submit.py pipeline=<name> cluster=slurm), or name the run: status pipeline=<name> root=<dir>"
         )
     states = job_states([r.job_id for r in records])
+    described = read_plan_file(run_dir)
     rows = []
     for r in records:
+        step = described.get(r.step, {})
+        done = output_complete(step.get("kind", "train"), r.output_dir, step.get("tasks", []))
         rows.append(dict(
             step=r.step,
             job=r.job_id,
             state=states.get(r.job_id, "UNKNOWN"),
-            output=r.output_dir + (" (finished)" if is_model_dir(r.output_dir) else ""),
+            output=r.output_dir + (" (finished)" if done else ""),
             log=r.log,
         ))
     widths = {k: max(len(k), *(len(row[k]) for row in rows)) for k in ("step", "job", "state")}

@@ -85,6 +85,10 @@ def collect(plan: dict) -> Tuple[List[ModelRow], List[str], List[dict]]:
             else:
                 missing.append({"step": step["name"], "model": target, "task": task})
         rows.append(row)
+        if target in steps and steps[target].get("epochs"):
+            # The CPT step's own output is its last epoch's model: one evaluation serves both.
+            last = ModelRow(f"{target}/epoch-{steps[target]['epochs']}", "epoch", "cpt", row.scores)
+            rows.append(last)
     return rows, tasks, missing
 
 

@@ -28,32 +28,44 @@ def arg(step, key):
     return values[0]
 
 
+def model_steps(plan):
+    return [s for s in plan.steps if s.kind in ("train", "merge")]
+
+
 def test_presets_are_the_papers_recipes():
     assert PRESETS == [
         "llama_instruct_cpt_sft_dpo",
         "llama_instruct_cpt_sft_orpo_slerp",
+        "llama_instruct_grid",
         "mistral_base_cpt_sft_slerp",
         "smollm_base_cpt_sft_dpo",
         "tiny",
     ]
-    steps = {p: [s.stage or "merge" for s in plan_pipeline(compose_pipeline_job([f"pipeline={p}"])).steps] for p in PRESETS}
+    plans = {p: plan_pipeline(compose_pipeline_job([f"pipeline={p}"])) for p in PRESETS}
+    steps = {p: [s.stage or "merge" for s in model_steps(plan)] for p, plan in plans.items()}
     assert steps["llama_instruct_cpt_sft_orpo_slerp"] == ["cpt", "sft", "orpo", "merge"]
     assert steps["llama_instruct_cpt_sft_dpo"] == ["cpt", "sft", "dpo"]
     assert steps["mistral_base_cpt_sft_slerp"] == ["cpt", "sft", "merge"]
     assert steps["smollm_base_cpt_sft_dpo"] == ["cpt", "sft", "dpo"]
-    assert steps["tiny"] == ["cpt", "sft", "dpo", "orpo", "merge"]
+    # The paper's grid: every strategy, each merged with the Instruct model it started from.
+    assert steps["llama_instruct_grid"] == ["cpt", "sft", "dpo", "orpo", "merge", "merge", "merge", "merge"]
+    assert [s.parents for s in model_steps(plans["llama_instruct_grid"])[4:]] == [
+        ["start", "cpt"], ["start", "sft"], ["start", "dpo"], ["start", "orpo"]]
+    # tiny covers every kind of step: all four stages, merges, evaluations, the study.
+    assert steps["tiny"] == ["cpt", "sft", "dpo", "orpo", "merge", "merge"]
+    assert {s.kind for s in plans["tiny"].steps} == {"train", "merge", "eval", "study"}
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_step_of_every_preset_composes(preset, tmp_path):
     plan = plan_pipeline(compose_pipeline_job([f"pipeline={preset}", f"root={tmp_path}"]))
     validate_step_configs(plan)  # composes each step's train/merge config: no typo anywhere
-    assert [s.output_dir for s in plan.steps] == [tmp_path / preset / s.name for s in plan.steps]
+    assert [s.output_dir for s in model_steps(plan)] == [tmp_path / preset / s.name for s in model_steps(plan)]
 
 
 def test_each_step_reads_the_previous_output(tmp_path):
     plan = plan_pipeline(compose_pipeline_job(["pipeline=tiny", f"root={tmp_path}"]))
-    cpt, sft, dpo, orpo, slerp = plan.steps
+    cpt, sft, dpo, orpo, slerp_dpo, slerp = model_steps(plan)
     run = tmp_path / "tiny"
     assert "model.path" not in " ".join(cpt.train_args)  # the preset's own (random-init) model
     assert arg(sft, "model.path") == str(run / "cpt")
@@ -102,9 +114,13 @@ def test_merge_of_a_later_step_is_refused():
     "argv, message",
     [
         (["pipeline=nope"], r"unknown pipeline 'nope': choose one of .*tiny"),
-        (["step=nope"], r"unknown step 'nope' in pipeline tiny: choose one of cpt, sft, dpo, orpo, slerp"),
-        (["pipeline.steps.4.merge.model=nope"], r"step 'slerp' merge.model names 'nope', which is not a step"),
-        (["pipeline.steps.4.merge.model=slerp"], r"names step 'slerp', which does not come before it"),
+        (["step=nope"], r"unknown step 'nope' in pipeline tiny: choose one of cpt, eval-cpt-epoch-1, eval-cpt, sft"),
+        (["pipeline.steps.5.merge.model=nope"], r"step 'slerp' merge.model names 'nope', which is not a step"),
+        (["pipeline.steps.5.merge.model=slerp"], r"names step 'slerp', which does not come before it"),
+        (["pipeline.steps.5.merge.model=eval-orpo"], r"step 'slerp' merge.model names 'eval-orpo', an evaluation step"),
+        (["pipeline.steps.4.name=slerp"], r"two steps are named 'slerp': step names must be unique"),
+        (["pipeline.steps.4.name=eval-x"], r"step name 'eval-x' is reserved"),
+        (["pipeline.steps.0.overrides=['training.num_train_epochs=1.5']"], r"eval.cpt_epochs .* whole epochs"),
         (["pipeline.steps.1.input=orpo"], r"step 'sft' input names step 'orpo', which does not come before it"),
         (["pipeline.steps.0.stage=pretrain"], r"unknown stage 'pretrain': choose one of cpt, sft, dpo, orpo"),
         (["pipeline.overrides=['training.lerning_rate=1']"], r"step 'cpt': unknown config key 'training.lerning_rate'"),
@@ -127,7 +143,7 @@ def test_bad_pipeline_input_is_one_line_and_exit_2(tmp_path):
 @pytest.mark.integration
 def test_local_pipeline_skips_finished_steps_and_reruns_failed_ones(tmp_path):
     two_steps = ["pipeline=tiny", "pipeline.steps=[{name:cpt,stage:cpt},{name:sft,stage:sft}]", f"root={tmp_path}",
-                 "cluster.gpus_per_node=2"]
+                 "cluster.gpus_per_node=2", "pipeline.eval.tasks=[]"]
     # sft fails (its data is missing) after cpt finished: sft's one error line, then where it stopped.
     proc = launch("pipeline.py", [*two_steps, "pipeline.steps.1.overrides=['data.sft.path=/nonexistent.jsonl']"])
     assert_one_line_error(proc, "/nonexistent.jsonl")

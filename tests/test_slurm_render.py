@@ -115,9 +115,15 @@ def test_dry_run_prints_every_script_and_submits_nothing(tmp_path):
     proc = run_submit(["pipeline=tiny", f"root={tmp_path}", "cluster.gpus_per_node=2", "--dry-run"],
                       env=dict(os.environ, PATH=str(tmp_path)))  # no sbatch needed for a dry run
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("#!/bin/bash") == 5
+    # 6 training/merge steps, 7 evaluations (one of them the first CPT epoch), the study
+    assert proc.stdout.count("#!/bin/bash") == 14
     # Each job waits for the steps it reads: orpo for sft (not dpo), the merge for both its models.
-    scripts = {part.split(".sbatch")[0].rsplit("-", 1)[1]: part for part in proc.stdout.split("# ---- ")[1:]}
+    scripts = {part.split(".sbatch")[0].split("/jobs/")[1].split("-", 1)[1]: part
+               for part in proc.stdout.split("# ---- ")[1:]}
     assert "--dependency=afterok:<job of sft>\n" in scripts["orpo"]
     assert "--dependency=afterok:<job of sft>:<job of orpo>" in proc.stdout
+    assert "--dependency=afterok:<job of orpo>\n" in scripts["eval-orpo"] and "launch/eval.py" in scripts["eval-orpo"]
+    evals = ":".join(f"<job of {n}>" for n in ["eval-cpt-epoch-1", "eval-cpt", "eval-sft", "eval-dpo", "eval-orpo",
+                                                "eval-slerp-dpo", "eval-slerp"])
+    assert f"--dependency=afterok:{evals}\n" in scripts["study"] and "launch/study.py" in scripts["study"]
     assert not (tmp_path / "tiny").exists()
