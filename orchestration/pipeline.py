@@ -595,4 +595,7 @@ def run_local(cfg: DictConfig) -> Plan:
                 "resumes from its newest checkpoint"
             )
     print(f"pipeline {plan.pipeline}: done, outputs in {plan.run_dir}", flush=True)
+    if (plan.run_dir / STUDY_FILE).is_file():
+        plots = " ".join(str(p) for p in sorted(plan.run_dir.glob("study_*.png")))
+        print(f"pipeline {plan.pipeline}: study report {plan.run_dir / 'study.md'}; plots {plots}", flush=True)
     return plan
