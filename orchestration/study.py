@@ -28,11 +28,35 @@ from typing import Dict, List, Optional, Tuple
 from core.errors import UserError
 from core.outputs import write_atomic
 from core.wandb_runs import log_wandb_run, table_rows
-from evaluation.results import Score, load_results, primary_metric
+from evaluation.results import interval, load_results
 from evaluation.synergy import synergy
 from orchestration.pipeline import PLAN_FILE, START, STUDY_FILE
 
-Z95 = 1.96
+# The metric a task is ranked by: accuracy for log-likelihood MC/TF, exact match for the
+# paper's generation protocol; anything else: the task's first metric.
+PRIMARY_METRICS = ("acc", "exact_match")
+
+
+@dataclass
+class Score:
+    metric: str
+    value: float
+    stderr: float
+    n: int
+
+    @property
+    def interval(self) -> Tuple[float, float]:
+        return interval(self.value, self.stderr, self.n)
+
+    def as_dict(self) -> dict:
+        lo, hi = self.interval
+        return dict(metric=self.metric, value=self.value, stderr=self.stderr, n=self.n, ci95=[lo, hi])
+
+
+def primary_metric(metrics: Dict[str, tuple]) -> Score:
+    """A task's headline number from {metric: (value, stderr, n)}."""
+    name = next((m for m in PRIMARY_METRICS if m in metrics), next(iter(metrics)))
+    return Score(name, *metrics[name])
 
 
 @dataclass
@@ -78,7 +102,7 @@ def collect(plan: dict) -> Tuple[List[ModelRow], List[str], List[dict]]:
             row = ModelRow(target, "epoch", "cpt")
         else:
             row = ModelRow(target, steps[target]["kind"], steps[target]["stage"])
-        results = load_results(Path(step["output_dir"]))
+        results = load_results(step["output_dir"], output_dir=step["output_dir"])
         for task in step["tasks"]:
             if task in results:
                 row.scores[task] = primary_metric(results[task])
@@ -133,9 +157,10 @@ def merge_synergies(plan: dict, rows: List[ModelRow], tasks: List[str]) -> List[
 def cell(score: Optional[Score]) -> str:
     if score is None:
         return "–"
-    if score.stderr is None or math.isnan(score.stderr):
+    lo, hi = score.interval
+    if math.isnan(lo):
         return f"{score.value:.3f}"
-    return f"{score.value:.3f} ± {Z95 * score.stderr:.3f}"
+    return f"{score.value:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def signed(x: Optional[float], percent: bool = False) -> str:
@@ -147,8 +172,9 @@ def signed(x: Optional[float], percent: bool = False) -> str:
 def markdown(plan: dict, rows, tasks, gains, synergies, missing) -> str:
     metric = {t: next((r.scores[t].metric for r in rows if t in r.scores), "?") for t in tasks}
     lines = [f"# Study: {plan['pipeline']}", "",
-             "Each column is one lm-eval task (one protocol), its primary metric ± the 95% interval "
-             "(1.96 x lm-eval's standard error); Δ is the change against the start model.", ""]
+             "Each column is one lm-eval task (one protocol: `_loglik` = log-likelihood of each option, "
+             "`_gen` = the paper's one-letter answer, greedy), its primary metric and 95% interval "
+             "(Wilson, over the task's n questions); Δ is the change against the start model.", ""]
     head = ["model", "kind"] + [f"{t} ({metric[t]})" for t in tasks] + [f"Δ {t}" for t in tasks]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
@@ -191,7 +217,8 @@ def plot(run_dir: Path, rows: List[ModelRow], tasks: List[str], synergies: List[
         for ax, task in zip(axes[:, 0], tasks):
             present = [r for r in strategies if task in r.scores]
             values = [r.scores[task].value for r in present]
-            errors = [Z95 * (r.scores[task].stderr or 0) for r in present]
+            errors = [[r.scores[task].value - r.scores[task].interval[0] for r in present],
+                      [r.scores[task].interval[1] - r.scores[task].value for r in present]]
             colors = ["tab:orange" if r.kind == "merge" else "tab:blue" for r in present]
             ax.bar([r.name for r in present], values, yerr=errors, color=colors, capsize=3)
             if start is not None and task in start.scores:

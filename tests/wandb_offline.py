@@ -60,5 +60,15 @@ def history(path: Path) -> List[Dict[str, object]]:
     return rows
 
 
+def run_info(path: Path) -> Dict[str, object]:
+    """The run record: group, job type, name and config of an offline run."""
+    for rec in records(path):
+        if rec.WhichOneof("record_type") == "run":
+            run = rec.run
+            config = {item.key: json.loads(item.value_json) for item in run.config.update}
+            return {"group": run.run_group, "job_type": run.job_type, "name": run.display_name, "config": config}
+    raise AssertionError(f"{path} has no run record")
+
+
 def find_offline_runs(root: Path) -> List[Path]:
     return sorted(Path(root).glob("**/offline-run-*/run-*.wandb"))

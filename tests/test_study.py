@@ -1,0 +1,159 @@
+"""The study report: its numbers are the per-model evaluation files', each merge is scored
+against its parents, the plots exist, a partial run says what is missing; and the tiny grid
+runs end to end here (train, merge, evaluate, study) with every W&B run in one group."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_one_line_error, launch
+from core.errors import UserError
+from orchestration.study import run_study
+from wandb_offline import find_offline_runs, history, run_info
+
+
+def write_result(eval_dir: Path, task: str, value: float, n: int = 100, metric: str = "acc") -> None:
+    """A result file as launch/eval.py writes it (only the fields the study reads)."""
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    stderr = math.sqrt(value * (1 - value) / (n - 1))
+    record = {"task": task, "n": n, "output_type": "multiple_choice", "chat_template": True,
+              "results": {"alias": task, f"{metric},none": value, f"{metric}_stderr,none": stderr}}
+    (eval_dir / f"{task}.json").write_text(json.dumps(record))
+
+
+def fake_run(root: Path, scores: dict, missing=()) -> Path:
+    """A run directory with pipeline.json and eval files: scores = {model: {task: value}}."""
+    run = root / "grid"
+    steps = [
+        {"name": "cpt", "kind": "train", "stage": "cpt", "depends_on": [], "epochs": 2},
+        {"name": "sft", "kind": "train", "stage": "sft", "depends_on": ["cpt"]},
+        {"name": "dpo", "kind": "train", "stage": "dpo", "depends_on": ["sft"]},
+        {"name": "slerp", "kind": "merge", "stage": None, "depends_on": ["dpo"], "parents": ["start", "dpo"]},
+    ]
+    tasks = sorted({t for s in scores.values() for t in s})
+    evals = []
+    for model in ["start", "cpt/epoch-1", "cpt", "sft", "dpo", "slerp"]:
+        out = run / model.replace("/", "/epochs/") / "eval" if model != "start" else run / "start" / "eval"
+        evals.append({"name": f"eval-{model.replace('/', '-')}", "kind": "eval", "stage": None,
+                      "output_dir": str(out), "evaluates": model, "tasks": tasks, "depends_on": []})
+        for task, value in scores.get(model, {}).items():
+            if (model, task) not in missing:
+                write_result(out, task, value)
+    for s in steps:
+        s.setdefault("output_dir", str(run / s["name"]))
+        s.setdefault("parents", [])
+        s.setdefault("epochs", None)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "pipeline.json").write_text(json.dumps({"pipeline": "grid", "steps": steps + evals}))
+    return run
+
+
+SCORES = {
+    "start": {"dom_loglik": 0.40, "gen_gen": 0.30},
+    "cpt/epoch-1": {"dom_loglik": 0.45, "gen_gen": 0.29},
+    "cpt": {"dom_loglik": 0.50, "gen_gen": 0.28},
+    "sft": {"dom_loglik": 0.60, "gen_gen": 0.27},
+    "dpo": {"dom_loglik": 0.62, "gen_gen": 0.25},
+    "slerp": {"dom_loglik": 0.66, "gen_gen": 0.26},
+}
+
+
+def test_report_numbers_are_the_eval_files(tmp_path):
+    run = fake_run(tmp_path, SCORES)
+    report = run_study(str(run))
+    saved = json.loads((run / "study.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    models = {m["name"]: m for m in saved["models"]}
+    for model, tasks in SCORES.items():
+        for task, value in tasks.items():
+            assert models[model]["scores"][task]["value"] == value
+    # The change against the start model, absolute and relative.
+    assert models["sft"]["vs_start"]["dom_loglik"]["abs"] == pytest.approx(0.20)
+    assert models["sft"]["vs_start"]["dom_loglik"]["rel"] == pytest.approx(0.5)
+    # The merge against its parents (start 0.40, dpo 0.62): E 0.51, max 0.62, merged 0.66.
+    (dom,) = [m for m in saved["merges"] if m["task"] == "dom_loglik"]
+    assert (dom["p1"], dom["p2"], dom["merged"]) == (0.40, 0.62, 0.66)
+    assert dom["expected"] == pytest.approx(0.51) and dom["best_parent"] == pytest.approx(0.62)
+    assert dom["merged_minus_expected"] == pytest.approx(0.15) and dom["merged_minus_best"] == pytest.approx(0.04)
+    (gen,) = [m for m in saved["merges"] if m["task"] == "gen_gen"]
+    assert gen["merged_minus_expected"] == pytest.approx(-0.015) and dom["verdict"] != gen["verdict"]
+    # The CPT curve has both epochs: epoch 1 its own evaluation, epoch 2 the step's output.
+    assert models["cpt/epoch-1"]["scores"]["dom_loglik"]["value"] == 0.45
+    assert models["cpt/epoch-2"]["scores"]["dom_loglik"]["value"] == 0.50
+    md = (run / "study.md").read_text()
+    assert "| slerp | merge | 0.660 [" in md and "+0.200 (+50.0%)" in md
+    for png in ("study_bars.png", "study_synergy.png", "study_cpt_epochs.png"):
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert not saved["missing"]
+
+
+def test_partial_run_reports_what_is_missing(tmp_path):
+    run = fake_run(tmp_path, SCORES, missing={("dpo", "dom_loglik"), ("slerp", "gen_gen")})
+    report = run_study(str(run))
+    assert {(m["model"], m["task"]) for m in report["missing"]} == {("dpo", "dom_loglik"), ("slerp", "gen_gen")}
+    assert [m["task"] for m in report["merges"]] == []  # neither merge task has all three scores
+    assert "## Missing" in (run / "study.md").read_text()
+
+
+def test_study_of_a_directory_that_is_not_a_run(tmp_path):
+    with pytest.raises(UserError, match="is not a pipeline run"):
+        run_study(str(tmp_path))
+    proc = launch("study.py", [str(tmp_path)], timeout=120)
+    assert_one_line_error(proc, "is not a pipeline run (no pipeline.json)")
+    assert not (tmp_path / "study.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the tiny grid, end to end on this machine
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.integration
+@pytest.mark.timeout(1200)
+def test_tiny_study_runs_end_to_end(tmp_path):
+    args = ["pipeline=tiny", f"root={tmp_path}", "cluster.gpus_per_node=2", "pipeline.wandb=offline"]
+    proc = launch("pipeline.py", args, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "tiny"
+    assert f"study report {run / 'study.md'}" in proc.stdout
+
+    plan = json.loads((run / "pipeline.json").read_text())
+    kinds = [s["kind"] for s in plan["steps"]]
+    assert kinds.count("train") == 4 and kinds.count("merge") == 2 and kinds.count("eval") == 7 and kinds[-1] == "study"
+
+    # Every number in the study is the one in the model's own eval file.
+    report = json.loads((run / "study.json").read_text())
+    assert not report["missing"]
+    models = {m["name"]: m for m in report["models"]}
+    assert set(models) == {"cpt/epoch-1", "cpt/epoch-2", "cpt", "sft", "dpo", "orpo", "slerp-dpo", "slerp"}
+    for step in plan["steps"]:
+        if step["kind"] != "eval":
+            continue
+        for task in step["tasks"]:
+            record = json.loads((Path(step["output_dir"]) / f"{task}.json").read_text())
+            metric = models[step["evaluates"]]["scores"][task]["metric"]
+            assert models[step["evaluates"]]["scores"][task]["value"] == record["results"][f"{metric},none"]
+    assert {m["merge"] for m in report["merges"]} == {"slerp-dpo", "slerp"}
+    for png in ("study_bars.png", "study_synergy.png", "study_cpt_epochs.png"):
+        assert (run / png).is_file(), png
+
+    # W&B: one group, a job type per step kind, eval tables and the study's plots.
+    runs = {}
+    for path in find_offline_runs(run):
+        info = run_info(path)
+        runs.setdefault(info["job_type"], []).append((info, history(path)))
+    assert {info["group"] for infos in runs.values() for info, _ in infos} == {"tiny"}
+    assert set(runs) == {"cpt", "sft", "dpo", "orpo", "merge", "eval", "study"}
+    assert len(runs["eval"]) == 7 and len(runs["merge"]) == 2
+    eval_keys = set().union(*(row.keys() for _, rows in runs["eval"] for row in rows))
+    assert any(k.startswith("samples/") for k in eval_keys), eval_keys
+    (study_info, study_rows), = runs["study"]
+    logged = set().union(*(row.keys() for row in study_rows))
+    assert {"bars", "synergy", "cpt_epochs", "study"} <= logged
+
+    # A rerun finds every step complete and runs nothing.
+    again = launch("pipeline.py", args, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("is complete") == len(plan["steps"])
