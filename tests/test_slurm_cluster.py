@@ -20,12 +20,13 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
+from test_study import assert_study_matches_evals
 from transformers import AutoModelForCausalLM
 
 from orchestration.slurm import read_jobs
 from train.checkpoint import is_complete_checkpoint
 
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(1800)]
 
 
 def job_env(cluster):
@@ -47,46 +48,51 @@ def when(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
 
-def test_tiny_pipeline_runs_in_order_on_two_ranks(slurm_cluster, tmp_path):
+def test_tiny_study_runs_as_a_dependency_graph_of_jobs(slurm_cluster, tmp_path):
+    """The tiny grid (4 stages, 2 merges, 7 evaluations, the study) as SLURM jobs: each waits
+    for the jobs of the steps it reads, training jobs run 2 ranks, and the study comes last."""
     t0 = time.time()
     submit(slurm_cluster, "pipeline=tiny", "cluster=slurm", f"root={tmp_path}", "cluster.gpus_per_node=2",
-           "cluster.request_gpus=false", "cluster.merge_tasks=2", "cluster.time=00:20:00")
+           "cluster.request_gpus=false", "cluster.merge_tasks=2", "cluster.time=00:20:00", "pipeline.wandb=offline")
     run = tmp_path / "tiny"
     jobs = read_jobs(run / "jobs")
-    assert [j.step for j in jobs] == ["cpt", "sft", "dpo", "orpo", "slerp"]
-    infos = slurm_cluster.wait_jobs([j.job_id for j in jobs], timeout=840)
+    plan = {s["name"]: s for s in json.loads((run / "pipeline.json").read_text())["steps"]}
+    assert [j.step for j in jobs] == list(plan)
+    infos = slurm_cluster.wait_jobs([j.job_id for j in jobs], timeout=1500)
     wall = time.time() - t0
     states = {j.step: infos[j.job_id]["JobState"] for j in jobs}
     logs = {j.step: Path(j.log).read_text() if Path(j.log).exists() else "" for j in jobs}
-    assert set(states.values()) == {"COMPLETED"}, (states, {s: l[-2000:] for s, l in logs.items()})
+    assert set(states.values()) == {"COMPLETED"}, (states, {s: l[-2000:] for s, l in logs.items() if s in states})
 
-    # Dependency order: each job started after the previous one ended, and waited for it.
-    for prev, job in zip(jobs, jobs[1:]):
-        assert when(infos[job.job_id]["StartTime"]) >= when(infos[prev.job_id]["EndTime"])
-        assert f"afterok:{prev.job_id}" in Path(job.script).read_text()
+    # Dependencies: each job waited (afterok) for the jobs of the steps it reads, and started after they ended.
+    job_of = {j.step: j for j in jobs}
+    for job in jobs:
+        deps = [job_of[d].job_id for d in plan[job.step]["depends_on"]]
+        if deps:
+            assert f"--dependency=afterok:{':'.join(deps)}\n" in Path(job.script).read_text(), job.step
+        for dep in deps:
+            assert when(infos[job.job_id]["StartTime"]) >= when(infos[dep]["EndTime"]), (job.step, dep)
 
     # Training jobs ran 2 ranks, ZeRO-3 partitioned between them, from the SLURM variables.
     for step in ("cpt", "sft", "dpo", "orpo"):
         assert "[rank 0/2]" in logs[step] and "[rank 1/2]" in logs[step], logs[step][-2000:]
-        model = AutoModelForCausalLM.from_pretrained(run / step)
-        assert model.config.num_hidden_layers == 4
-    # Each stage read the previous stage's output.
-    sft_cfg = (run / "sft" / "domainforge.yaml").read_text()
-    assert f"path: {run / 'cpt'}" in sft_cfg
-
-    # The merge ran as 2 workers and produced a model that loads.
+        assert AutoModelForCausalLM.from_pretrained(run / step).config.num_hidden_layers == 4
+    assert f"path: {run / 'cpt'}" in (run / "sft" / "domainforge.yaml").read_text()
+    # The merges ran as 2 workers and produced models that load.
     assert "2 worker(s)" in logs["slerp"], logs["slerp"][-2000:]
     merged = AutoModelForCausalLM.from_pretrained(run / "slerp")
     assert merged.num_parameters() == AutoModelForCausalLM.from_pretrained(run / "orpo").num_parameters()
+    # The study read every evaluation.
+    assert_study_matches_evals(run)
 
     status = submit(slurm_cluster, "status", "pipeline=tiny", f"root={tmp_path}").stdout
     for job in jobs:
-        assert re.search(rf"^{job.step}\s+{job.job_id}\s+COMPLETED\s+{re.escape(job.output_dir)} \(finished\)$",
+        assert re.search(rf"^{re.escape(job.step)}\s+{job.job_id}\s+COMPLETED\s+{re.escape(job.output_dir)} \(finished\)$",
                          status, flags=re.M), status
     # Resubmitting a finished pipeline submits nothing.
     again = submit(slurm_cluster, "pipeline=tiny", "cluster=slurm", f"root={tmp_path}", "cluster.request_gpus=false")
     assert "every step is complete, nothing to submit" in again.stdout
-    print(f"\ntiny pipeline on SLURM (5 jobs, 2 ranks): {wall:.0f} s wall")
+    print(f"\ntiny study on SLURM ({len(jobs)} jobs, training on 2 ranks): {wall:.0f} s wall")
 
 
 def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):

@@ -110,6 +110,25 @@ def test_study_of_a_directory_that_is_not_a_run(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # the tiny grid, end to end on this machine
 # ---------------------------------------------------------------------------------------------
+def assert_study_matches_evals(run: Path) -> None:
+    """The tiny study is complete and every number in it is the one in the model's own eval file."""
+    plan = json.loads((run / "pipeline.json").read_text())
+    report = json.loads((run / "study.json").read_text())
+    assert not report["missing"], report["missing"]
+    models = {m["name"]: m for m in report["models"]}
+    assert set(models) == {"cpt/epoch-1", "cpt/epoch-2", "cpt", "sft", "dpo", "orpo", "slerp-dpo", "slerp"}
+    for step in plan["steps"]:
+        if step["kind"] != "eval":
+            continue
+        for task in step["tasks"]:
+            record = json.loads((Path(step["output_dir"]) / f"{task}.json").read_text())
+            metric = models[step["evaluates"]]["scores"][task]["metric"]
+            assert models[step["evaluates"]]["scores"][task]["value"] == record["results"][f"{metric},none"]
+    assert {m["merge"] for m in report["merges"]} == {"slerp-dpo", "slerp"}
+    for png in ("study_bars.png", "study_synergy.png", "study_cpt_epochs.png"):
+        assert (run / png).read_bytes()[:4] == b"\x89PNG", png
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(1200)
 def test_tiny_study_runs_end_to_end(tmp_path):
@@ -123,21 +142,7 @@ def test_tiny_study_runs_end_to_end(tmp_path):
     kinds = [s["kind"] for s in plan["steps"]]
     assert kinds.count("train") == 4 and kinds.count("merge") == 2 and kinds.count("eval") == 7 and kinds[-1] == "study"
 
-    # Every number in the study is the one in the model's own eval file.
-    report = json.loads((run / "study.json").read_text())
-    assert not report["missing"]
-    models = {m["name"]: m for m in report["models"]}
-    assert set(models) == {"cpt/epoch-1", "cpt/epoch-2", "cpt", "sft", "dpo", "orpo", "slerp-dpo", "slerp"}
-    for step in plan["steps"]:
-        if step["kind"] != "eval":
-            continue
-        for task in step["tasks"]:
-            record = json.loads((Path(step["output_dir"]) / f"{task}.json").read_text())
-            metric = models[step["evaluates"]]["scores"][task]["metric"]
-            assert models[step["evaluates"]]["scores"][task]["value"] == record["results"][f"{metric},none"]
-    assert {m["merge"] for m in report["merges"]} == {"slerp-dpo", "slerp"}
-    for png in ("study_bars.png", "study_synergy.png", "study_cpt_epochs.png"):
-        assert (run / png).is_file(), png
+    assert_study_matches_evals(run)
 
     # W&B: one group, a job type per step kind, eval tables and the study's plots.
     runs = {}
