@@ -1,0 +1,96 @@
+"""The evaluation job's schema, written once: conf/eval_job.yaml and the presets in conf/eval/
+only set values, and `launch/eval.py MODEL_DIR key=value ...` is the same form with the
+model directory given first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from core.config import compose_config
+from core.errors import UserError
+
+BACKENDS = ("hf", "vllm")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class EvalJobConfig:
+    """Root of `python launch/eval.py [MODEL_DIR] model_dir=... tasks=[...]` (conf/eval_job.yaml)."""
+
+    model_dir: str = MISSING
+    """A Hugging Face model directory (config.json), or the directory holding
+    `model_args.gguf_file`. Results go to <model_dir>/eval/<task>.json unless output_dir is set."""
+    tasks: List[str] = field(default_factory=list)
+    """lm-eval task, group or tag names: the bundled ones (evaluation/tasks/), any task in an
+    include_path folder, or lm-eval's built-ins (mmlu, arc_easy, ...) where their data is reachable."""
+    benchmarks: List[str] = field(default_factory=list)
+    """Paper-format JSONL files (docs/eval.md): each runs under both protocols, as tasks
+    `<file stem>_loglik` and `<file stem>_gen`."""
+    include_path: List[str] = field(default_factory=list)
+    """Folders of extra lm-eval task YAMLs; evaluation/tasks/ is always included."""
+    output_dir: Optional[str] = None
+    """Where the <task>.json files go; None: <model_dir>/eval."""
+    backend: str = "hf"
+    """hf (transformers, any device) or vllm (GPUs; pip install vllm)."""
+    batch_size: Any = 16
+    """Requests per forward pass: an int, or "auto" (lm-eval finds the largest that fits)."""
+    device: Optional[str] = None
+    """cpu, cuda, cuda:1, ...; None: cuda when there is a GPU, else cpu."""
+    dtype: str = "auto"
+    """auto (float32 on CPU, where bf16 is ~20x slower; bfloat16 on GPUs), float32, bfloat16
+    or float16."""
+    limit: Optional[float] = None
+    """Evaluate only the first N questions of each task (N >= 1), or this share of them (< 1)."""
+    num_fewshot: Optional[int] = None
+    """Few-shot examples per prompt; None: each task's own setting (0 for the bundled ones)."""
+    chat_template: Optional[bool] = None
+    """Render prompts with the model's chat template; None: when the tokenizer has one."""
+    system_instruction: Optional[str] = None
+    """A system prompt for every question (with a chat template: a system turn)."""
+    parallelize: bool = False
+    """hf: split one model's layers over all visible GPUs (for models that fit no single GPU)."""
+    data_parallel: int = 1
+    """Model replicas on as many GPUs, each scoring a share of the questions: vllm passes it as
+    data_parallel_size; hf needs `accelerate launch --num_processes N launch/eval.py ...`."""
+    tensor_parallel: int = 1
+    """vllm: GPUs that one replica is split over (tensor_parallel_size)."""
+    model_args: Dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for lm-eval's model class, e.g. {gguf_file: X.gguf},
+    {max_length: 4096}, {attn_implementation: sdpa}, {gpu_memory_utilization: 0.8} (vllm)."""
+    log_samples: bool = True
+    """Also write each task's per-question inputs and outputs to <task>.samples.jsonl."""
+    seed: int = 1234
+    """Seed for few-shot sampling and any sampling in generation (the bundled tasks are greedy)."""
+
+
+def check(cfg: DictConfig) -> None:
+    """What types cannot say, checked before anything loads."""
+    if cfg.backend not in BACKENDS:
+        raise UserError(f"backend={cfg.backend}: choose one of {', '.join(BACKENDS)}")
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"dtype={cfg.dtype}: choose one of {', '.join(DTYPES)}")
+    batch = cfg.batch_size
+    if not (batch == "auto" or (isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1)):
+        raise UserError(f"batch_size={batch}: give a positive integer or auto")
+    if cfg.limit is not None and cfg.limit <= 0:
+        raise UserError(f"limit={cfg.limit}: give a count (>= 1) or a share (0 < limit < 1)")
+    for key in ("data_parallel", "tensor_parallel"):
+        if cfg[key] < 1:
+            raise UserError(f"{key}={cfg[key]}: give at least 1")
+    if cfg.data_parallel > 1 and cfg.backend == "hf":
+        raise UserError("data_parallel > 1 with backend=hf: run `accelerate launch --num_processes N "
+                        "launch/eval.py ...` instead (each process scores a share), or use backend=vllm")
+
+
+def compose_eval_config(overrides: List[str]) -> DictConfig:
+    """conf/eval_job.yaml + overrides; UserError (one line) on a typo or an unset key."""
+    cfg = compose_config(overrides, "eval_job", EvalJobConfig, check=check)
+    if OmegaConf.is_missing(cfg, "model_dir"):
+        raise UserError("model_dir is not set: python launch/eval.py MODEL_DIR [tasks=[...]]")
+    if not cfg.tasks and not cfg.benchmarks:
+        raise UserError("no tasks: give tasks=[name,...], benchmarks=[file.jsonl] or a preset eval=<name> (conf/eval/)")
+    return cfg

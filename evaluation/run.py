@@ -1,0 +1,252 @@
+"""Run lm-evaluation-harness tasks on one model directory and publish one result file per task.
+
+Order, so that a mistake fails before a model is loaded: check the model directory, write the
+task YAMLs for any paper-format benchmark files, index the task folders (lm-eval's ~14k
+built-in tasks only when a name is not found among ours: indexing them costs ~8 s), build every
+task (this reads and checks its data), load the model once, evaluate every task in one
+`simple_evaluate` call, then write `<output_dir>/<task>.json` atomically and print the table.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from core.errors import UserError
+from core.outputs import is_model_dir, write_atomic
+from evaluation.benchmark import TASK_DIR, benchmark_task_yamls
+from evaluation.results import EVAL_SUBDIR, format_table
+
+LIBRARIES = ("lm_eval", "transformers", "torch", "datasets", "accelerate", "vllm")
+
+
+def check_model_dir(cfg: DictConfig) -> Path:
+    model_dir = Path(cfg.model_dir).expanduser()
+    gguf = cfg.model_args.get("gguf_file")
+    if gguf:
+        if not (model_dir / gguf).is_file():
+            raise UserError(f"model_args.gguf_file: {model_dir / gguf} not found: fix model_dir or the file name")
+    elif not is_model_dir(model_dir):
+        raise UserError(f"model_dir {model_dir} is not a model directory (no config.json): give a saved model's "
+                        "directory, or the folder of a GGUF file with model_args.gguf_file=NAME")
+    return model_dir.resolve()
+
+
+def write_benchmark_tasks(benchmarks: List[str], folder: Path) -> List[str]:
+    """Task YAMLs (both protocols) for each paper-format file, in `folder`; their task names."""
+    names: List[str] = []
+    for path in benchmarks:
+        stem = Path(path).name.split(".")[0]
+        for task, text in benchmark_task_yamls(path, stem).items():
+            if task in names:
+                raise UserError(f"benchmarks: two files named {stem}: rename one (task names come from file names)")
+            (folder / f"{task}.yaml").write_text(text)
+            names.append(task)
+    return names
+
+
+def unreadable_yamls(folders: List[Path]) -> List[str]:
+    """'file: reason' for each task YAML in `folders` that lm-eval cannot parse (its indexer
+    skips them silently, so a broken file would otherwise look like an unknown task)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    found = []
+    for folder in folders:
+        for path in sorted(folder.glob("**/*.yaml")):
+            try:
+                cfg = load_yaml(path, resolve_func=False)
+                if "task" not in cfg and "group" not in cfg:
+                    raise ValueError("it has neither a 'task' nor a 'group' key")
+            except Exception as err:  # noqa: BLE001 - any parse error is reported, not raised
+                found.append(f"{path}: {str(err).splitlines()[0]}")
+    return found
+
+
+def task_manager_for(tasks: List[str], include: List[Path], user_folders: List[Path]):
+    """lm-eval's TaskManager over our folders, with its built-in tasks only when needed."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_defaults=False, include_path=[str(p) for p in include])
+    if all(t in manager.all_tasks for t in tasks):
+        return manager
+    manager = TaskManager(include_path=[str(p) for p in include])
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        bundled = TaskManager(include_defaults=False, include_path=str(TASK_DIR)).all_tasks
+        broken = unreadable_yamls(user_folders)
+        note = f"; {len(broken)} task file(s) could not be read, first {broken[0]}" if broken else ""
+        raise UserError(f"unknown task '{unknown[0]}': not a bundled task or tag ({', '.join(bundled)}), "
+                        f"an lm-eval built-in, or a task in include_path{note}")
+    return manager
+
+
+def build_tasks(tasks: List[str], manager) -> None:
+    """Build every task once before the model loads: bad fields and bad data fail here, one
+    line naming the task."""
+    from lm_eval.tasks import get_task_dict
+
+    for name in tasks:
+        try:
+            get_task_dict([name], manager)
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001 - lm-eval raises anything from a bad task file
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise UserError(f"task '{name}' cannot be built ({type(err).__name__}: {first}): "
+                            "check its YAML fields against lm-eval's TaskConfig and its data file") from err
+
+
+def resolve_device_dtype(cfg: DictConfig) -> tuple:
+    import torch
+
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = cfg.dtype
+    if dtype == "auto":
+        # lm-eval's own "auto" takes the checkpoint's dtype: bf16 weights would run in bf16 on
+        # a CPU, ~20x slower than fp32 there (docs/BENCHMARKS.md).
+        if device.startswith("cpu"):
+            dtype = "float32"
+        else:
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return device, dtype
+
+
+def load_model(cfg: DictConfig, model_dir: Path):
+    """lm-eval's model object for the backend, loaded once for every task."""
+    from lm_eval.api.registry import get_model
+
+    device, dtype = resolve_device_dtype(cfg)
+    args = {"pretrained": str(model_dir), "dtype": dtype, **OmegaConf.to_container(cfg.model_args)}
+    if cfg.backend == "hf":
+        args.setdefault("parallelize", cfg.parallelize)
+    else:
+        args.setdefault("tensor_parallel_size", cfg.tensor_parallel)
+        args.setdefault("data_parallel_size", cfg.data_parallel)
+    try:
+        model_class = get_model(cfg.backend)
+        return model_class.create_from_arg_obj(args, {"batch_size": cfg.batch_size, "device": device})
+    except (ImportError, ModuleNotFoundError) as err:
+        raise UserError(f"backend={cfg.backend} needs a package that is not installed ({err})") from err
+    except (OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise UserError(f"cannot load the model in {model_dir} ({first})") from err
+
+
+def use_chat_template(cfg: DictConfig, lm) -> bool:
+    tokenizer = getattr(lm, "tokenizer", None)
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if cfg.chat_template and not has:
+        raise UserError(f"chat_template=true, but {cfg.model_dir} has no chat template: set chat_template=false")
+    return has if cfg.chat_template is None else bool(cfg.chat_template)
+
+
+def library_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def task_records(results: dict, cfg: DictConfig, model_dir: Path, chat: bool) -> List[dict]:
+    """One self-contained record per evaluated task (groups are left to their subtasks)."""
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    versions = library_versions()
+    records = []
+    for task, counts in results["n-samples"].items():
+        config = results["configs"][task]
+        records.append({
+            "task": task,
+            "model_dir": str(model_dir),
+            "n": int(counts["effective"]),
+            "n_available": int(counts["original"]),
+            "output_type": config["output_type"],
+            "chat_template": chat,
+            "results": results["results"][task],
+            "higher_is_better": results["higher_is_better"].get(task, {}),
+            "n_shot": results["n-shot"].get(task),
+            "task_version": results["versions"].get(task),
+            "task_config": config,
+            "settings": settings,
+            "versions": versions,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+    return records
+
+
+def publish(records: List[dict], samples: dict, out_dir: Path) -> None:
+    """Samples first, then the result file: a <task>.json on disk means both are complete."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for record in records:
+        task = record["task"]
+        if task in samples:
+            lines = "".join(json.dumps(s, default=str) + "\n" for s in samples[task])
+            write_atomic(out_dir / f"{task}.samples.jsonl", lines)
+        write_atomic(out_dir / f"{task}.json", json.dumps(record, indent=2, default=str) + "\n")
+
+
+def evaluate(cfg: DictConfig) -> List[dict]:
+    """Evaluate cfg.tasks (+ cfg.benchmarks) on cfg.model_dir; the records written, one per task."""
+    model_dir = check_model_dir(cfg)
+    user_folders = [Path(p).expanduser().resolve() for p in cfg.include_path]
+    for folder in user_folders:
+        if not folder.is_dir():
+            raise UserError(f"include_path: {folder} is not a folder: give folders of lm-eval task YAMLs")
+    out_dir = Path(cfg.output_dir).expanduser() if cfg.output_dir else model_dir / EVAL_SUBDIR
+
+    with tempfile.TemporaryDirectory(prefix="domainforge-tasks-") as generated:
+        tasks = list(dict.fromkeys([*cfg.tasks, *write_benchmark_tasks(list(cfg.benchmarks), Path(generated))]))
+        manager = task_manager_for(tasks, [TASK_DIR, *user_folders, Path(generated)], user_folders)
+        build_tasks(tasks, manager)
+
+        from lm_eval import simple_evaluate
+
+        lm = load_model(cfg, model_dir)
+        chat = use_chat_template(cfg, lm)
+        print(f"evaluating {model_dir} on {', '.join(tasks)} ({'chat template' if chat else 'plain prompts'})",
+              flush=True)
+        results = simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            task_manager=manager,
+            num_fewshot=cfg.num_fewshot,
+            limit=cfg.limit,
+            apply_chat_template=chat,
+            fewshot_as_multiturn=chat,
+            system_instruction=cfg.system_instruction,
+            log_samples=cfg.log_samples,
+            bootstrap_iters=1000,
+            random_seed=cfg.seed,
+            numpy_random_seed=cfg.seed,
+            torch_random_seed=cfg.seed,
+            fewshot_random_seed=cfg.seed,
+        )
+    if results is None:  # not rank 0 of a data-parallel run: rank 0 writes
+        return []
+    records = task_records(results, cfg, model_dir, chat)
+    publish(records, results.get("samples", {}), out_dir)
+    print(format_table(records), flush=True)
+    print(f"results: {out_dir}/<task>.json", flush=True)
+    return records
+
+
+def evaluate_overrides(argv: List[str], model_dir: Optional[str] = None) -> List[dict]:
+    """The command line of launch/eval.py: [MODEL_DIR] key=value ..."""
+    from evaluation.config import compose_eval_config
+
+    overrides = ([f"model_dir={model_dir}"] if model_dir else []) + list(argv)
+    return evaluate(compose_eval_config(overrides))
+
+
+if __name__ == "__main__":  # pragma: no cover - use launch/eval.py
+    sys.exit("run: python launch/eval.py MODEL_DIR [tasks=[...]]")

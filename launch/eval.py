@@ -1,0 +1,36 @@
+"""Evaluate one model directory with lm-evaluation-harness: see docs/eval.md.
+
+    python launch/eval.py outputs/sft-tiny                              # bundled benchmarks, both protocols
+    python launch/eval.py outputs/sft-tiny tasks=[materials_cpt_mc_gen,general_mc_loglik] limit=50
+    python launch/eval.py outputs/sft-tiny benchmarks=[my_mc.jsonl]      # a paper-format file, both protocols
+    python launch/eval.py outputs/sft-tiny tasks=[my_task] include_path=[my_tasks/]
+    python launch/eval.py eval=smollm2_gguf                             # SmolLM2-135M-Instruct from its GGUF
+
+Hydra form (conf/eval_job.yaml + conf/eval/<preset>.yaml):
+
+    python launch/eval.py model_dir=outputs/sft-tiny eval=domain batch_size=32 dtype=bfloat16 device=cuda
+    accelerate launch --num_processes 8 launch/eval.py /models/merged eval=bundled   # data-parallel, hf
+    python launch/eval.py /models/merged backend=vllm tensor_parallel=2 data_parallel=4
+
+Writes <MODEL_DIR>/eval/<task>.json (atomically) and prints task, protocol, metric, value ±
+stderr, 95% interval and n.
+"""
+
+import sys
+from pathlib import Path
+
+# Put the repo root first, so the checkout's own packages are the ones imported.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from core.errors import exit_on_user_error  # noqa: E402
+
+
+def main(argv):
+    from evaluation.run import evaluate_overrides
+
+    model_dir = argv[0] if argv and "=" not in argv[0] and not argv[0].startswith("-") else None
+    evaluate_overrides(argv[1:] if model_dir else argv, model_dir)
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main, sys.argv[1:])
