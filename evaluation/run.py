@@ -22,8 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from core.errors import UserError
 from core.outputs import is_model_dir, write_atomic
+from core.wandb_runs import log_wandb_run
 from evaluation.benchmark import TASK_DIR, benchmark_task_yamls
-from evaluation.results import EVAL_SUBDIR, format_table
+from evaluation.results import EVAL_SUBDIR, format_table, metric_values
 
 LIBRARIES = ("lm_eval", "transformers", "torch", "datasets", "accelerate", "vllm")
 
@@ -195,6 +196,27 @@ def publish(records: List[dict], samples: dict, out_dir: Path) -> None:
         write_atomic(out_dir / f"{task}.json", json.dumps(record, indent=2, default=str) + "\n")
 
 
+SAMPLE_ROWS = 200  # per task in the W&B table: enough to read the model's answers, small to upload
+
+
+def log_to_wandb(records: List[dict], samples: dict, cfg: DictConfig) -> None:
+    """When the pipeline turns W&B on: every metric as a summary value, and per task a table of
+    questions with the model's (filtered) answer, the target and the per-question score."""
+    summary, tables = {}, {}
+    for record in records:
+        task = record["task"]
+        for metric, value, _ in metric_values(record["results"]):
+            summary[f"{task}/{metric}"] = value
+        rows = []
+        for sample in samples.get(task, [])[:SAMPLE_ROWS]:
+            scores = {m: sample[m] for m in record["higher_is_better"] if m in sample}
+            rows.append([sample.get("doc_id"), str(sample.get("target")), str(sample.get("filtered_resps"))[:500],
+                         json.dumps(scores)])
+        tables[f"samples/{task}"] = (["doc_id", "target", "answer", "scores"], rows)
+    log_wandb_run("eval", {"model_dir": str(cfg.model_dir), "tasks": list(cfg.tasks), "limit": cfg.limit},
+                  summary, tables=tables)
+
+
 def evaluate(cfg: DictConfig) -> List[dict]:
     """Evaluate cfg.tasks (+ cfg.benchmarks) on cfg.model_dir; the records written, one per task."""
     model_dir = check_model_dir(cfg)
@@ -235,6 +257,7 @@ def evaluate(cfg: DictConfig) -> List[dict]:
         return []
     records = task_records(results, cfg, model_dir, chat)
     publish(records, results.get("samples", {}), out_dir)
+    log_to_wandb(records, results.get("samples", {}), cfg)
     print(format_table(records), flush=True)
     print(f"results: {out_dir}/<task>.json", flush=True)
     return records

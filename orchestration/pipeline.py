@@ -28,6 +28,7 @@ from omegaconf import MISSING, DictConfig
 from core.config import REPO_ROOT, compose_config
 from core.errors import PREEMPTED_EXIT_CODE, UserError
 from core.outputs import MODEL_CACHE_DIR, is_model_dir, write_atomic
+from evaluation.config import compose_eval_config
 from merge.config import compose_merge_config
 from train.config import STAGES, compose_train_config
 
@@ -483,6 +484,8 @@ def validate_step_configs(plan: Plan) -> None:
                 compose_train_config(step.train_args)
             elif step.kind == "merge":
                 compose_merge_config(step.merge_args)
+            elif step.kind == "eval":
+                compose_eval_config([f"model_dir={step.eval_args[0]}", *step.eval_args[1:]])
         except UserError as err:
             raise UserError(f"pipeline {plan.pipeline}, step '{step.name}': {err}") from err
 
