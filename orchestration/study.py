@@ -175,6 +175,9 @@ def markdown(plan: dict, rows, tasks, gains, synergies, missing) -> str:
              "Each column is one lm-eval task (one protocol: `_loglik` = log-likelihood of each option, "
              "`_gen` = the paper's one-letter answer, greedy), its primary metric and 95% interval "
              "(Wilson, over the task's n questions); Δ is the change against the start model.", ""]
+    if not gains:
+        lines += ["No start model was evaluated (a random-init start, or pipeline.eval.start=false): "
+                  "no Δ column.", ""]
     head = ["model", "kind"] + [f"{t} ({metric[t]})" for t in tasks] + [f"Δ {t}" for t in tasks]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
