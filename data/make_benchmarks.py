@@ -68,7 +68,7 @@ ELEMENT_WORDING = {
     "k_alpha": ("Which wavelength identifies {name} by its K-alpha emission in X-ray spectra?",
                 "{Name} emits K-alpha X-rays with a wavelength of {value} angstrom.", " angstrom"),
     "absorption": ("How large a cross section does {name} present to thermal neutrons it absorbs?",
-                   "Thermal neutrons see an absorption cross section of {value} barn in {name}.", " barn"),
+                   "For capturing thermal neutrons, {name} has a cross section of about {value} barn.", " barn"),
     "major_isotope": ("Which isotope makes up most of naturally occurring {name}?",
                       "Most naturally occurring {name} is the isotope {value}.", ""),
     # only in the CPT prose

@@ -29,7 +29,7 @@ from core.errors import UserError
 from core.outputs import write_atomic
 from core.wandb_runs import log_wandb_run, table_rows
 from evaluation.results import interval, load_results
-from evaluation.synergy import synergy
+from evaluation.synergy import compare
 from orchestration.pipeline import PLAN_FILE, START, STUDY_FILE
 
 # The metric a task is ranked by: accuracy for log-likelihood MC/TF, exact match for the
@@ -47,6 +47,9 @@ class Score:
     @property
     def interval(self) -> Tuple[float, float]:
         return interval(self.value, self.stderr, self.n)
+
+    def as_tuple(self) -> Tuple[float, float, int]:
+        return self.value, self.stderr, self.n
 
     def as_dict(self) -> dict:
         lo, hi = self.interval
@@ -146,8 +149,10 @@ def merge_synergies(plan: dict, rows: List[ModelRow], tasks: List[str]) -> List[
             scores = [p.scores.get(task) if p else None for p in parents] + [by_name[step["name"]].scores.get(task)]
             if any(s is None for s in scores):
                 continue
-            p1, p2, merged = (s.value for s in scores)
-            found.append(dict(merge=step["name"], parents=step["parents"], task=task, **synergy(p1, p2, merged)))
+            p1, p2, merged = scores
+            comparison = compare([p1.as_tuple(), p2.as_tuple()], merged.as_tuple())
+            found.append(dict(merge=step["name"], parents=step["parents"], task=task, metric=merged.metric,
+                              **comparison))
     return found
 
 
@@ -188,15 +193,16 @@ def markdown(plan: dict, rows, tasks, gains, synergies, missing) -> str:
     if synergies:
         lines += ["", "## Merges against their parents", "",
                   "E = (P1+P2)/2 is what a merge scores if it only averages its parents; above max(P1, P2) "
-                  "it beats both (the paper's synergy).", "",
+                  "it beats both (the paper's synergy). ± is the 95% margin of each difference; the verdict "
+                  "counts a difference only beyond it (evaluation/synergy.py).", "",
                   "| merge | task | P1 | P2 | E | max | merged | merged−E | merged−max | verdict |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for s in synergies:
             p1, p2 = s["parents"]
             lines.append(
-                f"| {s['merge']} | {s['task']} | {s['p1']:.3f} ({p1}) | {s['p2']:.3f} ({p2}) | {s['expected']:.3f} | "
-                f"{s['best_parent']:.3f} | {s['merged']:.3f} | {signed(s['merged_minus_expected'])} | "
-                f"{signed(s['merged_minus_best'])} | {s['verdict']} |"
+                f"| {s['merge']} | {s['task']} | {s['P1']:.3f} ({p1}) | {s['P2']:.3f} ({p2}) | {s['E']:.3f} | "
+                f"{s['max']:.3f} | {s['merged']:.3f} | {signed(s['merged-E'])} ± {s['margin_E']:.3f} | "
+                f"{signed(s['merged-max'])} ± {s['margin_max']:.3f} | {s['verdict']} |"
             )
     if missing:
         lines += ["", "## Missing", ""]
@@ -240,11 +246,11 @@ def plot(run_dir: Path, rows: List[ModelRow], tasks: List[str], synergies: List[
         plt.close(fig)
     if synergies:
         fig, ax = plt.subplots(figsize=(5, 5))
-        xs = [s["expected"] for s in synergies]
+        xs = [s["E"] for s in synergies]
         ys = [s["merged"] for s in synergies]
         ax.scatter(xs, ys)
         for s in synergies:
-            ax.annotate(f"{s['merge']}:{s['task']}", (s["expected"], s["merged"]), fontsize=7)
+            ax.annotate(f"{s['merge']}:{s['task']}", (s["E"], s["merged"]), fontsize=7)
         lo, hi = min(xs + ys) - 0.02, max(xs + ys) + 0.02
         ax.plot([lo, hi], [lo, hi], color="gray", linestyle="--", label="merged = E")
         ax.set_xlabel("E = (P1 + P2) / 2")
@@ -307,8 +313,8 @@ def run_study(run_dir: str) -> dict:
     log_wandb_run("study", {"pipeline": plan["pipeline"], "tasks": tasks},
                   {f"{r['model']}/{r['task']}": r["value"] for r in flat},
                   tables={"study": table_rows(flat, columns),
-                          "synergy": table_rows(synergies, ["merge", "task", "p1", "p2", "expected", "best_parent",
-                                                            "merged", "verdict"])},
+                          "synergy": table_rows(synergies, ["merge", "task", "P1", "P2", "E", "max", "merged",
+                                                            "merged-E", "merged-max", "verdict"])},
                   images=plots)
     print(md)
     print(f"study: {run / 'study.md'}, {run / STUDY_FILE}" + "".join(f", {p}" for p in plots.values()), flush=True)

@@ -76,11 +76,12 @@ def test_report_numbers_are_the_eval_files(tmp_path):
     assert models["sft"]["vs_start"]["dom_loglik"]["rel"] == pytest.approx(0.5)
     # The merge against its parents (start 0.40, dpo 0.62): E 0.51, max 0.62, merged 0.66.
     (dom,) = [m for m in saved["merges"] if m["task"] == "dom_loglik"]
-    assert (dom["p1"], dom["p2"], dom["merged"]) == (0.40, 0.62, 0.66)
-    assert dom["expected"] == pytest.approx(0.51) and dom["best_parent"] == pytest.approx(0.62)
-    assert dom["merged_minus_expected"] == pytest.approx(0.15) and dom["merged_minus_best"] == pytest.approx(0.04)
+    assert (dom["P1"], dom["P2"], dom["merged"]) == (0.40, 0.62, 0.66)
+    assert dom["E"] == pytest.approx(0.51) and dom["max"] == pytest.approx(0.62)
+    assert dom["merged-E"] == pytest.approx(0.15) and dom["merged-max"] == pytest.approx(0.04)
+    assert dom["verdict"] == "above the best parent, within noise"  # +0.04 on 100 questions is noise
     (gen,) = [m for m in saved["merges"] if m["task"] == "gen_gen"]
-    assert gen["merged_minus_expected"] == pytest.approx(-0.015) and dom["verdict"] != gen["verdict"]
+    assert gen["merged-E"] == pytest.approx(-0.015) and gen["verdict"] == "at the parents' mean, within noise"
     # The CPT curve has both epochs: epoch 1 its own evaluation, epoch 2 the step's output.
     assert models["cpt/epoch-1"]["scores"]["dom_loglik"]["value"] == 0.45
     assert models["cpt/epoch-2"]["scores"]["dom_loglik"]["value"] == 0.50

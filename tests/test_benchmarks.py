@@ -1,0 +1,91 @@
+"""The bundled benchmarks (data/make_benchmarks.py) are held out: no question is worded as any
+training file words it, each fact sits in the split it claims, and the files are what the
+generator writes."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from conftest import REPO
+
+BENCH = REPO / "data" / "benchmarks"
+MATERIALS = REPO / "data" / "materials"
+SETS = ("materials_sft_mc", "materials_sft_tf", "materials_cpt_mc", "materials_cpt_tf", "general_mc")
+NGRAM = 6  # words: longer than any shared phrase of the element facts themselves ("the density of iron is")
+
+
+def rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def words(text: str):
+    return re.findall(r"[a-z0-9]+(?:[-.][a-z0-9]+)*", text.lower())
+
+
+def ngrams(text: str, n: int = NGRAM):
+    w = words(text)
+    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+
+
+@pytest.fixture(scope="module")
+def training_text():
+    """Every string of the CPT, SFT and preference files."""
+    texts = [r["text"] for r in rows(MATERIALS / "cpt.jsonl")]
+    texts += [m["content"] for r in rows(MATERIALS / "sft.jsonl") for m in r["messages"]]
+    texts += [r[k] for r in rows(MATERIALS / "preference.jsonl") for k in ("prompt", "chosen", "rejected")]
+    return texts
+
+
+def test_no_question_is_worded_as_in_training(training_text):
+    """Neither a whole question/statement nor any 6-word run of it appears in a training file."""
+    blob = "\n".join(training_text)
+    seen = set().union(*(ngrams(t) for t in training_text))
+    for name in SETS:
+        for row in rows(BENCH / f"{name}.jsonl"):
+            text = row.get("question") or row["statement"]
+            assert text not in blob, (name, text)
+            shared = ngrams(text) & seen
+            assert not shared, (name, text, sorted(shared)[:3])
+
+
+def test_cpt_only_facts_are_absent_from_sft_and_preference():
+    """The CPT split's right answers appear in the CPT prose and in no Q&A text; the SFT split's
+    appear in the Q&A answers."""
+    qa = " ".join(m["content"] for r in rows(MATERIALS / "sft.jsonl") for m in r["messages"])
+    qa += " ".join(r["chosen"] for r in rows(MATERIALS / "preference.jsonl"))
+    cpt = " ".join(r["text"] for r in rows(MATERIALS / "cpt.jsonl"))
+    for row in rows(BENCH / "materials_cpt_mc.jsonl"):
+        value = row["options"]["ABCD".index(row["answer"])]
+        number = value.split()[0]
+        unit = {"lattice_a": " angstrom", "b_c": " fm", "major_abundance": " percent",
+                "mass_fraction": " percent"}[row["fact"]]
+        phrase = {"lattice_a": "lattice parameter of ", "b_c": "scattering length of ",
+                  "major_abundance": "(", "mass_fraction": " "}[row["fact"]] + number + unit
+        assert phrase in cpt, row
+        assert "lattice parameter" not in qa and "scattering length" not in qa and " percent" not in qa
+    sft_hits = sum(row["options"]["ABCD".index(row["answer"])].split(" ")[0] in qa
+                   for row in rows(BENCH / "materials_sft_mc.jsonl"))
+    assert sft_hits == len(rows(BENCH / "materials_sft_mc.jsonl"))
+
+
+@pytest.mark.parametrize("name", SETS)
+def test_sets_are_balanced_with_distinct_options(name):
+    data = rows(BENCH / f"{name}.jsonl")
+    assert len(data) >= 300  # 95% half-width <= 5.7 points at p = 0.5 (docs/eval.md)
+    answers = [r["answer"] for r in data]
+    counts = {a: answers.count(a) for a in set(answers)}
+    assert max(counts.values()) - min(counts.values()) <= 1, counts
+    if name.endswith("_mc"):
+        assert all(len(set(r["options"])) == 4 for r in data)
+
+
+def test_generator_is_deterministic_and_matches_the_files(tmp_path):
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, str(REPO / "data" / "make_benchmarks.py"), "--out", str(tmp_path)], check=True,
+                   capture_output=True)
+    for name in SETS:
+        assert (tmp_path / f"{name}.jsonl").read_bytes() == (BENCH / f"{name}.jsonl").read_bytes(), name

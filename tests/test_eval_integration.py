@@ -1,0 +1,142 @@
+"""launch/eval.py end to end: both protocols on a tiny Llama and on SmolLM2-135M-Instruct (its
+GGUF package), known answers, and bad input. Each run is one real command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO, assert_one_line_error, launch
+
+TOKENIZER = REPO / "train" / "assets" / "tiny_tokenizer"
+
+
+def build_tiny(out: Path, favour: tuple = ()) -> Path:
+    """A 2-layer Llama with the repo's tiny tokenizer. With `favour` (token strings), every
+    position predicts those tokens (the first most strongly) whatever the input: the layers add
+    nothing to the residual, every embedding has the same large first coordinate, and only the
+    favoured rows of the output matrix read it."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+    if favour:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+            model.model.embed_tokens.weight.mul_(0.01)[:, 0] = 10.0
+            model.lm_head.weight.zero_()
+            for rank, text in enumerate(favour):
+                (token,) = tok.encode(text, add_special_tokens=False)
+                model.lm_head.weight[token, 0] = 5.0 - 0.1 * rank
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def results_of(folder: Path) -> dict:
+    return {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.mark.integration
+def test_tiny_model_both_protocols_on_bundled_tasks(tiny):
+    tasks = "[materials_cpt_mc_loglik,materials_cpt_mc_gen,materials_sft_tf_loglik,materials_sft_tf_gen]"
+    proc = launch("eval.py", [str(tiny), f"tasks={tasks}", "limit=6"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = results_of(tiny / "eval")
+    assert sorted(found) == sorted(tasks.strip("[]").split(","))
+    for task, record in found.items():
+        assert record["n"] == 6 and record["chat_template"] is True, task
+        assert record["versions"]["lm_eval"] == "0.4.13" and record["task_config"]["task"] == task
+        samples = (tiny / "eval" / f"{task}.samples.jsonl").read_text().splitlines()
+        assert len(samples) == 6 and "<|im_start|>user" in json.loads(samples[0])["arguments"][0][0]
+    assert found["materials_cpt_mc_loglik"]["output_type"] == "multiple_choice"
+    assert {"acc,none", "acc_norm,none"} <= set(found["materials_cpt_mc_loglik"]["results"])
+    assert "exact_match,letter" in found["materials_cpt_mc_gen"]["results"]
+    assert "You respond with one word or letter" in found["materials_cpt_mc_gen"]["task_config"]["doc_to_text"]
+    for line in ("materials_cpt_mc_gen", "gen (greedy), chat template", "loglik, chat template", "95% interval"):
+        assert line in proc.stdout
+    assert not list((tiny / "eval").glob("*.tmp"))
+
+
+@pytest.mark.integration
+def test_known_answers_score_one_and_shuffled_answers_score_chance(tmp_path):
+    """A model that always says " A" (then "A"): a benchmark whose answer is always option A
+    ("A") scores 1.0 under both protocols; the same questions with the answer letters spread
+    evenly over A-D score 0.25. Plain prompts and chat template both."""
+    model = build_tiny(tmp_path / "favours_a", favour=(" A", "A"))
+    question = "Which letter comes first in the alphabet of this test?"
+    right = [{"question": f"{question} ({i})", "options": ["A", "B", "C", "D"], "answer": "A"} for i in range(12)]
+    shuffled = [{**row, "answer": "ABCD"[i % 4]} for i, row in enumerate(right)]
+    files = [write_jsonl(tmp_path / "right.jsonl", right), write_jsonl(tmp_path / "shuffled.jsonl", shuffled)]
+    for chat in ("true", "false"):
+        out = tmp_path / f"chat-{chat}"
+        proc = launch("eval.py", [str(model), "tasks=[]", f"benchmarks=[{files[0]},{files[1]}]",
+                                  f"chat_template={chat}", f"output_dir={out}"], timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        r = {task: rec["results"] for task, rec in results_of(out).items()}
+        assert r["right_loglik"]["acc,none"] == 1.0 and r["right_loglik"]["acc_norm,none"] == 1.0, chat
+        assert r["right_gen"]["exact_match,letter"] == 1.0, chat
+        assert r["shuffled_loglik"]["acc,none"] == 0.25 and r["shuffled_gen"]["exact_match,letter"] == 0.25, chat
+
+
+@pytest.mark.integration
+def test_smollm2_from_its_gguf_package_both_protocols(tmp_path):
+    """The real model through lm-eval's HF backend with gguf_file; on the first 16 general
+    questions log-likelihood scoring beats chance."""
+    pytest.importorskip("gguf")
+    out = tmp_path / "smol"
+    proc = launch("eval.py", ["eval=smollm2_gguf", "tasks=[general_mc_loglik,general_mc_gen]", "limit=16",
+                              f"output_dir={out}"], timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = results_of(out)
+    assert sorted(found) == ["general_mc_gen", "general_mc_loglik"]
+    assert found["general_mc_loglik"]["settings"]["model_args"] == {"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+    assert found["general_mc_loglik"]["results"]["acc,none"] >= 0.5
+    assert 0.0 <= found["general_mc_gen"]["results"]["exact_match,letter"] <= 1.0
+
+
+@pytest.mark.integration
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny):
+    out = tmp_path / "out"
+
+    def run(*args):
+        return launch("eval.py", [*map(str, args), f"output_dir={out}"], timeout=300)
+
+    assert_one_line_error(run(tmp_path / "nope", "tasks=[general_mc_gen]"), "nope", "not a model directory")
+    assert_one_line_error(run(tiny, "tasks=[no_such_task]"), "unknown task 'no_such_task'")
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "typo.yaml").write_text("include: " + str(REPO / "evaluation/tasks/_mc_loglik_template_yaml")
+                                     + "\ntask: typo_task\ndoc_to_txt: '{{question}}'\n")
+    assert_one_line_error(run(tiny, "tasks=[typo_task]", f"include_path=[{tasks}]"), "typo_task", "doc_to_txt")
+
+    outside = write_jsonl(tmp_path / "outside.jsonl", [{"question": "Q?", "options": ["a", "b", "c", "d"],
+                                                        "answer": "E"}])
+    assert_one_line_error(run(tiny, "tasks=[]", f"benchmarks=[{outside}]"), "outside.jsonl", "not one of the option")
+    (tmp_path / "empty.jsonl").write_text("")
+    assert_one_line_error(run(tiny, "tasks=[]", f"benchmarks=[{tmp_path / 'empty.jsonl'}]"), "empty.jsonl", "empty")
+    # the same bad file reached through a task YAML fails the same way, before the model loads
+    (tasks / "bad_data.yaml").write_text("include: " + str(REPO / "evaluation/tasks/_mc_gen_template_yaml")
+                                         + f"\ntask: bad_data\ndataset_kwargs:\n  data_files: {outside}\n")
+    assert_one_line_error(run(tiny, "tasks=[bad_data]", f"include_path=[{tasks}]"), "outside.jsonl",
+                          "not one of the option")
+    assert not out.exists() and not (tiny / "eval").exists()
