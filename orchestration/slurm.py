@@ -91,91 +91,70 @@ def env_lines(plan: Plan, step: Step) -> str:
     return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in step_env(plan, step).items())
 
 
-def render_train_job(
-    plan: Plan, step: Step, cluster: DictConfig, title: str, script: Path, log: Path, dependency: Optional[str]
-) -> str:
+@dataclass
+class JobText:
+    """What every step's script is rendered with; each kind adds its own values."""
+
+    plan: Plan
+    step: Step
+    cluster: DictConfig
+    title: str
+    script: Path
+    log: Path
+    dependency: Optional[str]
+
+    def render(self, template: str, sbatch_lines: List[str], **values) -> str:
+        """`template` filled with the common values (the step's own command among them) and `values`."""
+        entry = f"launch/{ENTRY_POINTS[self.step.kind]}"
+        command = [python_of(self.cluster), entry, *self.step.args]
+        return render_template(template, dict(
+            title=self.title,
+            script=self.script,
+            job_name=f"df-{self.step.name}",
+            log=self.log,
+            time=self.cluster.time,
+            sbatch_lines="\n".join(f"#SBATCH {line}" for line in sbatch_lines),
+            repo=shlex.quote(str(REPO_ROOT)),
+            setup=setup_lines(self.cluster),
+            env=env_lines(self.plan, self.step),
+            command=" \\\n        ".join(shlex.quote(a) for a in command),
+            **values,
+        ))
+
+
+def render_train_job(job: JobText) -> str:
+    cluster = job.cluster
     world = cluster.tasks if cluster.tasks is not None else cluster.nodes * cluster.gpus_per_node
     per_node = math.ceil(world / cluster.nodes)
-    lines = common_sbatch_lines(cluster, dependency)
+    lines = common_sbatch_lines(cluster, job.dependency)
     if cluster.request_gpus:
         lines.insert(0, f"--gpus-per-node={cluster.gpus_per_node}")
     # Warn this shell (B:) before the time limit; it forwards the signal to the ranks.
     lines.append(f"--signal=B:USR1@{cluster.signal_seconds}")
-    command = " \\\n        ".join(shlex.quote(a) for a in [python_of(cluster), "launch/train.py", *step.train_args])
-    port = cluster.master_port or "$((29500 + SLURM_JOB_ID % 10000))"
-    return render_template(
-        "train.sbatch",
-        dict(
-            title=title,
-            world_size=world,
-            layout=f"{cluster.nodes} node(s) x {per_node} rank(s) per node",
-            script=script,
-            job_name=f"df-{step.name}",
-            nodes=cluster.nodes,
-            tasks_per_node=per_node,
-            log=log,
-            time=cluster.time,
-            sbatch_lines="\n".join(f"#SBATCH {line}" for line in lines),
-            repo=shlex.quote(str(REPO_ROOT)),
-            setup=setup_lines(cluster),
-            env=env_lines(plan, step),
-            master_port=port,
-            command=command,
-            output_dir=shlex.quote(str(step.output_dir)),
-            preempted_code=PREEMPTED_EXIT_CODE,
-        ),
+    return job.render(
+        "train.sbatch", lines,
+        world_size=world,
+        layout=f"{cluster.nodes} node(s) x {per_node} rank(s) per node",
+        nodes=cluster.nodes,
+        tasks_per_node=per_node,
+        master_port=cluster.master_port or "$((29500 + SLURM_JOB_ID % 10000))",
+        output_dir=shlex.quote(str(job.step.output_dir)),
+        preempted_code=PREEMPTED_EXIT_CODE,
     )
 
 
-def render_merge_job(
-    plan: Plan, step: Step, cluster: DictConfig, title: str, script: Path, log: Path, dependency: Optional[str]
-) -> str:
-    tasks = cluster.merge_tasks or cluster.nodes
-    nodes = min(cluster.nodes, tasks)
-    command = " \\\n        ".join(shlex.quote(a) for a in [python_of(cluster), "launch/merge.py", *step.merge_args])
-    return render_template(
-        "merge.sbatch",
-        dict(
-            title=title,
-            tasks=tasks,
-            script=script,
-            job_name=f"df-{step.name}",
-            nodes=nodes,
-            log=log,
-            time=cluster.time,
-            sbatch_lines="\n".join(f"#SBATCH {line}" for line in common_sbatch_lines(cluster, dependency)),
-            repo=shlex.quote(str(REPO_ROOT)),
-            setup=setup_lines(cluster),
-            env=env_lines(plan, step),
-            command=command,
-        ),
-    )
+def render_merge_job(job: JobText) -> str:
+    tasks = job.cluster.merge_tasks or job.cluster.nodes
+    return job.render("merge.sbatch", common_sbatch_lines(job.cluster, job.dependency),
+                      tasks=tasks, nodes=min(job.cluster.nodes, tasks))
 
 
-def render_task_job(
-    plan: Plan, step: Step, cluster: DictConfig, title: str, script: Path, log: Path, dependency: Optional[str]
-) -> str:
+def render_task_job(job: JobText) -> str:
     """An evaluation (on one node's GPUs) or the study report (CPU only)."""
-    lines = common_sbatch_lines(cluster, dependency)
-    if step.kind == "eval" and cluster.request_gpus:
-        lines.insert(0, f"--gpus-per-node={cluster.gpus_per_node}")
-    entry = f"launch/{ENTRY_POINTS[step.kind]}"
-    command = " \\\n        ".join(shlex.quote(a) for a in [python_of(cluster), entry, *step.args])
-    return render_template(
-        "task.sbatch",
-        dict(
-            title=title,
-            script=script,
-            job_name=f"df-{step.name}",
-            log=log,
-            time=cluster.time,
-            sbatch_lines="\n".join(f"#SBATCH {line}" for line in lines),
-            repo=shlex.quote(str(REPO_ROOT)),
-            setup=setup_lines(cluster),
-            env=env_lines(plan, step),
-            command=command,
-        ),
-    )
+    lines = common_sbatch_lines(job.cluster, job.dependency)
+    if job.step.kind == "eval" and job.cluster.request_gpus:
+        lines.insert(0, f"--gpus-per-node={job.cluster.gpus_per_node}")
+    return job.render("task.sbatch", lines)
 
 
 def render_step(plan: Plan, step: Step, cluster: DictConfig, dependency: Optional[str]) -> tuple[Path, str]:
@@ -185,7 +164,7 @@ def render_step(plan: Plan, step: Step, cluster: DictConfig, dependency: Optiona
     log = jobs / f"{step.index:02d}-{step.name}-%j.log"
     title = f"pipeline {plan.pipeline}, step {step.name} ({step.stage or step.kind}) -> {step.output_dir}"
     render = {"train": render_train_job, "merge": render_merge_job}.get(step.kind, render_task_job)
-    return script, render(plan, step, cluster, title, script, log, dependency)
+    return script, render(JobText(plan, step, cluster, title, script, log, dependency))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -210,6 +210,16 @@ def markdown(plan: dict, rows, tasks, gains, synergies, missing) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save(fig, run_dir: Path, name: str, written: Dict[str, str]) -> None:
+    """study_<name>.png into the run directory."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    written[name] = str(run_dir / f"study_{name}.png")
+    fig.savefig(written[name], dpi=110)
+    plt.close(fig)
+
+
 def plot(run_dir: Path, rows: List[ModelRow], tasks: List[str], synergies: List[dict]) -> Dict[str, str]:
     """The PNGs; returns {name: path} of those written."""
     import matplotlib
@@ -240,10 +250,7 @@ def plot(run_dir: Path, rows: List[ModelRow], tasks: List[str], synergies: List[
             ax.set_title(task)
             ax.set_ylabel(start.scores[task].metric if start and task in start.scores else "score")
             ax.tick_params(axis="x", rotation=30)
-        fig.tight_layout()
-        written["bars"] = str(run_dir / "study_bars.png")
-        fig.savefig(written["bars"], dpi=110)
-        plt.close(fig)
+        save(fig, run_dir, "bars", written)
     if synergies:
         fig, ax = plt.subplots(figsize=(5, 5))
         xs = [s["E"] for s in synergies]
@@ -257,10 +264,7 @@ def plot(run_dir: Path, rows: List[ModelRow], tasks: List[str], synergies: List[
         ax.set_ylabel("merged")
         ax.set_title("Merges against their parents' mean")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        written["synergy"] = str(run_dir / "study_synergy.png")
-        fig.savefig(written["synergy"], dpi=110)
-        plt.close(fig)
+        save(fig, run_dir, "synergy", written)
     epochs = sorted((r for r in rows if r.kind == "epoch"), key=epoch_of)
     if epochs and tasks:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -274,10 +278,7 @@ def plot(run_dir: Path, rows: List[ModelRow], tasks: List[str], synergies: List[
         ax.set_ylabel("score")
         ax.set_title("Score after each CPT epoch")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        written["cpt_epochs"] = str(run_dir / "study_cpt_epochs.png")
-        fig.savefig(written["cpt_epochs"], dpi=110)
-        plt.close(fig)
+        save(fig, run_dir, "cpt_epochs", written)
     return written
 
 
