@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from core.errors import UserError
+from core.validate import validate_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
@@ -102,8 +103,9 @@ def compose_config(
     check: Optional[Callable[[DictConfig], None]] = None,
     config_dir: Path = CONF_DIR,
 ) -> DictConfig:
-    """Compose `conf/<config_name>.yaml` with command-line overrides against `schema`, then run
-    `check` (the caller's own rules, before interpolations resolve); UserError on any problem.
+    """Compose `conf/<config_name>.yaml` with command-line overrides against `schema`, run
+    `check` (the caller's own rules, before interpolations resolve), then every field's value
+    check (core.validate: ranges, choices, writable paths); UserError on any problem.
 
     The YAML's defaults list names the schema `<config_name>_schema`."""
     register_resolvers()
@@ -118,6 +120,7 @@ def compose_config(
     except (HydraException, OmegaConfBaseException, ValueError, AttributeError, KeyError, TypeError) as err:
         # OmegaConf raises plain AttributeError/KeyError for some overrides of null nodes.
         raise UserError(explain(err, overrides, config_dir, schema_file(schema))) from err
+    validate_config(cfg)
     return cfg
 
 

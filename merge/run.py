@@ -29,6 +29,7 @@ import yaml
 
 from core.errors import UserError
 from core.outputs import fsync_dir, write_atomic
+from core.validate import check_value, writable_dir
 from merge.config import MergeOptions
 from merge.io import (
     ITEMSIZE,
@@ -440,8 +441,7 @@ def log(message: str) -> None:
 
 def run_merge(raw_config: dict, out_dir: str, options: MergeOptions) -> Path:
     """Merge as configured into out_dir; returns out_dir. UserError on bad input."""
-    if options.workers is not None and options.workers < 1:
-        raise UserError(f"workers={options.workers} (--workers): give at least 1, or leave it unset for one per CPU")
+    check_value("OUT_DIR", out_dir, (writable_dir,))
     dist = distributed_rank(options)
     rank, world = dist if dist else (0, options.workers or default_workers())
     merge = Merge(raw_config, out_dir, options, world)

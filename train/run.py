@@ -104,8 +104,6 @@ def check_limits(cfg: DictConfig) -> None:
             f"training.max_seq_length={cfg.training.max_seq_length} exceeds model '{cfg.model.name}' "
             f"limit of {limit} positions (max_position_embeddings): set training.max_seq_length<={limit}"
         )
-    if cfg.training.max_seq_length < 8:
-        raise UserError(f"training.max_seq_length={cfg.training.max_seq_length} is too small: use >= 8")
 
 
 def run_stage(cfg: DictConfig) -> Path:
