@@ -29,6 +29,7 @@ import yaml
 
 from core.errors import UserError
 from core.outputs import fsync_dir, write_atomic
+from core.safetensors_header import read_header
 from core.validate import check_value, writable_dir
 from merge.config import MergeOptions
 from merge.io import (
@@ -39,7 +40,6 @@ from merge.io import (
     decode,
     encode,
     pread_exact,
-    read_header,
     round_through,
 )
 from merge.plan import (
