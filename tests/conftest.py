@@ -86,6 +86,36 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     return lines[0]
 
 
+def run_main(main, argv: List[str], capsys) -> subprocess.CompletedProcess:
+    """An entry point's `main(argv)` in this process, the way its `__main__` runs it (a
+    UserError is one `error:` line and SystemExit), for matrix tests that would otherwise pay
+    a process start (torch imports) per case. The environment and the stop-signal handlers a
+    run installs are restored afterwards."""
+    import signal
+
+    from core.errors import exit_on_user_error
+
+    env = dict(os.environ)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    code = 0
+    try:
+        exit_on_user_error(main, argv)
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, captured.out, captured.err)
+
+
+def assert_no_finished_output(path: Path) -> None:
+    """Nothing that could pass for a finished model: no config.json at `path`."""
+    assert not (Path(path) / "config.json").exists(), sorted(p.name for p in Path(path).iterdir())
+
+
 def generates(model_dir: Path) -> str:
     """Load a saved model with AutoModelForCausalLM and greedily answer one chat turn."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
