@@ -86,7 +86,14 @@ def explain(err: BaseException, overrides: List[str], config_dir: Path, schema_p
     m = re.search(r"Value '([^']*)' (?:of type '\w+' )?(?:could not be converted to|is not a valid) (\w+)", text)
     if m:
         return f"config key '{key}': '{m.group(1)}' is not a valid {m.group(2)}"
-    first = str(chain[-1]).strip().splitlines()[0] if str(chain[-1]).strip() else type(err).__name__
+    m = re.search(r"no viable alternative at input '([^']*)'", text)
+    if m:
+        return (
+            f"cannot parse the override near {m.group(1)!r}: quote list items that hold '=' or spaces, "
+            "e.g. pipeline.overrides=['training.max_steps=4']"
+        )
+    said = [str(e).strip() for e in chain if str(e).strip() and str(e).strip() != "None"]
+    first = said[-1].splitlines()[0] if said else type(err).__name__
     return f"invalid configuration ({' '.join(overrides)}): {first}"
 
 

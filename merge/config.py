@@ -113,6 +113,10 @@ def compose_merge_config(overrides: List[str]) -> DictConfig:
     """conf/merge_job.yaml + overrides; UserError (one line) on a typo or an unset key."""
     cfg = compose_config(overrides, "merge_job", MergeJobConfig)
     missing = sorted(OmegaConf.missing_keys(cfg))
+    if cfg.merge.models is None and cfg.merge.slices is None:
+        # The shorthand form needs both models. A preset's `model: ???` does not survive
+        # composition (a MISSING value merged onto the schema's None default keeps the None).
+        missing += [f"merge.{key}" for key in ("base_model", "model") if cfg.merge[key] is None]
     if missing:
         key = missing[0]
         raise UserError(f"{key} is not set: add {HINTS.get(key, key + '=...')}")

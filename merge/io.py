@@ -16,6 +16,7 @@ workers start in milliseconds and carry no torch runtime (~300 MB RSS).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -189,13 +190,26 @@ class ShardWriter:
     WRITEBACK = 64 << 20
 
     def __init__(self, path: Path, head: bytes, total_size: int):
+        self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(self.fd, total_size)
-        pwrite_exact(self.fd, np.frombuffer(head, np.uint8), 0)
+        with self.naming_the_file():
+            os.ftruncate(self.fd, total_size)
+            pwrite_exact(self.fd, np.frombuffer(head, np.uint8), 0)
         self._lo = self._hi = len(head)
 
+    @contextlib.contextmanager
+    def naming_the_file(self):
+        """ftruncate/pwrite errors (a full disk) name no file: add this shard's path."""
+        try:
+            yield
+        except OSError as err:
+            if err.filename is not None:
+                raise
+            raise OSError(err.errno, err.strerror, str(self.path)) from err
+
     def write(self, data: np.ndarray, offset: int) -> None:
-        pwrite_exact(self.fd, data, offset)
+        with self.naming_the_file():
+            pwrite_exact(self.fd, data, offset)
         self._lo = min(self._lo, offset)
         self._hi = max(self._hi, offset + data.nbytes)
         if self._hi - self._lo >= self.WRITEBACK:
