@@ -22,7 +22,7 @@ class UserError(Exception):
 # "file write failed"), so the chain's text is matched as well.
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _DISK_WORDS = re.compile(r"No space left on device|Disk quota exceeded|File too large|StorageFull|FileTooLarge|"
-                         r"code: (?:28|27|122)\b|file write failed")
+                         r"(?:code: |os error )(?:28|27|122)\b|file write failed")
 
 
 def disk_full_error(err: BaseException) -> Optional[UserError]:
@@ -52,7 +52,9 @@ def exit_on_user_error(main, *args, **kwargs):
     try:
         try:
             return main(*args, **kwargs)
-        except (OSError, RuntimeError, ValueError) as err:  # savers wrap ENOSPC in their own types
+        except UserError:
+            raise
+        except Exception as err:  # savers wrap ENOSPC in their own types (SafetensorError, RuntimeError)
             disk = disk_full_error(err)
             if disk is None:
                 raise
