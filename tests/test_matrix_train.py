@@ -105,6 +105,7 @@ CASES = [
     ("output-under-a-file", ["+stage=cpt", "output_dir={file}/run"], ["output_dir=", "cannot be created",
                                                                        "is a file"]),
     ("output-finished", ["+stage=cpt", "output_dir={finished}"], ["already holds a finished model"]),
+    ("wandb-dir-is-a-file", ["+stage=cpt", "logging=wandb", "logging.dir={file}"], ["logging.dir=", "existing file"]),
     # models
     ("model-missing", ["+stage=sft", "model.path={tmp}/nope"], ["model.path=", "does not exist"]),
     ("model-hub-id", ["+stage=sft", "model.path=HuggingFaceTB/SmolLM2-135M"], ["not a local directory", "download"]),
@@ -158,6 +159,22 @@ def test_train_rejects(case, args, needles, tmp_path, capsys):
     else:
         assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]  # untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == before, "a failed run left files (a lock?) behind"
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only filesystem (root ignores permission bits, not a read-only mount)."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_train_rejects_an_output_on_a_read_only_filesystem(read_only_dir, capsys):
+    proc = run_main(train_main, ["+stage=cpt", f"output_dir={read_only_dir}/run"], capsys)
+    assert_one_line_error(proc, f"output_dir={read_only_dir}/run: cannot be created", "read-only")
 
 
 def test_case_count():

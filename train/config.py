@@ -97,7 +97,7 @@ class LoggingConfig:
     tags: List[str] = field(default_factory=list)
     run_name: Optional[str] = None
     """Default: <stage>-<model>."""
-    dir: Optional[str] = None
+    dir: Optional[str] = checked(None, writable_dir)
     """Where wandb writes its run folder; default: output_dir."""
     logging_steps: int = checked(1, at_least(1))
 
