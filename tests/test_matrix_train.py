@@ -229,3 +229,19 @@ def test_one_line_under_the_deepspeed_launcher(tmp_path):
     proc = launch("train.py", ["+stage=cpt", "training.lerning_rate=1e-4", f"output_dir={tmp_path}/run"], ranks=2)
     assert_one_line_error(proc, "training.lerning_rate")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.integration
+def test_locked_output_dir_under_the_deepspeed_launcher(tmp_path):
+    """Only rank 0 takes the lock; when it is refused, rank 0 exits 2 and the launcher ends
+    the other rank: one line, no traceback, the holder's directory untouched."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(REPO), str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = launch("train.py", ["+stage=cpt", f"output_dir={out}"], ranks=2, timeout=300)
+        assert_one_line_error(proc, "is being written by another run", f"pid {holder.pid}")
+        assert not (out / "config.json").exists() and not (out / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
