@@ -31,8 +31,8 @@ import yaml
 from core.errors import UserError, disk_full_error
 from core.lock import OutputLock
 from core.outputs import fsync_dir, write_atomic
-from core.secrets import redact
 from core.safetensors_header import read_header
+from core.secrets import redact
 from core.validate import check_value, writable_dir
 from merge.config import MergeOptions
 from merge.io import (

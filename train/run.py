@@ -22,8 +22,8 @@ from transformers import set_seed
 
 from core.errors import UserError
 from core.lock import OutputLock
-from core.secrets import redact
 from core.outputs import is_model_dir
+from core.secrets import redact
 from train.checkpoint import (
     FINAL_TMP,
     RUN_CONFIG,
@@ -117,13 +117,13 @@ def run_stage(cfg: DictConfig) -> Path:
     runtime = detect_runtime(cfg.training.precision)
     stage = get_stage(cfg.stage.name)
     out = Path(cfg.output_dir)
-    if is_model_dir(out):
-        raise UserError(
-            f"output_dir={out} already holds a finished model: choose another output_dir, or delete it to retrain"
-        )
     # One run per output_dir: rank 0 holds the lock for the whole run; the other ranks of the
     # same run never take it (they stop with rank 0 if it is refused: the launcher ends them).
     with OutputLock(out, "output_dir") if runtime.is_main else contextlib.nullcontext():
+        if is_model_dir(out):  # checked under the lock: a run that just finished has published
+            raise UserError(
+                f"output_dir={out} already holds a finished model: choose another output_dir, or delete it to retrain"
+            )
         train_stage(cfg, runtime, stage)
     return out
 
