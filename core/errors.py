@@ -62,7 +62,10 @@ def exit_on_user_error(main, *args, **kwargs):
     except UserError as err:
         # Under a multi-rank launcher every rank fails the same way; one line is enough.
         if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":
-            print(f"error: {err}", file=sys.stderr, flush=True)
+            # Another rank's progress bar may hold the terminal line (it ends in \r, not \n):
+            # start a line of our own.
+            start = "\n" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+            print(f"{start}error: {err}", file=sys.stderr, flush=True)
         sys.exit(err.exit_code)
 
 
