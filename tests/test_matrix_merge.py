@@ -270,3 +270,30 @@ def test_linear_merge_weights(tmp_path, tiny_pair):
     for name in a:
         assert got[name].dtype == torch.float32
         torch.testing.assert_close(got[name], (3 * a[name].float() + b[name].float()) / 4, rtol=1e-6, atol=1e-7)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 kB tmpfs: a real ENOSPC (the tiny merge writes ~0.5 MB)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_real_enospc_then_more_space_resumes(tmp_path, tiny_pair, small_disk):
+    cfg = write_config(tmp_path / "m.yml", tiny_pair["base"], tiny_pair["other"])
+    out = small_disk / "out"
+    proc = run_merge_cli(cfg, out, "--shard-size", "100KB", "--workers", "1", "--quiet")
+    assert_one_line_error(proc, "out of disk space", "No space left on device", ".out.partial/model-")
+    assert not out.exists()
+    kept = sorted(p.name for p in (small_disk / ".out.partial").glob("*.done"))
+    assert kept  # the shards that fitted are complete and stay
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
+    proc = run_merge_cli(cfg, out, "--shard-size", "100KB", "--workers", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert f"({len(kept)} already complete)" in proc.stderr
+    for shard in out.glob("*.safetensors"):
+        read_header(shard)
