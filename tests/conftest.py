@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -109,6 +110,19 @@ def run_main(main, argv: List[str], capsys) -> subprocess.CompletedProcess:
             signal.signal(sig, handler)
     captured = capsys.readouterr()
     return subprocess.CompletedProcess(argv, code, captured.out, captured.err)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str):
+    """A tmpfs mounted at `path` (we run as root) for tests of full or read-only disks;
+    unmounted afterwards. Skips the test where mounting is not allowed."""
+    path.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
 
 
 def assert_no_finished_output(path: Path) -> None:

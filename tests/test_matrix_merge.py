@@ -17,7 +17,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, assert_one_line_error
+from conftest import REPO, assert_one_line_error, tmpfs
 from test_merge_models import build_llama, run_merge_cli, shard_bytes, tiny_pair, write_config  # noqa: F401
 
 from core.safetensors_header import read_header
@@ -275,12 +275,8 @@ def test_linear_merge_weights(tmp_path, tiny_pair):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 256 kB tmpfs: a real ENOSPC (the tiny merge writes ~0.5 MB)."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=True)
+    with tmpfs(tmp_path / "disk", "size=256k") as mnt:
+        yield mnt
 
 
 def test_real_enospc_then_more_space_resumes(tmp_path, tiny_pair, small_disk):

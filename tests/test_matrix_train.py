@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, assert_one_line_error, launch, run_main
+from conftest import REPO, assert_one_line_error, launch, run_main, tmpfs
 
 from train.run import main as train_main
 
@@ -164,12 +164,8 @@ def test_train_rejects(case, args, needles, tmp_path, capsys):
 @pytest.fixture
 def read_only_dir(tmp_path):
     """A read-only filesystem (root ignores permission bits, not a read-only mount)."""
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=True)
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as mnt:
+        yield mnt
 
 
 def test_train_rejects_an_output_on_a_read_only_filesystem(read_only_dir, capsys):
