@@ -13,7 +13,8 @@ import os
 import re
 
 # Names of variables whose values are credentials (HF_TOKEN, WANDB_API_KEY, AWS_SECRET_ACCESS_KEY ...).
-SECRET_NAME = re.compile(r"TOKEN|API_KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY", re.IGNORECASE)
+# Whole words of the name, so TOKENIZERS_PARALLELISM is not one.
+SECRET_NAME = re.compile(r"(?:^|_)(?:TOKEN|API_KEY|SECRET|PASSWORD|PASSWD|CREDENTIALS?|ACCESS_KEY)(?:_|$)", re.IGNORECASE)
 MASK = "<redacted>"
 _MIN_LENGTH = 8  # shorter values ("1", "true") would mask ordinary text
 

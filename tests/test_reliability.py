@@ -101,9 +101,11 @@ def test_lock_is_exclusive_names_its_holder_and_is_taken_over_when_stale(tmp_pat
 def test_redact_masks_secret_environment_values(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_FAKEfakeFAKEfake123")
     monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    text = "token: hf_FAKEfakeFAKEfake123\nkey=0123456789abcdef0123456789abcdef01234567 threads 1\n"
-    assert redact(text) == "token: <redacted>\nkey=<redacted> threads 1\n"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws/secret/value/123")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "no-not-a-secret")
+    text = ("token: hf_FAKEfakeFAKEfake123\nkey=0123456789abcdef0123456789abcdef01234567 aws/secret/value/123 "
+            "no-not-a-secret\n")
+    assert redact(text) == "token: <redacted>\nkey=<redacted> <redacted> no-not-a-secret\n"
 
 
 # ---------------------------------------------------------------------------------------------
