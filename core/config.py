@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from core.errors import UserError
+from core.validate import validate_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
@@ -85,7 +86,14 @@ def explain(err: BaseException, overrides: List[str], config_dir: Path, schema_p
     m = re.search(r"Value '([^']*)' (?:of type '\w+' )?(?:could not be converted to|is not a valid) (\w+)", text)
     if m:
         return f"config key '{key}': '{m.group(1)}' is not a valid {m.group(2)}"
-    first = str(chain[-1]).strip().splitlines()[0] if str(chain[-1]).strip() else type(err).__name__
+    m = re.search(r"no viable alternative at input '([^']*)'", text)
+    if m:
+        return (
+            f"cannot parse the override near {m.group(1)!r}: quote list items that hold '=' or spaces, "
+            "e.g. pipeline.overrides=['training.max_steps=4']"
+        )
+    said = [str(e).strip() for e in chain if str(e).strip() and str(e).strip() != "None"]
+    first = said[-1].splitlines()[0] if said else type(err).__name__
     return f"invalid configuration ({' '.join(overrides)}): {first}"
 
 
@@ -102,8 +110,9 @@ def compose_config(
     check: Optional[Callable[[DictConfig], None]] = None,
     config_dir: Path = CONF_DIR,
 ) -> DictConfig:
-    """Compose `conf/<config_name>.yaml` with command-line overrides against `schema`, then run
-    `check` (the caller's own rules, before interpolations resolve); UserError on any problem.
+    """Compose `conf/<config_name>.yaml` with command-line overrides against `schema`, run
+    `check` (the caller's own rules, before interpolations resolve), then every field's value
+    check (core.validate: ranges, choices, writable paths); UserError on any problem.
 
     The YAML's defaults list names the schema `<config_name>_schema`."""
     register_resolvers()
@@ -118,6 +127,7 @@ def compose_config(
     except (HydraException, OmegaConfBaseException, ValueError, AttributeError, KeyError, TypeError) as err:
         # OmegaConf raises plain AttributeError/KeyError for some overrides of null nodes.
         raise UserError(explain(err, overrides, config_dir, schema_file(schema))) from err
+    validate_config(cfg)
     return cfg
 
 

@@ -1,6 +1,10 @@
 """How a run ends when it does not finish: errors a user can cause (printed as one line, exit 2)
 and the preempted exit code (a checkpoint was saved; requeue and resume)."""
 
+import errno
+import re
+from typing import Optional
+
 
 # sysexits.h EX_TEMPFAIL, "temporary failure, the user is invited to retry": a training rank
 # exits with it after a preemption checkpoint, and the batch script requeues the job on it.
@@ -13,17 +17,55 @@ class UserError(Exception):
     exit_code = 2
 
 
+# errno values and library wordings of "the disk (or the file size limit) is full": savers
+# wrap the OSError (safetensors: "IoError(Os { code: 28, kind: StorageFull ..", torch.save:
+# "file write failed"), so the chain's text is matched as well.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_DISK_WORDS = re.compile(r"No space left on device|Disk quota exceeded|File too large|StorageFull|FileTooLarge|"
+                         r"(?:code: |os error )(?:28|27|122)\b|file write failed")
+
+
+def disk_full_error(err: BaseException) -> Optional[UserError]:
+    """A UserError for a write that ran out of disk space (or quota, or RLIMIT_FSIZE), naming
+    the file when the error does; None for any other error."""
+    chain, e = [], err
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in _DISK_ERRNOS or _DISK_WORDS.search(str(e)):
+            where = getattr(e, "filename", None) or next((c.filename for c in chain if getattr(c, "filename", None)), None)
+            return UserError(
+                f"out of disk space{f' writing {where}' if where else ''} ({str(e).splitlines()[0][:120]}): "
+                "free space or raise the quota, then rerun the same command (finished outputs and complete "
+                "checkpoints are kept; see docs/failure-modes.md)"
+            )
+    return None
+
+
 def exit_on_user_error(main, *args, **kwargs):
-    """Run `main`; a UserError becomes one line on stderr and exit code 2, no traceback."""
+    """Run `main`; a UserError (or a full disk) becomes one line on stderr and exit code 2,
+    no traceback."""
     import os
     import sys
 
     try:
-        return main(*args, **kwargs)
+        try:
+            return main(*args, **kwargs)
+        except UserError:
+            raise
+        except Exception as err:  # savers wrap ENOSPC in their own types (SafetensorError, RuntimeError)
+            disk = disk_full_error(err)
+            if disk is None:
+                raise
+            raise disk from err
     except UserError as err:
         # Under a multi-rank launcher every rank fails the same way; one line is enough.
         if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":
-            print(f"error: {err}", file=sys.stderr, flush=True)
+            # Another rank's progress bar may hold the terminal line (it ends in \r, not \n):
+            # start a line of our own.
+            start = "\n" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+            print(f"{start}error: {err}", file=sys.stderr, flush=True)
         sys.exit(err.exit_code)
 
 

@@ -89,6 +89,13 @@ def task_manager_for(tasks: List[str], include: List[Path], user_folders: List[P
     return manager
 
 
+def check_task_names(cfg: DictConfig) -> None:
+    """Every task name is a bundled task or tag, one in include_path, or an lm-eval built-in:
+    checked from the task files alone (no model, no torch), e.g. before a pipeline submits jobs."""
+    folders = [Path(p).expanduser().resolve() for p in cfg.include_path]
+    task_manager_for(list(cfg.tasks), [TASK_DIR, *folders], folders)
+
+
 def build_tasks(tasks: List[str], manager) -> None:
     """Build every task once before the model loads: bad fields and bad data fail here, one
     line naming the task."""

@@ -17,6 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from core.config import compose_config
 from core.errors import UserError
+from core.validate import at_least, checked, non_negative, positive, validate_dataclass, writable_dir
 
 
 @dataclass
@@ -45,24 +46,32 @@ class MergeRecipeConfig:
     """error, or truncate: keep the common embedding rows when vocabularies differ."""
 
 
-def option(default, help: str, flag: Optional[str] = None, aliases: tuple = ()):
+def option(default, help: str, flag: Optional[str] = None, aliases: tuple = (), check: tuple = ()):
     """A MergeOptions field with its command-line help (and a flag name when it is not
-    --<field-name>)."""
-    return field(default=default, metadata={"help": help, "flag": flag, "aliases": aliases})
+    --<field-name>) and its value checks (core.validate)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "aliases": aliases, "check": check})
 
 
 @dataclass
 class MergeOptions:
     shard_size: str = option("2GB", "output shard size, e.g. 2GB, 500MB (a larger tensor gets a shard of its own)",
                              aliases=("--out-shard-size",))  # mergekit's name
-    workers: Optional[int] = option(None, "worker processes on this machine (default: one per CPU, at most 4)")
-    num_workers: Optional[int] = option(None, "independent workers over a shared filesystem (default: SLURM_NTASKS)")
-    worker_rank: Optional[int] = option(None, "this worker's rank among num_workers (default: SLURM_PROCID)")
+    workers: Optional[int] = option(None, "worker processes on this machine (default: one per CPU, at most 4)",
+                                    check=(at_least(1),))
+    num_workers: Optional[int] = option(None, "independent workers over a shared filesystem (default: SLURM_NTASKS)",
+                                        check=(at_least(1),))
+    worker_rank: Optional[int] = option(None, "this worker's rank among num_workers (default: SLURM_PROCID)",
+                                        check=(non_negative,))
     verify: bool = option(False, "re-read the output before publishing: every tensor present, right shape, finite")
-    wait_timeout: float = option(4 * 3600.0, "seconds worker 0 waits for the other workers' shards")
+    wait_timeout: float = option(4 * 3600.0, "seconds worker 0 waits for the other workers' shards", check=(positive,))
     chunk_elements: int = option(8 * 1024 * 1024,
-                                 "elements mapped per input at a time (8M: 32 MB for two bf16 inputs); bounds memory")
+                                 "elements mapped per input at a time (8M: 32 MB for two bf16 inputs); bounds memory",
+                                 check=(at_least(1),))
     progress: bool = option(True, "show a progress bar", flag="--quiet")
+
+    def __post_init__(self):
+        # The CLI form builds this from argparse flags; the Hydra form is checked at composition.
+        validate_dataclass(self)
 
 
 def add_merge_options(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +98,7 @@ class MergeJobConfig(MergeOptions):
     """Root of the Hydra form `launch/merge.py merge=<preset> output_dir=...` (conf/merge_job.yaml)."""
 
     merge: MergeRecipeConfig = MISSING
-    output_dir: str = MISSING
+    output_dir: str = checked(MISSING, writable_dir)
     """The merged model directory (written via a hidden sibling, renamed when complete)."""
 
 
@@ -104,6 +113,10 @@ def compose_merge_config(overrides: List[str]) -> DictConfig:
     """conf/merge_job.yaml + overrides; UserError (one line) on a typo or an unset key."""
     cfg = compose_config(overrides, "merge_job", MergeJobConfig)
     missing = sorted(OmegaConf.missing_keys(cfg))
+    if cfg.merge.models is None and cfg.merge.slices is None:
+        # The shorthand form needs both models. A preset's `model: ???` does not survive
+        # composition (a MISSING value merged onto the schema's None default keeps the None).
+        missing += [f"merge.{key}" for key in ("base_model", "model") if cfg.merge[key] is None]
     if missing:
         key = missing[0]
         raise UserError(f"{key} is not set: add {HINTS.get(key, key + '=...')}")

@@ -1,4 +1,5 @@
-"""Safetensors I/O by byte offset: a lazy model reader and a pre-allocated shard writer.
+"""Safetensors I/O by byte offset: a lazy model reader and a pre-allocated shard writer
+(headers are read and checked by core/safetensors_header.py, which training shares).
 
 The safetensors format is an 8-byte little-endian header length, a JSON header
 ({name: {dtype, shape, data_offsets: [begin, end]}}, offsets relative to the data area), then
@@ -15,17 +16,18 @@ workers start in milliseconds and carry no torch runtime (~300 MB RSS).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from core.errors import UserError
+from core.safetensors_header import TensorInfo, read_model_headers, weight_files
 
 # safetensors dtype -> bytes per element (floating types only: merges interpolate floats)
 ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
@@ -38,7 +40,6 @@ DTYPE_NAMES = {
 }
 TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 _PROMOTION = {"F16": 1, "BF16": 1, "F32": 2, "F64": 3}
-_MAX_HEADER = 100 * 1024 * 1024  # the safetensors crate's own limit
 
 
 def promote(a: str, b: str) -> str:
@@ -50,64 +51,6 @@ def promote(a: str, b: str) -> str:
     return a if _PROMOTION[a] > _PROMOTION[b] else b
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    dtype: str
-    shape: Tuple[int, ...]
-    begin: int
-    """Absolute byte offset of the first element in the file."""
-    nbytes: int
-
-    @property
-    def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
-
-
-@dataclass
-class ShardHeader:
-    path: Path
-    tensors: Dict[str, TensorInfo]
-    metadata: Dict[str, str]
-
-
-def read_header(path: Path) -> ShardHeader:
-    """Parse and check a safetensors header against the file size; UserError if corrupt."""
-    fix = "the file is corrupt or truncated: re-download or re-save that model"
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise UserError(f"{path}: {size} bytes, too short for a safetensors header; {fix}")
-            (length,) = struct.unpack("<Q", head)
-            if length > min(_MAX_HEADER, size - 8):
-                raise UserError(f"{path}: header length {length} exceeds the file ({size} bytes); {fix}")
-            raw = json.loads(f.read(length))
-    except (OSError, ValueError) as err:
-        if isinstance(err, UserError):
-            raise
-        raise UserError(f"{path}: unreadable safetensors header ({err.__class__.__name__}); {fix}") from err
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: safetensors header is not a JSON object; {fix}")
-    data_start = 8 + length
-    metadata = raw.pop("__metadata__", None) or {}
-    tensors = {}
-    for name, entry in raw.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError) as err:
-            raise UserError(f"{path}: malformed header entry for '{name}'; {fix}") from err
-        info = TensorInfo(dtype, shape, data_start + int(begin), int(end) - int(begin))
-        if dtype in ITEMSIZE and info.nbytes != info.numel * ITEMSIZE[dtype]:
-            raise UserError(f"{path}: tensor '{name}' has {info.nbytes} bytes for shape {list(shape)} {dtype}; {fix}")
-        if data_start + int(end) > size:
-            raise UserError(
-                f"{path}: tensor '{name}' ends at byte {data_start + int(end)} but the file has {size} bytes; {fix}"
-            )
-        tensors[name] = info
-    return ShardHeader(path, tensors, metadata)
-
-
 class ModelReader:
     """A Hugging Face model directory opened lazily: headers only, tensors read on demand."""
 
@@ -116,32 +59,16 @@ class ModelReader:
         if not self.path.is_dir():
             what = "is a file, not a model directory" if self.path.exists() else "does not exist"
             raise UserError(f"model path '{path}' {what}: give a Hugging Face model directory with *.safetensors")
-        index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as err:
-                raise UserError(f"{index}: not a valid safetensors index (no weight_map); re-save the model") from err
-            files = sorted(set(weight_map.values()))
-        else:
-            weight_map = None
-            files = sorted(p.name for p in self.path.glob("*.safetensors"))
+        files, weight_map = weight_files(self.path)
         if not files:
             has_bin = any(self.path.glob("*.bin")) or any(self.path.glob("*.pt"))
             hint = "convert it with save_pretrained(..., safe_serialization=True)" if has_bin else (
                 "point to the directory that holds the model weights")
             raise UserError(f"model path '{path}' holds no .safetensors files: {hint}")
         self.tensors: Dict[str, Tuple[Path, TensorInfo]] = {}
-        for name in files:
-            shard = self.path / name
-            if not shard.is_file():
-                raise UserError(f"{index}: lists shard '{name}', which is missing from {self.path}; re-download the model")
-            for tensor, info in read_header(shard).tensors.items():
+        for shard, header in read_model_headers(self.path).items():
+            for tensor, info in header.tensors.items():
                 self.tensors[tensor] = (shard, info)
-        if weight_map is not None:
-            for tensor, name in weight_map.items():
-                if tensor not in self.tensors:
-                    raise UserError(f"{index}: lists '{tensor}' in {name}, whose header lacks it; re-download the model")
         config = self.path / "config.json"
         self.config: Optional[dict] = json.loads(config.read_text()) if config.is_file() else None
         self._fds: Dict[Path, int] = {}
@@ -263,13 +190,26 @@ class ShardWriter:
     WRITEBACK = 64 << 20
 
     def __init__(self, path: Path, head: bytes, total_size: int):
+        self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(self.fd, total_size)
-        pwrite_exact(self.fd, np.frombuffer(head, np.uint8), 0)
+        with self.naming_the_file():
+            os.ftruncate(self.fd, total_size)
+            pwrite_exact(self.fd, np.frombuffer(head, np.uint8), 0)
         self._lo = self._hi = len(head)
 
+    @contextlib.contextmanager
+    def naming_the_file(self):
+        """ftruncate/pwrite errors (a full disk) name no file: add this shard's path."""
+        try:
+            yield
+        except OSError as err:
+            if err.filename is not None:
+                raise
+            raise OSError(err.errno, err.strerror, str(self.path)) from err
+
     def write(self, data: np.ndarray, offset: int) -> None:
-        pwrite_exact(self.fd, data, offset)
+        with self.naming_the_file():
+            pwrite_exact(self.fd, data, offset)
         self._lo = min(self._lo, offset)
         self._hi = max(self._hi, offset + data.nbytes)
         if self._hi - self._lo >= self.WRITEBACK:

@@ -14,6 +14,7 @@ markers and publishes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -27,8 +28,12 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import yaml
 
-from core.errors import UserError
+from core.errors import UserError, disk_full_error
+from core.lock import OutputLock
 from core.outputs import fsync_dir, write_atomic
+from core.safetensors_header import read_header
+from core.secrets import redact
+from core.validate import check_value, writable_dir
 from core.wandb_runs import log_wandb_run
 from merge.config import MergeOptions
 from merge.io import (
@@ -39,7 +44,6 @@ from merge.io import (
     decode,
     encode,
     pread_exact,
-    read_header,
     round_through,
 )
 from merge.plan import (
@@ -91,6 +95,7 @@ def distributed_rank(options: MergeOptions) -> Optional[tuple]:
 # ---------------------------------------------------------------------------------------------
 class Merge:
     def __init__(self, raw_config: dict, out_dir: str, options: MergeOptions, world: int = 1):
+        self.started = time.time()  # planning included in the merge's time
         self.options = options
         self.spec = parse_merge_config(raw_config)
         self.readers: Dict[str, ModelReader] = {}
@@ -392,8 +397,8 @@ def publish(merge: Merge) -> None:
     for name in TOKENIZER_FILES:
         if (base / name).is_file():
             shutil.copyfile(base / name, tmp / name)
-    (tmp / "mergekit_config.yml").write_text(yaml.safe_dump(merge.spec.raw, sort_keys=False))
-    (tmp / "README.md").write_text(model_card(merge))
+    (tmp / "mergekit_config.yml").write_text(redact(yaml.safe_dump(merge.spec.raw, sort_keys=False)))
+    (tmp / "README.md").write_text(redact(model_card(merge)))
     if merge.options.verify:
         verify_output(tmp, merge)
     expected = {s.filename for s in merge.shards} | {
@@ -441,15 +446,21 @@ def log(message: str) -> None:
 
 def run_merge(raw_config: dict, out_dir: str, options: MergeOptions) -> Path:
     """Merge as configured into out_dir; returns out_dir. UserError on bad input."""
-    if options.workers is not None and options.workers < 1:
-        raise UserError(f"workers={options.workers} (--workers): give at least 1, or leave it unset for one per CPU")
-    started = time.time()
+    check_value("OUT_DIR", out_dir, (writable_dir,))
     dist = distributed_rank(options)
     rank, world = dist if dist else (0, options.workers or default_workers())
     merge = Merge(raw_config, out_dir, options, world)
     for w in merge.plan.warnings:
         if rank == 0:
             print(f"warning: {w}", file=sys.stderr, flush=True)
+    # One merge per output: worker 0 holds the lock (forked local workers share it); the other
+    # independent workers only write shards into the partial directory worker 0 publishes.
+    with OutputLock(merge.out, "output_dir") if rank == 0 else contextlib.nullcontext():
+        return merge_into(merge, rank, world, dist)
+
+
+def merge_into(merge: Merge, rank: int, world: int, dist: Optional[tuple]) -> Path:
+    options = merge.options
     if merge.already_published():
         if rank == 0:
             log(f"{merge.out} already holds this merge; nothing to do")
@@ -477,7 +488,7 @@ def run_merge(raw_config: dict, out_dir: str, options: MergeOptions) -> Path:
     publish(merge)
     log(f"done: {merge.out}")
     log_wandb_run("merge", merge.spec.raw, {
-        "merge/seconds": round(time.time() - started, 3),
+        "merge/seconds": round(time.time() - merge.started, 3),
         "merge/output_bytes": sum(s.size for s in merge.shards),
         "merge/tensors": len(merge.plan.tensors),
         "merge/shards": len(merge.shards),
@@ -498,8 +509,11 @@ def _child(merge: Merge, rank: int, world: int, queue) -> None:
     try:
         run_worker(merge, rank, world, lambda n, b: queue.put(("progress", n, b)))
         queue.put(("done", rank, 0))
-    except UserError as err:
-        queue.put(("error", str(err), 0))
+    except (UserError, OSError) as err:
+        message = err if isinstance(err, UserError) else disk_full_error(err)
+        if message is None:
+            raise
+        queue.put(("error", str(message), 0))
         queue.close()
         queue.join_thread()  # put() hands the message to a feeder thread: flush it before _exit
         os._exit(2)

@@ -28,7 +28,9 @@ from omegaconf import MISSING, DictConfig
 from core.config import REPO_ROOT, compose_config
 from core.errors import PREEMPTED_EXIT_CODE, UserError
 from core.outputs import MODEL_CACHE_DIR, is_model_dir, write_atomic
+from core.validate import at_least, between, checked, non_negative, writable_dir
 from evaluation.config import compose_eval_config
+from evaluation.run import check_task_names
 from merge.config import compose_merge_config
 from train.config import STAGES, compose_train_config
 
@@ -113,14 +115,14 @@ class PipelineConfig:
 class ClusterConfig:
     name: str = MISSING
     """local (this machine, the deepspeed launcher) or slurm (launch/submit.py)."""
-    nodes: int = 1
-    gpus_per_node: int = 1
+    nodes: int = checked(1, at_least(1))
+    gpus_per_node: int = checked(1, at_least(1))
     """Ranks per node: one per GPU (on a CPU-only partition: CPU ranks per node)."""
-    tasks: Optional[int] = None
+    tasks: Optional[int] = checked(None, at_least(1))
     """Training ranks in all; None: nodes x gpus_per_node."""
     request_gpus: bool = True
     """Ask SLURM for the GPUs (--gpus-per-node); false on CPU-only partitions."""
-    cpus_per_task: Optional[int] = None
+    cpus_per_task: Optional[int] = checked(None, at_least(1))
     mem: Optional[str] = None
     """Memory per node, e.g. 500G; None: the partition default."""
     partition: Optional[str] = None
@@ -128,12 +130,12 @@ class ClusterConfig:
     qos: Optional[str] = None
     time: str = "24:00:00"
     """Time limit of each job; a job that hits it checkpoints and requeues itself."""
-    signal_seconds: int = 600
+    signal_seconds: int = checked(600, non_negative)
     """SIGUSR1 this long before the time limit: time to finish a step and write a checkpoint."""
     requeue: bool = True
-    merge_tasks: Optional[int] = None
+    merge_tasks: Optional[int] = checked(None, at_least(1))
     """Tasks of a merge job (the merge is split across them); None: one per node."""
-    master_port: Optional[int] = None
+    master_port: Optional[int] = checked(None, between(1024, 65535))
     """torch.distributed port; None: derived from the job id so jobs sharing a node differ."""
     python: Optional[str] = None
     """Interpreter on the compute nodes; None: the one running submit.py."""
@@ -149,7 +151,7 @@ class PipelineJobConfig:
 
     pipeline: PipelineConfig = MISSING
     cluster: ClusterConfig = MISSING
-    root: str = "outputs/pipelines"
+    root: str = checked("outputs/pipelines", writable_dir)
     """Outputs go to <root>/<pipeline>/<step>/."""
     step: Optional[str] = None
     """Run or submit only this step (its inputs must exist or be earlier in the same run)."""
@@ -162,9 +164,8 @@ def compose_pipeline_job(overrides: List[str]) -> DictConfig:
 
 
 def check_cluster(cluster: DictConfig) -> None:
+    """What the field checks cannot say: how the fields relate."""
     nodes, gpus, tasks = cluster.nodes, cluster.gpus_per_node, cluster.tasks
-    if nodes < 1 or gpus < 1:
-        raise UserError(f"cluster.nodes={nodes}, cluster.gpus_per_node={gpus}: both must be >= 1")
     if tasks is not None and tasks > nodes * gpus:
         raise UserError(
             f"cluster.tasks={tasks} is more than cluster.nodes x cluster.gpus_per_node = {nodes} x {gpus} = "
@@ -172,8 +173,6 @@ def check_cluster(cluster: DictConfig) -> None:
         )
     if tasks is not None and tasks < nodes:
         raise UserError(f"cluster.tasks={tasks} is fewer than cluster.nodes={nodes}: every node needs a rank")
-    if cluster.merge_tasks is not None and cluster.merge_tasks < 1:
-        raise UserError(f"cluster.merge_tasks={cluster.merge_tasks}: use >= 1 (or null for one per node)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,7 +476,8 @@ def plan_pipeline(cfg: DictConfig) -> Plan:
 
 
 def validate_step_configs(plan: Plan) -> None:
-    """Compose each step's config now, so a typo'd override fails before any job runs."""
+    """Compose each step's config now, so a typo'd override or task name fails before any job runs."""
+    checked_tasks: List[List[str]] = []
     for step in plan.steps:
         try:
             if step.kind == "train":
@@ -485,7 +485,10 @@ def validate_step_configs(plan: Plan) -> None:
             elif step.kind == "merge":
                 compose_merge_config(step.merge_args)
             elif step.kind == "eval":
-                compose_eval_config([f"model_dir={step.eval_args[0]}", *step.eval_args[1:]])
+                cfg = compose_eval_config([f"model_dir={step.eval_args[0]}", *step.eval_args[1:]])
+                if step.tasks not in checked_tasks:  # every evaluation of a pipeline runs the same tasks
+                    check_task_names(cfg)
+                    checked_tasks.append(step.tasks)
         except UserError as err:
             raise UserError(f"pipeline {plan.pipeline}, step '{step.name}': {err}") from err
 

@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 
 from core.config import REPO_ROOT
 from core.errors import PREEMPTED_EXIT_CODE, UserError
+from core.secrets import redact
 from orchestration.pipeline import (
     ENTRY_POINTS,
     JOBS_DIR,
@@ -56,7 +57,8 @@ class SbatchTemplate(Template):
 
 def render_template(name: str, values: Dict[str, object]) -> str:
     text = (Path(__file__).parent / "sbatch" / name).read_text()
-    return SbatchTemplate(text).substitute({k: str(v) for k, v in values.items()})
+    # A secret typed into an override (or setup line) must not land in a script on disk.
+    return redact(SbatchTemplate(text).substitute({k: str(v) for k, v in values.items()}))
 
 
 # ---------------------------------------------------------------------------------------------

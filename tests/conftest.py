@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -84,6 +85,49 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+def run_main(main, argv: List[str], capsys) -> subprocess.CompletedProcess:
+    """An entry point's `main(argv)` in this process, the way its `__main__` runs it (a
+    UserError is one `error:` line and SystemExit), for matrix tests that would otherwise pay
+    a process start (torch imports) per case. The environment and the stop-signal handlers a
+    run installs are restored afterwards."""
+    import signal
+
+    from core.errors import exit_on_user_error
+
+    env = dict(os.environ)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    code = 0
+    try:
+        exit_on_user_error(main, argv)
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, captured.out, captured.err)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str):
+    """A tmpfs mounted at `path` (we run as root) for tests of full or read-only disks;
+    unmounted afterwards. Skips the test where mounting is not allowed."""
+    path.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def assert_no_finished_output(path: Path) -> None:
+    """Nothing that could pass for a finished model: no config.json at `path`."""
+    assert not (Path(path) / "config.json").exists(), sorted(p.name for p in Path(path).iterdir())
 
 
 def generates(model_dir: Path) -> str:

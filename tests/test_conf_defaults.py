@@ -11,6 +11,7 @@ import pytest
 from omegaconf import MISSING, OmegaConf
 
 from core.config import CONF_DIR
+from evaluation.config import EvalJobConfig
 from merge.config import MergeJobConfig, MergeRecipeConfig
 from orchestration.pipeline import ClusterConfig, PipelineConfig, PipelineJobConfig
 from train.config import STAGE_SCHEMAS, DataConfig, DeepSpeedConfig, LoggingConfig, ModelConfig, TrainJobConfig
@@ -25,7 +26,10 @@ GROUP_SCHEMAS = {
     "pipeline": PipelineConfig,
     "cluster": ClusterConfig,
 }
-ROOT_SCHEMAS = {"config.yaml": TrainJobConfig, "merge_job.yaml": MergeJobConfig, "pipeline_job.yaml": PipelineJobConfig}
+ROOT_SCHEMAS = {"config.yaml": TrainJobConfig, "merge_job.yaml": MergeJobConfig, "pipeline_job.yaml": PipelineJobConfig,
+                "eval_job.yaml": EvalJobConfig}
+# `# @package _global_` groups: their files set keys of the root config
+GLOBAL_GROUPS = {"eval": EvalJobConfig}
 
 
 def repeated_defaults(values: dict, schema: type, where: str) -> list:
@@ -70,6 +74,8 @@ def test_yaml_sets_only_what_differs_from_the_schema(path):
         found += repeated_defaults({k: v for k, v in values.items() if k != "stage"}, TrainJobConfig, "")
     elif len(rel.parts) == 1:
         found = repeated_defaults(values, ROOT_SCHEMAS[rel.name], "")
+    elif rel.parts[0] in GLOBAL_GROUPS:
+        found = repeated_defaults(values, GLOBAL_GROUPS[rel.parts[0]], "")
     else:
         found = repeated_defaults(values, GROUP_SCHEMAS[rel.parts[0]], f"{rel.parts[0]}.")
     assert not found, f"{rel} repeats schema defaults (delete these lines): {found}"
@@ -77,5 +83,5 @@ def test_yaml_sets_only_what_differs_from_the_schema(path):
 
 def test_every_conf_folder_has_a_schema():
     groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()} - {"stage"}
-    assert groups == set(GROUP_SCHEMAS)
+    assert groups == set(GROUP_SCHEMAS) | set(GLOBAL_GROUPS)
     assert {p.name for p in CONF_DIR.glob("*.yaml")} == set(ROOT_SCHEMAS)

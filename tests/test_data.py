@@ -356,7 +356,7 @@ def test_malformed_json_is_one_line(tmp_path, streaming):
 
 def test_bad_chat_rows_and_streaming_without_max_steps(tmp_path, tokenizer):
     bad = write_jsonl(tmp_path / "b.jsonl", [{"messages": CHAT}, {"messages": [{"role": "user"}]}])
-    assert "data.sft.path row 1: a chat must be a non-empty list of {role, content}" in error_of(
+    assert "b.jsonl: row 1, field 'messages' turn 0 is {'role': 'user'}, expected {role, content}" in error_of(
         prepare_sft, cfg_for("sft", f"data.sft.path={bad}"), tokenizer
     )
     no_answer = write_jsonl(tmp_path / "n.jsonl", [{"messages": CHAT[:2]}])

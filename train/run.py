@@ -8,8 +8,11 @@ Every user error is raised before the run directory is touched.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List
@@ -18,7 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
 from core.errors import UserError
+from core.lock import OutputLock
 from core.outputs import is_model_dir
+from core.secrets import redact
 from train.checkpoint import (
     FINAL_TMP,
     RUN_CONFIG,
@@ -105,8 +110,6 @@ def check_limits(cfg: DictConfig) -> None:
             f"training.max_seq_length={cfg.training.max_seq_length} exceeds model '{cfg.model.name}' "
             f"limit of {limit} positions (max_position_embeddings): set training.max_seq_length<={limit}"
         )
-    if cfg.training.max_seq_length < 8:
-        raise UserError(f"training.max_seq_length={cfg.training.max_seq_length} is too small: use >= 8")
 
 
 def run_stage(cfg: DictConfig) -> Path:
@@ -115,11 +118,18 @@ def run_stage(cfg: DictConfig) -> Path:
     runtime = detect_runtime(cfg.training.precision)
     stage = get_stage(cfg.stage.name)
     out = Path(cfg.output_dir)
-    if is_model_dir(out):
-        raise UserError(
-            f"output_dir={out} already holds a finished model: choose another output_dir, or delete it to retrain"
-        )
+    # One run per output_dir: rank 0 holds the lock for the whole run; the other ranks of the
+    # same run never take it (they stop with rank 0 if it is refused: the launcher ends them).
+    with OutputLock(out, "output_dir") if runtime.is_main else contextlib.nullcontext():
+        if is_model_dir(out):  # checked under the lock: a run that just finished has published
+            raise UserError(
+                f"output_dir={out} already holds a finished model: choose another output_dir, or delete it to retrain"
+            )
+        train_stage(cfg, runtime, stage)
+    return out
 
+
+def train_stage(cfg: DictConfig, runtime: Runtime, stage) -> None:
     # From here SIGUSR1/SIGTERM (SLURM preemption, time limit) stop at a step end with a checkpoint.
     preemption = preemption_callback()
 
@@ -152,16 +162,29 @@ def run_stage(cfg: DictConfig) -> Path:
 
     # Save: all ranks take part (ZeRO-3 gathers the shards), rank 0 writes.
     save_final_model(trainer, tokenizer, cfg)
-    return out
+
+
+# Test hook: seconds to sleep once the final model is in .final-tmp and before it is published,
+# so a test can kill a run mid-save (as merge's DOMAINFORGE_MERGE_PAUSE_AFTER_SHARD).
+SAVE_PAUSE_ENV = "DOMAINFORGE_TRAIN_PAUSE_BEFORE_PUBLISH"
 
 
 def save_final_model(trainer, tokenizer, cfg: DictConfig) -> None:
+    """Write the final model into <output_dir>/.final-tmp, then publish it (config.json last).
+    A crash or a full disk before the publish leaves the checkpoints as they were; the rerun
+    resumes from the newest one and saves again."""
     out = Path(cfg.output_dir)
     tmp = out / FINAL_TMP
+    if trainer.is_world_process_zero():
+        shutil.rmtree(tmp, ignore_errors=True)  # an earlier, interrupted save
     trainer.save_model(str(tmp))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(tmp)
-        (tmp / RUN_CONFIG).write_text(OmegaConf.to_yaml(cfg))
+        (tmp / RUN_CONFIG).write_text(redact(OmegaConf.to_yaml(cfg)))
+        pause = float(os.environ.get(SAVE_PAUSE_ENV, "0") or 0)
+        if pause:
+            print(f"final model written to {tmp}; publishing in {pause:g}s", flush=True)
+            time.sleep(pause)
         publish_final_model(out)
         print(f"saved final model to {out}", flush=True)
     trainer.accelerator.wait_for_everyone()

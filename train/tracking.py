@@ -10,17 +10,11 @@ from typing import Dict, List
 
 from transformers import TrainerCallback
 
-from core.errors import UserError
 
 
 def report_to(log_cfg) -> List[str]:
-    if log_cfg.backend == "none":
-        return ["none"]
-    if log_cfg.backend != "wandb":
-        raise UserError(f"logging.backend='{log_cfg.backend}': use none or wandb")
-    if log_cfg.mode not in ("online", "offline", "disabled"):
-        raise UserError(f"logging.mode='{log_cfg.mode}': use online, offline or disabled")
-    return ["wandb"]
+    """The Trainer's `report_to` (backend and mode are checked by LoggingConfig's schema)."""
+    return ["wandb"] if log_cfg.backend == "wandb" else ["none"]
 
 
 def configure_wandb(log_cfg, run_name: str, output_dir: str) -> None:

@@ -209,8 +209,6 @@ def loss_types(stage_cfg) -> list:
             f"stage.loss_type='{stage_cfg.loss_type}' is not a DPO loss: use one of {', '.join(known)} "
             "(comma-separated to combine)"
         )
-    if stage_cfg.beta <= 0:
-        raise UserError(f"stage.beta={stage_cfg.beta} must be positive (paper: 0.05 Llama, 0.01 Mistral Base)")
     return types
 
 

@@ -1,0 +1,147 @@
+"""The reliability pieces on their own: value checks in the schemas, row checks, the output lock,
+secret redaction, the shared safetensors header check, and which model directory a preset
+with a GGUF file resolves to once a trained stage is given."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from omegaconf import OmegaConf
+
+from core.errors import UserError
+from core.lock import OutputLock
+from core.safetensors_header import read_model_headers
+from core.secrets import redact
+from core.validate import at_least, checked, validate_config, validate_dataclass
+from train.config import TrainingConfig, compose_train_config
+from train.data import ROW_SCHEMAS, check_rows
+
+
+# ---------------------------------------------------------------------------------------------
+# value checks
+# ---------------------------------------------------------------------------------------------
+def test_omegaconf_does_not_run_post_init_so_the_walker_does():
+    """Why core.validate walks the composed tree: a structured config merged with an override
+    never calls the dataclass's __post_init__."""
+    calls = []
+
+    @dataclasses.dataclass
+    class Probe:
+        x: int = checked(1, at_least(1))
+
+        def __post_init__(self):
+            calls.append(self.x)
+
+    cfg = OmegaConf.merge(OmegaConf.structured(Probe), {"x": -5})
+    assert calls == [] and cfg.x == -5
+    with pytest.raises(UserError, match=r"^x=-5: must be >= 1$"):
+        validate_config(cfg)
+    with pytest.raises(UserError, match=r"^x=0: must be >= 1$"):
+        validate_dataclass(Probe(x=0))
+
+
+def test_every_numeric_training_field_declares_its_domain():
+    numeric = [f for f in dataclasses.fields(TrainingConfig) if f.type in ("int", "float", "Optional[int]")]
+    unchecked = [f.name for f in numeric if not f.metadata.get("check")]
+    assert len(numeric) >= 10 and not unchecked, unchecked
+
+
+def test_defaults_and_every_shipped_preset_pass_the_checks(tmp_path):
+    for stage in ("cpt", "sft", "dpo", "orpo"):
+        compose_train_config([f"+stage={stage}", f"output_dir={tmp_path}/{stage}"])
+
+
+# ---------------------------------------------------------------------------------------------
+# rows
+# ---------------------------------------------------------------------------------------------
+def test_check_rows_names_the_source_row_and_field():
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a", "rejected": ["b"]}]
+    with pytest.raises(UserError) as err:
+        check_rows(rows, ROW_SCHEMAS["preference"], "data.preference.path=x.jsonl")
+    assert str(err.value).startswith("data.preference.path=x.jsonl: row 1, field 'rejected' turn 0 is b")
+    assert check_rows(rows[:1] * 500, ROW_SCHEMAS["preference"], "s") == 200  # only the first rows are read
+    ok = [{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                        {"role": "assistant", "content": "a"}]}]
+    assert check_rows(ok, ROW_SCHEMAS["sft"], "s") == 1
+    with pytest.raises(UserError, match="row 0, field 'score' is a str"):
+        from train.data import number_value
+
+        check_rows([{"score": "high"}], {"score": number_value}, "s")
+
+
+# ---------------------------------------------------------------------------------------------
+# the output lock
+# ---------------------------------------------------------------------------------------------
+def test_lock_is_exclusive_names_its_holder_and_is_taken_over_when_stale(tmp_path, capsys):
+    out = tmp_path / "run"
+    with OutputLock(out, "output_dir") as held:
+        assert held.path == tmp_path / ".run.lock"
+        # another process: flock excludes other open file descriptions, in any process
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); from core.lock import OutputLock\n"
+                "OutputLock(sys.argv[2], 'output_dir').acquire()")
+        proc = subprocess.run([sys.executable, "-c", code, str(REPO), str(out)], capture_output=True, text=True)
+        assert proc.returncode != 0 and "is being written by another run (pid" in proc.stderr
+    assert not held.path.exists()
+    held.path.write_text("pid 999999 on host elsewhere\n")  # left by a killed run
+    with OutputLock(out, "output_dir"):
+        assert "taking over a stale lock (pid 999999 on host elsewhere" in capsys.readouterr().err
+    assert not out.exists()  # the lock never creates the output itself
+
+
+# ---------------------------------------------------------------------------------------------
+# secrets
+# ---------------------------------------------------------------------------------------------
+def test_redact_masks_secret_environment_values(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_FAKEfakeFAKEfake123")
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws/secret/value/123")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "no-not-a-secret")
+    text = ("token: hf_FAKEfakeFAKEfake123\nkey=0123456789abcdef0123456789abcdef01234567 aws/secret/value/123 "
+            "no-not-a-secret\n")
+    assert redact(text) == "token: <redacted>\nkey=<redacted> <redacted> no-not-a-secret\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# model directories
+# ---------------------------------------------------------------------------------------------
+def write_shard(path: Path, declared: int = 64, actual: int = 64) -> Path:
+    header = json.dumps({"w": {"dtype": "F32", "shape": [declared // 4], "data_offsets": [0, declared]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * actual)
+    return path
+
+
+def test_header_check_names_the_damaged_shard_and_the_index(tmp_path):
+    write_shard(tmp_path / "model-00001.safetensors")
+    write_shard(tmp_path / "model-00002.safetensors", actual=10)
+    with pytest.raises(UserError, match=r"model-00002.safetensors: tensor 'w' ends at byte .* truncated"):
+        read_model_headers(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "w": "model-00001.safetensors", "x": "model-00003.safetensors"}}))
+    with pytest.raises(UserError, match="lists shard 'model-00003.safetensors', which is missing"):
+        read_model_headers(tmp_path)
+
+
+def test_a_trained_model_path_wins_over_the_presets_gguf_file(tmp_path):
+    """Continuing from a trained SmolLM2 stage: model.path=<stage output> alone is enough."""
+    from train.model import resolve_model_dir
+
+    trained = tmp_path / "sft"
+    trained.mkdir()
+    (trained / "config.json").write_text("{}")
+    write_shard(trained / "model.safetensors")
+    cfg = compose_train_config(["+stage=dpo", "model=smollm2_135m", f"model.path={trained}",
+                                f"output_dir={tmp_path}/dpo"]).model
+    assert cfg.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert resolve_model_dir(cfg) == trained
+    # a directory that holds no finished model still means "the GGUF file in it"
+    (tmp_path / "pkg").mkdir()
+    cfg.path = str(tmp_path / "pkg")
+    with pytest.raises(UserError, match="model.gguf_file: .*SmolLM2-135M-Instruct.Q4_1.gguf not found"):
+        resolve_model_dir(cfg)
