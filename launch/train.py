@@ -16,7 +16,16 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from core.errors import exit_on_user_error  # noqa: E402
-from train.run import main  # noqa: E402
+
+
+def main(argv):
+    from train.config import compose_train_config
+
+    cfg = compose_train_config(argv)  # a mistake fails here in 0.5 s, before torch loads (5 s)
+    from train.run import train
+
+    train(cfg)
+
 
 if __name__ == "__main__":
     exit_on_user_error(main, sys.argv[1:])

@@ -282,11 +282,12 @@ def local_path(path: str) -> str:
     return str(p.resolve()) if p.exists() else str(p)
 
 
-def start_model_dir(pipeline: DictConfig) -> Optional[str]:
+def start_model_dir(pipeline: DictConfig, run_dir: Path) -> Optional[str]:
     """The starting model as a directory (None for random-init presets)."""
     if pipeline.start:
         return local_path(pipeline.start)
-    model = compose_train_config([f"model={pipeline.model}", "+stage=cpt"]).model
+    # output_dir in the run: the composed config checks it is writable, and that one must be
+    model = compose_train_config([f"model={pipeline.model}", "+stage=cpt", f"output_dir={run_dir / START}"]).model
     if model.path is None:
         return None
     if model.gguf_file:
@@ -398,7 +399,7 @@ class PipelinePlanner:
 
     @functools.cached_property
     def start_dir(self) -> Optional[str]:
-        return start_model_dir(self.pipeline)
+        return start_model_dir(self.pipeline, self.run_dir)
 
     def resolve(self, ref: str, step_name: str, field_name: str) -> Tuple[Optional[str], Optional[str]]:
         """(directory, step it comes from) for a model reference in step `step_name`."""
@@ -461,8 +462,8 @@ class PipelinePlanner:
         if self.pipeline.wandb is not None:
             args += ["logging=wandb", f"logging.mode={self.pipeline.wandb}", f"logging.run_name={spec.name}"]
         if input_dir is not None and (dep is not None or self.pipeline.start or spec.input):
-            # A step's input is a saved HF directory: drop the preset's GGUF file name.
-            args += [f"model.path={input_dir}", "model.gguf_file=null"]
+            # A saved model directory: it takes precedence over a preset's GGUF file (train/model.py).
+            args.append(f"model.path={input_dir}")
         elif input_dir is not None and _is_gguf_cache(input_dir):
             input_dir = None  # the step converts the preset's GGUF file itself
         args += list(self.pipeline.overrides) + list(spec.overrides)

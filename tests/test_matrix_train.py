@@ -18,12 +18,18 @@ from pathlib import Path
 import pytest
 from conftest import REPO, assert_one_line_error, launch, run_main, tmpfs
 
-from train.run import main as train_main
+from train.config import compose_train_config
+from train.run import train
 
 
 # ---------------------------------------------------------------------------------------------
 # files the cases point at
 # ---------------------------------------------------------------------------------------------
+def train_main(argv):
+    """What launch/train.py does: compose, then train."""
+    train(compose_train_config(argv))
+
+
 def jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

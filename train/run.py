@@ -15,7 +15,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
@@ -32,7 +32,6 @@ from train.checkpoint import (
     publish_final_model,
     resume_checkpoint,
 )
-from train.config import compose_train_config
 from train.deepspeed_config import build_deepspeed_config
 from train.model import (
     load_model,
@@ -55,12 +54,13 @@ from train.tracking import ThroughputCallback, configure_wandb, report_to
 log = logging.getLogger("domainforge")
 
 
-def main(argv: List[str]) -> None:
+def train(cfg: DictConfig) -> None:
+    """Train the stage of a composed config (train.config.compose_train_config), publish it, and
+    leave the process group."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     # torch.distributed's deprecation notices repeat on every collective; they are not ours to fix.
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed.*")
     warnings.filterwarnings("ignore", message=r".*'pin_memory' argument is set as true.*")
-    cfg = compose_train_config(argv)
     run_stage(cfg)
     shutdown_process_group()  # every rank is past save_final_model's barrier
 
