@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Tuple
 
 from core.errors import UserError
 from core.outputs import write_atomic
+from core.validate import check_value, writable_dir
 from core.wandb_runs import log_wandb_run, table_rows
 from evaluation.results import interval, load_results
 from evaluation.synergy import compare
@@ -286,6 +287,7 @@ def run_study(run_dir: str) -> dict:
     """Write study.json, study.md and the plots for a pipeline run; returns the report."""
     run = Path(run_dir).expanduser().resolve()
     plan = read_plan(run)
+    check_value("RUN_DIR", run, (writable_dir,))  # the report goes next to the plan
     rows, tasks, missing = collect(plan)
     if not any(r.scores for r in rows):
         raise UserError(
