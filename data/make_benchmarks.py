@@ -24,7 +24,6 @@ Each check that a fact really is stated where its split says happens here, befor
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -35,7 +34,8 @@ import periodictable as pt
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from general_facts import AUTHORS, COUNTRIES, CURRENCIES, MISC  # noqa: E402
-from make_materials import COMPOUNDS, OUT_DIR as MATERIALS_DIR, QUESTIONS, STRUCTURE_NAMES, element_facts  # noqa: E402
+from make_materials import COMPOUNDS, QUESTIONS, STRUCTURE_NAMES, element_facts, write_outputs  # noqa: E402
+from make_materials import OUT_DIR as MATERIALS_DIR, main as materials_cli  # noqa: E402
 
 OUT_DIR = HERE / "benchmarks"
 SEED = 903444
@@ -285,21 +285,8 @@ def build(out_dir: Path, materials: Path = MATERIALS_DIR) -> dict:
         "general_mc.jsonl": general_rows(rng),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, rows in outputs.items():
-        with open(out_dir / name, "w") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return {name: len(rows) for name, rows in outputs.items()}
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=OUT_DIR)
-    args = parser.parse_args()
-    for name, n in build(args.out).items():
-        path = args.out / name
-        print(f"{path}: {n} rows, {path.stat().st_size / 1024:.0f} KB")
+    return write_outputs(out_dir, outputs)
 
 
 if __name__ == "__main__":
-    main()
+    materials_cli(build, OUT_DIR, __doc__)

@@ -285,6 +285,11 @@ def build(out_dir: Path) -> dict:
         "preference.jsonl": preference,
         "preference_chat.jsonl": preference_chat,
     }
+    return write_outputs(out_dir, outputs)
+
+
+def write_outputs(out_dir: Path, outputs: dict) -> dict:
+    """{file name: rows} as JSONL files in out_dir; {file name: row count}."""
     for name, rows in outputs.items():
         with open(out_dir / name, "w") as fh:
             for row in rows:
@@ -292,12 +297,12 @@ def build(out_dir: Path) -> dict:
     return {name: len(rows) for name, rows in outputs.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=OUT_DIR)
+def main(build=build, out_dir: Path = OUT_DIR, doc: str = __doc__) -> None:
+    """`python <script> [--out DIR]`: write the files and say how big they are."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=out_dir)
     args = parser.parse_args()
-    counts = build(args.out)
-    for name, n in counts.items():
+    for name, n in build(args.out).items():
         path = args.out / name
         print(f"{path}: {n} rows, {path.stat().st_size / 1024:.0f} KB")
 

@@ -96,20 +96,26 @@ def check_task_names(cfg: DictConfig) -> None:
     task_manager_for(list(cfg.tasks), [TASK_DIR, *folders], folders)
 
 
-def build_tasks(tasks: List[str], manager) -> None:
-    """Build every task once before the model loads: bad fields and bad data fail here, one
-    line naming the task."""
-    from lm_eval.tasks import get_task_dict
-
+def build_tasks(tasks: List[str], manager) -> list:
+    """Build every task once, before the model loads: bad fields and bad data fail here, one
+    line naming the task. Returns the built tasks and groups, which simple_evaluate takes as
+    they are (building them again would read every data set twice)."""
+    built: dict = {}  # by name: a task named twice (itself and in a tag) runs once
     for name in tasks:
         try:
-            get_task_dict([name], manager)
+            loaded = manager.load([name])
         except UserError:
             raise
         except Exception as err:  # noqa: BLE001 - lm-eval raises anything from a bad task file
             first = (str(err).strip().splitlines() or [""])[0]
             raise UserError(f"task '{name}' cannot be built ({type(err).__name__}: {first}): "
                             "check its YAML fields against lm-eval's TaskConfig and its data file") from err
+        # a group stays one object (it aggregates its subtasks); a task or tag is its tasks
+        if name in loaded["groups"]:
+            built[name] = loaded["groups"][name]
+        else:
+            built.update(loaded["tasks"])
+    return list(built.values())
 
 
 def resolve_device_dtype(cfg: DictConfig) -> tuple:
@@ -236,7 +242,7 @@ def evaluate(cfg: DictConfig) -> List[dict]:
     with tempfile.TemporaryDirectory(prefix="domainforge-tasks-") as generated:
         tasks = list(dict.fromkeys([*cfg.tasks, *write_benchmark_tasks(list(cfg.benchmarks), Path(generated))]))
         manager = task_manager_for(tasks, [TASK_DIR, *user_folders, Path(generated)], user_folders)
-        build_tasks(tasks, manager)
+        built = build_tasks(tasks, manager)
 
         from lm_eval import simple_evaluate
 
@@ -246,7 +252,7 @@ def evaluate(cfg: DictConfig) -> List[dict]:
               flush=True)
         results = simple_evaluate(
             model=lm,
-            tasks=tasks,
+            tasks=built,
             task_manager=manager,
             num_fewshot=cfg.num_fewshot,
             limit=cfg.limit,

@@ -139,4 +139,32 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny):
                                          + f"\ntask: bad_data\ndataset_kwargs:\n  data_files: {outside}\n")
     assert_one_line_error(run(tiny, "tasks=[bad_data]", f"include_path=[{tasks}]"), "outside.jsonl",
                           "not one of the option")
-    assert not out.exists() and not (tiny / "eval").exists()
+    assert not out.exists()
+
+
+@pytest.mark.integration
+def test_synergy_evaluates_missing_results_first(tmp_path, tiny):
+    """launch/synergy.py on three models without results: each is evaluated (with the given
+    settings) and compared; three identical models sit exactly at the parents' mean."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import test_env
+
+    models = {}
+    for name in ("p1", "p2", "merged"):
+        models[name] = tmp_path / name
+        shutil.copytree(tiny, models[name], ignore=shutil.ignore_patterns("eval"))
+    (models["merged"] / "mergekit_config.yml").write_text(
+        f"merge_method: slerp\nbase_model: {models['p2']}\nmodels:\n  - model: {models['p1']}\n"
+        f"  - model: {models['p2']}\n")
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "synergy.py"), str(models["merged"]), "limit=4",
+                           "--tasks", "materials_sft_mc_loglik", "--json", str(tmp_path / "s.json")],
+                          cwd=REPO, env=test_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for path in models.values():
+        assert json.loads((path / "eval" / "materials_sft_mc_loglik.json").read_text())["n"] == 4
+    acc = json.loads((tmp_path / "s.json").read_text())["tasks"]["materials_sft_mc_loglik"]["acc"]
+    assert acc["P1"] == acc["P2"] == acc["merged"] and acc["merged-E"] == 0.0
+    assert acc["verdict"] == "at the parents' mean, within noise"
