@@ -20,6 +20,12 @@ def is_model_dir(path: str | Path) -> bool:
     return (Path(path) / "config.json").is_file()
 
 
+def epoch_model_dir(output_dir: str | Path, epoch: int) -> Path:
+    """Where a training run keeps the model that ended epoch `epoch` (training.keep_epoch_models),
+    and where a pipeline's evaluation of it looks."""
+    return Path(output_dir) / "epochs" / f"epoch-{epoch}"
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

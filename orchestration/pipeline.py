@@ -27,7 +27,7 @@ from omegaconf import MISSING, DictConfig
 
 from core.config import REPO_ROOT, compose_config
 from core.errors import PREEMPTED_EXIT_CODE, UserError
-from core.outputs import MODEL_CACHE_DIR, is_model_dir, write_atomic
+from core.outputs import MODEL_CACHE_DIR, epoch_model_dir, is_model_dir, write_atomic
 from core.validate import at_least, between, checked, non_negative, writable_dir
 from evaluation.config import compose_eval_config
 from evaluation.run import check_task_names
@@ -39,8 +39,6 @@ START = "start"
 """Reference to the pipeline's starting model (e.g. the Instruct model a merge goes back to)."""
 EVAL_DIR = "eval"
 """Evaluation results of a model: <run dir>/<step>/eval/<task>.json (the start model: <run dir>/start/eval/)."""
-EPOCHS_DIR = "epochs"
-"""Models that end each CPT epoch, kept when pipeline.eval.cpt_epochs: <step>/epochs/epoch-<k>/."""
 PLAN_FILE = "pipeline.json"
 """The resolved plan, written into the run directory: what the study report reads."""
 STUDY_FILE = "study.json"
@@ -361,7 +359,7 @@ class PipelinePlanner:
             # The last epoch's model is the step's own output, evaluated below.
             step.epochs = self.cpt_epochs(step)
             for k in range(1, step.epochs):
-                model = step.output_dir / EPOCHS_DIR / f"epoch-{k}"
+                model = epoch_model_dir(step.output_dir, k)
                 self.steps.append(self.eval_step(f"eval-{step.name}-epoch-{k}", str(model),
                                                  f"{step.name}/epoch-{k}", model / EVAL_DIR, [step.name]))
         self.steps.append(self.eval_step(f"eval-{step.name}", str(step.output_dir), step.name,

@@ -18,6 +18,7 @@ from typing import Optional
 from transformers import TrainerCallback
 
 from core.errors import UserError
+from core.outputs import epoch_model_dir
 
 CHECKPOINTS = "checkpoints"
 FINAL_TMP = ".final-tmp"
@@ -81,13 +82,8 @@ def publish_final_model(output_dir: str | Path) -> None:
     tmp.rmdir()
 
 
-EPOCHS = "epochs"
 # What a checkpoint holds besides the model: DeepSpeed and Trainer state, not for evaluation.
 TRAINING_STATE = ("trainer_state.json", "training_args.bin", "latest", "zero_to_fp32.py", "zero_to_torch.py", "scheduler.pt")
-
-
-def epoch_model_dir(output_dir: str | Path, epoch: int) -> Path:
-    return Path(output_dir) / EPOCHS / f"epoch-{epoch}"
 
 
 def keep_epoch_model(checkpoint: Path, target: Path) -> None:
