@@ -27,7 +27,8 @@ def files_holding_a_secret(root):
 def test_pipeline_step_with_wandb_writes_no_secret(tmp_path):
     root = tmp_path / "runs"
     proc = launch("pipeline.py", ["pipeline=tiny", "step=cpt", f"root={root}",
-                                  "pipeline.steps.0.overrides=['logging=wandb','data.cpt.max_samples=40']"],
+                                  "pipeline.steps.0.overrides=['logging=wandb','data.cpt.max_samples=40',"
+                                  "'training.max_steps=-1','training.num_train_epochs=1']"],
                   env=test_env(**SECRETS), timeout=600)
     (tmp_path / "pipeline.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stderr[-3000:]
