@@ -10,7 +10,8 @@ Sources: the bundled materials set (twice: two copies) and the general replay se
 exactly those rows. Weights are the sources' row counts with all_exhausted, so the mix uses every
 row, like the single source. datasets' cache is off, so every round tokenizes again. In memory:
 tokens/s = dataset_tokens / wall seconds of prepare_<kind>; streaming: tokens of the first
---stream-rows rows read from the prepared stream / wall seconds (building the stream included).
+--stream-rows rows read from the prepared stream / wall seconds of reading them, and separately
+the start-up (building the stream; for the mix this measures the shares on its first rows).
 Rounds alternate (single, mix, single, ...); the ratio is median(mix) / median(single).
 """
 
@@ -74,14 +75,17 @@ def overrides(kind: str, paths, single, mixed: bool, streaming: bool):
                      f"data.{kind}.stopping_strategy=all_exhausted"]
 
 
-def tokens_per_second(kind, cfg, tokenizer, streaming: bool, stream_rows: int) -> float:
+def measure(kind, cfg, tokenizer, streaming: bool, stream_rows: int):
+    """(tokens/s, start-up seconds). In memory: all of prepare_<kind>, no separate start-up.
+    Streaming: tokens/s while reading the prepared stream; start-up = building it (for a mix,
+    that includes measuring the shares on its first rows)."""
     start = time.perf_counter()
     data = PREPARE[kind](cfg, tokenizer)
-    if streaming:
-        tokens = sum(len(r["input_ids"]) for r in data.train_dataset.take(stream_rows))
-    else:
-        tokens = data.stats["dataset_tokens"]
-    return tokens / (time.perf_counter() - start)
+    ready = time.perf_counter()
+    if not streaming:
+        return data.stats["dataset_tokens"] / (ready - start), 0.0
+    tokens = sum(len(r["input_ids"]) for r in data.train_dataset.take(stream_rows))
+    return tokens / (time.perf_counter() - ready), ready - start
 
 
 def main() -> None:
@@ -96,8 +100,8 @@ def main() -> None:
     tokenizer = None
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"datasets {datasets.__version__}; python {platform.python_version()}")
-    print("| kind | mode | single source tok/s | 3-source mix tok/s | mix / single |")
-    print("| --- | --- | ---: | ---: | ---: |")
+    print("| kind | mode | single source tok/s | 3-source mix tok/s | mix / single | start-up s, single / mix |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.kinds:
             paths, single = write_sources(kind, args.copies, Path(tmp))
@@ -107,10 +111,12 @@ def main() -> None:
                 results = {False: [], True: []}
                 for _ in range(args.rounds):
                     for mixed in (False, True):
-                        results[mixed].append(tokens_per_second(kind, cfgs[mixed], tokenizer, streaming, args.stream_rows))
-                one, mix = statistics.median(results[False]), statistics.median(results[True])
-                mode = f"streaming, first {args.stream_rows} rows" if streaming else "in memory"
-                print(f"| {kind} | {mode} | {one:,.0f} | {mix:,.0f} | {mix / one:.2f} |", flush=True)
+                        results[mixed].append(measure(kind, cfgs[mixed], tokenizer, streaming, args.stream_rows))
+                (one, one_start), (mix, mix_start) = (
+                    [statistics.median(column) for column in zip(*results[m])] for m in (False, True))
+                mode = f"streaming, {args.stream_rows} rows read" if streaming else "in memory, whole prepare"
+                start_up = f"{one_start:.1f} / {mix_start:.1f}" if streaming else "-"
+                print(f"| {kind} | {mode} | {one:,.0f} | {mix:,.0f} | {mix / one:.2f} | {start_up} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -194,7 +194,7 @@ def prepare_preference(cfg, tokenizer) -> PreparedData:
     if rows.names:
         lengths = sum(list_lengths(dataset, c) for c in ("prompt_ids", "chosen_ids", "rejected_ids"))
         shares = mix_shares(rows.names, dataset.with_format("arrow")[SOURCE].to_numpy(), lengths)
-        report_mix("preference", rows.names, shares, len(dataset), streaming=spec.streaming)
+        report_mix("preference", rows.names, shares, len(dataset), streaming=False)  # pairs are read whole
         stats.update(shares)
         dataset = dataset.remove_columns(SOURCE)
     if int(os.environ.get("RANK", "0")) == 0:

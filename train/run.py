@@ -44,7 +44,7 @@ from train.runtime import (
     shutdown_process_group,
 )
 from train.stages import get_stage
-from train.tracking import ThroughputCallback, completions_callback, configure_wandb, report_to
+from train.tracking import PromptCompletionsCallback, ThroughputCallback, configure_wandb, report_to
 
 log = logging.getLogger("domainforge")
 
@@ -147,7 +147,7 @@ def run_stage(cfg: DictConfig) -> Path:
     # First in line, so the loggers after it (console, W&B) see the values it adds.
     trainer.callback_handler.callbacks.insert(0, throughput)
     if cfg.training.log_completions > 0:
-        trainer.add_callback(completions_callback(trainer, data.eval_prompts, cfg.training.completion_tokens))
+        trainer.add_callback(PromptCompletionsCallback(trainer, data.eval_prompts, cfg.training.completion_tokens))
 
     # Train.
     if resume_from and runtime.is_main:

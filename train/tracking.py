@@ -8,7 +8,8 @@ import os
 import time
 from typing import Dict, List
 
-from transformers import TrainerCallback
+from transformers import GenerationConfig, TrainerCallback
+from trl import LogCompletionsCallback
 
 from core.errors import UserError
 
@@ -68,29 +69,23 @@ class ThroughputCallback(TrainerCallback):
         logs.update(self.stats)
 
 
-def completions_callback(trainer, prompts: List, max_new_tokens: int):
+class PromptCompletionsCallback(LogCompletionsCallback):
     """TRL's LogCompletionsCallback: at every evaluation step, greedy completions of `prompts`
-    (raw strings or chat messages) go to W&B as the `completions` table."""
-    from transformers import GenerationConfig
-    from trl import LogCompletionsCallback
+    (raw strings or chat messages) go to W&B as the `completions` table.
 
-    class PromptCompletionsCallback(LogCompletionsCallback):
-        """TRL's callback reads raw prompts from the eval set's `prompt` column; ours are
-        tokenized, so it gets the raw prompts, as a plain list: accelerate does not split a
-        datasets 5 `Column` between ranks (measured: 2 prompts on 2 ranks gave 4 table rows).
-        The tokenizer's padding side is restored after its left-padded generation, so the saved
-        tokenizer does not change."""
+    TRL's callback reads raw prompts from the eval set's `prompt` column; ours are tokenized,
+    so it gets the raw prompts, as a plain list: accelerate does not split a datasets 5 `Column`
+    between ranks (measured: 2 prompts on 2 ranks gave 4 table rows). The tokenizer's padding
+    side is restored after its left-padded generation, so the saved tokenizer does not change."""
 
-        def __init__(self):
-            generation = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False)
-            super().__init__(trainer, generation_config=generation)
-            self.eval_dataset = {"prompt": list(prompts)}
+    def __init__(self, trainer, prompts: List, max_new_tokens: int):
+        super().__init__(trainer, generation_config=GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False))
+        self.eval_dataset = {"prompt": list(prompts)}
 
-        def on_step_end(self, args, state, control, **kwargs):
-            side = kwargs["processing_class"].padding_side
-            try:
-                super().on_step_end(args, state, control, **kwargs)
-            finally:
-                kwargs["processing_class"].padding_side = side
-
-    return PromptCompletionsCallback()
+    def on_step_end(self, args, state, control, **kwargs):
+        tokenizer = kwargs["processing_class"]
+        side = tokenizer.padding_side
+        try:
+            super().on_step_end(args, state, control, **kwargs)
+        finally:
+            tokenizer.padding_side = side
