@@ -71,6 +71,7 @@ def either(value: Any, other: Check) -> Check:
 positive = greater_than(0)
 non_negative = at_least(0)
 unit_interval = Check(lambda v: _number(v) and 0 < v <= 1, "must be in (0, 1]")
+open_unit_interval = Check(lambda v: _number(v) and 0 < v < 1, "must be in (0, 1)")
 
 
 def _writable_output(value: Any) -> Any:

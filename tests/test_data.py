@@ -311,7 +311,8 @@ def test_wrong_columns_list_what_was_found(tmp_path, streaming):
                         ("preference", "`prompt`, `chosen` and `rejected`")]:
         assert error_of(load_rows, DatasetConfig(path=str(path), streaming=streaming), kind) == (
             f"data.{kind}.path={path} has columns [question, answer] but {kind} data needs {needs}: "
-            f"rename the columns or point data.{kind}.path at the right dataset"
+            f"rename them with data.{kind}.columns={{<column>: <stage column>}} or point data.{kind}.path at the "
+            "right dataset"
         )
 
 

@@ -65,6 +65,17 @@ def learnable_set(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def learnable_eval_set(tmp_path_factory):
+    """8 held-out pairs of the same kind (bundled rows 64-71)."""
+    path = tmp_path_factory.mktemp("data") / "learnable_eval.jsonl"
+    rows = [json.loads(l) for l in BUNDLED.read_text().splitlines()[64:72]]
+    path.write_text("".join(
+        json.dumps({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": "I cannot say, maybe ask someone."}) + "\n"
+        for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
 def saved_model(tmp_path_factory, env):
     """A model saved by the SFT stage (2 steps of it, under the same launcher)."""
     out = tmp_path_factory.mktemp("sft") / "run"
@@ -86,18 +97,20 @@ def train(stage, out, env, *overrides, steps):
 
 
 @pytest.fixture(scope="module")
-def dpo_run(tmp_path_factory, learnable_set, env):
+def dpo_run(tmp_path_factory, learnable_set, learnable_eval_set, env):
     out = tmp_path_factory.mktemp("dpo") / "run"
     proc = train("dpo", out, env, f"data.preference.path={learnable_set}", "stage.beta=0.5",
-                 "logging=wandb", "logging.mode=offline", steps=16)
+                 "logging=wandb", "logging.mode=offline", f"data.preference.eval_path={learnable_eval_set}",
+                 "training.eval_steps=8", steps=16)
     return out, proc
 
 
 @pytest.fixture(scope="module")
-def orpo_run(tmp_path_factory, learnable_set, env):
+def orpo_run(tmp_path_factory, learnable_set, learnable_eval_set, env):
     out = tmp_path_factory.mktemp("orpo") / "run"
     proc = train("orpo", out, env, f"data.preference.path={learnable_set}",
-                 "logging=wandb", "logging.mode=offline", steps=16)
+                 "logging=wandb", "logging.mode=offline", f"data.preference.eval_path={learnable_eval_set}",
+                 "training.eval_steps=8", steps=16)
     return out, proc
 
 
@@ -141,6 +154,20 @@ def test_preference_metrics_reach_wandb(run, keys, request):
         assert all(f"train/{key}" in r for r in rows), (key, sorted(rows[0]))
     assert rows[0]["train/preference_rows"] == 64
     assert all(r["train/tokens_per_second"] > 0 for r in rows[1:])  # input tokens are counted
+
+
+@pytest.mark.parametrize("run, rising", [("dpo_run", "rewards/margins"), ("orpo_run", "log_odds_ratio")])
+def test_preference_eval_metrics_reach_wandb(run, rising, request):
+    """TRL's eval metrics on the 8 held-out pairs, every training.eval_steps: DPO's eval rewards
+    and margins, ORPO's eval log-odds ratio; the held-out preference is learned too."""
+    out, _ = request.getfixturevalue(run)
+    (wandb_run,) = find_offline_runs(out)
+    rows = [r for r in history(wandb_run) if "eval/loss" in r]
+    assert [r["train/global_step"] for r in rows] == [8, 16]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", rising):
+        assert all(f"eval/{key}" in r for r in rows), (key, sorted(rows[0]))
+    assert rows[1][f"eval/{rising}"] > rows[0][f"eval/{rising}"]
+    assert rows[1]["eval/loss"] < rows[0]["eval/loss"]
 
 
 @pytest.mark.parametrize("run", ["dpo_run", "orpo_run"])

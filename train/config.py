@@ -17,7 +17,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from core.config import compose_config, schema_file
 from core.errors import UserError
-from core.validate import at_least, checked, either, non_negative, one_of, positive, writable_dir
+from core.validate import (
+    at_least, checked, either, non_negative, one_of, open_unit_interval, positive, unit_interval, writable_dir,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,16 +43,51 @@ class ModelConfig:
 
 
 @dataclass
-class DatasetConfig:
+class SourceConfig:
+    """One source of a mix (`data.<kind>.sources`)."""
+
     path: str = MISSING
-    """A .jsonl/.json/.parquet/.txt file, a glob of them, a directory of them, or a saved HF
-    dataset directory (`datasets.save_to_disk`)."""
+    """A file, glob, directory or saved HF dataset, as for `data.<kind>.path`."""
+    weight: Optional[float] = checked(None, positive)
+    """Relative sampling weight (> 0): the source's expected share of the mixed rows is
+    weight / sum of weights. None: 1, unless the mix uses `fraction`."""
+    fraction: Optional[float] = checked(None, unit_interval)
+    """alignment-handbook `dataset_mixer` semantics: take this fraction (0 < f <= 1) of the
+    source's rows, then concatenate every source and shuffle. Set on every source or none."""
+    columns: Dict[str, str] = field(default_factory=dict)
+    """Rename the source's columns to the stage's, e.g. {question: prompt, answer: completion}."""
+    name: Optional[str] = None
+    """Name in the logged mix shares (`mix/<name>/rows`); default: the file or folder name."""
+    split: str = "train"
+    """Split of a saved DatasetDict."""
+    max_samples: Optional[int] = checked(None, at_least(1))
+    """Use only the first N rows of this source."""
+
+
+@dataclass
+class DatasetConfig:
+    path: Optional[str] = None
+    """One source: a .jsonl/.json/.parquet/.txt file, a glob of them, a directory of them, or a
+    saved HF dataset directory (`datasets.save_to_disk`). Set this or `sources`, not both."""
+    sources: List[SourceConfig] = field(default_factory=list)
+    """A weighted mix of sources (train/data.py, "mixing"). Set this or `path`, not both."""
+    columns: Dict[str, str] = field(default_factory=dict)
+    """Rename the columns of `path` (and `eval_path`) to the stage's, e.g. {question: prompt}."""
     split: str = "train"
     streaming: bool = False
     """Stream the corpus instead of loading it (for corpora larger than RAM). Needs
     training.max_steps, since a stream has no length."""
     max_samples: Optional[int] = checked(None, at_least(1))
-    """Use only the first N rows (smoke tests)."""
+    """Use only the first N rows (of the mix, with `sources`) (smoke tests)."""
+    stopping_strategy: str = checked("first_exhausted", one_of("first_exhausted", "all_exhausted"))
+    """How a weighted mix ends (datasets.interleave_datasets): first_exhausted (when the first
+    source runs out: no row repeats, shares follow the weights) or all_exhausted (when the last
+    one does: smaller sources repeat)."""
+    eval_fraction: Optional[float] = checked(None, open_unit_interval)
+    """Hold out this fraction (0 < f < 1) of the rows for evaluation (train_test_split with
+    training.seed). Set this or `eval_path`."""
+    eval_path: Optional[str] = None
+    """An evaluation set in the same formats as `path` (always loaded in memory)."""
 
 
 @dataclass
@@ -129,6 +166,15 @@ class TrainingConfig:
     directory; checkpoints rotate, these stay): the paper's CPT-epoch curve evaluates each."""
     seed: int = checked(42, non_negative)
     dataloader_num_workers: int = checked(0, non_negative)
+    eval_steps: int = checked(500, at_least(1))
+    """Evaluate on the eval split (data.<kind>.eval_fraction or eval_path) every N optimizer
+    steps: eval_loss (and the preference stages' eval rewards) go to the console,
+    trainer_state.json and W&B."""
+    log_completions: int = checked(0, non_negative)
+    """At every evaluation, log greedy completions of the first N eval prompts to W&B as a
+    table (`completions`, TRL's LogCompletionsCallback). 0: off. Needs an eval split and W&B."""
+    completion_tokens: int = checked(48, at_least(1))
+    """New tokens per logged completion."""
     extra_args: Dict[str, Any] = field(default_factory=dict)
     """Raw keyword arguments passed to the TRL config (expert use)."""
 

@@ -28,8 +28,9 @@ import itertools
 import json
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import datasets
 from datasets import DatasetDict, IterableDataset
@@ -53,14 +54,16 @@ GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 # ---------------------------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------------------------
-def load_rows(spec, kind: str, key: Optional[str] = None):
-    """Rows of `data.<kind>` (a DatasetConfig): a Dataset, or an IterableDataset when
-    `spec.streaming`. UserError (one line, naming `key`, by default `data.<kind>.path`) on
-    anything unusable."""
+def load_rows(spec, kind: str, key: Optional[str] = None, streaming: Optional[bool] = None):
+    """Rows of `data.<kind>` (a DatasetConfig or one of its SourceConfigs): a Dataset, or an
+    IterableDataset when streaming (default: `spec.streaming`), with `spec.columns` renamed to
+    the stage's. UserError (one line, naming `key`, by default `data.<kind>.path`) on anything
+    unusable."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
     key = key or f"data.{kind}.path"
     path = str(spec.path)
+    streaming = getattr(spec, "streaming", False) if streaming is None else streaming
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parsers log errors we re-raise as one line
     try:
@@ -76,16 +79,16 @@ def load_rows(spec, kind: str, key: Optional[str] = None):
                         f"set data.{kind}.split to one of them"
                     )
                 rows = rows[spec.split]
-            if spec.streaming:
+            if streaming:
                 rows = rows.to_iterable_dataset()
         else:
             builder, files = _data_files(path, key, kind)
-            rows = datasets.load_dataset(builder, data_files=files, split="train", streaming=spec.streaming,
+            rows = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming,
                                          **({"sample_by": "document"} if builder == "text" else {}))
         if spec.max_samples is not None:
-            rows = rows.take(spec.max_samples) if spec.streaming else rows.select(range(min(spec.max_samples, len(rows))))
+            rows = rows.take(spec.max_samples) if streaming else rows.select(range(min(spec.max_samples, len(rows))))
         # A stream is only read here, so its parse errors surface here too.
-        if next(iter(rows.take(1)), None) is None if spec.streaming else len(rows) == 0:
+        if next(iter(rows.take(1)), None) is None if streaming else len(rows) == 0:
             raise _empty(key, path)
         columns = column_names(rows)
     except UserError:
@@ -98,7 +101,18 @@ def load_rows(spec, kind: str, key: Optional[str] = None):
         raise UserError(f"could not read {key}={path}: {first}: fix or replace the file") from err
     finally:
         datasets.logging.set_verbosity(verbosity)
-    _check_columns(columns, kind, key, path)
+    columns_key = key.rsplit(".", 1)[0] + ".columns"
+    mapping = dict(getattr(spec, "columns", None) or {})
+    if mapping:
+        unknown = [c for c in mapping if c not in columns]
+        if unknown:
+            raise UserError(
+                f"{columns_key} renames '{unknown[0]}', but {key}={path} has columns [{', '.join(columns)}]: "
+                f"fix the mapping in {columns_key}"
+            )
+        rows = rows.rename_columns(mapping)
+        columns = column_names(rows)
+    _check_columns(columns, kind, key, path, columns_key)
     check_rows(rows, ROW_SCHEMAS[kind], f"{key}={path}")
     return rows
 
@@ -228,7 +242,7 @@ def _data_files(path: str, key: str, kind: str) -> Tuple[str, List[str]]:
     return builders[0], files
 
 
-def _check_columns(columns: List[str], kind: str, key: str, path: str) -> None:
+def _check_columns(columns: List[str], kind: str, key: str, path: str, columns_key: str) -> None:
     have = set(columns)
     ok = {
         "cpt": "text" in have,
@@ -238,15 +252,232 @@ def _check_columns(columns: List[str], kind: str, key: str, path: str) -> None:
     if not ok:
         raise UserError(
             f"{key}={path} has columns [{', '.join(columns)}] but {kind} data needs "
-            f"{COLUMNS_NEEDED[kind]}: rename the columns or point {key} at the right dataset"
+            f"{COLUMNS_NEEDED[kind]}: rename them with {columns_key}={{<column>: <stage column>}} or point {key} at the right dataset"
         )
 
 
-def _require_max_steps(cfg, kind: str) -> None:
-    if cfg.data[kind].streaming and cfg.training.max_steps <= 0:
+# ---------------------------------------------------------------------------------------------
+# mixing and eval splits: data.<kind>.path (one source) or data.<kind>.sources (a weighted mix)
+# ---------------------------------------------------------------------------------------------
+SOURCE = "__mix_source"  # index of the source a mixed row came from; dropped before training
+MIX_STATS_ROWS = 2000  # a stream has no end to count to: its shares are measured on these first rows
+MESSAGES = [{"role": datasets.Value("string"), "content": datasets.Value("string")}]
+CANONICAL_FEATURES = {  # the one schema every source of a mix is mapped to, so they can be mixed
+    "cpt": {"text": datasets.Value("string")},
+    "sft": {"messages": MESSAGES},
+    "preference": {"prompt": MESSAGES, "chosen": MESSAGES, "rejected": MESSAGES},
+}
+
+
+@dataclass
+class SplitRows:
+    """Raw rows of one `data.<kind>`: what to train on, what to evaluate on, and the names of
+    the mixed sources (empty for a single `path`)."""
+
+    train: Any
+    eval: Any = None
+    names: List[str] = field(default_factory=list)
+
+
+def plain_messages(messages) -> List[dict]:
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def canonical_text(row: dict, index: int, key: str) -> dict:
+    return {"text": row["text"]}
+
+
+def canonical_chat(row: dict, index: int, key: str) -> dict:
+    messages = to_messages(row)
+    _check_messages(messages, f"{key} row {index}")
+    return {"messages": plain_messages(messages)}
+
+
+def _tag_row(row: dict, index: int, canonical: Callable, key: str, source: int) -> dict:
+    return {**canonical(row, index, key), SOURCE: source}
+
+
+def mix_mode(spec, kind: str) -> Tuple[str, List[float]]:
+    """("weight", relative weights) or ("fraction", fractions) of `data.<kind>.sources`."""
+    for i, source in enumerate(spec.sources):
+        key = f"data.{kind}.sources[{i}]"
+        if source.weight is not None and source.fraction is not None:
+            raise UserError(f"{key} sets both weight and fraction: keep one")
+    with_fraction = sum(s.fraction is not None for s in spec.sources)
+    if with_fraction == 0:
+        return "weight", [1.0 if s.weight is None else float(s.weight) for s in spec.sources]
+    if with_fraction < len(spec.sources):
         raise UserError(
-            f"data.{kind}.streaming=true needs training.max_steps>0 (a stream has no length): set training.max_steps"
+            f"data.{kind}.sources: {with_fraction} of {len(spec.sources)} sources set fraction: set fraction on "
+            "every source (dataset_mixer: a share of each source's rows) or weight on every source (sampling weights)"
         )
+    if spec.streaming:
+        raise UserError(
+            f"data.{kind}.sources[*].fraction needs each source's length, which a stream does not have: "
+            f"use weight with data.{kind}.streaming=true"
+        )
+    return "fraction", [float(s.fraction) for s in spec.sources]
+
+
+def source_names(spec) -> List[str]:
+    """Each source's name in the logs: its `name`, else its file or folder name, made unique."""
+    names = []
+    for i, source in enumerate(spec.sources):
+        name = source.name or Path(str(source.path).rstrip("/")).stem or f"source{i}"
+        names.append(name if name not in names else f"{name}_{i}")
+    return names
+
+
+def check_data_spec(cfg, kind: str) -> None:
+    """`data.<kind>` names its rows exactly one way, with consistent mix and eval options."""
+    spec, where = cfg.data[kind], f"data.{kind}"
+    has_path, has_sources = bool(spec.path), len(spec.sources) > 0
+    if has_path == has_sources:
+        raise UserError(
+            f"{where}: set exactly one of {where}.path (one source) or {where}.sources (a weighted mix); "
+            + ("both are set: drop one" if has_path else f"neither is set: e.g. {where}.path=<file|glob|dir>")
+        )
+    if has_sources:
+        mix_mode(spec, kind)
+    if spec.eval_fraction is not None and spec.eval_path:
+        raise UserError(f"{where}: set {where}.eval_fraction or {where}.eval_path, not both")
+    if spec.eval_fraction is not None:
+        if spec.streaming:
+            raise UserError(
+                f"{where}.eval_fraction needs the rows in memory: set {where}.eval_path to a held-out file "
+                f"for a stream, or {where}.streaming=false"
+            )
+    if spec.streaming and cfg.training.max_steps <= 0:
+        raise UserError(
+            f"{where}.streaming=true needs training.max_steps>0 (a stream has no length): set training.max_steps"
+        )
+    if cfg.training.eval_steps <= 0:
+        raise UserError(f"training.eval_steps={cfg.training.eval_steps}: evaluate every N>0 steps")
+    if cfg.training.log_completions > 0:
+        if spec.eval_fraction is None and not spec.eval_path:
+            raise UserError(
+                f"training.log_completions={cfg.training.log_completions} samples from the eval split: "
+                f"set {where}.eval_fraction or {where}.eval_path"
+            )
+        if cfg.logging.backend != "wandb":
+            raise UserError(
+                f"training.log_completions={cfg.training.log_completions} logs a W&B table: set logging=wandb"
+            )
+
+
+def load_mix(spec, kind: str, canonical: Callable, seed: int, num_proc: Optional[int] = None):
+    """Every source of `data.<kind>.sources`, mapped to the stage's columns and tagged with its
+    index in SOURCE, mixed by weight (interleave) or by fraction (sample, concatenate, shuffle)."""
+    mode, values = mix_mode(spec, kind)
+    features = datasets.Features({**CANONICAL_FEATURES[kind], SOURCE: datasets.Value("int32")})
+    parts = []
+    for i, source in enumerate(spec.sources):
+        key = f"data.{kind}.sources[{i}]"
+        rows = load_rows(source, kind, key=f"{key}.path", streaming=spec.streaming)
+        map_kwargs = dict(with_indices=True, remove_columns=column_names(rows), features=features,
+                          fn_kwargs={"canonical": canonical, "key": f"{key}.path", "source": i})
+        if not spec.streaming:
+            map_kwargs.update(num_proc=num_proc, desc=f"map {key} to {kind} columns")
+        parts.append(rows.map(_tag_row, **map_kwargs))
+
+    if mode == "fraction":
+        # alignment-handbook's dataset_mixer: a random `fraction` of each source's rows, then one
+        # shuffled concatenation; every source's share of the rows is then exact.
+        picked = []
+        for i, (rows, fraction) in enumerate(zip(parts, values)):
+            n = int(fraction * len(rows))
+            if n == 0:
+                raise UserError(
+                    f"data.{kind}.sources[{i}].fraction={fraction} of {len(rows)} rows selects none: raise it"
+                )
+            picked.append(rows.shuffle(seed=seed).select(range(n)))
+        return datasets.concatenate_datasets(picked).shuffle(seed=seed).flatten_indices()
+
+    # first_exhausted (the default): the mix ends when its first source runs out, so within an
+    # epoch no row repeats and the shares follow the weights to the end. all_exhausted would run
+    # until the last source is used up: a large general set at a low weight would then repeat the
+    # small domain set many times per epoch (length max(n_i / p_i) instead of min(n_i / p_i)).
+    total = sum(values)
+    return datasets.interleave_datasets(
+        parts, probabilities=[v / total for v in values], seed=seed, stopping_strategy=spec.stopping_strategy
+    )
+
+
+def load_split_rows(cfg, kind: str, canonical: Callable) -> SplitRows:
+    """`data.<kind>`'s rows (one source or a mix), less its eval split, and that eval split."""
+    check_data_spec(cfg, kind)
+    spec, seed = cfg.data[kind], cfg.training.seed
+    if spec.path:
+        rows, names = load_rows(spec, kind), []
+    else:
+        rows, names = load_mix(spec, kind, canonical, seed, cfg.data.num_proc), source_names(spec)
+        if spec.max_samples is not None:
+            rows = rows.take(spec.max_samples) if spec.streaming else rows.select(range(min(spec.max_samples, len(rows))))
+    eval_rows = None
+    if spec.eval_fraction is not None:
+        if len(rows) < 2:
+            raise UserError(f"data.{kind}.eval_fraction: {len(rows)} row cannot be split: add rows or drop eval_fraction")
+        split = rows.train_test_split(test_size=spec.eval_fraction, seed=seed)
+        rows, eval_rows = split["train"], split["test"]
+        if SOURCE in eval_rows.column_names:  # shares are reported for the training rows only
+            eval_rows = eval_rows.remove_columns(SOURCE)
+    elif spec.eval_path:
+        eval_spec = DatasetSpec(path=spec.eval_path, split=spec.split, columns=spec.columns)
+        eval_rows = load_rows(eval_spec, kind, key=f"data.{kind}.eval_path", streaming=False)
+    return SplitRows(rows, eval_rows, names)
+
+
+@dataclass
+class DatasetSpec:
+    """The fields of a DatasetConfig that load_rows reads, for sets the config names by path only."""
+
+    path: str
+    split: str = "train"
+    columns: Dict[str, str] = field(default_factory=dict)
+    max_samples: Optional[int] = None
+
+
+def mix_shares(names: List[str], sources, tokens) -> Dict[str, float]:
+    """Each source's share of the rows and of the tokens (arrays aligned row by row)."""
+    import numpy as np
+
+    sources, tokens = np.asarray(sources), np.asarray(tokens, dtype=np.int64)
+    stats = {}
+    for i, name in enumerate(names):
+        mine = sources == i
+        stats[f"mix/{name}/rows"] = float(mine.sum() / max(len(sources), 1))
+        stats[f"mix/{name}/tokens"] = float(tokens[mine].sum() / max(tokens.sum(), 1))
+    return stats
+
+
+def report_mix(kind: str, names: List[str], stats: Dict[str, float], rows: int, streaming: bool) -> None:
+    if not names or int(os.environ.get("RANK", "0")) != 0:
+        return
+    where = f"the first {rows} rows of the stream" if streaming else f"{rows} rows"
+    shares = "; ".join(
+        f"{n} {stats[f'mix/{n}/rows']:.1%} of rows, {stats[f'mix/{n}/tokens']:.1%} of tokens" for n in names
+    )
+    print(f"{kind} data mix over {where}: {shares}", flush=True)
+
+
+def shares_of_stream(names: List[str], stream, length: Callable[[dict], int]) -> Tuple[Dict[str, float], int]:
+    """mix_shares over the first MIX_STATS_ROWS rows of a tokenized, tagged stream."""
+    head = list(stream.take(MIX_STATS_ROWS))
+    return mix_shares(names, [r[SOURCE] for r in head], [length(r) for r in head]), len(head)
+
+
+def completion_prompts(rows, kind: str, n: int) -> list:
+    """The first n eval prompts for logged completions: the start of a document (CPT) or the
+    turns before the first assistant turn (SFT; preference.py takes the pairs' prompts)."""
+    prompts = []
+    for row in rows.select(range(min(n, len(rows)))):
+        if kind == "cpt":
+            prompts.append(" ".join(str(row["text"]).split()[:32]))
+        else:
+            messages = to_messages(row)
+            first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+            prompts.append(plain_messages(messages[:first]))
+    return prompts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,9 +506,12 @@ def tokenize_documents(batch: Dict[str, list], tokenizer) -> Dict[str, list]:
     """{"text": [str]} -> {"input_ids": [[int]]}, each document followed by EOS; blank documents
     are dropped (they would only add EOS tokens)."""
     eos = tokenizer.eos_token_id
-    texts = [t for t in batch["text"] if isinstance(t, str) and t.strip()]
-    ids = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
-    return {"input_ids": [doc if doc and doc[-1] == eos else doc + [eos] for doc in ids]}
+    keep = [i for i, t in enumerate(batch["text"]) if isinstance(t, str) and t.strip()]
+    ids = tokenizer([batch["text"][i] for i in keep], add_special_tokens=True)["input_ids"] if keep else []
+    out = {"input_ids": [doc if doc and doc[-1] == eos else doc + [eos] for doc in ids]}
+    if SOURCE in batch:  # a mixed row keeps its source's index
+        out[SOURCE] = [batch[SOURCE][i] for i in keep]
+    return out
 
 
 def pad_block(block: List[int], block_size: int, pad_id: int) -> Dict[str, List[int]]:
@@ -303,34 +537,61 @@ def _stream_blocks(documents: IterableDataset, block_size: int, pad_id: int):
     yield from iter_blocks((row["input_ids"] for row in documents), block_size, pad_id)
 
 
-def _only_blank(spec) -> UserError:
-    return UserError(f"data.cpt.path={spec.path} holds only empty `text`: point it at a corpus with text")
+def _only_blank(where: str) -> UserError:
+    return UserError(f"{where} holds only empty `text`: point it at a corpus with text")
+
+
+def _data_where(spec, kind: str) -> str:
+    return f"data.{kind}.path={spec.path}" if spec.path else f"data.{kind}.sources"
 
 
 def prepare_cpt(cfg, tokenizer) -> PreparedData:
-    spec, block_size = cfg.data.cpt, cfg.training.max_seq_length
-    _require_max_steps(cfg, "cpt")
-    rows = load_rows(spec, "cpt")
+    spec = cfg.data.cpt
+    rows = load_split_rows(cfg, "cpt", canonical_text)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collator = DataCollatorForLanguageModeling(pad_token_id=pad_id)
+    train, stats = cpt_blocks(cfg, tokenizer, rows.train, rows.names, _data_where(spec, "cpt"), spec.streaming)
+    data = PreparedData(train_dataset=train, data_collator=collator, stats=stats)
+    if rows.eval is not None:
+        data.eval_dataset, _ = cpt_blocks(cfg, tokenizer, rows.eval, [], f"data.cpt eval split", streaming=False)
+        data.eval_prompts = completion_prompts(rows.eval, "cpt", cfg.training.log_completions)
+    return data
+
+
+def cpt_blocks(cfg, tokenizer, rows, names: List[str], where: str, streaming: bool):
+    """Documents -> (blocks of max_seq_length tokens, stats); a mix's shares are in the stats."""
+    block_size = cfg.training.max_seq_length
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     map_kwargs = dict(batched=True, remove_columns=column_names(rows), fn_kwargs={"tokenizer": tokenizer})
 
-    if spec.streaming:
+    if streaming:
         # TRL's pack_dataset wraps each map batch on its own (a short block per batch); a
         # generator that carries the remainder keeps every block but the last one full.
         documents = rows.map(tokenize_documents, **map_kwargs)
+        stats = {"block_size": block_size}
+        if names:
+            shares, measured = shares_of_stream(names, documents, lambda r: len(r["input_ids"]))
+            stats.update(shares)
+            report_mix("cpt", names, shares, measured, streaming=True)
+            documents = documents.remove_columns(SOURCE)
         blocks = IterableDataset.from_generator(
             _stream_blocks, gen_kwargs={"documents": documents, "block_size": block_size, "pad_id": pad_id}
         )
         if next(iter(blocks.take(1)), None) is None:
-            raise _only_blank(spec)
-        return PreparedData(train_dataset=blocks, data_collator=collator, stats={"block_size": block_size})
+            raise _only_blank(where)
+        return blocks, stats
 
     documents = rows.map(tokenize_documents, num_proc=cfg.data.num_proc, desc="tokenize cpt", **map_kwargs)
     if len(documents) == 0:
-        raise _only_blank(spec)
-    report_dropped(f"data.cpt.path={spec.path}", len(rows), len(rows) - len(documents), "blank or null `text`")
-    num_tokens = int(list_lengths(documents, "input_ids").sum())
+        raise _only_blank(where)
+    report_dropped(where, len(rows), len(rows) - len(documents), "blank or null `text`")
+    lengths = list_lengths(documents, "input_ids")
+    num_tokens = int(lengths.sum())
+    shares = {}
+    if names:
+        shares = mix_shares(names, documents.with_format("arrow")[SOURCE].to_numpy(), lengths)
+        report_mix("cpt", names, shares, len(documents), streaming=False)
+        documents = documents.remove_columns(SOURCE)
     # TRL's "wrapped" packing is exactly EOS-joined fixed blocks; one map batch over the whole
     # dataset so only the final block can be short, then that block is padded.
     blocks = pack_dataset(documents, block_size, strategy="wrapped", map_kwargs={"batch_size": None})
@@ -343,8 +604,9 @@ def prepare_cpt(cfg, tokenizer) -> PreparedData:
         "dataset_tokens": num_tokens,  # not "num_tokens": TRL logs its running token count under that name
         "num_blocks": num_blocks,
         "packing_efficiency": num_tokens / (num_blocks * block_size),
+        **shares,
     }
-    return PreparedData(train_dataset=blocks, data_collator=collator, stats=stats)
+    return blocks, stats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,6 +723,8 @@ def tokenize_chats(batch: Dict[str, list], indices: List[int], tokenizer, max_le
         out["input_ids"].append(ids[:max_length])
         out["labels"].append(labels[:max_length])
         out["truncated"].append(len(ids) > max_length)
+    if SOURCE in batch:  # a mixed row keeps its source's index
+        out[SOURCE] = list(batch[SOURCE])
     return out
 
 
@@ -469,13 +733,24 @@ def _has_loss_tokens(row: dict) -> bool:
 
 
 def prepare_sft(cfg, tokenizer) -> PreparedData:
-    spec, max_length = cfg.data.sft, cfg.training.max_seq_length
-    key = "data.sft.path"
-    packing = bool(cfg.stage.packing)
-    if packing and spec.streaming:
+    spec = cfg.data.sft
+    if cfg.stage.packing and spec.streaming:
         raise UserError("stage.packing=true needs the whole SFT set in memory: set data.sft.streaming=false")
-    _require_max_steps(cfg, "sft")
-    rows = load_rows(spec, "sft")
+    rows = load_split_rows(cfg, "sft", canonical_chat)
+    where = _data_where(spec, "sft")
+    data = sft_examples(cfg, tokenizer, rows.train, rows.names, "data.sft.path" if spec.path else where, where,
+                        spec.streaming)
+    if rows.eval is not None:
+        key = "data.sft.eval_path" if spec.eval_path else "data.sft eval split"
+        evaluation = sft_examples(cfg, tokenizer, rows.eval, [], key, key, streaming=False)
+        data.eval_dataset = evaluation.train_dataset
+        data.eval_prompts = completion_prompts(rows.eval, "sft", cfg.training.log_completions)
+    return data
+
+
+def sft_examples(cfg, tokenizer, rows, names: List[str], key: str, where: str, streaming: bool) -> PreparedData:
+    """Chats -> tokenized (optionally packed) examples, their collator and stats."""
+    max_length, packing = cfg.training.max_seq_length, bool(cfg.stage.packing)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     map_kwargs = dict(
         batched=True,
@@ -484,9 +759,14 @@ def prepare_sft(cfg, tokenizer) -> PreparedData:
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_length,
                    "assistant_only": bool(cfg.stage.assistant_only_loss), "key": key},
     )
-    if spec.streaming:
+    if streaming:
         chats = rows.map(tokenize_chats, **map_kwargs).filter(_has_loss_tokens).remove_columns("truncated")
-        return PreparedData(chats, DataCollatorForLanguageModeling(pad_token_id=pad_id), {})
+        stats = {}
+        if names:
+            stats, measured = shares_of_stream(names, chats, lambda r: len(r["input_ids"]))
+            report_mix("sft", names, stats, measured, streaming=True)
+            chats = chats.remove_columns(SOURCE)
+        return PreparedData(chats, DataCollatorForLanguageModeling(pad_token_id=pad_id), stats)
 
     chats = rows.map(tokenize_chats, num_proc=cfg.data.num_proc, desc="tokenize sft", **map_kwargs)
     truncated_rows = count_not_equal(chats, "truncated", False)
@@ -494,18 +774,24 @@ def prepare_sft(cfg, tokenizer) -> PreparedData:
     kept = chats.filter(_has_loss_tokens, num_proc=cfg.data.num_proc, desc="drop rows without loss tokens")
     if len(kept) == 0:
         raise UserError(
-            f"{key}={spec.path}: no row has an assistant turn within training.max_seq_length={max_length}: "
+            f"{where}: no row has an assistant turn within training.max_seq_length={max_length}: "
             "add assistant turns or raise training.max_seq_length"
         )
-    report_dropped(f"{key}={spec.path}", len(chats), len(chats) - len(kept),
+    report_dropped(where, len(chats), len(chats) - len(kept),
                    f"no assistant token within training.max_seq_length={max_length}")
+    lengths = list_lengths(kept, "input_ids")
     stats = {
         "num_examples": len(kept),
-        "dataset_tokens": int(list_lengths(kept, "input_ids").sum()),
+        "dataset_tokens": int(lengths.sum()),
         "loss_tokens": count_not_equal(kept, "labels", IGNORE_INDEX),
         "truncated_rows": truncated_rows,
         "dropped_rows": len(chats) - len(kept),
     }
+    if names:
+        shares = mix_shares(names, kept.with_format("arrow")[SOURCE].to_numpy(), lengths)
+        report_mix("sft", names, shares, len(kept), streaming=False)
+        stats.update(shares)
+        kept = kept.remove_columns(SOURCE)
     if not packing:
         return PreparedData(kept, DataCollatorForLanguageModeling(pad_token_id=pad_id), stats)
 

@@ -23,7 +23,15 @@ from datasets import Dataset
 from trl.data_utils import common_prefix_length, maybe_extract_prompt
 
 from core.errors import UserError
-from train.data import count_not_equal, list_lengths, load_rows
+from train.data import (
+    SOURCE,
+    count_not_equal,
+    list_lengths,
+    load_split_rows,
+    mix_shares,
+    plain_messages,
+    report_mix,
+)
 from train.model import max_positions
 from train.stages import PreparedData
 
@@ -64,6 +72,11 @@ def to_conversation(row: Dict[str, Any], index: int, source: str) -> Dict[str, L
         "chosen": as_messages(row["chosen"], "assistant"),
         "rejected": as_messages(row["rejected"], "assistant"),
     }
+
+
+def canonical_pair(row: Dict[str, Any], index: int, key: str) -> Dict[str, List[Dict[str, str]]]:
+    """A mixed source's row in the one schema every source is mapped to: chat messages."""
+    return {name: plain_messages(turns) for name, turns in to_conversation(dict(row), index, key).items()}
 
 
 def tokenize_conversation(conv: Dict[str, List[Dict[str, str]]], tokenizer) -> Dict[str, List[int]]:
@@ -119,8 +132,13 @@ def tokenize_preference_rows(
     source: str = "data.preference",
     num_proc: Optional[int] = None,
 ) -> Tuple[Dataset, Dict[str, float]]:
-    """Rows (a list of dicts or a datasets.Dataset) -> tokenized, truncated pairs and their stats."""
-    conversations = [to_conversation(dict(row), i, source) for i, row in enumerate(rows)]
+    """Rows (a list of dicts or a datasets.Dataset) -> tokenized, truncated pairs and their stats.
+    A mixed row's SOURCE index is kept in the SOURCE column."""
+    conversations, sources = [], []
+    for i, row in enumerate(rows):
+        conversations.append(to_conversation(dict(row), i, source))
+        if SOURCE in row:
+            sources.append(row[SOURCE])
     if not conversations:
         raise UserError(f"{source} is empty: it needs rows of prompt, chosen and rejected")
     identical = sum(c["chosen"] == c["rejected"] for c in conversations)
@@ -136,6 +154,8 @@ def tokenize_preference_rows(
     tokenized = Dataset.from_list(conversations).map(
         tokenize, remove_columns=list(PAIR_KEYS), num_proc=num_proc, desc="Tokenizing preference pairs"
     )
+    if sources:
+        tokenized = tokenized.add_column(SOURCE, sources)
 
     prompt_lengths = list_lengths(tokenized, "prompt_ids")
     too_long = prompt_lengths[prompt_lengths >= max_length]
@@ -168,20 +188,32 @@ def prepare_preference(cfg, tokenizer) -> PreparedData:
     """`cfg.data.preference` -> PreparedData for the DPO/ORPO stages (called before any output exists)."""
     check_lengths(cfg.stage, max_positions(cfg.model))
     spec = cfg.data.preference
-    rows = load_rows(spec, "preference")
-    dataset, stats = tokenize_preference_rows(
-        rows,
-        tokenizer,
-        cfg.stage.max_prompt_length,
-        cfg.stage.max_length,
-        source=f"data.preference.path={spec.path}",
-        num_proc=cfg.data.num_proc,
-    )
+    rows = load_split_rows(cfg, "preference", canonical_pair)
+    where = f"data.preference.path={spec.path}" if spec.path else "data.preference.sources"
+    dataset, stats = pairs_of(cfg, tokenizer, rows.train, where)
+    if rows.names:
+        lengths = sum(list_lengths(dataset, c) for c in ("prompt_ids", "chosen_ids", "rejected_ids"))
+        shares = mix_shares(rows.names, dataset.with_format("arrow")[SOURCE].to_numpy(), lengths)
+        report_mix("preference", rows.names, shares, len(dataset), streaming=False)  # pairs are read whole
+        stats.update(shares)
+        dataset = dataset.remove_columns(SOURCE)
     if int(os.environ.get("RANK", "0")) == 0:
         print(
-            f"preference data: {len(dataset)} pairs from {Path(spec.path).name}; {int(stats['truncated_rows'])} "
-            f"truncated to stage.max_prompt_length={cfg.stage.max_prompt_length} / stage.max_length="
-            f"{cfg.stage.max_length}; {int(stats['identical_pairs'])} with chosen == rejected",
+            f"preference data: {len(dataset)} pairs from {Path(spec.path).name if spec.path else 'the mix'}; "
+            f"{int(stats['truncated_rows'])} truncated to stage.max_prompt_length={cfg.stage.max_prompt_length} / "
+            f"stage.max_length={cfg.stage.max_length}; {int(stats['identical_pairs'])} with chosen == rejected",
             flush=True,
         )
-    return PreparedData(train_dataset=dataset, stats=stats)
+    data = PreparedData(train_dataset=dataset, stats=stats)
+    if rows.eval is not None:
+        where = f"data.preference.eval_path={spec.eval_path}" if spec.eval_path else "data.preference eval split"
+        data.eval_dataset, _ = pairs_of(cfg, tokenizer, rows.eval, where)
+        head = rows.eval.select(range(min(cfg.training.log_completions, len(rows.eval))))
+        data.eval_prompts = [to_conversation(dict(row), i, where)["prompt"] for i, row in enumerate(head)]
+    return data
+
+
+def pairs_of(cfg, tokenizer, rows, where: str) -> Tuple[Dataset, Dict[str, float]]:
+    return tokenize_preference_rows(
+        rows, tokenizer, cfg.stage.max_prompt_length, cfg.stage.max_length, source=where, num_proc=cfg.data.num_proc
+    )

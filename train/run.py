@@ -49,7 +49,7 @@ from train.runtime import (
     shutdown_process_group,
 )
 from train.stages import get_stage
-from train.tracking import ThroughputCallback, configure_wandb, report_to
+from train.tracking import PromptCompletionsCallback, ThroughputCallback, configure_wandb, report_to
 
 log = logging.getLogger("domainforge")
 
@@ -69,8 +69,9 @@ def run_name(cfg: DictConfig) -> str:
     return cfg.logging.run_name or f"{cfg.stage.name}-{cfg.model.name}"
 
 
-def common_trainer_kwargs(cfg: DictConfig, runtime: Runtime) -> Dict[str, Any]:
-    """TrainingArguments shared by every stage; each stage adds its own to its TRL config."""
+def common_trainer_kwargs(cfg: DictConfig, runtime: Runtime, evaluate: bool = False) -> Dict[str, Any]:
+    """TrainingArguments shared by every stage; each stage adds its own to its TRL config.
+    `evaluate`: the data has an eval split, evaluated every training.eval_steps."""
     t = cfg.training
     kwargs: Dict[str, Any] = dict(
         output_dir=str(checkpoints_dir(cfg.output_dir)),
@@ -98,6 +99,9 @@ def common_trainer_kwargs(cfg: DictConfig, runtime: Runtime) -> Dict[str, Any]:
         dataloader_num_workers=t.dataloader_num_workers,
         include_num_input_tokens_seen="all",
         deepspeed=build_deepspeed_config(cfg.deepspeed),
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=t.eval_steps,
+        per_device_eval_batch_size=t.per_device_train_batch_size,
     )
     kwargs.update(OmegaConf.to_container(t.extra_args, resolve=True))
     return kwargs
@@ -143,7 +147,8 @@ def train_stage(cfg: DictConfig, runtime: Runtime, stage) -> None:
     configure_wandb(cfg.logging, run_name(cfg), cfg.output_dir)
     if runtime.device == "cpu":
         let_accelerate_see_cpu_ranks()
-    args = stage.trainer_args(cfg, common_trainer_kwargs(cfg, runtime))  # starts the process group
+    evaluate = data.eval_dataset is not None
+    args = stage.trainer_args(cfg, common_trainer_kwargs(cfg, runtime, evaluate))  # starts the process group
     release_cpu_allreduce_buffers(runtime)
     # From here on transformers builds models inside deepspeed.zero.Init (ZeRO-3).
     model = load_model(cfg.model, runtime.torch_dtype, tokenizer)
@@ -153,6 +158,8 @@ def train_stage(cfg: DictConfig, runtime: Runtime, stage) -> None:
     trainer = stage.build_trainer(cfg, args, model, tokenizer, data, callbacks)
     # First in line, so the loggers after it (console, W&B) see the values it adds.
     trainer.callback_handler.callbacks.insert(0, throughput)
+    if cfg.training.log_completions > 0:
+        trainer.add_callback(PromptCompletionsCallback(trainer, data.eval_prompts, cfg.training.completion_tokens))
 
     # Train.
     if resume_from and runtime.is_main:

@@ -24,7 +24,12 @@ class PreparedData:
     train_dataset: Any
     data_collator: Optional[Callable] = None
     stats: Dict[str, float] = field(default_factory=dict)
-    """Logged once at the start (e.g. packing_efficiency, num_tokens, truncated_rows)."""
+    """Logged once at the start (e.g. packing_efficiency, num_tokens, truncated_rows, and a
+    mix's per-source shares mix/<name>/rows and mix/<name>/tokens)."""
+    eval_dataset: Any = None
+    """The eval split, prepared like train_dataset (same collator); None: no evaluation."""
+    eval_prompts: List[Any] = field(default_factory=list)
+    """Raw prompts of the first training.log_completions eval rows, for logged completions."""
 
 
 class Stage(Protocol):

@@ -18,7 +18,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import pyarrow.compute as pc
 import torch
@@ -131,8 +131,8 @@ class CachedReferenceDPOTrainer(DPOTrainer):
     state_dict, which under ZeRO-3 holds only empty partitioned placeholders; hence our own.
     """
 
-    def __init__(self, *args, ref_logps_cache: Optional[Path] = None, **kwargs):
-        self.ref_logps_cache = ref_logps_cache
+    def __init__(self, *args, ref_logps_caches: Optional[Dict[str, Path]] = None, **kwargs):
+        self.ref_logps_caches = ref_logps_caches or {}  # "train"/"eval" -> file
         self.ref_logps_source = None  # "cache" or "computed", for logs and tests
         super().__init__(*args, **kwargs)
         if self.precompute_ref_logps and self.ref_model is not None:
@@ -142,7 +142,7 @@ class CachedReferenceDPOTrainer(DPOTrainer):
         return dataset  # tokenized and truncated by train/preference.py
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        path = self.ref_logps_cache
+        path = self.ref_logps_caches.get(name)
         cached = [None]
         if self.accelerator.is_main_process and path is not None and path.is_file():
             tensors = load_file(path)  # keyed by the tokenized rows, so it has one value per row
@@ -231,10 +231,12 @@ class DPOStage:
 
     def build_trainer(self, cfg, args, model, tokenizer, data, callbacks):
         reference = None
-        cache = None
+        caches = {}
         if args.precompute_ref_log_probs:
-            cache = ref_logps_cache_path(cfg, data.train_dataset, args, model.dtype)
-            hit = [cache.is_file()]
+            splits = {"train": data.train_dataset, "eval": data.eval_dataset}
+            caches = {name: ref_logps_cache_path(cfg, rows, args, model.dtype) for name, rows in splits.items()
+                      if rows is not None}
+            hit = [all(cache.is_file() for cache in caches.values())]
             broadcast_object_list(hit, from_process=0)
             # Without a cache hit a separate reference is loaded for the precompute, then freed;
             # the starting model needs none (TRL scores the policy before its first step).
@@ -247,9 +249,10 @@ class DPOStage:
             ref_model=reference,
             args=args,
             train_dataset=data.train_dataset,
+            eval_dataset=data.eval_dataset,
             processing_class=tokenizer,
             callbacks=callbacks,
-            ref_logps_cache=cache,
+            ref_logps_caches=caches,
         )
 
 

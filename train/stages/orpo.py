@@ -91,6 +91,7 @@ class ORPOStage:
             model=model,
             args=args,
             train_dataset=data.train_dataset,
+            eval_dataset=data.eval_dataset,
             data_collator=CountingPaddingCollator(tokenizer.pad_token_id),
             processing_class=tokenizer,
             callbacks=callbacks,

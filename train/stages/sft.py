@@ -34,6 +34,7 @@ class PretokenizedSFTStage:
             model=model,
             args=args,
             train_dataset=data.train_dataset,
+            eval_dataset=data.eval_dataset,
             data_collator=data.data_collator,
             processing_class=tokenizer,
             callbacks=callbacks,
