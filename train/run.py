@@ -1,7 +1,8 @@
 """One training stage, end to end, in a fixed order:
 
     setup (config, runtime, tokenizer, data checks)  ->  train (TRL trainer under DeepSpeed)
-    ->  save (consolidated weights + tokenizer + resolved config, published atomically)
+    ->  save (consolidated weights + tokenizer + resolved config + model card, published
+        atomically; with LoRA the adapter and the merged model)  ->  push (hub.push=true)
 
 Every user error is raised before the run directory is touched.
 """
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
 from core.errors import UserError
+from core.hub import check_hub, push_to_hub
 from core.outputs import is_model_dir
 from train.checkpoint import (
     FINAL_TMP,
@@ -28,6 +30,8 @@ from train.checkpoint import (
 )
 from train.config import compose_train_config
 from train.deepspeed_config import build_deepspeed_config
+from train.lora import check_finetune, quantization_config, save_adapter_and_merged, uses_adapters
+from train.model_card import write_stage_card
 from train.model import (
     load_model,
     load_tokenizer,
@@ -123,8 +127,10 @@ def run_stage(cfg: DictConfig) -> Path:
     preemption = preemption_callback()
 
     # Setup: everything a user can get wrong is checked before the run directory exists.
+    check_hub(cfg.hub)
     tokenizer = load_tokenizer(cfg.model)
     check_limits(cfg)
+    check_finetune(cfg, gpu=runtime.device == "cuda")
     data = stage.prepare_data(cfg, tokenizer)
     resume_from = resume_checkpoint(cfg.output_dir, cfg.resume)
 
@@ -135,7 +141,7 @@ def run_stage(cfg: DictConfig) -> Path:
     args = stage.trainer_args(cfg, common_trainer_kwargs(cfg, runtime))  # starts the process group
     release_cpu_allreduce_buffers(runtime)
     # From here on transformers builds models inside deepspeed.zero.Init (ZeRO-3).
-    model = load_model(cfg.model, runtime.torch_dtype, tokenizer)
+    model = load_model(cfg.model, runtime.torch_dtype, tokenizer, quantization_config=quantization_config(cfg))
     report_parameter_share(model)
     throughput = ThroughputCallback(data.stats)
     trainer = stage.build_trainer(cfg, args, model, tokenizer, data, [preemption])
@@ -150,16 +156,24 @@ def run_stage(cfg: DictConfig) -> Path:
 
     # Save: all ranks take part (ZeRO-3 gathers the shards), rank 0 writes.
     save_final_model(trainer, tokenizer, cfg)
+
+    # Push: only once the local model is complete, so a failed upload cannot damage it.
+    if cfg.hub.push and runtime.is_main:
+        print(f"pushed {out} to the Hub: {push_to_hub(out, cfg.hub)}", flush=True)
     return out
 
 
 def save_final_model(trainer, tokenizer, cfg: DictConfig) -> None:
     out = Path(cfg.output_dir)
     tmp = out / FINAL_TMP
-    trainer.save_model(str(tmp))
+    if uses_adapters(cfg):
+        save_adapter_and_merged(trainer, tmp)  # tmp/adapter/ + the merged model in tmp
+    else:
+        trainer.save_model(str(tmp))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(tmp)
         (tmp / RUN_CONFIG).write_text(OmegaConf.to_yaml(cfg))
+        write_stage_card(cfg, tmp, out)
         publish_final_model(out)
         print(f"saved final model to {out}", flush=True)
     trainer.accelerator.wait_for_everyone()
