@@ -13,7 +13,15 @@ from omegaconf import MISSING, OmegaConf
 from core.config import CONF_DIR
 from merge.config import MergeJobConfig, MergeRecipeConfig
 from orchestration.pipeline import ClusterConfig, PipelineConfig, PipelineJobConfig
-from train.config import STAGE_SCHEMAS, DataConfig, DeepSpeedConfig, LoggingConfig, ModelConfig, TrainJobConfig
+from train.config import (
+    STAGE_SCHEMAS,
+    DataConfig,
+    DeepSpeedConfig,
+    LoggingConfig,
+    LoraSettings,
+    ModelConfig,
+    TrainJobConfig,
+)
 
 # group folder -> schema of the node it fills
 GROUP_SCHEMAS = {
@@ -21,6 +29,7 @@ GROUP_SCHEMAS = {
     "data": DataConfig,
     "deepspeed": DeepSpeedConfig,
     "logging": LoggingConfig,
+    "lora": LoraSettings,
     "merge": MergeRecipeConfig,
     "pipeline": PipelineConfig,
     "cluster": ClusterConfig,
