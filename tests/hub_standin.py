@@ -1,6 +1,6 @@
 """A local stand-in for the Hugging Face Hub API: a real HTTP server on 127.0.0.1 implementing
-the endpoints `HfApi.create_repo` and `HfApi.upload_folder` call (repo creation, preupload,
-commit with every file inline). Point huggingface_hub at it with HF_ENDPOINT; it stores each
+the endpoints `HfApi.create_repo` and `HfApi.upload_folder` call (repo creation, README metadata
+validation, preupload, commit with every file inline). Point huggingface_hub at it with HF_ENDPOINT; it stores each
 uploaded file's bytes so tests can compare them with the local model."""
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ class HubStandIn:
                     private = req.get("visibility", "private" if req.get("private") else "public") == "private"
                     hub.repos.setdefault(repo_id, {"private": private, "files": {}})
                     return self._reply(200, {"url": f"{hub.endpoint}/{repo_id}", "name": repo_id})
+                if parts[:2] == ["api", "validate-yaml"]:  # checks a README.md's metadata block
+                    return self._reply(200, {"errors": [], "warnings": []})
                 if parts[:2] == ["api", "models"] and "preupload" in parts:
                     files = json.loads(body).get("files", [])
                     return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular",
