@@ -19,7 +19,8 @@ from core.hub import HubConfig, check_hub, push_to_hub
 from core.model_card import lineage_record, read_lineage, refresh_model_card, write_model_card
 from train.config import compose_train_config
 from train.lora import check_finetune, peft_config, quantization_config, target_modules
-from train.model import model_config
+from train.model import load_model, load_tokenizer, model_config
+from train.stages import get_stage
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,3 +193,20 @@ def test_presets_cite_the_papers_values():
                           ("dpo", "config_full_DPO-Instruct.yaml"), ("cpt", "config_full_CPT-Instruct.yaml")]:
         text = (REPO / "conf" / "stage" / f"{stage}.yaml").read_text()
         assert "lamm-mit/LLM-finetuning" in text and source in text, stage
+
+
+@pytest.mark.parametrize("stage", ["orpo", "sft"])
+def test_every_stage_trains_only_the_adapters(tmp_path, stage):
+    if stage == "sft":
+        cfg = compose_train_config(["+stage=sft", "training.finetune=lora", "data.sft.max_samples=8",
+                                    "training.max_seq_length=128"])
+        st = get_stage("sft")
+        tokenizer = load_tokenizer(cfg.model)
+        data = st.prepare_data(cfg, tokenizer)
+        args = st.trainer_args(cfg, dict(output_dir=str(tmp_path), report_to=["none"], bf16=False, max_steps=1))
+        trainer = st.build_trainer(cfg, args, load_model(cfg.model, torch.float32, tokenizer), tokenizer, data, [])
+    else:
+        _, trainer = trainer_for(compose(stage, "training.finetune=lora"), tmp_path)
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
+    assert any(n.endswith("mlp.down_proj.lora_B.default.weight") for n in trainable)
