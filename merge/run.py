@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -30,6 +31,7 @@ import yaml
 
 from core.errors import UserError, disk_full_error
 from core.lock import OutputLock
+from core.model_card import CARD_FILE, LINEAGE_FILE, installed_versions, lineage_record, write_model_card
 from core.outputs import fsync_dir, write_atomic
 from core.safetensors_header import read_header
 from core.secrets import redact
@@ -354,15 +356,12 @@ def verify_output(directory: Path, merge: Merge) -> None:
             os.close(fd)
 
 
-def model_card(merge: Merge) -> str:
+def merge_lineage(merge: Merge) -> dict:
+    """This merge's lineage record for its model card (core/model_card.py): the recipe, and each
+    input model's own lineage when it is a domainforge output."""
     spec = merge.spec
     models = sorted({src.model for s in spec.slices for src in s.sources})
-    lines = [
-        "---",
-        "tags: [merge, domainforge]",
-        "---",
-        f"# {merge.out.name}",
-        "",
+    description = [
         f"This model is a **{spec.merge_method.upper()}** merge of "
         + ", ".join(f"`{m}`" for m in models)
         + (f", with `{spec.base_model}` as the base (t=0 returns it)." if spec.base_model else "."),
@@ -370,12 +369,20 @@ def model_card(merge: Merge) -> str:
         "per-layer t follow mergekit 0.1.5; the tokenizer, chat template and generation config come",
         f"from `{merge.plan.base_model}`. {len(merge.plan.tensors)} tensors, "
         f"{sum(t.nbytes for t in merge.plan.tensors) / 1e9:.2f} GB in {len(merge.shards)} shard(s).",
-        "",
     ]
-    for w in merge.plan.warnings:
-        lines.append(f"Note: {w}.")
-    lines += ["", "## Configuration", "", "```yaml", yaml.safe_dump(spec.raw, sort_keys=False).rstrip(), "```", ""]
-    return "\n".join(lines)
+    step = {
+        "kind": "merge",
+        "name": spec.merge_method,
+        "output": str(merge.out),
+        "method": spec.merge_method,
+        "models": models,
+        "summary": [f"Note: {w}." for w in merge.plan.warnings],
+        "recipe": spec.raw,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": installed_versions(("numpy", "safetensors")),
+        "description": description,
+    }
+    return lineage_record(step, models)
 
 
 def publish(merge: Merge) -> None:
@@ -398,11 +405,11 @@ def publish(merge: Merge) -> None:
         if (base / name).is_file():
             shutil.copyfile(base / name, tmp / name)
     (tmp / "mergekit_config.yml").write_text(redact(yaml.safe_dump(merge.spec.raw, sort_keys=False)))
-    (tmp / "README.md").write_text(redact(model_card(merge)))
+    write_model_card(tmp, merge_lineage(merge), title=merge.out.name)  # README.md + lineage.json
     if merge.options.verify:
         verify_output(tmp, merge)
     expected = {s.filename for s in merge.shards} | {
-        "model.safetensors.index.json", "config.json", "mergekit_config.yml", "README.md", *TOKENIZER_FILES}
+        "model.safetensors.index.json", "config.json", "mergekit_config.yml", CARD_FILE, LINEAGE_FILE, *TOKENIZER_FILES}
     for p in tmp.iterdir():  # markers and leftovers of an earlier, different merge
         if p.name not in expected:
             p.unlink() if p.is_file() else shutil.rmtree(p)

@@ -14,7 +14,15 @@ from core.config import CONF_DIR
 from evaluation.config import EvalJobConfig
 from merge.config import MergeJobConfig, MergeRecipeConfig
 from orchestration.pipeline import ClusterConfig, PipelineConfig, PipelineJobConfig
-from train.config import STAGE_SCHEMAS, DataConfig, DeepSpeedConfig, LoggingConfig, ModelConfig, TrainJobConfig
+from train.config import (
+    STAGE_SCHEMAS,
+    DataConfig,
+    DeepSpeedConfig,
+    LoggingConfig,
+    LoraSettings,
+    ModelConfig,
+    TrainJobConfig,
+)
 
 # group folder -> schema of the node it fills
 GROUP_SCHEMAS = {
@@ -22,6 +30,7 @@ GROUP_SCHEMAS = {
     "data": DataConfig,
     "deepspeed": DeepSpeedConfig,
     "logging": LoggingConfig,
+    "lora": LoraSettings,
     "merge": MergeRecipeConfig,
     "pipeline": PipelineConfig,
     "cluster": ClusterConfig,

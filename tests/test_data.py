@@ -273,7 +273,8 @@ def test_sft_truncates_and_drops_rows_without_loss_tokens(tmp_path, tokenizer):
 
 def test_sft_packing_bins_whole_examples(tokenizer):
     cfg = cfg_for("sft", "training.max_seq_length=256", "stage.packing=true", "data.sft.max_samples=40")
-    unpacked = prepare_sft(cfg_for("sft", "training.max_seq_length=256", "data.sft.max_samples=40"), tokenizer)
+    unpacked = prepare_sft(cfg_for("sft", "training.max_seq_length=256", "stage.packing=false", "data.sft.max_samples=40"),
+                           tokenizer)
     packed = prepare_sft(cfg, tokenizer)
     rows = packed.train_dataset
     assert all(len(r["input_ids"]) == sum(r["seq_lengths"]) <= 256 for r in rows)

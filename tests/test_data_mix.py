@@ -126,8 +126,10 @@ def test_bundled_replay_preset_prepares_every_kind(tokenizer):
 # eval splits
 # ---------------------------------------------------------------------------------------------
 def test_eval_fraction_holds_out_rows(tokenizer):
-    whole = prepare_sft(cfg_for("sft", "training.max_seq_length=256"), tokenizer).train_dataset
-    data = prepare_sft(cfg_for("sft", "training.max_seq_length=256", "data.sft.eval_fraction=0.1"), tokenizer)
+    # Unpacked, so that rows are counted (the SFT preset packs them into blocks).
+    whole = prepare_sft(cfg_for("sft", "stage.packing=false", "training.max_seq_length=256"), tokenizer).train_dataset
+    data = prepare_sft(cfg_for("sft", "stage.packing=false", "training.max_seq_length=256",
+                               "data.sft.eval_fraction=0.1"), tokenizer)
     assert len(data.eval_dataset) == math.ceil(0.1 * len(whole))
     assert len(data.train_dataset) + len(data.eval_dataset) == len(whole)
     held_out = {tuple(r["input_ids"]) for r in data.eval_dataset}

@@ -27,7 +27,7 @@ def sft_data():
     cfg = compose_train_config(overrides + ["stage.packing=true"])
     tokenizer = load_tokenizer(cfg.model)
     packed = prepare_sft(cfg, tokenizer)
-    single = prepare_sft(compose_train_config(overrides), tokenizer)
+    single = prepare_sft(compose_train_config(overrides + ["stage.packing=false"]), tokenizer)
     row = max(packed.train_dataset.to_list(), key=lambda r: len(r["seq_lengths"]))  # most examples
     return tokenizer, packed, single, row
 

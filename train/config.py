@@ -18,8 +18,9 @@ from omegaconf.errors import OmegaConfBaseException
 from core.config import compose_config, schema_file
 from core.errors import UserError
 from core.validate import (
-    at_least, checked, either, non_negative, one_of, open_unit_interval, positive, unit_interval, writable_dir,
+    Check, at_least, checked, either, non_negative, one_of, open_unit_interval, positive, unit_interval, writable_dir,
 )
+from core.hub import HubConfig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,8 +176,45 @@ class TrainingConfig:
     table (`completions`, TRL's LogCompletionsCallback). 0: off. Needs an eval split and W&B."""
     completion_tokens: int = checked(48, at_least(1))
     """New tokens per logged completion."""
+    finetune: str = checked("full", one_of("full", "lora", "qlora"))
+    """full: train every weight; lora: train low-rank adapters (PEFT) on the `lora` block's
+    target modules, then save the adapter and the merged model; qlora: lora on a 4-bit (nf4)
+    base, GPU only (bitsandbytes)."""
     extra_args: Dict[str, Any] = field(default_factory=dict)
     """Raw keyword arguments passed to the TRL config (expert use)."""
+
+
+LLAMA_LIKE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraSettings:
+    """PEFT LoRA for `training.finetune=lora|qlora`; ignored by full fine-tuning."""
+
+    r: int = checked(16, at_least(1))
+    """Adapter rank."""
+    alpha: int = checked(32, positive)
+    """Scaling numerator: the update is (alpha / r) * B @ A."""
+    dropout: float = checked(0.05, Check(lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    """Dropout on the adapter's input."""
+    target_modules: Optional[List[str]] = None
+    """Module names (suffixes, e.g. q_proj) that get adapters; None: the model family's preset
+    in `family_targets`."""
+    family_targets: Dict[str, List[str]] = field(
+        default_factory=lambda: {
+            "llama": list(LLAMA_LIKE_TARGETS),
+            "mistral": list(LLAMA_LIKE_TARGETS),
+            "qwen2": list(LLAMA_LIKE_TARGETS),
+            "gemma": list(LLAMA_LIKE_TARGETS),
+        }
+    )
+    """Default target modules per config.json `model_type`: every attention and MLP projection."""
+    qlora_quant_type: str = checked("nf4", one_of("nf4", "fp4"))
+    """QLoRA base weights: bitsandbytes 4-bit type (nf4 or fp4)."""
+    qlora_compute_dtype: str = checked("bfloat16", one_of("bfloat16", "float16", "float32"))
+    """QLoRA matmul dtype."""
+    qlora_double_quant: bool = True
+    """QLoRA: quantize the quantization constants too (~0.4 bit per weight saved)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +273,10 @@ class TrainJobConfig:
     logging: LoggingConfig = MISSING
     training: TrainingConfig = field(default_factory=TrainingConfig)
     """No preset group: the schema's defaults, with each stage preset's values on top."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """Adapters for training.finetune=lora|qlora; presets in conf/lora/ (lora=<name>)."""
+    hub: HubConfig = field(default_factory=HubConfig)
+    """Upload the finished model to the Hugging Face Hub (hub.push=true hub.repo_id=...)."""
     stage: Any = None
     """Added by `+stage=cpt|sft|dpo|orpo`."""
     output_dir: str = checked(MISSING, writable_dir)

@@ -114,12 +114,15 @@ def max_positions(model_cfg) -> int:
     return int(getattr(config, "max_position_embeddings", 0) or 0)
 
 
-def load_model(model_cfg, dtype: torch.dtype, tokenizer=None, path: Optional[str] = None):
-    """The model to train (or a reference model at `path`). Call after the TRL config exists."""
+def load_model(model_cfg, dtype: torch.dtype, tokenizer=None, path: Optional[str] = None, quantization_config=None):
+    """The model to train (or a reference model at `path`). Call after the TRL config exists.
+    `quantization_config`: a BitsAndBytesConfig for QLoRA's 4-bit base (train/lora.py)."""
     model_dir = Path(path) if path else resolve_model_dir(model_cfg)
     if model_dir is not None and not is_model_dir(model_dir):
         raise UserError(f"{model_dir} is not a model directory (no config.json)")
     kwargs = dict(dtype=dtype, attn_implementation=model_cfg.attn_implementation)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
     if model_dir is None:
         config = model_config(model_cfg)
         if tokenizer is not None:

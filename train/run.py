@@ -1,7 +1,8 @@
 """One training stage, end to end, in a fixed order:
 
     setup (config, runtime, tokenizer, data checks)  ->  train (TRL trainer under DeepSpeed)
-    ->  save (consolidated weights + tokenizer + resolved config, published atomically)
+    ->  save (consolidated weights + tokenizer + resolved config + model card, published
+        atomically; with LoRA the adapter and the merged model)  ->  push (hub.push=true)
 
 Every user error is raised before the run directory is touched.
 """
@@ -22,6 +23,7 @@ from transformers import set_seed
 
 from core.errors import UserError
 from core.lock import OutputLock
+from core.hub import check_hub, push_to_hub
 from core.outputs import is_model_dir
 from core.secrets import redact
 from train.checkpoint import (
@@ -33,6 +35,8 @@ from train.checkpoint import (
     resume_checkpoint,
 )
 from train.deepspeed_config import build_deepspeed_config
+from train.lora import check_finetune, quantization_config, save_adapter_and_merged, uses_adapters
+from train.model_card import write_stage_card
 from train.model import (
     load_model,
     load_tokenizer,
@@ -130,6 +134,9 @@ def run_stage(cfg: DictConfig) -> Path:
                 f"output_dir={out} already holds a finished model: choose another output_dir, or delete it to retrain"
             )
         train_stage(cfg, runtime, stage)
+        # Push: only once the local model is complete, so a failed upload cannot damage it.
+        if cfg.hub.push and runtime.is_main:
+            print(f"pushed {out} to the Hub: {push_to_hub(out, cfg.hub)}", flush=True)
     return out
 
 
@@ -138,8 +145,10 @@ def train_stage(cfg: DictConfig, runtime: Runtime, stage) -> None:
     preemption = preemption_callback()
 
     # Setup: everything a user can get wrong is checked before the run directory exists.
+    check_hub(cfg.hub)
     tokenizer = load_tokenizer(cfg.model)
     check_limits(cfg)
+    check_finetune(cfg, gpu=runtime.device == "cuda")
     data = stage.prepare_data(cfg, tokenizer)
     resume_from = resume_checkpoint(cfg.output_dir, cfg.resume)
 
@@ -151,7 +160,7 @@ def train_stage(cfg: DictConfig, runtime: Runtime, stage) -> None:
     args = stage.trainer_args(cfg, common_trainer_kwargs(cfg, runtime, evaluate))  # starts the process group
     release_cpu_allreduce_buffers(runtime)
     # From here on transformers builds models inside deepspeed.zero.Init (ZeRO-3).
-    model = load_model(cfg.model, runtime.torch_dtype, tokenizer)
+    model = load_model(cfg.model, runtime.torch_dtype, tokenizer, quantization_config=quantization_config(cfg))
     report_parameter_share(model)
     throughput = ThroughputCallback(data.stats)
     callbacks = [preemption] + ([EpochModelCallback(cfg.output_dir)] if cfg.training.keep_epoch_models else [])
@@ -184,10 +193,14 @@ def save_final_model(trainer, tokenizer, cfg: DictConfig) -> None:
     tmp = out / FINAL_TMP
     if trainer.is_world_process_zero():
         shutil.rmtree(tmp, ignore_errors=True)  # an earlier, interrupted save
-    trainer.save_model(str(tmp))
+    if uses_adapters(cfg):
+        save_adapter_and_merged(trainer, tmp)  # tmp/adapter/ + the merged model in tmp
+    else:
+        trainer.save_model(str(tmp))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(tmp)
         (tmp / RUN_CONFIG).write_text(redact(OmegaConf.to_yaml(cfg)))
+        write_stage_card(cfg, tmp, out)
         pause = float(os.environ.get(SAVE_PAUSE_ENV, "0") or 0)
         if pause:
             print(f"final model written to {tmp}; publishing in {pause:g}s", flush=True)

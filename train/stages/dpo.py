@@ -8,7 +8,9 @@ The reference is `stage.ref_model_path`, else the starting model. It is loaded a
 config exists, so under ZeRO-3 it is partitioned across ranks like the policy (TRL wraps it in
 a DeepSpeed inference engine). With `stage.precompute_ref_log_probs=true` its log-probs are
 computed once and cached on disk, keyed by the reference model and the tokenized data; a
-rerun or a resume loads them and never builds the reference at all.
+rerun or a resume loads them and never builds the reference at all. With
+`training.finetune=lora` (and no stage.ref_model_path) there is no reference copy either: TRL
+scores the reference with the policy's adapters disabled (train/lora.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from trl.models import prepare_deepspeed
 
 from core.errors import UserError
 from core.outputs import MODEL_CACHE_DIR, is_model_dir
+from train.lora import peft_config, uses_adapters
 from train.model import load_model, report_parameter_share, resolve_model_dir
 from train.preference import prepare_preference
 
@@ -232,7 +235,9 @@ class DPOStage:
     def build_trainer(self, cfg, args, model, tokenizer, data, callbacks):
         reference = None
         caches = {}
-        if args.precompute_ref_log_probs:
+        if uses_adapters(cfg) and not cfg.stage.ref_model_path:
+            pass  # LoRA: the reference is the policy with its adapters disabled, no second model
+        elif args.precompute_ref_log_probs:
             splits = {"train": data.train_dataset, "eval": data.eval_dataset}
             caches = {name: ref_logps_cache_path(cfg, rows, args, model.dtype) for name, rows in splits.items()
                       if rows is not None}
@@ -253,6 +258,7 @@ class DPOStage:
             processing_class=tokenizer,
             callbacks=callbacks,
             ref_logps_caches=caches,
+            peft_config=peft_config(cfg),  # None: full fine-tuning
         )
 
 

@@ -21,6 +21,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 from trl.experimental.utils import DPODataCollatorWithPadding, pad_to_length  # noqa: E402
 
+from train.lora import peft_config  # noqa: E402
 from train.preference import prepare_preference  # noqa: E402
 
 
@@ -95,6 +96,7 @@ class ORPOStage:
             data_collator=CountingPaddingCollator(tokenizer.pad_token_id),
             processing_class=tokenizer,
             callbacks=callbacks,
+            peft_config=peft_config(cfg),  # None: full fine-tuning
         )
 
 

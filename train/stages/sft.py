@@ -9,6 +9,7 @@ CPT (train/stages/cpt.py) runs through the same TRL SFTTrainer on pre-packed tex
 from trl import SFTConfig, SFTTrainer
 
 from train.data import prepare_sft
+from train.lora import peft_config
 
 
 class PretokenizedSFTStage:
@@ -38,6 +39,7 @@ class PretokenizedSFTStage:
             data_collator=data.data_collator,
             processing_class=tokenizer,
             callbacks=callbacks,
+            peft_config=peft_config(cfg),  # None: full fine-tuning
         )
 
 

@@ -1,0 +1,213 @@
+"""LoRA/QLoRA configuration, DPO with LoRA (no reference copy), model cards, the Hub upload
+against a local stand-in, the paper's presets, and bad input: fast, in-process where possible."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from conftest import REPO, assert_one_line_error, launch
+from hub_standin import HubStandIn
+from preference_harness import batch_of, compose, trainer_for
+from transformers import BitsAndBytesConfig
+
+from core.errors import UserError
+from core.hub import HubConfig, check_hub, push_to_hub
+from core.model_card import lineage_record, read_lineage, refresh_model_card, write_model_card
+from train.config import compose_train_config
+from train.lora import check_finetune, peft_config, quantization_config, target_modules
+from train.model import load_model, load_tokenizer, model_config
+from train.stages import get_stage
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------------------------
+def test_lora_preset_targets_every_projection_of_the_family():
+    cfg = compose_train_config(["+stage=sft", "training.finetune=lora"])
+    lora = peft_config(cfg)
+    assert set(lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (16, 32, 0.05)
+    assert peft_config(compose_train_config(["+stage=sft"])) is None  # full fine-tuning
+    mistral = model_config(compose_train_config(["+stage=sft", "model.arch.model_type=mistral"]).model)
+    assert target_modules(cfg, mistral) == cfg.lora.family_targets["mistral"]
+    attention = compose_train_config(["+stage=sft", "training.finetune=lora", "lora=attention", "lora.r=8"])
+    assert set(peft_config(attention).target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert peft_config(attention).r == 8
+
+
+def test_qlora_is_4bit_nf4_with_bf16_compute_and_refused_without_a_gpu():
+    cfg = compose_train_config(["+stage=sft", "training.finetune=qlora"])
+    q = quantization_config(cfg)
+    assert isinstance(q, BitsAndBytesConfig)
+    assert q.load_in_4bit and not q.load_in_8bit
+    assert q.bnb_4bit_quant_type == "nf4"
+    assert q.bnb_4bit_compute_dtype == torch.bfloat16
+    assert q.bnb_4bit_use_double_quant
+    assert peft_config(cfg).r == 16  # QLoRA trains the same adapters
+    check_finetune(cfg, gpu=True)  # a GPU machine accepts it
+    with pytest.raises(UserError, match="training.finetune=qlora needs a GPU"):
+        check_finetune(cfg, gpu=False)
+    assert quantization_config(compose_train_config(["+stage=sft", "training.finetune=lora"])) is None
+    paper = compose_train_config(["+stage=sft", "training.finetune=qlora", "lora=qlora_paper"])
+    assert (paper.lora.r, paper.lora.alpha, paper.lora.dropout) == (64, 16, 0.1)
+
+
+@pytest.mark.parametrize(
+    "overrides,needles",
+    [
+        (["training.finetune=qlora"], ["training.finetune=qlora needs a GPU"]),
+        (["training.finetune=lora", "lora.target_modules=[q_proj,attn_qkv]"], ["lora.target_modules", "attn_qkv", "q_proj"]),
+        (["training.finetune=lorax"], ["training.finetune=lorax: must be one of full, lora, qlora"]),
+        (["training.finetune=lora", "lora.dropout=1.0"], ["lora.dropout=1.0: must be in [0, 1)"]),
+        (["hub.push=true"], ["hub.push=true needs hub.repo_id"]),
+    ],
+)
+def test_bad_finetune_and_hub_input_fails_in_one_line_before_training(tmp_path, overrides, needles):
+    out = tmp_path / "run"
+    proc = launch("train.py", ["+stage=sft", f"output_dir={out}", *overrides], timeout=120)
+    assert_one_line_error(proc, *needles)
+    assert not out.exists()  # nothing was written: it failed before the run directory
+
+
+# ---------------------------------------------------------------------------------------------
+# DPO with LoRA: the reference is the adapter-disabled policy, no second copy
+# ---------------------------------------------------------------------------------------------
+def test_lora_dpo_has_no_second_model_copy(tmp_path):
+    _, full = trainer_for(compose("dpo"), tmp_path / "full")
+    _, lora = trainer_for(compose("dpo", "training.finetune=lora"), tmp_path / "lora")
+    assert full.ref_model is not None  # full fine-tuning keeps a frozen copy
+    assert lora.ref_model is None
+    one_model = sum(p.numel() for p in full.model.parameters())
+    base = sum(p.numel() for n, p in lora.model.named_parameters() if "lora_" not in n)
+    adapters = sum(p.numel() for n, p in lora.model.named_parameters() if "lora_" in n)
+    assert base == one_model  # the only full-size weights in the trainer are the policy's
+    assert 0 < adapters < 0.2 * one_model
+    assert all(not p.requires_grad for n, p in lora.model.named_parameters() if "lora_" not in n)
+
+    rows = [0, 1]
+    batch = batch_of(lora, rows)
+    assert lora.compute_loss(lora.model, batch).item() == pytest.approx(math.log(2), abs=1e-6)  # B = 0 at start
+    with torch.no_grad():  # move the adapters: the reference (adapters off) must not move with them
+        for n, p in lora.model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    with torch.no_grad():
+        ref_chosen, _ = lora.compute_ref_log_probs(lora.model, batch)
+        lora.model.base_model.disable_adapter_layers()
+        plain = lora.compute_loss(lora.model, batch).item()
+        lora.model.base_model.enable_adapter_layers()
+        moved = lora.compute_loss(lora.model, batch).item()
+    assert plain == pytest.approx(math.log(2), abs=1e-6)  # adapters off = the reference itself
+    assert abs(moved - math.log(2)) > 1e-4
+    with torch.no_grad():
+        ref_again, _ = lora.compute_ref_log_probs(lora.model, batch)
+    assert torch.allclose(ref_chosen, ref_again)
+
+
+# ---------------------------------------------------------------------------------------------
+# model cards
+# ---------------------------------------------------------------------------------------------
+def test_card_chains_parent_lineage_and_reads_eval_results_defensively(tmp_path):
+    parent, child = tmp_path / "cpt", tmp_path / "sft"
+    parent.mkdir(), child.mkdir()
+    write_model_card(parent, lineage_record({"kind": "stage", "name": "cpt", "output": str(parent)}, ["random-init tiny"]))
+    write_model_card(child, lineage_record({"kind": "stage", "name": "sft", "output": str(child),
+                                            "data": {"sft": {"path": "qa.jsonl"}}, "versions": {"peft": "0.21.2"}},
+                                           [parent]))
+    record = read_lineage(child)
+    assert record["parents"][0]["step"]["name"] == "cpt"
+    assert record["parents"][0]["parents"][0]["step"] == {"kind": "model", "name": "random-init tiny",
+                                                          "output": "random-init tiny"}
+    (child / "eval").mkdir()
+    (child / "eval" / "mcq.json").write_text(json.dumps({"results": {"acc": 0.65, "protocol": "loglik"}, "n": 40}))
+    (child / "eval" / "broken.json").write_text("{not json")
+    (child / "eval" / "list.json").write_text("[1, 2]")
+    assert refresh_model_card(child)
+    card = (child / "README.md").read_text()
+    assert card.index("random-init tiny") < card.index("stage `cpt`") < card.index("stage `sft`")
+    assert "| mcq.json | results.acc | 0.65 |" in card and "| mcq.json | n | 40 |" in card
+    assert "| broken.json | (unreadable JSON) |" in card and "| list.json | (no scalar values) |" in card
+    assert "qa.jsonl" in card and "- peft 0.21.2" in card
+    assert not refresh_model_card(tmp_path)  # no lineage.json: nothing to render
+
+
+# ---------------------------------------------------------------------------------------------
+# Hub upload: against a local HTTP stand-in for the Hub API (HF_ENDPOINT), no mock
+# ---------------------------------------------------------------------------------------------
+def _hub_env(monkeypatch, endpoint):
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setenv("HF_TOKEN", "hf_standin")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)  # read once at import; the launcher gets HF_ENDPOINT
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+def test_hub_push_uploads_the_model_but_not_checkpoints(tmp_path, monkeypatch):
+    model = tmp_path / "model"
+    (model / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(os.urandom(4096))
+    (model / "checkpoints" / "checkpoint-2" / "state.bin").write_bytes(b"x")
+    with HubStandIn() as hub:
+        _hub_env(monkeypatch, hub.endpoint)
+        push_to_hub(model, HubConfig(push=True, repo_id="lab/tiny", private=True))
+        files = hub.repos["lab/tiny"]["files"]
+        assert hub.repos["lab/tiny"]["private"]
+        assert files["model.safetensors"] == (model / "model.safetensors").read_bytes()
+        assert set(files) == {"config.json", "model.safetensors"}
+        push_to_hub(model, HubConfig(push=True, repo_id="lab/with-ckpt", checkpoints=True))
+        assert "checkpoints/checkpoint-2/state.bin" in hub.repos["lab/with-ckpt"]["files"]
+
+
+def test_failed_hub_push_is_one_user_error_and_leaves_the_model(tmp_path, monkeypatch):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with HubStandIn(fail=True) as hub:
+        _hub_env(monkeypatch, hub.endpoint)
+        with pytest.raises(UserError, match="hub push of .* to lab/tiny failed.*local model is complete"):
+            push_to_hub(model, HubConfig(push=True, repo_id="lab/tiny"))
+    assert (model / "config.json").read_text() == "{}"
+    with pytest.raises(UserError, match="hub.repo_id"):
+        check_hub(HubConfig(push=True, repo_id="no-namespace"))
+
+
+# ---------------------------------------------------------------------------------------------
+# presets against the paper's configs (lamm-mit/LLM-finetuning, Bioinspired-Llama-8B/*-Instruct)
+# ---------------------------------------------------------------------------------------------
+def test_presets_cite_the_papers_values():
+    orpo = compose_train_config(["+stage=orpo"])
+    assert orpo.training.learning_rate == 3e-6
+    assert (orpo.stage.max_length, orpo.stage.max_prompt_length) == (2500, 2000)
+    assert orpo.training.warmup_steps == 100
+    sft = compose_train_config(["+stage=sft"])
+    assert sft.stage.packing is True
+    assert sft.training.warmup_steps == 0.1
+    dpo = compose_train_config(["+stage=dpo"])
+    assert (dpo.stage.beta, dpo.stage.max_prompt_length, dpo.training.learning_rate) == (0.05, 1700, 5e-7)
+    for stage, source in [("orpo", "config_full_ORPO-Instruct.yaml"), ("sft", "run_sft.py"),
+                          ("dpo", "config_full_DPO-Instruct.yaml"), ("cpt", "config_full_CPT-Instruct.yaml")]:
+        text = (REPO / "conf" / "stage" / f"{stage}.yaml").read_text()
+        assert "lamm-mit/LLM-finetuning" in text and source in text, stage
+
+
+@pytest.mark.parametrize("stage", ["orpo", "sft"])
+def test_every_stage_trains_only_the_adapters(tmp_path, stage):
+    if stage == "sft":
+        cfg = compose_train_config(["+stage=sft", "training.finetune=lora", "data.sft.max_samples=8",
+                                    "training.max_seq_length=128"])
+        st = get_stage("sft")
+        tokenizer = load_tokenizer(cfg.model)
+        data = st.prepare_data(cfg, tokenizer)
+        args = st.trainer_args(cfg, dict(output_dir=str(tmp_path), report_to=["none"], bf16=False, max_steps=1))
+        trainer = st.build_trainer(cfg, args, load_model(cfg.model, torch.float32, tokenizer), tokenizer, data, [])
+    else:
+        _, trainer = trainer_for(compose(stage, "training.finetune=lora"), tmp_path)
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
+    assert any(n.endswith("mlp.down_proj.lora_B.default.weight") for n in trainable)
