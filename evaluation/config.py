@@ -12,9 +12,12 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from core.config import compose_config
 from core.errors import UserError
+from core.validate import Check, at_least, checked, non_negative, one_of, positive, writable_dir
 
 BACKENDS = ("hf", "vllm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+BATCH_SIZE = Check(lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+                   "must be a positive integer or auto")
 
 
 @dataclass
@@ -32,20 +35,20 @@ class EvalJobConfig:
     `<file stem>_loglik` and `<file stem>_gen`."""
     include_path: List[str] = field(default_factory=list)
     """Folders of extra lm-eval task YAMLs; evaluation/tasks/ is always included."""
-    output_dir: Optional[str] = None
+    output_dir: Optional[str] = checked(None, writable_dir)
     """Where the <task>.json files go; None: <model_dir>/eval."""
-    backend: str = "hf"
+    backend: str = checked("hf", one_of(*BACKENDS))
     """hf (transformers, any device) or vllm (GPUs; pip install vllm)."""
-    batch_size: Any = 16
+    batch_size: Any = checked(16, BATCH_SIZE)
     """Requests per forward pass: an int, or "auto" (lm-eval finds the largest that fits)."""
     device: Optional[str] = None
     """cpu, cuda, cuda:1, ...; None: cuda when there is a GPU, else cpu."""
-    dtype: str = "auto"
+    dtype: str = checked("auto", one_of(*DTYPES))
     """auto (float32 on CPU, where bf16 is ~20x slower; bfloat16 on GPUs), float32, bfloat16
     or float16."""
-    limit: Optional[float] = None
+    limit: Optional[float] = checked(None, positive)
     """Evaluate only the first N questions of each task (N >= 1), or this share of them (< 1)."""
-    num_fewshot: Optional[int] = None
+    num_fewshot: Optional[int] = checked(None, non_negative)
     """Few-shot examples per prompt; None: each task's own setting (0 for the bundled ones)."""
     chat_template: Optional[bool] = None
     """Render prompts with the model's chat template; None: when the tokenizer has one."""
@@ -53,34 +56,22 @@ class EvalJobConfig:
     """A system prompt for every question (with a chat template: a system turn)."""
     parallelize: bool = False
     """hf: split one model's layers over all visible GPUs (for models that fit no single GPU)."""
-    data_parallel: int = 1
+    data_parallel: int = checked(1, at_least(1))
     """Model replicas on as many GPUs, each scoring a share of the questions: vllm passes it as
     data_parallel_size; hf needs `accelerate launch --num_processes N launch/eval.py ...`."""
-    tensor_parallel: int = 1
+    tensor_parallel: int = checked(1, at_least(1))
     """vllm: GPUs that one replica is split over (tensor_parallel_size)."""
     model_args: Dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for lm-eval's model class, e.g. {gguf_file: X.gguf},
     {max_length: 4096}, {attn_implementation: sdpa}, {gpu_memory_utilization: 0.8} (vllm)."""
     log_samples: bool = True
     """Also write each task's per-question inputs and outputs to <task>.samples.jsonl."""
-    seed: int = 1234
+    seed: int = checked(1234, non_negative)
     """Seed for few-shot sampling and any sampling in generation (the bundled tasks are greedy)."""
 
 
 def check(cfg: DictConfig) -> None:
-    """What types cannot say, checked before anything loads."""
-    if cfg.backend not in BACKENDS:
-        raise UserError(f"backend={cfg.backend}: choose one of {', '.join(BACKENDS)}")
-    if cfg.dtype not in DTYPES:
-        raise UserError(f"dtype={cfg.dtype}: choose one of {', '.join(DTYPES)}")
-    batch = cfg.batch_size
-    if not (batch == "auto" or (isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1)):
-        raise UserError(f"batch_size={batch}: give a positive integer or auto")
-    if cfg.limit is not None and cfg.limit <= 0:
-        raise UserError(f"limit={cfg.limit}: give a count (>= 1) or a share (0 < limit < 1)")
-    for key in ("data_parallel", "tensor_parallel"):
-        if cfg[key] < 1:
-            raise UserError(f"{key}={cfg[key]}: give at least 1")
+    """What one field's checks cannot say (they run first, in compose_config)."""
     if cfg.data_parallel > 1 and cfg.backend == "hf":
         raise UserError("data_parallel > 1 with backend=hf: run `accelerate launch --num_processes N "
                         "launch/eval.py ...` instead (each process scores a share), or use backend=vllm")

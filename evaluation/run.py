@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from core.errors import UserError
 from core.outputs import is_model_dir, write_atomic
+from core.safetensors_header import read_model_headers
 from core.wandb_runs import log_wandb_run
 from evaluation.benchmark import TASK_DIR, benchmark_task_yamls
 from evaluation.results import EVAL_SUBDIR, format_table, metric_values
@@ -38,6 +39,8 @@ def check_model_dir(cfg: DictConfig) -> Path:
     elif not is_model_dir(model_dir):
         raise UserError(f"model_dir {model_dir} is not a model directory (no config.json): give a saved model's "
                         "directory, or the folder of a GGUF file with model_args.gguf_file=NAME")
+    else:
+        read_model_headers(model_dir)  # a damaged shard: one line naming it, before lm-eval loads anything
     return model_dir.resolve()
 
 
