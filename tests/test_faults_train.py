@@ -25,9 +25,9 @@ from train.checkpoint import FINAL_TMP, RUN_CONFIG, newest_complete_checkpoint
 SAVE = """
 import sys
 sys.path.insert(0, sys.argv[1])
-from omegaconf import OmegaConf
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from core.errors import exit_on_user_error
+from train.config import compose_train_config
 from train.run import save_final_model
 
 class Trainer:
@@ -41,7 +41,7 @@ class Trainer:
 model = LlamaForCausalLM(LlamaConfig(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2))
 tokenizer = AutoTokenizer.from_pretrained(sys.argv[1] + "/train/assets/tiny_tokenizer")
-cfg = OmegaConf.create({"output_dir": sys.argv[2], "stage": {"name": "cpt"}})
+cfg = compose_train_config(["+stage=cpt", "output_dir=" + sys.argv[2]])
 exit_on_user_error(save_final_model, Trainer(model), tokenizer, cfg)
 """
 

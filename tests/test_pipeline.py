@@ -38,6 +38,7 @@ def test_presets_are_the_papers_recipes():
         "llama_instruct_cpt_sft_orpo_slerp",
         "llama_instruct_grid",
         "mistral_base_cpt_sft_slerp",
+        "smollm2_study",
         "smollm_base_cpt_sft_dpo",
         "tiny",
     ]
@@ -47,6 +48,8 @@ def test_presets_are_the_papers_recipes():
     assert steps["llama_instruct_cpt_sft_dpo"] == ["cpt", "sft", "dpo"]
     assert steps["mistral_base_cpt_sft_slerp"] == ["cpt", "sft", "merge"]
     assert steps["smollm_base_cpt_sft_dpo"] == ["cpt", "sft", "dpo"]
+    # docs/STUDY.md's run: the grid on SmolLM2, each strategy after SFT merged with the start model.
+    assert steps["smollm2_study"] == ["cpt", "sft", "dpo", "orpo", "merge", "merge", "merge"]
     # The paper's grid: every strategy, each merged with the Instruct model it started from.
     assert steps["llama_instruct_grid"] == ["cpt", "sft", "dpo", "orpo", "merge", "merge", "merge", "merge"]
     assert [s.parents for s in model_steps(plans["llama_instruct_grid"])[4:]] == [
