@@ -22,12 +22,11 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import yaml
 
-from core.outputs import write_atomic
+from core.outputs import EVAL_DIR, write_atomic
 from core.secrets import redact
 
 LINEAGE_FILE = "lineage.json"
 CARD_FILE = "README.md"
-EVAL_DIR = "eval"
 FORMAT = 1
 
 

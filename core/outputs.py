@@ -12,6 +12,8 @@ from pathlib import Path
 
 # Models converted once for reuse (GGUF files dequantized to safetensors); DOMAINFORGE_CACHE
 # moves it, e.g. to a shared filesystem that every node sees.
+EVAL_DIR = "eval"
+"""Where a model's evaluation results live: <model dir>/eval/<task>.json."""
 MODEL_CACHE_DIR = Path(os.environ.get("DOMAINFORGE_CACHE", Path.home() / ".cache" / "domainforge"))
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Dict, Iterator, Tuple
 
 from core.errors import UserError
+from core.outputs import EVAL_DIR
 
-EVAL_SUBDIR = "eval"
 Z95 = 1.959964  # two-sided 95% normal quantile
 
 # {task: {metric: (value, stderr, n)}}
@@ -70,7 +70,7 @@ def load_result_file(path: Path) -> dict:
 
 def load_results(model_dir: str | Path, output_dir: str | Path | None = None) -> Results:
     """{task: {metric: (value, stderr, n)}} from every finished <model_dir>/eval/<task>.json."""
-    folder = Path(output_dir) if output_dir else Path(model_dir) / EVAL_SUBDIR
+    folder = Path(output_dir) if output_dir else Path(model_dir) / EVAL_DIR
     out: Results = {}
     for path in sorted(folder.glob("*.json")):
         record = load_result_file(path)

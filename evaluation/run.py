@@ -21,11 +21,12 @@ from typing import List, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from core.errors import UserError
-from core.outputs import is_model_dir, write_atomic
+from core.model_card import refresh_model_card
+from core.outputs import EVAL_DIR, is_model_dir, write_atomic
 from core.safetensors_header import read_model_headers
 from core.wandb_runs import log_wandb_run
 from evaluation.benchmark import TASK_DIR, benchmark_task_yamls
-from evaluation.results import EVAL_SUBDIR, format_table, metric_values
+from evaluation.results import format_table, metric_values
 
 LIBRARIES = ("lm_eval", "transformers", "torch", "datasets", "accelerate", "vllm")
 
@@ -240,7 +241,7 @@ def evaluate(cfg: DictConfig) -> List[dict]:
     for folder in user_folders:
         if not folder.is_dir():
             raise UserError(f"include_path: {folder} is not a folder: give folders of lm-eval task YAMLs")
-    out_dir = Path(cfg.output_dir).expanduser() if cfg.output_dir else model_dir / EVAL_SUBDIR
+    out_dir = Path(cfg.output_dir).expanduser() if cfg.output_dir else model_dir / EVAL_DIR
 
     with tempfile.TemporaryDirectory(prefix="domainforge-tasks-") as generated:
         tasks = list(dict.fromkeys([*cfg.tasks, *write_benchmark_tasks(list(cfg.benchmarks), Path(generated))]))
@@ -273,6 +274,8 @@ def evaluate(cfg: DictConfig) -> List[dict]:
         return []
     records = task_records(results, cfg, model_dir, chat)
     publish(records, results.get("samples", {}), out_dir)
+    if out_dir == model_dir / EVAL_DIR:
+        refresh_model_card(model_dir)  # the card lists the results beside it (no-op without lineage.json)
     log_to_wandb(records, results.get("samples", {}), cfg)
     print(format_table(records), flush=True)
     print(f"results: {out_dir}/<task>.json", flush=True)

@@ -27,7 +27,7 @@ from omegaconf import MISSING, DictConfig
 
 from core.config import REPO_ROOT, compose_config
 from core.errors import PREEMPTED_EXIT_CODE, UserError
-from core.outputs import MODEL_CACHE_DIR, epoch_model_dir, is_model_dir, write_atomic
+from core.outputs import EVAL_DIR, MODEL_CACHE_DIR, epoch_model_dir, is_model_dir, write_atomic
 from core.validate import at_least, between, checked, non_negative, writable_dir
 from evaluation.config import compose_eval_config
 from evaluation.run import check_task_names
@@ -37,8 +37,6 @@ from train.config import STAGES, compose_train_config
 JOBS_DIR = "jobs"
 START = "start"
 """Reference to the pipeline's starting model (e.g. the Instruct model a merge goes back to)."""
-EVAL_DIR = "eval"
-"""Evaluation results of a model: <run dir>/<step>/eval/<task>.json (the start model: <run dir>/start/eval/)."""
 PLAN_FILE = "pipeline.json"
 """The resolved plan, written into the run directory: what the study report reads."""
 STUDY_FILE = "study.json"

@@ -57,6 +57,10 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.integration
 def test_tiny_model_both_protocols_on_bundled_tasks(tiny):
+    from core.model_card import lineage_record, write_model_card
+
+    write_model_card(tiny, lineage_record({"kind": "model", "name": "tiny", "output": str(tiny)}, []))
+    assert "No results yet" in (tiny / "README.md").read_text()
     tasks = "[materials_cpt_mc_loglik,materials_cpt_mc_gen,materials_sft_tf_loglik,materials_sft_tf_gen]"
     proc = launch("eval.py", [str(tiny), f"tasks={tasks}", "limit=6"], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -74,6 +78,8 @@ def test_tiny_model_both_protocols_on_bundled_tasks(tiny):
     for line in ("materials_cpt_mc_gen", "gen (greedy), chat template", "loglik, chat template", "95% interval"):
         assert line in proc.stdout
     assert not list((tiny / "eval").glob("*.tmp"))
+    card = (tiny / "README.md").read_text()  # the model card now lists the results beside it
+    assert "No results yet" not in card and all(task in card for task in found)
 
 
 @pytest.mark.integration
