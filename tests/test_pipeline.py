@@ -51,9 +51,14 @@ def test_presets_are_the_papers_recipes():
     # docs/STUDY.md's run: the grid on SmolLM2, each strategy after SFT merged with the start model.
     assert steps["smollm2_study"] == ["cpt", "sft", "dpo", "orpo", "merge", "merge", "merge"]
     # The paper's grid: every strategy, each merged with the Instruct model it started from.
-    assert steps["llama_instruct_grid"] == ["cpt", "sft", "dpo", "orpo", "merge", "merge", "merge", "merge"]
+    # Full fine-tuning against LoRA is an axis: sft-lora branches from the same CPT model.
+    assert steps["llama_instruct_grid"] == ["cpt", "sft", "dpo", "orpo", "sft", "merge", "merge", "merge", "merge",
+                                            "merge"]
     assert [s.parents for s in model_steps(plans["llama_instruct_grid"])[4:]] == [
-        ["start", "cpt"], ["start", "sft"], ["start", "dpo"], ["start", "orpo"]]
+        [], ["start", "cpt"], ["start", "sft"], ["start", "dpo"], ["start", "orpo"], ["start", "sft-lora"]]
+    sft_lora = model_steps(plans["llama_instruct_grid"])[4].args
+    assert "training.finetune=lora" in sft_lora and any(a.startswith("model.path=") and a.endswith("/cpt")
+                                                        for a in sft_lora), sft_lora
     # tiny covers every kind of step: all four stages, merges, evaluations, the study.
     assert steps["tiny"] == ["cpt", "sft", "dpo", "orpo", "merge", "merge"]
     assert {s.kind for s in plans["tiny"].steps} == {"train", "merge", "eval", "study"}
