@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from launcher_env import bench_env
+
 ROOT = Path(__file__).resolve().parents[1]
 FINAL = re.compile(r"\{'train_runtime': '([\d.]+)'.*?'num_input_tokens_seen': (\d+)\}")
 
@@ -47,8 +49,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=4)
     a = p.parse_args()
-    env = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               TRL_EXPERIMENTAL_SILENCE="1")
+    env = bench_env()
     work = Path(tempfile.mkdtemp(prefix="df-lora-bench-"))
     results = {}
     try:

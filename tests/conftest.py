@@ -57,6 +57,11 @@ def launch(
     )
 
 
+def tail(proc: subprocess.CompletedProcess) -> str:
+    """The end of a finished command's output, for an assertion message."""
+    return (proc.stdout + proc.stderr)[-4000:]
+
+
 def free_port() -> int:
     import socket
 

@@ -14,7 +14,7 @@ import re
 
 import pytest
 import torch
-from conftest import generates, launch, loss_history
+from conftest import generates, launch, loss_history, tail
 from conftest import test_env as launcher_env
 from hub_standin import HubStandIn
 from peft import PeftModel
@@ -31,10 +31,6 @@ FAST = [
     "training.warmup_steps=0",
     "training.lr_scheduler_type=constant",
 ]
-
-
-def tail(proc) -> str:
-    return (proc.stdout + proc.stderr)[-4000:]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import assert_one_line_error, generates, launch
+from conftest import assert_one_line_error, generates, launch, tail
 from conftest import test_env as launcher_env
 from transformers import AutoModelForCausalLM
 from wandb_offline import find_offline_runs, history
@@ -29,10 +29,6 @@ FAST = [
     "stage.max_prompt_length=192",
 ]
 BUNDLED = REPO_ROOT / "data" / "materials" / "preference.jsonl"
-
-
-def tail(proc) -> str:
-    return (proc.stdout + proc.stderr)[-4000:]
 
 
 def log_rows(output_dir: Path):

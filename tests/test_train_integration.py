@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, free_port, generates, launch, loss_history, test_env
+from conftest import REPO, free_port, generates, launch, loss_history, tail, test_env
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from wandb_offline import find_offline_runs, history
 
@@ -28,10 +28,6 @@ FAST = [
     "training.warmup_steps=0",
     "training.lr_scheduler_type=constant",
 ]
-
-
-def tail(proc) -> str:
-    return (proc.stdout + proc.stderr)[-4000:]
 
 
 @pytest.fixture(scope="module")
