@@ -227,6 +227,7 @@ def plot(run_dir: Path, rows: List[ModelRow], tasks: List[str], synergies: List[
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     written = {}
     start = next((r for r in rows if r.kind == "start"), None)
@@ -256,9 +257,11 @@ def plot(run_dir: Path, rows: List[ModelRow], tasks: List[str], synergies: List[
         fig, ax = plt.subplots(figsize=(5, 5))
         xs = [s["E"] for s in synergies]
         ys = [s["merged"] for s in synergies]
-        ax.scatter(xs, ys)
-        for s in synergies:
-            ax.annotate(f"{s['merge']}:{s['task']}", (s["E"], s["merged"]), fontsize=7)
+        for task in dict.fromkeys(s["task"] for s in synergies):  # one colour per task, named in the legend
+            mine = [s for s in synergies if s["task"] == task]
+            ax.scatter([s["E"] for s in mine], [s["merged"] for s in mine], label=task)
+            for s in mine:
+                ax.annotate(s["merge"], (s["E"], s["merged"]), fontsize=7, xytext=(4, -3), textcoords="offset points")
         lo, hi = min(xs + ys) - 0.02, max(xs + ys) + 0.02
         ax.plot([lo, hi], [lo, hi], color="gray", linestyle="--", label="merged = E")
         ax.set_xlabel("E = (P1 + P2) / 2")
@@ -275,6 +278,7 @@ def plot(run_dir: Path, rows: List[ModelRow], tasks: List[str], synergies: List[
                 points = [(0, start.scores[task].value)] + points
             if points:
                 ax.plot(*zip(*points), marker="o", label=task)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("CPT epoch (0 = start model)")
         ax.set_ylabel("score")
         ax.set_title("Score after each CPT epoch")
