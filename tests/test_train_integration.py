@@ -96,6 +96,10 @@ def test_cpt_output_is_a_finished_model(cpt_run):
     out, _ = cpt_run
     assert (out / "domainforge.yaml").is_file() and not (out / ".final-tmp").exists()
     assert (out / "chat_template.jinja").is_file() or "chat_template" in (out / "tokenizer_config.json").read_text()
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in out.glob("*.safetensors"):  # readable as the umask allows, not private to the writer
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, (f, oct(f.stat().st_mode))
     generates(out)
 
 

@@ -73,7 +73,13 @@ def publish_final_model(output_dir: str | Path) -> None:
     out = Path(output_dir)
     tmp = out / FINAL_TMP
     files = sorted(p for p in tmp.iterdir() if p.name != "config.json")
+    umask = os.umask(0)
+    os.umask(umask)
     for src in files:
+        if src.is_file():
+            # transformers writes the weights through a private (0600) temporary file; on a
+            # shared cluster the model must be readable as the user's umask allows, like the rest.
+            os.chmod(src, 0o666 & ~umask)
         dst = out / src.name
         if dst.is_dir():
             shutil.rmtree(dst)
