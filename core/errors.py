@@ -60,13 +60,27 @@ def exit_on_user_error(main, *args, **kwargs):
                 raise
             raise disk from err
     except UserError as err:
-        # Under a multi-rank launcher every rank fails the same way; one line is enough.
-        if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":
-            # Another rank's progress bar may hold the terminal line (it ends in \r, not \n):
-            # start a line of our own.
-            start = "\n" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-            print(f"{start}error: {err}", file=sys.stderr, flush=True)
+        rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+        if rank != "0":
+            # Under a multi-rank launcher every rank usually fails the same way; one line is
+            # enough, and rank 0 prints it. The launcher ends all ranks once any exits non-zero
+            # (deepspeed polls every second), so another rank that failed first would kill rank 0
+            # before its line: wait for that, killable. A failure of this rank alone is printed.
+            import signal
+            import time
+
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            time.sleep(RANK_ERROR_GRACE_S)
+        # Another rank's progress bar may hold the terminal line (it ends in \r, not \n):
+        # start a line of our own.
+        start = "\n" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        where = "" if rank == "0" else f"(rank {rank}) "
+        print(f"{start}error: {where}{err}", file=sys.stderr, flush=True)
         sys.exit(err.exit_code)
+
+
+RANK_ERROR_GRACE_S = 5.0
+"""How long a non-zero rank waits, on a user error, for rank 0 to report the same error."""
 
 
 def argument_parser(usage: str, **kwargs):

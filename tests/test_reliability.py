@@ -9,6 +9,7 @@ import json
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,47 @@ def test_a_trained_model_path_wins_over_the_presets_gguf_file(tmp_path):
     cfg.path = str(tmp_path / "pkg")
     with pytest.raises(UserError, match="model.gguf_file: .*SmolLM2-135M-Instruct.Q4_1.gguf not found"):
         resolve_model_dir(cfg)
+
+
+# A user error on a rank other than 0, as a multi-rank launcher runs it.
+FAIL_ON_RANK = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import signal
+import core.errors as errors
+errors.RANK_ERROR_GRACE_S = float(sys.argv[2])
+signal.signal(signal.SIGTERM, lambda *_: None)  # as training's preemption handler: SIGTERM = "stop later"
+print("failing", flush=True)
+def main():
+    raise errors.UserError("training.lerning_rate: unknown key")
+errors.exit_on_user_error(main)
+"""
+
+
+def rank_process(rank: str, grace: float) -> subprocess.Popen:
+    env = {"PATH": "/usr/bin:/bin", "RANK": rank, "WORLD_SIZE": "2"}
+    return subprocess.Popen([sys.executable, "-c", FAIL_ON_RANK, str(REPO), str(grace)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_rank_that_fails_alone_reports_after_the_grace():
+    proc = rank_process("1", 0.5)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert err.strip() == "error: (rank 1) training.lerning_rate: unknown key"
+
+
+def test_a_rank_ended_by_the_launcher_during_the_grace_prints_nothing():
+    # deepspeed's launcher polls every second and SIGTERMs every rank once one exits non-zero:
+    # a rank that failed first must not take rank 0's line with it, nor add its own.
+    proc = rank_process("1", 30)
+    assert proc.stdout.readline().strip() == "failing"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            continue
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == -15 and "error:" not in err, (proc.returncode, err)
