@@ -591,6 +591,12 @@ def run_local(cfg: DictConfig) -> Plan:
                 "(finished steps are skipped)", file=sys.stderr, flush=True,
             )
             sys.exit(code)
+        if code != 0 and step.is_complete():
+            # Published during this call (finished steps are skipped above); the final file is
+            # written last, so the output is whole: a rank that crashed at teardown costs nothing.
+            print(f"pipeline {plan.pipeline}: step '{step.name}' exited {code} after publishing {step.output_dir}; "
+                  "the output is complete, going on", file=sys.stderr, flush=True)
+            continue
         if code != 0 or not step.is_complete():
             raise StepFailed(
                 f"pipeline {plan.pipeline}: step '{step.name}' failed (exit {code}, see the output above): "
