@@ -32,6 +32,7 @@ from core.validate import at_least, between, checked, non_negative, writable_dir
 from evaluation.config import compose_eval_config
 from evaluation.run import check_task_names
 from merge.config import compose_merge_config
+from train.attention import check_attention_installed
 from train.config import STAGES, compose_train_config
 
 JOBS_DIR = "jobs"
@@ -490,6 +491,23 @@ def validate_step_configs(plan: Plan) -> None:
             raise UserError(f"pipeline {plan.pipeline}, step '{step.name}': {err}") from err
 
 
+def check_step_environment(plan: Plan, steps: List[Step], python: Optional[str] = None) -> None:
+    """What the jobs' interpreter (`python`; None: this one) must have installed, checked before any
+    job runs: the attention kernel each training step's model asks for (train/attention.py)."""
+    checked: List[str] = []
+    for step in steps:
+        if step.kind != "train":
+            continue
+        implementation = compose_train_config(step.train_args).model.attn_implementation
+        if implementation in checked:
+            continue
+        try:
+            check_attention_installed(implementation, python)
+        except UserError as err:
+            raise UserError(f"pipeline {plan.pipeline}, step '{step.name}': {err}") from err
+        checked.append(implementation)
+
+
 def _is_gguf_cache(path: str) -> bool:
     return Path(path).parent == MODEL_CACHE_DIR
 
@@ -561,6 +579,7 @@ def run_local(cfg: DictConfig) -> Plan:
     plan = plan_pipeline(cfg)
     selected = plan.select(cfg.step)
     validate_step_configs(plan)
+    check_step_environment(plan, [s for s in selected if not s.is_complete()])
     check_outside_models(plan, selected)
     write_plan_file(plan)
     for step in selected:

@@ -34,6 +34,7 @@ from orchestration.pipeline import (
     Plan,
     Step,
     check_outside_models,
+    check_step_environment,
     output_complete,
     plan_pipeline,
     read_plan_file,
@@ -83,6 +84,12 @@ def common_sbatch_lines(cluster: DictConfig, dependency: Optional[str]) -> List[
 
 def python_of(cluster: DictConfig) -> str:
     return cluster.python or sys.executable
+
+
+def python_known_here(cluster: DictConfig) -> bool:
+    """Whether this node can ask the jobs' interpreter what it has installed: not when it is a bare
+    name that only the jobs' setup lines (module load, venv activation) put on PATH."""
+    return not (cluster.python and cluster.setup and not Path(cluster.python).is_absolute())
 
 
 def setup_lines(cluster: DictConfig) -> str:
@@ -232,6 +239,8 @@ def submit_plan(plan: Plan, steps: List[Step], cluster: DictConfig, dry_run: boo
     if not todo:
         print(f"pipeline {plan.pipeline}: every step is complete, nothing to submit", file=out)
         return []
+    if python_known_here(cluster):  # dry runs too: this needs no cluster
+        check_step_environment(plan, todo, python_of(cluster))
     if not dry_run:
         require_sbatch()
         check_outside_models(plan, todo)

@@ -34,6 +34,7 @@ from train.checkpoint import (
     publish_final_model,
     resume_checkpoint,
 )
+from train.attention import check_attention_runs_here
 from train.deepspeed_config import build_deepspeed_config
 from train.lora import check_finetune, quantization_config, save_adapter_and_merged, uses_adapters
 from train.model_card import write_stage_card
@@ -124,6 +125,8 @@ def run_stage(cfg: DictConfig) -> Path:
     """Train `cfg.stage` and publish the final model into `cfg.output_dir`; returns that path."""
     ensure_process_group_env()
     runtime = detect_runtime(cfg.training.precision)
+    # transformers would say so only once every rank has tokenized and the process group is up.
+    check_attention_runs_here(cfg.model.attn_implementation)
     stage = get_stage(cfg.stage.name)
     out = Path(cfg.output_dir)
     # One run per output_dir: rank 0 holds the lock for the whole run; the other ranks of the
