@@ -157,7 +157,9 @@ class TrainingConfig:
     max_seq_length: int = checked(2048, at_least(8))
     """Tokens per training sequence (CPT block size, SFT truncation length)."""
     precision: str = checked("auto", one_of("auto", "fp32", "bf16", "fp16"))
-    """auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16."""
+    """auto, fp32, bf16 or fp16. auto: bf16 on GPUs with native bf16 (compute capability 8.0+),
+    fp16 with dynamic loss scaling on older ones (V100, T4), fp32 on the CPU. bf16 on an older
+    GPU is refused (train/runtime.py)."""
     gradient_checkpointing: bool = False
     save_steps: int = checked(500, at_least(1))
     """DeepSpeed checkpoint every N optimizer steps (and at the end)."""

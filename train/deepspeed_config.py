@@ -40,7 +40,9 @@ def build_deepspeed_config(ds_cfg) -> Dict[str, Any]:
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
         "bf16": {"enabled": "auto"},
-        "fp16": {"enabled": "auto"},
+        # fp16 (GPUs without native bf16): dynamic loss scaling, loss_scale 0 (DeepSpeed's
+        # default, stated so the JSON says how fp16 gradients are kept from underflowing).
+        "fp16": {"enabled": "auto", "loss_scale": 0},
         "zero_optimization": zero,
         # The HF Trainer builds torch's AdamW (DeepSpeed's fused Adam needs CUDA).
         "zero_allow_untested_optimizer": True,

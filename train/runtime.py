@@ -1,7 +1,9 @@
 """Where and how this process trains: decided once, here, for every stage.
 
-GPU: NCCL, bf16 (unless told otherwise). CPU: DeepSpeed's CPU accelerator with gloo, fp32
-(bf16 autocast on the CPU measured ~20x slower than fp32, see shared ENVIRONMENT notes).
+GPU: NCCL, and bf16 where the GPU computes in bf16 natively (compute capability 8.0+: A100,
+H100, L40...), else fp16 with DeepSpeed's dynamic loss scaling (V100, T4), unless told
+otherwise. CPU: DeepSpeed's CPU accelerator with gloo, fp32 (bf16 autocast on the CPU measured
+~20x slower than fp32, see shared ENVIRONMENT notes).
 """
 
 from __future__ import annotations
@@ -54,14 +56,27 @@ def ensure_process_group_env() -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def gpu_has_native_bf16() -> bool:
+    """Compute capability 8.0 or newer. torch's default answer also counts bf16 that is merely
+    emulated (it can make a bf16 tensor on a V100 or T4): slow there, and some kernels refuse it."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def detect_runtime(precision: str = "auto") -> Runtime:
     gpu = torch.cuda.is_available()
     if precision == "auto":
-        precision = "bf16" if gpu else "fp32"
+        precision = ("bf16" if gpu_has_native_bf16() else "fp16") if gpu else "fp32"
     if precision not in ("fp32", "bf16", "fp16"):
         raise UserError(f"training.precision='{precision}': use auto, fp32, bf16 or fp16")
     if not gpu and precision == "fp16":
         raise UserError("training.precision=fp16 needs a GPU: use fp32 (or auto) on the CPU")
+    if gpu and precision == "bf16" and not gpu_has_native_bf16():
+        major, minor = torch.cuda.get_device_capability()
+        raise UserError(
+            f"training.precision=bf16: this GPU ({torch.cuda.get_device_name()}, compute capability {major}.{minor}) "
+            "has no native bf16 (it needs 8.0+, e.g. A100 or H100): use training.precision=auto or fp16 "
+            "(fp16 with dynamic loss scaling)"
+        )
     return Runtime(
         device="cuda" if gpu else "cpu",
         backend="nccl" if gpu else "gloo",
