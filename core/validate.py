@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -74,21 +75,38 @@ unit_interval = Check(lambda v: _number(v) and 0 < v <= 1, "must be in (0, 1]")
 open_unit_interval = Check(lambda v: _number(v) and 0 < v < 1, "must be in (0, 1)")
 
 
+def _accepts_new_entries(directory: Path) -> Optional[str]:
+    """None when a directory can really be made inside `directory`; otherwise why not.
+
+    os.access alone is not proof: it says yes to root for any directory not on a read-only
+    mount, /proc included, where mkdir then fails (ENOENT). Making (and removing) a hidden
+    directory is the one test every filesystem answers truthfully."""
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return "is not writable (read-only or no permission)"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".domainforge-write-test-", dir=directory))
+    except OSError as err:
+        return f"does not accept new directories ({err.strerror or err.__class__.__name__})"
+    return None
+
+
 def _writable_output(value: Any) -> Any:
     """A directory the run can create or write into: not an existing file, and its nearest
-    existing ancestor a writable directory."""
+    existing ancestor a directory that accepts new entries."""
     path = Path(os.path.expanduser(str(value))).absolute()
     if path.exists():
         if not path.is_dir():
             return "is an existing file, not a directory: choose a directory path"
-        return True if os.access(path, os.W_OK | os.X_OK) else "is not writable: choose a writable directory"
+        problem = _accepts_new_entries(path)
+        return True if problem is None else f"{problem}: choose a writable directory"
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
         return f"cannot be created: {parent} is a file, not a directory"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"cannot be created: {parent} is not writable (read-only or no permission)"
+    problem = _accepts_new_entries(parent)
+    if problem is not None:
+        return f"cannot be created: {parent} {problem}: choose a directory on a writable filesystem"
     return True
 
 
