@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 
 from core.errors import UserError
 from core.outputs import epoch_model_dir
+from core.safetensors_header import read_model_headers
 
 CHECKPOINTS = "checkpoints"
 FINAL_TMP = ".final-tmp"
@@ -68,10 +69,25 @@ def resume_checkpoint(output_dir: str, resume: str) -> Optional[str]:
     return str(path)
 
 
+def check_holds_weights(model_dir: Path) -> None:
+    """A model directory about to be published must hold weights: config.json alone would count
+    as finished and never be redone (ZeRO-3 with stage3_gather_16bit_weights_on_model_save=false,
+    even through deepspeed.extra, saves only config.json and DeepSpeed shards)."""
+    if any(header.tensors for header in read_model_headers(model_dir).values()):
+        return
+    raise UserError(
+        f"the final model in {model_dir} holds no weights (no tensors in *.safetensors), so it was not published: "
+        "set deepspeed.stage3_gather_16bit_weights_on_model_save=true (and drop any deepspeed.extra that turns "
+        "it off), then rerun the same command: it resumes from the newest checkpoint"
+    )
+
+
 def publish_final_model(output_dir: str | Path) -> None:
-    """Move the final model from <output_dir>/.final-tmp into place, config.json last."""
+    """Move the final model from <output_dir>/.final-tmp into place, config.json last; refused
+    when it holds no weights."""
     out = Path(output_dir)
     tmp = out / FINAL_TMP
+    check_holds_weights(tmp)
     files = sorted(p for p in tmp.iterdir() if p.name != "config.json")
     umask = os.umask(0)
     os.umask(umask)

@@ -117,8 +117,12 @@ class DeepSpeedConfig:
     reduce_bucket_size: Any = "auto"
     stage3_prefetch_bucket_size: Any = "auto"
     stage3_param_persistence_threshold: Any = "auto"
-    stage3_gather_16bit_weights_on_model_save: bool = True
-    """Consolidate the partitioned weights into one state dict when the final model is saved."""
+    stage3_gather_16bit_weights_on_model_save: bool = checked(True, Check(
+        lambda v: v is True,
+        "must be true: with false, ZeRO-3 saves models with no weights (DeepSpeed shards only), and such a "
+        "model cannot be published"))
+    """Gather the partitioned weights into one 16-bit state dict when a model is saved (the final
+    model and the one in each checkpoint). Must stay true: false saves no weights at all."""
     extra: Dict[str, Any] = field(default_factory=dict)
     """Raw keys merged into the generated DeepSpeed JSON (expert use)."""
 
