@@ -91,6 +91,7 @@ def common_trainer_kwargs(cfg: DictConfig, runtime: Runtime, evaluate: bool = Fa
         bf16=runtime.bf16,  # TRL configs default bf16=True: always say it explicitly
         fp16=runtime.fp16,
         activation_checkpointing=t.gradient_checkpointing,  # transformers 5 name
+        activation_checkpointing_kwargs={"use_reentrant": reentrant_checkpointing(cfg)},
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -109,6 +110,14 @@ def common_trainer_kwargs(cfg: DictConfig, runtime: Runtime, evaluate: bool = Fa
     )
     kwargs.update(OmegaConf.to_container(t.extra_args, resolve=True))
     return kwargs
+
+
+def reentrant_checkpointing(cfg: DictConfig) -> bool:
+    """Non-reentrant activation checkpointing (PyTorch's recommendation, the paper's configs),
+    except for adapters under ZeRO-3: TRL's SFT and DPO trainers force reentrant there
+    (huggingface/trl#2514); saying it here keeps ORPO's experimental trainer, which does not
+    check, and the resolved arguments consistent with them."""
+    return uses_adapters(cfg) and cfg.deepspeed.zero_stage == 3
 
 
 def check_limits(cfg: DictConfig) -> None:
