@@ -33,16 +33,29 @@ FAST = [
 
 @pytest.fixture(scope="module")
 def cpt_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cpt") / "run"
+    """launch/train.py under the deepspeed launcher, every tokenizer call counted per rank
+    (tests/count_tokenizer_calls.py), with a datasets cache of its own."""
+    root = tmp_path_factory.mktemp("cpt")
+    out, calls = root / "run", root / "tokenizer-calls"
+    calls.mkdir()
     proc = launch(
-        "train.py",
+        str(REPO / "tests" / "count_tokenizer_calls.py"),
         ["+stage=cpt", f"output_dir={out}", *FAST, "training.max_steps=30", "training.save_steps=10",
          "logging=wandb", "logging.mode=offline", "logging.tags=[test,cpt]",
          "data.cpt.eval_fraction=0.05", "training.eval_steps=10"],
-        ranks=2,
+        ranks=2, env=test_env(TOKENIZER_CALLS_DIR=str(calls), HF_DATASETS_CACHE=str(root / "datasets-cache")),
     )
     assert proc.returncode == 0, tail(proc)
     return out, proc
+
+
+def test_one_rank_tokenizes_the_corpus_the_other_reads_its_cache(cpt_run):
+    out, _ = cpt_run
+    calls = {f.name: [int(n) for n in f.read_text().split()] for f in (out.parent / "tokenizer-calls").iterdir()}
+    assert set(calls) == {"rank-0"}, calls  # rank 1 never called the tokenizer
+    rows = [json.loads(line) for line in (REPO / "data" / "materials" / "cpt.jsonl").read_text().splitlines()]
+    documents = sum(1 for r in rows if isinstance(r.get("text"), str) and r["text"].strip())
+    assert sum(calls["rank-0"]) == documents  # every document (train and held-out split), once
 
 
 def test_cpt_loss_falls(cpt_run):
