@@ -83,6 +83,8 @@ def test_qlora_without_bitsandbytes_is_one_line_naming_the_extra(monkeypatch):
         (["+stage=dpo", "training.finetune=qlora", "lora=qlora_paper"], 2e-4),   # the lora preset's own rate
         (["+stage=sft", "training.finetune=lora", "training.learning_rate=1e-4"], 1e-4),  # the user's word wins
         (["+stage=sft", "training.finetune=lora", "lora=qlora_paper", "lora.learning_rate=3e-4"], 3e-4),
+        (["+stage=sft", "training.finetune=qlora", "lora=qlora_paper", "training.learning_rate=1e-4"], 1e-4),
+        (["+stage=sft", "training.finetune=lora", "training.learning_rate=1e-4", "lora.learning_rate=3e-4"], 3e-4),
         (["+stage=sft", "training.learning_rate=1e-4", "lora.learning_rate=3e-4"], 1e-4),  # full ignores lora.*
     ],
 )

@@ -223,8 +223,9 @@ class LoraSettings:
     """Default target modules per config.json `model_type`: every attention and MLP projection."""
     learning_rate: Optional[float] = checked(None, positive)
     """Learning rate of adapter runs, replacing training.learning_rate (a full fine-tuning
-    rate). None: training.learning_rate as typed on the command line, else
-    ADAPTER_LR_MULTIPLIER x the stage preset's rate."""
+    rate); a training.learning_rate typed on the command line wins over a preset's value here.
+    None: that typed rate, else ADAPTER_LR_MULTIPLIER x the stage preset's rate
+    (set_adapter_learning_rate)."""
     qlora_quant_type: str = checked("nf4", one_of("nf4", "fp4"))
     """QLoRA base weights: bitsandbytes 4-bit type (nf4 or fp4)."""
     qlora_compute_dtype: str = checked("bfloat16", one_of("bfloat16", "float16", "float32"))
@@ -347,15 +348,18 @@ def typed_keys(argv: List[str]) -> set:
 
 
 def set_adapter_learning_rate(cfg: DictConfig, argv: List[str]) -> None:
-    """With adapters, training.learning_rate becomes the rate the run trains at, in this order:
-    lora.learning_rate (a lora preset or the command line); training.learning_rate when typed
-    on the command line (the user's word wins over presets); else the stage preset's full
-    fine-tuning rate x ADAPTER_LR_MULTIPLIER. The resolved config records the rate used."""
+    """With adapters, training.learning_rate becomes the rate the run trains at. The first that
+    applies: lora.learning_rate typed on the command line; training.learning_rate typed there
+    (the user's word wins over every preset); lora.learning_rate from a lora preset; the stage
+    preset's full fine-tuning rate x ADAPTER_LR_MULTIPLIER. A pipeline's overrides count as
+    typed. The resolved config records the rate used."""
     if cfg.training.finetune not in ("lora", "qlora"):
         return
-    if cfg.lora.learning_rate is not None:
-        cfg.training.learning_rate = cfg.lora.learning_rate
-    elif "training.learning_rate" not in typed_keys(argv):
+    typed = typed_keys(argv)
+    adapter_rate = cfg.lora.learning_rate
+    if adapter_rate is not None and ("lora.learning_rate" in typed or "training.learning_rate" not in typed):
+        cfg.training.learning_rate = adapter_rate
+    elif "training.learning_rate" not in typed:
         cfg.training.learning_rate = cfg.training.learning_rate * ADAPTER_LR_MULTIPLIER
 
 
