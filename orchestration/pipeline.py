@@ -119,9 +119,15 @@ class ClusterConfig:
     """Training ranks in all; None: nodes x gpus_per_node."""
     request_gpus: bool = True
     """Ask SLURM for the GPUs (--gpus-per-node); false on CPU-only partitions."""
-    cpus_per_task: Optional[int] = checked(None, at_least(1))
-    mem: Optional[str] = None
-    """Memory per node, e.g. 500G; None: the partition default."""
+    cpus_per_task: Optional[int] = checked(8, at_least(1))
+    """CPU cores per task (rank): data preparation (data.num_proc), dataloader workers, the
+    CPU optimizer of ZeRO-Offload. SLURM's own default is 1, which starves them; 8 per GPU fits
+    common 8-GPU nodes of 64+ cores. None: the partition default. On small or CPU-only
+    partitions lower it so that nodes x tasks fits (cluster.cpus_per_task=1)."""
+    mem: Optional[str] = "0"
+    """Memory per node, e.g. 500G; "0": all of each node's memory (SLURM's convention), what
+    a training job on whole GPU nodes wants; None: the partition default (often a few GB per
+    CPU). On nodes shared with other jobs, set a size."""
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None

@@ -67,9 +67,11 @@ def render_template(name: str, values: Dict[str, object]) -> str:
 # ---------------------------------------------------------------------------------------------
 def common_sbatch_lines(cluster: DictConfig, dependency: Optional[str]) -> List[str]:
     lines = []
-    for option in ("partition", "account", "qos", "mem"):
+    for option in ("partition", "account", "qos"):
         if cluster.get(option):
             lines.append(f"--{option}={cluster[option]}")
+    if cluster.mem is not None:  # "0" is a value: all of the node's memory
+        lines.append(f"--mem={cluster.mem}")
     if cluster.cpus_per_task:
         lines.append(f"--cpus-per-task={cluster.cpus_per_task}")
     if cluster.requeue:
@@ -80,6 +82,12 @@ def common_sbatch_lines(cluster: DictConfig, dependency: Optional[str]) -> List[
         lines += [f"--dependency=afterok:{dependency}", "--kill-on-invalid-dep=yes"]
     lines += list(cluster.sbatch_args)
     return lines
+
+
+def srun_cpus_line(cluster: DictConfig) -> str:
+    """srun does not take --cpus-per-task from sbatch since SLURM 22.05 (its release notes):
+    without this its tasks get one core each, whatever the allocation."""
+    return f"export SRUN_CPUS_PER_TASK={cluster.cpus_per_task}" if cluster.cpus_per_task else ""
 
 
 def python_of(cluster: DictConfig) -> str:
@@ -125,7 +133,7 @@ class JobText:
             sbatch_lines="\n".join(f"#SBATCH {line}" for line in sbatch_lines),
             repo=shlex.quote(str(REPO_ROOT)),
             setup=setup_lines(self.cluster),
-            env=env_lines(self.plan, self.step),
+            env="\n".join(filter(None, [env_lines(self.plan, self.step), srun_cpus_line(self.cluster)])),
             command=" \\\n        ".join(shlex.quote(a) for a in command),
             **values,
         ))

@@ -34,6 +34,14 @@ def test_env(**extra: str) -> dict:
 
 test_env.__test__ = False  # a helper, not a test, wherever it is imported
 
+SMALL_BATCH = [
+    "training.per_device_train_batch_size=1",
+    "training.gradient_accumulation_steps=1",
+    "training.gradient_checkpointing=false",
+]
+"""The stage presets carry the paper's 8B batch settings (CPT/SFT 6 x 2 with activation
+checkpointing); tests train the tiny model one sequence a step, as conf/pipeline/tiny.yaml does."""
+
 
 def launch(
     script: str,

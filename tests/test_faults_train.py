@@ -16,7 +16,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, assert_one_line_error, generates, test_env
+from conftest import REPO, SMALL_BATCH, assert_one_line_error, generates, test_env
 
 from train.checkpoint import FINAL_TMP, RUN_CONFIG, newest_complete_checkpoint
 
@@ -81,7 +81,7 @@ def test_full_disk_during_the_final_save_keeps_the_checkpoint(tmp_path):
 
 
 def train_cmd(out):
-    return [sys.executable, str(REPO / "launch" / "train.py"), "+stage=cpt", "training.max_steps=2",
+    return [sys.executable, str(REPO / "launch" / "train.py"), "+stage=cpt", *SMALL_BATCH, "training.max_steps=2",
             "training.save_steps=1", "training.max_seq_length=64", "data.cpt.max_samples=40", f"output_dir={out}"]
 
 

@@ -47,6 +47,8 @@ def test_qlora_is_4bit_nf4_with_bf16_compute_and_refused_without_a_gpu():
     assert q.bnb_4bit_quant_type == "nf4"
     assert q.bnb_4bit_compute_dtype == torch.bfloat16
     assert q.bnb_4bit_use_double_quant
+    # packed 4-bit weights stored in the compute dtype: what ZeRO-3 + QLoRA needs (PEFT's guide)
+    assert q.bnb_4bit_quant_storage == torch.bfloat16
     assert peft_config(cfg).r == 16  # QLoRA trains the same adapters
     check_finetune(cfg, gpu=True)  # a GPU machine accepts it
     with pytest.raises(UserError, match="training.finetune=qlora needs a GPU"):
@@ -54,6 +56,49 @@ def test_qlora_is_4bit_nf4_with_bf16_compute_and_refused_without_a_gpu():
     assert quantization_config(compose_train_config(["+stage=sft", "training.finetune=lora"])) is None
     paper = compose_train_config(["+stage=sft", "training.finetune=qlora", "lora=qlora_paper"])
     assert (paper.lora.r, paper.lora.alpha, paper.lora.dropout) == (64, 16, 0.1)
+
+
+def test_qlora_without_bitsandbytes_is_one_line_naming_the_extra(monkeypatch):
+    import importlib.util
+
+    cfg = compose_train_config(["+stage=sft", "training.finetune=qlora"])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(UserError) as err:
+        check_finetune(cfg, gpu=True)
+    assert "training.finetune=qlora needs bitsandbytes" in str(err.value) and ".[qlora]" in str(err.value)
+    assert "\n" not in str(err.value)
+    check_finetune(compose_train_config(["+stage=sft", "training.finetune=lora"]), gpu=True)  # LoRA does not need it
+
+
+# ---------------------------------------------------------------------------------------------
+# the adapters' learning rate: LoRA is not trained at full fine-tuning rates
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "overrides, rate",
+    [
+        (["+stage=sft"], 2e-5),                                                  # full: the paper's rate
+        (["+stage=sft", "training.finetune=lora"], 2e-4),                        # 10 x the stage's
+        (["+stage=dpo", "training.finetune=lora"], 5e-6),                        # alignment-handbook's QLoRA DPO
+        (["+stage=dpo", "training.finetune=qlora", "lora=qlora_paper"], 2e-4),   # the lora preset's own rate
+        (["+stage=sft", "training.finetune=lora", "training.learning_rate=1e-4"], 1e-4),  # the user's word wins
+        (["+stage=sft", "training.finetune=lora", "lora=qlora_paper", "lora.learning_rate=3e-4"], 3e-4),
+        (["+stage=sft", "training.finetune=qlora", "lora=qlora_paper", "training.learning_rate=1e-4"], 1e-4),
+        (["+stage=sft", "training.finetune=lora", "training.learning_rate=1e-4", "lora.learning_rate=3e-4"], 3e-4),
+        (["+stage=sft", "training.learning_rate=1e-4", "lora.learning_rate=3e-4"], 1e-4),  # full ignores lora.*
+    ],
+)
+def test_adapter_runs_train_at_an_adapter_learning_rate(overrides, rate):
+    assert compose_train_config(overrides).training.learning_rate == pytest.approx(rate)
+
+
+def test_grid_trains_its_lora_step_at_the_adapter_rate(tmp_path):
+    from orchestration.pipeline import compose_pipeline_job, plan_pipeline
+
+    plan = plan_pipeline(compose_pipeline_job(["pipeline=llama_instruct_grid", f"root={tmp_path}",
+                                               "pipeline.start=/models/llama-instruct"]))
+    rates = {s.name: compose_train_config(s.train_args).training.learning_rate for s in plan.steps if s.stage}
+    assert rates["sft"] == pytest.approx(2e-5) and rates["sft-lora"] == pytest.approx(2e-4), rates
 
 
 @pytest.mark.parametrize(
@@ -190,6 +235,11 @@ def test_presets_cite_the_papers_values():
     assert sft.training.warmup_steps == 0.1
     dpo = compose_train_config(["+stage=dpo"])
     assert (dpo.stage.beta, dpo.stage.max_prompt_length, dpo.training.learning_rate) == (0.05, 1700, 5e-7)
+    # per-device batch x gradient accumulation, and activation checkpointing (all four configs)
+    for stage, batch in [("cpt", (6, 2)), ("sft", (6, 2)), ("dpo", (2, 2)), ("orpo", (3, 1))]:
+        t = compose_train_config([f"+stage={stage}"]).training
+        assert (t.per_device_train_batch_size, t.gradient_accumulation_steps) == batch, stage
+        assert t.gradient_checkpointing is True, stage
     for stage, source in [("orpo", "config_full_ORPO-Instruct.yaml"), ("sft", "run_sft.py"),
                           ("dpo", "config_full_DPO-Instruct.yaml"), ("cpt", "config_full_CPT-Instruct.yaml")]:
         text = (REPO / "conf" / "stage" / f"{stage}.yaml").read_text()
@@ -211,3 +261,78 @@ def test_every_stage_trains_only_the_adapters(tmp_path, stage):
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
     assert any(n.endswith("mlp.down_proj.lora_B.default.weight") for n in trainable)
+
+
+# ---------------------------------------------------------------------------------------------
+# QLoRA's final save: a real bitsandbytes 4-bit base (its CPU backend), both state-dict layouts
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def qlora_model(tmp_path_factory):
+    """A tiny Llama loaded 4-bit (nf4, double quantization, storage in the compute dtype) the
+    way train/lora.py configures it, with non-zero LoRA adapters on three projections."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = compose_train_config(["+stage=sft", "training.finetune=qlora", "lora.qlora_compute_dtype=float32",
+                                "lora.target_modules=[q_proj,v_proj,down_proj]"])
+    base_dir = tmp_path_factory.mktemp("qlora") / "base"
+    torch.manual_seed(0)
+    load_model(cfg.model, torch.float32, load_tokenizer(cfg.model)).save_pretrained(base_dir)
+    quantized = load_model(cfg.model, torch.float32, path=str(base_dir), quantization_config=quantization_config(cfg))
+    adapters = peft_config(cfg)
+    adapters.init_lora_weights = False  # random A and B: the delta is not zero
+    return get_peft_model(quantized, adapters)
+
+
+class SavingTrainer:
+    """What save_adapter_and_merged reads of a Trainer, for a model outside DeepSpeed."""
+
+    def __init__(self, model, state_dict):
+        self.model, self.deepspeed, self.is_deepspeed_enabled = model, model, True
+        self.accelerator = self
+        self._state = state_dict
+
+    def get_state_dict(self, engine):
+        return self._state
+
+    def unwrap_model(self, model):
+        return model
+
+    def is_world_process_zero(self):
+        return True
+
+
+@pytest.mark.parametrize("layout", ["plain", "zero3"])
+def test_qlora_saves_a_plain_merged_model_equal_to_dequantized_base_plus_delta(qlora_model, tmp_path, layout):
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+    from transformers import AutoModelForCausalLM
+
+    from train.lora import save_adapter_and_merged
+
+    state = qlora_model.state_dict()
+    q_proj = "base_model.model.model.layers.0.self_attn.q_proj"
+    assert f"{q_proj}.base_layer.weight.absmax" in state  # bitsandbytes' extra keys, without ZeRO-3
+    if layout == "zero3":  # DeepSpeed's gather: the packed storage tensors only
+        state = {k: v for k, v in state.items() if ".weight." not in k}
+    packed = state[f"{q_proj}.base_layer.weight"]
+    assert packed.shape[1] == 1 and packed.dtype == torch.float32  # [n, 1] in bnb_4bit_quant_storage
+
+    save_adapter_and_merged(SavingTrainer(qlora_model, state), tmp_path)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert getattr(merged.config, "quantization_config", None) is None
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
+    ours = dict(merged.named_parameters())
+    for name, module in qlora_model.named_modules():
+        if not (hasattr(module, "base_layer") and isinstance(module.base_layer, bnb.nn.Linear4bit)):
+            continue
+        weight = module.base_layer.weight
+        expected = dequantize_4bit(weight.data, weight.quant_state)
+        if "default" in getattr(module, "lora_A", {}):
+            expected = expected + module.get_delta_weight("default")
+        plain = name.replace("base_model.model.", "", 1) + ".weight"
+        assert torch.allclose(ours[plain], expected, atol=1e-6), plain
+    delta = qlora_model.base_model.model.model.layers[0].self_attn.q_proj.get_delta_weight("default")
+    assert delta.abs().max() > 1e-3  # the adapters moved q_proj
+    embed = "base_model.model.model.embed_tokens.weight"
+    assert torch.equal(ours["model.embed_tokens.weight"], qlora_model.state_dict()[embed])
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

@@ -14,7 +14,7 @@ import re
 
 import pytest
 import torch
-from conftest import generates, launch, loss_history, tail
+from conftest import SMALL_BATCH, generates, launch, loss_history, tail
 from conftest import test_env as launcher_env
 from hub_standin import HubStandIn
 from peft import PeftModel
@@ -27,6 +27,7 @@ from core.model_card import lineage_steps, read_lineage, refresh_model_card
 pytestmark = pytest.mark.integration
 
 FAST = [
+    *SMALL_BATCH,
     "training.max_seq_length=256",
     "training.warmup_steps=0",
     "training.lr_scheduler_type=constant",
@@ -42,7 +43,8 @@ def runs(tmp_path_factory):
 def cpt(runs):
     out = runs / "cpt"
     proc = launch("train.py", ["+stage=cpt", f"output_dir={out}", *FAST, "training.learning_rate=1e-3",
-                               "training.max_steps=6", "training.save_steps=6"], ranks=2)
+                               "training.max_steps=6", "training.save_steps=6",
+                               "training.gradient_checkpointing=true"], ranks=2)  # full, ZeRO-3: non-reentrant
     assert proc.returncode == 0, tail(proc)
     return out
 
@@ -59,6 +61,7 @@ def sft(runs, cpt, hub):
     env = launcher_env(HF_ENDPOINT=hub.endpoint, HF_HUB_OFFLINE="0", HF_TOKEN="hf_standin")
     proc = launch("train.py", ["+stage=sft", f"model.path={cpt}", f"output_dir={out}", *FAST,
                                "training.finetune=lora", "training.learning_rate=3e-3", "stage.packing=false",
+                               "training.gradient_checkpointing=true",  # LoRA under ZeRO-3: reentrant
                                "training.max_steps=24", "training.save_steps=12",
                                "hub.push=true", "hub.repo_id=lab/tiny-sft-lora"], ranks=2, env=env)
     assert proc.returncode == 0, tail(proc)
@@ -71,6 +74,21 @@ def test_lora_sft_under_zero3_loss_falls(sft):
     assert len(losses) == 24
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses
     assert len(re.findall(r"\[rank \d/2\] holds", proc.stdout)) == 2  # both ranks, ZeRO-3
+
+
+def checkpointing_of(out):
+    """(activation_checkpointing, use_reentrant) of the TrainingArguments a run trained with."""
+    args = torch.load(sorted((out / "checkpoints").glob("checkpoint-*/training_args.bin"))[-1], weights_only=False)
+    return args.activation_checkpointing, (args.activation_checkpointing_kwargs or {}).get("use_reentrant")
+
+
+def test_activation_checkpointing_trains_full_and_lora_under_zero3(cpt, sft):
+    """Both runs above trained with training.gradient_checkpointing=true (the paper presets'
+    setting): full fine-tuning non-reentrant, LoRA reentrant, as TRL requires under ZeRO-3."""
+    assert checkpointing_of(cpt) == (True, False)
+    assert checkpointing_of(sft[0]) == (True, True)
+    losses = loss_history(cpt)
+    assert losses[-1] < losses[0], losses
 
 
 def test_lora_sft_saves_adapter_and_the_merged_model(sft, cpt):
@@ -141,7 +159,7 @@ def test_lora_dpo_trains_without_a_second_model_copy(runs, sft, tmp_path):
                                         "rejected": "I cannot say, maybe ask someone."}) + "\n" for r in rows))
     out = runs / "dpo"
     proc = launch("train.py", ["+stage=dpo", f"model.path={sft[0]}", f"output_dir={out}",
-                               f"data.preference.path={data}", "training.finetune=lora",
+                               f"data.preference.path={data}", "training.finetune=lora", *SMALL_BATCH,
                                "training.learning_rate=5e-3", "training.warmup_steps=0",
                                "training.lr_scheduler_type=constant", "training.per_device_train_batch_size=2",
                                "stage.max_length=256", "stage.max_prompt_length=192", "training.max_steps=12",

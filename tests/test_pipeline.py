@@ -17,6 +17,7 @@ from orchestration.pipeline import (
     run_local,
     validate_step_configs,
 )
+from train.config import compose_train_config
 
 PRESETS = sorted(p.stem for p in (REPO / "conf" / "pipeline").glob("*.yaml"))
 
@@ -169,3 +170,14 @@ def test_local_pipeline_skips_finished_steps_and_reruns_failed_ones(tmp_path):
     assert OmegaConf.load(sft / "domainforge.yaml").model.path == str(tmp_path / "tiny" / "cpt")
     model = AutoModelForCausalLM.from_pretrained(sft)
     assert model.num_parameters() > 1e6
+
+
+def test_tiny_and_study_pipelines_keep_their_batch_under_the_paper_presets(tmp_path):
+    """The stage presets carry the paper's 8B batch settings (6 x 2, checkpointing); the tiny
+    pipeline (the tests' and a laptop's) and the documented SmolLM2 study keep theirs."""
+    for preset, batch in [("tiny", 1), ("smollm2_study", 2)]:
+        plan = plan_pipeline(compose_pipeline_job([f"pipeline={preset}", f"root={tmp_path}"]))
+        for step in (s for s in plan.steps if s.kind == "train"):
+            t = compose_train_config(step.train_args).training
+            assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.gradient_checkpointing) == \
+                (batch, 1, False), (preset, step.name)

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import assert_one_line_error, generates, launch, tail
+from conftest import SMALL_BATCH, assert_one_line_error, generates, launch, tail
 from conftest import test_env as launcher_env
 from transformers import AutoModelForCausalLM
 from wandb_offline import find_offline_runs, history
@@ -21,6 +21,7 @@ from core.config import REPO_ROOT
 pytestmark = pytest.mark.integration
 
 FAST = [
+    *SMALL_BATCH,
     "training.learning_rate=1e-3",
     "training.warmup_steps=0",
     "training.lr_scheduler_type=constant",
@@ -75,7 +76,7 @@ def learnable_eval_set(tmp_path_factory):
 def saved_model(tmp_path_factory, env):
     """A model saved by the SFT stage (2 steps of it, under the same launcher)."""
     out = tmp_path_factory.mktemp("sft") / "run"
-    proc = launch("train.py", ["+stage=sft", f"output_dir={out}", "training.max_steps=2",
+    proc = launch("train.py", ["+stage=sft", f"output_dir={out}", *SMALL_BATCH, "training.max_steps=2",
                                "training.max_seq_length=256"], ranks=2, env=env)
     assert proc.returncode == 0, tail(proc)
     return out

@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, SMALL_BATCH
 from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
 from test_study import assert_study_matches_evals
 from transformers import AutoModelForCausalLM
@@ -53,7 +53,7 @@ def test_tiny_study_runs_as_a_dependency_graph_of_jobs(slurm_cluster, tmp_path):
     for the jobs of the steps it reads, training jobs run 2 ranks, and the study comes last."""
     t0 = time.time()
     submit(slurm_cluster, "pipeline=tiny", "cluster=slurm", f"root={tmp_path}", "cluster.gpus_per_node=2",
-           "cluster.request_gpus=false", "cluster.merge_tasks=2", "cluster.time=00:20:00", "pipeline.wandb=offline")
+           "cluster.request_gpus=false", "cluster.cpus_per_task=1", "cluster.merge_tasks=2", "cluster.time=00:20:00", "pipeline.wandb=offline")
     run = tmp_path / "tiny"
     jobs = read_jobs(run / "jobs")
     plan = {s["name"]: s for s in json.loads((run / "pipeline.json").read_text())["steps"]}
@@ -90,7 +90,7 @@ def test_tiny_study_runs_as_a_dependency_graph_of_jobs(slurm_cluster, tmp_path):
         assert re.search(rf"^{re.escape(job.step)}\s+{job.job_id}\s+COMPLETED\s+{re.escape(job.output_dir)} \(finished\)$",
                          status, flags=re.M), status
     # Resubmitting a finished pipeline submits nothing.
-    again = submit(slurm_cluster, "pipeline=tiny", "cluster=slurm", f"root={tmp_path}", "cluster.request_gpus=false")
+    again = submit(slurm_cluster, "pipeline=tiny", "cluster=slurm", f"root={tmp_path}", "cluster.request_gpus=false", "cluster.cpus_per_task=1")
     assert "every step is complete, nothing to submit" in again.stdout
     print(f"\ntiny study on SLURM ({len(jobs)} jobs, training on 2 ranks): {wall:.0f} s wall")
 
@@ -98,9 +98,9 @@ def test_tiny_study_runs_as_a_dependency_graph_of_jobs(slurm_cluster, tmp_path):
 def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
     out = tmp_path / "cpt"
     max_steps, save_steps = 30, 5
-    submit(slurm_cluster, "+stage=cpt", f"output_dir={out}", f"training.max_steps={max_steps}",
+    submit(slurm_cluster, "+stage=cpt", f"output_dir={out}", *SMALL_BATCH, f"training.max_steps={max_steps}",
            f"training.save_steps={save_steps}", "training.save_total_limit=null", "training.max_seq_length=128",
-           "cluster=slurm", "cluster.gpus_per_node=2", "cluster.request_gpus=false", "cluster.time=00:20:00")
+           "cluster=slurm", "cluster.gpus_per_node=2", "cluster.request_gpus=false", "cluster.cpus_per_task=1", "cluster.time=00:20:00")
     (job,) = read_jobs(out / "jobs")
 
     # After the first periodic checkpoint, send what SLURM sends before a time limit.
@@ -137,8 +137,8 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path
 def test_scancel_is_not_undone_by_a_requeue(slurm_cluster, tmp_path):
     """scancel sends SIGTERM like a preemption does; the job must stay cancelled."""
     out = tmp_path / "cpt"
-    submit(slurm_cluster, "+stage=cpt", f"output_dir={out}", "training.max_steps=500", "training.max_seq_length=128",
-           "cluster=slurm", "cluster.gpus_per_node=2", "cluster.request_gpus=false")
+    submit(slurm_cluster, "+stage=cpt", f"output_dir={out}", *SMALL_BATCH, "training.max_steps=500", "training.max_seq_length=128",
+           "cluster=slurm", "cluster.gpus_per_node=2", "cluster.request_gpus=false", "cluster.cpus_per_task=1")
     (job,) = read_jobs(out / "jobs")
     log = Path(job.log)
     deadline = time.time() + 300

@@ -46,6 +46,10 @@ def test_rendered_scripts(nodes, tmp_path):
         options = sbatch_options(text)
         assert f"--nodes={nodes}" in options
         assert {"--partition=gpu", "--account=proj", "--time=12:00:00", "--requeue"} <= set(options)
+        # By default every task gets cores and every node its memory (SLURM's default is one
+        # core and a few GB per core); srun takes the cores only through SRUN_CPUS_PER_TASK.
+        assert {"--cpus-per-task=8", "--mem=0"} <= set(options)
+        assert "export SRUN_CPUS_PER_TASK=8" in text
         # Each job waits for the one before it; the first for nothing.
         deps = [o for o in options if o.startswith("--dependency")]
         assert deps == ([] if i == 0 else [f"--dependency=afterok:{1000 + i - 1}"])
@@ -127,3 +131,13 @@ def test_dry_run_prints_every_script_and_submits_nothing(tmp_path):
                                                 "eval-slerp-dpo", "eval-slerp"])
     assert f"--dependency=afterok:{evals}\n" in scripts["study"] and "launch/study.py" in scripts["study"]
     assert not (tmp_path / "tiny").exists()
+
+
+def test_cpus_and_memory_are_set_or_left_to_the_partition(tmp_path):
+    _, scripts = render_chain(tmp_path, "cluster.cpus_per_task=4", "cluster.mem=200G")
+    assert {"--cpus-per-task=4", "--mem=200G"} <= set(sbatch_options(scripts[0]))
+    assert "export SRUN_CPUS_PER_TASK=4" in scripts[0]
+    _, scripts = render_chain(tmp_path, "cluster.cpus_per_task=null", "cluster.mem=null")
+    options = sbatch_options(scripts[0])
+    assert not any(o.startswith(("--cpus-per-task", "--mem")) for o in options)
+    assert "SRUN_CPUS_PER_TASK" not in scripts[0]

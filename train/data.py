@@ -403,6 +403,11 @@ def load_mix(spec, kind: str, canonical: Callable, seed: int, num_proc: Optional
     )
 
 
+def has_eval_split(spec) -> bool:
+    """Whether `data.<kind>` (a DatasetConfig) holds out rows or names a file for evaluation."""
+    return spec.eval_fraction is not None or bool(spec.eval_path)
+
+
 def load_split_rows(cfg, kind: str, canonical: Callable) -> SplitRows:
     """`data.<kind>`'s rows (one source or a mix), less its eval split, and that eval split."""
     check_data_spec(cfg, kind)

@@ -14,6 +14,8 @@ gathering the weights; rank 0 writes the adapter to <output_dir>/adapter/ and th
 from __future__ import annotations
 
 import contextlib
+import copy
+import importlib.util
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -57,6 +59,11 @@ def check_finetune(cfg, gpu: bool) -> None:
     mode = cfg.training.finetune  # its values, and the lora block's ranges, are schema checks
     if mode == "full":
         return
+    if mode == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(
+            "training.finetune=qlora needs bitsandbytes, which is not installed: pip install -e '.[qlora]' "
+            "(or use training.finetune=lora)"
+        )
     if mode == "qlora" and not gpu:
         raise UserError(
             "training.finetune=qlora needs a GPU (bitsandbytes 4-bit kernels): use training.finetune=lora on the CPU"
@@ -91,14 +98,19 @@ def peft_config(cfg):
 
 
 def quantization_config(cfg) -> Optional[BitsAndBytesConfig]:
-    """QLoRA's 4-bit base (Dettmers et al. 2023: nf4, double quantization, bf16 compute)."""
+    """QLoRA's 4-bit base (Dettmers et al. 2023: nf4, double quantization, bf16 compute). The
+    packed 4-bit weights are stored in the compute dtype (bnb_4bit_quant_storage), as PEFT's
+    DeepSpeed guide requires for ZeRO-3: DeepSpeed partitions and gathers them like the
+    model's other (bf16) parameters."""
     if cfg.training.finetune != "qlora":
         return None
+    compute_dtype = getattr(torch, cfg.lora.qlora_compute_dtype)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.lora.qlora_quant_type,
-        bnb_4bit_compute_dtype=getattr(torch, cfg.lora.qlora_compute_dtype),
+        bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_use_double_quant=cfg.lora.qlora_double_quant,
+        bnb_4bit_quant_storage=compute_dtype,
     )
 
 
@@ -127,18 +139,30 @@ def gathered_state_dict(trainer) -> Dict[str, torch.Tensor]:
 def save_adapter_and_merged(trainer, out_dir: Path) -> None:
     """<out_dir>/adapter/ (PEFT adapter) and the merged full model in <out_dir>. Every rank
     calls this; rank 0 writes."""
-    from peft import get_peft_model
-
     state = gathered_state_dict(trainer)
     if not trainer.is_world_process_zero():
         return
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
     peft_model.save_pretrained(str(out_dir / ADAPTER_DIR), state_dict=state)
+    merged = merged_model(peft_model, state)
+    merged.save_pretrained(str(out_dir))
+    if merged.generation_config is not None and peft_model.get_base_model().generation_config is not None:
+        peft_model.get_base_model().generation_config.save_pretrained(str(out_dir))
 
-    # The merged model: the same PEFT structure built on the meta device, the gathered tensors
-    # assigned into it (no second copy of the weights), then PEFT's merge_and_unload.
-    base_config = peft_model.get_base_model().config
+
+def merged_model(peft_model, state: Dict[str, torch.Tensor]):
+    """The plain full-precision model of `peft_model` with its adapters merged (PEFT's
+    merge_and_unload), from `state`, its gathered state dict. A QLoRA base is dequantized
+    first, so the result has no trace of bitsandbytes and loads with AutoModelForCausalLM."""
+    from peft import get_peft_model
+
+    base_config = copy.deepcopy(peft_model.get_base_model().config)
+    if getattr(base_config, "quantization_config", None) is not None:
+        state = dequantized_state_dict(peft_model, state)
+        del base_config.quantization_config  # the merged model is a plain one
     adapter_config = peft_model.peft_config["default"]
+    # The same PEFT structure built on the meta device, the gathered tensors assigned into it
+    # (no second copy of the weights), then PEFT's merge_and_unload.
     with torch.device("meta"), no_zero3_init():
         skeleton = get_peft_model(AutoModelForCausalLM.from_config(base_config), adapter_config)
     missing, unexpected = skeleton.load_state_dict(state, strict=False, assign=True)
@@ -148,9 +172,37 @@ def save_adapter_and_merged(trainer, out_dir: Path) -> None:
     merged = skeleton.merge_and_unload()
     if tied:
         merged.tie_weights()
-    merged.save_pretrained(str(out_dir))
-    if merged.generation_config is not None and peft_model.get_base_model().generation_config is not None:
-        peft_model.get_base_model().generation_config.save_pretrained(str(out_dir))
+    return merged
+
+
+def dequantized_state_dict(peft_model, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """`state` with each bitsandbytes 4-bit weight replaced by its dequantized [out, in] tensor
+    in the model's dtype, and bitsandbytes' quant-state entries (`weight.absmax`, `quant_map`,
+    `nested_*`, `quant_state.*`) dropped.
+
+    Without ZeRO-3, `state` holds those entries beside each packed weight, and they are read
+    from it (bitsandbytes' own state_dict writes them consistent with the packed bytes). Under
+    ZeRO-3, DeepSpeed's gather returns only the packed storage tensor of each 4-bit parameter
+    (in bnb_4bit_quant_storage's dtype); the quantization constants then come from the live
+    module's `weight.quant_state`, which partitioning leaves whole on every rank."""
+    from bitsandbytes.functional import QuantState, dequantize_4bit
+
+    out = dict(state)
+    for name, module in peft_model.named_modules():
+        weight = getattr(module, "weight", None)
+        live_state = getattr(weight, "quant_state", None)
+        key = f"{name}.weight"
+        if live_state is None or key not in state:  # PEFT's lora wrapper shows its base layer's weight too
+            continue
+        extras = {k: out.pop(k) for k in [k for k in out if k.startswith(key + ".")]}
+        packed = state[key]
+        device = live_state.absmax.device
+        quant_state = (
+            QuantState.from_dict({k[len(key) + 1:]: v for k, v in extras.items()}, device=device)
+            if extras else live_state
+        )
+        out[key] = dequantize_4bit(packed.to(device), quant_state).to(device="cpu", dtype=quant_state.dtype)
+    return out
 
 
 def adapter_summary(cfg) -> dict:

@@ -20,6 +20,7 @@ from typing import Any, Dict
 
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
+from trl.trainer.utils import global_then_local_main_first
 
 from core.errors import UserError
 from core.lock import OutputLock
@@ -35,9 +36,10 @@ from train.checkpoint import (
     resume_checkpoint,
 )
 from train.attention import check_attention_runs_here
+from train.data import has_eval_split
 from train.deepspeed_config import build_deepspeed_config
 from train.lora import check_finetune, quantization_config, save_adapter_and_merged, uses_adapters
-from train.model_card import write_stage_card
+from train.model_card import STAGE_DATA, write_stage_card
 from train.model import (
     load_model,
     load_tokenizer,
@@ -92,6 +94,7 @@ def common_trainer_kwargs(cfg: DictConfig, runtime: Runtime, evaluate: bool = Fa
         bf16=runtime.bf16,  # TRL configs default bf16=True: always say it explicitly
         fp16=runtime.fp16,
         activation_checkpointing=t.gradient_checkpointing,  # transformers 5 name
+        activation_checkpointing_kwargs={"use_reentrant": reentrant_checkpointing(cfg)},
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -110,6 +113,14 @@ def common_trainer_kwargs(cfg: DictConfig, runtime: Runtime, evaluate: bool = Fa
     )
     kwargs.update(OmegaConf.to_container(t.extra_args, resolve=True))
     return kwargs
+
+
+def reentrant_checkpointing(cfg: DictConfig) -> bool:
+    """Non-reentrant activation checkpointing (PyTorch's recommendation, the paper's configs),
+    except for adapters under ZeRO-3: TRL's SFT and DPO trainers force reentrant there
+    (huggingface/trl#2514); saying it here keeps ORPO's experimental trainer, which does not
+    check, and the resolved arguments consistent with them."""
+    return uses_adapters(cfg) and cfg.deepspeed.zero_stage == 3
 
 
 def check_limits(cfg: DictConfig) -> None:
@@ -152,16 +163,20 @@ def train_stage(cfg: DictConfig, runtime: Runtime, stage) -> None:
     tokenizer = load_tokenizer(cfg.model)
     check_limits(cfg)
     check_finetune(cfg, gpu=runtime.device == "cuda")
-    data = stage.prepare_data(cfg, tokenizer)
     resume_from = resume_checkpoint(cfg.output_dir, cfg.resume)
+    if runtime.device == "cpu":
+        let_accelerate_see_cpu_ranks()
+    evaluate = has_eval_split(cfg.data[STAGE_DATA[cfg.stage.name]])
+    args = stage.trainer_args(cfg, common_trainer_kwargs(cfg, runtime, evaluate))  # starts the process group
+    release_cpu_allreduce_buffers(runtime)
+    # Data once per cache: the first rank tokenizes into the datasets cache, then the first rank
+    # of each other node (a node-local cache), then every other rank reads the cache (TRL's own
+    # order for its dataset preparation). A bad dataset fails here, before the run directory.
+    with global_then_local_main_first():
+        data = stage.prepare_data(cfg, tokenizer)
 
     set_seed(cfg.training.seed)
     configure_wandb(cfg.logging, run_name(cfg), cfg.output_dir)
-    if runtime.device == "cpu":
-        let_accelerate_see_cpu_ranks()
-    evaluate = data.eval_dataset is not None
-    args = stage.trainer_args(cfg, common_trainer_kwargs(cfg, runtime, evaluate))  # starts the process group
-    release_cpu_allreduce_buffers(runtime)
     # From here on transformers builds models inside deepspeed.zero.Init (ZeRO-3).
     model = load_model(cfg.model, runtime.torch_dtype, tokenizer, quantization_config=quantization_config(cfg))
     report_parameter_share(model)

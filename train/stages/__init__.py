@@ -1,8 +1,9 @@
 """Training stages. Each stage module defines a `STAGE` object with the three hooks below;
 train/run.py calls them in a fixed order:
 
-    data    = stage.prepare_data(cfg, tokenizer)        # validate + tokenize; UserError on bad input
     args    = stage.trainer_args(cfg, common_kwargs)    # a TRL config; from here on ZeRO-3 init is live
+    data    = stage.prepare_data(cfg, tokenizer)        # validate + tokenize (one rank first, the
+                                                        # others read its cache); UserError on bad input
     model   = load_model(...)                           # partitioned across ranks under ZeRO-3
     trainer = stage.build_trainer(cfg, args, model, tokenizer, data, callbacks)
 """
