@@ -44,6 +44,7 @@ from train.model import (
     report_parameter_share,
 )
 from train.preemption import exit_if_preempted, preemption_callback
+from train.reshard import UniversalLoadRepair, load_universal, prepare_resume
 from train.runtime import (
     Runtime,
     detect_runtime,
@@ -151,19 +152,25 @@ def train_stage(cfg: DictConfig, runtime: Runtime, stage) -> None:
     check_finetune(cfg, gpu=runtime.device == "cuda")
     data = stage.prepare_data(cfg, tokenizer)
     resume_from = resume_checkpoint(cfg.output_dir, cfg.resume)
+    universal = prepare_resume(resume_from, cfg, runtime)  # another world size: converted once
 
     set_seed(cfg.training.seed)
     configure_wandb(cfg.logging, run_name(cfg), cfg.output_dir)
     if runtime.device == "cpu":
         let_accelerate_see_cpu_ranks()
     evaluate = data.eval_dataset is not None
-    args = stage.trainer_args(cfg, common_trainer_kwargs(cfg, runtime, evaluate))  # starts the process group
+    kwargs = common_trainer_kwargs(cfg, runtime, evaluate)
+    if universal:
+        load_universal(kwargs["deepspeed"])
+    args = stage.trainer_args(cfg, kwargs)  # starts the process group
     release_cpu_allreduce_buffers(runtime)
     # From here on transformers builds models inside deepspeed.zero.Init (ZeRO-3).
     model = load_model(cfg.model, runtime.torch_dtype, tokenizer, quantization_config=quantization_config(cfg))
     report_parameter_share(model)
     throughput = ThroughputCallback(data.stats)
     callbacks = [preemption] + ([EpochModelCallback(cfg.output_dir)] if cfg.training.keep_epoch_models else [])
+    if universal:
+        callbacks.append(UniversalLoadRepair(resume_from))
     trainer = stage.build_trainer(cfg, args, model, tokenizer, data, callbacks)
     # First in line, so the loggers after it (console, W&B) see the values it adds.
     trainer.callback_handler.callbacks.insert(0, throughput)
