@@ -3,6 +3,7 @@ login node): which checkpoint a run resumes from, and the DeepSpeed topology it 
 
     <output_dir>/checkpoints/checkpoint-<step>/
         trainer_state.json, rng_state*.pth          the HF Trainer's state (written last)
+        batch.json                                  world size, per-device batch, accumulation
         latest                                      the DeepSpeed tag, e.g. global_step8
         global_step8/                               DeepSpeed's files; their names give the topology:
             zero_pp_rank_<r>_mp_rank_00_model_states.pt       ZeRO-3, one per data-parallel rank
@@ -22,6 +23,7 @@ from typing import Optional
 from core.errors import UserError
 
 CHECKPOINTS = "checkpoints"
+BATCH_RECORD = "batch.json"  # beside trainer_state.json: the world size and batch that wrote it (train/reshard.py)
 UNIVERSAL_LATEST = "latest_universal"  # DeepSpeed's name (engine.load_checkpoint with load_universal)
 
 
@@ -101,11 +103,11 @@ def check_resume_topology(
       folder, offloaded_tensors/rank<r>, and skips the universal path)."""
     topology = checkpoint_topology(ckpt)
     if topology.zero3 != (zero_stage == 3):
-        written = "deepspeed.zero_stage=3" if topology.zero3 else "deepspeed.zero_stage<=2"
+        written = "deepspeed.zero_stage=3" if topology.zero3 else "deepspeed.zero_stage 0, 1 or 2"
         raise UserError(
             f"resume: {ckpt} was written with {written} and this run sets deepspeed.zero_stage={zero_stage}; "
-            "DeepSpeed cannot load a checkpoint into another ZeRO stage family: set the stage it was written "
-            "with, or resume=never to start over"
+            f"DeepSpeed cannot load it into another ZeRO stage family: set {written} again, or resume=never to "
+            "start over (resume=auto resumes from the newest checkpoint)"
         )
     if nvme_offload and topology.world_size not in (None, world_size):
         raise UserError(

@@ -34,10 +34,12 @@ from orchestration.pipeline import (
     Plan,
     Step,
     check_outside_models,
+    check_resumes,
     output_complete,
     plan_pipeline,
     read_plan_file,
     step_env,
+    training_world_size,
     validate_step_configs,
     write_plan_file,
 )
@@ -126,7 +128,7 @@ class JobText:
 
 def render_train_job(job: JobText) -> str:
     cluster = job.cluster
-    world = cluster.tasks if cluster.tasks is not None else cluster.nodes * cluster.gpus_per_node
+    world = training_world_size(cluster)
     per_node = math.ceil(world / cluster.nodes)
     lines = common_sbatch_lines(cluster, job.dependency)
     if cluster.request_gpus:
@@ -232,6 +234,7 @@ def submit_plan(plan: Plan, steps: List[Step], cluster: DictConfig, dry_run: boo
     if not todo:
         print(f"pipeline {plan.pipeline}: every step is complete, nothing to submit", file=out)
         return []
+    check_resumes(todo, cluster)
     if not dry_run:
         require_sbatch()
         check_outside_models(plan, todo)

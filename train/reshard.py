@@ -20,6 +20,7 @@ Wiring in train/run.py:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -32,7 +33,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import TrainerCallback
 
-from core.checkpoints import UNIVERSAL_LATEST, check_resume_topology
+from core.checkpoints import BATCH_RECORD, UNIVERSAL_LATEST, check_resume_topology
 from core.outputs import write_atomic
 from train.deepspeed_config import offloads_optimizer_to_nvme
 from train.runtime import Runtime
@@ -59,12 +60,48 @@ def prepare_resume(resume_from: Optional[str], cfg: DictConfig, runtime: Runtime
             f"{runtime.world_size}: loading it as a DeepSpeed universal checkpoint",
             flush=True,
         )
+        print(f"resume: {describe_batch_change(ckpt, cfg.training, runtime.world_size)}", flush=True)
     if not has_universal_checkpoint(ckpt):
         if runtime.is_main:
             convert_to_universal(ckpt)
         else:
             wait_for_universal_checkpoint(ckpt)
     return True
+
+
+def describe_batch_change(ckpt: Path, training: DictConfig, world_size: int) -> str:
+    """The data position after a world-size change. The Trainer skips global_step x
+    gradient_accumulation_steps batches on every rank, i.e. global_step x (the NEW global
+    batch) samples of the epoch: right when the global batch is kept, off otherwise."""
+    new = training.per_device_train_batch_size * training.gradient_accumulation_steps * world_size
+    how = f"{training.per_device_train_batch_size} x {training.gradient_accumulation_steps} x {world_size} ranks"
+    record = ckpt / BATCH_RECORD
+    if not record.is_file():
+        return (f"the global batch is now {new} ({how}); {ckpt.name} has no {BATCH_RECORD} to compare with: the "
+                f"data resumes at sample global_step x {new}")
+    saved = json.loads(record.read_text())
+    old = saved["per_device_train_batch_size"] * saved["gradient_accumulation_steps"] * saved["world_size"]
+    if old == new:
+        return f"the global batch stays {new} ({how}): the run continues the same trajectory and data order"
+    return (
+        f"the global batch changes from {old} to {new} ({how}): training goes on with the new batch, and the "
+        f"data resumes at sample global_step x {new} instead of global_step x {old} (samples are skipped or "
+        f"repeated this epoch); keep per_device_train_batch_size x gradient_accumulation_steps x ranks = {old} "
+        "to continue the same trajectory"
+    )
+
+
+class BatchRecordCallback(TrainerCallback):
+    """Writes <checkpoint>/batch.json at every save (rank 0): the world size and batch settings,
+    so that a resume on another world size can say what happens to the global batch."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            record = dict(world_size=args.world_size, per_device_train_batch_size=args.per_device_train_batch_size,
+                          gradient_accumulation_steps=args.gradient_accumulation_steps)
+            write_atomic(ckpt / BATCH_RECORD, json.dumps(record))
+        return control
 
 
 def load_universal(deepspeed_config: dict) -> None:

@@ -44,7 +44,7 @@ from train.model import (
     report_parameter_share,
 )
 from train.preemption import exit_if_preempted, preemption_callback
-from train.reshard import UniversalLoadRepair, load_universal, prepare_resume
+from train.reshard import BatchRecordCallback, UniversalLoadRepair, load_universal, prepare_resume
 from train.runtime import (
     Runtime,
     detect_runtime,
@@ -168,7 +168,9 @@ def train_stage(cfg: DictConfig, runtime: Runtime, stage) -> None:
     model = load_model(cfg.model, runtime.torch_dtype, tokenizer, quantization_config=quantization_config(cfg))
     report_parameter_share(model)
     throughput = ThroughputCallback(data.stats)
-    callbacks = [preemption] + ([EpochModelCallback(cfg.output_dir)] if cfg.training.keep_epoch_models else [])
+    callbacks = [preemption, BatchRecordCallback()]
+    if cfg.training.keep_epoch_models:
+        callbacks.append(EpochModelCallback(cfg.output_dir))
     if universal:
         callbacks.append(UniversalLoadRepair(resume_from))
     trainer = stage.build_trainer(cfg, args, model, tokenizer, data, callbacks)
