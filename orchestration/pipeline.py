@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Tuple
 
 from omegaconf import MISSING, DictConfig
 
+from core.checkpoints import check_resume_topology, resume_checkpoint
 from core.config import REPO_ROOT, compose_config
 from core.errors import PREEMPTED_EXIT_CODE, UserError
 from core.outputs import EVAL_DIR, MODEL_CACHE_DIR, epoch_model_dir, is_model_dir, write_atomic
@@ -34,6 +35,7 @@ from evaluation.run import check_task_names
 from merge.config import compose_merge_config
 from train.attention import check_attention_installed
 from train.config import STAGES, compose_train_config
+from train.deepspeed_config import offloads_optimizer_to_nvme
 
 JOBS_DIR = "jobs"
 START = "start"
@@ -514,6 +516,30 @@ def check_step_environment(plan: Plan, steps: List[Step], python: Optional[str] 
         checked.append(implementation)
 
 
+def training_world_size(cluster: DictConfig) -> int:
+    """The ranks a training job of this cluster config runs."""
+    return cluster.tasks if cluster.tasks is not None else cluster.nodes * cluster.gpus_per_node
+
+
+def check_resumes(steps: List[Step], cluster: DictConfig) -> None:
+    """A training step that will resume from a checkpoint (resume=auto finds one, or a path)
+    must be able to load it on this cluster's world size and ZeRO stage: refused now, not once
+    the job has queued. A changed world size alone is converted when the job starts."""
+    for step in steps:
+        if step.kind != "train" or step.is_complete():
+            continue
+        cfg = compose_train_config(step.train_args)
+        ckpt = resume_checkpoint(cfg.output_dir, cfg.resume)
+        if ckpt is None:
+            continue
+        try:
+            check_resume_topology(
+                ckpt, cfg.deepspeed.zero_stage, training_world_size(cluster), offloads_optimizer_to_nvme(cfg.deepspeed)
+            )
+        except UserError as err:
+            raise UserError(f"step '{step.name}': {err}") from err
+
+
 def _is_gguf_cache(path: str) -> bool:
     return Path(path).parent == MODEL_CACHE_DIR
 
@@ -586,6 +612,7 @@ def run_local(cfg: DictConfig) -> Plan:
     selected = plan.select(cfg.step)
     validate_step_configs(plan)
     check_step_environment(plan, [s for s in selected if not s.is_complete()])
+    check_resumes(selected, cfg.cluster)
     check_outside_models(plan, selected)
     write_plan_file(plan)
     for step in selected:

@@ -35,10 +35,12 @@ from orchestration.pipeline import (
     Step,
     check_outside_models,
     check_step_environment,
+    check_resumes,
     output_complete,
     plan_pipeline,
     read_plan_file,
     step_env,
+    training_world_size,
     validate_step_configs,
     write_plan_file,
 )
@@ -141,7 +143,7 @@ class JobText:
 
 def render_train_job(job: JobText) -> str:
     cluster = job.cluster
-    world = cluster.tasks if cluster.tasks is not None else cluster.nodes * cluster.gpus_per_node
+    world = training_world_size(cluster)
     per_node = math.ceil(world / cluster.nodes)
     lines = common_sbatch_lines(cluster, job.dependency)
     if cluster.request_gpus:
@@ -249,6 +251,7 @@ def submit_plan(plan: Plan, steps: List[Step], cluster: DictConfig, dry_run: boo
         return []
     if python_known_here(cluster):  # dry runs too: this needs no cluster
         check_step_environment(plan, todo, python_of(cluster))
+    check_resumes(todo, cluster)
     if not dry_run:
         require_sbatch()
         check_outside_models(plan, todo)

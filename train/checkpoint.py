@@ -10,63 +10,26 @@ is published so that a half-written one never looks finished.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
-from typing import Optional
 
 from transformers import TrainerCallback
 
+from core.checkpoints import (  # noqa: F401  (re-exported: where the run directory is described)
+    BATCH_RECORD,
+    CHECKPOINTS,
+    UNIVERSAL_LATEST,
+    checkpoints_dir,
+    is_complete_checkpoint,
+    newest_complete_checkpoint,
+    resume_checkpoint,
+)
 from core.errors import UserError
 from core.outputs import epoch_model_dir
 from core.safetensors_header import read_model_headers
 
-CHECKPOINTS = "checkpoints"
 FINAL_TMP = ".final-tmp"
 RUN_CONFIG = "domainforge.yaml"
-
-
-def checkpoints_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / CHECKPOINTS
-
-
-def is_complete_checkpoint(ckpt: Path) -> bool:
-    """The HF Trainer writes trainer_state.json after the DeepSpeed shards and `latest`."""
-    if not (ckpt / "trainer_state.json").is_file():
-        return False
-    latest = ckpt / "latest"
-    if not latest.is_file():
-        return False
-    tag = latest.read_text().strip()
-    return (ckpt / tag).is_dir() and any((ckpt / tag).iterdir())
-
-
-def newest_complete_checkpoint(output_dir: str | Path) -> Optional[Path]:
-    root = checkpoints_dir(output_dir)
-    if not root.is_dir():
-        return None
-    found = []
-    for ckpt in root.iterdir():
-        m = re.fullmatch(r"checkpoint-(\d+)", ckpt.name)
-        if m and is_complete_checkpoint(ckpt):
-            found.append((int(m.group(1)), ckpt))
-    return max(found)[1] if found else None
-
-
-def resume_checkpoint(output_dir: str, resume: str) -> Optional[str]:
-    """What to pass to `trainer.train(resume_from_checkpoint=...)`."""
-    if resume == "never":
-        return None
-    if resume == "auto":
-        ckpt = newest_complete_checkpoint(output_dir)
-        return str(ckpt) if ckpt else None
-    path = Path(resume)
-    if not is_complete_checkpoint(path):
-        raise UserError(
-            f"resume={resume} is not a complete checkpoint (needs trainer_state.json and a DeepSpeed "
-            "`latest` tag): use resume=auto, resume=never or a checkpoint-<step> directory"
-        )
-    return str(path)
 
 
 def check_holds_weights(model_dir: Path) -> None:
@@ -105,7 +68,10 @@ def publish_final_model(output_dir: str | Path) -> None:
 
 
 # What a checkpoint holds besides the model: DeepSpeed and Trainer state, not for evaluation.
-TRAINING_STATE = ("trainer_state.json", "training_args.bin", "latest", "zero_to_fp32.py", "zero_to_torch.py", "scheduler.pt")
+TRAINING_STATE = (
+    "trainer_state.json", "training_args.bin", "latest", UNIVERSAL_LATEST, "zero_to_fp32.py", "zero_to_torch.py",
+    "scheduler.pt", BATCH_RECORD,
+)
 
 
 def keep_epoch_model(checkpoint: Path, target: Path) -> None:

@@ -53,6 +53,12 @@ def build_deepspeed_config(ds_cfg) -> Dict[str, Any]:
     return _deep_merge(config, extra)
 
 
+def offloads_optimizer_to_nvme(ds_cfg) -> bool:
+    """Set through deepspeed.extra only; its checkpoints cannot change world size (core/checkpoints.py)."""
+    offload = build_deepspeed_config(ds_cfg)["zero_optimization"].get("offload_optimizer") or {}
+    return offload.get("device") == "nvme"
+
+
 def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):

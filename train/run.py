@@ -47,6 +47,7 @@ from train.model import (
     report_parameter_share,
 )
 from train.preemption import exit_if_preempted, preemption_callback
+from train.reshard import BatchRecordCallback, UniversalLoadRepair, load_universal, prepare_resume
 from train.runtime import (
     Runtime,
     detect_runtime,
@@ -164,10 +165,14 @@ def train_stage(cfg: DictConfig, runtime: Runtime, stage) -> None:
     check_limits(cfg)
     check_finetune(cfg, gpu=runtime.device == "cuda")
     resume_from = resume_checkpoint(cfg.output_dir, cfg.resume)
+    universal = prepare_resume(resume_from, cfg, runtime)  # another world size: converted once
     if runtime.device == "cpu":
         let_accelerate_see_cpu_ranks()
     evaluate = has_eval_split(cfg.data[STAGE_DATA[cfg.stage.name]])
-    args = stage.trainer_args(cfg, common_trainer_kwargs(cfg, runtime, evaluate))  # starts the process group
+    kwargs = common_trainer_kwargs(cfg, runtime, evaluate)
+    if universal:
+        load_universal(kwargs["deepspeed"])
+    args = stage.trainer_args(cfg, kwargs)  # starts the process group
     release_cpu_allreduce_buffers(runtime)
     # Data once per cache: the first rank tokenizes into the datasets cache, then the first rank
     # of each other node (a node-local cache), then every other rank reads the cache (TRL's own
@@ -181,7 +186,11 @@ def train_stage(cfg: DictConfig, runtime: Runtime, stage) -> None:
     model = load_model(cfg.model, runtime.torch_dtype, tokenizer, quantization_config=quantization_config(cfg))
     report_parameter_share(model)
     throughput = ThroughputCallback(data.stats)
-    callbacks = [preemption] + ([EpochModelCallback(cfg.output_dir)] if cfg.training.keep_epoch_models else [])
+    callbacks = [preemption, BatchRecordCallback()]
+    if cfg.training.keep_epoch_models:
+        callbacks.append(EpochModelCallback(cfg.output_dir))
+    if universal:
+        callbacks.append(UniversalLoadRepair(resume_from))
     trainer = stage.build_trainer(cfg, args, model, tokenizer, data, callbacks)
     # First in line, so the loggers after it (console, W&B) see the values it adds.
     trainer.callback_handler.callbacks.insert(0, throughput)

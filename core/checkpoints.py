@@ -1,0 +1,118 @@
+"""Training checkpoints as files, readable without torch (the planner checks a resume on the
+login node): which checkpoint a run resumes from, and the DeepSpeed topology it was written on.
+
+    <output_dir>/checkpoints/checkpoint-<step>/
+        trainer_state.json, rng_state*.pth          the HF Trainer's state (written last)
+        batch.json                                  world size, per-device batch, accumulation
+        latest                                      the DeepSpeed tag, e.g. global_step8
+        global_step8/                               DeepSpeed's files; their names give the topology:
+            zero_pp_rank_<r>_mp_rank_00_model_states.pt       ZeRO-3, one per data-parallel rank
+            [bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt  every partitioned optimizer, one per rank
+            mp_rank_00_model_states.pt                        ZeRO-0/1/2, one for all ranks
+        latest_universal, global_step8_universal/   the same state, any world size (made on demand
+                                                    by train/reshard.py when the world size changed)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from core.errors import UserError
+
+CHECKPOINTS = "checkpoints"
+BATCH_RECORD = "batch.json"  # beside trainer_state.json: the world size and batch that wrote it (train/reshard.py)
+UNIVERSAL_LATEST = "latest_universal"  # DeepSpeed's name (engine.load_checkpoint with load_universal)
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS
+
+
+def is_complete_checkpoint(ckpt: Path) -> bool:
+    """The HF Trainer writes trainer_state.json after the DeepSpeed shards and `latest`."""
+    if not (ckpt / "trainer_state.json").is_file():
+        return False
+    latest = ckpt / "latest"
+    if not latest.is_file():
+        return False
+    tag = latest.read_text().strip()
+    return (ckpt / tag).is_dir() and any((ckpt / tag).iterdir())
+
+
+def newest_complete_checkpoint(output_dir: str | Path) -> Optional[Path]:
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return None
+    found = []
+    for ckpt in root.iterdir():
+        m = re.fullmatch(r"checkpoint-(\d+)", ckpt.name)
+        if m and is_complete_checkpoint(ckpt):
+            found.append((int(m.group(1)), ckpt))
+    return max(found)[1] if found else None
+
+
+def resume_checkpoint(output_dir: str, resume: str) -> Optional[str]:
+    """What to pass to `trainer.train(resume_from_checkpoint=...)`."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        ckpt = newest_complete_checkpoint(output_dir)
+        return str(ckpt) if ckpt else None
+    path = Path(resume)
+    if not is_complete_checkpoint(path):
+        raise UserError(
+            f"resume={resume} is not a complete checkpoint (needs trainer_state.json and a DeepSpeed "
+            "`latest` tag): use resume=auto, resume=never or a checkpoint-<step> directory"
+        )
+    return str(path)
+
+
+@dataclass(frozen=True)
+class CheckpointTopology:
+    """What DeepSpeed's file names say about the run that wrote a checkpoint."""
+
+    world_size: Optional[int]
+    """Data-parallel ranks whose partitions it holds; None: not partitioned (ZeRO-0 in fp32/fp16),
+    any world size loads it."""
+    zero3: bool
+    """Parameters partitioned too (ZeRO-3): per-rank model_states files instead of one."""
+
+
+def checkpoint_topology(ckpt: str | Path) -> CheckpointTopology:
+    """Read from the names of the files under the `latest` tag: they exist in every checkpoint
+    DeepSpeed ever wrote, so checkpoints of earlier versions of this project are read too."""
+    tag_dir = Path(ckpt) / (Path(ckpt) / "latest").read_text().strip()
+    # mp_rank_00: tensor parallelism is not used here; each data-parallel rank writes one file.
+    model_states = list(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))
+    optim_states = list(tag_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    world_size = len(model_states) or len(optim_states) or None
+    return CheckpointTopology(world_size=world_size, zero3=bool(model_states))
+
+
+def check_resume_topology(
+    ckpt: str | Path, zero_stage: int, world_size: int, nvme_offload: bool = False
+) -> CheckpointTopology:
+    """Refuse, in one line, a resume DeepSpeed cannot make; a changed world size alone is
+    converted at start-up (train/reshard.py). DeepSpeed 0.19.8 cannot:
+    - load a ZeRO-3 checkpoint into ZeRO-0/1/2 or the other way round, universal checkpoint or
+      not (engine._get_all_ckpt_names looks for the other family's model_states files);
+    - re-partition an optimizer offloaded to NVMe (load_checkpoint copies each rank's swap
+      folder, offloaded_tensors/rank<r>, and skips the universal path)."""
+    topology = checkpoint_topology(ckpt)
+    if topology.zero3 != (zero_stage == 3):
+        written = "deepspeed.zero_stage=3" if topology.zero3 else "deepspeed.zero_stage 0, 1 or 2"
+        raise UserError(
+            f"resume: {ckpt} was written with {written} and this run sets deepspeed.zero_stage={zero_stage}; "
+            f"DeepSpeed cannot load it into another ZeRO stage family: set {written} again, or resume=never to "
+            "start over (resume=auto resumes from the newest checkpoint)"
+        )
+    if nvme_offload and topology.world_size not in (None, world_size):
+        raise UserError(
+            f"resume: {ckpt} was written on {topology.world_size} ranks and this run has {world_size}; DeepSpeed "
+            "cannot re-partition an optimizer offloaded to NVMe: run on "
+            f"{topology.world_size} ranks, or resume=never to start over"
+        )
+    return topology

@@ -1,0 +1,185 @@
+"""Resuming on another world size: a checkpoint written on 2 CPU ranks resumes on 1 and the
+other way round (DeepSpeed universal checkpoint, ZeRO-3 on gloo) and continues the
+uninterrupted run's losses; what DeepSpeed cannot convert is refused in one line, at plan
+time and at start-up.
+
+    python -m pytest -q tests/test_reshard.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, assert_one_line_error, launch, loss_history, tail
+
+from core.checkpoints import UNIVERSAL_LATEST, CheckpointTopology, check_resume_topology, checkpoint_topology
+from core.errors import UserError
+from train.reshard import (
+    CONVERSION_FAILED,
+    UniversalLoadRepair,
+    convert_to_universal,
+    describe_batch_change,
+    has_universal_checkpoint,
+    wait_for_universal_checkpoint,
+)
+
+
+def fake_checkpoint(root, step=4, files=()):
+    """A complete-looking checkpoint whose DeepSpeed tag holds empty files named `files`."""
+    ckpt = root / "checkpoints" / f"checkpoint-{step}"
+    (ckpt / f"global_step{step}").mkdir(parents=True)
+    (ckpt / "latest").write_text(f"global_step{step}")
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    for name in files:
+        (ckpt / f"global_step{step}" / name).write_bytes(b"\0")
+    return ckpt
+
+
+ZERO3_2_RANKS = [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")]
+
+
+def test_topology_is_read_from_deepspeeds_file_names(tmp_path):
+    def topology(name, files):
+        return checkpoint_topology(fake_checkpoint(tmp_path / name, files=files))
+
+    assert topology("z3", ZERO3_2_RANKS) == CheckpointTopology(world_size=2, zero3=True)
+    zero2 = ["mp_rank_00_model_states.pt"] + [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(4)]
+    assert topology("z2", zero2) == CheckpointTopology(world_size=4, zero3=False)
+    bf16_zero0 = ["mp_rank_00_model_states.pt", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    assert topology("bf16", bf16_zero0) == CheckpointTopology(world_size=1, zero3=False)
+    # ZeRO-0 in fp32: the whole optimizer in one file, any world size loads it
+    assert topology("z0", ["mp_rank_00_model_states.pt"]) == CheckpointTopology(world_size=None, zero3=False)
+
+
+def test_what_deepspeed_cannot_load_is_refused_naming_the_fix(tmp_path):
+    ckpt = fake_checkpoint(tmp_path, files=ZERO3_2_RANKS)
+    assert check_resume_topology(ckpt, zero_stage=3, world_size=8).world_size == 2  # converted at start-up
+    with pytest.raises(UserError, match=r"deepspeed.zero_stage=3 and this run sets deepspeed.zero_stage=2.*"
+                                        r"set deepspeed.zero_stage=3 again, or resume=never"):
+        check_resume_topology(ckpt, zero_stage=2, world_size=2)
+    with pytest.raises(UserError, match=r"written on 2 ranks and this run has 4.*NVMe.*run on 2 ranks, or resume=never"):
+        check_resume_topology(ckpt, zero_stage=3, world_size=4, nvme_offload=True)
+    check_resume_topology(ckpt, zero_stage=3, world_size=2, nvme_offload=True)  # same world size: loads as is
+
+
+def test_universal_load_repair_gives_each_group_its_own_step_and_hyperparameters(tmp_path):
+    # What DeepSpeed 0.19.8's ZeRO-3 universal load leaves: one step tensor shared by both
+    # groups' states, and group 0's weight decay on the no-decay group.
+    ckpt = tmp_path / "checkpoint-3"
+    (ckpt / "global_step3_universal" / "zero").mkdir(parents=True)
+    (ckpt / UNIVERSAL_LATEST).write_text("global_step3_universal")
+    params = [torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(2))]
+    adam = torch.optim.AdamW([{"params": [params[0]], "weight_decay": 0.1},
+                              {"params": [params[1]], "weight_decay": 0.0}], lr=1e-3)
+    saved_groups = [dict(g, params=[i]) for i, g in enumerate(adam.param_groups)]
+    torch.save({"param_groups": saved_groups}, ckpt / "global_step3_universal" / "zero" / "optimizer_state.pt")
+    step = torch.tensor(3.0)
+    for p in params:
+        adam.state[p] = {"step": step, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    adam.param_groups[1]["weight_decay"] = 0.1
+
+    class Wrapped:  # accelerate's wrapper around DeepSpeed's optimizer around torch's
+        def __init__(self, inner):
+            self.optimizer = inner
+
+    UniversalLoadRepair(str(ckpt)).on_train_begin(None, None, None, optimizer=Wrapped(Wrapped(adam)))
+    for p in params:
+        p.grad = torch.ones_like(p)
+    adam.step()
+    assert [adam.state[p]["step"].item() for p in params] == [4.0, 4.0]  # not 4 and 5
+    assert [g["weight_decay"] for g in adam.param_groups] == [0.1, 0.0]
+
+
+def test_batch_change_says_where_the_data_resumes(tmp_path):
+    from omegaconf import OmegaConf
+
+    ckpt = fake_checkpoint(tmp_path, files=ZERO3_2_RANKS)
+    training = OmegaConf.create({"per_device_train_batch_size": 1, "gradient_accumulation_steps": 4})
+    assert "no batch.json" in describe_batch_change(ckpt, training, 1)
+    (ckpt / "batch.json").write_text(json.dumps(
+        {"world_size": 2, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 2}))
+    assert "stays 4 (1 x 4 x 1 ranks): the run continues the same trajectory" in describe_batch_change(ckpt, training, 1)
+    said = describe_batch_change(ckpt, training, 2)
+    assert "changes from 4 to 8" in said and "global_step x 8 instead of global_step x 4" in said
+
+
+def test_a_failed_conversion_leaves_nothing_converted_and_stops_the_waiting_ranks(tmp_path):
+    ckpt = fake_checkpoint(tmp_path, files=ZERO3_2_RANKS)  # empty files: DeepSpeed's converter fails
+    with pytest.raises(RuntimeError, match="ds_to_universal failed"):
+        convert_to_universal(ckpt)
+    assert not has_universal_checkpoint(ckpt) and not (ckpt / UNIVERSAL_LATEST).exists()
+    assert not list(ckpt.glob("global_step4_universal*"))
+    # a waiting rank started before the failure stops on the marker; one started after an old
+    # failure (a rerun) keeps waiting for this run's rank 0
+    os.utime(ckpt / CONVERSION_FAILED, (time.time() + 5,) * 2)
+    with pytest.raises(RuntimeError, match="rank 0 could not convert"):
+        wait_for_universal_checkpoint(ckpt, poll_s=0.01)
+    os.utime(ckpt / CONVERSION_FAILED, (time.time() - 60,) * 2)
+    os.environ["DOMAINFORGE_UNIVERSAL_TIMEOUT"] = "0.2"
+    try:
+        with pytest.raises(RuntimeError, match="did not convert"):
+            wait_for_universal_checkpoint(ckpt, poll_s=0.01)
+    finally:
+        del os.environ["DOMAINFORGE_UNIVERSAL_TIMEOUT"]
+
+
+def test_submit_dry_run_refuses_a_resume_into_another_zero_stage(tmp_path, capsys):
+    from orchestration.pipeline import compose_pipeline_job
+    from orchestration.slurm import submit_pipeline
+
+    ckpt = fake_checkpoint(tmp_path / "tiny" / "cpt", step=2, files=ZERO3_2_RANKS)
+    args = ["pipeline=tiny", f"root={tmp_path}", "cluster=slurm", "cluster.gpus_per_node=1"]
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), *args,
+                           'pipeline.overrides=["deepspeed=zero2"]', "--dry-run"],
+                          capture_output=True, text=True, env=dict(os.environ, PATH=str(tmp_path)), timeout=120)
+    assert_one_line_error(proc, "step 'cpt'", str(ckpt), "deepspeed.zero_stage=2", "resume=never")
+    # the same checkpoint on another world size (2 ranks -> 1) is converted when the job starts
+    assert len(submit_pipeline(compose_pipeline_job(args), dry_run=True)) == 14
+    assert "#!/bin/bash" in capsys.readouterr().out
+
+
+# 2 ranks x batch 1 x accumulation 2 = 1 rank x 1 x 4: the same 4 blocks a step, in the same
+# order (the sampler's permutation does not depend on the world size).
+RUN = ["+stage=cpt", "training.max_seq_length=256", "training.learning_rate=1e-3", "training.warmup_steps=0",
+       "training.lr_scheduler_type=constant", "training.per_device_train_batch_size=1", "training.save_steps=3",
+       "training.save_total_limit=null"]
+ON = {2: ["training.gradient_accumulation_steps=2"], 1: ["training.gradient_accumulation_steps=4"]}
+
+
+@pytest.mark.integration
+def test_resume_on_another_world_size_continues_the_trajectory(tmp_path):
+    straight = tmp_path / "straight"  # 9 steps on 2 ranks, uninterrupted
+    proc = launch("train.py", [*RUN, *ON[2], "training.max_steps=9", f"output_dir={straight}"], ranks=2)
+    assert proc.returncode == 0, tail(proc)
+    expected = loss_history(straight)
+
+    def resume(checkpoint, ranks, max_steps, out):
+        (out / "checkpoints").mkdir(parents=True)
+        shutil.copytree(checkpoint, out / "checkpoints" / checkpoint.name)  # as if killed after it
+        proc = launch("train.py", [*RUN, *ON[ranks], f"training.max_steps={max_steps}", f"output_dir={out}"],
+                      ranks=ranks)
+        assert proc.returncode == 0, tail(proc)
+        assert re.search(rf"{checkpoint.name} was written on \d ranks and this run has {ranks}", proc.stdout)
+        assert "the global batch stays 4" in proc.stdout
+        return loss_history(out)
+
+    # 2 -> 1: checkpoint-3 of the 2-rank run, steps 4-6 on 1 rank
+    two_to_one = resume(straight / "checkpoints" / "checkpoint-3", 1, 6, tmp_path / "on-1")
+    assert checkpoint_topology(tmp_path / "on-1" / "checkpoints" / "checkpoint-6").world_size == 1
+    # 1 -> 2: that run's checkpoint-6, written on 1 rank, steps 7-9 on 2 ranks
+    one_to_two = resume(tmp_path / "on-1" / "checkpoints" / "checkpoint-6", 2, 9, tmp_path / "on-2")
+
+    # Measured here: equal to 1e-6. Tolerance 1e-4 (as the same-world-size resume): fp32 sums
+    # in another order (an all-reduce of 2 ranks against 4 accumulated micro-batches) differ in
+    # the last bits; a lost or wrong optimizer state (Adam's step counted twice) is off by 8e-3.
+    assert two_to_one[:6] == pytest.approx(expected[:6], abs=1e-4)
+    assert one_to_two[6:9] == pytest.approx(expected[6:9], abs=1e-4)
+    assert len(expected) == 9 and expected[-1] < expected[0] - 1.0
