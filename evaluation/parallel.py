@@ -108,6 +108,13 @@ def plan_layout(cfg: DictConfig, weights: Optional[int], max_length: Optional[in
                   f"{launched.world_size} process(es), one model copy each ({size}, {memory})")
 
 
+def gpu_count() -> int:
+    """GPUs this machine shows (CUDA_VISIBLE_DEVICES applies); torch is imported only here."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def leave_single_process() -> None:
     """Rank 0 of a launched group goes on alone: without the group's variables, accelerate (and
     so lm-eval) sees one process and waits for no one."""

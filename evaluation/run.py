@@ -1,10 +1,13 @@
 """Run lm-evaluation-harness tasks on one model directory and publish one result file per task.
 
-Order, so that a mistake fails before a model is loaded: check the model directory, write the
-task YAMLs for any paper-format benchmark files, index the task folders (lm-eval's ~14k
-built-in tasks only when a name is not found among ours: indexing them costs ~8 s), build every
-task (this reads and checks its data), load the model once, evaluate every task in one
-`simple_evaluate` call, then write `<output_dir>/<task>.json` atomically and print the table.
+Order, so that a mistake fails before a model is loaded: check the model directory, decide
+where the model goes (evaluation/parallel.py: launched one process per GPU, the ranks a
+one-process layout does not need stop here), write the task YAMLs for any paper-format
+benchmark files, index the task folders (lm-eval's ~14k built-in tasks only when a name is not
+found among ours: indexing them costs ~8 s), build every task (this reads and checks its data),
+load the model once, evaluate every task in one `simple_evaluate` call (each process scores a
+share when there are several), then on rank 0 write `<output_dir>/<task>.json` atomically and
+print the table.
 """
 
 from __future__ import annotations

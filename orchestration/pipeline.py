@@ -30,6 +30,7 @@ from core.errors import PREEMPTED_EXIT_CODE, UserError
 from core.outputs import EVAL_DIR, MODEL_CACHE_DIR, epoch_model_dir, is_model_dir, write_atomic
 from core.validate import at_least, between, checked, non_negative, writable_dir
 from evaluation.config import compose_eval_config
+from evaluation.parallel import gpu_count
 from evaluation.run import check_task_names
 from merge.config import compose_merge_config
 from train.config import STAGES, compose_train_config
@@ -533,9 +534,7 @@ def eval_command(script: str, args: List[str], processes: int) -> List[str]:
 def local_eval_processes(cluster: DictConfig) -> int:
     """One evaluation process per GPU this machine shows, up to cluster.gpus_per_node; 1 without GPUs
     (CPU ranks would only split a CPU's cores)."""
-    import torch
-
-    return max(1, min(cluster.gpus_per_node, torch.cuda.device_count()))
+    return max(1, min(cluster.gpus_per_node, gpu_count()))
 
 
 def local_command(plan: Plan, step: Step, cluster: DictConfig) -> List[str]:
