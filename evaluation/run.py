@@ -166,7 +166,11 @@ def layout_for(cfg: DictConfig, model_dir: Path, parameters: Optional[int], laun
 
 def model_arguments(cfg: DictConfig, model_dir: Path, dtype: str, layout: Layout) -> dict:
     """lm-eval's model arguments: the layout's, then model_args (which win)."""
-    return {"pretrained": str(model_dir), "dtype": dtype, **layout.model_args, **OmegaConf.to_container(cfg.model_args)}
+    extra = OmegaConf.to_container(cfg.model_args)
+    placed = dict(layout.model_args)
+    if "max_model_len" in extra:  # vllm's other name for max_length; lm-eval refuses both at once
+        placed.pop("max_length", None)
+    return {"pretrained": str(model_dir), "dtype": dtype, **placed, **extra}
 
 
 def join_process_group(lm) -> None:

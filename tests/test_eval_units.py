@@ -107,6 +107,8 @@ def test_vllm_gets_tensor_and_data_parallel_sizes_in_one_process():
                            REPO, "bfloat16", chosen)
     assert ",".join(f"{k}={v}" for k, v in args.items() if k != "pretrained") == (
         "dtype=bfloat16,tensor_parallel_size=2,data_parallel_size=3,max_length=4096,gpu_memory_utilization=0.8")
+    own = compose_eval_config(["model_dir=m", "backend=vllm", "+model_args.max_model_len=2048"])
+    assert "max_length" not in model_arguments(own, REPO, "bfloat16", chosen)  # lm-eval takes one of the two
 
 
 def test_max_length_bounds_a_131k_context_and_never_exceeds_the_models(tmp_path):
