@@ -54,16 +54,28 @@ class EvalJobConfig:
     """Render prompts with the model's chat template; None: when the tokenizer has one."""
     system_instruction: Optional[str] = None
     """A system prompt for every question (with a chat template: a system turn)."""
-    parallelize: bool = False
-    """hf: split one model's layers over all visible GPUs (for models that fit no single GPU)."""
-    data_parallel: int = checked(1, at_least(1))
-    """Model replicas on as many GPUs, each scoring a share of the questions: vllm passes it as
-    data_parallel_size; hf needs `accelerate launch --num_processes N launch/eval.py ...`."""
-    tensor_parallel: int = checked(1, at_least(1))
-    """vllm: GPUs that one replica is split over (tensor_parallel_size)."""
+    parallelize: Optional[bool] = None
+    """hf: true: one process splits the model's layers over every visible GPU (lm-eval's
+    parallelize); false: every launched process (one per GPU: srun in a SLURM job,
+    `torchrun --nproc_per_node N` by hand) holds a full copy and scores a share of the questions.
+    None: false when the weights (parameters x dtype bytes) take at most 80% of one GPU's memory,
+    else true (evaluation/parallel.py)."""
+    gpu_memory_gb: Optional[float] = checked(None, positive)
+    """Memory of one GPU in GB (1e9 bytes) for the choices above; None: the first visible GPU's."""
+    data_parallel: Optional[int] = checked(None, at_least(1))
+    """vllm: model replicas (data_parallel_size; needs ray when > 1). None: the visible GPUs divided
+    by tensor_parallel. With hf, the number of launched processes decides it."""
+    tensor_parallel: Optional[int] = checked(None, at_least(1))
+    """vllm: GPUs one replica is split over (tensor_parallel_size). None: 1 when the weights fit one
+    GPU, else the smallest power of two of GPUs that holds them."""
+    max_length: Optional[int] = checked(4096, at_least(1))
+    """Longest prompt + answer in tokens, passed as lm-eval's max_length (vllm: also its
+    max_model_len), never past the model's own context. batch_size=auto probes at this length:
+    unbounded, it probes at the model's full context (131072 for Llama-3.1) through repeated
+    out-of-memory attempts. None: the model's context."""
     model_args: Dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for lm-eval's model class, e.g. {gguf_file: X.gguf},
-    {max_length: 4096}, {attn_implementation: sdpa}, {gpu_memory_utilization: 0.8} (vllm)."""
+    {attn_implementation: sdpa}, {gpu_memory_utilization: 0.8} (vllm)."""
     log_samples: bool = True
     """Also write each task's per-question inputs and outputs to <task>.samples.jsonl."""
     seed: int = checked(1234, non_negative)
@@ -72,9 +84,15 @@ class EvalJobConfig:
 
 def check(cfg: DictConfig) -> None:
     """What one field's checks cannot say (they run first, in compose_config)."""
-    if cfg.data_parallel > 1 and cfg.backend == "hf":
-        raise UserError("data_parallel > 1 with backend=hf: run `accelerate launch --num_processes N "
-                        "launch/eval.py ...` instead (each process scores a share), or use backend=vllm")
+    if cfg.backend == "hf" and cfg.data_parallel not in (None, 1):
+        raise UserError("data_parallel is for backend=vllm: with hf, start one process per GPU "
+                        "(`torchrun --nproc_per_node N launch/eval.py ...`; pipelines and SLURM jobs do) "
+                        "and drop data_parallel")
+    if cfg.backend == "hf" and cfg.tensor_parallel not in (None, 1):
+        raise UserError("tensor_parallel is for backend=vllm: with hf, parallelize=true splits the model "
+                        "over the GPUs; drop tensor_parallel")
+    if cfg.backend == "vllm" and cfg.parallelize:
+        raise UserError("parallelize is for backend=hf: with vllm, set tensor_parallel=N")
 
 
 def compose_eval_config(overrides: List[str]) -> DictConfig:

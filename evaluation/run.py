@@ -1,10 +1,13 @@
 """Run lm-evaluation-harness tasks on one model directory and publish one result file per task.
 
-Order, so that a mistake fails before a model is loaded: check the model directory, write the
-task YAMLs for any paper-format benchmark files, index the task folders (lm-eval's ~14k
-built-in tasks only when a name is not found among ours: indexing them costs ~8 s), build every
-task (this reads and checks its data), load the model once, evaluate every task in one
-`simple_evaluate` call, then write `<output_dir>/<task>.json` atomically and print the table.
+Order, so that a mistake fails before a model is loaded: check the model directory, decide
+where the model goes (evaluation/parallel.py: launched one process per GPU, the ranks a
+one-process layout does not need stop here), write the task YAMLs for any paper-format
+benchmark files, index the task folders (lm-eval's ~14k built-in tasks only when a name is not
+found among ours: indexing them costs ~8 s), build every task (this reads and checks its data),
+load the model once, evaluate every task in one `simple_evaluate` call (each process scores a
+share when there are several), then on rank 0 write `<output_dir>/<task>.json` atomically and
+print the table.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,23 +29,28 @@ from core.outputs import EVAL_DIR, is_model_dir, write_atomic
 from core.safetensors_header import read_model_headers
 from core.wandb_runs import log_wandb_run
 from evaluation.benchmark import TASK_DIR, benchmark_task_yamls
+from evaluation.parallel import Launched, Layout, bounded_max_length, leave_single_process, plan_layout, weight_bytes
 from evaluation.results import format_table, metric_values
 
 LIBRARIES = ("lm_eval", "transformers", "torch", "datasets", "accelerate", "vllm")
 
 
-def check_model_dir(cfg: DictConfig) -> Path:
+def check_model_dir(cfg: DictConfig) -> Tuple[Path, Optional[int]]:
+    """(the model directory, its parameter count from the safetensors headers; None for a GGUF file
+    or weights in another format)."""
     model_dir = Path(cfg.model_dir).expanduser()
     gguf = cfg.model_args.get("gguf_file")
     if gguf:
         if not (model_dir / gguf).is_file():
             raise UserError(f"model_args.gguf_file: {model_dir / gguf} not found: fix model_dir or the file name")
-    elif not is_model_dir(model_dir):
+        return model_dir.resolve(), None
+    if not is_model_dir(model_dir):
         raise UserError(f"model_dir {model_dir} is not a model directory (no config.json): give a saved model's "
                         "directory, or the folder of a GGUF file with model_args.gguf_file=NAME")
-    else:
-        read_model_headers(model_dir)  # a damaged shard: one line naming it, before lm-eval loads anything
-    return model_dir.resolve()
+    # A damaged shard: one line naming it, before lm-eval loads anything.
+    headers = read_model_headers(model_dir)
+    parameters = sum(t.numel for h in headers.values() for t in h.tensors.values()) or None
+    return model_dir.resolve(), parameters
 
 
 def write_benchmark_tasks(benchmarks: List[str], folder: Path) -> List[str]:
@@ -137,25 +145,63 @@ def resolve_device_dtype(cfg: DictConfig) -> tuple:
     return device, dtype
 
 
-def load_model(cfg: DictConfig, model_dir: Path):
+def visible_gpus() -> Tuple[int, Optional[int]]:
+    """(GPUs this process sees, memory of the first in bytes; None without one)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0, None
+    return torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory
+
+
+def layout_for(cfg: DictConfig, model_dir: Path, parameters: Optional[int], launched: Launched) -> Layout:
+    """Where the model goes (evaluation/parallel.py), from its size and this node's GPUs."""
+    gpus, gpu_memory = visible_gpus()
+    if cfg.gpu_memory_gb is not None:
+        gpu_memory = int(cfg.gpu_memory_gb * 1e9)
+    _, dtype = resolve_device_dtype(cfg)
+    max_length = bounded_max_length(cfg.max_length, model_dir)
+    return plan_layout(cfg, weight_bytes(parameters, dtype), max_length, gpus, gpu_memory, launched)
+
+
+def model_arguments(cfg: DictConfig, model_dir: Path, dtype: str, layout: Layout) -> dict:
+    """lm-eval's model arguments: the layout's, then model_args (which win)."""
+    extra = OmegaConf.to_container(cfg.model_args)
+    placed = dict(layout.model_args)
+    if "max_model_len" in extra:  # vllm's other name for max_length; lm-eval refuses both at once
+        placed.pop("max_length", None)
+    return {"pretrained": str(model_dir), "dtype": dtype, **placed, **extra}
+
+
+def join_process_group(lm) -> None:
+    """Make lm-eval's HFLM score a share per process on CPUs too. HFLM (0.4.13) turns on its data
+    parallelism only when torch.cuda.device_count() > 1; under a launcher on CPUs (gloo) it keeps
+    rank 0 of 1 in every process, so each would score everything and write the results."""
+    accelerator = getattr(lm, "accelerator", None)
+    if accelerator is not None and lm.world_size == 1 and accelerator.num_processes > 1:
+        lm._rank, lm._world_size = accelerator.local_process_index, accelerator.num_processes
+
+
+def load_model(cfg: DictConfig, model_dir: Path, layout: Layout):
     """lm-eval's model object for the backend, loaded once for every task."""
+    import os
+
     from lm_eval.api.registry import get_model
 
     device, dtype = resolve_device_dtype(cfg)
-    args = {"pretrained": str(model_dir), "dtype": dtype, **OmegaConf.to_container(cfg.model_args)}
-    if cfg.backend == "hf":
-        args.setdefault("parallelize", cfg.parallelize)
-    else:
-        args.setdefault("tensor_parallel_size", cfg.tensor_parallel)
-        args.setdefault("data_parallel_size", cfg.data_parallel)
+    if layout.processes > 1 and device.startswith("cpu"):
+        os.environ["ACCELERATE_USE_CPU"] = "1"  # accelerate's multi-process CPU mode (gloo), as `accelerate launch --cpu`
+    args = model_arguments(cfg, model_dir, dtype, layout)
     try:
         model_class = get_model(cfg.backend)
-        return model_class.create_from_arg_obj(args, {"batch_size": cfg.batch_size, "device": device})
+        lm = model_class.create_from_arg_obj(args, {"batch_size": cfg.batch_size, "device": device})
     except (ImportError, ModuleNotFoundError) as err:
         raise UserError(f"backend={cfg.backend} needs a package that is not installed ({err})") from err
     except (OSError, ValueError) as err:
         first = (str(err).strip().splitlines() or [""])[0]
         raise UserError(f"cannot load the model in {model_dir} ({first})") from err
+    join_process_group(lm)
+    return lm
 
 
 def use_chat_template(cfg: DictConfig, lm) -> bool:
@@ -202,6 +248,12 @@ def task_records(results: dict, cfg: DictConfig, model_dir: Path, chat: bool) ->
     return records
 
 
+def in_document_order(samples: dict) -> dict:
+    """Each task's samples by doc_id: lm-eval gathers them rank after rank (0, 2, 4, ..., 1, 3, ...
+    with two processes), and the file must not depend on how many processes scored it."""
+    return {task: sorted(rows, key=lambda row: row["doc_id"]) for task, rows in samples.items()}
+
+
 def publish(records: List[dict], samples: dict, out_dir: Path) -> None:
     """Samples first, then the result file: a <task>.json on disk means both are complete."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -236,7 +288,16 @@ def log_to_wandb(records: List[dict], samples: dict, cfg: DictConfig) -> None:
 
 def evaluate(cfg: DictConfig) -> List[dict]:
     """Evaluate cfg.tasks (+ cfg.benchmarks) on cfg.model_dir; the records written, one per task."""
-    model_dir = check_model_dir(cfg)
+    model_dir, parameters = check_model_dir(cfg)
+    launched = Launched.from_env()
+    layout = layout_for(cfg, model_dir, parameters, launched)
+    if launched.rank >= layout.processes:
+        print(f"rank {launched.rank}: not needed, rank 0 evaluates ({layout.reason})", flush=True)
+        return []
+    if launched.world_size > layout.processes:
+        leave_single_process()
+    if launched.rank == 0:
+        print(f"evaluation layout: {layout.reason}", flush=True)
     user_folders = [Path(p).expanduser().resolve() for p in cfg.include_path]
     for folder in user_folders:
         if not folder.is_dir():
@@ -250,7 +311,7 @@ def evaluate(cfg: DictConfig) -> List[dict]:
 
         from lm_eval import simple_evaluate
 
-        lm = load_model(cfg, model_dir)
+        lm = load_model(cfg, model_dir, layout)
         chat = use_chat_template(cfg, lm)
         print(f"evaluating {model_dir} on {', '.join(tasks)} ({'chat template' if chat else 'plain prompts'})",
               flush=True)
@@ -273,10 +334,11 @@ def evaluate(cfg: DictConfig) -> List[dict]:
     if results is None:  # not rank 0 of a data-parallel run: rank 0 writes
         return []
     records = task_records(results, cfg, model_dir, chat)
-    publish(records, results.get("samples", {}), out_dir)
+    samples = in_document_order(results.get("samples", {}))
+    publish(records, samples, out_dir)
     if out_dir == model_dir / EVAL_DIR:
         refresh_model_card(model_dir)  # the card lists the results beside it (no-op without lineage.json)
-    log_to_wandb(records, results.get("samples", {}), cfg)
+    log_to_wandb(records, samples, cfg)
     print(format_table(records), flush=True)
     print(f"results: {out_dir}/<task>.json", flush=True)
     return records

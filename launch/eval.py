@@ -9,7 +9,8 @@
 Hydra form (conf/eval_job.yaml + conf/eval/<preset>.yaml):
 
     python launch/eval.py model_dir=outputs/sft-tiny eval=domain batch_size=32 dtype=bfloat16 device=cuda
-    accelerate launch --num_processes 8 launch/eval.py /models/merged eval=bundled   # data-parallel, hf
+    torchrun --standalone --nproc_per_node 8 launch/eval.py /models/merged eval=bundled   # a copy per GPU
+    python launch/eval.py /models/llama-70b parallelize=true      # one process, the model split over the GPUs
     python launch/eval.py /models/merged backend=vllm tensor_parallel=2 data_parallel=4
 
 Writes <MODEL_DIR>/eval/<task>.json (atomically) and prints task, protocol, metric, value ±

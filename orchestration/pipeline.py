@@ -31,6 +31,7 @@ from core.errors import PREEMPTED_EXIT_CODE, UserError
 from core.outputs import EVAL_DIR, MODEL_CACHE_DIR, epoch_model_dir, is_model_dir, write_atomic
 from core.validate import at_least, between, checked, non_negative, writable_dir
 from evaluation.config import compose_eval_config
+from evaluation.parallel import gpu_count
 from evaluation.run import check_task_names
 from merge.config import compose_merge_config
 from train.attention import check_attention_installed
@@ -571,8 +572,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def eval_command(script: str, args: List[str], processes: int) -> List[str]:
+    """An evaluation in `processes` processes, one per GPU (torch.distributed.run sets RANK,
+    LOCAL_RANK and WORLD_SIZE; evaluation/parallel.py decides how many of them work)."""
+    if processes == 1:
+        return [sys.executable, script, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", script,
+            *args]
+
+
+def local_eval_processes(cluster: DictConfig) -> int:
+    """One evaluation process per GPU this machine shows, up to cluster.gpus_per_node; 1 without GPUs
+    (CPU ranks would only split a CPU's cores)."""
+    return max(1, min(cluster.gpus_per_node, gpu_count()))
+
+
 def local_command(plan: Plan, step: Step, cluster: DictConfig) -> List[str]:
     script = str(REPO_ROOT / "launch" / ENTRY_POINTS[step.kind])
+    if step.kind == "eval":
+        return eval_command(script, step.args, local_eval_processes(cluster))
     if step.kind != "train":
         return [sys.executable, script, *step.args]
     # A free port: other deepspeed runs on this machine may hold the default 29500.

@@ -4,7 +4,7 @@ the status of the jobs a submission recorded.
     python launch/submit.py pipeline=tiny cluster=slurm cluster.nodes=2 cluster.gpus_per_node=8
     python launch/submit.py status pipeline=tiny
 
-The sbatch scripts are rendered from orchestration/sbatch/train.sbatch and orchestration/sbatch/merge.sbatch into
+The sbatch scripts are rendered from orchestration/sbatch/<kind>.sbatch (train, merge, eval, task) into
 `<run dir>/jobs/` and kept there, with the job logs and `jobs.jsonl` (one line per submitted
 job: step, job id, script, log, output directory).
 """
@@ -141,6 +141,12 @@ class JobText:
         ))
 
 
+def master_port_of(cluster: DictConfig) -> str:
+    """torch.distributed's port: cluster.master_port, or one derived from the job id so that jobs
+    sharing a node differ."""
+    return str(cluster.master_port or "$((29500 + SLURM_JOB_ID % 10000))")
+
+
 def render_train_job(job: JobText) -> str:
     cluster = job.cluster
     world = training_world_size(cluster)
@@ -156,7 +162,7 @@ def render_train_job(job: JobText) -> str:
         layout=f"{cluster.nodes} node(s) x {per_node} rank(s) per node",
         nodes=cluster.nodes,
         tasks_per_node=per_node,
-        master_port=cluster.master_port or "$((29500 + SLURM_JOB_ID % 10000))",
+        master_port=master_port_of(cluster),
         output_dir=shlex.quote(str(job.step.output_dir)),
         preempted_code=PREEMPTED_EXIT_CODE,
     )
@@ -168,12 +174,22 @@ def render_merge_job(job: JobText) -> str:
                       tasks=tasks, nodes=min(job.cluster.nodes, tasks))
 
 
+def render_eval_job(job: JobText) -> str:
+    """An evaluation on one node: one process per GPU (on a CPU partition, gpus_per_node processes)."""
+    cluster = job.cluster
+    lines = common_sbatch_lines(cluster, job.dependency)
+    if cluster.request_gpus:
+        lines.insert(0, f"--gpus-per-node={cluster.gpus_per_node}")
+    return job.render("eval.sbatch", lines,
+                      tasks=cluster.gpus_per_node,
+                      master_port=master_port_of(cluster),
+                      # every task sees every GPU: some clusters bind one GPU per task by default
+                      gpu_bind=" --gpu-bind=none" if cluster.request_gpus else "")
+
+
 def render_task_job(job: JobText) -> str:
-    """An evaluation (on one node's GPUs) or the study report (CPU only)."""
-    lines = common_sbatch_lines(job.cluster, job.dependency)
-    if job.step.kind == "eval" and job.cluster.request_gpus:
-        lines.insert(0, f"--gpus-per-node={job.cluster.gpus_per_node}")
-    return job.render("task.sbatch", lines)
+    """The study report (CPU only): one task."""
+    return job.render("task.sbatch", common_sbatch_lines(job.cluster, job.dependency))
 
 
 def render_step(plan: Plan, step: Step, cluster: DictConfig, dependency: Optional[str]) -> tuple[Path, str]:
@@ -182,7 +198,8 @@ def render_step(plan: Plan, step: Step, cluster: DictConfig, dependency: Optiona
     script = jobs / f"{step.index:02d}-{step.name}.sbatch"
     log = jobs / f"{step.index:02d}-{step.name}-%j.log"
     title = f"pipeline {plan.pipeline}, step {step.name} ({step.stage or step.kind}) -> {step.output_dir}"
-    render = {"train": render_train_job, "merge": render_merge_job}.get(step.kind, render_task_job)
+    render = {"train": render_train_job, "merge": render_merge_job, "eval": render_eval_job}.get(step.kind,
+                                                                                                  render_task_job)
     return script, render(JobText(plan, step, cluster, title, script, log, dependency))
 
 

@@ -4,6 +4,7 @@ GGUF package), known answers, and bad input. Each run is one real command."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,41 @@ def test_synergy_evaluates_missing_results_first(tmp_path, tiny):
     acc = json.loads((tmp_path / "s.json").read_text())["tasks"]["materials_sft_mc_loglik"]["acc"]
     assert acc["P1"] == acc["P2"] == acc["merged"] and acc["merged-E"] == 0.0
     assert acc["verdict"] == "at the parents' mean, within noise"
+
+
+@pytest.mark.integration
+def test_two_processes_score_a_share_each_and_match_one_process(tmp_path, tiny):
+    """The data-parallel form a pipeline's eval step launches (torch.distributed.run, one process
+    per GPU), here with 2 CPU processes over gloo: each scores half of the requests, rank 0 alone
+    writes, and the files match a 1-process run (metrics up to float summation order)."""
+    import re
+
+    from conftest import test_env
+
+    from orchestration.pipeline import eval_command
+
+    tasks = ["materials_cpt_mc_loglik", "materials_cpt_mc_gen"]
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}"
+        cmd = eval_command(str(REPO / "launch" / "eval.py"),
+                           [str(tiny), f"tasks=[{','.join(tasks)}]", "limit=10", f"output_dir={out}"], processes)
+        proc = subprocess.run(cmd, cwd=REPO, env=test_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        # 10 questions x 4 options = 40 log-likelihood requests, split over the processes (rank 0's bar)
+        bars = re.findall(r"Running loglikelihood requests: 100%\S* \d+/(\d+)", proc.stderr)
+        assert [int(total) for total in bars] == [40 // processes], bars
+        assert proc.stdout.count("results: ") == 1  # one table, one writer
+        runs[processes] = (results_of(out), {t: (out / f"{t}.samples.jsonl").read_text() for t in tasks})
+
+    (one, one_samples), (two, two_samples) = runs[1], runs[2]
+    assert sorted(one) == sorted(two) == sorted(tasks)
+    assert one_samples == two_samples  # per-question answers and scores, byte for byte
+    for task in tasks:
+        assert one[task]["n"] == two[task]["n"] == 10
+        for metric, value in one[task]["results"].items():
+            assert two[task]["results"][metric] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value)
+        differ = {k for k in one[task] if one[task][k] != two[task][k]}
+        assert differ <= {"results", "settings", "finished_at"}, differ
+        settings = one[task]["settings"], two[task]["settings"]
+        assert {k for k in settings[0] if settings[0][k] != settings[1][k]} == {"output_dir"}

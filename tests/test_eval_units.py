@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 from conftest import REPO, assert_one_line_error
@@ -43,7 +44,11 @@ def test_every_eval_preset_composes_and_names_known_tasks(preset):
     (["model_dir=m", "limti=3"], "limti"),
     (["model_dir=m", "tasks=[]"], "no tasks"),
     (["tasks=[x]"], "model_dir is not set"),
-    (["model_dir=m", "data_parallel=2"], "accelerate launch"),
+    (["model_dir=m", "data_parallel=2"], "data_parallel is for backend=vllm"),
+    (["model_dir=m", "tensor_parallel=2"], "tensor_parallel is for backend=vllm"),
+    (["model_dir=m", "backend=vllm", "parallelize=true"], "parallelize is for backend=hf"),
+    (["model_dir=m", "max_length=0"], "max_length=0"),
+    (["model_dir=m", "gpu_memory_gb=-1"], "gpu_memory_gb=-1"),
 ])
 def test_bad_settings_are_one_line(overrides, needle):
     with pytest.raises(UserError, match=needle):
@@ -53,6 +58,108 @@ def test_bad_settings_are_one_line(overrides, needle):
 def test_batch_size_takes_auto_and_model_args_take_new_keys():
     cfg = compose_eval_config(["model_dir=m", "batch_size=auto", "+model_args.gguf_file=x.gguf"])
     assert cfg.batch_size == "auto" and cfg.model_args.gguf_file == "x.gguf"
+
+
+# ---------------------------------------------------------------------------------------------
+# where the model goes: one copy per process, split over the GPUs, or vLLM's parallelism
+# ---------------------------------------------------------------------------------------------
+GB = 10**9
+H100 = 80 * GB
+
+
+def layout(*overrides, weights=None, gpus=8, launched=8, max_length=4096):
+    from evaluation.parallel import Launched, plan_layout
+
+    cfg = compose_eval_config(["model_dir=m", *overrides])
+    return plan_layout(cfg, weights, max_length, gpus, H100, Launched(0, launched))
+
+
+def test_a_model_that_fits_one_gpu_runs_one_copy_per_process():
+    # Llama-3.1-8B in bf16: 16 GB of an 80 GB GPU
+    placed = layout(weights=16 * GB)
+    assert placed.processes == 8 and placed.model_args == {"parallelize": False, "max_length": 4096}
+
+
+def test_a_model_too_large_for_one_gpu_is_split_by_one_process():
+    # Llama-3.1-70B in bf16: 141 GB, more than 80% of an 80 GB GPU
+    placed = layout(weights=141 * GB)
+    assert placed.processes == 1 and placed.model_args["parallelize"] is True
+    assert layout(weights=63 * GB).processes == 8 and layout(weights=65 * GB).processes == 1  # the 80% line
+
+
+def test_an_explicit_parallelize_overrides_the_size_rule():
+    assert layout("parallelize=true", weights=16 * GB).processes == 1
+    assert layout("parallelize=false", weights=141 * GB).model_args["parallelize"] is False
+    assert layout(weights=141 * GB, gpus=1, launched=1).model_args["parallelize"] is False  # one GPU: nothing to split
+    assert layout(weights=None).processes == 8  # a GGUF file (size unknown): a copy per process
+
+
+def test_vllm_gets_tensor_and_data_parallel_sizes_in_one_process():
+    from evaluation.run import model_arguments
+
+    assert layout("backend=vllm", weights=16 * GB).model_args == {
+        "tensor_parallel_size": 1, "data_parallel_size": 8, "max_length": 4096}
+    # 141 GB needs 3 GPUs of 80 GB at 80%: a power of two, 4, and two replicas on 8 GPUs
+    big = layout("backend=vllm", weights=141 * GB)
+    assert big.processes == 1 and (big.model_args["tensor_parallel_size"], big.model_args["data_parallel_size"]) == (4, 2)
+    chosen = layout("backend=vllm", "tensor_parallel=2", "data_parallel=3", weights=16 * GB)
+    args = model_arguments(compose_eval_config(["model_dir=m", "backend=vllm", "+model_args.gpu_memory_utilization=0.8"]),
+                           REPO, "bfloat16", chosen)
+    assert ",".join(f"{k}={v}" for k, v in args.items() if k != "pretrained") == (
+        "dtype=bfloat16,tensor_parallel_size=2,data_parallel_size=3,max_length=4096,gpu_memory_utilization=0.8")
+    own = compose_eval_config(["model_dir=m", "backend=vllm", "+model_args.max_model_len=2048"])
+    assert "max_length" not in model_arguments(own, REPO, "bfloat16", chosen)  # lm-eval takes one of the two
+
+
+def test_max_length_bounds_a_131k_context_and_never_exceeds_the_models(tmp_path):
+    from evaluation.parallel import Launched
+    from evaluation.run import layout_for, model_arguments
+
+    def args_for(context, *overrides):
+        model = tmp_path / f"ctx-{context}"
+        model.mkdir(exist_ok=True)
+        (model / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": context}))
+        cfg = compose_eval_config([f"model_dir={model}", "tasks=[x]", *overrides])
+        return model_arguments(cfg, model, "float32", layout_for(cfg, model, 10**6, Launched(0, 1)))
+
+    assert args_for(131072)["max_length"] == 4096  # Llama-3.1's config: auto batch sizing probes at 4096
+    assert args_for(131072, "max_length=8192")["max_length"] == 8192
+    assert args_for(512)["max_length"] == 512  # never past the model's own positions
+    assert "max_length" not in args_for(131072, "max_length=null")  # lm-eval's choice, the full context
+    assert args_for(131072, "+model_args.max_length=1024")["max_length"] == 1024  # model_args win
+
+
+def test_launched_ranks_a_single_process_layout_does_not_need_exit_before_loading(tmp_path, monkeypatch):
+    """parallelize=true under a one-per-GPU launcher: rank 1 returns at once and writes nothing;
+    rank 0 drops the group's variables and goes on alone."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from evaluation import run
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 64}))
+    save_file({"w": np.zeros((4, 4), dtype=np.float32)}, str(model / "model.safetensors"))
+    cfg = compose_eval_config([f"model_dir={model}", "tasks=[x]", "parallelize=true", f"output_dir={tmp_path / 'out'}"])
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert run.evaluate(cfg) == [] and not (tmp_path / "out").exists()
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(run, "task_manager_for", lambda *a: (_ for _ in ()).throw(RuntimeError("went on")))
+    with pytest.raises(RuntimeError, match="went on"):
+        run.evaluate(cfg)
+    assert not {"RANK", "LOCAL_RANK", "WORLD_SIZE"} & set(os.environ)
+
+
+def test_samples_are_written_in_document_order():
+    from evaluation.run import in_document_order
+
+    gathered = {"t": [{"doc_id": i, "x": i * 10} for i in (0, 2, 4, 1, 3)]}  # two ranks, rank after rank
+    assert [row["x"] for row in in_document_order(gathered)["t"]] == [0, 10, 20, 30, 40]
 
 
 # ---------------------------------------------------------------------------------------------

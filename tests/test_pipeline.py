@@ -13,6 +13,7 @@ from core.errors import UserError
 from orchestration.pipeline import (
     PipelineJobConfig,
     compose_pipeline_job,
+    local_command,
     plan_pipeline,
     run_local,
     validate_step_configs,
@@ -85,6 +86,22 @@ def test_each_step_reads_the_previous_output(tmp_path):
     assert (arg(slerp, "merge.base_model"), arg(slerp, "merge.model")) == (str(run / "sft"), str(run / "orpo"))
     assert arg(slerp, "merge") == "paper_slerp" and arg(slerp, "merge.dtype") == "float32"
     assert slerp.depends_on == ["sft", "orpo"]
+
+
+@pytest.mark.parametrize("gpus_per_node, visible, processes", [(8, 8, 8), (8, 4, 4), (1, 8, 1), (2, 0, 1)])
+def test_local_eval_step_starts_one_process_per_gpu(gpus_per_node, visible, processes, tmp_path, monkeypatch):
+    """Up to cluster.gpus_per_node evaluation processes, one per GPU the machine shows; without
+    GPUs (CPU ranks would only share the cores), the plain single command."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    cfg = compose_pipeline_job(["pipeline=tiny", f"root={tmp_path}", f"cluster.gpus_per_node={gpus_per_node}"])
+    plan = plan_pipeline(cfg)
+    step = next(s for s in plan.steps if s.kind == "eval")
+    cmd = local_command(plan, step, cfg.cluster)
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    assert cmd[1:5] == launcher if processes > 1 else cmd[1].endswith("launch/eval.py")
+    assert cmd[-len(step.args):] == step.args
 
 
 def test_merge_with_the_start_and_outside_models(tmp_path):

@@ -88,6 +88,45 @@ def test_rank_mapping_line_gives_torch_distributed_its_variables(tmp_path):
     assert out == ["13", "5", "128"]
 
 
+def eval_and_study_scripts(tmp_path, *overrides):
+    cfg = compose_pipeline_job([f"pipeline={LLAMA}", "cluster=slurm", f"root={tmp_path}",
+                                "pipeline.eval.tasks=[general_knowledge]", *overrides])
+    plan = plan_pipeline(cfg)
+    scripts = {s.name: render_step(plan, s, cfg.cluster, None)[1] for s in plan.steps if s.kind in ("eval", "study")}
+    return scripts.pop("study"), scripts
+
+
+def test_eval_job_starts_one_evaluation_process_per_allocated_gpu(tmp_path):
+    study, evals = eval_and_study_scripts(tmp_path, "cluster.nodes=4", "cluster.gpus_per_node=8")
+    assert evals
+    for text in evals.values():
+        options = sbatch_options(text)
+        # one node (a model copy per GPU, or one process over all of them), 8 tasks on it, 8 GPUs
+        assert {"--nodes=1", "--ntasks=8", "--ntasks-per-node=8", "--gpus-per-node=8"} <= set(options)
+        srun = re.search(r"^srun .*", text, flags=re.M).group(0)
+        assert "--gpu-bind=none" in srun  # every task sees every GPU: lm-eval puts rank i on GPU i
+        assert "export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS" in text
+        assert "launch/eval.py" in text.split(srun)[1] and "MASTER_PORT=$((29500 + SLURM_JOB_ID % 10000))" in text
+        assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+    # the study report stays one CPU task
+    assert "--ntasks=1" in sbatch_options(study) and not any(o.startswith("--gpus") for o in sbatch_options(study))
+
+    # the per-task line, run with the variables srun sets for task 5 of 8
+    line = re.search(r"bash -c \\\n\s+('[^']+')", next(iter(evals.values()))).group(1)
+    env = dict(os.environ, SLURM_PROCID="5", SLURM_LOCALID="5", SLURM_NTASKS="8")
+    show = "import os; print(*(os.environ[k] for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE')))"
+    out = subprocess.run(f"bash -c {line} rank {sys.executable} -c \"{show}\"", shell=True, env=env,
+                         capture_output=True, text=True).stdout.split()
+    assert out == ["5", "5", "8", "8"]
+
+
+def test_eval_job_on_a_cpu_partition_binds_no_gpus(tmp_path):
+    _, evals = eval_and_study_scripts(tmp_path, "cluster.gpus_per_node=4", "cluster.request_gpus=false")
+    text = next(iter(evals.values()))
+    assert "--ntasks=4" in sbatch_options(text) and not any(o.startswith("--gpus") for o in sbatch_options(text))
+    assert "--gpu-bind" not in text
+
+
 def test_cpu_partition_and_fewer_tasks(tmp_path):
     _, scripts = render_chain(tmp_path, "cluster.nodes=2", "cluster.gpus_per_node=4", "cluster.tasks=6",
                               "cluster.request_gpus=false", "cluster.merge_tasks=3")
