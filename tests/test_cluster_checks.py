@@ -224,7 +224,7 @@ def run_train_script(tmp_path: Path, srun_exit: int, requeue: str) -> tuple[subp
     and scontrol (`requeue`: the shell line `scontrol requeue` runs)."""
     out = tmp_path / "cpt"
     plan = stage_plan(["+stage=cpt", f"output_dir={out}"])
-    cluster = compose_pipeline_job(["cluster=slurm", "cluster.requeue=false"]).cluster
+    cluster = compose_pipeline_job(["cluster=slurm"]).cluster
     _, text = render_step(plan, plan.steps[0], cluster, None)
     script = tmp_path / "job.sbatch"
     script.write_text(text)

@@ -4,7 +4,8 @@
   SLURM variables as on two nodes; the jobs run in dependency order and end COMPLETED; every
   step's output loads; the merge (split across 2 tasks) is there; `status` lists them all;
 - a training job that gets SLURM's warning signal after its first checkpoint saves a
-  checkpoint, requeues itself, resumes from that checkpoint and ends with the right step count.
+  checkpoint, requeues itself, resumes from that checkpoint and ends with the right step count;
+- a job whose requeue SLURM refuses ends FAILED, and its afterok dependent is cancelled.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
 from test_study import assert_study_matches_evals
 from transformers import AutoModelForCausalLM
 
+from core.errors import PREEMPTED_EXIT_CODE
 from orchestration.slurm import read_jobs
 from train.checkpoint import is_complete_checkpoint
 
@@ -151,3 +153,34 @@ def test_scancel_is_not_undone_by_a_requeue(slurm_cluster, tmp_path):
     info = slurm_cluster.job_info(job.job_id)
     assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), log.read_text()[-3000:]
     assert "requeueing" not in log.read_text()
+
+
+def test_a_refused_requeue_fails_the_job_and_cancels_its_dependents(slurm_cluster, tmp_path):
+    """A job submitted with --no-requeue whose ranks stop for a requeue: SLURM
+    refuses `scontrol requeue`, and the job must end FAILED, not COMPLETED, so that an afterok
+    dependent is cancelled instead of starting on a model that was never written. The ranks are
+    a stand-in interpreter that exits as a preempted rank does (75), to keep this test short."""
+    ranks = tmp_path / "bin" / "python"
+    ranks.parent.mkdir()
+    ranks.write_text(f"#!/bin/sh\nexit {PREEMPTED_EXIT_CODE}\n")
+    ranks.chmod(0o755)
+    out = tmp_path / "cpt"
+    submit(slurm_cluster, "+stage=cpt", f"output_dir={out}", "cluster=slurm", "cluster.request_gpus=false",
+           "cluster.gpus_per_node=1", "cluster.requeue=false", "cluster.sbatch_args=[--no-requeue]",
+           f"cluster.python={ranks}")
+    (job,) = read_jobs(out / "jobs")
+    dependent = subprocess.run(
+        ["sbatch", "--parsable", f"--dependency=afterok:{job.job_id}", "--kill-on-invalid-dep=yes",
+         f"--output={tmp_path / 'dependent.log'}", "--wrap", f"touch {tmp_path / 'dependent-ran'}"],
+        capture_output=True, text=True, env=job_env(slurm_cluster), check=True,
+    ).stdout.strip().split(";")[0]
+
+    info = slurm_cluster.wait_jobs([job.job_id], timeout=120)[job.job_id]
+    log = Path(job.log).read_text()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", f"{PREEMPTED_EXIT_CODE}:0", "0"), log
+    assert f"SLURM refused to requeue job {job.job_id}" in log
+    deadline = time.time() + 60
+    while slurm_cluster.job_info(dependent).get("JobState") != "CANCELLED":
+        assert time.time() < deadline, slurm_cluster.job_info(dependent)
+        time.sleep(1)
+    assert not (tmp_path / "dependent-ran").exists()
