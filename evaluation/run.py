@@ -141,7 +141,9 @@ def resolve_device_dtype(cfg: DictConfig) -> tuple:
         if device.startswith("cpu"):
             dtype = "float32"
         else:
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            # Native bf16 only (compute capability 8.0+): torch's default answer also counts the
+            # emulated bf16 of a V100 or T4, slow there (as train/runtime.py decides for training).
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
     return device, dtype
 
 

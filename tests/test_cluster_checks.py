@@ -155,6 +155,19 @@ def test_auto_precision_is_bf16_only_where_the_gpu_has_it(monkeypatch, name, cap
     assert (runtime.device, runtime.backend, runtime.precision) == ("cuda", "nccl", precision)
 
 
+@pytest.mark.parametrize("name, capability, dtype", [
+    ("Tesla V100-SXM2-32GB", (7, 0), "float16"),
+    ("NVIDIA H200", (9, 0), "bfloat16"),
+])
+def test_evaluation_picks_bf16_only_where_the_gpu_has_it(monkeypatch, name, capability, dtype):
+    from evaluation.config import compose_eval_config
+    from evaluation.run import resolve_device_dtype
+
+    fake_gpu(monkeypatch, name, capability)
+    cfg = compose_eval_config(["model_dir=/models/any"])
+    assert resolve_device_dtype(cfg) == ("cuda", dtype)
+
+
 def test_forced_bf16_on_a_gpu_without_it_is_one_line(monkeypatch):
     from train.runtime import detect_runtime
 
