@@ -261,3 +261,9 @@ def test_bad_recipe_on_the_command_line_leaves_nothing(tmp_path, tiny_pair):
         proc = run_merge_cli(path, tmp_path / name, "--quiet")
         assert_one_line_error(proc, needle)
         assert not (tmp_path / name).exists() and not (tmp_path / f".{name}.partial").exists()
+
+
+def test_docs_table_is_the_registry():
+    from conftest import REPO
+
+    assert methods.methods_table() in (REPO / "docs" / "merge.md").read_text()

@@ -33,6 +33,33 @@ def names() -> List[str]:
     return list(_METHODS)
 
 
+def _value(value) -> str:
+    if value is REQUIRED:
+        return "required"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def describe_params(method: MergeMethod) -> str:
+    """`name=default` per parameter, `(per model)` where each model has its own value."""
+    return ", ".join(f"{p.name}={_value(p.default)}" + (" (per model)" if p.per_model else "")
+                     for p in method.params)
+
+
+def methods_table() -> str:
+    """docs/merge.md's table of methods, from the declarations (a test keeps the page in step)."""
+    rows = ["| method | what it does | parameters (default) | base_model | models | passes before writing |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for m in _METHODS.values():
+        kind = " (random)" if m.randomised else ""
+        rows.append(f"| `{m.name}`{kind} | {m.summary} | {describe_params(m)} | {m.base_model} | {m.models_text()} | {m.passes} |")
+    return "\n".join(rows)
+
+
+def cli_help() -> str:
+    """One line per method for `launch/merge.py --help`."""
+    return "merge methods (docs/merge.md): " + "; ".join(f"{m.name} ({describe_params(m)})" for m in _METHODS.values())
+
+
 def _register() -> None:
     from merge.methods import model_stock, nuslerp, slerp, task_arithmetic
 
@@ -43,4 +70,5 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["REQUIRED", "MergeMethod", "Param", "TensorContext", "TensorJob", "get", "names", "register"]
+__all__ = ["REQUIRED", "MergeMethod", "Param", "TensorContext", "TensorJob", "cli_help", "describe_params", "get",
+           "methods_table", "names", "register"]

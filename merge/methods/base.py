@@ -90,6 +90,12 @@ class MergeMethod:
     def uses_base(self, base: Optional[str]) -> bool:
         return self.base_model == "required" or (self.base_model == "optional" and base is not None)
 
+    def models_text(self) -> str:
+        """How many models a slice takes, base included (docs/merge.md)."""
+        if self.max_models is None:
+            return f">= {self.min_models}"
+        return str(self.min_models) if self.min_models == self.max_models else f"{self.min_models}-{self.max_models}"
+
     def model_count_problem(self, count: int, uses_base: bool) -> Optional[str]:
         """What is wrong with merging `count` models (base included) in one slice, or None."""
         if count < self.min_models:

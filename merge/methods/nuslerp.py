@@ -31,6 +31,9 @@ class NuSlerp(MergeMethod):
     passes = "1 (2 for bf16/f16 work)"
     summary = "SLERP of two models (or of their task vectors with a base) with t from weights"
 
+    def models_text(self):
+        return "2 (+ base)"
+
     def model_count_problem(self, count, uses_base):
         if count - (1 if uses_base else 0) != 2:
             return "nuslerp merges exactly two models (plus base_model when given): give two"
