@@ -65,7 +65,7 @@ def test_rank_window_keeps_exactly_the_sorted_positions(work, block):
     n = mags.shape[0]
     for lo, hi, descending in [(0, 6000, True), (0, 1, True), (0, n, True), (4000, 19_000, False),
                                (n - 300, n, False), (5, 6, False), (100, 100, False)]:
-        window = RankWindow(lo, hi, descending, compute, work)
+        window = RankWindow(lo, hi, descending, compute, work, n)
         for p in range(window.passes):
             for start in range(0, n, block):
                 window.reduce(p, mags[start : start + block])
@@ -74,9 +74,10 @@ def test_rank_window_keeps_exactly_the_sorted_positions(work, block):
             got = np.concatenate([window.keep(mags[s : s + block], s) for s in range(0, n, block)])
             want = stable_window(mags, lo, hi, descending)
             assert np.array_equal(got, want), (lo, hi, descending, scan)
-    assert RankWindow(0, 5, True, np.float32, "BF16").passes == 1
-    assert RankWindow(0, 5, True, np.float32, "F32").passes == 2
-    assert RankWindow(0, 5, True, np.float64, "F64").passes == 4
+    assert RankWindow(0, 5, True, np.float32, "BF16", 10).passes == 1
+    assert RankWindow(0, 5, True, np.float32, "F32", 10).passes == 2
+    assert RankWindow(0, 5, True, np.float64, "F64", 10).passes == 4
+    assert RankWindow(0, 10, True, np.float32, "F32", 10).passes == 0  # everything kept: nothing to find
 
 
 def test_ties_equals_whole_tensor_reference_for_any_block():

@@ -153,6 +153,16 @@ class Rounder:
         if self._scratch.shape[0] < n:
             self._out = np.empty(n * 8, np.uint8)
             self._scratch = np.empty(n, np.uint32)
+        if self.dtype == "BF16":
+            # round to nearest even on the 16 dropped bits, in place: 5 passes instead of an
+            # encode + decode round trip (this runs after every op of a bf16 merge)
+            bits, tmp = flat.view(np.uint32), self._scratch[:n]
+            np.right_shift(bits, 16, out=tmp)
+            np.bitwise_and(tmp, 1, out=tmp)
+            np.add(tmp, 0x7FFF, out=tmp)
+            np.add(bits, tmp, out=bits)
+            np.bitwise_and(bits, np.uint32(0xFFFF0000), out=bits)
+            return x
         decode(encode(flat, self.dtype, self._out, self._scratch), self.dtype, flat)
         return x
 
@@ -232,13 +242,32 @@ def random_key(seed: int, tensor: str, source: int) -> List[int]:
     return [int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")]
 
 
+def random_words(key: List[int], offset: int, n: int) -> np.ndarray:
+    """n uniform uint32 words: words offset .. offset+n-1 of the key's stream. Philox is a
+    counter-based generator (one counter step = 4 uint64 = 8 words), so element i of a tensor
+    always gets word i, whatever the chunk it was computed in."""
+    first = offset // 2
+    last = -(-(offset + n) // 2)
+    skip = first % 4
+    raw = np.random.Philox(key=key, counter=[first // 4, 0, 0, 0]).random_raw(last - first + skip)[skip:]
+    words = raw.view(np.uint32)  # little-endian: the low word of draw j is word 2j
+    return words[offset - 2 * first : offset - 2 * first + n]
+
+
+def thresholds(p) -> np.ndarray:
+    """Probabilities as thresholds on `random_words`: a word w keeps with probability p when
+    w < floor(p·2^32) (p to 2^-32; the methods draw only for p < 1, so it fits 32 bits)."""
+    return np.minimum(np.floor(np.asarray(p, np.float64) * 4294967296.0), 4294967295.0).astype(np.uint32)
+
+
+def bernoulli(key: List[int], offset: int, n: int, p: float) -> np.ndarray:
+    """Keep-mask of elements [offset, offset+n), each True with probability p."""
+    return random_words(key, offset, n) < thresholds(p)
+
+
 def uniforms(key: List[int], offset: int, n: int) -> np.ndarray:
-    """n uniform [0, 1) doubles: draws offset .. offset+n-1 of the key's stream. Philox is a
-    counter-based generator (one counter step = 4 draws), so element i of the tensor always
-    gets draw i, whatever the chunk it was computed in."""
-    skip = offset % 4
-    raw = np.random.Philox(key=key, counter=[offset // 4, 0, 0, 0]).random_raw(n + skip)[skip:]
-    return (raw >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    """The words of `random_words` as floats in [0, 1) (for tests and docs)."""
+    return random_words(key, offset, n) * (1.0 / 4294967296.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,12 +282,14 @@ class RankWindow:
 
     DIGIT = 16
 
-    def __init__(self, lo: int, hi: int, descending: bool, compute, work_dtype: str):
+    def __init__(self, lo: int, hi: int, descending: bool, compute, work_dtype: str, numel: int):
         self.lo, self.hi, self.descending = lo, hi, descending
+        # an end at the tensor's own end needs no search: everything below (above) it is kept
+        self.bounded = [lo > 0, hi < numel]
         self.utype = np.uint64 if compute == np.float64 else np.uint32
         self.bits = 64 if compute == np.float64 else 32
         self.passes = 1 if work_dtype == "BF16" else self.bits // self.DIGIT  # bf16 values fill 16 bits
-        if hi <= lo:  # nothing kept
+        if hi <= lo or not any(self.bounded):  # nothing kept, or everything
             self.passes = 0
         # per target (position lo, position hi-1): the key prefix found so far, elements below it
         self.targets = [lo, hi - 1]
@@ -276,7 +307,9 @@ class RankWindow:
         keys = self.keys(magnitudes)
         shift = self.bits - self.DIGIT * (pass_index + 1)
         for t in range(2):
-            if t == 1 and self.prefix[1] == self.prefix[0] and self.below[1] == self.below[0]:
+            if not self.bounded[t]:
+                continue
+            if t == 1 and self.bounded[0] and self.prefix[1] == self.prefix[0] and self.below[1] == self.below[0]:
                 continue  # same candidates as target 0: share its histogram
             if pass_index == 0:
                 sel = keys
@@ -288,6 +321,8 @@ class RankWindow:
 
     def end_pass(self, pass_index: int) -> None:
         for t in range(2):
+            if not self.bounded[t]:
+                continue
             hist = self._hist[t] if self._hist[t] is not None else self._hist[0]  # shared: same candidates
             cum = np.cumsum(hist)
             rank = self.targets[t] - self.below[t]
@@ -308,18 +343,26 @@ class RankWindow:
             return np.zeros(magnitudes.shape[0], np.bool_)
         if offset == 0:
             self._seen = [0, 0]
+        if not any(self.bounded):
+            return np.ones(magnitudes.shape[0], np.bool_)
         keys = self.keys(magnitudes)
         v_lo, v_hi = (self.utype(v) for v in self.values)
-        keep = (keys > v_lo) & (keys < v_hi)
-        ends = [(v_lo, 0)] if v_lo == v_hi else [(v_lo, 0), (v_hi, 1)]
+        if self.bounded[0] and self.bounded[1]:
+            keep = (keys > v_lo) & (keys < v_hi)
+        elif self.bounded[1]:
+            keep = keys < v_hi
+        else:
+            keep = keys > v_lo
+        ends = [(v, t) for v, t in ((v_lo, 0), (v_hi, 1)) if self.bounded[t]]
+        if len(ends) == 2 and v_lo == v_hi:
+            ends = ends[:1]
         for value, t in ends:
-            equal = keys == value
-            count = int(equal.sum())
-            if not count:
+            where = np.flatnonzero(keys == value)  # the ties at this end, in index order
+            if not where.size:
                 continue
-            position = self.below[t] + self._seen[t] + np.cumsum(equal) - 1
-            keep |= equal & (position >= self.lo) & (position < self.hi)
-            self._seen[t] += count
+            position = self.below[t] + self._seen[t] + np.arange(where.size)
+            keep[where[(position >= self.lo) & (position < self.hi)]] = True
+            self._seen[t] += where.size
         return keep
 
 
