@@ -75,7 +75,7 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 for config, out in zip(sys.argv[1::2], sys.argv[2::2]):
     cfg = MergeConfiguration.model_validate(yaml.safe_load(open(config)))
-    run_merge(cfg, out, MergeOptions(lazy_unpickle=False, copy_tokenizer=False), config_source=open(config).read())
+    run_merge(cfg, out, MergeOptions(lazy_unpickle=False, copy_tokenizer=False, random_seed=0), config_source=open(config).read())
 """
 
 
@@ -205,7 +205,8 @@ def test_every_deterministic_method_matches_mergekit(tmp_path, tiny_trios):
             continue
         b, got, want = base[tensor].float(), ours[tensor].float(), want.float()
         moved_ours, moved_theirs = (got != b).float().mean().item(), (want != b).float().mean().item()
-        assert abs(moved_ours - moved_theirs) < 0.03, (tensor, moved_ours, moved_theirs)
+        sigma = (2 * moved_theirs * (1 - moved_theirs) / want.numel()) ** 0.5  # of the difference of two shares
+        assert abs(moved_ours - moved_theirs) < 5 * sigma, (tensor, moved_ours, moved_theirs)
         size_ours, size_theirs = (got - b).abs().mean().item(), (want - b).abs().mean().item()
         assert abs(size_ours / size_theirs - 1) < 0.1, (tensor, size_ours, size_theirs)
         compared += 1
