@@ -29,13 +29,12 @@ accumulates in float32 and rounds once. `Rounder` reproduces that on float32 arr
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from merge.io import ITEMSIZE, decode, encode
+from merge.io import decode, encode
 
 
 class _Required:
