@@ -17,14 +17,15 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from core.config import compose_config
 from core.errors import UserError
-from core.validate import at_least, checked, non_negative, positive, validate_dataclass, writable_dir
+from core.validate import at_least, checked, non_negative, one_of, positive, validate_dataclass, writable_dir
+from merge import methods
 
 
 @dataclass
 class MergeRecipeConfig:
-    merge_method: str = MISSING
-    """A method of merge/methods/ (docs/merge.md's table): slerp, linear, task_arithmetic, ties,
-    dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear, model_stock, nuslerp."""
+    merge_method: str = checked(MISSING, one_of(*methods.names()))
+    """A method of merge/methods/, registered by name (docs/merge.md's table; `launch/merge.py
+    --help` lists each with its parameters)."""
     base_model: Optional[str] = None
     """The base model: v0 of slerp (t=0 returns it), the origin of the task vectors of the
     task-arithmetic family, model_stock and nuslerp; its tokenizer, chat template and config are

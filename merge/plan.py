@@ -172,9 +172,6 @@ def check_recipe(raw: Dict[str, Any]) -> MergeSpec:
         raise UserError("the merge config needs exactly one of 'slices' or 'models' (both given or neither)")
     base = raw.get("base_model")
     base = str(base) if base is not None else None
-    if method.base_model == "required" and base is None:
-        raise UserError(f"merge_method {method.name} needs base_model: set it to the model "
-                        + ("that t=0 returns" if method.name == "slerp" else "the others' task vectors start from"))
     mismatch = raw.get("embed_mismatch", MergeRecipeConfig.embed_mismatch)
     if mismatch not in ("error", "truncate"):
         raise UserError(f"embed_mismatch '{mismatch}' is not supported: use error or truncate")
@@ -236,6 +233,9 @@ def parse_merge_config(raw: Dict[str, Any]) -> MergeSpec:
 
 def check_slice_models(method: MergeMethod, i: int, s: Slice, base: Optional[str]) -> None:
     """The slice has the models the method takes: the base among them when it needs one."""
+    if method.base_model == "required" and base is None:
+        raise UserError(f"merge_method {method.name} needs base_model: set it to the model "
+                        + ("that t=0 returns" if method.name == "slerp" else "the others' task vectors start from"))
     models = [src.model for src in s.sources]
     for m in models:
         if models.count(m) > 1:
