@@ -1,9 +1,10 @@
 """The merge-method registry: every `merge_method` by name (as mergekit's `merge_methods/`).
 
 To add a method: a module here with a `MergeMethod` subclass (its `params`, `base_model`,
-`min_models`/`max_models`, `passes` and a `job` that streams one tensor, see base.py), listed
-in `_register` below, and its tests. The planner, the recipe checks and docs/merge.md's table
-read the declarations; nothing else changes.
+`min_models`/`max_models`, `passes` and a `job` that streams one tensor, see base.py) and a
+module-level `METHODS` tuple of its instances, and its tests. Every module of this package is
+registered at import; the planner, the recipe checks, `launch/merge.py --help` and
+docs/merge.md's table read the declarations; nothing else changes.
 """
 
 from __future__ import annotations
@@ -61,11 +62,14 @@ def cli_help() -> str:
 
 
 def _register() -> None:
-    from merge.methods import model_stock, nuslerp, slerp, task_arithmetic
+    """Every module's METHODS, modules in name order."""
+    import importlib
+    import pkgutil
 
-    for method in (slerp.Slerp(), slerp.Linear(), *task_arithmetic.family(), model_stock.ModelStock(),
-                   nuslerp.NuSlerp()):
-        register(method)
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name != "base":
+            for method in importlib.import_module(f"{__name__}.{info.name}").METHODS:
+                register(method)
 
 
 _register()

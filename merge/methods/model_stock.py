@@ -85,3 +85,4 @@ class ModelStockJob(TensorJob):
         return np.add(average, w0, out=average)
 
 
+METHODS = (ModelStock(),)

@@ -122,3 +122,6 @@ class NuSlerpJob(TensorJob):
             np.add(base, v0, out=base)
             return base
         return v0
+
+
+METHODS = (NuSlerp(),)

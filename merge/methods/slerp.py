@@ -73,3 +73,6 @@ class LinearJob(TensorJob):
 
     def combine(self, xs, offset):
         return combine_linear(self.weights, self.normalize, xs)
+
+
+METHODS = (Slerp(), Linear())

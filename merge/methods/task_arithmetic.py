@@ -269,22 +269,21 @@ class TaskArithmeticJob(TensorJob):
         return np.add(base, mixed, out=base)
 
 
-def family():
-    return [
-        TaskArithmeticFamily("task_arithmetic", False, None, False, False,
-                             "base + Σ weight·(model - base)"),
-        TaskArithmeticFamily("ties", True, MAGNITUDE, True, False,
-                             "top-density magnitudes of each task vector, sign election"),
-        TaskArithmeticFamily("dare_ties", True, RANDOM, False, True,
-                             "random keep with probability density, rescaled, sign election"),
-        TaskArithmeticFamily("dare_linear", False, RANDOM, False, True,
-                             "random keep with probability density, rescaled, summed"),
-        TaskArithmeticFamily("breadcrumbs", False, OUTLIERS, False, False,
-                             "drop the gamma largest and keep density of the rest, summed"),
-        TaskArithmeticFamily("breadcrumbs_ties", True, OUTLIERS, False, False,
-                             "breadcrumbs with sign election"),
-        TaskArithmeticFamily("della", True, DELLA, True, True,
-                             "keep probability by magnitude rank per row, rescaled, sign election"),
-        TaskArithmeticFamily("della_linear", False, DELLA, False, True,
-                             "della without sign election"),
-    ]
+METHODS = (
+    TaskArithmeticFamily("task_arithmetic", False, None, False, False,
+                         "base + Σ weight·(model - base)"),
+    TaskArithmeticFamily("ties", True, MAGNITUDE, True, False,
+                         "top-density magnitudes of each task vector, sign election"),
+    TaskArithmeticFamily("dare_ties", True, RANDOM, False, True,
+                         "random keep with probability density, rescaled, sign election"),
+    TaskArithmeticFamily("dare_linear", False, RANDOM, False, True,
+                         "random keep with probability density, rescaled, summed"),
+    TaskArithmeticFamily("breadcrumbs", False, OUTLIERS, False, False,
+                         "drop the gamma largest and keep density of the rest, summed"),
+    TaskArithmeticFamily("breadcrumbs_ties", True, OUTLIERS, False, False,
+                         "breadcrumbs with sign election"),
+    TaskArithmeticFamily("della", True, DELLA, True, True,
+                         "keep probability by magnitude rank per row, rescaled, sign election"),
+    TaskArithmeticFamily("della_linear", False, DELLA, False, True,
+                         "della without sign election"),
+)
