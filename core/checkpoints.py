@@ -25,6 +25,7 @@ from core.errors import UserError
 CHECKPOINTS = "checkpoints"
 BATCH_RECORD = "batch.json"  # beside trainer_state.json: the world size and batch that wrote it (train/reshard.py)
 UNIVERSAL_LATEST = "latest_universal"  # DeepSpeed's name (engine.load_checkpoint with load_universal)
+CONVERSION_FAILED = "universal-conversion-failed"  # rank 0's note to the ranks waiting for it
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:

@@ -20,10 +20,9 @@ import pytest
 import torch
 from conftest import REPO, assert_one_line_error, launch, loss_history, tail
 
-from core.checkpoints import UNIVERSAL_LATEST, CheckpointTopology, check_resume_topology, checkpoint_topology
+from core.checkpoints import CONVERSION_FAILED, UNIVERSAL_LATEST, CheckpointTopology, check_resume_topology, checkpoint_topology
 from core.errors import UserError
 from train.reshard import (
-    CONVERSION_FAILED,
     UniversalLoadRepair,
     convert_to_universal,
     describe_batch_change,
