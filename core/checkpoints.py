@@ -83,8 +83,8 @@ class CheckpointTopology:
 
 
 def checkpoint_topology(ckpt: str | Path) -> CheckpointTopology:
-    """Read from the names of the files under the `latest` tag: they exist in every checkpoint
-    DeepSpeed ever wrote, so checkpoints of earlier versions of this project are read too."""
+    """Read from the names of DeepSpeed's files under the `latest` tag, not from a record of our
+    own: checkpoints written by earlier versions of this project are read too."""
     tag_dir = Path(ckpt) / (Path(ckpt) / "latest").read_text().strip()
     # mp_rank_00: tensor parallelism is not used here; each data-parallel rank writes one file.
     model_states = list(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))
