@@ -25,6 +25,7 @@ from core.errors import UserError
 CHECKPOINTS = "checkpoints"
 BATCH_RECORD = "batch.json"  # beside trainer_state.json: the world size and batch that wrote it (train/reshard.py)
 UNIVERSAL_LATEST = "latest_universal"  # DeepSpeed's name (engine.load_checkpoint with load_universal)
+CONVERSION_FAILED = "universal-conversion-failed"  # rank 0's note to the ranks waiting for it
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -82,8 +83,8 @@ class CheckpointTopology:
 
 
 def checkpoint_topology(ckpt: str | Path) -> CheckpointTopology:
-    """Read from the names of the files under the `latest` tag: they exist in every checkpoint
-    DeepSpeed ever wrote, so checkpoints of earlier versions of this project are read too."""
+    """Read from the names of DeepSpeed's files under the `latest` tag, not from a record of our
+    own: checkpoints written by earlier versions of this project are read too."""
     tag_dir = Path(ckpt) / (Path(ckpt) / "latest").read_text().strip()
     # mp_rank_00: tensor parallelism is not used here; each data-parallel rank writes one file.
     model_states = list(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))

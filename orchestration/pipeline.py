@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 
 from omegaconf import MISSING, DictConfig
 
-from core.checkpoints import check_resume_topology, resume_checkpoint
+from core.checkpoints import check_resume_topology, newest_complete_checkpoint, resume_checkpoint
 from core.config import REPO_ROOT, compose_config
 from core.errors import PREEMPTED_EXIT_CODE, UserError
 from core.outputs import EVAL_DIR, MODEL_CACHE_DIR, epoch_model_dir, is_model_dir, write_atomic
@@ -531,14 +531,16 @@ def check_resumes(steps: List[Step], cluster: DictConfig) -> None:
     for step in steps:
         if step.kind != "train" or step.is_complete():
             continue
+        if newest_complete_checkpoint(step.output_dir) is None and not any(a.startswith("resume=") for a in step.args):
+            continue  # nothing to resume from: no need to compose the step's config again
         cfg = compose_train_config(step.train_args)
-        ckpt = resume_checkpoint(cfg.output_dir, cfg.resume)
-        if ckpt is None:
-            continue
         try:
-            check_resume_topology(
-                ckpt, cfg.deepspeed.zero_stage, training_world_size(cluster), offloads_optimizer_to_nvme(cfg.deepspeed)
-            )
+            ckpt = resume_checkpoint(cfg.output_dir, cfg.resume)
+            if ckpt is not None:
+                check_resume_topology(
+                    ckpt, cfg.deepspeed.zero_stage, training_world_size(cluster),
+                    offloads_optimizer_to_nvme(cfg.deepspeed),
+                )
         except UserError as err:
             raise UserError(f"step '{step.name}': {err}") from err
 

@@ -20,10 +20,9 @@ import pytest
 import torch
 from conftest import REPO, assert_one_line_error, launch, loss_history, tail
 
-from core.checkpoints import UNIVERSAL_LATEST, CheckpointTopology, check_resume_topology, checkpoint_topology
+from core.checkpoints import CONVERSION_FAILED, UNIVERSAL_LATEST, CheckpointTopology, check_resume_topology, checkpoint_topology
 from core.errors import UserError
 from train.reshard import (
-    CONVERSION_FAILED,
     UniversalLoadRepair,
     convert_to_universal,
     describe_batch_change,
@@ -131,7 +130,7 @@ def test_a_failed_conversion_leaves_nothing_converted_and_stops_the_waiting_rank
         del os.environ["DOMAINFORGE_UNIVERSAL_TIMEOUT"]
 
 
-def test_submit_dry_run_refuses_a_resume_into_another_zero_stage(tmp_path, capsys):
+def test_submit_dry_run_refuses_a_resume_into_another_zero_stage(tmp_path):
     from orchestration.pipeline import compose_pipeline_job
     from orchestration.slurm import submit_pipeline
 
@@ -142,8 +141,7 @@ def test_submit_dry_run_refuses_a_resume_into_another_zero_stage(tmp_path, capsy
                           capture_output=True, text=True, env=dict(os.environ, PATH=str(tmp_path)), timeout=120)
     assert_one_line_error(proc, "step 'cpt'", str(ckpt), "deepspeed.zero_stage=2", "resume=never")
     # the same checkpoint on another world size (2 ranks -> 1) is converted when the job starts
-    assert len(submit_pipeline(compose_pipeline_job(args), dry_run=True)) == 14
-    assert "#!/bin/bash" in capsys.readouterr().out
+    assert len(submit_pipeline(compose_pipeline_job(args), dry_run=True)) == 14  # every job, none refused
 
 
 # 2 ranks x batch 1 x accumulation 2 = 1 rank x 1 x 4: the same 4 blocks a step, in the same

@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 from core.checkpoints import (  # noqa: F401  (re-exported: where the run directory is described)
     BATCH_RECORD,
     CHECKPOINTS,
+    CONVERSION_FAILED,
     UNIVERSAL_LATEST,
     checkpoints_dir,
     is_complete_checkpoint,
@@ -70,7 +71,7 @@ def publish_final_model(output_dir: str | Path) -> None:
 # What a checkpoint holds besides the model: DeepSpeed and Trainer state, not for evaluation.
 TRAINING_STATE = (
     "trainer_state.json", "training_args.bin", "latest", UNIVERSAL_LATEST, "zero_to_fp32.py", "zero_to_torch.py",
-    "scheduler.pt", BATCH_RECORD,
+    "scheduler.pt", BATCH_RECORD, CONVERSION_FAILED,
 )
 
 

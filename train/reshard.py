@@ -33,13 +33,12 @@ import torch
 from omegaconf import DictConfig
 from transformers import TrainerCallback
 
-from core.checkpoints import BATCH_RECORD, UNIVERSAL_LATEST, check_resume_topology
+from core.checkpoints import BATCH_RECORD, CONVERSION_FAILED, UNIVERSAL_LATEST, check_resume_topology
 from core.outputs import write_atomic
 from train.deepspeed_config import offloads_optimizer_to_nvme
 from train.runtime import Runtime
 
 UNIVERSAL_TMP = ".universal-tmp"
-CONVERSION_FAILED = "universal-conversion-failed"
 UNIVERSAL_TIMEOUT_ENV = "DOMAINFORGE_UNIVERSAL_TIMEOUT"  # seconds the other ranks wait for rank 0
 
 
