@@ -235,7 +235,7 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine(gpus_here)}", flush=True)
     print(f"model: hidden {a.hidden}, {a.layers} layers, heads {a.heads}/{a.kv_heads} kv, ffn {a.ffn}, vocab "
-          f"{a.vocab}: N = {matmul_params / 1e9:.3f} B matmul parameters; F = 6N + 12 L h s = {flop / 1e9:.2f} "
+          f"{a.vocab}: N = {matmul_params / 1e9:.3g} B matmul parameters; F = 6N + 12 L h s = {flop / 1e9:.3g} "
           f"GFLOP a token", flush=True)
     print(f"settings: {gpus} rank(s), {precision}, batch {a.batch} x {a.seq} tokens a rank, {a.steps} steps "
           f"(first {a.warmup} left out), peak {a.peak_tflops:g} TFLOP/s a GPU", flush=True)
@@ -264,7 +264,7 @@ def main() -> None:
             row.update(row=name, status="ok", wall_s=time.time() - started)
             results[name] = row
             print(f"{name}: {row['tokens_per_s']:.0f} tok/s steady, {row['run_tokens_per_s']:.0f} tok/s run, "
-                  f"MFU {100 * row['mfu']:.1f}%, peak {row['peak_mem_gib']:.2f} GiB, {row['wall_s']:.0f} s wall",
+                  f"MFU {100 * row['mfu']:.3g}%, peak {row['peak_mem_gib']:.2f} GiB, {row['wall_s']:.0f} s wall",
                   flush=True)
     finally:
         if not a.logs:
@@ -287,7 +287,7 @@ def main() -> None:
             print(f"| {name} | {r['status']} | | | | | |")
             continue
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
-        print(f"| {name} | {r['tokens_per_s']:.0f} | {r['run_tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | "
+        print(f"| {name} | {r['tokens_per_s']:.0f} | {r['run_tokens_per_s']:.0f} | {100 * r['mfu']:.3g}% | "
               f"{r['peak_mem_gib']:.2f} | {ratio} | {r['vs'] or '-'} |")
     if a.json:
         Path(a.json).write_text(json.dumps({"machine": machine(gpus_here), "settings": vars(a), "gpus": gpus,
