@@ -12,6 +12,7 @@
 #   suite-full     the same with DOMAINFORGE_GPU_SUITE=full (the whole tiny pipeline, ~7 min of it)    SUITE_TIMEOUT=330 (raise it)
 #   bench          gpu_throughput.py, default size (1.04 B, seq 2048, batch 8): plain,project,project+zero2  BENCH_TIMEOUT=270
 #   bench-options  the same size: plain+gc,project+gc,project+liger,project+compile                         BENCH_TIMEOUT=270
+#   BENCH_ARGS    more gpu_throughput.py flags for both bench parts, e.g. "--steps 20 --hidden 4096 --ffn 14336"
 # The durations are estimates from a deepspeed start-up of 30-45 s on an H200, not measurements.
 #
 # .whl/ holds Python 3.12 wheels of what the machine lacks (deepspeed, trl, datasets, hydra,
@@ -22,6 +23,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+SITE=${SITE:-/tmp/site}  # where the wheels are installed
 
 if [ "${1:-}" = "--prepare" ]; then
     # pytest and what it imports, at this environment's versions, as pure-Python wheels
@@ -38,13 +40,13 @@ for part in "${PARTS[@]}"; do
     case $part in suite|suite-full|bench|bench-options) ;; *) echo "error: unknown part '$part' (suite, suite-full, bench, bench-options)" >&2; exit 2 ;; esac
 done
 
-# Wheels: installed once per machine into /tmp/site (a warm machine keeps it).
+# Wheels: installed once per machine into $SITE (a warm machine keeps it).
 if ls .whl/*.whl >/dev/null 2>&1; then
-    stamp=/tmp/site/.installed-$(ls .whl | md5sum | cut -c1-12)
+    stamp=$SITE/.installed-$(ls .whl | md5sum | cut -c1-12)
     if [ ! -e "$stamp" ]; then
-        $PYTHON -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && touch "$stamp"
+        $PYTHON -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl && touch "$stamp"
     fi
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/site/bin:$PATH
+    export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} PATH=$SITE/bin:$PATH
 fi
 missing=$($PYTHON - <<'PY'
 import importlib.util
@@ -58,7 +60,7 @@ if [ -n "$missing" ]; then
 fi
 export WANDB_MODE=offline HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRL_EXPERIMENTAL_SILENCE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-{ git log -1 --format="commit %H %s" 2>/dev/null; $PYTHON -m pip list 2>/dev/null; $PYTHON -m pip list --path /tmp/site 2>/dev/null; } > "$OUT/versions.txt"
+{ git log -1 --format="commit %H %s" 2>/dev/null; $PYTHON -m pip list 2>/dev/null; $PYTHON -m pip list --path "$SITE" 2>/dev/null; } > "$OUT/versions.txt"
 
 failed=()
 run_part() {  # name, timeout, command...: the console to $OUT/<name>.txt; a timeout ends the whole tree
@@ -77,7 +79,7 @@ suite() {
 }
 bench() {
     run_part "$1" "${BENCH_TIMEOUT:-270}" $PYTHON bench/gpu_throughput.py --rows "$2" --json "$OUT/$1.json" \
-        --logs "$OUT/$1-logs"
+        --logs "$OUT/$1-logs" ${BENCH_ARGS:-}
 }
 for part in "${PARTS[@]}"; do
     case $part in

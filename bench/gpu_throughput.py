@@ -62,6 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = ("zero2", "gc", "liger", "compile")
 ROWS = "plain,plain+gc,project,project+zero2,project+gc,project+liger,project+compile"
 STEP_LOG = re.compile(r"\{'loss': ")
+TOKENS_SEEN = re.compile(r"'num_input_tokens_seen': (\d+)")
 
 
 def parse_row(name: str) -> tuple:
@@ -156,11 +157,13 @@ def run_row(cmd: List[str], gpus: int, warmup: int, log: Path) -> Dict[str, floa
     proc = subprocess.Popen(cmd, cwd=ROOT, env=bench_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1)
     memory = PeakMemory(gpus, proc.pid)
-    step_times, lines = [], []
+    step_times, step_tokens, lines = [], [], []
     with open(log, "w") as out:
         for line in proc.stdout:
             if STEP_LOG.search(line):
                 step_times.append(time.monotonic())
+                match = TOKENS_SEEN.search(line)
+                step_tokens.append(int(match.group(1)) if match else None)
             lines.append(line)
             out.write(line)
     code = proc.wait()
@@ -175,7 +178,11 @@ def run_row(cmd: List[str], gpus: int, warmup: int, log: Path) -> Dict[str, floa
     runtime, seen = float(final.group(1)), int(final.group(2))
     steps = len(step_times)
     per_step = seen / steps
-    steady = per_step * (steps - 1 - warmup) / (step_times[-1] - step_times[warmup])
+    if None not in (step_tokens[warmup], step_tokens[-1]):  # the tokens each logged step had seen
+        tokens = step_tokens[-1] - step_tokens[warmup]
+    else:
+        tokens = per_step * (steps - 1 - warmup)
+    steady = tokens / (step_times[-1] - step_times[warmup])
     return {"tokens_per_s": steady, "run_tokens_per_s": seen / runtime, "peak_mem_gib": peak,
             "tokens_per_step": per_step, "steps": steps}
 
@@ -241,8 +248,16 @@ def main() -> None:
           f"(first {a.warmup} left out), peak {a.peak_tflops:g} TFLOP/s a GPU", flush=True)
 
     results: Dict[str, dict] = {}
+
+    def save(results: Dict[str, dict]) -> None:  # after every row: a part cut short keeps its rows
+        if a.json:
+            Path(a.json).write_text(json.dumps({"machine": machine(gpus_here), "settings": vars(a), "gpus": gpus,
+                                                "precision": precision, "flop_per_token": flop,
+                                                "matmul_params": matmul_params, "rows": list(results.values())},
+                                               indent=2) + "\n")
     try:
         for name, runner, options in rows:
+            save(results)
             reason = unavailable(options)
             if reason:
                 results[name] = {"row": name, "status": reason}
@@ -289,11 +304,7 @@ def main() -> None:
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
         print(f"| {name} | {r['tokens_per_s']:.0f} | {r['run_tokens_per_s']:.0f} | {100 * r['mfu']:.3g}% | "
               f"{r['peak_mem_gib']:.2f} | {ratio} | {r['vs'] or '-'} |")
-    if a.json:
-        Path(a.json).write_text(json.dumps({"machine": machine(gpus_here), "settings": vars(a), "gpus": gpus,
-                                            "precision": precision, "flop_per_token": flop,
-                                            "matmul_params": matmul_params, "rows": list(results.values())},
-                                           indent=2) + "\n")
+    save(results)
 
 
 def free_port() -> int:

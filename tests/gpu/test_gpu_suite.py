@@ -229,15 +229,16 @@ def unavailable(name: str) -> Optional[str]:
     return None
 
 
-# name -> (function, runs it reads); a run's inputs come before it, so started in this order the
-# pool never waits on a run it has not started.
+# name -> (function, runs it reads). Started in this order: the longest first (the pipeline is a
+# chain of runs), and a run's inputs before it, so that the pool never waits on a run it has not
+# started.
 RUNS: Dict[str, tuple] = {
-    **{name: (stage_run(name), ()) for name in STAGE_RUNS},
+    "pipeline": (pipeline_run, ()),
     **{f"resume-{case}": (resume_run(case), ()) for case in RESUME_CASES},
+    **{name: (stage_run(name), ()) for name in STAGE_RUNS},
     "merge": (merge_run, ("sft-full", "dpo-full")),
     "eval-1": (eval_run, ("sft-full",)),
     "eval-dp": (data_parallel_eval_run, ("sft-full",)),
-    "pipeline": (pipeline_run, ()),
 }
 # test -> the runs it reads, from its parameters
 READS: Dict[str, Callable[[dict], List[str]]] = {
@@ -327,8 +328,10 @@ def test_killed_run_resumes_from_its_checkpoint_and_finishes(runs, case):
     assert (result.out / "config.json").exists()
     losses = loss_history(result.out)
     assert len(losses) == RESUME_STEPS
-    assert losses[step] < 0.8 * losses[0], (losses[0], losses[step - 2: step + 2])  # weights restored
-    assert mean(losses[-10:]) < mean(losses[step - 10:step]) * 1.1, losses[step - 10:]
+    # weights restored: the first loss after the resume is nearer the last one before it than a fresh model's
+    assert abs(losses[step] - losses[step - 1]) < abs(losses[step] - losses[0]), (losses[0], losses[step - 2:step + 2])
+    before = losses[max(0, step - 10):step]
+    assert mean(losses[-10:]) < mean(before) * 1.1, losses[step - len(before):]  # and kept falling
 
 
 def test_merge_of_two_outputs_generates(runs):
