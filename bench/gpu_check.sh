@@ -3,15 +3,15 @@
 # the wheels in .whl/, then runs the GPU suite (tests/gpu) and the throughput benchmark
 # (bench/gpu_throughput.py), each part under its own timeout, and writes everything under $OUT.
 #
-#   bash bench/gpu_check.sh                          # parts "suite bench": the default, sized for ~9 min
+#   bash bench/gpu_check.sh                          # parts "suite bench": the default, at most 330 + 240 s
 #   bash bench/gpu_check.sh suite-full bench-options # any parts, in the order given
 #   bash bench/gpu_check.sh --prepare                # beforehand, where PyPI answers: pytest's wheels into .whl/
 #
 # Parts (timeouts in seconds, override with the variable named):
 #   suite          python -m pytest tests/gpu -m gpu: fast (the tiny pipeline without its evaluations)  SUITE_TIMEOUT=330
-#   suite-full     the same with DOMAINFORGE_GPU_SUITE=full (the whole tiny pipeline, ~7 min of it)    SUITE_TIMEOUT=330 (raise it)
-#   bench          gpu_throughput.py, default size (1.04 B, seq 2048, batch 8): plain,project,project+zero2  BENCH_TIMEOUT=270
-#   bench-options  the same size: plain+gc,project+gc,project+liger,project+compile                         BENCH_TIMEOUT=270
+#   suite-full     the same with DOMAINFORGE_GPU_SUITE=full (the whole tiny pipeline, ~7 min of it)    SUITE_TIMEOUT=570
+#   bench          gpu_throughput.py, default size (1.04 B, seq 2048, batch 8): plain,project,project+zero2  BENCH_TIMEOUT=240
+#   bench-options  the same size: plain+gc,project+gc,project+liger,project+compile                         BENCH_TIMEOUT=240
 #   BENCH_ARGS    more gpu_throughput.py flags for both bench parts, e.g. "--steps 20 --hidden 4096 --ffn 14336"
 # The durations are estimates from a deepspeed start-up of 30-45 s on an H200, not measurements.
 #
@@ -74,17 +74,17 @@ run_part() {  # name, timeout, command...: the console to $OUT/<name>.txt; a tim
 }
 
 suite() {
-    run_part "$1" "${SUITE_TIMEOUT:-330}" env DOMAINFORGE_GPU_SUITE="$2" DOMAINFORGE_GPU_LOGS="$OUT/suite-logs" \
+    run_part "$1" "${SUITE_TIMEOUT:-$3}" env DOMAINFORGE_GPU_SUITE="$2" DOMAINFORGE_GPU_LOGS="$OUT/suite-logs" \
         $PYTHON -m pytest tests/gpu -m gpu -v -rA -p no:cacheprovider --junitxml="$OUT/$1.xml"
 }
 bench() {
-    run_part "$1" "${BENCH_TIMEOUT:-270}" $PYTHON bench/gpu_throughput.py --rows "$2" --json "$OUT/$1.json" \
+    run_part "$1" "${BENCH_TIMEOUT:-240}" $PYTHON bench/gpu_throughput.py --rows "$2" --json "$OUT/$1.json" \
         --logs "$OUT/$1-logs" ${BENCH_ARGS:-}
 }
 for part in "${PARTS[@]}"; do
     case $part in
-        suite) suite suite fast ;;
-        suite-full) suite suite-full full ;;
+        suite) suite suite fast 330 ;;
+        suite-full) suite suite-full full 570 ;;
         bench) bench bench plain,project,project+zero2 ;;
         bench-options) bench bench-options plain+gc,project+gc,project+liger,project+compile ;;
     esac
