@@ -1,7 +1,14 @@
-"""The comparison for bench/train_throughput.py: CPT written as a plain TRL script, with no
-domainforge code, on the same data, model, tokenizer, DeepSpeed ZeRO-3 config and settings.
+"""The comparison for bench/train_throughput.py and bench/gpu_throughput.py: CPT written as a
+plain TRL script, with no domainforge code, on the same data, tokenizer, DeepSpeed config and
+settings as the project's CPT stage.
 
     deepspeed --num_gpus 2 bench/plain_trl_cpt.py --steps 40 --seq 512 --out /tmp/plain
+    deepspeed --num_gpus 1 bench/plain_trl_cpt.py --precision bf16 --batch 8 --seq 2048 --hidden 2048 \
+        --layers 16 --heads 32 --kv-heads 8 --ffn 8192 --vocab 32768 --untied --out /tmp/plain
+
+The model defaults to the tiny preset's shape (conf/model/tiny.yaml). Every setting that TRL's
+SFTConfig defaults differently from the project is stated: gradient checkpointing (TRL: on,
+the project: off) follows --gradient-checkpointing.
 """
 
 import argparse
@@ -17,7 +24,20 @@ ROOT = Path(__file__).resolve().parents[1]
 p = argparse.ArgumentParser()
 p.add_argument("--steps", type=int, default=40)
 p.add_argument("--seq", type=int, default=512)
+p.add_argument("--batch", type=int, default=1, help="per-device batch")
 p.add_argument("--out", required=True)
+p.add_argument("--hidden", type=int, default=256)
+p.add_argument("--layers", type=int, default=4)
+p.add_argument("--heads", type=int, default=4)
+p.add_argument("--kv-heads", type=int, default=2)
+p.add_argument("--ffn", type=int, default=688)
+p.add_argument("--vocab", type=int, default=2048)
+p.add_argument("--untied", action="store_true", help="an lm_head of its own (the tiny preset ties it)")
+p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+p.add_argument("--zero", type=int, choices=[2, 3], default=3)
+p.add_argument("--gradient-checkpointing", action="store_true")
+p.add_argument("--liger", action="store_true", help="use_liger_kernel")
+p.add_argument("--compile", action="store_true", help="torch_compile")
 p.add_argument("--local_rank", type=int, default=-1)
 a = p.parse_args()
 
@@ -26,17 +46,19 @@ dataset = load_dataset("json", data_files=str(ROOT / "data/materials/cpt.jsonl")
 args = SFTConfig(
     output_dir=a.out,
     max_steps=a.steps,
-    per_device_train_batch_size=1,
+    per_device_train_batch_size=a.batch,
     learning_rate=1e-3,
     lr_scheduler_type="constant",
-    bf16=False,
+    bf16=a.precision == "bf16",
     fp16=False,
+    gradient_checkpointing=a.gradient_checkpointing,
+    use_liger_kernel=a.liger,
+    torch_compile=a.compile,
     max_length=a.seq,
     packing=True,
     packing_strategy="wrapped",
     dataset_text_field="text",
-    save_strategy="steps",
-    save_steps=10**6,
+    save_strategy="no",
     logging_steps=1,
     report_to="none",
     seed=42,
@@ -47,14 +69,16 @@ args = SFTConfig(
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
         "bf16": {"enabled": "auto"},
-        "zero_optimization": {"stage": 3},
+        "zero_optimization": {"stage": a.zero},
         "zero_allow_untested_optimizer": True,
     },
 )
 config = AutoConfig.for_model(
-    "llama", vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+    "llama", vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.ffn, num_hidden_layers=a.layers,
+    num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, max_position_embeddings=max(4096, a.seq),
+    tie_word_embeddings=not a.untied,
 )
-model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+dtype = torch.bfloat16 if a.precision == "bf16" else torch.float32
+model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
 trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
 trainer.train()

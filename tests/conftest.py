@@ -13,6 +13,28 @@ from typing import List, Optional
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+GPU_SUITE = REPO / "tests" / "gpu"
+
+
+def gpu_suite_requested(args: List[str], markexpr: str, cwd: Path) -> bool:
+    """tests/gpu/ is collected only when asked for: a path inside it on the command line, or a
+    `-m` expression that selects `gpu`. A CPU-only `python -m pytest` (CI) then neither runs
+    nor skips it; `python -m pytest tests/gpu -m gpu` does, and skips each test without CUDA."""
+    words = markexpr.replace("(", " ").replace(")", " ").split()
+    if any(w == "gpu" and (i == 0 or words[i - 1] != "not") for i, w in enumerate(words)):
+        return True
+    for arg in args:
+        path = (cwd / arg.split("::")[0]).resolve()
+        if path == GPU_SUITE or GPU_SUITE in path.parents:
+            return True
+    return False
+
+
+def pytest_ignore_collect(collection_path: Path, config):
+    inside = collection_path == GPU_SUITE or GPU_SUITE in collection_path.parents
+    if inside and not gpu_suite_requested(config.args, config.option.markexpr or "", config.invocation_params.dir):
+        return True
+    return None
 
 
 def test_env(**extra: str) -> dict:
@@ -143,16 +165,17 @@ def assert_no_finished_output(path: Path) -> None:
     assert not (Path(path) / "config.json").exists(), sorted(p.name for p in Path(path).iterdir())
 
 
-def generates(model_dir: Path) -> str:
-    """Load a saved model with AutoModelForCausalLM and greedily answer one chat turn."""
+def generates(model_dir: Path, device: str = "cpu", dtype=None) -> str:
+    """Load a saved model with AutoModelForCausalLM (on `device`, in `dtype` or the saved one)
+    and greedily answer one chat turn."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **({"dtype": dtype} if dtype else {})).to(device)
     ids = tok.apply_chat_template(
         [{"role": "user", "content": "What is the density of iron?"}],
         add_generation_prompt=True, return_tensors="pt", return_dict=True,
-    )
+    ).to(device)
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     new = out[0, ids["input_ids"].shape[1]:]
     assert new.numel() > 0

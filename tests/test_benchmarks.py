@@ -89,3 +89,80 @@ def test_generator_is_deterministic_and_matches_the_files(tmp_path):
                    capture_output=True)
     for name in SETS:
         assert (tmp_path / f"{name}.jsonl").read_bytes() == (BENCH / f"{name}.jsonl").read_bytes(), name
+
+
+# --- the GPU suite and the GPU throughput benchmark, kept runnable on the CPU -------------------
+
+GPU_TESTS = {
+    *{f"test_stage_trains_in_bf16_and_the_model_generates[{stage}-{finetune}]"
+       for finetune in ("full", "lora", "qlora") for stage in ("cpt", "sft", "dpo", "orpo")},
+    *{f"test_killed_run_resumes_from_its_checkpoint_and_finishes[{case}]"
+       for case in ("same-gpus", "fewer-gpus", "more-gpus")},
+    "test_merge_of_two_outputs_generates",
+    "test_evaluation_writes_metrics",
+    "test_data_parallel_evaluation_matches_one_process",
+    "test_tiny_pipeline",
+}
+
+
+@pytest.mark.parametrize("args, markexpr, asked", [
+    (["tests"], "", False),
+    ([], "not integration and not slurm", False),
+    (["tests"], "not gpu", False),
+    (["tests/gpu"], "gpu", True),
+    (["tests"], "gpu", True),
+    ([], "(gpu and not slow)", True),
+    (["tests/gpu/test_gpu_suite.py::test_tiny_pipeline"], "", True),
+])
+def test_the_gpu_suite_is_collected_only_when_asked_for(args, markexpr, asked):
+    """CI's `python -m pytest` (no GPU, 0 skipped) must not even collect tests/gpu."""
+    from conftest import gpu_suite_requested
+
+    assert gpu_suite_requested(args, markexpr, REPO) is asked
+
+
+def test_the_gpu_suite_collects_its_tests():
+    """`python -m pytest tests/gpu -m gpu` imports and lists the whole GPU suite, so it cannot rot
+    where there is no GPU to run it."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "tests/gpu", "-m", "gpu"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ids = {line.split("::", 1)[1] for line in proc.stdout.splitlines() if line.startswith("tests/gpu/")}
+    assert ids == GPU_TESTS, sorted(ids ^ GPU_TESTS)
+
+
+@pytest.mark.integration
+def test_gpu_throughput_benchmark_runs_at_a_tiny_size(tmp_path):
+    """bench/gpu_throughput.py at a tiny size on 1 CPU rank: a row per option set asked for,
+    each with positive tokens/s, MFU and peak memory, a step of batch x seq tokens (both pack
+    full blocks), and the ratio against plain TRL; an option that cannot run here says so."""
+    import subprocess
+    import sys
+
+    from conftest import test_env
+
+    out = tmp_path / "tp.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/gpu_throughput.py", "--hidden", "64", "--layers", "2", "--heads", "4",
+         "--kv-heads", "2", "--ffn", "128", "--vocab", "2048", "--seq", "64", "--batch", "2", "--steps", "6",
+         "--warmup", "2", "--rows", "plain,project+zero2,project+liger", "--json", str(out)],
+        cwd=REPO, env=test_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {row["row"]: row for row in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["plain", "project+zero2", "project+liger"]
+    for name in ("plain", "project+zero2"):
+        row = rows[name]
+        assert row["status"] == "ok", row
+        assert row["tokens_per_step"] == 2 * 64
+        for key in ("tokens_per_s", "run_tokens_per_s", "mfu", "peak_mem_gib", "ratio"):
+            assert row[key] > 0, (name, key, row)
+        assert row["vs"] == "plain"
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0][2:] for line in table[2:]] == list(rows)
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        assert rows["project+liger"]["status"].startswith("skipped: liger-kernel is not installed")
