@@ -22,16 +22,10 @@ from omegaconf import OmegaConf
 
 from core.errors import UserError
 from core.lock import OutputLock
-from core.outputs import fsync_dir
+from core.outputs import AUGMENT_MANIFEST as MANIFEST
+from core.outputs import fsync_dir, is_augmented_dataset as is_augmented
 from train.augment import rewrite as rewriting
 from train.augment.rules import augment_document, check_rules
-
-MANIFEST = "manifest.json"
-
-
-def is_augmented(path: str | Path) -> bool:
-    """A finished augmentation output: its manifest is written last."""
-    return (Path(path) / MANIFEST).is_file()
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -223,6 +217,10 @@ def run_augment(cfg) -> Optional[Path]:
     out = Path(cfg.output_dir).expanduser().absolute()
     settings = settings_of(cfg)
     method = cfg.augment.method
+    rank, world = rewriting.job_rank()
+    if method != "rewrite" and rank != 0:
+        print(f"augment {method}: runs on rank 0 only (rank {rank} of {world} has nothing to do)", flush=True)
+        return None
     if method == "rules":
         check_rules(cfg.augment.rules)
     if method == "rewrite":
