@@ -208,8 +208,9 @@ def done_marker(work: Path, k: int, n: int) -> Path:
 
 
 def run_shards(documents: List[str], work: Path, shards: int, rewrite, make_generate: Callable[[], Generate],
-               render: Callable[[str, str], str]) -> bool:
-    """Rewrite this rank's unfinished shards into `work`; True when every shard is done."""
+               render: Callable[[str, str], str]) -> Tuple[bool, int]:
+    """Rewrite this rank's unfinished shards into `work`; (every shard is done, how many of this
+    rank's shards an earlier run had finished)."""
     bounds = shard_bounds(len(documents), shards)
     n = len(bounds)
     rank, world = job_rank()
@@ -240,7 +241,7 @@ def run_shards(documents: List[str], work: Path, shards: int, rewrite, make_gene
                     os.kill(os.getpid(), signal.SIGKILL)
         finally:
             progress.close()
-    return all(done_marker(work, k, n).is_file() for k in range(n))
+    return all(done_marker(work, k, n).is_file() for k in range(n)), kept
 
 
 def read_shards(work: Path, shards: int, n_documents: int) -> List[dict]:

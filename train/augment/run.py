@@ -181,7 +181,8 @@ def run_rewrite(cfg, documents: List[str], out: Path, settings: dict, source: di
         return rewriting.make_generator(rewrite.backend, model_dir, tokenizer, rewrite, cfg.seed)
 
     started = time.perf_counter()
-    if not rewriting.run_shards(documents, work, shards, rewrite, make_generate, render):
+    all_done, resumed = rewriting.run_shards(documents, work, shards, rewrite, make_generate, render)
+    if not all_done:
         print(f"augment: this rank's shards are done in {work}; the rank that finishes the last shard assembles "
               f"{out}", flush=True)
         return None
@@ -203,6 +204,7 @@ def run_rewrite(cfg, documents: List[str], out: Path, settings: dict, source: di
                          "per_style": {s: sum(r["kept"] for r in rows if r["style"] == s) for s in rewrite.styles}},
             "rejected": dict(Counter(r["reason"] for r in rows if not r["kept"])),
             "shards": len(rewriting.shard_bounds(len(documents), shards)),
+            "resumed_shards": resumed,
             "seconds_last_rank": round(time.perf_counter() - started, 1),
         }
         if not texts:

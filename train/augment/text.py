@@ -27,7 +27,7 @@ UNIT_SYNONYMS = [
     {"u", "amu", "atomic mass units", "Da"}, {"barn", "barns", "b"}, {"°C", "degrees Celsius"}, {"µm", "um"},
 ]
 NUMBER = re.compile(
-    r"(?<![\w.])(-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)"
+    r"(?<![\w.)])(-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)"
     r"(?:\s?(" + "|".join(re.escape(u) for u in UNITS) + r")(?![\w/]))?"
 )
 # Capitalised names of two words or more ("Marie Curie", "Bragg Peak Analysis"), a capitalised
