@@ -54,7 +54,7 @@ def bench_rules(rounds: int) -> dict:
 def bench_rewrite(n_docs: int, max_new_tokens: int, batch_size: int) -> dict:
     from transformers import AutoTokenizer
 
-    from train.augment.rewrite import TransformersGenerator, render_prompt, rewrite_documents
+    from train.augment.rewrite import TransformersGenerator, render_prompt, rewrite_documents, wrap_task
     from train.model import resolve_model_dir
 
     cfg = compose_augment_config(["augment=wrap", "model=smollm2_135m", "output_dir=/tmp/unused",
@@ -66,15 +66,15 @@ def bench_rewrite(n_docs: int, max_new_tokens: int, batch_size: int) -> dict:
     generate = TransformersGenerator(model_dir, tokenizer, rewrite, seed=42)
     docs = list(enumerate(documents()[:n_docs]))
 
-    def render(template, text):
-        return render_prompt(tokenizer, template, text, rewrite.system_prompt)
+    def render(user):
+        return render_prompt(tokenizer, user, rewrite.system_prompt)
 
-    generate([render(rewrite.prompts["wikipedia"], docs[0][1])])  # warm-up
+    task = wrap_task(rewrite)
+    generate([render(task.prompts(*docs[0])[0][1])])  # warm-up
     result = {"documents": n_docs, "max_new_tokens": max_new_tokens}
     for label, size in (("batched", batch_size), ("one_at_a_time", 1)):
-        rewrite.batch_size = size
         start = time.perf_counter()
-        rows = rewrite_documents(docs, rewrite, generate, render)
+        rows = rewrite_documents(docs, task, size, generate, render)
         seconds = time.perf_counter() - start
         tokens = sum(r["tokens"] for r in rows)
         result[label] = {"batch_size": size, "seconds": round(seconds, 1), "generated_tokens": tokens,

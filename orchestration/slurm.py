@@ -41,7 +41,7 @@ from orchestration.pipeline import (
     validate_step_configs,
     write_plan_file,
 )
-from train.augment.config import compose_augment_config
+from train.augment.config import MODEL_METHODS, compose_augment_config
 from train.config import compose_train_config
 
 JOBS_FILE = "jobs.jsonl"
@@ -156,12 +156,12 @@ def render_augment_job(job: JobText) -> str:
     """A rewrite on every rank of the job (one per GPU: nodes x gpus_per_node, or cluster.tasks);
     a rule-based or repeat augmentation as one task (it runs on rank 0 only)."""
     cluster = job.cluster
-    method = compose_augment_config(job.step.augment_args).augment.method
-    tasks = (cluster.tasks or cluster.nodes * cluster.gpus_per_node) if method == "rewrite" else 1
+    generates = compose_augment_config(job.step.augment_args).augment.method in MODEL_METHODS
+    tasks = (cluster.tasks or cluster.nodes * cluster.gpus_per_node) if generates else 1
     nodes = min(cluster.nodes, tasks)
     per_node = math.ceil(tasks / nodes)
     lines = common_sbatch_lines(cluster, job.dependency)
-    if method == "rewrite" and cluster.request_gpus:
+    if generates and cluster.request_gpus:
         lines.insert(0, f"--gpus-per-node={cluster.gpus_per_node}")
     return job.render("augment.sbatch", lines, tasks=tasks, nodes=nodes, tasks_per_node=per_node,
                       layout=f"{nodes} node(s) x {per_node} task(s) per node")

@@ -289,3 +289,35 @@ def test_pipeline_references_to_augment_steps(steps, needle, tmp_path):
     with pytest.raises(UserError, match=needle.replace("(", r"\(")):
         plan_pipeline(compose_pipeline_job(["pipeline=tiny", f"pipeline.steps={steps}", "pipeline.eval.tasks=[]",
                                             f"root={tmp_path}"]))
+
+
+def test_entigraph_writes_about_entity_pairs_and_drops_invented_values(tiny, tmp_path, monkeypatch):
+    """With a stand-in model: a text naming both entities is kept, one that invents a value or
+    leaves an entity out is dropped and counted."""
+    from train.augment.entigraph import document_entities, relation_check
+
+    doc = materials(1)[0]  # "Element 56 is barium, written Ba. ... Ba-138 (71.7 percent)."
+    assert document_entities(doc) == ["barium", "Ba", "Ba-138"]
+    assert relation_check(doc, "Ba-138 is the main isotope of barium.", ("barium", "Ba-138")) is None
+    assert relation_check(doc, "Barium weighs 9.9 g/cm3.", ("barium", "Ba")) == ("lost_entity", "Ba")
+    assert relation_check(doc, "Ba is barium; it melts at 1000 K.", ("barium", "Ba")) == ("added_number", "1000 K")
+
+    def fake_generator(backend, model_dir, tokenizer, rewrite, seed):
+        def generate(prompts):
+            out = []
+            for p in prompts:
+                a, b = re.search(r"Discuss how (.+?) and (.+?) are related", p).groups()
+                text = {"Ba": f"{a} has 2 g/cm3.", "Ba-138": f"{a} and {b} go together."}[b]
+                out.append((text.replace("go together", "weigh 2 g/cm3") if a == "Ba" else text, 5))
+            return out
+        return generate
+
+    monkeypatch.setattr(rewriting, "make_generator", fake_generator)
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": doc}])
+    out = tmp_path / "out"
+    run_augment(compose_augment_config(["augment=entigraph", f"model.path={tiny}", f"data.cpt.path={corpus}",
+                                        f"output_dir={out}"]))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rewrites"]["generated"] == 3 and manifest["rewrites"]["kept"] == 1
+    assert manifest["rejected"] == {"lost_entity": 1, "added_number": 1}
+    assert datasets.load_from_disk(str(out))["text"] == [doc, "barium and Ba-138 go together."]

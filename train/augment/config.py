@@ -14,7 +14,9 @@ from core.errors import UserError
 from core.validate import at_least, checked, non_negative, one_of, unit_interval, writable_dir
 from train.config import DataConfig, ModelConfig
 
-METHODS = ("rules", "rewrite", "repeat")
+METHODS = ("rules", "rewrite", "entigraph", "repeat")
+MODEL_METHODS = ("rewrite", "entigraph")
+"""Methods that generate with `model`, sharded over the ranks of a job."""
 DOCUMENT_SLOT = "{document}"
 
 # WRAP (Maini et al. 2024, arXiv 2401.16380, Appendix): the assistant's system prompt and the
@@ -84,6 +86,23 @@ class RewriteConfig:
     """auto: bfloat16 on GPUs, float32 on the CPU."""
 
 
+ENTIGRAPH_PROMPT = (
+    "Here is a document:\n\n{document}\n\nDiscuss how {entity_a} and {entity_b} are related in the context of "
+    "this document. Use only facts that the document states, and name both of them."
+)
+
+
+@dataclass
+class EntiGraphConfig:
+    """method=entigraph: the model writes about pairs of each document's entities (train/augment/entigraph.py);
+    generation settings (backend, batch_size, max_new_tokens, shards, keep_source) are augment.rewrite's."""
+
+    pairs: int = checked(3, at_least(1))
+    """At most this many entity pairs per document (a seeded sample)."""
+    prompt: str = ENTIGRAPH_PROMPT
+    """Holds {document}, {entity_a} and {entity_b}."""
+
+
 @dataclass
 class RepeatConfig:
     """method=repeat: the raw corpus repeated to another augmented corpus's token count (the fair control)."""
@@ -100,9 +119,10 @@ class AugmentConfig:
 
     name: str = MISSING
     method: str = checked(MISSING, one_of(*METHODS))
-    """rules, rewrite or repeat."""
+    """rules, rewrite, entigraph or repeat."""
     rules: RulesConfig = field(default_factory=RulesConfig)
     rewrite: RewriteConfig = field(default_factory=RewriteConfig)
+    entigraph: EntiGraphConfig = field(default_factory=EntiGraphConfig)
     repeat: RepeatConfig = field(default_factory=RepeatConfig)
 
 
@@ -141,6 +161,10 @@ def check_augment(cfg: DictConfig) -> None:
                     f"augment.rewrite.prompts.{style} has no {DOCUMENT_SLOT} slot: put {DOCUMENT_SLOT} where the "
                     "document goes in the prompt"
                 )
+    if augment.method == "entigraph":
+        for slot in (DOCUMENT_SLOT, "{entity_a}", "{entity_b}"):
+            if slot not in augment.entigraph.prompt:
+                raise UserError(f"augment.entigraph.prompt has no {slot} slot: put {slot} where it goes in the prompt")
     if augment.method == "repeat" and (augment.repeat.match is None) == (augment.repeat.tokens is None):
         raise UserError(
             "augment.method=repeat needs exactly one of augment.repeat.match=<augmented output_dir> or "

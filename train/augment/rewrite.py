@@ -57,10 +57,9 @@ def shard_bounds(n_documents: int, shards: int) -> List[Tuple[int, int]]:
 # ---------------------------------------------------------------------------------------------
 # prompts and generation
 # ---------------------------------------------------------------------------------------------
-def render_prompt(tokenizer, template: str, document: str, system_prompt: Optional[str]) -> str:
-    """The prompt for one document: the template's slot filled, through the chat template when the
-    tokenizer has one (a base model's tokenizer gets the plain text)."""
-    user = template.replace(DOCUMENT_SLOT, document)
+def render_prompt(tokenizer, user: str, system_prompt: Optional[str]) -> str:
+    """The model's input for one user prompt: through the chat template when the tokenizer has one
+    (a base model's tokenizer gets the plain text)."""
     if not getattr(tokenizer, "chat_template", None):
         return user
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
@@ -165,24 +164,53 @@ class Progress:
         self.bar.close()
 
 
-def rewrite_documents(documents: Sequence[Tuple[int, str]], rewrite, generate: Generate, render: Callable[[str, str], str],
-                      progress: Optional[Progress] = None) -> List[dict]:
-    """Rows {doc, style, text, tokens, kept, reason, fact} for every (document, style): batches of
-    rewrite.batch_size prompts, longest first (less padding), then back in document order."""
-    jobs = [(index, style, render(rewrite.prompts[style], text), text)
-            for index, text in documents for style in rewrite.styles]
+@dataclass
+class ModelTask:
+    """What the model is asked for each document, and how its answer is judged."""
+
+    prompts: Callable[[int, str], List[Tuple[str, str]]]
+    """(document index, document) -> [(label, user prompt)]: one generation each."""
+    check: Callable[[str, str, str], Optional[Tuple[str, str]]]
+    """(source, generated text, label) -> (reason, fact) when the text may not be kept, else None."""
+
+
+def keep_nonempty(source: str, text: str, label: str = "") -> Optional[Tuple[str, str]]:
+    return None if text.strip() else ("empty", "")
+
+
+def wrap_task(rewrite) -> ModelTask:
+    """WRAP: each document once per style, every fact of the source kept (text.lost_fact)."""
+    def prompts(index: int, document: str) -> List[Tuple[str, str]]:
+        return [(style, rewrite.prompts[style].replace(DOCUMENT_SLOT, document)) for style in rewrite.styles]
+
+    def check(source: str, text: str, label: str) -> Optional[Tuple[str, str]]:
+        return lost_fact(source, text)
+
+    return ModelTask(prompts, check if rewrite.filter else keep_nonempty)
+
+
+def rewrite_documents(documents: Sequence[Tuple[int, str]], task: ModelTask, batch_size: int, generate: Generate,
+                      render: Callable[[str], str], progress: Optional[Progress] = None) -> List[dict]:
+    """Rows {doc, label, text, tokens, kept, reason, fact} for every prompt of every document:
+    batches of batch_size prompts, longest first (less padding), then back in document order."""
+    jobs = []  # (document index, label, rendered prompt, source, share of its document)
+    for index, text in documents:
+        asked = task.prompts(index, text)
+        jobs += [(index, label, render(prompt), text, 1 / len(asked)) for label, prompt in asked]
     order = sorted(range(len(jobs)), key=lambda j: -len(jobs[j][2]))
     rows: Dict[int, dict] = {}
-    for start in range(0, len(order), rewrite.batch_size):
-        chunk = order[start:start + rewrite.batch_size]
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
         results = generate([jobs[j][2] for j in chunk])
         for j, (text, tokens) in zip(chunk, results):
-            index, style, _, source = jobs[j]
-            problem = lost_fact(source, text) if rewrite.filter else (None if text.strip() else ("empty", ""))
-            rows[j] = dict(doc=index, style=style, text=text, tokens=tokens, kept=problem is None,
+            index, label, _, source, _ = jobs[j]
+            problem = task.check(source, text, label)
+            rows[j] = dict(doc=index, label=label, text=text, tokens=tokens, kept=problem is None,
                            reason=problem[0] if problem else None, fact=problem[1] if problem else None)
         if progress is not None:
-            progress.update(len(chunk) / max(len(rewrite.styles), 1), sum(t for _, t in results))
+            progress.update(sum(jobs[j][4] for j in chunk), sum(t for _, t in results))
+    if progress is not None:  # documents that asked nothing
+        progress.update(sum(1 for index, text in documents if not any(j[0] == index for j in jobs)), 0)
     return [rows[j] for j in range(len(jobs))]
 
 
@@ -207,8 +235,8 @@ def done_marker(work: Path, k: int, n: int) -> Path:
     return work / f"shard-{k:05d}-of-{n:05d}.done"
 
 
-def run_shards(documents: List[str], work: Path, shards: int, rewrite, make_generate: Callable[[], Generate],
-               render: Callable[[str, str], str]) -> Tuple[bool, int]:
+def run_shards(documents: List[str], work: Path, shards: int, task: ModelTask, batch_size: int,
+               make_generate: Callable[[], Generate], render: Callable[[str], str]) -> Tuple[bool, int]:
     """Rewrite this rank's unfinished shards into `work`; (every shard is done, how many of this
     rank's shards an earlier run had finished)."""
     bounds = shard_bounds(len(documents), shards)
@@ -230,8 +258,8 @@ def run_shards(documents: List[str], work: Path, shards: int, rewrite, make_gene
         try:
             for k in todo:
                 start, end = bounds[k]
-                rows = rewrite_documents(list(enumerate(documents[start:end], start)), rewrite, generate, render,
-                                         progress)
+                rows = rewrite_documents(list(enumerate(documents[start:end], start)), task, batch_size, generate,
+                                         render, progress)
                 write_atomic(shard_file(work, k, n), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
                 counts = Counter(r["reason"] for r in rows if not r["kept"])
                 write_atomic(done_marker(work, k, n), json.dumps({"documents": end - start, "rows": len(rows),

@@ -25,6 +25,8 @@ from core.lock import OutputLock
 from core.outputs import AUGMENT_MANIFEST as MANIFEST
 from core.outputs import fsync_dir, is_augmented_dataset as is_augmented
 from train.augment import rewrite as rewriting
+from train.augment.config import MODEL_METHODS
+from train.augment.entigraph import entigraph_task
 from train.augment.rules import augment_document, check_rules
 
 
@@ -123,7 +125,8 @@ def settings_of(cfg) -> dict:
     """What decides the output: the method's settings, the seed and the model that counts and rewrites."""
     augment = OmegaConf.to_container(cfg.augment, resolve=True)
     method = augment["method"]
-    return {"method": method, method: augment[method], "seed": cfg.seed,
+    used = [method, "rewrite"] if method == "entigraph" else [method]  # entigraph generates with rewrite's settings
+    return {"method": method, **{name: augment[name] for name in used}, "seed": cfg.seed,
             "model": OmegaConf.to_container(cfg.model, resolve=True)}
 
 
@@ -165,23 +168,24 @@ def repeat_texts(cfg, documents: List[str], count) -> List[str]:
 
 def run_rewrite(cfg, documents: List[str], out: Path, settings: dict, source: dict, model_dir: Optional[Path],
                 tokenizer) -> Optional[dict]:
-    rewrite = cfg.augment.rewrite
+    rewrite, method = cfg.augment.rewrite, cfg.augment.method
     rewriting.check_backend(rewrite.backend)
     if model_dir is None:
-        raise UserError(f"augment.method=rewrite generates with a trained model, and model '{cfg.model.name}' has "
+        raise UserError(f"augment.method={method} generates with a trained model, and model '{cfg.model.name}' has "
                         "random weights: set model.path=<model dir> or model=smollm2_135m")
     _, world = rewriting.job_rank()
     shards = rewrite.shards or world
     work = rewriting.work_dir(out, rewriting.run_key(source["sha256"], settings, str(model_dir)))
 
-    def render(template: str, document: str) -> str:
-        return rewriting.render_prompt(tokenizer, template, document, rewrite.system_prompt)
+    def render(user: str) -> str:
+        return rewriting.render_prompt(tokenizer, user, rewrite.system_prompt)
 
     def make_generate():
         return rewriting.make_generator(rewrite.backend, model_dir, tokenizer, rewrite, cfg.seed)
 
     started = time.perf_counter()
-    all_done, resumed = rewriting.run_shards(documents, work, shards, rewrite, make_generate, render)
+    task = entigraph_task(cfg.augment.entigraph, cfg.seed) if method == "entigraph" else rewriting.wrap_task(rewrite)
+    all_done, resumed = rewriting.run_shards(documents, work, shards, task, rewrite.batch_size, make_generate, render)
     if not all_done:
         print(f"augment: this rank's shards are done in {work}; the rank that finishes the last shard assembles "
               f"{out}", flush=True)
@@ -201,7 +205,8 @@ def run_rewrite(cfg, documents: List[str], out: Path, settings: dict, source: di
         kept = sum(r["kept"] for r in rows)
         extra = {
             "rewrites": {"generated": len(rows), "kept": kept, "generated_tokens": sum(r["tokens"] for r in rows),
-                         "per_style": {s: sum(r["kept"] for r in rows if r["style"] == s) for s in rewrite.styles}},
+                         **({"per_style": {s: sum(r["kept"] for r in rows if r["label"] == s) for s in rewrite.styles}}
+                            if method == "rewrite" else {})},
             "rejected": dict(Counter(r["reason"] for r in rows if not r["kept"])),
             "shards": len(rewriting.shard_bounds(len(documents), shards)),
             "resumed_shards": resumed,
@@ -220,12 +225,12 @@ def run_augment(cfg) -> Optional[Path]:
     settings = settings_of(cfg)
     method = cfg.augment.method
     rank, world = rewriting.job_rank()
-    if method != "rewrite" and rank != 0:
+    if method not in MODEL_METHODS and rank != 0:
         print(f"augment {method}: runs on rank 0 only (rank {rank} of {world} has nothing to do)", flush=True)
         return None
     if method == "rules":
         check_rules(cfg.augment.rules)
-    if method == "rewrite":
+    if method in MODEL_METHODS:
         rewriting.check_backend(cfg.augment.rewrite.backend)
     documents = read_documents(cfg)
     source = source_record(cfg, documents)
@@ -237,7 +242,7 @@ def run_augment(cfg) -> Optional[Path]:
     started = time.perf_counter()
     extra: dict = {"rejected": {}}
     work = None
-    if method == "rewrite":
+    if method in MODEL_METHODS:
         result = run_rewrite(cfg, documents, out, settings, source, model_dir, tokenizer)
         if result is None:
             return None

@@ -137,6 +137,15 @@ def same_quantity(a: Quantity, b: Quantity) -> bool:
     return a.value == b.value and a.unit == b.unit
 
 
+def added_quantity(source: str, text: str) -> Optional[str]:
+    """The first number with a unit that `text` states and `source` does not (an invented value)."""
+    had = quantities(source)
+    for r in quantities(text):
+        if r.unit and not any(same_quantity(r, q) for q in had):
+            return r.text
+    return None
+
+
 def lost_fact(source: str, rewrite: str) -> Optional[Tuple[str, str]]:
     """Why `rewrite` may not stand for `source`: (reason, the fact) or None when it keeps them all.
 
@@ -153,9 +162,9 @@ def lost_fact(source: str, rewrite: str) -> Optional[Tuple[str, str]]:
             return "lost_number", q.text
         if q.unit and not any(r.unit == q.unit for r in same_value):
             return "lost_unit", q.text
-    for r in have:
-        if r.unit and not any(same_quantity(r, q) for q in had):
-            return "added_number", r.text
+    invented = added_quantity(source, rewrite)
+    if invented:
+        return "added_number", invented
     text = " ".join(rewrite.split())
     for entity in sorted(entities(source)):
         if not re.search(r"(?<![\w])" + re.escape(entity) + r"(?![\w])", text):
