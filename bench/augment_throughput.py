@@ -78,7 +78,9 @@ def bench_rewrite(n_docs: int, max_new_tokens: int, batch_size: int) -> dict:
         seconds = time.perf_counter() - start
         tokens = sum(r["tokens"] for r in rows)
         result[label] = {"batch_size": size, "seconds": round(seconds, 1), "generated_tokens": tokens,
-                         "tokens_per_s": round(tokens / seconds, 1), "kept": sum(r["kept"] for r in rows)}
+                         "tokens_per_s": round(tokens / seconds, 1), "kept": sum(r["kept"] for r in rows),
+                         "load_avg": os.getloadavg()}
+        print(label, json.dumps(result[label]), file=sys.stderr, flush=True)  # partial results survive a timeout
     result["ratio_batched_over_single"] = round(result["batched"]["tokens_per_s"]
                                                 / result["one_at_a_time"]["tokens_per_s"], 2)
     return result
