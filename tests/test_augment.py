@@ -9,7 +9,6 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import datasets
 import pytest
@@ -194,6 +193,7 @@ def test_repeat_matches_the_token_count_of_another_output(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # a sharded rewrite killed after its first shard resumes from it
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.integration
 def test_killed_rewrite_keeps_finished_shards_and_resumes(tiny, tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in materials(4)])
     out = tmp_path / "wrap"

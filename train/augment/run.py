@@ -16,7 +16,7 @@ import shutil
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
@@ -167,7 +167,9 @@ def repeat_texts(cfg, documents: List[str], count) -> List[str]:
 
 
 def run_rewrite(cfg, documents: List[str], out: Path, settings: dict, source: dict, model_dir: Optional[Path],
-                tokenizer) -> Optional[dict]:
+                tokenizer, publish_texts: Callable[[List[str], dict], None]) -> bool:
+    """Rewrite this rank's shards; the rank that finds every shard done publishes (under the work
+    directory's lock, so that two ranks finishing together publish once). True if this rank published."""
     rewrite, method = cfg.augment.rewrite, cfg.augment.method
     rewriting.check_backend(rewrite.backend)
     if model_dir is None:
@@ -183,16 +185,15 @@ def run_rewrite(cfg, documents: List[str], out: Path, settings: dict, source: di
     def make_generate():
         return rewriting.make_generator(rewrite.backend, model_dir, tokenizer, rewrite, cfg.seed)
 
-    started = time.perf_counter()
     task = entigraph_task(cfg.augment.entigraph, cfg.seed) if method == "entigraph" else rewriting.wrap_task(rewrite)
     all_done, resumed = rewriting.run_shards(documents, work, shards, task, rewrite.batch_size, make_generate, render)
     if not all_done:
         print(f"augment: this rank's shards are done in {work}; the rank that finishes the last shard assembles "
               f"{out}", flush=True)
-        return None
+        return False
     with rewriting.AssemblyLock(work):
         if is_augmented(out):
-            return None  # another rank assembled it
+            return False  # another rank assembled it
         rows = rewriting.read_shards(work, shards, len(documents))
         by_doc: Dict[int, List[dict]] = {}
         for row in rows:
@@ -210,13 +211,14 @@ def run_rewrite(cfg, documents: List[str], out: Path, settings: dict, source: di
             "rejected": dict(Counter(r["reason"] for r in rows if not r["kept"])),
             "shards": len(rewriting.shard_bounds(len(documents), shards)),
             "resumed_shards": resumed,
-            "seconds_last_rank": round(time.perf_counter() - started, 1),
         }
         if not texts:
             raise UserError(f"the fact filter dropped all {len(rows)} rewrites ({extra['rejected']}) and "
                             "augment.rewrite.keep_source=false: nothing to publish; use a stronger model, or keep "
                             f"the sources; the rewrites are in {work}")
-        return {"texts": texts, "extra": extra, "work": work}
+        publish_texts(texts, extra)
+    shutil.rmtree(work, ignore_errors=True)
+    return True
 
 
 def run_augment(cfg) -> Optional[Path]:
@@ -240,34 +242,31 @@ def run_augment(cfg) -> Optional[Path]:
         return out
     count, tokenizer, model_dir = token_counter(cfg)
     started = time.perf_counter()
-    extra: dict = {"rejected": {}}
-    work = None
+
+    def publish_texts(texts: List[str], extra: dict) -> None:
+        manifest = {
+            "method": method,
+            "settings": settings,
+            "source": source,
+            "rows_in": len(documents),
+            "tokens_in": count(documents),
+            "rows_out": len(texts),
+            "tokens_out": count(texts),
+            "tokenizer": getattr(tokenizer, "name_or_path", None),
+            "seconds": round(time.perf_counter() - started, 1),  # this rank's, for a sharded rewrite
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "rejected": {},
+            **extra,
+        }
+        publish(out, texts, manifest)
+        rejected = ", ".join(f"{k} {v}" for k, v in manifest["rejected"].items()) or "none"
+        print(f"augment {method}: {manifest['rows_in']} documents ({manifest['tokens_in']} tokens) -> "
+              f"{manifest['rows_out']} ({manifest['tokens_out']} tokens), rejected: {rejected}; {out} "
+              f"(data.cpt.path={out})", flush=True)
+
     if method in MODEL_METHODS:
-        result = run_rewrite(cfg, documents, out, settings, source, model_dir, tokenizer)
-        if result is None:
-            return None
-        texts, extra, work = result["texts"], result["extra"], result["work"]
-    else:
-        with OutputLock(out, "output_dir"):
-            texts = rules_texts(cfg, documents) if method == "rules" else repeat_texts(cfg, documents, count)
-    manifest = {
-        "method": method,
-        "settings": settings,
-        "source": source,
-        "rows_in": len(documents),
-        "tokens_in": count(documents),
-        "rows_out": len(texts),
-        "tokens_out": count(texts),
-        "tokenizer": getattr(tokenizer, "name_or_path", None),
-        "seconds": round(time.perf_counter() - started, 1),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **extra,
-    }
-    publish(out, texts, manifest)
-    if work is not None:
-        shutil.rmtree(work, ignore_errors=True)
-    rejected = ", ".join(f"{k} {v}" for k, v in manifest["rejected"].items()) or "none"
-    print(f"augment {method}: {manifest['rows_in']} documents ({manifest['tokens_in']} tokens) -> "
-          f"{manifest['rows_out']} ({manifest['tokens_out']} tokens), rejected: {rejected}; {out} "
-          f"(data.cpt.path={out})", flush=True)
+        return out if run_rewrite(cfg, documents, out, settings, source, model_dir, tokenizer, publish_texts) else None
+    with OutputLock(out, "output_dir"):
+        texts = rules_texts(cfg, documents) if method == "rules" else repeat_texts(cfg, documents, count)
+        publish_texts(texts, {})
     return out
