@@ -75,9 +75,10 @@ def test_a_rewrite_that_alters_a_number_never_reaches_the_corpus(tiny, tmp_path,
     out = tmp_path / "out"
     run_augment(compose_augment_config([
         "augment=wrap", f"model.path={tiny}", f"data.cpt.path={corpus}", f"output_dir={out}",
-        "augment.rewrite.system_prompt=null"]))
+        "augment.rewrite.system_prompt=null", "augment.rewrite.max_new_tokens=7"]))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["rejected"] == {"lost_number": 1}
+    assert manifest["rewrites"]["hit_max_new_tokens"] == 4  # the stand-in "generates" 7 tokens each
     assert manifest["rewrites"]["generated"] == 4 and manifest["rewrites"]["kept"] == 3
     texts = datasets.load_from_disk(str(out))["text"]
     assert len(texts) == 2 + 3 == manifest["rows_out"]  # the sources, then the kept rewrites

@@ -206,6 +206,8 @@ def run_rewrite(cfg, documents: List[str], out: Path, settings: dict, source: di
         kept = sum(r["kept"] for r in rows)
         extra = {
             "rewrites": {"generated": len(rows), "kept": kept, "generated_tokens": sum(r["tokens"] for r in rows),
+                         # cut off by the budget, not ended by the model: raise max_new_tokens if many are
+                         "hit_max_new_tokens": sum(r["tokens"] >= rewrite.max_new_tokens for r in rows),
                          **({"per_style": {s: sum(r["kept"] for r in rows if r["label"] == s) for s in rewrite.styles}}
                             if method == "rewrite" else {})},
             "rejected": dict(Counter(r["reason"] for r in rows if not r["kept"])),
