@@ -17,6 +17,15 @@ EVAL_DIR = "eval"
 MODEL_CACHE_DIR = Path(os.environ.get("DOMAINFORGE_CACHE", Path.home() / ".cache" / "domainforge"))
 
 
+AUGMENT_MANIFEST = "manifest.json"
+"""Written last into an augmented dataset (launch/augment.py): its presence means finished."""
+
+
+def is_augmented_dataset(path: str | Path) -> bool:
+    """A finished augmentation output: a saved dataset whose manifest.json is published with it."""
+    return (Path(path) / AUGMENT_MANIFEST).is_file()
+
+
 def is_model_dir(path: str | Path) -> bool:
     """A finished Hugging Face model directory: config.json is published last."""
     return (Path(path) / "config.json").is_file()

@@ -10,6 +10,10 @@ Deterministic: the same periodictable version gives byte-identical files. Output
   sft.jsonl              {"messages": [{"role", "content"}...]}  system/user/assistant chats
   preference.jsonl       {"prompt", "chosen", "rejected": str}   rejected = a plausible wrong value
   preference_chat.jsonl  the same pairs as chat messages (conversational DPO/ORPO format)
+  cpt_renderings.jsonl   {"text": str}  RENDERINGS differently worded documents per element and compound
+                         (more wordings per fact than cpt.jsonl): the upper bound of the augmentation study
+
+    python data/make_materials.py --renderings 12   # K renderings per element and compound (0: none)
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import periodictable as pt
 
 OUT_DIR = Path(__file__).resolve().parent / "materials"
 SEED = 2409  # arXiv 2409.03444
+RENDERINGS = 8
+"""Differently worded documents per element and compound in cpt_renderings.jsonl (docs/STUDY.md)."""
 SYSTEM_PROMPT = "You are a materials science assistant. Answer precisely and state units."
 
 STRUCTURE_NAMES = {
@@ -185,6 +191,138 @@ def compound_document(formula: str, common: str, facts: dict, rng: random.Random
 
 
 # -------------------------------------------------------------------------------------------
+# K renderings: the same facts in many wordings (Allen-Zhu & Li's "diverse restatements"), with
+# their own random generator so that cpt.jsonl is unchanged. None may word a fact as the
+# benchmarks do (tests/test_benchmarks.py checks every file here).
+# -------------------------------------------------------------------------------------------
+RENDER_SENTENCES = {
+    "intro": [
+        "{Name} ({sym}) is the element with atomic number {number}.",
+        "{Name}, chemical symbol {sym}, has atomic number {number}.",
+        "Element {number} is {name}, written {sym}.",
+        "The element {name} carries the symbol {sym} and sits at number {number} in the periodic table.",
+        "Number {number} of the periodic table is {name}, abbreviated {sym}.",
+    ],
+    "mass": [
+        "Its standard atomic weight is {mass} u.",
+        "The atomic mass of {name} is {mass} u.",
+        "One mole of {name} weighs {mass} g.",
+        "{Name} has an atomic weight of {mass} u.",
+        "{Name} weighs {mass} g per mole.",
+    ],
+    "density": [
+        "Its density is {density} g/cm3.",
+        "{Name} has a density of {density} g/cm3.",
+        "The bulk density of {name} is {density} g/cm3.",
+    ],
+    "lattice": [
+        "In the solid it adopts a {structure} structure with a lattice parameter of {lattice} angstrom.",
+        "Solid {name} crystallizes in the {structure} structure with a lattice parameter of {lattice} angstrom.",
+        "The crystal lattice of {name} is {structure}, and its lattice constant is {lattice} angstrom.",
+        "{Name} forms a {structure} crystal; the lattice parameter a equals {lattice} angstrom.",
+        "With a lattice parameter of {lattice} angstrom, solid {name} is {structure}.",
+        "For {name}, the lattice constant a = {lattice} angstrom in its {structure} form.",
+    ],
+    "structure": [
+        "In the solid it adopts a {structure} structure.",
+        "Solid {name} crystallizes in the {structure} structure.",
+        "The crystal lattice of {name} is {structure}.",
+    ],
+    "radius": [
+        "The covalent radius of {name} is {radius} angstrom.",
+        "{Name} has a covalent radius of {radius} angstrom.",
+        "Its covalent radius measures {radius} angstrom.",
+    ],
+    "k_alpha": [
+        "Its K-alpha X-ray emission line lies at a wavelength of {k_alpha} angstrom.",
+        "In X-ray fluorescence, {name} is identified by its K-alpha line at {k_alpha} angstrom.",
+        "The K-alpha line of {name} sits at {k_alpha} angstrom.",
+    ],
+    "absorption": [
+        "For thermal neutrons it has an absorption cross section of {absorption} barn.",
+        "{Name} absorbs thermal neutrons with a cross section of {absorption} barn.",
+        "The thermal-neutron absorption cross section of {name} is {absorption} barn.",
+    ],
+    "b_c": [
+        "Its coherent scattering length is {b_c} fm.",
+        "The coherent scattering length of {name} is {b_c} fm.",
+        "{Name} has a coherent neutron scattering length of {b_c} fm.",
+        "In neutron diffraction, {name} contributes a coherent scattering length of {b_c} fm.",
+        "A coherent scattering length of {b_c} fm characterises {name} in neutron experiments.",
+    ],
+    "abundance": [
+        "Its most abundant natural isotope is {isotope} ({abundance} percent).",
+        "Of the natural isotopes of {name}, {isotope} is the most common at {abundance} percent.",
+        "Natural {name} is {abundance} percent {isotope}, its most abundant isotope.",
+        "{Isotope} accounts for {abundance} percent of the {name} found in nature.",
+        "The isotope {isotope} has a natural abundance of {abundance} percent in {name}.",
+    ],
+}
+RENDER_COMPOUND = [
+    ("{Common} has the formula {formula}.", "Its molar mass is {molar} g/mol.", "By mass it is {fractions}."),
+    ("The chemical formula of {common} is {formula}.", "One mole of it weighs {molar} g.",
+     "Its mass divides as {fractions}."),
+    ("{Common} ({formula}) is a common material.", "{Formula} has a molar mass of {molar} g/mol.",
+     "Its composition by mass: {fractions}."),
+    ("{Formula} is known as {common}.", "The molar mass of {common} is {molar} g/mol.",
+     "By weight, {common} contains {fractions}."),
+]
+
+
+def rendering_document(f: dict, rng: random.Random) -> str:
+    """One wording of every fact of an element, sentences drawn from RENDER_SENTENCES."""
+    values = dict(name=f["name"], Name=f["name"].capitalize(), sym=f["symbol"], number=f["number"], mass=f["mass"],
+                  density=f["density"], structure=f["structure"], lattice=f["lattice_a"], radius=f["radius"], k_alpha=f["k_alpha"],
+                  absorption=f["absorption"], b_c=f["b_c"], isotope=f["major_isotope"],
+                  Isotope=f["major_isotope"], abundance=f["major_abundance"])
+    keys = ["intro", "mass"] + (["density"] if f["density"] else [])
+    keys += ["lattice"] if f["structure"] and f["lattice_a"] else ["structure"] if f["structure"] else []
+    keys += [k for k, field in (("radius", "radius"), ("k_alpha", "k_alpha"), ("absorption", "absorption"),
+                                 ("b_c", "b_c"), ("abundance", "major_isotope")) if f[field]]
+    parts = [rng.choice(RENDER_SENTENCES[k]).format(**values) for k in keys]
+    body = parts[1:]
+    rng.shuffle(body)
+    return " ".join([parts[0], *body])
+
+
+def compound_rendering(formula: str, common: str, facts: dict, rng: random.Random) -> str:
+    comp = pt.formula(formula)
+    fractions = ", ".join(
+        f"{facts[el.symbol]['name']} {100 * w:.2f} percent"
+        for el, w in sorted(comp.mass_fraction.items(), key=lambda kv: -kv[1])
+    )
+    values = dict(common=common, Common=common.capitalize(), formula=formula, Formula=formula,
+                  molar=f"{comp.mass:.3f}", fractions=fractions)
+    return " ".join(rng.choice(column).format(**values) for column in zip(*RENDER_COMPOUND))
+
+
+def renderings(facts_list: list, all_facts: dict, k: int) -> list:
+    """k distinct wordings of each element (as far as the sentence choices allow) and compound."""
+    rng = random.Random(SEED + k)
+    docs = []
+    for f in facts_list:
+        seen = []
+        for _ in range(20 * k):
+            doc = rendering_document(f, rng)
+            if doc not in seen:
+                seen.append(doc)
+            if len(seen) == k:
+                break
+        docs += seen
+    for formula, common in COMPOUNDS:
+        seen = []
+        for _ in range(20 * k):
+            doc = compound_rendering(formula, common, all_facts, rng)
+            if doc not in seen:
+                seen.append(doc)
+            if len(seen) == k:
+                break
+        docs += seen
+    rng.shuffle(docs)
+    return docs
+
+
+# -------------------------------------------------------------------------------------------
 # Q&A: every question has one true answer and a wrong one from a neighbouring element
 # -------------------------------------------------------------------------------------------
 QUESTIONS = [
@@ -240,7 +378,7 @@ def qa_items(facts_list: list, rng: random.Random) -> list:
     return items
 
 
-def build(out_dir: Path) -> dict:
+def build(out_dir: Path, renderings_per_fact: int = RENDERINGS) -> dict:
     rng = random.Random(SEED)
     elements = [el for el in pt.elements if el.number > 0 and el.number <= 96]
     facts_list = [element_facts(el) for el in elements]
@@ -285,6 +423,8 @@ def build(out_dir: Path) -> dict:
         "preference.jsonl": preference,
         "preference_chat.jsonl": preference_chat,
     }
+    if renderings_per_fact:
+        outputs["cpt_renderings.jsonl"] = [{"text": t} for t in renderings(facts_list, all_facts, renderings_per_fact)]
     return write_outputs(out_dir, outputs)
 
 
@@ -301,8 +441,12 @@ def main(build=build, out_dir: Path = OUT_DIR, doc: str = __doc__) -> None:
     """`python <script> [--out DIR]`: write the files and say how big they are."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--out", type=Path, default=out_dir)
+    if build is globals()["build"]:
+        parser.add_argument("--renderings", type=int, default=RENDERINGS, metavar="K",
+                            help=f"differently worded documents per element in cpt_renderings.jsonl (default {RENDERINGS}; 0: none)")
     args = parser.parse_args()
-    for name, n in build(args.out).items():
+    built = build(args.out, args.renderings) if hasattr(args, "renderings") else build(args.out)
+    for name, n in built.items():
         path = args.out / name
         print(f"{path}: {n} rows, {path.stat().st_size / 1024:.0f} KB")
 

@@ -28,7 +28,7 @@ from omegaconf import MISSING, DictConfig
 from core.checkpoints import check_resume_topology, newest_complete_checkpoint, resume_checkpoint
 from core.config import REPO_ROOT, compose_config
 from core.errors import PREEMPTED_EXIT_CODE, UserError
-from core.outputs import EVAL_DIR, MODEL_CACHE_DIR, epoch_model_dir, is_model_dir, write_atomic
+from core.outputs import EVAL_DIR, MODEL_CACHE_DIR, epoch_model_dir, is_augmented_dataset, is_model_dir, write_atomic
 from core.validate import at_least, between, checked, non_negative, writable_dir
 from evaluation.config import compose_eval_config
 from evaluation.parallel import gpu_count
@@ -36,6 +36,7 @@ from evaluation.run import check_task_names
 from merge.config import compose_merge_config, recipe_from_config
 from merge.plan import check_recipe
 from train.attention import check_attention_installed
+from train.augment.config import compose_augment_config
 from train.config import STAGES, compose_train_config
 from train.deepspeed_config import offloads_optimizer_to_nvme
 
@@ -64,13 +65,27 @@ class MergeStepConfig:
 
 
 @dataclass
+class AugmentStepConfig:
+    preset: str = "rules"
+    """The augmentation: a preset in conf/augment/ (launch/augment.py augment=<preset>)."""
+    match: Optional[str] = None
+    """For augment=repeat: an earlier augment step whose token count the repeated raw corpus matches."""
+    overrides: List[str] = field(default_factory=list)
+    """launch/augment.py overrides, e.g. [augment.rewrite.styles=[qa], data.cpt.max_samples=100]."""
+
+
+@dataclass
 class StepConfig:
     name: str = MISSING
     """Names the output directory `<root>/<pipeline>/<name>/`."""
     stage: Optional[str] = None
     """cpt, sft, dpo or orpo for a training step ..."""
     merge: Optional[MergeStepConfig] = None
-    """... or a merge."""
+    """... or a merge ..."""
+    augment: Optional[AugmentStepConfig] = None
+    """... or an augmentation of the CPT corpus (a dataset, not a model: a CPT step reads it with `corpus`)."""
+    corpus: Optional[str] = None
+    """CPT steps: an earlier augment step whose dataset this step trains on (data.cpt.path=<its output>)."""
     input: Optional[str] = None
     """Input model of a training step: an earlier step, `start`, a name in pipeline.models or a
     model directory. None: the previous step's output (`start` for the first step)."""
@@ -199,6 +214,8 @@ class Step:
     """The model a training step starts from (None: random init, or a GGUF preset)."""
     merge_args: List[str] = field(default_factory=list)
     """launch/merge.py arguments (merge steps)."""
+    augment_args: List[str] = field(default_factory=list)
+    """launch/augment.py arguments (augment steps)."""
     merge_models: List[str] = field(default_factory=list)
     """Directories to merge (merge steps)."""
     depends_on: List[str] = field(default_factory=list)
@@ -218,7 +235,7 @@ class Step:
 
     @property
     def kind(self) -> str:
-        for kind in ("merge", "eval", "study"):
+        for kind in ("merge", "augment", "eval", "study"):
             if getattr(self, f"{kind}_args"):
                 return kind
         return "train"
@@ -238,12 +255,15 @@ class Step:
                     epochs=self.epochs)
 
 
-ENTRY_POINTS = {"train": "train.py", "merge": "merge.py", "eval": "eval.py", "study": "study.py"}
+ENTRY_POINTS = {"train": "train.py", "merge": "merge.py", "augment": "augment.py", "eval": "eval.py",
+                "study": "study.py"}
 
 
 def output_complete(kind: str, output_dir: str | Path, tasks: List[str] = ()) -> bool:
-    """A step's output is finished: a model directory, every task's result, or the study."""
+    """A step's output is finished: a model directory, an augmented dataset, every task's result, or the study."""
     out = Path(output_dir)
+    if kind == "augment":
+        return is_augmented_dataset(out)
     if kind == "eval":
         return all((out / f"{task}.json").is_file() for task in tasks)
     if kind == "study":
@@ -308,6 +328,7 @@ class PipelinePlanner:
 
         plan()                          check the step names, then each step in order
           plan_merge_step(spec)         both models resolved, the launch/merge.py arguments
+          plan_augment_step(spec)       the launch/augment.py arguments (a dataset for a later CPT step)
           plan_train_step(spec)         the input model resolved, the launch/train.py arguments
             resolve(ref)                an earlier step, `start`, a name in pipeline.models or a path
           plan_evals(step)              with pipeline.eval.tasks: an evaluation after each model
@@ -335,11 +356,16 @@ class PipelinePlanner:
     def plan(self) -> Plan:
         self.check_step_names()
         for spec in self.pipeline.steps:
-            if (spec.stage is None) == (spec.merge is None):
-                raise self.fail(f"step '{spec.name}' needs exactly one of stage: or merge:")
-            step = self.plan_merge_step(spec) if spec.merge is not None else self.plan_train_step(spec)
+            if sum(x is not None for x in (spec.stage, spec.merge, spec.augment)) != 1:
+                raise self.fail(f"step '{spec.name}' needs exactly one of stage:, merge: or augment:")
+            if spec.merge is not None:
+                step = self.plan_merge_step(spec)
+            elif spec.augment is not None:
+                step = self.plan_augment_step(spec)
+            else:
+                step = self.plan_train_step(spec)
             self.steps.append(step)
-            if self.evaluating:
+            if self.evaluating and step.kind != "augment":
                 self.plan_evals(step)
         if self.evaluating:
             self.plan_study()
@@ -416,6 +442,9 @@ class PipelinePlanner:
                 f"(a training or merge step, `start`, a name in pipeline.models or a path)"
             )
         earlier = {s.name: s for s in self.model_steps}
+        if ref in self.augment_steps:
+            raise self.fail(f"step '{step_name}' {field_name} names '{ref}', an augment step (a dataset, not a "
+                            f"model): a CPT step trains on it with corpus: {ref}")
         if ref in earlier:
             return str(earlier[ref].output_dir), ref
         if ref in self.names:
@@ -434,9 +463,39 @@ class PipelinePlanner:
             f"pipeline.models or a path: choose one of {', '.join([s.name for s in self.model_steps] + [START])}"
         )
 
+    @property
+    def augment_steps(self) -> Dict[str, Step]:
+        return {s.name: s for s in self.steps if s.kind == "augment"}
+
+    def resolve_dataset(self, ref: str, step_name: str, field_name: str) -> Step:
+        """An earlier augment step named by `corpus:` or `augment.match:`."""
+        if ref not in self.augment_steps:
+            later = " (it must come before this step)" if ref in self.names else ""
+            raise self.fail(
+                f"step '{step_name}' {field_name} names '{ref}', which is not an earlier augment step{later}: choose "
+                f"one of {', '.join(self.augment_steps) or '(none: add a step with augment:)'}"
+            )
+        return self.augment_steps[ref]
+
+    def plan_augment_step(self, spec) -> Step:
+        if spec.input is not None or spec.corpus is not None:
+            raise self.fail(f"augment step '{spec.name}' reads data.cpt (set it in augment.overrides), not input or "
+                            "corpus")
+        out = self.run_dir / spec.name
+        args = [f"augment={spec.augment.preset}", f"model={self.pipeline.model}", f"output_dir={out}"]
+        if self.pipeline.start:
+            args.append(f"model.path={self.start_dir}")  # the start model rewrites, and its tokenizer counts
+        deps = []
+        if spec.augment.match is not None:
+            matched = self.resolve_dataset(spec.augment.match, spec.name, "augment.match")
+            args.append(f"augment.repeat.match={matched.output_dir}")
+            deps.append(matched.name)
+        args += list(spec.augment.overrides)
+        return Step(spec.name, len(self.steps), out, augment_args=args, depends_on=deps)
+
     def plan_merge_step(self, spec) -> Step:
-        if spec.input is not None:
-            raise self.fail(f"merge step '{spec.name}' reads merge.base_model and merge.model, not input")
+        if spec.input is not None or spec.corpus is not None:
+            raise self.fail(f"merge step '{spec.name}' reads merge.base_model and merge.model, not input or corpus")
         out = self.run_dir / spec.name
         dirs, deps = {}, []
         for key in ("base_model", "model"):
@@ -473,9 +532,17 @@ class PipelinePlanner:
             args.append(f"model.path={input_dir}")
         elif input_dir is not None and _is_gguf_cache(input_dir):
             input_dir = None  # the step converts the preset's GGUF file itself
+        deps = [dep] if dep else []
+        if spec.corpus is not None:
+            if spec.stage != "cpt":
+                raise self.fail(f"step '{spec.name}' sets corpus: {spec.corpus}, but only a cpt step trains on an "
+                                "augmented corpus")
+            dataset = self.resolve_dataset(spec.corpus, spec.name, "corpus")
+            args.append(f"data.cpt.path={dataset.output_dir}")
+            deps.append(dataset.name)
         args += list(self.pipeline.overrides) + list(spec.overrides)
         return Step(spec.name, len(self.steps), out, stage=spec.stage, train_args=args, input_dir=input_dir,
-                    depends_on=[dep] if dep else [])
+                    depends_on=deps)
 
 
 def plan_pipeline(cfg: DictConfig) -> Plan:
@@ -493,6 +560,8 @@ def validate_step_configs(plan: Plan) -> None:
             elif step.kind == "merge":
                 # the merge's own recipe checks (method, parameters, dtypes), before the models exist
                 check_recipe(recipe_from_config(compose_merge_config(step.merge_args)))
+            elif step.kind == "augment":
+                compose_augment_config(step.augment_args)
             elif step.kind == "eval":
                 cfg = compose_eval_config([f"model_dir={step.eval_args[0]}", *step.eval_args[1:]])
                 if step.tasks not in checked_tasks:  # every evaluation of a pipeline runs the same tasks
@@ -556,6 +625,8 @@ def check_outside_models(plan: Plan, steps: List[Step]) -> None:
         for path in step.merge_models or [step.input_dir]:
             if path is None or path in produced or (Path(path) / "config.json").is_file():
                 continue
+            if _is_gguf_cache(path):
+                continue  # the first step that loads the GGUF preset (a stage, or an augment's tokenizer) converts it
             fix = "pipeline.models.<name>=<local dir>" if step.kind == "merge" else "pipeline.start=<local dir>"
             raise UserError(
                 f"pipeline {plan.pipeline}: step '{step.name}' reads {path}, which is not a local model directory "

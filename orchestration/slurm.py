@@ -4,7 +4,7 @@ the status of the jobs a submission recorded.
     python launch/submit.py pipeline=tiny cluster=slurm cluster.nodes=2 cluster.gpus_per_node=8
     python launch/submit.py status pipeline=tiny
 
-The sbatch scripts are rendered from orchestration/sbatch/<kind>.sbatch (train, merge, eval, task) into
+The sbatch scripts are rendered from orchestration/sbatch/<kind>.sbatch (train, merge, eval, augment, task) into
 `<run dir>/jobs/` and kept there, with the job logs and `jobs.jsonl` (one line per submitted
 job: step, job id, script, log, output directory).
 """
@@ -44,6 +44,7 @@ from orchestration.pipeline import (
     validate_step_configs,
     write_plan_file,
 )
+from train.augment.config import MODEL_METHODS, compose_augment_config
 from train.config import compose_train_config
 
 JOBS_FILE = "jobs.jsonl"
@@ -187,6 +188,21 @@ def render_eval_job(job: JobText) -> str:
                       gpu_bind=" --gpu-bind=none" if cluster.request_gpus else "")
 
 
+def render_augment_job(job: JobText) -> str:
+    """A rewrite on every rank of the job (one per GPU: nodes x gpus_per_node, or cluster.tasks);
+    a rule-based or repeat augmentation as one task (it runs on rank 0 only)."""
+    cluster = job.cluster
+    generates = compose_augment_config(job.step.augment_args).augment.method in MODEL_METHODS
+    tasks = (cluster.tasks or cluster.nodes * cluster.gpus_per_node) if generates else 1
+    nodes = min(cluster.nodes, tasks)
+    per_node = math.ceil(tasks / nodes)
+    lines = common_sbatch_lines(cluster, job.dependency)
+    if generates and cluster.request_gpus:
+        lines.insert(0, f"--gpus-per-node={cluster.gpus_per_node}")
+    return job.render("augment.sbatch", lines, tasks=tasks, nodes=nodes, tasks_per_node=per_node,
+                      layout=f"{nodes} node(s) x {per_node} task(s) per node")
+
+
 def render_task_job(job: JobText) -> str:
     """The study report (CPU only): one task."""
     return job.render("task.sbatch", common_sbatch_lines(job.cluster, job.dependency))
@@ -198,8 +214,8 @@ def render_step(plan: Plan, step: Step, cluster: DictConfig, dependency: Optiona
     script = jobs / f"{step.index:02d}-{step.name}.sbatch"
     log = jobs / f"{step.index:02d}-{step.name}-%j.log"
     title = f"pipeline {plan.pipeline}, step {step.name} ({step.stage or step.kind}) -> {step.output_dir}"
-    render = {"train": render_train_job, "merge": render_merge_job, "eval": render_eval_job}.get(step.kind,
-                                                                                                  render_task_job)
+    render = {"train": render_train_job, "merge": render_merge_job, "eval": render_eval_job,
+              "augment": render_augment_job}.get(step.kind, render_task_job)
     return script, render(JobText(plan, step, cluster, title, script, log, dependency))
 
 

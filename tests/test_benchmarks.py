@@ -38,8 +38,20 @@ def training_text():
     return texts
 
 
-def test_no_question_is_worded_as_in_training(training_text):
-    """Neither a whole question/statement nor any 6-word run of it appears in a training file."""
+def augmented_text():
+    """What the augmentation study trains on beyond the raw files: the K renderings and the
+    rule-based augmentation of the CPT corpus (train/augment/rules.py, its default settings)."""
+    from train.augment.config import RulesConfig
+    from train.augment.rules import augment_document
+
+    texts = [r["text"] for r in rows(MATERIALS / "cpt_renderings.jsonl")]
+    for i, r in enumerate(rows(MATERIALS / "cpt.jsonl")):
+        texts += augment_document(r["text"], i, RulesConfig(), seed=42)
+    return texts
+
+
+def assert_held_out(training_text):
+    """Neither a whole question/statement nor any 6-word run of it appears in `training_text`."""
     blob = "\n".join(training_text)
     seen = set().union(*(ngrams(t) for t in training_text))
     for name in SETS:
@@ -48,6 +60,15 @@ def test_no_question_is_worded_as_in_training(training_text):
             assert text not in blob, (name, text)
             shared = ngrams(text) & seen
             assert not shared, (name, text, sorted(shared)[:3])
+
+
+def test_no_question_is_worded_as_in_training(training_text):
+    assert_held_out(training_text)
+
+
+def test_no_question_is_worded_as_in_the_augmented_corpora():
+    """The renderings and the rule-based tasks and permutations add wordings, never a benchmark's."""
+    assert_held_out(augmented_text())
 
 
 def test_cpt_only_facts_are_absent_from_sft_and_preference():

@@ -13,6 +13,7 @@ from omegaconf import MISSING, OmegaConf
 from core.config import CONF_DIR
 from evaluation.config import EvalJobConfig
 from merge.config import MergeJobConfig, MergeRecipeConfig
+from train.augment.config import AugmentConfig, AugmentJobConfig
 from orchestration.pipeline import ClusterConfig, PipelineConfig, PipelineJobConfig
 from train.config import (
     STAGE_SCHEMAS,
@@ -34,9 +35,10 @@ GROUP_SCHEMAS = {
     "merge": MergeRecipeConfig,
     "pipeline": PipelineConfig,
     "cluster": ClusterConfig,
+    "augment": AugmentConfig,
 }
 ROOT_SCHEMAS = {"config.yaml": TrainJobConfig, "merge_job.yaml": MergeJobConfig, "pipeline_job.yaml": PipelineJobConfig,
-                "eval_job.yaml": EvalJobConfig}
+                "eval_job.yaml": EvalJobConfig, "augment_job.yaml": AugmentJobConfig}
 # `# @package _global_` groups: their files set keys of the root config
 GLOBAL_GROUPS = {"eval": EvalJobConfig}
 

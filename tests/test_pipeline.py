@@ -40,9 +40,11 @@ def test_presets_are_the_papers_recipes():
         "llama_instruct_cpt_sft_orpo_slerp",
         "llama_instruct_grid",
         "mistral_base_cpt_sft_slerp",
+        "smollm2_augment",
         "smollm2_study",
         "smollm_base_cpt_sft_dpo",
         "tiny",
+        "tiny_augment",
     ]
     plans = {p: plan_pipeline(compose_pipeline_job([f"pipeline={p}"])) for p in PRESETS}
     steps = {p: [s.stage or "merge" for s in model_steps(plan)] for p, plan in plans.items()}

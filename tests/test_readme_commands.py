@@ -13,6 +13,7 @@ from conftest import REPO
 from evaluation.config import compose_eval_config
 from merge.config import compose_merge_config
 from orchestration.pipeline import compose_pipeline_job
+from train.augment.config import compose_augment_config
 from train.config import compose_train_config
 
 
@@ -36,6 +37,8 @@ def compose(script: str, args: list):
         return compose_pipeline_job([a for a in args if a not in ("status", "--dry-run")])
     if script == "launch/eval.py":
         return compose_eval_config([f"model_dir={args[0]}", *args[1:]])
+    if script == "launch/augment.py":
+        return compose_augment_config(args)
     if script == "launch/merge.py" and all("=" in a for a in args):
         return compose_merge_config(args)
     return None  # file arguments (a recipe, a run directory): run by the integration tests
@@ -47,7 +50,7 @@ COMMANDS = readme_commands()
 def test_the_readme_has_the_commands_it_promises():
     scripts = {script for script, _ in COMMANDS}
     assert {"launch/train.py", "launch/pipeline.py", "launch/submit.py", "launch/eval.py", "launch/merge.py",
-            "launch/study.py"} <= scripts, scripts
+            "launch/study.py", "launch/augment.py"} <= scripts, scripts
     assert len(COMMANDS) >= 20
 
 

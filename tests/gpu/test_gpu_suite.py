@@ -194,14 +194,11 @@ def eval_run(work: Path, runs: "Runs") -> Run:
 
 
 def data_parallel_eval_run(work: Path, runs: "Runs") -> Run:
-    """One process per GPU, each scoring a share of the questions (lm-eval's data-parallel form
-    under `accelerate launch`, as docs/eval.md gives it)."""
+    """One process per GPU, each scoring a share of the questions (lm-eval's data-parallel form,
+    started with torch.distributed.run as docs/eval.md and the local pipeline's eval steps do)."""
     out = work / f"eval-{RANKS}"
-    devices = ["--multi_gpu"] if DEVICE == "cuda" else ["--cpu"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(RANKS), *devices,
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(REPO / "launch" / "eval.py"),
-           *eval_command(runs.result("sft-full").check().out, out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(RANKS),
+           str(REPO / "launch" / "eval.py"), *eval_command(runs.result("sft-full").check().out, out)]
     proc = subprocess.run(cmd, cwd=REPO, env=run_env(work / "eval-dp.cache"), capture_output=True, text=True,
                           timeout=600)
     keep_log("eval-dp", proc)
