@@ -20,7 +20,6 @@ from typing import Any, Dict
 
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
-from trl.trainer.utils import global_then_local_main_first
 
 from core.errors import UserError
 from core.lock import OutputLock
@@ -175,9 +174,12 @@ def train_stage(cfg: DictConfig, runtime: Runtime, stage) -> None:
     args = stage.trainer_args(cfg, kwargs)  # starts the process group
     release_cpu_allreduce_buffers(runtime)
     # Data once per cache: the first rank tokenizes into the datasets cache, then the first rank
-    # of each other node (a node-local cache), then every other rank reads the cache (TRL's own
-    # order for its dataset preparation). A bad dataset fails here, before the run directory.
-    with global_then_local_main_first():
+    # of each other node (a node-local cache), then every other rank reads the cache: TRL's order
+    # (trl.trainer.utils.global_then_local_main_first), built from transformers' form, which
+    # releases the waiting ranks when the first one fails (accelerate's leaves them to crash in
+    # the barrier with a traceback); they then fail on the same bad data with the same one line.
+    # A bad dataset fails here, before the run directory exists.
+    with args.main_process_first(local=False, desc="data"), args.main_process_first(local=True, desc="data"):
         data = stage.prepare_data(cfg, tokenizer)
 
     set_seed(cfg.training.seed)
