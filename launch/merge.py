@@ -1,4 +1,4 @@
-"""Merge two models by SLERP (or linear), streaming, with bounded memory: see docs/merge.md.
+"""Merge models with mergekit's methods (slerp, linear, ties, dare_ties, model_stock, nuslerp, ...), streaming, with bounded memory: see docs/merge.md.
 
 Drop-in for `mergekit-yaml CONFIG.yml OUT_DIR`:
 
@@ -6,6 +6,7 @@ Drop-in for `mergekit-yaml CONFIG.yml OUT_DIR`:
     python launch/merge.py merge.yml outputs/merged --workers 2 --shard-size 2GB --verify
     srun -N 4 --ntasks-per-node 1 python launch/merge.py merge.yml /shared/merged   # 4 nodes
     python launch/merge.py merge.yml out --num-workers 4 --worker-rank 1   # one of 4, by hand
+    python launch/merge.py dare.yml outputs/merged --random-seed 1          # dare_*, della*: the draws
 
 Hydra form (conf/merge_job.yaml + conf/merge/<preset>.yaml):
 
@@ -28,6 +29,7 @@ from core.errors import argument_parser, exit_on_user_error  # noqa: E402
 
 
 def main(argv):
+    from merge import methods
     from merge.config import (
         add_merge_options,
         compose_merge_config,
@@ -42,7 +44,8 @@ def main(argv):
         return run_merge(recipe_from_config(cfg), cfg.output_dir, options_from(cfg))
 
     parser = argument_parser("python launch/merge.py CONFIG.yml OUT_DIR [--workers W] [--verify]",
-                             prog="launch/merge.py", description=__doc__.splitlines()[0])
+                             prog="launch/merge.py", description=__doc__.splitlines()[0],
+                             epilog=methods.cli_help())
     parser.add_argument("config", help="mergekit YAML")
     parser.add_argument("out_dir", help="output model directory")
     add_merge_options(parser)

@@ -23,10 +23,12 @@ from core.validate import at_least, checked, non_negative, positive, validate_da
 @dataclass
 class MergeRecipeConfig:
     merge_method: str = MISSING
-    """slerp or linear."""
+    """A method of merge/methods/ (docs/merge.md's table): slerp, linear, task_arithmetic, ties,
+    dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear, model_stock, nuslerp."""
     base_model: Optional[str] = None
-    """Model directory that t=0 returns (slerp needs it); its tokenizer, chat template and
-    config are copied to the output."""
+    """The base model: v0 of slerp (t=0 returns it), the origin of the task vectors of the
+    task-arithmetic family, model_stock and nuslerp; its tokenizer, chat template and config are
+    copied to the output."""
     model: Optional[str] = None
     """The other (e.g. fine-tuned) model: shorthand for models: [{model: ...}, {model: base}]
     when neither `models` nor `slices` is given."""
@@ -35,7 +37,9 @@ class MergeRecipeConfig:
     slices: Optional[List[Any]] = None
     """mergekit `slices:` form: [{sources: [{model: PATH, layer_range: [0, 32]}, ...]}]."""
     parameters: Dict[str, Any] = field(default_factory=dict)
-    """t (slerp) as a number, a gradient list or [{filter, value}, ...]; weight (linear)."""
+    """The method's parameters (merge/methods/, e.g. t for slerp; weight, density, lambda for
+    ties), each a number, a gradient list or [{filter, value}, ...]; per-model ones may also sit
+    in each model's own `parameters`."""
     dtype: Optional[str] = None
     """Inputs are rounded to this dtype before the math; also the output dtype. None: the
     inputs' own (promoted) dtype, as mergekit does."""
@@ -68,6 +72,8 @@ class MergeOptions:
                                  "elements mapped per input at a time (8M: 32 MB for two bf16 inputs); bounds memory",
                                  check=(at_least(1),))
     progress: bool = option(True, "show a progress bar", flag="--quiet")
+    random_seed: int = option(0, "seed of the randomised methods (dare_*, della*): the same seed gives the same "
+                                 "tensors on any number of workers or nodes")
 
     def __post_init__(self):
         # The CLI form builds this from argparse flags; the Hydra form is checked at composition.

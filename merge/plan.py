@@ -21,10 +21,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from core.errors import UserError
+from merge import methods
 from merge.config import MergeRecipeConfig
+from merge.methods import MergeMethod
 from merge.io import DTYPE_NAMES, ITEMSIZE, ModelReader, promote, shard_header
 
-METHODS = {"slerp": ("t",), "linear": ("weight", "normalize")}
 LAYER_NAME = re.compile(r"^(?P<prefix>.*?\.layers\.)(?P<index>\d+)\.(?P<rest>.+)$")
 
 
@@ -84,22 +85,44 @@ def _dtype(raw: Dict[str, Any], key: str) -> Optional[str]:
     return DTYPE_NAMES[str(value)]
 
 
-def _params(value: Any, where: str, method: str) -> Dict[str, Any]:
+def _params(value: Any, where: str, method: MergeMethod) -> Dict[str, Any]:
+    """A `parameters:` mapping checked against the method's declared parameters and values."""
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise UserError(f"{where}.parameters must be a mapping like {{t: 0.5}}")
+        raise UserError(f"{where}.parameters must be a mapping like {{{method.params[0].name}: ...}}")
     for name, setting in value.items():
-        if name not in METHODS[method]:
+        param = method.param(name)
+        if param is None:
             raise UserError(
-                f"{where}.parameters.{name} is not a parameter of {method}: use "
-                + " or ".join(METHODS[method])
+                f"{where}.parameters.{name} is not a parameter of {method.name}: it takes "
+                + ", ".join(p.name for p in method.params)
             )
-        if name == "t":
-            for number in _numbers(setting, f"{where}.parameters.t"):
-                if not 0.0 <= number <= 1.0:
-                    raise UserError(f"{where}.parameters.t has {number}, outside [0, 1]: SLERP t must lie in [0, 1]")
+        field_name = f"{where}.parameters.{name}"
+        if param.is_bool:
+            for flag in _values(setting, field_name):
+                if not isinstance(flag, bool):
+                    raise UserError(f"{field_name} has {flag!r}: {name} is true or false")
+            continue
+        for number in _numbers(setting, field_name):
+            if param.accepts and not param.accepts[1](number):
+                rule = param.accepts[0]
+                if name == "weight":
+                    raise UserError(f"{field_name} has {number}: {method.name} does not take negative weights; "
+                                    f"use weights {rule}")
+                raise UserError(f"{field_name} has {number}, outside {rule}: give {name} within {rule}")
     return dict(value)
+
+
+def _values(setting: Any, where: str) -> List[Any]:
+    """Every leaf value of a setting (scalar, gradient or filter list), unchecked."""
+    if isinstance(setting, dict):
+        if "value" not in setting or set(setting) - {"filter", "value"}:
+            raise UserError(f"{where}: each entry needs 'value' and optionally 'filter', got {sorted(setting)}")
+        return _values(setting["value"], where)
+    if isinstance(setting, list) and setting:
+        return [v for item in setting for v in _values(item, where)]
+    return [setting]
 
 
 def _numbers(setting: Any, where: str) -> List[float]:
@@ -136,22 +159,22 @@ def expand_model_shorthand(raw: Dict[str, Any]) -> Dict[str, Any]:
     return raw
 
 
-def parse_merge_config(raw: Dict[str, Any]) -> MergeSpec:
-    """Validate a mergekit-style config (keys: merge/config.py's MergeRecipeConfig) without
-    touching the models."""
+def check_recipe(raw: Dict[str, Any]) -> MergeSpec:
+    """Every check of a mergekit-style recipe (keys: merge/config.py's MergeRecipeConfig) that
+    needs no model file: keys, method, parameters and their values, models per slice, dtypes.
+    The pipeline planner calls it at plan time; `parse_merge_config` is the same check."""
     unknown = sorted(set(raw) - set(recipe_keys()))
     if unknown:
         raise UserError(f"unknown merge config key '{unknown[0]}': valid keys are {', '.join(recipe_keys())}")
     raw = expand_model_shorthand(raw)
-    method = raw.get("merge_method")
-    if method not in METHODS:
-        raise UserError(f"unknown merge_method '{method}': this merger supports {' and '.join(METHODS)}")
+    method = methods.get(raw.get("merge_method"))
     if bool(raw.get("slices")) == bool(raw.get("models")):
         raise UserError("the merge config needs exactly one of 'slices' or 'models' (both given or neither)")
     base = raw.get("base_model")
     base = str(base) if base is not None else None
-    if method == "slerp" and base is None:
-        raise UserError("merge_method slerp needs base_model: set it to the model that t=0 returns")
+    if method.base_model == "required" and base is None:
+        raise UserError(f"merge_method {method.name} needs base_model: set it to the model "
+                        + ("that t=0 returns" if method.name == "slerp" else "the others' task vectors start from"))
     mismatch = raw.get("embed_mismatch", MergeRecipeConfig.embed_mismatch)
     if mismatch not in ("error", "truncate"):
         raise UserError(f"embed_mismatch '{mismatch}' is not supported: use error or truncate")
@@ -190,16 +213,8 @@ def parse_merge_config(raw: Dict[str, Any]) -> MergeSpec:
             slice_base = s.get("base_model")
             slices.append(Slice(sources, _params(s.get("parameters"), f"slices[{i}]", method),
                                 str(slice_base) if slice_base is not None else None))
-    for i, s in enumerate(slices):
-        b = s.base_model or base
-        models = [src.model for src in s.sources]
-        if method == "slerp":
-            if len(models) != 2 or b not in models or len(set(models)) != 2:
-                raise UserError(
-                    f"slices[{i}]: slerp merges exactly two models, one of them base_model '{b}'; got {models}"
-                )
-    return MergeSpec(
-        merge_method=method,
+    spec = MergeSpec(
+        merge_method=method.name,
         slices=slices,
         base_model=base,
         parameters=_params(raw.get("parameters"), "merge config", method),
@@ -208,6 +223,50 @@ def parse_merge_config(raw: Dict[str, Any]) -> MergeSpec:
         embed_mismatch=mismatch,
         raw=raw,
     )
+    for i, s in enumerate(slices):
+        check_slice_models(method, i, s, s.base_model or base)
+        check_required_params(method, i, s, s.base_model or base, spec.parameters)
+    return spec
+
+
+def parse_merge_config(raw: Dict[str, Any]) -> MergeSpec:
+    """Validate a mergekit-style config without touching the models (see check_recipe)."""
+    return check_recipe(raw)
+
+
+def check_slice_models(method: MergeMethod, i: int, s: Slice, base: Optional[str]) -> None:
+    """The slice has the models the method takes: the base among them when it needs one."""
+    models = [src.model for src in s.sources]
+    for m in models:
+        if models.count(m) > 1:
+            raise UserError(f"slices[{i}] lists {m} twice: give each model once")
+    uses_base = method.uses_base(base)
+    if uses_base and base not in models:
+        raise UserError(f"slices[{i}]: base_model '{base}' is not among its sources {models}: "
+                        "add it as a source of every slice")
+    if method.name == "slerp" and len(models) != 2:
+        raise UserError(f"slices[{i}]: slerp merges exactly two models, one of them base_model '{base}'; got {models}")
+    problem = method.model_count_problem(len(models), uses_base)
+    if problem:
+        raise UserError(f"slices[{i}]: {problem}; got {len(models)}: {models}")
+
+
+def check_required_params(method: MergeMethod, i: int, s: Slice, base: Optional[str], top: Dict[str, Any]) -> None:
+    """A parameter without a default is set for every model (or once, when shared) somewhere."""
+    uses_base = method.uses_base(base)
+    for p in method.params:
+        if p.default is not methods.REQUIRED:
+            continue
+        if not p.per_model:
+            if p.name not in s.parameters and p.name not in top:
+                raise UserError(f"merge_method {method.name} needs parameters.{p.name}: add it to parameters")
+            continue
+        for src in s.sources:
+            if uses_base and src.model == base:
+                continue
+            if p.name not in src.parameters and p.name not in s.parameters and p.name not in top:
+                raise UserError(f"slices[{i}]: model {src.model} has no {p.name}: add parameters: "
+                                f"{{{p.name}: ...}} to it (or to the slice's or the top-level parameters)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,9 +319,11 @@ class TensorPlan:
     sources: List[Tuple[str, str]]
     """(model path, tensor name); for slerp the base model first (v0)."""
     method: str
-    t: Optional[float] = None
-    weights: Optional[List[float]] = None
-    normalize: bool = True
+    params: Dict[str, Any] = field(default_factory=dict)
+    """Each of the method's parameters resolved for this tensor; a per-model one is a list in
+    `sources` order (without the base model when the method uses one)."""
+    has_base: bool = False
+    """sources[0] is the base model (v0 of SLERP, the origin of the task vectors)."""
 
     @property
     def numel(self) -> int:
@@ -450,21 +511,33 @@ class MergePlanner:
 
     def plan_tensor(self, out_name: str, names: List[str], models: List[str], s: Slice, depth: float) -> None:
         spec = self.spec
+        method = methods.get(spec.merge_method)
         infos = [self.open_model(m).info(n) for m, n in zip(models, names)]
         shape = self.common_shape(names, models, infos)
         work = self.work_dtype(names, models, infos)
         plan = TensorPlan(out_name, shape, work, spec.out_dtype or work, list(zip(models, names)), spec.merge_method)
-        if spec.merge_method == "slerp":
-            base = s.base_model or spec.base_model
-            order = [models.index(base), 1 - models.index(base)]  # v0 is the base model
-            plan.sources = [plan.sources[i] for i in order]
-            plan.t = float(resolve("t", out_name, depth, [s.parameters, spec.parameters]))
-        else:
-            plan.weights = [
-                float(resolve("weight", n, depth, [src.parameters, s.parameters, spec.parameters]))
-                for src, n in zip(s.sources, names)
-            ]
-            plan.normalize = bool(resolve("normalize", out_name, depth, [s.parameters, spec.parameters], True))
+        base = s.base_model or spec.base_model
+        sources = list(s.sources)
+        if method.uses_base(base):
+            first = models.index(base)  # the base model goes first (v0, the task vectors' origin)
+            order = [first] + [k for k in range(len(models)) if k != first]
+            plan.sources = [plan.sources[k] for k in order]
+            sources = [sources[k] for k in order]
+            plan.has_base = True
+        per_model_sources = sources[1:] if plan.has_base else sources
+        for p in method.params:
+            default = None if p.default is methods.REQUIRED else p.default
+            if p.per_model:
+                value = [resolve(p.name, out_name, depth, [src.parameters, s.parameters, spec.parameters], default)
+                         for src in per_model_sources]
+                value = [bool(v) if p.is_bool else float(v) for v in value]
+            else:
+                value = resolve(p.name, out_name, depth, [s.parameters, spec.parameters], default)
+                value = bool(value) if p.is_bool else float(value)
+            plan.params[p.name] = value
+        problem = method.check_values(plan.params)
+        if problem:
+            raise UserError(f"tensor '{out_name}': {problem}")
         self.tensors.append(plan)
 
 

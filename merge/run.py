@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -57,7 +56,8 @@ from merge.plan import (
     plan_merge,
     plan_output_shards,
 )
-from merge.slerp import SlerpStats, combine, combine_linear, slerp_coefficients
+from merge import methods
+from merge.methods.base import Rounder, TensorContext
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -129,11 +129,12 @@ class Merge:
             (str(f), f.stat().st_size, f.stat().st_mtime_ns) for r in self.readers.values() for f in r.files()
         )
         layout = [
-            (s.filename, [(t.name, t.shape, t.work_dtype, t.out_dtype, t.sources, t.t, t.weights, t.normalize)
+            (s.filename, [(t.name, t.shape, t.work_dtype, t.out_dtype, t.sources, t.params, t.has_base)
                           for t in s.tensors])
             for s in self.shards
         ]
-        blob = json.dumps([self.spec.raw, layout, inputs], sort_keys=True, default=str)
+        seed = self.options.random_seed if methods.get(self.spec.merge_method).randomised else None
+        blob = json.dumps([self.spec.raw, layout, inputs, seed], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
     def owned_shards(self, rank: int, world: int) -> List[ShardPlan]:
@@ -272,41 +273,47 @@ def _decode(plan: TensorPlan, buf: Buffers, raws, lo: int, hi: int, compute) -> 
     return arrays
 
 
+def read_elements(plan: TensorPlan, merge: Merge, rnd: Rounder, compute, start: int, count: int) -> List[np.ndarray]:
+    """Elements [start, start+count) of every source as fresh arrays rounded to the working
+    dtype: for methods that look at whole rows around a block (della)."""
+    arrays = []
+    for raw, dtype in _read(plan, merge, start, count):
+        x = decode(raw, dtype, np.empty(count, compute))
+        if plan.work_dtype in ("BF16", "F16") and dtype != plan.work_dtype:
+            rnd(x)
+        arrays.append(x)
+    return arrays
+
+
 def merge_tensor(plan: TensorPlan, merge: Merge, buf: Buffers, writer: ShardWriter, offset: int) -> None:
     """Stream one output tensor to byte `offset` of the open shard.
 
-    SLERP needs the whole tensor's norms and dot before writing anything: pass one reduces
-    every chunk, pass two interpolates it. A tensor that fits one chunk is read once."""
+    The method's job (merge/methods/) makes `job.passes` reduction passes over every chunk
+    (SLERP's norms and dot, TIES's k-th magnitude, ...), then the writing pass combines each
+    block. A tensor that fits one chunk is mapped once for all passes."""
     compute = np.float64 if plan.work_dtype == "F64" else np.float32
     n, chunk, block = plan.numel, buf.chunk, buf.block
+    rnd = Rounder(plan.work_dtype)
+    ctx = TensorContext(compute, rnd, lambda start, count: read_elements(plan, merge, rnd, compute, start, count),
+                        block, merge.options.random_seed)
+    job = methods.get(plan.method).job(plan, ctx)
     held = None  # the raw chunk kept between the passes when the tensor is one chunk
-    coefficients = None
-    proven_finite = False
-    if plan.method == "slerp":
-        stats = SlerpStats()
+    for pass_index in range(job.passes):
         for start in range(0, n, chunk):
             count = min(chunk, n - start)
-            raws = _read(plan, merge, start, count)
+            raws = held if held is not None else _read(plan, merge, start, count)
             for lo in range(0, count, block):
-                stats.add(*_decode(plan, buf, raws, lo, min(lo + block, count), compute))
+                job.reduce(pass_index, _decode(plan, buf, raws, lo, min(lo + block, count), compute), start + lo)
             held = raws if count == n else None
-        coefficients = slerp_coefficients(plan.t, stats.sq0, stats.sq1, stats.dot, compute)
-        # |c0·x_i + c1·y_i| <= |c0|·|x| + |c1|·|y|: with finite norms far below the compute
-        # dtype's max, no element can be inf/nan, and the per-block check is skipped.
-        bound = abs(float(coefficients[0])) * math.sqrt(stats.sq0) + abs(float(coefficients[1])) * math.sqrt(stats.sq1)
-        proven_finite = math.isfinite(bound) and bound < 0.5 * float(np.finfo(compute).max)
+        job.end_pass(pass_index)
     out_size = ITEMSIZE[plan.out_dtype]
     for start in range(0, n, chunk):
         count = min(chunk, n - start)
         raws = held if held is not None else _read(plan, merge, start, count)
         for lo in range(0, count, block):
             hi = min(lo + block, count)
-            xs = _decode(plan, buf, raws, lo, hi, compute)
-            if plan.method == "slerp":
-                result = combine(*coefficients, *xs)
-            else:
-                result = combine_linear(plan.weights, plan.normalize, xs)
-            if not proven_finite and not np.isfinite(result, out=buf.finite[: hi - lo]).all():
+            result = job.combine(_decode(plan, buf, raws, lo, hi, compute), start + lo)
+            if not job.proven_finite and not np.isfinite(result, out=buf.finite[: hi - lo]).all():
                 raise UserError(
                     f"merged tensor '{plan.name}' has inf/nan values (from {plan.sources[0][0]} and "
                     f"{plan.sources[-1][0]}): check the input models for non-finite weights"
@@ -410,14 +417,17 @@ def merge_lineage(merge: Merge) -> dict:
     input model's own lineage when it is a domainforge output."""
     spec = merge.spec
     models = sorted({src.model for s in spec.slices for src in s.sources})
+    method = methods.get(spec.merge_method)
+    role = "t=0 returns it" if spec.merge_method == "slerp" else "the task vectors start from it"
+    seed = f" Random draws: `random_seed` {merge.options.random_seed}." if method.randomised else ""
     description = [
         f"This model is a **{spec.merge_method.upper()}** merge of "
         + ", ".join(f"`{m}`" for m in models)
-        + (f", with `{spec.base_model}` as the base (t=0 returns it)." if spec.base_model else "."),
-        "It was made with domainforge's streaming merger (`python launch/merge.py`), whose SLERP and",
-        "per-layer t follow mergekit 0.1.5; the tokenizer, chat template and generation config come",
+        + (f", with `{spec.base_model}` as the base ({role})." if spec.base_model else "."),
+        "It was made with domainforge's streaming merger (`python launch/merge.py`), whose methods and",
+        "per-layer parameters follow mergekit 0.1.5; the tokenizer, chat template and generation config come",
         f"from `{merge.tokenizer_from}`. {len(merge.plan.tensors)} tensors, "
-        f"{sum(t.nbytes for t in merge.plan.tensors) / 1e9:.2f} GB in {len(merge.shards)} shard(s).",
+        f"{sum(t.nbytes for t in merge.plan.tensors) / 1e9:.2f} GB in {len(merge.shards)} shard(s).{seed}",
     ]
     step = {
         "kind": "merge",

@@ -31,7 +31,8 @@ from core.outputs import EVAL_DIR, MODEL_CACHE_DIR, epoch_model_dir, is_model_di
 from core.validate import at_least, between, checked, non_negative, writable_dir
 from evaluation.config import compose_eval_config
 from evaluation.run import check_task_names
-from merge.config import compose_merge_config
+from merge.config import compose_merge_config, recipe_from_config
+from merge.plan import check_recipe
 from train.config import STAGES, compose_train_config
 
 JOBS_DIR = "jobs"
@@ -486,7 +487,8 @@ def validate_step_configs(plan: Plan) -> None:
             if step.kind == "train":
                 compose_train_config(step.train_args)
             elif step.kind == "merge":
-                compose_merge_config(step.merge_args)
+                # the merge's own recipe checks (method, parameters, dtypes), before the models exist
+                check_recipe(recipe_from_config(compose_merge_config(step.merge_args)))
             elif step.kind == "eval":
                 cfg = compose_eval_config([f"model_dir={step.eval_args[0]}", *step.eval_args[1:]])
                 if step.tasks not in checked_tasks:  # every evaluation of a pipeline runs the same tasks

@@ -136,7 +136,7 @@ def plan_for(tmp_path, layers, t, layer_range=None):
 
 def test_paper_gradient_t_per_layer_hand_computed(tmp_path):
     plan, base = plan_for(tmp_path, 32, PAPER)
-    t = {p.name: p.t for p in plan.tensors}
+    t = {p.name: p.params["t"] for p in plan.tensors}
     # d = i/31, s = 4d, linear between anchors floor(s) and floor(s)+1
     assert t["model.layers.0.self_attn.q_proj.weight"] == 0.0
     assert t["model.layers.0.mlp.up_proj.weight"] == 1.0
@@ -155,13 +155,13 @@ def test_paper_gradient_t_per_layer_hand_computed(tmp_path):
 
 def test_gradient_on_non_layer_tensors_uses_depth_zero_and_single_layer_slices_depth_one(tmp_path):
     plan, _ = plan_for(tmp_path, 4, [0.2, 0.9])
-    t = {p.name: p.t for p in plan.tensors}
+    t = {p.name: p.params["t"] for p in plan.tensors}
     assert t["model.embed_tokens.weight"] == 0.2 and t["lm_head.weight"] == 0.2
     assert t["model.layers.1.mlp.up_proj.weight"] == pytest.approx(0.2 + 0.7 / 3)
     plan, _ = plan_for(tmp_path / "one", 4, [0.2, 0.9], layer_range=[2, 3])
     layer = [p for p in plan.tensors if ".layers." in p.name]
     assert {p.name.split(".")[2] for p in layer} == {"0"}  # output layers renumbered from 0
-    assert all(p.t == 0.9 for p in layer)  # N = 1 -> d = 1
+    assert all(p.params["t"] == 0.9 for p in layer)  # N = 1 -> d = 1
     assert all(src.endswith("layers.2.mlp.up_proj.weight") or "layers.2." in src
                for p in layer for _, src in p.sources)
 
@@ -195,7 +195,7 @@ def test_parse_size(text, size):
 
 
 @pytest.mark.parametrize("raw,needle", [
-    ({"merge_method": "ties", "models": [{"model": "a"}]}, "unknown merge_method 'ties'"),
+    ({"merge_method": "tie", "models": [{"model": "a"}]}, "unknown merge_method 'tie'"),
     ({"merge_method": "slerp", "base_model": "a", "models": [{"model": "b"}], "parameters": {"t": 1.5}},
      "outside [0, 1]"),
     ({"merge_method": "slerp", "base_model": "a", "models": [{"model": "b"}],

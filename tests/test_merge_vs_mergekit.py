@@ -6,6 +6,8 @@ mergekit lives in its own venv (bench/setup_mergekit.sh), never in the project's
 from __future__ import annotations
 
 import subprocess
+
+import yaml
 from pathlib import Path
 
 import pytest
@@ -60,3 +62,127 @@ def test_same_tensors_as_mergekit(tmp_path, tiny_pair, inputs, dtype):
     if dtype == "bfloat16":
         assert differing / total < 1e-3, (differing, total)
     # float32 output: the last bits follow the coefficients' last bits, so only closeness counts
+
+
+# ---------------------------------------------------------------------------------------------
+# every deterministic method, several models, gradients and filters, chunks smaller than tensors
+# ---------------------------------------------------------------------------------------------
+# One Python process runs all of mergekit's merges (its start-up is most of each run's time).
+MERGEKIT_BATCH = """
+import sys, yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+for config, out in zip(sys.argv[1::2], sys.argv[2::2]):
+    cfg = MergeConfiguration.model_validate(yaml.safe_load(open(config)))
+    run_merge(cfg, out, MergeOptions(lazy_unpickle=False, copy_tokenizer=False), config_source=open(config).read())
+"""
+
+
+def method_configs(bf16, fp32):
+    """{name: (config, ...)}: bf16 models merged in bf16 (every op rounds to bf16, as in
+    mergekit), and fp32 models for the magnitude-ranking methods (bf16 magnitudes tie often
+    and torch's argsort orders ties arbitrarily, so only tie-free inputs can match exactly)."""
+    b, m1, m2 = (str(bf16[k]) for k in ("base", "other", "third"))
+    f, f1, f2 = (str(fp32[k]) for k in ("base", "other", "third"))
+    gradient = [0.2, 0.9, 0.5]
+    by_kind = [{"filter": "mlp", "value": 0.7}, {"value": 0.4}]
+    return {
+        "task_arithmetic": {
+            "merge_method": "task_arithmetic", "base_model": b, "dtype": "bfloat16",
+            "models": [{"model": m1, "parameters": {"weight": gradient}},
+                       {"model": m2, "parameters": {"weight": by_kind}}, {"model": b}],
+            "parameters": {"lambda": [{"filter": "self_attn", "value": 0.8}, {"value": 1.0}],
+                           "normalize": [{"filter": "norm", "value": True}, {"value": False}]},
+        },
+        "linear": {
+            "merge_method": "linear", "dtype": "bfloat16",
+            "models": [{"model": m1, "parameters": {"weight": gradient}}, {"model": m2, "parameters": {"weight": 0.5}},
+                       {"model": b, "parameters": {"weight": by_kind}}],
+        },
+        "model_stock": {
+            "merge_method": "model_stock", "base_model": b, "dtype": "bfloat16",
+            "models": [{"model": m1}, {"model": m2}, {"model": b}],
+            "parameters": {"filter_wise": [{"filter": "mlp", "value": True}, {"value": False}]},
+        },
+        "nuslerp": {  # with a base: SLERP of the task vectors; flatten, rows and columns by filter
+            "merge_method": "nuslerp", "base_model": b, "dtype": "bfloat16",
+            "slices": [{"sources": [{"model": m1, "layer_range": [0, 4], "parameters": {"weight": gradient}},
+                                    {"model": m2, "layer_range": [0, 4], "parameters": {"weight": 0.6}},
+                                    {"model": b, "layer_range": [0, 4]}]}],
+            "parameters": {"nuslerp_flatten": [{"filter": "self_attn", "value": True}, {"value": False}],
+                           "nuslerp_row_wise": [{"filter": "up_proj", "value": True}, {"value": False}]},
+        },
+        "nuslerp_no_base": {
+            "merge_method": "nuslerp", "dtype": "bfloat16",
+            "models": [{"model": m1, "parameters": {"weight": 0.3}}, {"model": m2, "parameters": {"weight": by_kind}}],
+            "parameters": {"nuslerp_flatten": False},
+        },
+        "ties": {
+            "merge_method": "ties", "base_model": f, "dtype": "float32", "out_dtype": "bfloat16",
+            "models": [{"model": f1, "parameters": {"weight": gradient, "density": [0.3, 0.8]}},
+                       {"model": f2, "parameters": {"weight": 0.6, "density": by_kind}}, {"model": f}],
+            "parameters": {"lambda": 1.1, "int8_mask": True,
+                           "rescale": [{"filter": "mlp", "value": True}, {"value": False}]},
+        },
+        "breadcrumbs": {
+            "merge_method": "breadcrumbs", "base_model": f, "dtype": "float32", "out_dtype": "bfloat16",
+            "models": [{"model": f1, "parameters": {"weight": 0.5, "density": 0.8, "gamma": 0.05}},
+                       {"model": f2, "parameters": {"weight": by_kind, "density": [0.5, 0.9], "gamma": 0.1}},
+                       {"model": f}],
+        },
+        "breadcrumbs_ties": {
+            "merge_method": "breadcrumbs_ties", "base_model": f, "dtype": "float32", "out_dtype": "bfloat16",
+            "models": [{"model": f1, "parameters": {"weight": 0.7, "density": 0.6}},
+                       {"model": f2, "parameters": {"weight": 0.4, "density": 0.7, "gamma": 0.02}}, {"model": f}],
+            "parameters": {"normalize": True},
+        },
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_trios(tmp_path_factory, tiny_pair):
+    root = tmp_path_factory.mktemp("trios")
+    bf16 = dict(tiny_pair, third=build_llama(root / "third", 3))
+    fp32 = {k: build_llama(root / f"f32_{k}", seed, dtype="float32") for k, seed in
+            (("base", 21), ("other", 22), ("third", 23))}
+    return bf16, fp32
+
+
+def assert_within_one_bf16_step(got, want, name):
+    """|got - want| <= one bf16 step at the larger magnitude of the two. Where the result
+    cancels to almost nothing, float32 rounding of the terms decides its last bits: steps below
+    2^-20 of the tensor's largest value are not told apart."""
+    import torch
+
+    g, w = got.float(), want.float()
+    floor = max(w.abs().max().item() * 2.0**-20, 2.0**-126)
+    mag = torch.maximum(g.abs(), w.abs()).clamp(min=2.0**-126)
+    step = torch.exp2(torch.floor(torch.log2(mag)) - 7).clamp(min=floor)
+    bad = (g - w).abs() > step
+    assert not bad.any(), f"{name}: {bad.sum().item()} elements differ by more than a bf16 step, e.g. " \
+                          f"{g[bad][:3].tolist()} vs {w[bad][:3].tolist()}"
+
+
+def test_every_deterministic_method_matches_mergekit(tmp_path, tiny_trios):
+    """Each method's tensors equal mergekit 0.1.5's within one bf16 step, with per-model,
+    gradient and filtered parameters, 3 models, and chunks (1000 elements) smaller than most
+    tensors and not a multiple of a row, so every streaming pass and row split is exercised."""
+    configs = method_configs(*tiny_trios)
+    args = []
+    for name, cfg in configs.items():
+        path = tmp_path / f"{name}.yml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        args += [str(path), str(tmp_path / "mk" / name)]
+    proc = subprocess.run([str(MERGEKIT.parent / "python"), "-c", MERGEKIT_BATCH, *args], env=child_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in configs:
+        proc = run_merge_cli(tmp_path / f"{name}.yml", tmp_path / "ours" / name, "--quiet", "--workers", "1",
+                             "--chunk-elements", "1000")
+        assert proc.returncode == 0, (name, proc.stderr)
+        ours, theirs = load_dir(tmp_path / "ours" / name), load_dir(tmp_path / "mk" / name)
+        assert set(ours) == set(theirs), name
+        for tensor, want in theirs.items():
+            assert ours[tensor].dtype == want.dtype, (name, tensor)
+            assert_within_one_bf16_step(ours[tensor], want, f"{name}: {tensor}")
