@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -154,7 +155,9 @@ def warm(dirs) -> None:
 
 def measure(cmd, env=None, shell=False):
     """(wall seconds, peak RSS bytes summed over the process tree, peak RSS bytes of its largest
-    single process, return code)."""
+    single process, CPU seconds (user + sys) of the whole tree, return code). CPU seconds hold
+    still when other jobs load the machine; wall time does not."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, shell=shell, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     root = psutil.Process(proc.pid)
@@ -175,10 +178,12 @@ def measure(cmd, env=None, shell=False):
             pass
         time.sleep(0.01)
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the reaped tree: workers joined by their parent count
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     err = proc.stderr.read().decode(errors="replace")
     if proc.returncode != 0:
         print(f"[{cmd if shell else ' '.join(map(str, cmd))}] failed:\n{err[-2000:]}", file=sys.stderr)
-    return wall, peak, largest, proc.returncode
+    return wall, peak, largest, cpu, proc.returncode
 
 
 def main():
@@ -225,7 +230,7 @@ def main():
                 shutil.rmtree(out, ignore_errors=True)
                 shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)
                 warm(dirs)
-                wall, peak, _, rc = measure(cmd, env=env, shell=shell)
+                wall, peak, _, _, rc = measure(cmd, env=env, shell=shell)
                 if rc != 0:
                     sys.exit(f"{label} failed (exit {rc})")
                 walls[label].append(wall)

@@ -13,11 +13,13 @@ contenders, one after another on warm page cache (every input byte read right be
   - ours:     python launch/merge.py METHOD.yml OUT --workers W --shard-size 2GB --quiet
   - mergekit: /opt/mergekit-venv/bin/mergekit-yaml METHOD.yml OUT
 mergekit runs at the first scale only (--mergekit-scales); ours runs at every scale in --scales,
-so the table shows how our peak memory moves when the model size doubles. Wall time is the
-best of --repeat rounds (rounds interleave the contenders: same load for each); peak RSS is
-the largest over the rounds, both summed over the process tree and for its largest process,
-sampled every 10 ms (bench/merge_bench.py's `measure`). A contender that fails is reported
-as failed, the others still run, and the script exits non-zero.
+so the table shows how our peak memory moves when the model size doubles. Method by method,
+the contenders run one right after the other (the same load for each), --repeat times; wall
+time and CPU time (user + sys of the whole process tree: it holds still when other jobs load
+the machine, wall time does not) are the best of the rounds; peak RSS is the largest over the
+rounds, both summed over the process tree and for its largest process, sampled every 10 ms
+(bench/merge_bench.py's `measure`). --json is rewritten after each method. A contender that
+fails is reported as failed, the others still run, and the script exits non-zero.
 """
 
 from __future__ import annotations
@@ -65,25 +67,27 @@ def recipe(method: str, dirs) -> dict:
     return config
 
 
-def run_round(contenders, dirs, env, results) -> None:
-    for key, (cmd, out) in contenders.items():
-        if results.get(key, {}).get("failed"):
-            continue
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)
-        warm(dirs)
-        wall, tree, largest, rc = measure(cmd, env=env)
-        shutil.rmtree(out, ignore_errors=True)
-        row = results.setdefault(key, {"walls": [], "peak_rss_tree": 0, "peak_rss_largest": 0})
-        if rc != 0:
-            row["failed"] = f"exit {rc}"
-            print(f"  {' '.join(map(str, key)):32s} FAILED (exit {rc})", flush=True)
-            continue
-        row["walls"].append(round(wall, 3))
-        row["peak_rss_tree"] = max(row["peak_rss_tree"], tree)
-        row["peak_rss_largest"] = max(row["peak_rss_largest"], largest)
-        print(f"  {' '.join(map(str, key)):32s} {wall:7.2f} s  peak RSS {tree / 2**20:6.0f} MiB "
-              f"(largest process {largest / 2**20:.0f})", flush=True)
+def run_once(key, cmd, out: Path, dirs, env, results) -> None:
+    """One measured run of one contender on warm page cache; results[key] accumulates."""
+    row = results.setdefault(key, {"walls": [], "cpu_seconds": [], "peak_rss_tree": 0, "peak_rss_largest": 0})
+    if row.get("failed"):
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)
+    warm(dirs)
+    wall, tree, largest, cpu, rc = measure(cmd, env=env)
+    shutil.rmtree(out, ignore_errors=True)
+    label = f"{key[0]} {key[1]} x{key[2]:g}"
+    if rc != 0:
+        row["failed"] = f"exit {rc}"
+        print(f"  {label:30s} FAILED (exit {rc})", flush=True)
+        return
+    row["walls"].append(round(wall, 3))
+    row["cpu_seconds"].append(round(cpu, 3))
+    row["peak_rss_tree"] = max(row["peak_rss_tree"], tree)
+    row["peak_rss_largest"] = max(row["peak_rss_largest"], largest)
+    print(f"  {label:30s} {wall:7.2f} s wall  {cpu:7.2f} s CPU  peak RSS {tree / 2**20:6.0f} MiB "
+          f"(largest process {largest / 2**20:.0f})  load {os.getloadavg()[0]:.1f}", flush=True)
 
 
 def mib(n: int) -> str:
@@ -92,26 +96,45 @@ def mib(n: int) -> str:
 
 def print_table(results, methods, scales) -> None:
     first = scales[0]
-    best = {key: min(r["walls"]) for key, r in results.items() if r["walls"] and not r.get("failed")}
-    head = ["method", f"ours s (x{first:g})", "mergekit s", "mergekit / ours", "ours peak RSS MiB (tree / largest)",
-            "mergekit peak RSS MiB"]
-    head += [f"ours peak RSS MiB x{s:g} (tree / largest)" for s in scales[1:]]
-    print("\n| " + " | ".join(head) + " |")
+
+    def best(key, field):
+        r = results.get(key)
+        return min(r[field]) if r and r[field] and not r.get("failed") else None
+
+    head = ["method", "ours wall s", "mergekit wall s", "wall mergekit / ours", "ours CPU s", "mergekit CPU s",
+            "CPU mergekit / ours", "ours peak RSS MiB (tree / largest)", "mergekit peak RSS MiB"]
+    head += [f"ours x{s:g}: wall s, peak RSS MiB (tree / largest)" for s in scales[1:]]
+    print(f"\n(x{first:g} unless named; best of the rounds)")
+    print("| " + " | ".join(head) + " |")
     print("|" + " --- |" * len(head))
     for m in methods:
         ours, mk = ("ours", m, first), ("mergekit", m, first)
 
         def cell(key, text):
             r = results.get(key)
-            return "-" if r is None else ("failed" if r.get("failed") else text(r))
+            return "-" if r is None or not (r["walls"] or r.get("failed")) else ("failed" if r.get("failed") else text(r))
 
-        ratio = f"{best[mk] / best[ours]:.1f}x" if ours in best and mk in best else "-"
-        row = [m, cell(ours, lambda r: f"{best[ours]:.2f}"), cell(mk, lambda r: f"{best[mk]:.2f}"), ratio,
+        def ratio(field):
+            a, b = best(mk, field), best(ours, field)
+            return f"{a / b:.1f}x" if a is not None and b else "-"
+
+        row = [m, cell(ours, lambda r: f"{best(ours, 'walls'):.2f}"), cell(mk, lambda r: f"{best(mk, 'walls'):.2f}"),
+               ratio("walls"), cell(ours, lambda r: f"{best(ours, 'cpu_seconds'):.2f}"),
+               cell(mk, lambda r: f"{best(mk, 'cpu_seconds'):.2f}"), ratio("cpu_seconds"),
                cell(ours, lambda r: f"{mib(r['peak_rss_tree'])} / {mib(r['peak_rss_largest'])}"),
                cell(mk, lambda r: mib(r["peak_rss_largest"]))]
         for s in scales[1:]:
-            row.append(cell(("ours", m, s), lambda r: f"{mib(r['peak_rss_tree'])} / {mib(r['peak_rss_largest'])}"))
-        print("| " + " | ".join(row) + " |")
+            key = ("ours", m, s)
+            row.append(cell(key, lambda r: f"{best(key, 'walls'):.2f}, "
+                                           f"{mib(r['peak_rss_tree'])} / {mib(r['peak_rss_largest'])}"))
+        print("| " + " | ".join(row) + " |", flush=True)
+
+
+def write_json(path, sizes, results) -> None:
+    Path(path).write_text(json.dumps({
+        "sizes": {f"x{s:g}": v for s, v in sizes.items()},
+        "runs": [{"contender": c, "method": m, "scale": s, **r} for (c, m, s), r in results.items()],
+    }, indent=2) + "\n")
 
 
 def main():
@@ -141,36 +164,42 @@ def main():
         print(f"{MERGEKIT} is absent (bash bench/setup_mergekit.sh): ours only", file=sys.stderr)
     work = Path(args.work_dir)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    results, sizes = {}, {}
+    sizes, models = {}, {}
     for scale in scales:
         root = work / f"x{scale:g}"
         dirs, total, layers = build_models(root / "models", int(parse_count(args.params) * scale),
                                            max(2, round(args.shards * scale)), MODELS, SHAPES[args.shape])
         size = sum(f.stat().st_size for f in dirs["base"].glob("*.safetensors"))
         sizes[scale] = {"params": total, "layers": layers, "bytes_per_model": size}
-        print(f"\n== scale {scale:g}: {len(MODELS)} models of {total / 1e6:.1f}M params, {layers} layers, "
+        models[scale] = (root, dirs)
+        print(f"x{scale:g}: {len(MODELS)} models of {total / 1e6:.1f}M params, {layers} layers, "
               f"{size / 1e9:.3f} GB each", flush=True)
-        contenders = {}
-        for m in methods:
-            cfg = root / f"{m}.yml"
-            cfg.write_text(json.dumps(recipe(m, dirs)))
-            if not args.skip_ours:
-                contenders[("ours", m, scale)] = (
-                    [sys.executable, str(REPO / "launch" / "merge.py"), str(cfg), str(root / f"ours-{m}"),
-                     "--workers", str(args.workers), "--shard-size", "2GB", "--quiet"], root / f"ours-{m}")
-            if use_mergekit and scale in mergekit_scales:
-                contenders[("mergekit", m, scale)] = ([str(MERGEKIT), str(cfg), str(root / f"mergekit-{m}")],
-                                                      root / f"mergekit-{m}")
+    # Method by method, each contender right after the other (same load), ours at every size
+    # first; results are written after each method, so an interrupted run keeps what it measured.
+    results = {}
+    for m in methods:
         for _ in range(args.repeat):
-            run_round(contenders, dirs, env, results)
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
+            for scale in scales:
+                root, dirs = models[scale]
+                cfg = root / f"{m}.yml"
+                cfg.write_text(json.dumps(recipe(m, dirs)))
+                if not args.skip_ours:
+                    out = root / f"ours-{m}"
+                    run_once(("ours", m, scale), [sys.executable, str(REPO / "launch" / "merge.py"), str(cfg),
+                                                  str(out), "--workers", str(args.workers), "--shard-size", "2GB",
+                                                  "--quiet"], out, dirs, env, results)
+            for scale in scales:
+                root, dirs = models[scale]
+                if use_mergekit and scale in mergekit_scales:
+                    out = root / f"mergekit-{m}"
+                    run_once(("mergekit", m, scale), [str(MERGEKIT), str(root / f"{m}.yml"), str(out)], out, dirs,
+                             env, results)
+        if args.json:
+            write_json(args.json, sizes, results)
     print_table(results, methods, scales)
-    if args.json:
-        Path(args.json).write_text(json.dumps({
-            "sizes": {f"x{s:g}": v for s, v in sizes.items()},
-            "runs": [{"contender": c, "method": m, "scale": s, **r} for (c, m, s), r in results.items()],
-        }, indent=2) + "\n")
+    if not args.keep:
+        for root, _ in models.values():
+            shutil.rmtree(root, ignore_errors=True)
     failed = sorted(" ".join(map(str, k)) for k, r in results.items() if r.get("failed"))
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")

@@ -52,13 +52,13 @@ def test_presets_are_the_papers_recipes():
     assert steps["smollm2_study"] == ["cpt", "sft", "dpo", "orpo", "merge", "merge", "merge"]
     # The paper's grid: every strategy, each merged with the Instruct model it started from.
     # Full fine-tuning against LoRA is an axis: sft-lora branches from the same CPT model.
-    # Merge methods are an axis too: the preference models are also merged linearly.
-    assert steps["llama_instruct_grid"] == ["cpt", "sft", "dpo", "orpo", "sft"] + ["merge"] * 7
+    # Merge methods are an axis too: the preference models are also merged linearly and by TIES.
+    assert steps["llama_instruct_grid"] == ["cpt", "sft", "dpo", "orpo", "sft"] + ["merge"] * 9
     grid_steps = model_steps(plans["llama_instruct_grid"])
     assert [s.parents for s in grid_steps[4:]] == [
         [], ["start", "cpt"], ["start", "sft"], ["start", "dpo"], ["start", "orpo"], ["start", "sft-lora"],
-        ["start", "dpo"], ["start", "orpo"]]
-    assert [s.method for s in grid_steps[5:]] == ["slerp"] * 5 + ["linear"] * 2
+        ["start", "dpo"], ["start", "orpo"], ["start", "dpo"], ["start", "orpo"]]
+    assert [s.method for s in grid_steps[5:]] == ["slerp"] * 5 + ["linear"] * 2 + ["ties"] * 2
     sft_lora = model_steps(plans["llama_instruct_grid"])[4].args
     assert "training.finetune=lora" in sft_lora and any(a.startswith("model.path=") and a.endswith("/cpt")
                                                         for a in sft_lora), sft_lora

@@ -134,13 +134,13 @@ def dry_run_scripts(stdout: str) -> dict:
     return {part.split(".sbatch")[0].split("/jobs/")[1].split("-", 1)[1]: part for part in stdout.split("# ---- ")[1:]}
 
 
-GRID_MERGES = {"slerp-orpo": "paper_slerp", "linear-orpo": "linear_average",
-               "slerp-dpo": "paper_slerp", "linear-dpo": "linear_average"}
+GRID_MERGES = {"slerp-orpo": "paper_slerp", "linear-orpo": "linear_average", "ties-orpo": "ties_half",
+               "slerp-dpo": "paper_slerp", "linear-dpo": "linear_average", "ties-dpo": "ties_half"}
 
 
 def test_grid_dry_run_renders_each_merge_method_of_the_same_parents(tmp_path):
-    """llama_instruct_grid merges each preference model with the Instruct model by SLERP and
-    linearly: the dry run renders every one as a merge job of the same parents, each evaluated,
+    """llama_instruct_grid merges each preference model with the Instruct model by SLERP, linearly
+    and by TIES: the dry run renders every one as a merge job of the same parents, each evaluated,
     and the study waits for all of them."""
     proc = run_submit(["pipeline=llama_instruct_grid", "cluster=slurm", f"root={tmp_path}",
                        "pipeline.start=/models/Meta-Llama-3.1-8B-Instruct", "--dry-run"],
