@@ -20,17 +20,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 MERGEKIT = Path("/opt/mergekit-venv/bin/mergekit-yaml")
-HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = 2048, 5632, 32, 4, 32000
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    hidden: int
+    inter: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+
+SHAPES = {
+    "llama-1b": LlamaShape(2048, 5632, 32, 4, 32000),  # TinyLlama's widths: 840M parameters at 34 layers
+    "tiny": LlamaShape(64, 176, 4, 2, 512),  # for smoke runs and the tests: a few seconds per merge
+}
 PAPER_T = [
     {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
     {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
@@ -43,19 +59,20 @@ def parse_count(text: str) -> int:
     return int(float(text.rstrip("KMBGkmbg")) * scale)
 
 
-def layer_shapes(i: int):
-    kv = HIDDEN // HEADS * KV_HEADS
+def layer_shapes(i: int, shape: LlamaShape):
+    kv = shape.hidden // shape.heads * shape.kv_heads
+    h, f = shape.hidden, shape.inter
     p = f"model.layers.{i}."
     return {
-        p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
-        p + "self_attn.k_proj.weight": (kv, HIDDEN),
-        p + "self_attn.v_proj.weight": (kv, HIDDEN),
-        p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-        p + "mlp.gate_proj.weight": (INTER, HIDDEN),
-        p + "mlp.up_proj.weight": (INTER, HIDDEN),
-        p + "mlp.down_proj.weight": (HIDDEN, INTER),
-        p + "input_layernorm.weight": (HIDDEN,),
-        p + "post_attention_layernorm.weight": (HIDDEN,),
+        p + "self_attn.q_proj.weight": (h, h),
+        p + "self_attn.k_proj.weight": (kv, h),
+        p + "self_attn.v_proj.weight": (kv, h),
+        p + "self_attn.o_proj.weight": (h, h),
+        p + "mlp.gate_proj.weight": (f, h),
+        p + "mlp.up_proj.weight": (f, h),
+        p + "mlp.down_proj.weight": (h, f),
+        p + "input_layernorm.weight": (h,),
+        p + "post_attention_layernorm.weight": (h,),
     }
 
 
@@ -66,50 +83,54 @@ def numel(shape):
     return n
 
 
-def build_pair(root: Path, params: int, shards: int):
-    """Two Llama-shaped bf16 checkpoints of ~params parameters: base and other = 0.8·base + 0.6·noise."""
+def build_models(root: Path, params: int, shards: int, names=("base", "other"), shape=SHAPES["llama-1b"]):
+    """Llama-shaped bf16 checkpoints of ~params parameters each, in root/<name>: the first is
+    the base, every other one is 0.8·base + 0.6·noise (its own noise). Returns
+    ({name: dir}, parameters per model, layers); kept between runs while the request is the same."""
     import torch
     from safetensors.torch import save_file
 
-    per_layer = sum(numel(s) for s in layer_shapes(0).values())
-    layers = max(1, round((params - 2 * VOCAB * HIDDEN - HIDDEN) / per_layer))
-    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
+    per_layer = sum(numel(s) for s in layer_shapes(0, shape).values())
+    layers = max(1, round((params - 2 * shape.vocab * shape.hidden - shape.hidden) / per_layer))
+    shapes = {"model.embed_tokens.weight": (shape.vocab, shape.hidden)}
     for i in range(layers):
-        shapes.update(layer_shapes(i))
-    shapes.update({"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)})
+        shapes.update(layer_shapes(i, shape))
+    shapes.update({"model.norm.weight": (shape.hidden,), "lm_head.weight": (shape.vocab, shape.hidden)})
     total = sum(numel(s) for s in shapes.values())
-    dirs = {"base": root / "base", "other": root / "other"}
+    dirs = {name: root / name for name in names}
     marker = root / "built.json"
-    if marker.is_file() and json.loads(marker.read_text()) == {"params": total, "shards": shards}:
+    request = {"params": total, "shards": shards, "names": list(names), "shape": asdict(shape)}
+    if marker.is_file() and json.loads(marker.read_text()) == request:
         return dirs, total, layers
     shutil.rmtree(root, ignore_errors=True)
     for d in dirs.values():
         d.mkdir(parents=True)
     groups, size = [[]], 0
-    for name, shape in shapes.items():
+    for name, dims in shapes.items():
         if size > total / shards and groups[-1]:
             groups.append([])
             size = 0
         groups[-1].append(name)
-        size += numel(shape)
+        size += numel(dims)
     gen = torch.Generator().manual_seed(0)
     weight_map = {}
-    for k, names in enumerate(groups):
+    for k, group in enumerate(groups):
         fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
-        base, other = {}, {}
-        for name in names:
-            shape = shapes[name]
-            b = torch.randn(shape, generator=gen) * 0.02 + (1.0 if "norm" in name else 0.0)
-            o = 0.8 * b + 0.6 * (torch.randn(shape, generator=gen) * 0.02)
-            base[name], other[name] = b.to(torch.bfloat16), o.to(torch.bfloat16)
+        tensors = {model: {} for model in names}
+        for name in group:
+            dims = shapes[name]
+            b = torch.randn(dims, generator=gen) * 0.02 + (1.0 if "norm" in name else 0.0)
+            tensors[names[0]][name] = b.to(torch.bfloat16)
+            for model in names[1:]:
+                tensors[model][name] = (0.8 * b + 0.6 * (torch.randn(dims, generator=gen) * 0.02)).to(torch.bfloat16)
             weight_map[name] = fname
-        save_file(base, str(dirs["base"] / fname), metadata={"format": "pt"})
-        save_file(other, str(dirs["other"] / fname), metadata={"format": "pt"})
-        del base, other
+        for model in names:
+            save_file(tensors[model], str(dirs[model] / fname), metadata={"format": "pt"})
+        del tensors
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-        "intermediate_size": INTER, "num_hidden_layers": layers, "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB, "max_position_embeddings": 4096,
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": shape.hidden,
+        "intermediate_size": shape.inter, "num_hidden_layers": layers, "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads, "vocab_size": shape.vocab, "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "dtype": "bfloat16",
         "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
     }
@@ -119,7 +140,7 @@ def build_pair(root: Path, params: int, shards: int):
         (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         for f in (REPO / "train" / "assets" / "tiny_tokenizer").iterdir():
             shutil.copyfile(f, d / f.name)
-    marker.write_text(json.dumps({"params": total, "shards": shards}))
+    marker.write_text(json.dumps(request))
     return dirs, total, layers
 
 
@@ -133,29 +154,36 @@ def warm(dirs) -> None:
 
 
 def measure(cmd, env=None, shell=False):
-    """(wall seconds, peak RSS bytes summed over the process tree, return code)."""
+    """(wall seconds, peak RSS bytes summed over the process tree, peak RSS bytes of its largest
+    single process, CPU seconds (user + sys) of the whole tree, return code). CPU seconds hold
+    still when other jobs load the machine; wall time does not."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, shell=shell, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     root = psutil.Process(proc.pid)
-    peak = 0
+    peak = largest = 0
     while proc.poll() is None:
         try:
             procs = [root] + root.children(recursive=True)
             rss = 0
             for p in procs:
                 try:
-                    rss += p.memory_info().rss
+                    one = p.memory_info().rss
                 except psutil.Error:
-                    pass
+                    continue
+                rss += one
+                largest = max(largest, one)
             peak = max(peak, rss)
         except psutil.Error:
             pass
         time.sleep(0.01)
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the reaped tree: workers joined by their parent count
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     err = proc.stderr.read().decode(errors="replace")
     if proc.returncode != 0:
         print(f"[{cmd if shell else ' '.join(map(str, cmd))}] failed:\n{err[-2000:]}", file=sys.stderr)
-    return wall, peak, proc.returncode
+    return wall, peak, largest, cpu, proc.returncode
 
 
 def main():
@@ -174,8 +202,8 @@ def main():
     rows = []
     for scale in [float(s) for s in args.scales.split(",")]:
         root = work / f"x{scale:g}"
-        dirs, total, layers = build_pair(root / "models", int(parse_count(args.params) * scale),
-                                         max(2, round(args.shards * scale)))
+        dirs, total, layers = build_models(root / "models", int(parse_count(args.params) * scale),
+                                           max(2, round(args.shards * scale)))
         size = sum(f.stat().st_size for f in dirs["base"].glob("*.safetensors"))
         cfg = root / "paper.yml"
         cfg.write_text(json.dumps({
@@ -202,7 +230,7 @@ def main():
                 shutil.rmtree(out, ignore_errors=True)
                 shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)
                 warm(dirs)
-                wall, peak, rc = measure(cmd, env=env, shell=shell)
+                wall, peak, _, _, rc = measure(cmd, env=env, shell=shell)
                 if rc != 0:
                     sys.exit(f"{label} failed (exit {rc})")
                 walls[label].append(wall)

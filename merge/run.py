@@ -115,6 +115,7 @@ class Merge:
                 self.shards = plan_output_shards(self.plan.tensors, self.shard_size)
         self.out = Path(out_dir).expanduser().resolve()
         self.tmp = self.out.parent / f".{self.out.name}.partial"
+        self.tokenizer_from = tokenizer_source(self)
         self.fingerprint = self._fingerprint()
 
     def reader(self, path: str) -> ModelReader:
@@ -170,6 +171,54 @@ class Merge:
                 "choose a new OUT_DIR or delete it"
             )
         return False
+
+
+def embedding_rows(reader: ModelReader) -> Optional[int]:
+    """Rows of the model's input embedding (its vocabulary size); None if it has none."""
+    return next((info.shape[0] for name, (_, info) in reader.tensors.items() if "embed" in name), None)
+
+
+def tokenizer_ids(model: Path, rows: Optional[int]) -> Optional[int]:
+    """How many token ids the model's tokenizer can emit: 1 + the highest id of tokenizer.json's
+    vocabulary and added tokens; without a tokenizer.json, its embedding rows (the tokenizer
+    fits its own model)."""
+    try:
+        data = json.loads((model / "tokenizer.json").read_text())
+    except (OSError, ValueError):
+        return rows
+    vocab = (data.get("model") or {}).get("vocab") or {}
+    ids = list(vocab.values()) if isinstance(vocab, dict) else [len(vocab) - 1]  # Unigram: [[piece, score], ...]
+    ids += [t["id"] for t in data.get("added_tokens") or []]
+    return max(ids) + 1 if ids else rows
+
+
+def tokenizer_source(merge: Merge) -> Path:
+    """The model whose tokenizer, chat template and generation config the output gets: base_model,
+    unless `embed_mismatch: truncate` kept fewer vocabulary rows than its tokenizer has ids (the
+    merged model would emit ids past its embedding); then the first input whose tokenizer fits
+    the kept rows. Explicit `tokenizer_source: base` with such a base is refused."""
+    base, rows = Path(merge.plan.base_model).expanduser(), merge.plan.vocab_rows
+    base_ids = tokenizer_ids(base, embedding_rows(merge.reader(merge.plan.base_model))) if rows is not None else None
+    if base_ids is None or base_ids <= rows:
+        return base
+    fix = f"make the model with {rows} vocabulary rows base_model"
+    if merge.spec.raw.get("tokenizer_source") is None:
+        models = dict.fromkeys(src.model for s in merge.spec.slices for src in s.sources)
+        for model in models:
+            path = Path(model).expanduser()
+            ids = tokenizer_ids(path, embedding_rows(merge.reader(model)))
+            if path != base and ids is not None and ids <= rows and any((path / f).is_file() for f in TOKENIZER_FILES):
+                merge.plan.warnings.append(
+                    f"embed_mismatch: truncate keeps {rows} vocabulary rows but base_model's tokenizer has {base_ids} "
+                    f"ids: the tokenizer, chat template and generation config come from {model} instead")
+                return path
+        fix = f"{fix}, or merge models that share one tokenizer"
+    else:
+        fix = f"{fix}, or remove tokenizer_source: base to take the tokenizer of a model that fits"
+    raise UserError(
+        f"embed_mismatch: truncate keeps {rows} vocabulary rows, but the tokenizer of base_model {base} has {base_ids} "
+        f"ids: the merged model could emit ids past its vocabulary; {fix}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,7 +426,7 @@ def merge_lineage(merge: Merge) -> dict:
         + (f", with `{spec.base_model}` as the base ({role})." if spec.base_model else "."),
         "It was made with domainforge's streaming merger (`python launch/merge.py`), whose methods and",
         "per-layer parameters follow mergekit 0.1.5; the tokenizer, chat template and generation config come",
-        f"from `{merge.plan.base_model}`. {len(merge.plan.tensors)} tensors, "
+        f"from `{merge.tokenizer_from}`. {len(merge.plan.tensors)} tensors, "
         f"{sum(t.nbytes for t in merge.plan.tensors) / 1e9:.2f} GB in {len(merge.shards)} shard(s).{seed}",
     ]
     step = {
@@ -397,7 +446,7 @@ def merge_lineage(merge: Merge) -> dict:
 
 def publish(merge: Merge) -> None:
     """Index, config, tokenizer, card into the temp dir; verify; rename into OUT_DIR."""
-    tmp, base = merge.tmp, Path(merge.plan.base_model)
+    tmp, base = merge.tmp, Path(merge.plan.base_model).expanduser()
     weight_map = {t.name: s.filename for s in merge.shards for t in s.tensors}
     total = sum(t.nbytes for t in merge.plan.tensors)
     index = {"metadata": {"total_size": total, "merge_fingerprint": merge.fingerprint}, "weight_map": weight_map}
@@ -410,10 +459,14 @@ def publish(merge: Merge) -> None:
             config["torch_dtype"] = out_dtype
         if merge.plan.vocab_rows is not None:
             config["vocab_size"] = merge.plan.vocab_rows
+        source = merge.reader(str(merge.tokenizer_from)).config or {}
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # ids of the tokenizer the output gets
+            if merge.tokenizer_from != base and key in source:
+                config[key] = source[key]
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name in TOKENIZER_FILES:
-        if (base / name).is_file():
-            shutil.copyfile(base / name, tmp / name)
+        if (merge.tokenizer_from / name).is_file():
+            shutil.copyfile(merge.tokenizer_from / name, tmp / name)
     (tmp / "mergekit_config.yml").write_text(redact(yaml.safe_dump(merge.spec.raw, sort_keys=False)))
     write_model_card(tmp, merge_lineage(merge), title=merge.out.name)  # README.md + lineage.json
     if merge.options.verify:

@@ -230,6 +230,8 @@ class Step:
     """launch/study.py arguments (the study step)."""
     parents: List[str] = field(default_factory=list)
     """A merge's models as the pipeline names them: [base_model, model] (step names, `start`, ...)."""
+    method: Optional[str] = None
+    """A merge's merge_method (slerp, linear, ties, ...), as its composed recipe says."""
     epochs: Optional[int] = None
     """Epochs of a CPT step whose epoch models are kept and evaluated (pipeline.eval.cpt_epochs)."""
 
@@ -252,7 +254,7 @@ class Step:
         """What the study report needs to know of this step (written to pipeline.json)."""
         return dict(name=self.name, kind=self.kind, stage=self.stage, output_dir=str(self.output_dir),
                     depends_on=self.depends_on, evaluates=self.evaluates, tasks=self.tasks, parents=self.parents,
-                    epochs=self.epochs)
+                    method=self.method, epochs=self.epochs)
 
 
 ENTRY_POINTS = {"train": "train.py", "merge": "merge.py", "augment": "augment.py", "eval": "eval.py",
@@ -511,8 +513,12 @@ class PipelinePlanner:
             f"merge={spec.merge.preset}", f"merge.base_model={dirs['base_model']}",
             f"merge.model={dirs['model']}", f"output_dir={out}", *spec.merge.overrides,
         ]
+        try:
+            method = compose_merge_config(args).merge.merge_method  # the study names each merge's method
+        except UserError as err:
+            raise UserError(f"pipeline {self.pipeline.name}, step '{spec.name}': {err}") from err
         return Step(spec.name, len(self.steps), out, merge_args=args, merge_models=list(dirs.values()),
-                    depends_on=deps, parents=[spec.merge.base_model, spec.merge.model])
+                    depends_on=deps, parents=[spec.merge.base_model, spec.merge.model], method=method)
 
     def plan_train_step(self, spec) -> Step:
         if spec.stage not in STAGES:

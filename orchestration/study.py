@@ -8,8 +8,8 @@ reads <run dir>/pipeline.json (written when the pipeline starts) and each evalua
 
     study.json       every number below, machine-readable
     study.md         one row per model, one column per task (= protocol), value ± 95% interval;
-                     the change against the start model; for every merge P1, P2, E=(P1+P2)/2,
-                     max(P1,P2), merged-E, merged-max and a verdict
+                     the change against the start model; for every merge its method, P1, P2,
+                     E=(P1+P2)/2, max(P1,P2), merged-E, merged-max and a verdict
     study_bars.png   one bar per model and task, the start model as a line
     study_synergy.png  merged score against E for every merge, with the diagonal
     study_cpt_epochs.png  score after each CPT epoch, against the start model (when evaluated)
@@ -72,6 +72,15 @@ class ModelRow:
     stage: Optional[str] = None
     scores: Dict[str, Score] = field(default_factory=dict)
     """task -> the task's primary metric."""
+    method: Optional[str] = None
+    """A merge's merge_method (slerp, linear, ties, ...): two merges of the same parents differ by it."""
+
+    @property
+    def label(self) -> str:
+        """The kind column: the stage of a training step, `merge (METHOD)` of a merge."""
+        if self.kind == "train":
+            return self.stage
+        return f"merge ({self.method})" if self.kind == "merge" and self.method else self.kind
 
 
 def read_plan(run_dir: Path) -> dict:
@@ -105,7 +114,7 @@ def collect(plan: dict) -> Tuple[List[ModelRow], List[str], List[dict]]:
         elif "/" in target:
             row = ModelRow(target, "epoch", "cpt")
         else:
-            row = ModelRow(target, steps[target]["kind"], steps[target]["stage"])
+            row = ModelRow(target, steps[target]["kind"], steps[target]["stage"], method=steps[target].get("method"))
         results = load_results(step["output_dir"], output_dir=step["output_dir"])
         for task in step["tasks"]:
             if task in results:
@@ -152,8 +161,8 @@ def merge_synergies(plan: dict, rows: List[ModelRow], tasks: List[str]) -> List[
                 continue
             p1, p2, merged = scores
             comparison = compare([p1.as_tuple(), p2.as_tuple()], merged.as_tuple())
-            found.append(dict(merge=step["name"], parents=step["parents"], task=task, metric=merged.metric,
-                              **comparison))
+            found.append(dict(merge=step["name"], method=step.get("method"), parents=step["parents"], task=task,
+                              metric=merged.metric, **comparison))
     return found
 
 
@@ -187,21 +196,21 @@ def markdown(plan: dict, rows, tasks, gains, synergies, missing) -> str:
     head = ["model", "kind"] + [f"{t} ({metric[t]})" for t in tasks] + [f"Δ {t}" for t in tasks]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        kind = row.stage if row.kind == "train" else row.kind
         g = gains.get(row.name, {})
         deltas = [f"{signed(g[t]['abs'])} ({signed(g[t]['rel'], True)})" if t in g else "–" for t in tasks]
-        lines.append("| " + " | ".join([row.name, kind] + [cell(row.scores.get(t)) for t in tasks] + deltas) + " |")
+        lines.append("| " + " | ".join([row.name, row.label] + [cell(row.scores.get(t)) for t in tasks] + deltas) + " |")
     if synergies:
         lines += ["", "## Merges against their parents", "",
                   "E = (P1+P2)/2 is what a merge scores if it only averages its parents; above max(P1, P2) "
                   "it beats both (the paper's synergy). ± is the 95% margin of each difference; the verdict "
                   "counts a difference only beyond it (evaluation/synergy.py).", "",
-                  "| merge | task | P1 | P2 | E | max | merged | merged−E | merged−max | verdict |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| merge | method | task | P1 | P2 | E | max | merged | merged−E | merged−max | verdict |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in synergies:
             p1, p2 = s["parents"]
             lines.append(
-                f"| {s['merge']} | {s['task']} | {s['P1']:.3f} ({p1}) | {s['P2']:.3f} ({p2}) | {s['E']:.3f} | "
+                f"| {s['merge']} | {s['method'] or '?'} | {s['task']} | {s['P1']:.3f} ({p1}) | {s['P2']:.3f} ({p2}) | "
+                f"{s['E']:.3f} | "
                 f"{s['max']:.3f} | {s['merged']:.3f} | {signed(s['merged-E'])} ± {s['margin_E']:.3f} | "
                 f"{signed(s['merged-max'])} ± {s['margin_max']:.3f} | {s['verdict']} |"
             )
@@ -261,7 +270,8 @@ def plot(run_dir: Path, rows: List[ModelRow], tasks: List[str], synergies: List[
             mine = [s for s in synergies if s["task"] == task]
             ax.scatter([s["E"] for s in mine], [s["merged"] for s in mine], label=task)
             for s in mine:
-                ax.annotate(s["merge"], (s["E"], s["merged"]), fontsize=7, xytext=(4, -3), textcoords="offset points")
+                name = f"{s['merge']} ({s['method']})" if s["method"] else s["merge"]
+                ax.annotate(name, (s["E"], s["merged"]), fontsize=7, xytext=(4, -3), textcoords="offset points")
         lo, hi = min(xs + ys) - 0.02, max(xs + ys) + 0.02
         ax.plot([lo, hi], [lo, hi], color="gray", linestyle="--", label="merged = E")
         ax.set_xlabel("E = (P1 + P2) / 2")
@@ -304,7 +314,7 @@ def run_study(run_dir: str) -> dict:
     report = {
         "pipeline": plan["pipeline"],
         "tasks": tasks,
-        "models": [{"name": r.name, "kind": r.kind, "stage": r.stage,
+        "models": [{"name": r.name, "kind": r.kind, "stage": r.stage, "method": r.method,
                     "scores": {t: s.as_dict() for t, s in r.scores.items()},
                     "vs_start": gains.get(r.name, {})} for r in rows],
         "merges": synergies,
@@ -320,8 +330,8 @@ def run_study(run_dir: str) -> dict:
     log_wandb_run("study", {"pipeline": plan["pipeline"], "tasks": tasks},
                   {f"{r['model']}/{r['task']}": r["value"] for r in flat},
                   tables={"study": table_rows(flat, columns),
-                          "synergy": table_rows(synergies, ["merge", "task", "P1", "P2", "E", "max", "merged",
-                                                            "merged-E", "merged-max", "verdict"])},
+                          "synergy": table_rows(synergies, ["merge", "method", "task", "P1", "P2", "E", "max",
+                                                            "merged", "merged-E", "merged-max", "verdict"])},
                   images=plots)
     print(md)
     print(f"study: {run / 'study.md'}, {run / STUDY_FILE}" + "".join(f", {p}" for p in plots.values()), flush=True)

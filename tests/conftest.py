@@ -203,3 +203,12 @@ def no_leaked_shared_memory():
     for name in leaked:
         (Path("/dev/shm") / name).unlink(missing_ok=True)  # do not let the next test pay for it
     assert not leaked, f"runs left DeepSpeed shared-memory buffers behind: {leaked}"
+
+
+@pytest.fixture
+def fake_flash_attn(tmp_path) -> Path:
+    """A flash_attn package that fails if anything imports it: finding it must be enough."""
+    site = tmp_path / "site"
+    (site / "flash_attn").mkdir(parents=True)
+    (site / "flash_attn" / "__init__.py").write_text("raise ImportError('flash_attn was imported, not just found')\n")
+    return site

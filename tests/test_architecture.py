@@ -109,7 +109,7 @@ def test_submit_imports_no_heavy_library(tmp_path):
     sub = run_light("submit.py", "pipeline=tiny", f"root={root}", env=env)
     assert sub.returncode == 0, sub.stderr[-2000:]
     jobs = dict(re.findall(r"^step (\S+): job (\d+)", sub.stdout, flags=re.M))
-    assert len(jobs) == 14 and f"step slerp: job {jobs['slerp']} (after {jobs['sft']}:{jobs['orpo']})" in sub.stdout
+    assert len(jobs) == 16 and f"step slerp: job {jobs['slerp']} (after {jobs['sft']}:{jobs['orpo']})" in sub.stdout
 
     status = run_light("submit.py", "status", "pipeline=tiny", f"root={root}", env=env)
     assert status.returncode == 0, status.stderr[-2000:]

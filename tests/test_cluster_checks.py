@@ -50,15 +50,6 @@ def submit_on_login_node(*args, env=None) -> subprocess.CompletedProcess:
                           cwd=REPO, env=env or test_env(), capture_output=True, text=True, timeout=120)
 
 
-@pytest.fixture
-def fake_flash_attn(tmp_path) -> Path:
-    """A flash_attn package that fails if anything imports it: finding it must be enough."""
-    site = tmp_path / "site"
-    (site / "flash_attn").mkdir(parents=True)
-    (site / "flash_attn" / "__init__.py").write_text("raise ImportError('flash_attn was imported, not just found')\n")
-    return site
-
-
 # ---------------------------------------------------------------------------------------------
 # flash-attn
 # ---------------------------------------------------------------------------------------------

@@ -206,6 +206,45 @@ def test_vocab_mismatch_fails_or_truncates(tmp_path, tiny_pair):
     assert_bf16_close(emb, ref)
 
 
+def add_tokens(model_dir, count: int) -> list:
+    """Give model_dir's tokenizer `count` more special tokens, with the ids after its vocabulary."""
+    path = model_dir / "tokenizer.json"
+    data = json.loads(path.read_text())
+    first = max(data["model"]["vocab"].values()) + 1
+    names = [f"<|tool_{k}|>" for k in range(count)]
+    data["added_tokens"] += [{"id": first + k, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True} for k, name in enumerate(names)]
+    path.write_text(json.dumps(data))
+    return names
+
+
+def test_truncate_never_keeps_a_tokenizer_larger_than_the_kept_vocabulary(tmp_path, tiny_pair):
+    """The base has 8 tokens more than the other model: truncating to the common rows must not
+    keep a tokenizer that emits the cut ids. Unset tokenizer_source takes the other model's
+    tokenizer; an explicit `tokenizer_source: base` is refused before anything is written."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    bigger = build_llama(tmp_path / "bigger", 5, vocab=2056)
+    tool_tokens = add_tokens(bigger, 8)
+    assert len(AutoTokenizer.from_pretrained(bigger)) == 2056
+    cfg = write_config(tmp_path / "t.yml", bigger, tiny_pair["base"], embed_mismatch="truncate")
+    proc = run_merge_cli(cfg, tmp_path / "out", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert f"tokenizer, chat template and generation config come from {tiny_pair['base']}" in proc.stderr
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert AutoConfig.from_pretrained(tmp_path / "out").vocab_size == 2048
+    assert len(tok) <= 2048
+    assert max(tok(" ".join(tool_tokens) + " hello")["input_ids"]) < 2048
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (tiny_pair["base"] / "tokenizer.json").read_bytes()
+    assert str(tiny_pair["base"]) in (tmp_path / "out" / "README.md").read_text()  # the card says where it came from
+
+    cfg = write_config(tmp_path / "b.yml", bigger, tiny_pair["base"], embed_mismatch="truncate", tokenizer_source="base")
+    line = assert_one_line_error(run_merge_cli(cfg, tmp_path / "refused"), "embed_mismatch: truncate keeps 2048",
+                                 "has 2056 ids", "tokenizer_source: base")
+    assert str(bigger) in line
+    assert not (tmp_path / "refused").exists() and not (tmp_path / ".refused.partial").exists()
+
+
 def test_verify_finds_non_finite_and_missing_tensors(tmp_path, tiny_pair, paper_merge):
     import shutil
 

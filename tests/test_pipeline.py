@@ -56,15 +56,18 @@ def test_presets_are_the_papers_recipes():
     assert steps["smollm2_study"] == ["cpt", "sft", "dpo", "orpo", "merge", "merge", "merge"]
     # The paper's grid: every strategy, each merged with the Instruct model it started from.
     # Full fine-tuning against LoRA is an axis: sft-lora branches from the same CPT model.
-    assert steps["llama_instruct_grid"] == ["cpt", "sft", "dpo", "orpo", "sft", "merge", "merge", "merge", "merge",
-                                            "merge"]
-    assert [s.parents for s in model_steps(plans["llama_instruct_grid"])[4:]] == [
-        [], ["start", "cpt"], ["start", "sft"], ["start", "dpo"], ["start", "orpo"], ["start", "sft-lora"]]
+    # Merge methods are an axis too: the preference models are also merged linearly and by TIES.
+    assert steps["llama_instruct_grid"] == ["cpt", "sft", "dpo", "orpo", "sft"] + ["merge"] * 9
+    grid_steps = model_steps(plans["llama_instruct_grid"])
+    assert [s.parents for s in grid_steps[4:]] == [
+        [], ["start", "cpt"], ["start", "sft"], ["start", "dpo"], ["start", "orpo"], ["start", "sft-lora"],
+        ["start", "dpo"], ["start", "orpo"], ["start", "dpo"], ["start", "orpo"]]
+    assert [s.method for s in grid_steps[5:]] == ["slerp"] * 5 + ["linear"] * 2 + ["ties"] * 2
     sft_lora = model_steps(plans["llama_instruct_grid"])[4].args
     assert "training.finetune=lora" in sft_lora and any(a.startswith("model.path=") and a.endswith("/cpt")
                                                         for a in sft_lora), sft_lora
     # tiny covers every kind of step: all four stages, merges, evaluations, the study.
-    assert steps["tiny"] == ["cpt", "sft", "dpo", "orpo", "merge", "merge"]
+    assert steps["tiny"] == ["cpt", "sft", "dpo", "orpo", "merge", "merge", "merge"]
     assert {s.kind for s in plans["tiny"].steps} == {"train", "merge", "eval", "study"}
 
 
@@ -77,7 +80,7 @@ def test_every_step_of_every_preset_composes(preset, tmp_path):
 
 def test_each_step_reads_the_previous_output(tmp_path):
     plan = plan_pipeline(compose_pipeline_job(["pipeline=tiny", f"root={tmp_path}"]))
-    cpt, sft, dpo, orpo, slerp_dpo, slerp = model_steps(plan)
+    cpt, sft, dpo, orpo, slerp_dpo, slerp, linear = model_steps(plan)
     run = tmp_path / "tiny"
     assert "model.path" not in " ".join(cpt.train_args)  # the preset's own (random-init) model
     assert arg(sft, "model.path") == str(run / "cpt")
@@ -88,6 +91,10 @@ def test_each_step_reads_the_previous_output(tmp_path):
     assert (arg(slerp, "merge.base_model"), arg(slerp, "merge.model")) == (str(run / "sft"), str(run / "orpo"))
     assert arg(slerp, "merge") == "paper_slerp" and arg(slerp, "merge.dtype") == "float32"
     assert slerp.depends_on == ["sft", "orpo"]
+    # the same parents merged by a second method; the plan names each merge's method for the study
+    assert arg(linear, "merge") == "linear_average" and linear.merge_models == slerp.merge_models
+    assert (slerp.method, linear.method) == ("slerp", "linear")
+    assert linear.describe()["method"] == "linear" and cpt.describe()["method"] is None
 
 
 @pytest.mark.parametrize("gpus_per_node, visible, processes", [(8, 8, 8), (8, 4, 4), (1, 8, 1), (2, 0, 1)])

@@ -51,7 +51,7 @@ def when(text: str) -> datetime:
 
 
 def test_tiny_study_runs_as_a_dependency_graph_of_jobs(slurm_cluster, tmp_path):
-    """The tiny grid (4 stages, 2 merges, 7 evaluations, the study) as SLURM jobs: each waits
+    """The tiny grid (4 stages, 3 merges, 8 evaluations, the study) as SLURM jobs: each waits
     for the jobs of the steps it reads, training jobs run 2 ranks, and the study comes last."""
     t0 = time.time()
     submit(slurm_cluster, "pipeline=tiny", "cluster=slurm", f"root={tmp_path}", "cluster.gpus_per_node=2",

@@ -158,8 +158,8 @@ def test_dry_run_prints_every_script_and_submits_nothing(tmp_path):
     proc = run_submit(["pipeline=tiny", f"root={tmp_path}", "cluster.gpus_per_node=2", "--dry-run"],
                       env=dict(os.environ, PATH=str(tmp_path)))  # no sbatch needed for a dry run
     assert proc.returncode == 0, proc.stderr[-2000:]
-    # 6 training/merge steps, 7 evaluations (one of them the first CPT epoch), the study
-    assert proc.stdout.count("#!/bin/bash") == 14
+    # 7 training/merge steps, 8 evaluations (one of them the first CPT epoch), the study
+    assert proc.stdout.count("#!/bin/bash") == 16
     # Each job waits for the steps it reads: orpo for sft (not dpo), the merge for both its models.
     scripts = {part.split(".sbatch")[0].split("/jobs/")[1].split("-", 1)[1]: part
                for part in proc.stdout.split("# ---- ")[1:]}
@@ -167,7 +167,7 @@ def test_dry_run_prints_every_script_and_submits_nothing(tmp_path):
     assert "--dependency=afterok:<job of sft>:<job of orpo>" in proc.stdout
     assert "--dependency=afterok:<job of orpo>\n" in scripts["eval-orpo"] and "launch/eval.py" in scripts["eval-orpo"]
     evals = ":".join(f"<job of {n}>" for n in ["eval-cpt-epoch-1", "eval-cpt", "eval-sft", "eval-dpo", "eval-orpo",
-                                                "eval-slerp-dpo", "eval-slerp"])
+                                                "eval-slerp-dpo", "eval-slerp", "eval-linear"])
     assert f"--dependency=afterok:{evals}\n" in scripts["study"] and "launch/study.py" in scripts["study"]
     assert not (tmp_path / "tiny").exists()
 
@@ -180,3 +180,34 @@ def test_cpus_and_memory_are_set_or_left_to_the_partition(tmp_path):
     options = sbatch_options(scripts[0])
     assert not any(o.startswith(("--cpus-per-task", "--mem")) for o in options)
     assert "SRUN_CPUS_PER_TASK" not in scripts[0]
+
+
+def dry_run_scripts(stdout: str) -> dict:
+    """{step name: its rendered sbatch script} from submit.py --dry-run's output."""
+    return {part.split(".sbatch")[0].split("/jobs/")[1].split("-", 1)[1]: part for part in stdout.split("# ---- ")[1:]}
+
+
+GRID_MERGES = {"slerp-orpo": "paper_slerp", "linear-orpo": "linear_average", "ties-orpo": "ties_half",
+               "slerp-dpo": "paper_slerp", "linear-dpo": "linear_average", "ties-dpo": "ties_half"}
+
+
+def test_grid_dry_run_renders_each_merge_method_of_the_same_parents(tmp_path, fake_flash_attn):
+    """llama_instruct_grid merges each preference model with the Instruct model by SLERP, linearly
+    and by TIES: the dry run renders every one as a merge job of the same parents, each evaluated,
+    and the study waits for all of them."""
+    proc = run_submit(["pipeline=llama_instruct_grid", "cluster=slurm", f"root={tmp_path}",
+                       "pipeline.start=/models/Meta-Llama-3.1-8B-Instruct", "--dry-run"],
+                      env=dict(os.environ, PATH=str(tmp_path), PYTHONPATH=str(fake_flash_attn)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    scripts = dry_run_scripts(proc.stdout)
+    run = tmp_path / "llama_instruct_grid"
+    for name, preset in GRID_MERGES.items():
+        parent = name.split("-", 1)[1]
+        text = scripts[name]
+        assert "launch/merge.py" in text and f" merge={preset} \\\n" in text
+        assert "merge.base_model=/models/Meta-Llama-3.1-8B-Instruct" in text
+        assert f"merge.model={run / parent}" in text and f"output_dir={run / name}\n" in text
+        assert f"--dependency=afterok:<job of {parent}>\n" in text
+        assert f"--dependency=afterok:<job of {name}>\n" in scripts[f"eval-{name}"]
+        assert f"<job of eval-{name}>" in scripts["study"]
+    assert not run.exists()

@@ -25,18 +25,20 @@ def write_result(eval_dir: Path, task: str, value: float, n: int = 100, metric: 
     (eval_dir / f"{task}.json").write_text(json.dumps(record))
 
 
-def fake_run(root: Path, scores: dict, missing=()) -> Path:
-    """A run directory with pipeline.json and eval files: scores = {model: {task: value}}."""
+def fake_run(root: Path, scores: dict, missing=(), merges=None) -> Path:
+    """A run directory with pipeline.json and eval files: scores = {model: {task: value}};
+    merges = {step name: merge_method}, each of start and dpo (default: one slerp)."""
     run = root / "grid"
+    merges = merges or {"slerp": "slerp"}
     steps = [
         {"name": "cpt", "kind": "train", "stage": "cpt", "depends_on": [], "epochs": 2},
         {"name": "sft", "kind": "train", "stage": "sft", "depends_on": ["cpt"]},
         {"name": "dpo", "kind": "train", "stage": "dpo", "depends_on": ["sft"]},
-        {"name": "slerp", "kind": "merge", "stage": None, "depends_on": ["dpo"], "parents": ["start", "dpo"]},
-    ]
+    ] + [{"name": name, "kind": "merge", "stage": None, "depends_on": ["dpo"], "parents": ["start", "dpo"],
+          "method": method} for name, method in merges.items()]
     tasks = sorted({t for s in scores.values() for t in s})
     evals = []
-    for model in ["start", "cpt/epoch-1", "cpt", "sft", "dpo", "slerp"]:
+    for model in ["start", "cpt/epoch-1", "cpt", "sft", "dpo", *merges]:
         out = run / model.replace("/", "/epochs/") / "eval" if model != "start" else run / "start" / "eval"
         evals.append({"name": f"eval-{model.replace('/', '-')}", "kind": "eval", "stage": None,
                       "output_dir": str(out), "evaluates": model, "tasks": tasks, "depends_on": []})
@@ -86,10 +88,29 @@ def test_report_numbers_are_the_eval_files(tmp_path):
     assert models["cpt/epoch-1"]["scores"]["dom_loglik"]["value"] == 0.45
     assert models["cpt/epoch-2"]["scores"]["dom_loglik"]["value"] == 0.50
     md = (run / "study.md").read_text()
-    assert "| slerp | merge | 0.660 [" in md and "+0.200 (+50.0%)" in md
+    assert "| slerp | merge (slerp) | 0.660 [" in md and "+0.200 (+50.0%)" in md
     for png in ("study_bars.png", "study_synergy.png", "study_cpt_epochs.png"):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert not saved["missing"]
+
+
+def test_two_merge_methods_of_the_same_parents_are_told_apart(tmp_path):
+    """SLERP against linear of the same parents (the paper's question): the table, the merges
+    section, study.json and the W&B synergy table name each merge's method."""
+    scores = dict(SCORES, linear={"dom_loglik": 0.52, "gen_gen": 0.27})
+    run = fake_run(tmp_path, scores, merges={"slerp": "slerp", "linear": "linear"})
+    report = run_study(str(run))
+    models = {m["name"]: m for m in report["models"]}
+    assert (models["slerp"]["method"], models["linear"]["method"], models["dpo"]["method"]) == ("slerp", "linear", None)
+    by_merge = {(m["merge"], m["task"]): m for m in report["merges"]}
+    assert by_merge[("slerp", "dom_loglik")]["method"] == "slerp"
+    assert by_merge[("linear", "dom_loglik")]["method"] == "linear"
+    assert by_merge[("linear", "dom_loglik")]["merged"] == 0.52 and by_merge[("linear", "dom_loglik")]["P2"] == 0.62
+    md = (run / "study.md").read_text()
+    assert "| linear | merge (linear) | 0.520 [" in md and "| slerp | merge (slerp) | 0.660 [" in md
+    assert "| merge | method | task |" in md
+    assert "| slerp | slerp | dom_loglik | 0.400 (start) | 0.620 (dpo) |" in md
+    assert "| linear | linear | dom_loglik | 0.400 (start) | 0.620 (dpo) |" in md
 
 
 def test_partial_run_reports_what_is_missing(tmp_path):
@@ -117,7 +138,7 @@ def assert_study_matches_evals(run: Path) -> None:
     report = json.loads((run / "study.json").read_text())
     assert not report["missing"], report["missing"]
     models = {m["name"]: m for m in report["models"]}
-    assert set(models) == {"cpt/epoch-1", "cpt/epoch-2", "cpt", "sft", "dpo", "orpo", "slerp-dpo", "slerp"}
+    assert set(models) == {"cpt/epoch-1", "cpt/epoch-2", "cpt", "sft", "dpo", "orpo", "slerp-dpo", "slerp", "linear"}
     for step in plan["steps"]:
         if step["kind"] != "eval":
             continue
@@ -126,7 +147,8 @@ def assert_study_matches_evals(run: Path) -> None:
             metric = models[step["evaluates"]]["scores"][task]["metric"]
             (key,) = [k for k in record["results"] if k.split(",")[0] == metric.split(",")[0] and "," in k]
             assert models[step["evaluates"]]["scores"][task]["value"] == record["results"][key]
-    assert {m["merge"] for m in report["merges"]} == {"slerp-dpo", "slerp"}
+    assert {(m["merge"], m["method"]) for m in report["merges"]} == {
+        ("slerp-dpo", "slerp"), ("slerp", "slerp"), ("linear", "linear")}  # two methods of the same parents
     for png in ("study_bars.png", "study_synergy.png", "study_cpt_epochs.png"):
         assert (run / png).read_bytes()[:4] == b"\x89PNG", png
 
@@ -142,7 +164,7 @@ def test_tiny_study_runs_end_to_end(tmp_path):
 
     plan = json.loads((run / "pipeline.json").read_text())
     kinds = [s["kind"] for s in plan["steps"]]
-    assert kinds.count("train") == 4 and kinds.count("merge") == 2 and kinds.count("eval") == 7 and kinds[-1] == "study"
+    assert kinds.count("train") == 4 and kinds.count("merge") == 3 and kinds.count("eval") == 8 and kinds[-1] == "study"
 
     assert_study_matches_evals(run)
 
@@ -153,7 +175,7 @@ def test_tiny_study_runs_end_to_end(tmp_path):
         runs.setdefault(info["job_type"], []).append((info, history(path)))
     assert {info["group"] for infos in runs.values() for info, _ in infos} == {"tiny"}
     assert set(runs) == {"cpt", "sft", "dpo", "orpo", "merge", "eval", "study"}
-    assert len(runs["eval"]) == 7 and len(runs["merge"]) == 2
+    assert len(runs["eval"]) == 8 and len(runs["merge"]) == 3
     eval_keys = set().union(*(row.keys() for _, rows in runs["eval"] for row in rows))
     assert any(k.startswith("samples/") for k in eval_keys), eval_keys
     (study_info, study_rows), = runs["study"]
