@@ -122,7 +122,7 @@ CASES = [
     ("dtype", ok(TASK, "dtype=fp8"), ["dtype=fp8: must be one of auto, float32, bfloat16, float16"]),
     ("backend", ok(TASK, "backend=onnx"), ["backend=onnx: must be one of hf, vllm"]),
     ("fewshot-negative", ok(TASK, "num_fewshot=-1"), ["num_fewshot=-1: must be >= 0"]),
-    ("data-parallel-zero", ok(TASK, "data_parallel=0"), ["data_parallel=0: must be >= 1"]),
+    ("data-parallel-zero", ok(TASK, "backend=vllm", "data_parallel=0"), ["data_parallel=0: must be >= 1"]),
     ("tensor-parallel-zero", ok(TASK, "backend=vllm", "tensor_parallel=0"), ["tensor_parallel=0: must be >= 1"]),
     ("data-parallel-hf", ok(TASK, "data_parallel=2"), ["data_parallel is for backend=vllm", "torchrun --nproc_per_node"]),
     ("seed-negative", ok(TASK, "seed=-3"), ["seed=-3: must be >= 0"]),
