@@ -166,7 +166,7 @@ def test_a_refused_requeue_fails_the_job_and_cancels_its_dependents(slurm_cluste
     ranks.chmod(0o755)
     out = tmp_path / "cpt"
     submit(slurm_cluster, "+stage=cpt", f"output_dir={out}", "cluster=slurm", "cluster.request_gpus=false",
-           "cluster.gpus_per_node=1", "cluster.requeue=false", "cluster.sbatch_args=[--no-requeue]",
+           "cluster.gpus_per_node=1", "cluster.cpus_per_task=1", "cluster.requeue=false", "cluster.sbatch_args=[--no-requeue]",
            f"cluster.python={ranks}")
     (job,) = read_jobs(out / "jobs")
     dependent = subprocess.run(
