@@ -206,6 +206,17 @@ def load_model(cfg: DictConfig, model_dir: Path, layout: Layout):
     return lm
 
 
+def leave_process_group(lm) -> None:
+    """End the data-parallel group accelerate started, every rank together, once the shares are
+    gathered. A rank that simply exits tears gloo's threads down while its peers still talk, and
+    can abort with "terminate called without an active exception" (SIGABRT, seen in CI, which
+    fails the eval job after a good run), as training's shutdown_process_group explains."""
+    accelerator = getattr(lm, "accelerator", None)
+    if accelerator is not None and accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+
+
 def use_chat_template(cfg: DictConfig, lm) -> bool:
     tokenizer = getattr(lm, "tokenizer", None)
     has = bool(getattr(tokenizer, "chat_template", None))
@@ -333,6 +344,7 @@ def evaluate(cfg: DictConfig) -> List[dict]:
             torch_random_seed=cfg.seed,
             fewshot_random_seed=cfg.seed,
         )
+    leave_process_group(lm)
     if results is None:  # not rank 0 of a data-parallel run: rank 0 writes
         return []
     records = task_records(results, cfg, model_dir, chat)
