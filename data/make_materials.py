@@ -297,7 +297,8 @@ def compound_rendering(formula: str, common: str, facts: dict, rng: random.Rando
 
 
 def renderings(facts_list: list, all_facts: dict, k: int) -> list:
-    """k distinct wordings of each element (as far as the sentence choices allow) and compound."""
+    """k distinct wordings of each element (as far as the sentence choices allow) and compound:
+    (subjects, text) pairs, subjects as the benchmarks name them (an element's name, a formula)."""
     rng = random.Random(SEED + k)
     docs = []
     for f in facts_list:
@@ -308,7 +309,7 @@ def renderings(facts_list: list, all_facts: dict, k: int) -> list:
                 seen.append(doc)
             if len(seen) == k:
                 break
-        docs += seen
+        docs += [((f["name"],), doc) for doc in seen]
     for formula, common in COMPOUNDS:
         seen = []
         for _ in range(20 * k):
@@ -317,7 +318,7 @@ def renderings(facts_list: list, all_facts: dict, k: int) -> list:
                 seen.append(doc)
             if len(seen) == k:
                 break
-        docs += seen
+        docs += [((formula,), doc) for doc in seen]
     rng.shuffle(docs)
     return docs
 
@@ -378,21 +379,30 @@ def qa_items(facts_list: list, rng: random.Random) -> list:
     return items
 
 
+def element_fact_lists() -> tuple:
+    """(facts of elements 1-96, facts of every element by symbol)."""
+    elements = [el for el in pt.elements if el.number > 0 and el.number <= 96]
+    all_facts = {el.symbol: element_facts(el) for el in pt.elements if el.number > 0}
+    return [element_facts(el) for el in elements], all_facts
+
+
+def cpt_documents(facts_list: list, all_facts: dict, rng: random.Random) -> list:
+    """The CPT prose as (subjects, text) pairs, subjects as the benchmarks name them."""
+    docs = []
+    for f in facts_list:  # three differently worded documents per element
+        docs += [((f["name"],), element_document(f, rng)) for _ in range(3)]
+    for a, b in zip(facts_list, facts_list[1:]):
+        docs.append(((a["name"], b["name"]), comparison_document(a, b, rng)))
+    for formula, common in COMPOUNDS:
+        docs += [((formula,), compound_document(formula, common, all_facts, rng)) for _ in range(2)]
+    rng.shuffle(docs)
+    return docs
+
+
 def build(out_dir: Path, renderings_per_fact: int = RENDERINGS) -> dict:
     rng = random.Random(SEED)
-    elements = [el for el in pt.elements if el.number > 0 and el.number <= 96]
-    facts_list = [element_facts(el) for el in elements]
-    facts = {f["symbol"]: f for f in facts_list}
-    all_facts = {el.symbol: element_facts(el) for el in pt.elements if el.number > 0}
-
-    cpt = []
-    for f in facts_list:  # three differently worded documents per element
-        cpt += [element_document(f, rng) for _ in range(3)]
-    for a, b in zip(facts_list, facts_list[1:]):
-        cpt.append(comparison_document(a, b, rng))
-    for formula, common in COMPOUNDS:
-        cpt += [compound_document(formula, common, all_facts, rng) for _ in range(2)]
-    rng.shuffle(cpt)
+    facts_list, all_facts = element_fact_lists()
+    cpt = [text for _, text in cpt_documents(facts_list, all_facts, rng)]
 
     items = qa_items(facts_list, rng)
     rng.shuffle(items)
@@ -424,7 +434,7 @@ def build(out_dir: Path, renderings_per_fact: int = RENDERINGS) -> dict:
         "preference_chat.jsonl": preference_chat,
     }
     if renderings_per_fact:
-        outputs["cpt_renderings.jsonl"] = [{"text": t} for t in renderings(facts_list, all_facts, renderings_per_fact)]
+        outputs["cpt_renderings.jsonl"] = [{"text": t} for _, t in renderings(facts_list, all_facts, renderings_per_fact)]
     return write_outputs(out_dir, outputs)
 
 

@@ -539,14 +539,15 @@ class PipelinePlanner:
         elif input_dir is not None and _is_gguf_cache(input_dir):
             input_dir = None  # the step converts the preset's GGUF file itself
         deps = [dep] if dep else []
-        if spec.corpus is not None:
+        args += list(self.pipeline.overrides)
+        if spec.corpus is not None:  # after the pipeline's overrides: a pipeline-wide data.cpt.path is the default
             if spec.stage != "cpt":
                 raise self.fail(f"step '{spec.name}' sets corpus: {spec.corpus}, but only a cpt step trains on an "
                                 "augmented corpus")
             dataset = self.resolve_dataset(spec.corpus, spec.name, "corpus")
             args.append(f"data.cpt.path={dataset.output_dir}")
             deps.append(dataset.name)
-        args += list(self.pipeline.overrides) + list(spec.overrides)
+        args += list(spec.overrides)
         return Step(spec.name, len(self.steps), out, stage=spec.stage, train_args=args, input_dir=input_dir,
                     depends_on=deps)
 

@@ -246,6 +246,8 @@ def test_wrap_prompts_hold_the_document_slot():
 # ---------------------------------------------------------------------------------------------
 def test_study_pipeline_plans_augment_steps_before_cpt(tmp_path):
     from orchestration.pipeline import compose_pipeline_job, plan_pipeline, validate_step_configs
+    from train.augment.config import compose_augment_config
+    from train.config import compose_train_config
 
     plan = plan_pipeline(compose_pipeline_job(["pipeline=smollm2_augment", f"root={tmp_path}"]))
     validate_step_configs(plan)
@@ -253,10 +255,17 @@ def test_study_pipeline_plans_augment_steps_before_cpt(tmp_path):
     assert [s.name for s in plan.steps if s.kind == "augment"] == ["rules", "wrap", "repeat"]
     assert steps["repeat"].depends_on == ["rules"]
     assert f"augment.repeat.match={plan.run_dir / 'rules'}" in steps["repeat"].augment_args
-    for name, corpus in (("cpt-rules", "rules"), ("cpt-wrap", "wrap"), ("cpt-repeat", "repeat")):
-        assert f"data.cpt.path={plan.run_dir / corpus}" in steps[name].train_args
-        assert corpus in steps[name].depends_on
-    assert any(a.endswith("data/materials/cpt_renderings.jsonl") for a in steps["cpt-renderings"].train_args)
+    subset = REPO / "data" / "augment_subset"
+    for name in ("rules", "wrap", "repeat"):  # every augmentation reads the study's subset
+        assert compose_augment_config(steps[name].augment_args).data.cpt.path == str(subset / "cpt.jsonl")
+    # the corpus a CPT step trains on, as its composed config has it: `corpus:` beats the pipeline's
+    # data.cpt.path, which is the default for the others
+    trained_on = {name: compose_train_config(steps[name].train_args).data.cpt.path
+                  for name in steps if name.startswith("cpt-")}
+    assert trained_on == {"cpt-raw": str(subset / "cpt.jsonl"), "cpt-renderings": str(subset / "cpt_renderings.jsonl"),
+                          **{f"cpt-{c}": str(plan.run_dir / c) for c in ("rules", "wrap", "repeat")}}
+    for name in ("rules", "wrap", "repeat"):
+        assert name in steps[f"cpt-{name}"].depends_on
     evaluated = {s.evaluates for s in plan.steps if s.kind == "eval"}
     assert evaluated == {"start", "cpt-raw", "cpt-repeat", "cpt-rules", "cpt-wrap", "cpt-renderings"}
     assert not steps["rules"].is_complete()
