@@ -112,6 +112,31 @@ def test_generator_is_deterministic_and_matches_the_files(tmp_path):
         assert (tmp_path / f"{name}.jsonl").read_bytes() == (BENCH / f"{name}.jsonl").read_bytes(), name
 
 
+def test_the_augmentation_subset_is_half_the_subjects_and_matches_its_generator(tmp_path):
+    """data/augment_subset/ (the augmentation study's reduced set) is what data/make_augment_subset.py
+    writes; its documents and questions are the bundled ones, so they stay held out; every question
+    asks about a subject its corpus states, and no question's subject is missing from it."""
+    import subprocess
+    import sys
+
+    subset = REPO / "data" / "augment_subset"
+    subprocess.run([sys.executable, str(REPO / "data" / "make_augment_subset.py"), "--out", str(tmp_path)],
+                   check=True, capture_output=True)
+    files = sorted(p.name for p in subset.glob("*.jsonl"))
+    assert files == sorted(p.name for p in tmp_path.glob("*.jsonl"))
+    for name in files:
+        assert (tmp_path / name).read_bytes() == (subset / name).read_bytes(), name
+    for corpus, full in (("cpt.jsonl", "cpt.jsonl"), ("cpt_renderings.jsonl", "cpt_renderings.jsonl")):
+        assert set((subset / corpus).read_text().splitlines()) <= set((MATERIALS / full).read_text().splitlines())
+    text = " ".join(r["text"] for r in rows(subset / "cpt.jsonl")).lower()
+    for name in ("materials_cpt_mc", "materials_sft_mc"):
+        asked = rows(subset / f"{name}.jsonl")
+        assert {json.dumps(r) for r in asked} <= {json.dumps(r) for r in rows(BENCH / f"{name}.jsonl")}
+        assert 0.4 * len(rows(BENCH / f"{name}.jsonl")) <= len(asked) <= 0.6 * len(rows(BENCH / f"{name}.jsonl"))
+        for row in asked:
+            assert row["subject"].split(":")[0].lower() in text, row
+
+
 # --- the GPU suite and the GPU throughput benchmark, kept runnable on the CPU -------------------
 
 GPU_TESTS = {
