@@ -230,8 +230,8 @@ class Step:
     """launch/study.py arguments (the study step)."""
     parents: List[str] = field(default_factory=list)
     """A merge's models as the pipeline names them: [base_model, model] (step names, `start`, ...)."""
-    method: Optional[str] = None
-    """A merge's merge_method (slerp, linear, ties, ...), as its composed recipe says."""
+    recipe: Optional[dict] = None
+    """A merge's composed recipe (merge steps), kept so that it is composed once per plan."""
     epochs: Optional[int] = None
     """Epochs of a CPT step whose epoch models are kept and evaluated (pipeline.eval.cpt_epochs)."""
 
@@ -255,6 +255,11 @@ class Step:
         return dict(name=self.name, kind=self.kind, stage=self.stage, output_dir=str(self.output_dir),
                     depends_on=self.depends_on, evaluates=self.evaluates, tasks=self.tasks, parents=self.parents,
                     method=self.method, epochs=self.epochs)
+
+    @property
+    def method(self) -> Optional[str]:
+        """A merge's merge_method (slerp, linear, ties, ...): the study names each merge by it."""
+        return self.recipe.get("merge_method") if self.recipe else None
 
 
 ENTRY_POINTS = {"train": "train.py", "merge": "merge.py", "augment": "augment.py", "eval": "eval.py",
@@ -514,11 +519,11 @@ class PipelinePlanner:
             f"merge.model={dirs['model']}", f"output_dir={out}", *spec.merge.overrides,
         ]
         try:
-            method = compose_merge_config(args).merge.merge_method  # the study names each merge's method
+            recipe = recipe_from_config(compose_merge_config(args))
         except UserError as err:
             raise UserError(f"pipeline {self.pipeline.name}, step '{spec.name}': {err}") from err
         return Step(spec.name, len(self.steps), out, merge_args=args, merge_models=list(dirs.values()),
-                    depends_on=deps, parents=[spec.merge.base_model, spec.merge.model], method=method)
+                    depends_on=deps, parents=[spec.merge.base_model, spec.merge.model], recipe=recipe)
 
     def plan_train_step(self, spec) -> Step:
         if spec.stage not in STAGES:
@@ -566,7 +571,7 @@ def validate_step_configs(plan: Plan) -> None:
                 compose_train_config(step.train_args)
             elif step.kind == "merge":
                 # the merge's own recipe checks (method, parameters, dtypes), before the models exist
-                check_recipe(recipe_from_config(compose_merge_config(step.merge_args)))
+                check_recipe(step.recipe)
             elif step.kind == "augment":
                 compose_augment_config(step.augment_args)
             elif step.kind == "eval":
