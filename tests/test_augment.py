@@ -53,6 +53,27 @@ def test_filter_reasons(rewrite, verdict):
     assert lost_fact(LATTICE, rewrite) == verdict
 
 
+def test_a_rewrite_that_echoes_its_source_is_dropped_as_copied(tiny, tmp_path, monkeypatch):
+    """A small model often answers with the paragraph itself behind a preamble: every fact is
+    there, but the corpus gains no wording. Such a rewrite is dropped and counted as `copied`."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": LATTICE}])
+
+    def fake_generator(backend, model_dir, tokenizer, rewrite, seed):
+        def generate(prompts):
+            return [(f"The paragraph is:\n\n{LATTICE}" if "Wikipedia" in p else LATTICE.replace(" has ", " shows "), 9)
+                    for p in prompts]
+        return generate
+
+    monkeypatch.setattr(rewriting, "make_generator", fake_generator)
+    out = tmp_path / "out"
+    run_augment(compose_augment_config([
+        "augment=wrap", f"model.path={tiny}", f"data.cpt.path={corpus}", f"output_dir={out}",
+        "augment.rewrite.system_prompt=null"]))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rejected"] == {"copied": 1} and manifest["rewrites"]["kept"] == 1
+    assert datasets.load_from_disk(str(out))["text"] == [LATTICE, LATTICE.replace(" has ", " shows ")]
+
+
 def test_numbers_units_and_entities_are_found():
     text = "Marie Curie measured 1,234.5 g/cm3 and 71.7 percent of Ba-138 in Al2O3 and Ca5(PO4)3OH in Paris."
     assert [(str(q.value), q.unit) for q in quantities(text)] == [("1234.5", "g/cm3"), ("71.7", "%"), ("138", "")]
@@ -67,7 +88,8 @@ def test_a_rewrite_that_alters_a_number_never_reaches_the_corpus(tiny, tmp_path,
 
     def fake_generator(backend, model_dir, tokenizer, rewrite, seed):
         def generate(prompts):
-            return [((p.split("\n\n")[-1].replace("3.61", "3.16") if "Wikipedia" in p else p.split("\n\n")[-1]), 7)
+            return [((p.split("\n\n")[-1].replace("3.61", "3.16") if "Wikipedia" in p
+                      else p.split("\n\n")[-1]).replace(" has ", " shows "), 7)
                     for p in prompts]
         return generate
 

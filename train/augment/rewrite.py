@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from core.errors import UserError
 from core.outputs import write_atomic
 from train.augment.config import DOCUMENT_SLOT
-from train.augment.text import lost_fact
+from train.augment.text import copies_source, lost_fact
 
 # Test hook: SIGKILL this process once it has finished shards holding this many documents (the
 # kill-and-resume test; a real kill lands anywhere, and a half-done shard is simply redone).
@@ -179,12 +179,13 @@ def keep_nonempty(source: str, text: str, label: str = "") -> Optional[Tuple[str
 
 
 def wrap_task(rewrite) -> ModelTask:
-    """WRAP: each document once per style, every fact of the source kept (text.lost_fact)."""
+    """WRAP: each document once per style, every fact of the source kept (text.lost_fact), and
+    not the source itself again (text.copies_source)."""
     def prompts(index: int, document: str) -> List[Tuple[str, str]]:
         return [(style, rewrite.prompts[style].replace(DOCUMENT_SLOT, document)) for style in rewrite.styles]
 
     def check(source: str, text: str, label: str) -> Optional[Tuple[str, str]]:
-        return lost_fact(source, text)
+        return ("copied", "") if copies_source(source, text) else lost_fact(source, text)
 
     return ModelTask(prompts, check if rewrite.filter else keep_nonempty)
 

