@@ -149,7 +149,7 @@ def added_quantity(source: str, text: str) -> Optional[str]:
 def copies_source(source: str, rewrite: str) -> bool:
     """`rewrite` holds its whole source word for word (whitespace aside): an echo, often behind a
     preamble ("The paragraph is: ..."), which adds no wording, only a repetition. Measured in the
-    augmentation study: 17 of the 45 rewrites SmolLM2-135M's facts let through were such echoes."""
+    augmentation study: 25 of the 45 rewrites by SmolLM2-135M that kept their facts were such echoes."""
     text = " ".join(source.split())
     return bool(text) and text in " ".join(rewrite.split())
 
