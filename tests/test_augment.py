@@ -38,6 +38,24 @@ def tiny(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 # the fact-preservation filter
 # ---------------------------------------------------------------------------------------------
+def rewrite_with_stand_in(stand_in, documents, tiny, tmp_path, monkeypatch):
+    """launch/augment.py augment=wrap on `documents`, with `stand_in(prompt, document)` as the model
+    (each "generates" 7 tokens); the manifest and the published texts."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in documents])
+
+    def fake_generator(backend, model_dir, tokenizer, rewrite, seed):
+        def generate(prompts):
+            return [(stand_in(p, next(d for d in documents if d in p)), 7) for p in prompts]
+        return generate
+
+    monkeypatch.setattr(rewriting, "make_generator", fake_generator)
+    out = tmp_path / "out"
+    run_augment(compose_augment_config([
+        "augment=wrap", f"model.path={tiny}", f"data.cpt.path={corpus}", f"output_dir={out}",
+        "augment.rewrite.system_prompt=null", "augment.rewrite.max_new_tokens=7"]))
+    return json.loads((out / "manifest.json").read_text()), datasets.load_from_disk(str(out))["text"]
+
+
 def test_a_changed_number_is_a_lost_fact():
     assert lost_fact(LATTICE, LATTICE.replace("3.61 Å", "3.16 Å")) == ("lost_number", "3.61 Å")
 
@@ -56,22 +74,12 @@ def test_filter_reasons(rewrite, verdict):
 def test_a_rewrite_that_echoes_its_source_is_dropped_as_copied(tiny, tmp_path, monkeypatch):
     """A small model often answers with the paragraph itself behind a preamble: every fact is
     there, but the corpus gains no wording. Such a rewrite is dropped and counted as `copied`."""
-    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": LATTICE}])
+    def stand_in(prompt: str, document: str) -> str:
+        return f"The paragraph is:\n\n{document}" if "Wikipedia" in prompt else document.replace(" has ", " shows ")
 
-    def fake_generator(backend, model_dir, tokenizer, rewrite, seed):
-        def generate(prompts):
-            return [(f"The paragraph is:\n\n{LATTICE}" if "Wikipedia" in p else LATTICE.replace(" has ", " shows "), 9)
-                    for p in prompts]
-        return generate
-
-    monkeypatch.setattr(rewriting, "make_generator", fake_generator)
-    out = tmp_path / "out"
-    run_augment(compose_augment_config([
-        "augment=wrap", f"model.path={tiny}", f"data.cpt.path={corpus}", f"output_dir={out}",
-        "augment.rewrite.system_prompt=null"]))
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest, texts = rewrite_with_stand_in(stand_in, [LATTICE], tiny, tmp_path, monkeypatch)
     assert manifest["rejected"] == {"copied": 1} and manifest["rewrites"]["kept"] == 1
-    assert datasets.load_from_disk(str(out))["text"] == [LATTICE, LATTICE.replace(" has ", " shows ")]
+    assert texts == [LATTICE, LATTICE.replace(" has ", " shows ")]
 
 
 def test_numbers_units_and_entities_are_found():
@@ -84,25 +92,14 @@ def test_numbers_units_and_entities_are_found():
 def test_a_rewrite_that_alters_a_number_never_reaches_the_corpus(tiny, tmp_path, monkeypatch):
     """The whole path with a stand-in model: the faithful style is kept, the one that turns 3.61 Å
     into 3.16 Å is dropped and counted; the published dataset never holds 3.16."""
-    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": LATTICE}, {"text": "Copper has a density of 8.96 g/cm3."}])
+    def stand_in(prompt: str, document: str) -> str:
+        return (document.replace("3.61", "3.16") if "Wikipedia" in prompt else document).replace(" has ", " shows ")
 
-    def fake_generator(backend, model_dir, tokenizer, rewrite, seed):
-        def generate(prompts):
-            return [((p.split("\n\n")[-1].replace("3.61", "3.16") if "Wikipedia" in p
-                      else p.split("\n\n")[-1]).replace(" has ", " shows "), 7)
-                    for p in prompts]
-        return generate
-
-    monkeypatch.setattr(rewriting, "make_generator", fake_generator)
-    out = tmp_path / "out"
-    run_augment(compose_augment_config([
-        "augment=wrap", f"model.path={tiny}", f"data.cpt.path={corpus}", f"output_dir={out}",
-        "augment.rewrite.system_prompt=null", "augment.rewrite.max_new_tokens=7"]))
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest, texts = rewrite_with_stand_in(stand_in, [LATTICE, "Copper has a density of 8.96 g/cm3."], tiny,
+                                            tmp_path, monkeypatch)
     assert manifest["rejected"] == {"lost_number": 1}
     assert manifest["rewrites"]["hit_max_new_tokens"] == 4  # the stand-in "generates" 7 tokens each
     assert manifest["rewrites"]["generated"] == 4 and manifest["rewrites"]["kept"] == 3
-    texts = datasets.load_from_disk(str(out))["text"]
     assert len(texts) == 2 + 3 == manifest["rows_out"]  # the sources, then the kept rewrites
     assert not any("3.16" in t for t in texts) and sum("3.61 Å" in t for t in texts) == 2
     assert manifest["source"]["rows"] == 2 and len(manifest["source"]["sha256"]) == 64
