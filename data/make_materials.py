@@ -193,7 +193,7 @@ def compound_document(formula: str, common: str, facts: dict, rng: random.Random
 # -------------------------------------------------------------------------------------------
 # K renderings: the same facts in many wordings (Allen-Zhu & Li's "diverse restatements"), with
 # their own random generator so that cpt.jsonl is unchanged. None may word a fact as the
-# benchmarks do (tests/test_benchmarks.py checks every file here).
+# eval sets do (tests/test_benchmarks.py checks every file here).
 # -------------------------------------------------------------------------------------------
 RENDER_SENTENCES = {
     "intro": [
