@@ -7,7 +7,7 @@ old hand-written scorer (merge/synergy.py at cbaef5d), side by side in one run.
 1. Preference pairs (data/materials/preference_chat.jsonl): the old scorer's `score_model`
    against the engine's `materials_preference` task: the same pairs, model, dtype (fp32) and
    batch size. Pairs/s = pairs / wall time including model load, alternating old / engine.
-2. The bundled benchmarks under each protocol (engine only): questions/s per task.
+2. The bundled eval sets under each protocol (engine only): questions/s per task.
 
 The old scorer is recovered with `git show cbaef5d:merge/synergy.py` into a temporary folder
 (it is not in the tree). Both load the same fp32 safetensors copy of the GGUF model

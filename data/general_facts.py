@@ -3,7 +3,7 @@
 Written for this project (Apache-2.0, like the rest of the repository); common knowledge,
 copied from no benchmark. Only facts with one uncontroversial answer: countries with several
 or disputed capitals, and countries that span two continents, are left out of those
-categories. make_benchmarks.py turns each row into a 4-option question whose wrong options
+categories. make_eval_sets.py turns each row into a 4-option question whose wrong options
 come from the same category.
 """
 

@@ -13,7 +13,7 @@ The subset: the elements of even atomic number (48 of 1-96) and every other bund
                         number, so none is kept)
   cpt_renderings.jsonl  the bundled K renderings of the subset's subjects (the upper bound)
   materials_cpt_mc.jsonl, materials_sft_mc.jsonl
-                        the bundled held-out questions (data/benchmarks/) about the subset's subjects
+                        the bundled held-out questions (data/eval_sets/) about the subset's subjects
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from make_materials import (  # noqa: E402
 )
 
 OUT_DIR = Path(__file__).resolve().parent / "augment_subset"
-BENCHMARKS = Path(__file__).resolve().parent / "benchmarks"
+EVAL_SETS = Path(__file__).resolve().parent / "eval_sets"
 SETS = ("materials_cpt_mc.jsonl", "materials_sft_mc.jsonl")
 
 
@@ -39,7 +39,7 @@ def subset_subjects(facts_list: list) -> set:
 
 
 def question_subject(row: dict) -> str:
-    """The element name or compound formula a benchmark row asks about ("CeO2:O" -> "CeO2")."""
+    """The element name or compound formula an eval set row asks about ("CeO2:O" -> "CeO2")."""
     return row["subject"].split(":")[0]
 
 
@@ -53,7 +53,7 @@ def build(out_dir: Path) -> dict:
                                  if set(subjects) <= keep],
     }
     for name in SETS:
-        rows = [json.loads(line) for line in (BENCHMARKS / name).read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in (EVAL_SETS / name).read_text().splitlines() if line.strip()]
         outputs[name] = [row for row in rows if question_subject(row) in keep]
     out_dir.mkdir(parents=True, exist_ok=True)
     return write_outputs(out_dir, outputs)

@@ -193,7 +193,7 @@ def compound_document(formula: str, common: str, facts: dict, rng: random.Random
 # -------------------------------------------------------------------------------------------
 # K renderings: the same facts in many wordings (Allen-Zhu & Li's "diverse restatements"), with
 # their own random generator so that cpt.jsonl is unchanged. None may word a fact as the
-# benchmarks do (tests/test_benchmarks.py checks every file here).
+# eval sets do (tests/test_benchmarks.py checks every file here).
 # -------------------------------------------------------------------------------------------
 RENDER_SENTENCES = {
     "intro": [
@@ -298,7 +298,7 @@ def compound_rendering(formula: str, common: str, facts: dict, rng: random.Rando
 
 def renderings(facts_list: list, all_facts: dict, k: int) -> list:
     """k distinct wordings of each element (as far as the sentence choices allow) and compound:
-    (subjects, text) pairs, subjects as the benchmarks name them (an element's name, a formula)."""
+    (subjects, text) pairs, subjects as the eval sets name them (an element's name, a formula)."""
     rng = random.Random(SEED + k)
     docs = []
     for f in facts_list:
@@ -387,7 +387,7 @@ def element_fact_lists() -> tuple:
 
 
 def cpt_documents(facts_list: list, all_facts: dict, rng: random.Random) -> list:
-    """The CPT prose as (subjects, text) pairs, subjects as the benchmarks name them."""
+    """The CPT prose as (subjects, text) pairs, subjects as the eval sets name them."""
     docs = []
     for f in facts_list:  # three differently worded documents per element
         docs += [((f["name"],), element_document(f, rng)) for _ in range(3)]

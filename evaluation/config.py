@@ -30,7 +30,7 @@ class EvalJobConfig:
     tasks: List[str] = field(default_factory=list)
     """lm-eval task, group or tag names: the bundled ones (evaluation/tasks/), any task in an
     include_path folder, or lm-eval's built-ins (mmlu, arc_easy, ...) where their data is reachable."""
-    benchmarks: List[str] = field(default_factory=list)
+    eval_sets: List[str] = field(default_factory=list)
     """Paper-format JSONL files (docs/eval.md): each runs under both protocols, as tasks
     `<file stem>_loglik` and `<file stem>_gen`."""
     include_path: List[str] = field(default_factory=list)
@@ -100,6 +100,6 @@ def compose_eval_config(overrides: List[str]) -> DictConfig:
     cfg = compose_config(overrides, "eval_job", EvalJobConfig, check=check)
     if OmegaConf.is_missing(cfg, "model_dir"):
         raise UserError("model_dir is not set: python launch/eval.py MODEL_DIR [tasks=[...]]")
-    if not cfg.tasks and not cfg.benchmarks:
-        raise UserError("no tasks: give tasks=[name,...], benchmarks=[file.jsonl] or a preset eval=<name> (conf/eval/)")
+    if not cfg.tasks and not cfg.eval_sets:
+        raise UserError("no tasks: give tasks=[name,...], eval_sets=[file.jsonl] or a preset eval=<name> (conf/eval/)")
     return cfg

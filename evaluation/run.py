@@ -3,7 +3,7 @@
 Order, so that a mistake fails before a model is loaded: check the model directory, decide
 where the model goes (evaluation/parallel.py: launched one process per GPU, the ranks a
 one-process layout does not need stop here), write the task YAMLs for any paper-format
-benchmark files, index the task folders (lm-eval's ~14k built-in tasks only when a name is not
+eval set files, index the task folders (lm-eval's ~14k built-in tasks only when a name is not
 found among ours: indexing them costs ~8 s), build every task (this reads and checks its data),
 load the model once, evaluate every task in one `simple_evaluate` call (each process scores a
 share when there are several), then on rank 0 write `<output_dir>/<task>.json` atomically and
@@ -28,7 +28,7 @@ from core.model_card import refresh_model_card
 from core.outputs import EVAL_DIR, is_model_dir, write_atomic
 from core.safetensors_header import read_model_headers
 from core.wandb_runs import log_wandb_run
-from evaluation.benchmark import TASK_DIR, benchmark_task_yamls
+from evaluation.eval_set import TASK_DIR, eval_set_task_yamls
 from evaluation.parallel import Launched, Layout, bounded_max_length, leave_single_process, plan_layout, weight_bytes
 from evaluation.results import format_table, metric_values
 
@@ -53,14 +53,14 @@ def check_model_dir(cfg: DictConfig) -> Tuple[Path, Optional[int]]:
     return model_dir.resolve(), parameters
 
 
-def write_benchmark_tasks(benchmarks: List[str], folder: Path) -> List[str]:
+def write_eval_set_tasks(eval_sets: List[str], folder: Path) -> List[str]:
     """Task YAMLs (both protocols) for each paper-format file, in `folder`; their task names."""
     names: List[str] = []
-    for path in benchmarks:
+    for path in eval_sets:
         stem = Path(path).name.split(".")[0]
-        for task, text in benchmark_task_yamls(path, stem).items():
+        for task, text in eval_set_task_yamls(path, stem).items():
             if task in names:
-                raise UserError(f"benchmarks: two files named {stem}: rename one (task names come from file names)")
+                raise UserError(f"eval_sets: two files named {stem}: rename one (task names come from file names)")
             (folder / f"{task}.yaml").write_text(text)
             names.append(task)
     return names
@@ -300,7 +300,7 @@ def log_to_wandb(records: List[dict], samples: dict, cfg: DictConfig) -> None:
 
 
 def evaluate(cfg: DictConfig) -> List[dict]:
-    """Evaluate cfg.tasks (+ cfg.benchmarks) on cfg.model_dir; the records written, one per task."""
+    """Evaluate cfg.tasks (+ cfg.eval_sets) on cfg.model_dir; the records written, one per task."""
     model_dir, parameters = check_model_dir(cfg)
     launched = Launched.from_env()
     layout = layout_for(cfg, model_dir, parameters, launched)
@@ -318,7 +318,7 @@ def evaluate(cfg: DictConfig) -> List[dict]:
     out_dir = Path(cfg.output_dir).expanduser() if cfg.output_dir else model_dir / EVAL_DIR
 
     with tempfile.TemporaryDirectory(prefix="domainforge-tasks-") as generated:
-        tasks = list(dict.fromkeys([*cfg.tasks, *write_benchmark_tasks(list(cfg.benchmarks), Path(generated))]))
+        tasks = list(dict.fromkeys([*cfg.tasks, *write_eval_set_tasks(list(cfg.eval_sets), Path(generated))]))
         manager = task_manager_for(tasks, [TASK_DIR, *user_folders, Path(generated)], user_folders)
         built = build_tasks(tasks, manager)
 

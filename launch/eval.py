@@ -1,8 +1,8 @@
 """Evaluate one model directory with lm-evaluation-harness: see docs/eval.md.
 
-    python launch/eval.py outputs/sft-tiny                              # bundled benchmarks, both protocols
+    python launch/eval.py outputs/sft-tiny                              # bundled eval sets, both protocols
     python launch/eval.py outputs/sft-tiny tasks=[materials_cpt_mc_gen,general_mc_loglik] limit=50
-    python launch/eval.py outputs/sft-tiny benchmarks=[my_mc.jsonl]      # a paper-format file, both protocols
+    python launch/eval.py outputs/sft-tiny eval_sets=[my_mc.jsonl]      # a paper-format file, both protocols
     python launch/eval.py outputs/sft-tiny tasks=[my_task] include_path=[my_tasks/]
     python launch/eval.py eval=smollm2_gguf                             # SmolLM2-135M-Instruct from its GGUF
 

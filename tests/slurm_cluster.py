@@ -1,7 +1,7 @@
 """A real one-node SLURM cluster on localhost for the `slurm` tests.
 
 Installs Debian's slurmctld, slurmd, slurm-client and munge when missing (apt-get; needs
-root), writes a slurm.conf into a temp dir (recipe: shared ENVIRONMENT notes), starts munged,
+root), writes a minimal localhost slurm.conf into a temp dir, starts munged,
 slurmctld and slurmd in the foreground as our own children, waits for the node to be idle,
 and stops them by pid afterwards. Everything (munge socket and key, ports, state) is private
 to the temp dir, so it never touches a system SLURM or munge.

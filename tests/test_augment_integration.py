@@ -36,7 +36,7 @@ def test_rules_and_rewrite_outputs_are_published_with_manifests(augment_run):
     assert wrap["rewrites"]["generated"] == 4 * 2
     assert wrap["rewrites"]["kept"] + sum(wrap["rejected"].values()) == 8
     assert wrap["rows_out"] == 4 + wrap["rewrites"]["kept"]  # the sources are kept beside the rewrites
-    # The benchmark questions stay held out of whatever the model wrote, too.
+    # The eval set questions stay held out of whatever the model wrote, too.
     texts = [t for name in ("rules", "wrap") for t in datasets.load_from_disk(str(run / name))["text"]]
     assert_held_out(texts)
 

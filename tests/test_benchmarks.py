@@ -1,4 +1,4 @@
-"""The bundled benchmarks (data/make_benchmarks.py) are held out: no question is worded as any
+"""The bundled eval sets (data/make_eval_sets.py) are held out: no question is worded as any
 training file words it, each fact sits in the split it claims, and the files are what the
 generator writes."""
 
@@ -10,7 +10,7 @@ import re
 import pytest
 from conftest import REPO
 
-BENCH = REPO / "data" / "benchmarks"
+BENCH = REPO / "data" / "eval_sets"
 MATERIALS = REPO / "data" / "materials"
 SETS = ("materials_sft_mc", "materials_sft_tf", "materials_cpt_mc", "materials_cpt_tf", "general_mc")
 NGRAM = 6  # words: longer than any shared phrase of the element facts themselves ("the density of iron is")
@@ -67,7 +67,7 @@ def test_no_question_is_worded_as_in_training(training_text):
 
 
 def test_no_question_is_worded_as_in_the_augmented_corpora():
-    """The renderings and the rule-based tasks and permutations add wordings, never a benchmark's."""
+    """The renderings and the rule-based tasks and permutations add wordings, never an eval set's."""
     assert_held_out(augmented_text())
 
 
@@ -106,7 +106,7 @@ def test_generator_is_deterministic_and_matches_the_files(tmp_path):
     import subprocess
     import sys
 
-    subprocess.run([sys.executable, str(REPO / "data" / "make_benchmarks.py"), "--out", str(tmp_path)], check=True,
+    subprocess.run([sys.executable, str(REPO / "data" / "make_eval_sets.py"), "--out", str(tmp_path)], check=True,
                    capture_output=True)
     for name in SETS:
         assert (tmp_path / f"{name}.jsonl").read_bytes() == (BENCH / f"{name}.jsonl").read_bytes(), name

@@ -85,7 +85,7 @@ def test_tiny_model_both_protocols_on_bundled_tasks(tiny):
 
 @pytest.mark.integration
 def test_known_answers_score_one_and_shuffled_answers_score_chance(tmp_path):
-    """A model that always says " A" (then "A"): a benchmark whose answer is always option A
+    """A model that always says " A" (then "A"): an eval set whose answer is always option A
     ("A") scores 1.0 under both protocols; the same questions with the answer letters spread
     evenly over A-D score 0.25. Plain prompts and chat template both."""
     model = build_tiny(tmp_path / "favours_a", favour=(" A", "A"))
@@ -95,7 +95,7 @@ def test_known_answers_score_one_and_shuffled_answers_score_chance(tmp_path):
     files = [write_jsonl(tmp_path / "right.jsonl", right), write_jsonl(tmp_path / "shuffled.jsonl", shuffled)]
     for chat in ("true", "false"):
         out = tmp_path / f"chat-{chat}"
-        proc = launch("eval.py", [str(model), "tasks=[]", f"benchmarks=[{files[0]},{files[1]}]",
+        proc = launch("eval.py", [str(model), "tasks=[]", f"eval_sets=[{files[0]},{files[1]}]",
                                   f"chat_template={chat}", f"output_dir={out}"], timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         r = {task: rec["results"] for task, rec in results_of(out).items()}
@@ -138,9 +138,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny):
 
     outside = write_jsonl(tmp_path / "outside.jsonl", [{"question": "Q?", "options": ["a", "b", "c", "d"],
                                                         "answer": "E"}])
-    assert_one_line_error(run(tiny, "tasks=[]", f"benchmarks=[{outside}]"), "outside.jsonl", "not one of the option")
+    assert_one_line_error(run(tiny, "tasks=[]", f"eval_sets=[{outside}]"), "outside.jsonl", "not one of the option")
     (tmp_path / "empty.jsonl").write_text("")
-    assert_one_line_error(run(tiny, "tasks=[]", f"benchmarks=[{tmp_path / 'empty.jsonl'}]"), "empty.jsonl", "empty")
+    assert_one_line_error(run(tiny, "tasks=[]", f"eval_sets=[{tmp_path / 'empty.jsonl'}]"), "empty.jsonl", "empty")
     # the same bad file reached through a task YAML fails the same way, before the model loads
     (tasks / "bad_data.yaml").write_text("include: " + str(REPO / "evaluation/tasks/_mc_gen_template_yaml")
                                          + f"\ntask: bad_data\ndataset_kwargs:\n  data_files: {outside}\n")

@@ -13,7 +13,7 @@ from conftest import test_env as child_env
 
 from core.config import CONF_DIR
 from core.errors import UserError
-from evaluation.benchmark import benchmark_task_yamls, load_benchmark
+from evaluation.eval_set import eval_set_task_yamls, load_eval_set
 from evaluation.config import compose_eval_config
 from evaluation.results import load_results, wilson_interval
 from evaluation.synergy import compare, parents_of, synergy_table
@@ -31,7 +31,7 @@ def write_jsonl(path, rows):
 def test_every_eval_preset_composes_and_names_known_tasks(preset):
     from lm_eval.tasks import TaskManager
 
-    from evaluation.benchmark import TASK_DIR
+    from evaluation.eval_set import TASK_DIR
 
     cfg = compose_eval_config(["model_dir=m", f"eval={preset}"])
     known = TaskManager(include_defaults=False, include_path=str(TASK_DIR)).all_tasks
@@ -166,14 +166,14 @@ def test_samples_are_written_in_document_order():
 # the paper's format
 # ---------------------------------------------------------------------------------------------
 def test_mc_and_tf_rows_get_labels_and_letters(tmp_path):
-    mc = load_benchmark(write_jsonl(tmp_path / "mc.jsonl", [
+    mc = load_eval_set(write_jsonl(tmp_path / "mc.jsonl", [
         {"question": "Q?", "options": ["w", "x", "y"], "answer": "c", "extra": 1}]))
     assert mc[0]["label"] == 2 and mc[0]["answer"] == "C" and mc[0]["lettered"] == "A. w\nB. x\nC. y"
     assert mc[0]["extra"] == 1
-    tf = load_benchmark(write_jsonl(tmp_path / "tf.jsonl", [
+    tf = load_eval_set(write_jsonl(tmp_path / "tf.jsonl", [
         {"statement": "S.", "answer": True}, {"statement": "T.", "answer": "false"}]))
     assert [(r["answer"], r["label"]) for r in tf] == [("True", 0), ("False", 1)]
-    tasks = benchmark_task_yamls(str(tmp_path / "tf.jsonl"), "tf")
+    tasks = eval_set_task_yamls(str(tmp_path / "tf.jsonl"), "tf")
     assert sorted(tasks) == ["tf_gen", "tf_loglik"] and "_tf_gen_template_yaml" in tasks["tf_gen"]
 
 
@@ -187,16 +187,16 @@ def test_mc_and_tf_rows_get_labels_and_letters(tmp_path):
      "mixes MC and TF"),
     ([{"question": "Q?", "options": "a, b", "answer": "A"}], "'options' must be a list"),
 ])
-def test_bad_benchmark_rows_name_file_row_and_field(tmp_path, rows, needle):
+def test_bad_eval_set_rows_name_file_row_and_field(tmp_path, rows, needle):
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(UserError, match=needle) as err:
-        load_benchmark(path)
+        load_eval_set(path)
     assert "bad.jsonl" in str(err.value)
 
 
-def test_bundled_benchmarks_pass_the_checks():
+def test_bundled_eval_sets_pass_the_checks():
     for name in ("materials_sft_mc", "materials_sft_tf", "materials_cpt_mc", "materials_cpt_tf", "general_mc"):
-        assert len(load_benchmark(f"${{repo:data/benchmarks/{name}.jsonl}}")) >= 300
+        assert len(load_eval_set(f"${{repo:data/eval_sets/{name}.jsonl}}")) >= 300
 
 
 # ---------------------------------------------------------------------------------------------

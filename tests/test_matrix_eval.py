@@ -77,20 +77,20 @@ def include_path_a_file(tmp):
     return [str(model_dir(tmp)), TASK, f"include_path=[{tmp / 'tasks.yaml'}]"]
 
 
-def benchmark_missing(tmp):
-    return [str(model_dir(tmp)), "tasks=[]", f"benchmarks=[{tmp / 'mine.jsonl'}]"]
+def eval_set_missing(tmp):
+    return [str(model_dir(tmp)), "tasks=[]", f"eval_sets=[{tmp / 'mine.jsonl'}]"]
 
 
-def benchmark_bad_letter(tmp):
+def eval_set_bad_letter(tmp):
     f = tmp / "mine.jsonl"
     f.write_text(json.dumps({"question": "Q?", "options": ["a", "b", "c", "d"], "answer": "F"}) + "\n")
-    return [str(model_dir(tmp)), "tasks=[]", f"benchmarks=[{f}]"]
+    return [str(model_dir(tmp)), "tasks=[]", f"eval_sets=[{f}]"]
 
 
-def benchmark_wrong_columns(tmp):
+def eval_set_wrong_columns(tmp):
     f = tmp / "mine.jsonl"
     f.write_text(json.dumps({"prompt": "Q?", "label": 1}) + "\n")
-    return [str(model_dir(tmp)), "tasks=[]", f"benchmarks=[{f}]"]
+    return [str(model_dir(tmp)), "tasks=[]", f"eval_sets=[{f}]"]
 
 
 def output_dir_a_file(tmp):
@@ -128,9 +128,9 @@ CASES = [
     ("seed-negative", ok(TASK, "seed=-3"), ["seed=-3: must be >= 0"]),
     ("output-dir-a-file", output_dir_a_file, ["output_dir=", "is an existing file"]),
     ("include-path-a-file", include_path_a_file, ["include_path", "tasks.yaml is not a folder"]),
-    ("benchmark-missing", benchmark_missing, ["mine.jsonl not found"]),
-    ("benchmark-bad-letter", benchmark_bad_letter, ["mine.jsonl", "not one of the option"]),
-    ("benchmark-wrong-columns", benchmark_wrong_columns, ["mine.jsonl line 1", "neither MC nor TF"]),
+    ("eval-set-missing", eval_set_missing, ["mine.jsonl not found"]),
+    ("eval-set-bad-letter", eval_set_bad_letter, ["mine.jsonl", "not one of the option"]),
+    ("eval-set-wrong-columns", eval_set_wrong_columns, ["mine.jsonl line 1", "neither MC nor TF"]),
     ("gguf-missing", gguf_missing, ["model_args.gguf_file", "model.Q4.gguf not found"]),
 ]
 

@@ -3,7 +3,7 @@
 GPU: NCCL, and bf16 where the GPU computes in bf16 natively (compute capability 8.0+: A100,
 H100, L40...), else fp16 with DeepSpeed's dynamic loss scaling (V100, T4), unless told
 otherwise. CPU: DeepSpeed's CPU accelerator with gloo, fp32 (bf16 autocast on the CPU measured
-~20x slower than fp32, see shared ENVIRONMENT notes).
+~20x slower than fp32: SmolLM2-135M at batch 4x256, fp32 12 s, bf16 246 s).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Dataset loaders the task YAMLs in this folder name with `custom_dataset: !function ...`.
 
 lm-eval imports this file by its path, so it first makes the repository importable; the
-checks themselves live in evaluation/benchmark.py. lm-eval calls a loader with the task's
+checks themselves live in evaluation/eval_set.py. lm-eval calls a loader with the task's
 metadata and dataset_kwargs as keyword arguments.
 """
 
@@ -12,7 +12,7 @@ REPO = str(Path(__file__).resolve().parents[2])
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from evaluation.benchmark import load_benchmark, read_jsonl  # noqa: E402
+from evaluation.eval_set import load_eval_set, read_jsonl  # noqa: E402
 
 
 def _as_test_split(rows):
@@ -21,9 +21,9 @@ def _as_test_split(rows):
     return DatasetDict(test=Dataset.from_list(rows))
 
 
-def benchmark(data_files=None, **_):
-    """A paper-format MC or TF benchmark (checked, with `label` and `lettered` added)."""
-    return _as_test_split(load_benchmark(data_files))
+def eval_set(data_files=None, **_):
+    """A paper-format MC or TF eval set (checked, with `label` and `lettered` added)."""
+    return _as_test_split(load_eval_set(data_files))
 
 
 def jsonl(data_files=None, **_):

@@ -1,8 +1,8 @@
-"""Write the bundled held-out benchmarks, in the paper's MC/TF format, from the same
+"""Write the bundled held-out eval sets, in the paper's MC/TF format, from the same
 `periodictable` facts as data/make_materials.py, plus an offline general-knowledge set.
 
-    python data/make_benchmarks.py            # rewrites data/benchmarks/*.jsonl
-    python data/make_benchmarks.py --out DIR  # somewhere else
+    python data/make_eval_sets.py            # rewrites data/eval_sets/*.jsonl
+    python data/make_eval_sets.py --out DIR  # somewhere else
 
 Deterministic. Every question is worded in a way no training file uses (tests/test_benchmarks.py
 checks it), and every fact is split by where the training data states it:
@@ -37,7 +37,7 @@ from general_facts import AUTHORS, COUNTRIES, CURRENCIES, MISC  # noqa: E402
 from make_materials import COMPOUNDS, QUESTIONS, STRUCTURE_NAMES, element_facts, write_outputs  # noqa: E402
 from make_materials import OUT_DIR as MATERIALS_DIR, main as materials_cli  # noqa: E402
 
-OUT_DIR = HERE / "benchmarks"
+OUT_DIR = HERE / "eval_sets"
 SEED = 903444
 SFT_SET_SIZE = 400  # of ~800 candidate facts; see docs/eval.md for the interval arithmetic
 LETTERS = "ABCD"
@@ -81,7 +81,7 @@ ELEMENT_WORDING = {
 }
 SFT_KINDS = ("number", "symbol", "mass", "density", "structure", "radius", "k_alpha", "absorption", "major_isotope")
 CPT_KINDS = ("lattice_a", "b_c", "major_abundance")
-# A training sentence that states each fact: the benchmark only keeps facts whose sentence is
+# A training sentence that states each fact: the eval set only keeps facts whose sentence is
 # found in the split's files (SFT answers from make_materials.QUESTIONS; CPT fragments below).
 CPT_EVIDENCE = {
     "lattice_a": "lattice parameter of {value} angstrom",

@@ -1,6 +1,6 @@
-"""The paper's benchmark format (Lu, Luu & Buehler, 2409.03444), read and checked in one place.
+"""The paper's eval-set format (Lu, Luu & Buehler, 2409.03444), read and checked in one place.
 
-A benchmark is a JSONL file of one kind:
+An eval set is a JSONL file of one kind:
   MC  {"question": str, "options": [str, ...] (2-8), "answer": "A".."H"}
   TF  {"statement": str, "answer": "True" | "False"}   (JSON true/false also accepted)
 Other fields are kept. Every row gets `label` (index of the right option: for TF 0 = True,
@@ -37,7 +37,7 @@ def read_jsonl(path: str) -> List[dict]:
     """Rows of a JSONL file; UserError for a missing, empty or malformed file."""
     file = resolve_data_file(path)
     if not file.is_file():
-        raise UserError(f"benchmark file {file} not found: give an existing .jsonl file")
+        raise UserError(f"eval set file {file} not found: give an existing .jsonl file")
     rows = []
     for number, line in enumerate(file.read_text().splitlines(), 1):
         if not line.strip():
@@ -50,11 +50,11 @@ def read_jsonl(path: str) -> List[dict]:
             raise UserError(f"{file} line {number}: expected a JSON object, got {type(row).__name__}")
         rows.append(row)
     if not rows:
-        raise UserError(f"{file} is empty: a benchmark needs at least one row ({FORMAT_HINT})")
+        raise UserError(f"{file} is empty: an eval set needs at least one row ({FORMAT_HINT})")
     return rows
 
 
-def benchmark_kind(row: dict, where: str) -> str:
+def eval_set_kind(row: dict, where: str) -> str:
     """'mc' or 'tf' from a row's fields."""
     if "options" in row or "question" in row:
         return "mc"
@@ -91,25 +91,25 @@ def check_row(row: dict, kind: str, where: str) -> dict:
     return {**row, "answer": letter, "label": letters.index(letter), "lettered": lettered}
 
 
-def load_benchmark(path: str) -> List[dict]:
-    """Every row of a paper-format benchmark, checked and labelled; one kind per file."""
+def load_eval_set(path: str) -> List[dict]:
+    """Every row of a paper-format eval set, checked and labelled; one kind per file."""
     rows = read_jsonl(path)
     file = resolve_data_file(path)
-    kind = benchmark_kind(rows[0], f"{file} line 1")
+    kind = eval_set_kind(rows[0], f"{file} line 1")
     out = []
     for number, row in enumerate(rows, 1):
         where = f"{file} row {number}"
-        if benchmark_kind(row, where) != kind:
+        if eval_set_kind(row, where) != kind:
             raise UserError(f"{where}: mixes MC and TF rows: put each kind in its own file")
         out.append(check_row(row, kind, where))
     return out
 
 
 def file_kind(path: str) -> str:
-    return benchmark_kind(read_jsonl(path)[0], f"{resolve_data_file(path)} line 1")
+    return eval_set_kind(read_jsonl(path)[0], f"{resolve_data_file(path)} line 1")
 
 
-# The task templates (evaluation/tasks/) that give a benchmark file its two protocols.
+# The task templates (evaluation/tasks/) that give an eval set file its two protocols.
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
 TEMPLATES: Dict[str, Dict[str, str]] = {
     "mc": {"loglik": "_mc_loglik_template_yaml", "gen": "_mc_gen_template_yaml"},
@@ -117,10 +117,10 @@ TEMPLATES: Dict[str, Dict[str, str]] = {
 }
 
 
-def benchmark_task_yamls(path: str, name: str) -> Dict[str, str]:
-    """{task name: YAML text} for both protocols on one benchmark file: `<name>_loglik` and
+def eval_set_task_yamls(path: str, name: str) -> Dict[str, str]:
+    """{task name: YAML text} for both protocols on one eval set file: `<name>_loglik` and
     `<name>_gen`. The file is checked here, so a bad one fails before a model loads."""
-    load_benchmark(path)
+    load_eval_set(path)
     kind = file_kind(path)
     data = str(resolve_data_file(path).resolve())
     return {
