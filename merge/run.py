@@ -57,7 +57,7 @@ from merge.plan import (
     plan_output_shards,
 )
 from merge import methods
-from merge.methods.base import Rounder, TensorContext
+from merge.methods.numeric import Rounder, TensorContext
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

@@ -18,7 +18,7 @@ from merge.plan import (
     plan_merge,
     plan_output_shards,
 )
-from merge.slerp import SlerpStats, combine, lerp, slerp, slerp_coefficients
+from merge.methods.numeric import SlerpStats, combine, lerp, slerp, slerp_coefficients
 
 
 def ref_slerp64(t, v0, v1):

@@ -16,7 +16,7 @@ from test_merge_models import build_llama, load_dir, run_merge_cli, tiny_pair  #
 
 from core.errors import UserError
 from merge import methods
-from merge.methods.base import RankWindow, Rounder, TensorContext, uniforms
+from merge.methods.numeric import RankWindow, Rounder, TensorContext, uniforms
 from merge.plan import TensorPlan, check_recipe
 
 
