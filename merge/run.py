@@ -47,15 +47,9 @@ from merge.io import (
     pread_exact,
     round_through,
 )
-from merge.plan import (
-    MergePlan,
-    ShardPlan,
-    TensorPlan,
-    parse_merge_config,
-    parse_size,
-    plan_merge,
-    plan_output_shards,
-)
+from merge.plan import MergePlan, TensorPlan, plan_merge
+from merge.recipe import check_recipe
+from merge.shards import ShardPlan, parse_size, plan_output_shards
 from merge import methods
 from merge.methods.numeric import Rounder, TensorContext
 
@@ -99,7 +93,7 @@ class Merge:
     def __init__(self, raw_config: dict, out_dir: str, options: MergeOptions, world: int = 1):
         self.started = time.time()  # planning included in the merge's time
         self.options = options
-        self.spec = parse_merge_config(raw_config)
+        self.spec = check_recipe(raw_config)
         self.readers: Dict[str, ModelReader] = {}
         self.plan: MergePlan = plan_merge(self.spec, self.reader)
         self.shard_size = parse_size(options.shard_size)

@@ -17,7 +17,8 @@ from test_merge_models import build_llama, load_dir, run_merge_cli, tiny_pair  #
 from core.errors import UserError
 from merge import methods
 from merge.methods.numeric import RankWindow, Rounder, TensorContext, uniforms
-from merge.plan import TensorPlan, check_recipe
+from merge.plan import TensorPlan
+from merge.recipe import check_recipe
 
 
 def merge_arrays(method, arrays, params, shape=None, work="F32", block=1000, seed=0, has_base=True):
