@@ -36,7 +36,7 @@ def main(argv):
         options_from,
         recipe_from_config,
     )
-    from merge.plan import load_merge_config
+    from merge.recipe import load_merge_config
     from merge.run import run_merge
 
     if argv and all("=" in a and not a.startswith("-") for a in argv):

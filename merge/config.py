@@ -1,8 +1,9 @@
 """The merge's two schemas, each written once:
 
 - `MergeRecipeConfig`: a mergekit-style recipe. The Hydra `merge` group (conf/merge/) is typed
-  by it, and merge/plan.py's `parse_merge_config` fills a YAML file's recipe from it before
-  checking what types cannot say (models exist in pairs, t in [0, 1], ...).
+  by it. merge/recipe.py's `check_recipe` takes the valid keys (and embed_mismatch's default)
+  from it and checks, for a YAML file and the Hydra form alike, what types cannot say (the
+  method's parameters and their values, the models each slice needs, ...).
 - `MergeOptions`: how to run a merge. `launch/merge.py`'s flags are generated from its fields
   (`add_merge_options`, as mergekit does), and the Hydra form's root `MergeJobConfig` extends it.
 """

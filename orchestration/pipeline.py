@@ -34,7 +34,7 @@ from evaluation.config import compose_eval_config
 from evaluation.parallel import gpu_count
 from evaluation.run import check_task_names
 from merge.config import compose_merge_config, recipe_from_config
-from merge.plan import check_recipe
+from merge.recipe import check_recipe
 from train.attention import check_attention_installed
 from train.augment.config import compose_augment_config
 from train.config import STAGES, compose_train_config

@@ -13,7 +13,7 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "bench"))
 from merge_methods import METHODS, MODELS, recipe  # noqa: E402
 
-from merge.plan import check_recipe  # noqa: E402
+from merge.recipe import check_recipe  # noqa: E402
 
 
 def test_every_bench_recipe_is_a_valid_recipe_of_ours():

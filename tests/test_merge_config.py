@@ -4,7 +4,8 @@ import pytest
 
 from core.errors import UserError
 from merge.config import compose_merge_config, options_from, recipe_from_config
-from merge.plan import parse_merge_config, parse_size
+from merge.recipe import check_recipe
+from merge.shards import parse_size
 from core.config import CONF_DIR
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "merge").glob("*.yaml"))
@@ -15,7 +16,7 @@ def test_every_merge_preset_composes_to_a_valid_recipe(preset):
     cfg = compose_merge_config([f"merge={preset}", "merge.model=/m/ft", "merge.base_model=/m/instruct",
                                 "output_dir=/o", "workers=2", "shard_size=500MB"])
     recipe = recipe_from_config(cfg)
-    spec = parse_merge_config(recipe)
+    spec = check_recipe(recipe)
     assert {s.model for s in spec.slices[0].sources} == {"/m/ft", "/m/instruct"}
     assert spec.base_model == "/m/instruct"
     options = options_from(cfg)

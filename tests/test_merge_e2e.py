@@ -88,8 +88,10 @@ def test_t_endpoints_return_a_model_exactly(tmp_path, tiny_pair, t, source):
 
 
 def test_workers_ranks_chunks_and_hydra_give_identical_bytes(tmp_path, tiny_pair, paper_merge):
-    from merge.plan import load_merge_config, parse_size
-    from merge.run import MergeOptions, run_merge
+    from merge.config import MergeOptions
+    from merge.recipe import load_merge_config
+    from merge.run import run_merge
+    from merge.shards import parse_size
 
     want = shard_bytes(paper_merge)
     cfg = write_config(tmp_path / "m.yml", tiny_pair["base"], tiny_pair["other"])
@@ -249,8 +251,11 @@ def test_verify_finds_non_finite_and_missing_tensors(tmp_path, tiny_pair, paper_
     import shutil
 
     from core.errors import UserError
-    from merge.plan import load_merge_config, parse_size
-    from merge.run import Merge, MergeOptions, verify_output
+    from merge.config import MergeOptions
+    from merge.publish import verify_output
+    from merge.recipe import load_merge_config
+    from merge.run import Merge
+    from merge.shards import parse_size
 
     cfg = write_config(tmp_path / "m.yml", tiny_pair["base"], tiny_pair["other"])
     merge = Merge(load_merge_config(str(cfg)), str(tmp_path / "unused"),

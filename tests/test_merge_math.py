@@ -11,14 +11,11 @@ import pytest
 from core.errors import UserError
 from core.safetensors_header import read_header
 from merge.io import ModelReader, decode, encode
-from merge.plan import (
-    evaluate_setting,
-    parse_merge_config,
-    parse_size,
-    plan_merge,
-    plan_output_shards,
-)
-from merge.slerp import SlerpStats, combine, lerp, slerp, slerp_coefficients
+from merge.methods.numeric import SlerpStats, combine, lerp, slerp, slerp_coefficients
+from merge.params import evaluate_setting
+from merge.plan import plan_merge
+from merge.recipe import check_recipe
+from merge.shards import parse_size, plan_output_shards
 
 
 def ref_slerp64(t, v0, v1):
@@ -127,7 +124,7 @@ def fake_llama(path, layers, seed, vocab=16):
 def plan_for(tmp_path, layers, t, layer_range=None):
     a, b = fake_llama(tmp_path / "a", layers, 1), fake_llama(tmp_path / "b", layers, 2)
     lr = layer_range or [0, layers]
-    spec = parse_merge_config({
+    spec = check_recipe({
         "slices": [{"sources": [{"model": str(b), "layer_range": lr}, {"model": str(a), "layer_range": lr}]}],
         "merge_method": "slerp", "base_model": str(a), "parameters": {"t": t}, "dtype": "bfloat16"})
     readers = {}
@@ -208,5 +205,5 @@ def test_parse_size(text, size):
 ])
 def test_bad_configs_fail_naming_the_problem(raw, needle):
     with pytest.raises(UserError) as err:
-        parse_merge_config(raw)
+        check_recipe(raw)
     assert needle in str(err.value) and "\n" not in str(err.value)

@@ -16,12 +16,13 @@ from test_merge_models import build_llama, load_dir, run_merge_cli, tiny_pair  #
 
 from core.errors import UserError
 from merge import methods
-from merge.methods.base import RankWindow, Rounder, TensorContext, uniforms
-from merge.plan import TensorPlan, check_recipe
+from merge.methods.numeric import RankWindow, Rounder, TensorContext, uniforms
+from merge.plan import TensorPlan
+from merge.recipe import check_recipe
 
 
 def merge_arrays(method, arrays, params, shape=None, work="F32", block=1000, seed=0, has_base=True):
-    """One tensor through a method's job as merge/run.py streams it: `passes` reductions over
+    """One tensor through a method's job as merge/stream.py streams it: `passes` reductions over
     blocks of `block` elements, then the combine pass; arrays[0] is the base when has_base."""
     flat = [np.asarray(a, np.float32).reshape(-1) for a in arrays]
     n = flat[0].shape[0]

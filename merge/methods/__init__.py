@@ -1,10 +1,11 @@
 """The merge-method registry: every `merge_method` by name (as mergekit's `merge_methods/`).
 
 To add a method: a module here with a `MergeMethod` subclass (its `params`, `base_model`,
-`min_models`/`max_models`, `passes` and a `job` that streams one tensor, see base.py) and a
-module-level `METHODS` tuple of its instances, and its tests. Every module of this package is
-registered at import; the planner, the recipe checks, `launch/merge.py --help` and
-docs/merge.md's table read the declarations; nothing else changes.
+`min_models`/`max_models`, `passes` and a `job` that streams one tensor, see base.py; shared
+math in numeric.py) and a module-level `METHODS` tuple of its instances, and its tests. Every
+module of this package but base.py and numeric.py is registered at import; the planner, the
+recipe checks, `launch/merge.py --help` and docs/merge.md's table read the declarations;
+nothing else changes.
 """
 
 from __future__ import annotations
@@ -12,9 +13,15 @@ from __future__ import annotations
 from typing import Dict, List
 
 from core.errors import UserError
-from merge.methods.base import REQUIRED, MergeMethod, Param, TensorContext, TensorJob
+from merge.methods.base import REQUIRED, MergeMethod, Param, TensorJob
+from merge.methods.numeric import TensorContext
 
 _METHODS: Dict[str, MergeMethod] = {}
+# Modules of this package that declare no methods: the contract and the methods' shared math.
+SUPPORT_MODULES = ("base", "numeric")
+# Registry order (error messages, `--help`, docs/merge.md's table): these modules first, in the
+# order they had when slerp.py also held linear; every other module after them, in name order.
+FIRST_MODULES = ("model_stock", "nuslerp", "slerp", "linear")
 
 
 def register(method: MergeMethod) -> None:
@@ -62,14 +69,14 @@ def cli_help() -> str:
 
 
 def _register() -> None:
-    """Every module's METHODS, modules in name order."""
+    """Every method module's METHODS: FIRST_MODULES, then the others in name order."""
     import importlib
     import pkgutil
 
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if info.name != "base":
-            for method in importlib.import_module(f"{__name__}.{info.name}").METHODS:
-                register(method)
+    found = sorted(info.name for info in pkgutil.iter_modules(__path__) if info.name not in SUPPORT_MODULES)
+    for name in [m for m in FIRST_MODULES if m in found] + [m for m in found if m not in FIRST_MODULES]:
+        for method in importlib.import_module(f"{__name__}.{name}").METHODS:
+            register(method)
 
 
 _register()

@@ -7,9 +7,9 @@ declares, as mergekit's `merge_methods/` do:
 - `base_model` ("required", "optional" or "ignored"), `min_models`/`max_models` (inputs,
   base included) and whether it is `randomised`.
 
-The planner (merge/plan.py) checks a recipe against these declarations and resolves every
-parameter per tensor (per model, slice, layer gradient and filter, as `t`). merge/run.py then
-streams the tensor through `method.job(plan, ctx)`:
+The recipe checks (merge/recipe.py) and the planner (merge/plan.py) read these declarations; the
+planner resolves every parameter per tensor (merge/params.py: per model, slice, layer gradient
+and filter, as `t`). merge/stream.py then streams the tensor through `method.job(plan, ctx)`:
 
     for pass in range(job.passes):          # whole-tensor reductions (norms, k-th magnitude, ...)
         for each block in offset order: job.reduce(pass, xs, offset)
@@ -23,18 +23,19 @@ plus per-row accumulators for row-wise methods, whatever the tensor size.
 
 Precision: mergekit 0.1.5 runs these methods (not slerp/linear, which upcast) in torch in the
 working dtype, so every elementwise op of a bf16 merge rounds to bf16 and every reduction
-accumulates in float32 and rounds once. `Rounder` reproduces that on float32 arrays.
+accumulates in float32 and rounds once. `Rounder` reproduces that on float32 arrays; it and the
+rest of the methods' shared math are in merge/methods/numeric.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from merge.io import decode, encode
+if TYPE_CHECKING:
+    from merge.methods.numeric import TensorContext
 
 
 class _Required:
@@ -128,247 +129,3 @@ class TensorJob:
 
     def combine(self, xs: List[np.ndarray], offset: int) -> np.ndarray:
         raise NotImplementedError
-
-
-# ---------------------------------------------------------------------------------------------
-# what a job gets from the runner
-# ---------------------------------------------------------------------------------------------
-class Rounder:
-    """Rounds float32 arrays and scalars to the working dtype (BF16/F16), as torch does after
-    each op in that dtype; a no-op for F32/F64 work (numpy's float32 ops round like torch's)."""
-
-    def __init__(self, work_dtype: str):
-        self.dtype = work_dtype
-        self.active = work_dtype in ("BF16", "F16")
-        self._out = np.empty(0, np.uint8)
-        self._scratch = np.empty(0, np.uint32)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """x rounded in place (float32, 1-D or contiguous)."""
-        if not self.active:
-            return x
-        flat = x.reshape(-1)
-        n = flat.shape[0]
-        if self._scratch.shape[0] < n:
-            self._out = np.empty(n * 8, np.uint8)
-            self._scratch = np.empty(n, np.uint32)
-        if self.dtype == "BF16":
-            # round to nearest even on the 16 dropped bits, in place: 5 passes instead of an
-            # encode + decode round trip (this runs after every op of a bf16 merge)
-            bits, tmp = flat.view(np.uint32), self._scratch[:n]
-            np.right_shift(bits, 16, out=tmp)
-            np.bitwise_and(tmp, 1, out=tmp)
-            np.add(tmp, 0x7FFF, out=tmp)
-            np.add(bits, tmp, out=bits)
-            np.bitwise_and(bits, np.uint32(0xFFFF0000), out=bits)
-            return x
-        decode(encode(flat, self.dtype, self._out, self._scratch), self.dtype, flat)
-        return x
-
-    def scalar(self, value: float) -> float:
-        """A scalar rounded to the working dtype (a 0-dim torch tensor of it)."""
-        if self.dtype == "F64":
-            return float(value)
-        x = np.array([value], np.float32)
-        return float(self(x)[0])
-
-    def array(self, values) -> np.ndarray:
-        """float32 values rounded (a small tensor of scalars, e.g. per-row norms)."""
-        return self(np.asarray(values, np.float32).copy())
-
-
-@dataclass
-class TensorContext:
-    """What the runner hands a job besides the blocks."""
-
-    compute: type
-    """np.float32, or np.float64 for F64 work."""
-    rnd: Rounder
-    read: Callable[[int, int], List[np.ndarray]]
-    """read(start, count): fresh decoded, work-rounded arrays of elements [start, start+count)
-    of every source (for methods that need whole rows around a block: della)."""
-    block: int
-    """Elements per block (jobs size their scratch by it)."""
-    random_seed: int = 0
-
-
-# ---------------------------------------------------------------------------------------------
-# row-wise reductions
-# ---------------------------------------------------------------------------------------------
-class Groups:
-    """Which vector each element of a row-major tensor belongs to, for reductions along a dim:
-    `flat` (one vector: the whole tensor), `last` (rows: dim -1) or `first` (dim 0: the vectors
-    run down the first axis, one per position in the remaining dims)."""
-
-    def __init__(self, shape: Sequence[int], mode: str):
-        numel = int(np.prod(shape)) if len(shape) else 1
-        self.mode = mode if len(shape) > 1 else "flat"
-        if self.mode == "last":
-            self.size, self.count = int(shape[-1]), numel // int(shape[-1])
-        elif self.mode == "first":
-            self.count, self.size = numel // int(shape[0]), int(shape[0])
-        else:
-            self.size, self.count = numel, 1
-
-    def index(self, offset: int, n: int) -> Optional[np.ndarray]:
-        """Group of each element [offset, offset+n); None for one group."""
-        if self.count == 1:
-            return None
-        positions = np.arange(offset, offset + n, dtype=np.int64)
-        if self.mode == "last":
-            return positions // self.size
-        return positions % self.count
-
-    def add(self, acc: np.ndarray, index: Optional[np.ndarray], values: np.ndarray) -> None:
-        """acc[group] += values summed per group (float64 acc)."""
-        if index is None:
-            acc[0] += float(np.sum(values, dtype=np.float64))
-        else:
-            acc += np.bincount(index, weights=values, minlength=self.count)
-
-    @staticmethod
-    def pick(per_group: np.ndarray, index: Optional[np.ndarray]):
-        """Per-element values of a per-group array (a scalar for one group)."""
-        return per_group[0] if index is None else per_group[index]
-
-
-# ---------------------------------------------------------------------------------------------
-# random draws that do not depend on chunking, workers or nodes
-# ---------------------------------------------------------------------------------------------
-def random_key(seed: int, tensor: str, source: int) -> List[int]:
-    """A Philox key from the seed, the output tensor's name and the source's position."""
-    digest = hashlib.blake2b(f"{seed}\0{tensor}\0{source}".encode(), digest_size=16).digest()
-    return [int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")]
-
-
-def random_words(key: List[int], offset: int, n: int) -> np.ndarray:
-    """n uniform uint32 words: words offset .. offset+n-1 of the key's stream. Philox is a
-    counter-based generator (one counter step = 4 uint64 = 8 words), so element i of a tensor
-    always gets word i, whatever the chunk it was computed in."""
-    first = offset // 2
-    last = -(-(offset + n) // 2)
-    skip = first % 4
-    raw = np.random.Philox(key=key, counter=[first // 4, 0, 0, 0]).random_raw(last - first + skip)[skip:]
-    words = raw.view(np.uint32)  # little-endian: the low word of draw j is word 2j
-    return words[offset - 2 * first : offset - 2 * first + n]
-
-
-def thresholds(p) -> np.ndarray:
-    """Probabilities as thresholds on `random_words`: a word w keeps with probability p when
-    w < floor(p·2^32) (p to 2^-32; the methods draw only for p < 1, so it fits 32 bits)."""
-    return np.minimum(np.floor(np.asarray(p, np.float64) * 4294967296.0), 4294967295.0).astype(np.uint32)
-
-
-def bernoulli(key: List[int], offset: int, n: int, p: float) -> np.ndarray:
-    """Keep-mask of elements [offset, offset+n), each True with probability p."""
-    return random_words(key, offset, n) < thresholds(p)
-
-
-def uniforms(key: List[int], offset: int, n: int) -> np.ndarray:
-    """The words of `random_words` as floats in [0, 1) (for tests and docs)."""
-    return random_words(key, offset, n) * (1.0 / 4294967296.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# exact rank selection over a whole tensor, streamed
-# ---------------------------------------------------------------------------------------------
-class RankWindow:
-    """Keeps the elements at positions [lo, hi) of a tensor's magnitudes in sorted order
-    (ascending, or descending), ties broken by element index (a stable sort), without holding
-    the tensor: a radix select over the float bits finds the values at both ends in one
-    streaming pass per 16-bit digit (BF16 work: 1 pass, F16/F32: 2, F64: 4); `keep` then
-    decides each element in one more scan, counting the ties at the ends as it goes."""
-
-    DIGIT = 16
-
-    def __init__(self, lo: int, hi: int, descending: bool, compute, work_dtype: str, numel: int):
-        self.lo, self.hi, self.descending = lo, hi, descending
-        # an end at the tensor's own end needs no search: everything below (above) it is kept
-        self.bounded = [lo > 0, hi < numel]
-        self.utype = np.uint64 if compute == np.float64 else np.uint32
-        self.bits = 64 if compute == np.float64 else 32
-        self.passes = 1 if work_dtype == "BF16" else self.bits // self.DIGIT  # bf16 values fill 16 bits
-        if hi <= lo or not any(self.bounded):  # nothing kept, or everything
-            self.passes = 0
-        # per target (position lo, position hi-1): the key prefix found so far, elements below it
-        self.targets = [lo, hi - 1]
-        self.prefix = [0, 0]
-        self.below = [0, 0]
-        self._hist = [None, None]
-        self.values: Optional[List[int]] = None
-        self._seen = [0, 0]
-
-    def keys(self, magnitudes: np.ndarray) -> np.ndarray:
-        k = magnitudes.view(self.utype)
-        return ~k if self.descending else k  # descending = ascending on inverted bits; ties keep index order
-
-    def reduce(self, pass_index: int, magnitudes: np.ndarray) -> None:
-        keys = self.keys(magnitudes)
-        shift = self.bits - self.DIGIT * (pass_index + 1)
-        for t in range(2):
-            if not self.bounded[t]:
-                continue
-            if t == 1 and self.bounded[0] and self.prefix[1] == self.prefix[0] and self.below[1] == self.below[0]:
-                continue  # same candidates as target 0: share its histogram
-            if pass_index == 0:
-                sel = keys
-            else:
-                sel = keys[(keys >> self.utype(shift + self.DIGIT)) == self.utype(self.prefix[t])]
-            digits = ((sel >> self.utype(shift)) & self.utype(0xFFFF)).astype(np.int64)
-            hist = np.bincount(digits, minlength=1 << self.DIGIT)
-            self._hist[t] = hist if self._hist[t] is None else self._hist[t] + hist
-
-    def end_pass(self, pass_index: int) -> None:
-        for t in range(2):
-            if not self.bounded[t]:
-                continue
-            hist = self._hist[t] if self._hist[t] is not None else self._hist[0]  # shared: same candidates
-            cum = np.cumsum(hist)
-            rank = self.targets[t] - self.below[t]
-            digit = int(np.searchsorted(cum, rank, side="right"))
-            self.below[t] += int(cum[digit - 1]) if digit > 0 else 0
-            self.prefix[t] = (self.prefix[t] << self.DIGIT) | digit
-        self._hist = [None, None]
-        if pass_index == self.passes - 1:
-            shift = self.bits - self.DIGIT * self.passes
-            self.values = [p << shift for p in self.prefix]
-            if shift:  # BF16: the low bits are zero (descending: one after inversion)
-                fill = (1 << shift) - 1 if self.descending else 0
-                self.values = [v | fill for v in self.values]
-
-    def keep(self, magnitudes: np.ndarray, offset: int) -> np.ndarray:
-        """Boolean keep-mask of a block; blocks must come in offset order from 0 each scan."""
-        if self.hi <= self.lo:
-            return np.zeros(magnitudes.shape[0], np.bool_)
-        if offset == 0:
-            self._seen = [0, 0]
-        if not any(self.bounded):
-            return np.ones(magnitudes.shape[0], np.bool_)
-        keys = self.keys(magnitudes)
-        v_lo, v_hi = (self.utype(v) for v in self.values)
-        if self.bounded[0] and self.bounded[1]:
-            keep = (keys > v_lo) & (keys < v_hi)
-        elif self.bounded[1]:
-            keep = keys < v_hi
-        else:
-            keep = keys > v_lo
-        ends = [(v, t) for v, t in ((v_lo, 0), (v_hi, 1)) if self.bounded[t]]
-        if len(ends) == 2 and v_lo == v_hi:
-            ends = ends[:1]
-        for value, t in ends:
-            where = np.flatnonzero(keys == value)  # the ties at this end, in index order
-            if not where.size:
-                continue
-            position = self.below[t] + self._seen[t] + np.arange(where.size)
-            keep[where[(position >= self.lo) & (position < self.hi)]] = True
-            self._seen[t] += where.size
-        return keep
-
-
-def l1_ratio(rnd: Rounder, before: float, after: float, eps: float = 1e-7) -> Optional[float]:
-    """mergekit's rescale of a masked tensor to its l1 norm: before/after in the working dtype,
-    None when either norm is below eps (then the masked tensor is kept as is)."""
-    before, after = rnd.scalar(before), rnd.scalar(after)
-    if before < eps or after < eps:
-        return None
-    return rnd.scalar(np.float32(before) / np.float32(after))

@@ -15,7 +15,8 @@ from itertools import combinations
 
 import numpy as np
 
-from merge.methods.base import Groups, MergeMethod, Param, TensorJob
+from merge.methods.base import MergeMethod, Param, TensorJob
+from merge.methods.numeric import Groups
 
 
 class ModelStock(MergeMethod):

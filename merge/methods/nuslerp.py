@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from merge.methods.base import NON_NEGATIVE, Groups, MergeMethod, Param, TensorJob
+from merge.methods.base import NON_NEGATIVE, MergeMethod, Param, TensorJob
+from merge.methods.numeric import Groups
 
 
 class NuSlerp(MergeMethod):

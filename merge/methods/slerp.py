@@ -1,8 +1,7 @@
-"""slerp and linear (mergekit 0.1.5 `merge_methods/slerp.py`, `linear.py`): the math is
-merge/slerp.py's; both compute in float32 (float64 for f64 inputs) and round once, as
-mergekit does.
+"""slerp (mergekit 0.1.5 `merge_methods/slerp.py`): the math is merge/methods/numeric.py's; it
+computes in float32 (float64 for f64 inputs) and rounds once, as mergekit does.
 
-Passes: slerp 1 (the norms and dot) before the writing pass, linear 0.
+Passes: 1 (the norms and dot) before the writing pass.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ import math
 import numpy as np
 
 from merge.methods.base import IN_0_1, MergeMethod, Param, TensorJob
-from merge.slerp import SlerpStats, combine, combine_linear, slerp_coefficients
+from merge.methods.numeric import SlerpStats, combine, slerp_coefficients
 
 
 class Slerp(MergeMethod):
@@ -51,28 +50,4 @@ class SlerpJob(TensorJob):
         return combine(*self.coefficients, *xs)
 
 
-class Linear(MergeMethod):
-    name = "linear"
-    params = (
-        Param("weight", per_model=True, help="each model's weight"),
-        Param("normalize", True, help="divide by the sum of the weights"),
-    )
-    base_model = "ignored"
-    min_models = 1
-    passes = "0"
-    summary = "weighted average"
-
-    def job(self, plan, ctx):
-        return LinearJob(plan)
-
-
-class LinearJob(TensorJob):
-    def __init__(self, plan):
-        self.weights = [float(w) for w in plan.params["weight"]]
-        self.normalize = bool(plan.params["normalize"])
-
-    def combine(self, xs, offset):
-        return combine_linear(self.weights, self.normalize, xs)
-
-
-METHODS = (Slerp(), Linear())
+METHODS = (Slerp(),)

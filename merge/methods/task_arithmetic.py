@@ -25,20 +25,8 @@ from typing import List, Optional
 
 import numpy as np
 
-from merge.methods.base import (
-    DENSITY,
-    IN_0_1,
-    NON_NEGATIVE,
-    MergeMethod,
-    Param,
-    RankWindow,
-    TensorJob,
-    l1_ratio,
-    bernoulli,
-    random_key,
-    random_words,
-    thresholds,
-)
+from merge.methods.base import DENSITY, IN_0_1, NON_NEGATIVE, MergeMethod, Param, TensorJob
+from merge.methods.numeric import RankWindow, bernoulli, l1_ratio, random_key, random_words, thresholds
 
 MAGNITUDE, RANDOM, OUTLIERS, DELLA = "magnitude", "random", "magnitude_outliers", "della_magprune"
 
