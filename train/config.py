@@ -71,7 +71,7 @@ class DatasetConfig:
     """One source: a .jsonl/.json/.parquet/.txt file, a glob of them, a directory of them, or a
     saved HF dataset directory (`datasets.save_to_disk`). Set this or `sources`, not both."""
     sources: List[SourceConfig] = field(default_factory=list)
-    """A weighted mix of sources (train/data.py, "mixing"). Set this or `path`, not both."""
+    """A weighted mix of sources (train/data/mix.py). Set this or `path`, not both."""
     columns: Dict[str, str] = field(default_factory=dict)
     """Rename the columns of `path` (and `eval_path`) to the stage's, e.g. {question: prompt}."""
     split: str = "train"

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from core.model_card import installed_versions, lineage_record, write_model_card
 from train.lora import adapter_summary
 
-# The data node each stage trains on (train/data.py, train/preference.py).
+# The data node each stage trains on (train/data/).
 STAGE_DATA = {"cpt": "cpt", "sft": "sft", "dpo": "preference", "orpo": "preference"}
 VERSIONS = ("torch", "transformers", "trl", "peft", "deepspeed", "accelerate", "datasets")
 

@@ -35,7 +35,7 @@ from train.checkpoint import (
     resume_checkpoint,
 )
 from train.attention import check_attention_runs_here
-from train.data import has_eval_split
+from train.data.mix import has_eval_split
 from train.deepspeed_config import build_deepspeed_config
 from train.lora import check_finetune, quantization_config, save_adapter_and_merged, uses_adapters
 from train.model_card import STAGE_DATA, write_stage_card

@@ -1,4 +1,4 @@
-"""One augmentation job: read data.cpt's documents (train/data.py's loaders, as a CPT stage reads
+"""One augmentation job: read data.cpt's documents (train/data/'s loaders, as a CPT stage reads
 them), run the method, publish the dataset and its manifest.
 
 Publishing: the dataset (`datasets.save_to_disk`, column `text`) and manifest.json are written in
@@ -40,7 +40,8 @@ def read_manifest(path: str | Path) -> dict:
 def read_documents(cfg) -> List[str]:
     """data.cpt's non-blank `text` values, in order: one path or a mix of sources, any format a CPT
     stage reads (a stream is read whole: augmentation needs every document)."""
-    from train.data import canonical_text, load_mix, load_rows
+    from train.data.mix import canonical_text, load_mix
+    from train.data.sources import load_rows
 
     spec = cfg.data.cpt
     if bool(spec.path) == bool(spec.sources):

@@ -11,26 +11,11 @@ train/run.py calls them in a fixed order:
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Protocol
+from typing import Any, Dict, List, Protocol
 
 from core.errors import UserError
 from train.config import STAGES
-
-
-@dataclass
-class PreparedData:
-    """What a stage trains on, ready for its trainer."""
-
-    train_dataset: Any
-    data_collator: Optional[Callable] = None
-    stats: Dict[str, float] = field(default_factory=dict)
-    """Logged once at the start (e.g. packing_efficiency, num_tokens, truncated_rows, and a
-    mix's per-source shares mix/<name>/rows and mix/<name>/tokens)."""
-    eval_dataset: Any = None
-    """The eval split, prepared like train_dataset (same collator); None: no evaluation."""
-    eval_prompts: List[Any] = field(default_factory=list)
-    """Raw prompts of the first training.log_completions eval rows, for logged completions."""
+from train.data import PreparedData
 
 
 class Stage(Protocol):
