@@ -262,4 +262,4 @@ class DPOStage:
         )
 
 
-STAGE = DPOStage()
+HOOKS = DPOStage()

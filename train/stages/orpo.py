@@ -100,5 +100,5 @@ class ORPOStage:
         )
 
 
-STAGE = ORPOStage()
+HOOKS = ORPOStage()
 

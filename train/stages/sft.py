@@ -43,4 +43,4 @@ class PretokenizedSFTStage:
         )
 
 
-STAGE = PretokenizedSFTStage("sft", prepare_sft)
+HOOKS = PretokenizedSFTStage("sft", prepare_sft)
