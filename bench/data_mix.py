@@ -1,5 +1,5 @@
 """What weighted mixing costs the data pipeline: a 3-source mix against the same rows as one
-source, in tokens/s of train/data.py's prepare step (load, map to the stage's columns, mix,
+source, in tokens/s of train/data/'s prepare step (load, map to the stage's columns, mix,
 tokenize, count shares), in memory and streaming.
 
     python bench/data_mix.py                      # cpt and sft, 3 rounds, 4 copies of the rows
@@ -34,7 +34,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import datasets  # noqa: E402
 
 from train.config import compose_train_config  # noqa: E402
-from train.data import prepare_cpt, prepare_sft  # noqa: E402
+from train.data.cpt import prepare_cpt  # noqa: E402
+from train.data.sft import prepare_sft  # noqa: E402
 from train.model import load_tokenizer  # noqa: E402
 
 SOURCES = {  # kind -> (file, column mapping) of the three sources

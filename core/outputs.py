@@ -7,6 +7,7 @@ in last), and small files (markers, reports) are replaced atomically.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -24,6 +25,10 @@ AUGMENT_MANIFEST = "manifest.json"
 def is_augmented_dataset(path: str | Path) -> bool:
     """A finished augmentation output: a saved dataset whose manifest.json is published with it."""
     return (Path(path) / AUGMENT_MANIFEST).is_file()
+
+
+def read_augment_manifest(path: str | Path) -> dict:
+    return json.loads((Path(path) / AUGMENT_MANIFEST).read_text())
 
 
 def is_model_dir(path: str | Path) -> bool:

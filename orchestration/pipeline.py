@@ -37,8 +37,9 @@ from merge.config import compose_merge_config, recipe_from_config
 from merge.recipe import check_recipe
 from train.attention import check_attention_installed
 from train.augment.config import compose_augment_config
-from train.config import STAGES, compose_train_config
+from train.config import compose_train_config
 from train.deepspeed_config import offloads_optimizer_to_nvme
+from train.stages import STAGES
 
 JOBS_DIR = "jobs"
 START = "start"

@@ -44,7 +44,8 @@ from orchestration.pipeline import (
     validate_step_configs,
     write_plan_file,
 )
-from train.augment.config import MODEL_METHODS, compose_augment_config
+from train.augment.config import compose_augment_config
+from train.augment.methods import augment_method
 from train.config import compose_train_config
 
 JOBS_FILE = "jobs.jsonl"
@@ -192,7 +193,7 @@ def render_augment_job(job: JobText) -> str:
     """A rewrite on every rank of the job (one per GPU: nodes x gpus_per_node, or cluster.tasks);
     a rule-based or repeat augmentation as one task (it runs on rank 0 only)."""
     cluster = job.cluster
-    generates = compose_augment_config(job.step.augment_args).augment.method in MODEL_METHODS
+    generates = augment_method(compose_augment_config(job.step.augment_args).augment.method).uses_model
     tasks = (cluster.tasks or cluster.nodes * cluster.gpus_per_node) if generates else 1
     nodes = min(cluster.nodes, tasks)
     per_node = math.ceil(tasks / nodes)

@@ -16,7 +16,6 @@ from merge.config import MergeJobConfig, MergeRecipeConfig
 from train.augment.config import AugmentConfig, AugmentJobConfig
 from orchestration.pipeline import ClusterConfig, PipelineConfig, PipelineJobConfig
 from train.config import (
-    STAGE_SCHEMAS,
     DataConfig,
     DeepSpeedConfig,
     LoggingConfig,
@@ -24,6 +23,7 @@ from train.config import (
     ModelConfig,
     TrainJobConfig,
 )
+from train.stages import STAGES
 
 # group folder -> schema of the node it fills
 GROUP_SCHEMAS = {
@@ -81,7 +81,7 @@ def test_yaml_sets_only_what_differs_from_the_schema(path):
     rel = path.relative_to(CONF_DIR)
     if rel.parts[0] == "stage":  # `# @package _global_`: stage.* and training.* from one file
         stage = values.get("stage", {})
-        found = repeated_defaults(stage, STAGE_SCHEMAS[rel.stem], "stage.")
+        found = repeated_defaults(stage, STAGES[rel.stem].schema, "stage.")
         found += repeated_defaults({k: v for k, v in values.items() if k != "stage"}, TrainJobConfig, "")
     elif len(rel.parts) == 1:
         found = repeated_defaults(values, ROOT_SCHEMAS[rel.name], "")

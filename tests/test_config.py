@@ -6,10 +6,11 @@ import pytest
 
 from core.errors import UserError
 from core.config import CONF_DIR, REPO_ROOT
-from train.config import STAGES, compose_train_config, strip_launcher_args
+from train.config import compose_train_config, strip_launcher_args
 from train.deepspeed_config import build_deepspeed_config
 from train.run import common_trainer_kwargs
 from train.runtime import Runtime
+from train.stages import STAGES
 
 TRAIN_GROUPS = ("model", "data", "deepspeed", "logging")
 
@@ -36,7 +37,7 @@ def test_every_group_preset_composes(group):
 
 
 def test_stage_registry_is_the_one_list_of_stages():
-    """Each stage in train/config.py's registry has its preset and its module, and nothing else does."""
+    """Each stage in train/stages/__init__.py's registry has its preset and its module, and nothing else does."""
     assert presets("stage") == sorted(STAGES)
     assert sorted(p.stem for p in (REPO_ROOT / "train" / "stages").glob("*.py") if p.stem != "__init__") == sorted(STAGES)
 

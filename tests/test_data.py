@@ -1,4 +1,4 @@
-"""train/data.py: loaders for every format, CPT block packing, SFT assistant-only labels, and the
+"""train/data/: loaders for every format, CPT block packing, SFT assistant-only labels, and the
 one-line errors for bad data. Unit tests on the tiny tokenizer and small files (a few seconds)."""
 
 from __future__ import annotations
@@ -10,14 +10,10 @@ from datasets import Dataset, DatasetDict, IterableDataset
 
 from core.errors import UserError
 from train.config import DatasetConfig, compose_train_config
-from train.data import (
-    IGNORE_INDEX,
-    assistant_char_spans,
-    load_rows,
-    prepare_cpt,
-    prepare_sft,
-    tokenize_chat,
-)
+from train.data import IGNORE_INDEX
+from train.data.cpt import prepare_cpt
+from train.data.sft import assistant_char_spans, prepare_sft, tokenize_chat
+from train.data.sources import load_rows
 from train.model import load_tokenizer
 
 DOCS = [

@@ -12,9 +12,11 @@ from conftest import assert_one_line_error, launch
 
 from core.errors import UserError
 from train.config import compose_train_config
-from train.data import SOURCE, canonical_text, load_split_rows, prepare_cpt, prepare_sft
+from train.data.cpt import prepare_cpt
+from train.data.mix import SOURCE, canonical_text, load_split_rows
+from train.data.sft import prepare_sft
 from train.model import load_tokenizer
-from train.preference import prepare_preference
+from train.data.preference import prepare_preference
 
 WEIGHTS = (1.0, 2.0, 5.0)
 

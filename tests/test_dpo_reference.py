@@ -96,10 +96,10 @@ def test_bad_dpo_loss_fails_before_training():
     # stage.beta and the other ranges are schema checks: tests/test_matrix_train.py
     cfg = compose("dpo", "stage.loss_type=sigmoidd")
     with pytest.raises(UserError, match=re.escape("stage.loss_type='sigmoidd' is not a DPO loss")):
-        dpo.STAGE.prepare_data(cfg, load_tokenizer(cfg.model))
+        dpo.HOOKS.prepare_data(cfg, load_tokenizer(cfg.model))
 
 
 def test_combined_loss_types_reach_trl(tmp_path):
     cfg = compose("dpo", "stage.loss_type='sigmoid,sft'")
-    assert dpo.STAGE.trainer_args(cfg, dict(output_dir=str(tmp_path), report_to=["none"], bf16=False)).loss_type == [
+    assert dpo.HOOKS.trainer_args(cfg, dict(output_dir=str(tmp_path), report_to=["none"], bf16=False)).loss_type == [
         "sigmoid", "sft"]

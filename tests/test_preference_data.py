@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from core.errors import UserError
 from core.config import REPO_ROOT
-from train.preference import check_lengths, tokenize_preference_rows, truncate_pair
+from train.data.preference import check_lengths, tokenize_preference_rows, truncate_pair
 
 TOKENIZER = REPO_ROOT / "train" / "assets" / "tiny_tokenizer"
 
@@ -108,7 +108,7 @@ def test_chat_pairs_from_parquet_and_saved_datasets(tmp_path, tokenizer, fmt):
     from datasets import Dataset
 
     from train.config import compose_train_config
-    from train.preference import prepare_preference
+    from train.data.preference import prepare_preference
 
     lines = (REPO_ROOT / "data" / "materials" / "preference_chat.jsonl").read_text().splitlines()[:8]
     table = Dataset.from_list([json.loads(l) for l in lines])

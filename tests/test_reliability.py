@@ -22,7 +22,7 @@ from core.safetensors_header import read_model_headers
 from core.secrets import redact
 from core.validate import at_least, checked, validate_config, validate_dataclass
 from train.config import TrainingConfig, compose_train_config
-from train.data import ROW_SCHEMAS, check_rows
+from train.data.sources import ROW_SCHEMAS, check_rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def test_check_rows_names_the_source_row_and_field():
                         {"role": "assistant", "content": "a"}]}]
     assert check_rows(ok, ROW_SCHEMAS["sft"], "s") == 1
     with pytest.raises(UserError, match="row 0, field 'score' is a str"):
-        from train.data import number_value
+        from train.data.sources import number_value
 
         check_rows([{"score": "high"}], {"score": number_value}, "s")
 

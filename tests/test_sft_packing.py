@@ -1,6 +1,6 @@
 """Packed SFT rows never let one example attend to another.
 
-A tiny random Llama (fp32) sees the same examples packed into one row (train/data.py: TRL's
+A tiny random Llama (fp32) sees the same examples packed into one row (train/data/sft.py: TRL's
 bfd packing + padding-free collator, position_ids restarting per example, no 2-D mask) and one
 by one. Per-example losses must match to ~1e-5 for sdpa and eager. The control feeds the same
 packed row WITH a 2-D all-ones attention_mask (what a plain collator sends): transformers then
@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from train.config import compose_train_config
-from train.data import IGNORE_INDEX, prepare_sft
+from train.data import IGNORE_INDEX
+from train.data.sft import prepare_sft
 from train.model import load_tokenizer
 
 MAX_LEN = 256

@@ -1,4 +1,5 @@
-"""Structured schemas for every Hydra group in conf/, and the one way to compose them.
+"""Structured schemas for every Hydra group in conf/, and the one way to compose them. The
+`stage` group's schemas sit with the stage registry (train/stages/__init__.py).
 
 YAML files only set values; the dataclasses below say which keys exist and their types, so a
 typo'd key (`training.lerning_rate=1e-4`) or a wrong type fails at composition time, before
@@ -21,6 +22,7 @@ from core.validate import (
     Check, at_least, checked, either, non_negative, one_of, open_unit_interval, positive, unit_interval, writable_dir,
 )
 from core.hub import HubConfig
+from train.stages import STAGES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,7 +73,7 @@ class DatasetConfig:
     """One source: a .jsonl/.json/.parquet/.txt file, a glob of them, a directory of them, or a
     saved HF dataset directory (`datasets.save_to_disk`). Set this or `sources`, not both."""
     sources: List[SourceConfig] = field(default_factory=list)
-    """A weighted mix of sources (train/data.py, "mixing"). Set this or `path`, not both."""
+    """A weighted mix of sources (train/data/mix.py). Set this or `path`, not both."""
     columns: Dict[str, str] = field(default_factory=dict)
     """Rename the columns of `path` (and `eval_path`) to the stage's, e.g. {question: prompt}."""
     split: str = "train"
@@ -240,52 +242,6 @@ class LoraSettings:
     """QLoRA: quantize the quantization constants too (~0.4 bit per weight saved)."""
 
 
-# ---------------------------------------------------------------------------------------------
-# stages: one schema each, chosen by `+stage=<name>`
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class CPTStageConfig:
-    name: str = "cpt"
-
-
-@dataclass
-class SFTStageConfig:
-    name: str = "sft"
-    packing: bool = False
-    """Pack several examples per row; a block-diagonal mask keeps them from attending to
-    each other."""
-    assistant_only_loss: bool = True
-    """Loss on assistant tokens only."""
-
-
-@dataclass
-class DPOStageConfig:
-    name: str = "dpo"
-    beta: float = checked(0.1, positive)
-    loss_type: str = "sigmoid"
-    ref_model_path: Optional[str] = None
-    """Reference model; None = the starting model (model.path)."""
-    precompute_ref_log_probs: bool = False
-    """Compute reference log-probs once, cache them on disk keyed by model and data."""
-    max_prompt_length: int = checked(1024, at_least(1))
-    max_length: int = checked(2048, at_least(2))
-
-
-@dataclass
-class ORPOStageConfig:
-    name: str = "orpo"
-    beta: float = checked(0.1, positive)
-    """lambda, the weight of the odds-ratio term."""
-    max_prompt_length: int = checked(1024, at_least(1))
-    max_length: int = checked(2048, at_least(2))
-
-
-# The stage registry: a stage's name is its schema's `name`, its code is train/stages/<name>.py
-# and its preset conf/stage/<name>.yaml (tests/test_config.py holds them to that).
-STAGE_SCHEMAS = {schema.name: schema for schema in (CPTStageConfig, SFTStageConfig, DPOStageConfig, ORPOStageConfig)}
-STAGES = tuple(STAGE_SCHEMAS)
-
-
 @dataclass
 class TrainJobConfig:
     """Root of `launch/train.py`: conf/config.yaml composes the groups onto this."""
@@ -311,8 +267,8 @@ class TrainJobConfig:
 def register_stage_schemas() -> None:
     """`+stage=<name>` files start from their schema: `defaults: [/schema/stage/<name>@stage]`."""
     cs = ConfigStore.instance()
-    for name, schema in STAGE_SCHEMAS.items():
-        cs.store(group="schema/stage", name=name, node=schema)
+    for name, stage in STAGES.items():
+        cs.store(group="schema/stage", name=name, node=stage.schema)
 
 
 def strip_launcher_args(argv: List[str]) -> List[str]:
@@ -337,7 +293,7 @@ def check_stage(cfg: DictConfig) -> None:
             "no stage chosen: add +stage=<name> with one of " + ", ".join(STAGES)
             + " (e.g. deepspeed launch/train.py +stage=cpt)"
         )
-    schema = STAGE_SCHEMAS[stage.name]
+    schema = STAGES[stage.name].schema
     try:
         OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(stage, resolve=False))
     except OmegaConfBaseException as err:

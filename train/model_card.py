@@ -11,9 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from core.model_card import installed_versions, lineage_record, write_model_card
 from train.lora import adapter_summary
+from train.stages import get_stage
 
-# The data node each stage trains on (train/data.py, train/preference.py).
-STAGE_DATA = {"cpt": "cpt", "sft": "sft", "dpo": "preference", "orpo": "preference"}
 VERSIONS = ("torch", "transformers", "trl", "peft", "deepspeed", "accelerate", "datasets")
 
 
@@ -27,8 +26,8 @@ def start_model(cfg: DictConfig) -> str:
 
 
 def stage_step(cfg: DictConfig, out: Path) -> dict:
-    key = STAGE_DATA.get(cfg.stage.name)
-    data = {key: OmegaConf.to_container(cfg.data[key], resolve=True)} if key and key in cfg.data else {}
+    key = get_stage(cfg.stage.name).data
+    data = {key: OmegaConf.to_container(cfg.data[key], resolve=True)} if key in cfg.data else {}
     training = OmegaConf.to_container(cfg.training, resolve=True)
     training.pop("finetune", None)  # recorded with the adapter summary
     step = {

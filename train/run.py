@@ -35,10 +35,10 @@ from train.checkpoint import (
     resume_checkpoint,
 )
 from train.attention import check_attention_runs_here
-from train.data import has_eval_split
+from train.data.mix import has_eval_split
 from train.deepspeed_config import build_deepspeed_config
 from train.lora import check_finetune, quantization_config, save_adapter_and_merged, uses_adapters
-from train.model_card import STAGE_DATA, write_stage_card
+from train.model_card import write_stage_card
 from train.model import (
     load_model,
     load_tokenizer,
@@ -167,7 +167,7 @@ def train_stage(cfg: DictConfig, runtime: Runtime, stage) -> None:
     universal = prepare_resume(resume_from, cfg, runtime)  # another world size: converted once
     if runtime.device == "cpu":
         let_accelerate_see_cpu_ranks()
-    evaluate = has_eval_split(cfg.data[STAGE_DATA[cfg.stage.name]])
+    evaluate = has_eval_split(cfg.data[stage.data])
     kwargs = common_trainer_kwargs(cfg, runtime, evaluate)
     if universal:
         load_universal(kwargs["deepspeed"])

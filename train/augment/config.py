@@ -10,14 +10,10 @@ from typing import Dict, List, Optional
 from omegaconf import MISSING, DictConfig
 
 from core.config import compose_config
-from core.errors import UserError
 from core.validate import at_least, checked, non_negative, one_of, unit_interval, writable_dir
+from train.augment.methods import augment_method, method_names
 from train.config import DataConfig, ModelConfig
 
-METHODS = ("rules", "rewrite", "entigraph", "repeat")
-MODEL_METHODS = ("rewrite", "entigraph")
-"""Methods that generate with `model`, sharded over the ranks of a job."""
-DOCUMENT_SLOT = "{document}"
 
 # WRAP (Maini et al. 2024, arXiv 2401.16380, Appendix): the assistant's system prompt and the
 # four rephrasing styles it trained on, word for word; `{document}` is where the text goes.
@@ -118,7 +114,7 @@ class AugmentConfig:
     """One preset of conf/augment/ (augment=<name>)."""
 
     name: str = MISSING
-    method: str = checked(MISSING, one_of(*METHODS))
+    method: str = checked(MISSING, one_of(*method_names()))
     """rules, rewrite, entigraph or repeat."""
     rules: RulesConfig = field(default_factory=RulesConfig)
     rewrite: RewriteConfig = field(default_factory=RewriteConfig)
@@ -143,33 +139,8 @@ class AugmentJobConfig:
 
 
 def check_augment(cfg: DictConfig) -> None:
-    """How the fields relate (the field checks cannot say it): prompts hold their slot, styles exist."""
-    augment = cfg.augment
-    if augment.method == "rewrite":
-        rewrite = augment.rewrite
-        if not rewrite.styles:
-            raise UserError("augment.rewrite.styles is empty: name at least one style of augment.rewrite.prompts")
-        for style in rewrite.styles:
-            if style not in rewrite.prompts:
-                raise UserError(
-                    f"augment.rewrite.styles names '{style}', which is not in augment.rewrite.prompts "
-                    f"({', '.join(rewrite.prompts)}): add augment.rewrite.prompts.{style}='...{DOCUMENT_SLOT}...'"
-                )
-            template = rewrite.prompts[style]
-            if DOCUMENT_SLOT not in template:
-                raise UserError(
-                    f"augment.rewrite.prompts.{style} has no {DOCUMENT_SLOT} slot: put {DOCUMENT_SLOT} where the "
-                    "document goes in the prompt"
-                )
-    if augment.method == "entigraph":
-        for slot in (DOCUMENT_SLOT, "{entity_a}", "{entity_b}"):
-            if slot not in augment.entigraph.prompt:
-                raise UserError(f"augment.entigraph.prompt has no {slot} slot: put {slot} where it goes in the prompt")
-    if augment.method == "repeat" and (augment.repeat.match is None) == (augment.repeat.tokens is None):
-        raise UserError(
-            "augment.method=repeat needs exactly one of augment.repeat.match=<augmented output_dir> or "
-            "augment.repeat.tokens=<count>"
-        )
+    """How the chosen method's fields relate (the field checks cannot say it): its `check`."""
+    augment_method(cfg.augment.method).check(cfg.augment)
 
 
 def compose_augment_config(argv: List[str]) -> DictConfig:

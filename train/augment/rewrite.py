@@ -23,12 +23,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from core.errors import UserError
 from core.outputs import write_atomic
-from train.augment.config import DOCUMENT_SLOT
 from train.augment.text import copies_source, lost_fact
 
 # Test hook: SIGKILL this process once it has finished shards holding this many documents (the
 # kill-and-resume test; a real kill lands anywhere, and a half-done shard is simply redone).
 STOP_AFTER_ENV = "DOMAINFORGE_AUGMENT_STOP_AFTER"
+DOCUMENT_SLOT = "{document}"
+"""Where a prompt template takes the document."""
 
 Generate = Callable[[List[str]], List[Tuple[str, int]]]
 """Rendered prompts -> (rewrite, generated tokens) each."""

@@ -1,4 +1,4 @@
-"""One augmentation job: read data.cpt's documents (train/data.py's loaders, as a CPT stage reads
+"""One augmentation job: read data.cpt's documents (train/data/'s loaders, as a CPT stage reads
 them), run the method, publish the dataset and its manifest.
 
 Publishing: the dataset (`datasets.save_to_disk`, column `text`) and manifest.json are written in
@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 import time
 from collections import Counter
@@ -23,15 +22,9 @@ from omegaconf import OmegaConf
 from core.errors import UserError
 from core.lock import OutputLock
 from core.outputs import AUGMENT_MANIFEST as MANIFEST
-from core.outputs import fsync_dir, is_augmented_dataset as is_augmented
+from core.outputs import fsync_dir, is_augmented_dataset as is_augmented, read_augment_manifest
 from train.augment import rewrite as rewriting
-from train.augment.config import MODEL_METHODS
-from train.augment.entigraph import entigraph_task
-from train.augment.rules import augment_document, check_rules
-
-
-def read_manifest(path: str | Path) -> dict:
-    return json.loads((Path(path) / MANIFEST).read_text())
+from train.augment.methods import augment_method
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,7 +33,8 @@ def read_manifest(path: str | Path) -> dict:
 def read_documents(cfg) -> List[str]:
     """data.cpt's non-blank `text` values, in order: one path or a mix of sources, any format a CPT
     stage reads (a stream is read whole: augmentation needs every document)."""
-    from train.data import canonical_text, load_mix, load_rows
+    from train.data.mix import canonical_text, load_mix
+    from train.data.sources import load_rows
 
     spec = cfg.data.cpt
     if bool(spec.path) == bool(spec.sources):
@@ -97,7 +91,7 @@ def check_output_dir(out: Path, settings: dict) -> bool:
     if not out.exists():
         return False
     if is_augmented(out):
-        if read_manifest(out).get("settings") == settings:
+        if read_augment_manifest(out).get("settings") == settings:
             return True
         raise UserError(f"output_dir={out} holds an augmented dataset made with other settings or data: delete it "
                         "or choose another output_dir")
@@ -125,45 +119,10 @@ def settings_of(cfg) -> dict:
     """What decides the output: the method's settings, the seed and the model that counts and rewrites."""
     augment = OmegaConf.to_container(cfg.augment, resolve=True)
     method = augment["method"]
-    used = [method, "rewrite"] if method == "entigraph" else [method]  # entigraph generates with rewrite's settings
+    # a model method generates with rewrite's settings
+    used = [method, "rewrite"] if augment_method(method).uses_model else [method]
     return {"method": method, **{name: augment[name] for name in used}, "seed": cfg.seed,
             "model": OmegaConf.to_container(cfg.model, resolve=True)}
-
-
-# ---------------------------------------------------------------------------------------------
-# methods
-# ---------------------------------------------------------------------------------------------
-def rules_texts(cfg, documents: List[str]) -> List[str]:
-    from tqdm import tqdm
-
-    rules = cfg.augment.rules
-    out = []
-    for index, text in enumerate(tqdm(documents, desc="augment rules", unit="doc", mininterval=2)):
-        out += augment_document(text, index, rules, cfg.seed)
-    return out
-
-
-def repeat_texts(cfg, documents: List[str], count) -> List[str]:
-    """Whole copies of the corpus, then a seeded sample of its documents, until the target token count."""
-    repeat = cfg.augment.repeat
-    target = repeat.tokens
-    if repeat.match is not None:
-        if not is_augmented(repeat.match):
-            raise UserError(f"augment.repeat.match={repeat.match} is not a finished augmented dataset (no {MANIFEST}): "
-                            "run that augmentation first")
-        target = read_manifest(repeat.match)["tokens_out"]
-    lengths = [count([t]) for t in documents]
-    total = sum(lengths)
-    copies, rest = divmod(target, total)
-    out = list(documents) * copies
-    order = list(range(len(documents)))
-    random.Random(cfg.seed).shuffle(order)
-    for i in order:
-        if rest <= 0:
-            break
-        out.append(documents[i])
-        rest -= lengths[i]
-    return out
 
 
 def run_rewrite(cfg, documents: List[str], out: Path, settings: dict, source: dict, model_dir: Optional[Path],
@@ -185,7 +144,7 @@ def run_rewrite(cfg, documents: List[str], out: Path, settings: dict, source: di
     def make_generate():
         return rewriting.make_generator(rewrite.backend, model_dir, tokenizer, rewrite, cfg.seed)
 
-    task = entigraph_task(cfg.augment.entigraph, cfg.seed) if method == "entigraph" else rewriting.wrap_task(rewrite)
+    task = augment_method(method).task(cfg)
     all_done, resumed = rewriting.run_shards(documents, work, shards, task, rewrite.batch_size, make_generate, render)
     if not all_done:
         print(f"augment: this rank's shards are done in {work}; the rank that finishes the last shard assembles "
@@ -227,15 +186,12 @@ def run_augment(cfg) -> Optional[Path]:
     """Augment data.cpt into cfg.output_dir; the output path, or None when another rank publishes it."""
     out = Path(cfg.output_dir).expanduser().absolute()
     settings = settings_of(cfg)
-    method = cfg.augment.method
+    method, chosen = cfg.augment.method, augment_method(cfg.augment.method)
     rank, world = rewriting.job_rank()
-    if method not in MODEL_METHODS and rank != 0:
+    if not chosen.uses_model and rank != 0:
         print(f"augment {method}: runs on rank 0 only (rank {rank} of {world} has nothing to do)", flush=True)
         return None
-    if method == "rules":
-        check_rules(cfg.augment.rules)
-    if method in MODEL_METHODS:
-        rewriting.check_backend(cfg.augment.rewrite.backend)
+    chosen.preflight(cfg.augment)
     documents = read_documents(cfg)
     source = source_record(cfg, documents)
     settings["source_sha256"] = source["sha256"]
@@ -266,9 +222,9 @@ def run_augment(cfg) -> Optional[Path]:
               f"{manifest['rows_out']} ({manifest['tokens_out']} tokens), rejected: {rejected}; {out} "
               f"(data.cpt.path={out})", flush=True)
 
-    if method in MODEL_METHODS:
+    if chosen.uses_model:
         return out if run_rewrite(cfg, documents, out, settings, source, model_dir, tokenizer, publish_texts) else None
     with OutputLock(out, "output_dir"):
-        texts = rules_texts(cfg, documents) if method == "rules" else repeat_texts(cfg, documents, count)
+        texts = chosen.texts(cfg, documents, count)
         publish_texts(texts, {})
     return out

@@ -4,7 +4,7 @@ max_seq_length blocks, loss on every token, through TRL's SFTTrainer.
     deepspeed launch/train.py +stage=cpt
 """
 
-from train.data import prepare_cpt
+from train.data.cpt import prepare_cpt
 from train.stages.sft import PretokenizedSFTStage
 
-STAGE = PretokenizedSFTStage("cpt", prepare_cpt)
+HOOKS = PretokenizedSFTStage("cpt", prepare_cpt)

@@ -36,7 +36,7 @@ from core.errors import UserError
 from core.outputs import MODEL_CACHE_DIR, is_model_dir
 from train.lora import peft_config, uses_adapters
 from train.model import load_model, report_parameter_share, resolve_model_dir
-from train.preference import prepare_preference
+from train.data.preference import prepare_preference
 
 REF_LOGPS_DIR = MODEL_CACHE_DIR / "ref_logps"
 
@@ -126,7 +126,7 @@ def ref_logps_cache_path(cfg, dataset, args, dtype) -> Path:
 
 
 class CachedReferenceDPOTrainer(DPOTrainer):
-    """TRL's DPOTrainer on data train/preference.py already tokenized, with the precomputed
+    """TRL's DPOTrainer on data train/data/preference.py already tokenized, with the precomputed
     reference log-probs cached in one file shared by every rank, node and rerun.
 
     TRL 1.16 caches them beside the dataset's own cache files (a per-process temp dir for
@@ -142,7 +142,7 @@ class CachedReferenceDPOTrainer(DPOTrainer):
             self.ref_model = None  # the loss reads the cached columns; free the reference
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        return dataset  # tokenized and truncated by train/preference.py
+        return dataset  # tokenized and truncated by train/data/preference.py
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         path = self.ref_logps_caches.get(name)
@@ -262,4 +262,4 @@ class DPOStage:
         )
 
 
-STAGE = DPOStage()
+HOOKS = DPOStage()

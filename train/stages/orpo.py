@@ -22,11 +22,11 @@ from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 from trl.experimental.utils import DPODataCollatorWithPadding, pad_to_length  # noqa: E402
 
 from train.lora import peft_config  # noqa: E402
-from train.preference import prepare_preference  # noqa: E402
+from train.data.preference import prepare_preference  # noqa: E402
 
 
 class PretokenizedORPOTrainer(ORPOTrainer):
-    """TRL's ORPOTrainer on pairs train/preference.py already rendered, tokenized and truncated,
+    """TRL's ORPOTrainer on pairs train/data/preference.py already rendered, tokenized and truncated,
     with the NLL term on the chosen answer only, as in the paper (-log P(y_w | x)).
 
     TRL 1.16's ORPO takes the NLL over every non-pad token of prompt + chosen, which also trains
@@ -100,5 +100,5 @@ class ORPOStage:
         )
 
 
-STAGE = ORPOStage()
+HOOKS = ORPOStage()
 

@@ -8,12 +8,12 @@ CPT (train/stages/cpt.py) runs through the same TRL SFTTrainer on pre-packed tex
 
 from trl import SFTConfig, SFTTrainer
 
-from train.data import prepare_sft
+from train.data.sft import prepare_sft
 from train.lora import peft_config
 
 
 class PretokenizedSFTStage:
-    """TRL's SFTTrainer on data that train/data.py already tokenized, masked and packed."""
+    """TRL's SFTTrainer on data that train/data/ already tokenized, masked and packed."""
 
     def __init__(self, name, prepare):
         self.name = name
@@ -43,4 +43,4 @@ class PretokenizedSFTStage:
         )
 
 
-STAGE = PretokenizedSFTStage("sft", prepare_sft)
+HOOKS = PretokenizedSFTStage("sft", prepare_sft)

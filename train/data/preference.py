@@ -23,17 +23,9 @@ from datasets import Dataset
 from trl.data_utils import common_prefix_length, maybe_extract_prompt
 
 from core.errors import UserError
-from train.data import (
-    SOURCE,
-    count_not_equal,
-    list_lengths,
-    load_split_rows,
-    mix_shares,
-    plain_messages,
-    report_mix,
-)
+from train.data import PreparedData, count_not_equal, list_lengths
+from train.data.mix import SOURCE, load_split_rows, mix_shares, plain_messages, report_mix
 from train.model import max_positions
-from train.stages import PreparedData
 
 log = logging.getLogger("domainforge")
 

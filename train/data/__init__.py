@@ -1,0 +1,52 @@
+"""Datasets for every stage: rows loaded and checked, mixed, then tokenized for one stage.
+
+    sources.py     load a file, glob, directory or saved dataset; check its columns and rows
+    mix.py         data.<kind>.path or a weighted mix of data.<kind>.sources; the eval split
+    cpt.py         CPT: documents -> EOS-joined token stream -> fixed blocks
+    sft.py         SFT: chats -> chat template -> assistant-only labels -> optional packing
+    preference.py  DPO/ORPO: prompt/chosen/rejected pairs, rendered and truncated once
+
+Each stage's hooks (train/stages/) call its `prepare_*` and get a PreparedData. This module
+holds only what every kind shares; import the rest from the module that owns it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+IGNORE_INDEX = -100  # label value the loss skips
+
+
+@dataclass
+class PreparedData:
+    """What a stage trains on, ready for its trainer."""
+
+    train_dataset: Any
+    data_collator: Optional[Callable] = None
+    stats: Dict[str, float] = field(default_factory=dict)
+    """Logged once at the start (e.g. packing_efficiency, num_tokens, truncated_rows, and a
+    mix's per-source shares mix/<name>/rows and mix/<name>/tokens)."""
+    eval_dataset: Any = None
+    """The eval split, prepared like train_dataset (same collator); None: no evaluation."""
+    eval_prompts: List[Any] = field(default_factory=list)
+    """Raw prompts of the first training.log_completions eval rows, for logged completions."""
+
+
+def list_lengths(dataset, column: str):
+    """Per-row lengths of a list column, computed in Arrow (the rows never become Python lists:
+    on 5M tokens of SFT data that took 2.2 of 4.7 s, and its memory grows with the corpus)."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(dataset.with_format("arrow")[column]).to_numpy()
+
+
+def count_not_equal(dataset, column: str, value) -> int:
+    """How many values of a column (the elements, for a list column) differ from `value`, in Arrow."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = dataset.with_format("arrow")[column]
+    if pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+        values = pc.list_flatten(values)
+    return int(pc.sum(pc.not_equal(values, value)).as_py() or 0)
