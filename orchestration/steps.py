@@ -139,16 +139,6 @@ class Step:
                     method=self.method, epochs=self.epochs)
 
 
-def step_env(plan: Plan, step: Step) -> Dict[str, str]:
-    """Environment of a step: W&B groups every run of the pipeline and types each by its step."""
-    if plan.wandb is None:
-        return {}
-    env = {"WANDB_RUN_GROUP": plan.pipeline, "WANDB_JOB_TYPE": step.stage or step.kind, "WANDB_MODE": plan.wandb}
-    if not STEP_KINDS[step.kind].wandb_in_args:  # training runs log through transformers, the rest here
-        env.update(DOMAINFORGE_WANDB="1", WANDB_DIR=str(plan.run_dir), WANDB_NAME=step.name)
-    return env
-
-
 @dataclass
 class Plan:
     pipeline: str
@@ -171,6 +161,16 @@ class Plan:
             f"unknown step '{name}' in pipeline {self.pipeline}: choose one of "
             + ", ".join(s.name for s in self.steps)
         )
+
+
+def step_env(plan: Plan, step: Step) -> Dict[str, str]:
+    """Environment of a step: W&B groups every run of the pipeline and types each by its step."""
+    if plan.wandb is None:
+        return {}
+    env = {"WANDB_RUN_GROUP": plan.pipeline, "WANDB_JOB_TYPE": step.stage or step.kind, "WANDB_MODE": plan.wandb}
+    if not STEP_KINDS[step.kind].wandb_in_args:  # training runs log through transformers, the rest here
+        env.update(DOMAINFORGE_WANDB="1", WANDB_DIR=str(plan.run_dir), WANDB_NAME=step.name)
+    return env
 
 
 def write_plan_file(plan: Plan) -> Path:
