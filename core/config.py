@@ -2,7 +2,7 @@
 schema, and command-line overrides, with every mistake turned into one line.
 
 Schemas live beside the code they configure (train/config.py, merge/config.py,
-orchestration/pipeline.py); this module only knows how to compose and explain.
+orchestration/config.py); this module only knows how to compose and explain.
 """
 
 from __future__ import annotations

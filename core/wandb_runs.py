@@ -1,7 +1,7 @@
 """W&B runs for the steps that do not train (merge, eval, study), so that a pipeline's W&B group
 holds every curve, score and plot. Training runs log through transformers' WandbCallback.
 
-Off unless DOMAINFORGE_WANDB is set (orchestration/pipeline.py sets it with pipeline.wandb,
+Off unless DOMAINFORGE_WANDB is set (orchestration/steps.py sets it with pipeline.wandb,
 next to W&B's own WANDB_MODE, WANDB_RUN_GROUP, WANDB_JOB_TYPE, WANDB_NAME and WANDB_DIR).
 Secrets never pass through here: wandb reads its API key from its own login file or env.
 """

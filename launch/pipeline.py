@@ -18,7 +18,8 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from core.errors import exit_on_user_error  # noqa: E402
-from orchestration.pipeline import compose_pipeline_job, run_local  # noqa: E402
+from orchestration.config import compose_pipeline_job  # noqa: E402
+from orchestration.local import run_local  # noqa: E402
 
 
 def main(argv):

@@ -20,7 +20,8 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from core.errors import exit_on_user_error  # noqa: E402
-from orchestration.pipeline import compose_pipeline_job, plan_pipeline  # noqa: E402
+from orchestration.config import compose_pipeline_job  # noqa: E402
+from orchestration.planner import plan_pipeline  # noqa: E402
 from orchestration.slurm import print_status, stage_plan, submit_pipeline, submit_plan  # noqa: E402
 
 # Options of the submission itself; in `+stage=` mode everything else goes to launch/train.py.

@@ -4,7 +4,8 @@ the status of the jobs a submission recorded.
     python launch/submit.py pipeline=tiny cluster=slurm cluster.nodes=2 cluster.gpus_per_node=8
     python launch/submit.py status pipeline=tiny
 
-The sbatch scripts are rendered from orchestration/sbatch/<kind>.sbatch (train, merge, eval, augment, task) into
+The sbatch scripts are rendered from orchestration/sbatch/<template> (train, merge, eval, augment
+or task.sbatch: each step kind names its own in STEP_KINDS, orchestration/steps.py) into
 `<run dir>/jobs/` and kept there, with the job logs and `jobs.jsonl` (one line per submitted
 job: step, job id, script, log, output directory).
 """
@@ -28,23 +29,10 @@ from omegaconf import DictConfig
 from core.config import REPO_ROOT
 from core.errors import PREEMPTED_EXIT_CODE, UserError
 from core.secrets import redact
-from orchestration.pipeline import (
-    ENTRY_POINTS,
-    JOBS_DIR,
-    Plan,
-    Step,
-    check_outside_models,
-    check_step_environment,
-    check_resumes,
-    output_complete,
-    plan_pipeline,
-    read_plan_file,
-    step_env,
-    training_world_size,
-    validate_step_configs,
-    write_plan_file,
-)
-from train.augment.config import compose_augment_config
+from orchestration.checks import check_outside_models, check_resumes, check_step_environment, validate_step_configs
+from orchestration.config import training_world_size
+from orchestration.planner import plan_pipeline
+from orchestration.steps import JOBS_DIR, STEP_KINDS, Plan, Step, read_plan_file, step_env, write_plan_file
 from train.augment.methods import augment_method
 from train.config import compose_train_config
 
@@ -124,11 +112,13 @@ class JobText:
     log: Path
     dependency: Optional[str]
 
-    def render(self, template: str, sbatch_lines: List[str], **values) -> str:
-        """`template` filled with the common values (the step's own command among them) and `values`."""
-        entry = f"launch/{ENTRY_POINTS[self.step.kind]}"
+    def render(self, sbatch_lines: List[str], **values) -> str:
+        """The step kind's template filled with the common values (the step's own command among them)
+        and `values`."""
+        kind = STEP_KINDS[self.step.kind]
+        entry = f"launch/{kind.entry_point}"
         command = [python_of(self.cluster), entry, *self.step.args]
-        return render_template(template, dict(
+        return render_template(kind.sbatch_template, dict(
             title=self.title,
             script=self.script,
             job_name=f"df-{self.step.name}",
@@ -159,7 +149,7 @@ def render_train_job(job: JobText) -> str:
     # Warn this shell (B:) before the time limit; it forwards the signal to the ranks.
     lines.append(f"--signal=B:USR1@{cluster.signal_seconds}")
     return job.render(
-        "train.sbatch", lines,
+        lines,
         world_size=world,
         layout=f"{cluster.nodes} node(s) x {per_node} rank(s) per node",
         nodes=cluster.nodes,
@@ -172,8 +162,8 @@ def render_train_job(job: JobText) -> str:
 
 def render_merge_job(job: JobText) -> str:
     tasks = job.cluster.merge_tasks or job.cluster.nodes
-    return job.render("merge.sbatch", common_sbatch_lines(job.cluster, job.dependency),
-                      tasks=tasks, nodes=min(job.cluster.nodes, tasks))
+    return job.render(common_sbatch_lines(job.cluster, job.dependency), tasks=tasks,
+                      nodes=min(job.cluster.nodes, tasks))
 
 
 def render_eval_job(job: JobText) -> str:
@@ -182,7 +172,7 @@ def render_eval_job(job: JobText) -> str:
     lines = common_sbatch_lines(cluster, job.dependency)
     if cluster.request_gpus:
         lines.insert(0, f"--gpus-per-node={cluster.gpus_per_node}")
-    return job.render("eval.sbatch", lines,
+    return job.render(lines,
                       tasks=cluster.gpus_per_node,
                       master_port=master_port_of(cluster),
                       # every task sees every GPU: some clusters bind one GPU per task by default
@@ -193,20 +183,27 @@ def render_augment_job(job: JobText) -> str:
     """A rewrite on every rank of the job (one per GPU: nodes x gpus_per_node, or cluster.tasks);
     a rule-based or repeat augmentation as one task (it runs on rank 0 only)."""
     cluster = job.cluster
-    generates = augment_method(compose_augment_config(job.step.augment_args).augment.method).uses_model
+    generates = augment_method(job.step.config.augment.method).uses_model
     tasks = (cluster.tasks or cluster.nodes * cluster.gpus_per_node) if generates else 1
     nodes = min(cluster.nodes, tasks)
     per_node = math.ceil(tasks / nodes)
     lines = common_sbatch_lines(cluster, job.dependency)
     if generates and cluster.request_gpus:
         lines.insert(0, f"--gpus-per-node={cluster.gpus_per_node}")
-    return job.render("augment.sbatch", lines, tasks=tasks, nodes=nodes, tasks_per_node=per_node,
+    return job.render(lines, tasks=tasks, nodes=nodes, tasks_per_node=per_node,
                       layout=f"{nodes} node(s) x {per_node} task(s) per node")
 
 
 def render_task_job(job: JobText) -> str:
     """The study report (CPU only): one task."""
-    return job.render("task.sbatch", common_sbatch_lines(job.cluster, job.dependency))
+    return job.render(common_sbatch_lines(job.cluster, job.dependency))
+
+
+TEMPLATE_RENDERERS = {"train.sbatch": render_train_job, "merge.sbatch": render_merge_job,
+                      "eval.sbatch": render_eval_job, "augment.sbatch": render_augment_job,
+                      "task.sbatch": render_task_job}
+"""orchestration/sbatch/<template> -> what fills it (the job's tasks, nodes, GPUs); a step kind
+names its template in STEP_KINDS."""
 
 
 def render_step(plan: Plan, step: Step, cluster: DictConfig, dependency: Optional[str]) -> tuple[Path, str]:
@@ -215,8 +212,7 @@ def render_step(plan: Plan, step: Step, cluster: DictConfig, dependency: Optiona
     script = jobs / f"{step.index:02d}-{step.name}.sbatch"
     log = jobs / f"{step.index:02d}-{step.name}-%j.log"
     title = f"pipeline {plan.pipeline}, step {step.name} ({step.stage or step.kind}) -> {step.output_dir}"
-    render = {"train": render_train_job, "merge": render_merge_job, "eval": render_eval_job,
-              "augment": render_augment_job}.get(step.kind, render_task_job)
+    render = TEMPLATE_RENDERERS[STEP_KINDS[step.kind].sbatch_template]
     return script, render(JobText(plan, step, cluster, title, script, log, dependency))
 
 
@@ -351,7 +347,7 @@ def stage_plan(train_args: List[str]) -> Plan:
     cfg = compose_train_config(train_args)
     out = Path(cfg.output_dir).expanduser().resolve()
     args = [a for a in train_args if not a.startswith("output_dir=")] + [f"output_dir={out}"]
-    step = Step(cfg.stage.name, 0, out, stage=cfg.stage.name, train_args=args)
+    step = Step(cfg.stage.name, 0, out, "train", args, stage=cfg.stage.name)
     return Plan(f"stage-{cfg.stage.name}", out, [step])
 
 
@@ -409,7 +405,7 @@ def print_status(run_dir: Path, out=sys.stdout) -> List[Dict[str, str]]:
     rows = []
     for r in records:
         step = described.get(r.step, {})
-        done = output_complete(step.get("kind", "train"), r.output_dir, step.get("tasks", []))
+        done = STEP_KINDS[step.get("kind", "train")].is_complete(Path(r.output_dir), step.get("tasks", []))
         rows.append(dict(
             step=r.step,
             job=r.job_id,

@@ -31,7 +31,7 @@ from core.validate import check_value, writable_dir
 from core.wandb_runs import log_wandb_run, table_rows
 from evaluation.results import interval, load_results
 from evaluation.synergy import compare
-from orchestration.pipeline import PLAN_FILE, START, STUDY_FILE
+from orchestration.steps import PLAN_FILE, START, STUDY_FILE
 
 # The metric a task is ranked by: accuracy for log-likelihood MC/TF, exact match for the
 # paper's generation protocol; anything else: the task's first metric.

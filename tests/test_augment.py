@@ -264,7 +264,9 @@ def test_wrap_prompts_hold_the_document_slot():
 # the augment step of a pipeline
 # ---------------------------------------------------------------------------------------------
 def test_study_pipeline_plans_augment_steps_before_cpt(tmp_path):
-    from orchestration.pipeline import compose_pipeline_job, plan_pipeline, validate_step_configs
+    from orchestration.checks import validate_step_configs
+    from orchestration.config import compose_pipeline_job
+    from orchestration.planner import plan_pipeline
     from train.augment.config import compose_augment_config
     from train.config import compose_train_config
 
@@ -273,13 +275,13 @@ def test_study_pipeline_plans_augment_steps_before_cpt(tmp_path):
     steps = {s.name: s for s in plan.steps}
     assert [s.name for s in plan.steps if s.kind == "augment"] == ["rules", "wrap", "repeat"]
     assert steps["repeat"].depends_on == ["rules"]
-    assert f"augment.repeat.match={plan.run_dir / 'rules'}" in steps["repeat"].augment_args
+    assert f"augment.repeat.match={plan.run_dir / 'rules'}" in steps["repeat"].args
     subset = REPO / "data" / "augment_subset"
     for name in ("rules", "wrap", "repeat"):  # every augmentation reads the study's subset
-        assert compose_augment_config(steps[name].augment_args).data.cpt.path == str(subset / "cpt.jsonl")
+        assert compose_augment_config(steps[name].args).data.cpt.path == str(subset / "cpt.jsonl")
     # the corpus a CPT step trains on, as its composed config has it: `corpus:` beats the pipeline's
     # data.cpt.path, which is the default for the others
-    trained_on = {name: compose_train_config(steps[name].train_args).data.cpt.path
+    trained_on = {name: compose_train_config(steps[name].args).data.cpt.path
                   for name in steps if name.startswith("cpt-")}
     assert trained_on == {"cpt-raw": str(subset / "cpt.jsonl"), "cpt-renderings": str(subset / "cpt_renderings.jsonl"),
                           **{f"cpt-{c}": str(plan.run_dir / c) for c in ("rules", "wrap", "repeat")}}
@@ -313,7 +315,8 @@ def test_study_dry_run_renders_the_augment_jobs(tmp_path):
     ("[{name: b, augment: {preset: rules}, stage: cpt}]", "exactly one of stage:, merge: or augment:"),
 ])
 def test_pipeline_references_to_augment_steps(steps, needle, tmp_path):
-    from orchestration.pipeline import compose_pipeline_job, plan_pipeline
+    from orchestration.config import compose_pipeline_job
+    from orchestration.planner import plan_pipeline
 
     with pytest.raises(UserError, match=needle.replace("(", r"\(")):
         plan_pipeline(compose_pipeline_job(["pipeline=tiny", f"pipeline.steps={steps}", "pipeline.eval.tasks=[]",

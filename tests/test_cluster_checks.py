@@ -27,7 +27,7 @@ from conftest import REPO, assert_one_line_error, run_main, test_env
 
 from core.errors import PREEMPTED_EXIT_CODE, UserError
 from core.validate import writable_dir
-from orchestration.pipeline import compose_pipeline_job
+from orchestration.config import compose_pipeline_job
 from orchestration.slurm import render_step, stage_plan
 from train.attention import check_attention_installed, check_attention_runs_here, module_installed
 from train.config import compose_train_config

@@ -14,7 +14,7 @@ from core.config import CONF_DIR
 from evaluation.config import EvalJobConfig
 from merge.config import MergeJobConfig, MergeRecipeConfig
 from train.augment.config import AugmentConfig, AugmentJobConfig
-from orchestration.pipeline import ClusterConfig, PipelineConfig, PipelineJobConfig
+from orchestration.config import ClusterConfig, PipelineConfig, PipelineJobConfig
 from train.config import (
     DataConfig,
     DeepSpeedConfig,

@@ -186,7 +186,7 @@ def test_two_processes_score_a_share_each_and_match_one_process(tmp_path, tiny):
 
     from conftest import test_env
 
-    from orchestration.pipeline import eval_command
+    from orchestration.local import eval_command
 
     tasks = ["materials_cpt_mc_loglik", "materials_cpt_mc_gen"]
     runs = {}

@@ -10,14 +10,10 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from core.errors import UserError
-from orchestration.pipeline import (
-    PipelineJobConfig,
-    compose_pipeline_job,
-    local_command,
-    plan_pipeline,
-    run_local,
-    validate_step_configs,
-)
+from orchestration.checks import validate_step_configs
+from orchestration.config import PipelineJobConfig, compose_pipeline_job
+from orchestration.local import local_command, run_local
+from orchestration.planner import plan_pipeline
 from train.config import compose_train_config
 
 PRESETS = sorted(p.stem for p in (REPO / "conf" / "pipeline").glob("*.yaml"))
@@ -25,8 +21,8 @@ PRESETS = sorted(p.stem for p in (REPO / "conf" / "pipeline").glob("*.yaml"))
 
 def arg(step, key):
     """The value of `key=...` in a step's launch arguments."""
-    values = [a.split("=", 1)[1] for a in step.train_args + step.merge_args if a.startswith(key + "=")]
-    assert len(values) == 1, (key, step.train_args, step.merge_args)
+    values = [a.split("=", 1)[1] for a in step.args if a.startswith(key + "=")]
+    assert len(values) == 1, (key, step.args)
     return values[0]
 
 
@@ -82,7 +78,7 @@ def test_each_step_reads_the_previous_output(tmp_path):
     plan = plan_pipeline(compose_pipeline_job(["pipeline=tiny", f"root={tmp_path}"]))
     cpt, sft, dpo, orpo, slerp_dpo, slerp, linear = model_steps(plan)
     run = tmp_path / "tiny"
-    assert "model.path" not in " ".join(cpt.train_args)  # the preset's own (random-init) model
+    assert "model.path" not in " ".join(cpt.args)  # the preset's own (random-init) model
     assert arg(sft, "model.path") == str(run / "cpt")
     assert arg(dpo, "model.path") == str(run / "sft")
     assert arg(orpo, "model.path") == str(run / "sft")  # input: sft in the preset
@@ -204,6 +200,6 @@ def test_tiny_and_study_pipelines_keep_their_batch_under_the_paper_presets(tmp_p
     for preset, batch in [("tiny", 1), ("smollm2_study", 2)]:
         plan = plan_pipeline(compose_pipeline_job([f"pipeline={preset}", f"root={tmp_path}"]))
         for step in (s for s in plan.steps if s.kind == "train"):
-            t = compose_train_config(step.train_args).training
+            t = compose_train_config(step.args).training
             assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.gradient_checkpointing) == \
                 (batch, 1, False), (preset, step.name)

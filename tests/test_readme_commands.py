@@ -12,7 +12,7 @@ from conftest import REPO
 
 from evaluation.config import compose_eval_config
 from merge.config import compose_merge_config
-from orchestration.pipeline import compose_pipeline_job
+from orchestration.config import compose_pipeline_job
 from train.augment.config import compose_augment_config
 from train.config import compose_train_config
 

@@ -131,7 +131,8 @@ def test_a_failed_conversion_leaves_nothing_converted_and_stops_the_waiting_rank
 
 
 def test_submit_dry_run_refuses_a_resume_into_another_zero_stage(tmp_path):
-    from orchestration.pipeline import compose_pipeline_job, plan_pipeline
+    from orchestration.config import compose_pipeline_job
+    from orchestration.planner import plan_pipeline
     from orchestration.slurm import submit_pipeline
 
     ckpt = fake_checkpoint(tmp_path / "tiny" / "cpt", step=2, files=ZERO3_2_RANKS)

@@ -13,7 +13,8 @@ import pytest
 from conftest import REPO, assert_one_line_error
 
 from core.errors import PREEMPTED_EXIT_CODE, UserError
-from orchestration.pipeline import compose_pipeline_job, plan_pipeline
+from orchestration.config import compose_pipeline_job
+from orchestration.planner import plan_pipeline
 from orchestration.slurm import render_step
 
 LLAMA = "llama_instruct_cpt_sft_orpo_slerp"
