@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, test_env
-from test_merge_models import tiny_pair, write_config  # noqa: F401  (session fixture)
+from tests.support.env import REPO, offline_env
+from tests.support.merge import write_config
 
 PROJECT = ("core", "train", "merge", "evaluation", "orchestration", "launch")
 ALLOWED = {
@@ -81,7 +81,7 @@ POISON = (
 def run_light(script: str, *args, env=None, cwd=REPO) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", POISON, str(REPO / "launch" / script), *map(str, args)],
-        cwd=cwd, env=env or test_env(), capture_output=True, text=True, timeout=120,
+        cwd=cwd, env=env or offline_env(), capture_output=True, text=True, timeout=120,
     )
 
 
@@ -96,7 +96,7 @@ def fake_slurm(bin_dir: Path) -> dict:
     (bin_dir / "squeue").write_text("#!/bin/sh\nexit 0\n")
     for tool in ("sbatch", "squeue"):
         (bin_dir / tool).chmod((bin_dir / tool).stat().st_mode | stat.S_IEXEC)
-    return test_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return offline_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
 
 
 def test_submit_imports_no_heavy_library(tmp_path):
@@ -157,3 +157,4 @@ def test_entry_points_are_thin_and_documented(script):
     doc = ast.get_docstring(ast.parse(text)) or ""
     assert f"launch/{script}" in doc, f"launch/{script}: the docstring should give its command lines"
     assert len(text.splitlines()) <= 60, f"launch/{script} has grown logic: move it into a package"
+

@@ -18,6 +18,7 @@ from train.data import (
     prepare_sft,
     tokenize_chat,
 )
+from tests.support.files import write_jsonl
 from train.model import load_tokenizer
 
 DOCS = [
@@ -73,11 +74,6 @@ def with_template(tokenizer, template):
 @pytest.fixture
 def smollm2_tokenizer(tokenizer):
     return with_template(tokenizer, SMOLLM2_TEMPLATE)
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def texts(rows):
@@ -379,7 +375,7 @@ def test_bundled_sample_set_is_what_the_generator_writes(tmp_path, repo):
     import subprocess
     import sys
 
-    subprocess.run([sys.executable, str(repo / "data" / "make_materials.py"), "--out", str(tmp_path)], check=True,
+    subprocess.run([sys.executable, "-m", "data.make_materials", "--out", str(tmp_path)], cwd=repo, check=True,
                    capture_output=True)
     committed = repo / "data" / "materials"
     names = sorted(p.name for p in committed.glob("*.jsonl"))
