@@ -2,9 +2,9 @@
 bundled CPT corpus, and model-based rewriting in generated tokens/s with SmolLM2-135M-Instruct
 (train/augment/rewrite.py, transformers `generate`), batched against one document at a time.
 
-    python bench/augment_throughput.py rules                          # 3 rounds over the 483 documents
-    python bench/augment_throughput.py rewrite --documents 8 --max-new-tokens 64 --batch-size 8
-    python bench/augment_throughput.py rewrite --threads 2            # torch threads (default: torch's)
+    python -m bench.augment_throughput rules                          # 3 rounds over the 483 documents
+    python -m bench.augment_throughput rewrite --documents 8 --max-new-tokens 64 --batch-size 8
+    python -m bench.augment_throughput rewrite --threads 2            # torch threads (default: torch's)
 
 Rules: wall seconds of augment_document over every document (tasks + 2 permuted copies, the
 defaults), median of --rounds. Rewrite: the first --documents documents in the `wikipedia` style,
@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from train.augment.config import RulesConfig, compose_augment_config  # noqa: E402

@@ -2,8 +2,8 @@
 source, in tokens/s of train/data/'s prepare step (load, map to the stage's columns, mix,
 tokenize, count shares), in memory and streaming.
 
-    python bench/data_mix.py                      # cpt and sft, 3 rounds, 4 copies of the rows
-    python bench/data_mix.py --kinds sft --rounds 5 --copies 8
+    python -m bench.data_mix                      # cpt and sft, 3 rounds, 4 copies of the rows
+    python -m bench.data_mix --kinds sft --rounds 5 --copies 8
 
 Sources: the bundled materials set (twice: two copies) and the general replay set
 (data/general/; its SFT rows mapped from question/answer). The single source is one file holding
@@ -22,13 +22,11 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import datasets  # noqa: E402

@@ -1,7 +1,7 @@
 """DPO step time with a live reference model vs precomputed (cached) reference log-probs, on
 the tiny model, both in one process, through the real stage code (train/stages/dpo.py).
 
-    python bench/dpo_precompute.py --steps 40
+    python -m bench.dpo_precompute --steps 40
 
 One training step here is forward + backward of the DPO loss on a batch of 4 pairs at
 max_length 256 (the optimizer step is the same in both modes and left out). The two trainers
@@ -14,19 +14,14 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[0:0] = [str(ROOT), str(ROOT / "tests")]
-
-from preference_harness import compose, trainer_for  # noqa: E402
-
-import train.stages.dpo as dpo  # noqa: E402
+import train.stages.dpo as dpo
+from bench.preference_harness import compose, trainer_for
 
 
 def step_cpu_seconds(trainer, batch) -> float:

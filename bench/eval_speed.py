@@ -1,8 +1,8 @@
 """Evaluation speed on SmolLM2-135M-Instruct: the lm-eval engine (launch/eval.py) against the
 old hand-written scorer (merge/synergy.py at cbaef5d), side by side in one run.
 
-    python bench/eval_speed.py                       # 200 preference pairs, 100 questions per set
-    python bench/eval_speed.py --pairs 437 --questions 400 --rounds 2
+    python -m bench.eval_speed                       # 200 preference pairs, 100 questions per set
+    python -m bench.eval_speed --pairs 437 --questions 400 --rounds 2
 
 1. Preference pairs (data/materials/preference_chat.jsonl): the old scorer's `score_model`
    against the engine's `materials_preference` task: the same pairs, model, dtype (fp32) and
@@ -35,8 +35,7 @@ SETS = ("materials_sft_mc", "materials_sft_tf", "materials_cpt_mc", "materials_c
 
 OLD_SCORER = """
 import json, sys, time
-sys.path[:0] = [{tmp!r}, {root!r}]
-import old_synergy
+import old_synergy  # from the PYTHONPATH folder that run_python is given
 conversations = [json.loads(l) for l in open({pairs!r})][:{n}]
 conversations = [{{"prompt": c["prompt"], "chosen": c["chosen"], "rejected": c["rejected"]}} for c in conversations]
 start = time.perf_counter()
@@ -46,7 +45,6 @@ print(json.dumps({{"seconds": time.perf_counter() - start, "accuracy": score.acc
 
 ENGINE = """
 import json, sys, time
-sys.path.insert(0, {root!r})
 from evaluation.run import evaluate_overrides
 start = time.perf_counter()
 records = evaluate_overrides({overrides!r}, {model!r})
@@ -60,8 +58,10 @@ def child_env() -> dict:
     return env
 
 
-def run_python(code: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True)
+def run_python(code: str, pythonpath: str = "") -> dict:
+    """`python -c code` in the repo root (so the repo's packages import), with `pythonpath` too."""
+    env = dict(child_env(), PYTHONPATH=pythonpath) if pythonpath else child_env()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"error: a measurement failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -69,7 +69,6 @@ def run_python(code: str) -> dict:
 
 def smollm2_dir() -> Path:
     """The fp32 safetensors copy of SmolLM2-135M-Instruct that training also uses."""
-    sys.path.insert(0, str(ROOT))
     from core.config import _pkgdir
     from train.model import materialize_gguf
 
@@ -97,9 +96,9 @@ def main() -> None:
 
     old, new = [], []
     for r in range(args.rounds):
-        o = run_python(OLD_SCORER.format(tmp=str(out), root=str(ROOT), pairs=str(PAIRS), n=args.pairs, model=model,
-                                         batch=args.batch_size))
-        e = run_python(ENGINE.format(root=str(ROOT), model=model, overrides=[
+        o = run_python(OLD_SCORER.format(pairs=str(PAIRS), n=args.pairs, model=model, batch=args.batch_size),
+                       pythonpath=str(out))
+        e = run_python(ENGINE.format(model=model, overrides=[
             "tasks=[materials_preference]", f"limit={args.pairs}", f"batch_size={args.batch_size}",
             f"output_dir={out / f'pairs-{r}'}", "log_samples=false"]))
         acc = e["tasks"]["materials_preference"][1]["acc,none"]
@@ -114,7 +113,7 @@ def main() -> None:
     for protocol in ("loglik", "gen"):
         tasks = ",".join(f"{s}_{protocol}" for s in SETS)
         start = time.perf_counter()
-        e = run_python(ENGINE.format(root=str(ROOT), model=model, overrides=[
+        e = run_python(ENGINE.format(model=model, overrides=[
             f"tasks=[{tasks}]", f"limit={args.questions}", f"batch_size={args.batch_size}",
             f"output_dir={out / protocol}", "log_samples=false"]))
         n = sum(v[0] for v in e["tasks"].values())

@@ -78,7 +78,7 @@ suite() {
         $PYTHON -m pytest tests/gpu -m gpu -v -rA -p no:cacheprovider --junitxml="$OUT/$1.xml"
 }
 bench() {
-    run_part "$1" "${BENCH_TIMEOUT:-240}" $PYTHON bench/gpu_throughput.py --rows "$2" --json "$OUT/$1.json" \
+    run_part "$1" "${BENCH_TIMEOUT:-240}" $PYTHON -m bench.gpu_throughput --rows "$2" --json "$OUT/$1.json" \
         --logs "$OUT/$1-logs" ${BENCH_ARGS:-}
 }
 for part in "${PARTS[@]}"; do

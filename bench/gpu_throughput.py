@@ -1,9 +1,9 @@
 """Training throughput of a Llama-shaped model: the project's CPT stage against a plain TRL
 script with the same settings, one row per set of throughput options, side by side.
 
-    python bench/gpu_throughput.py                                        # 1.04 B, seq 2048, batch 8, every row
-    python bench/gpu_throughput.py --rows plain,project,project+zero2 --json /tmp/tp.json
-    python bench/gpu_throughput.py --hidden 128 --layers 2 --heads 4 --kv-heads 2 --ffn 256 --vocab 2048 \
+    python -m bench.gpu_throughput                                        # 1.04 B, seq 2048, batch 8, every row
+    python -m bench.gpu_throughput --rows plain,project,project+zero2 --json /tmp/tp.json
+    python -m bench.gpu_throughput --hidden 128 --layers 2 --heads 4 --kv-heads 2 --ffn 256 --vocab 2048 \
         --seq 128 --batch 2 --steps 6 --warmup 2 --rows plain,project     # tiny: any machine, CPU included
 
 Rows: `project` is `deepspeed --num_gpus G launch/train.py +stage=cpt` with the model shape as
@@ -55,8 +55,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import psutil
-from launcher_env import bench_env
-from train_throughput import FINAL
+from bench.launcher_env import bench_env
+from bench.train_throughput import FINAL
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = ("zero2", "gc", "liger", "compile")

@@ -1,7 +1,7 @@
 """LoRA against full fine-tuning on SmolLM2-135M, side by side: tokens/s and peak RSS.
 
-    flock /tmp/df-heavy.lock python bench/lora_vs_full.py                 # 4 steps of 4 x 256 tokens
-    flock /tmp/df-heavy.lock python bench/lora_vs_full.py --steps 6 --seq 512 --batch 2
+    flock /tmp/df-heavy.lock python -m bench.lora_vs_full                 # 4 steps of 4 x 256 tokens
+    flock /tmp/df-heavy.lock python -m bench.lora_vs_full --steps 6 --seq 512 --batch 2
 
 Each run is `python launch/train.py +stage=cpt model=smollm2_135m training.finetune=<mode>`
 (1 process, DeepSpeed ZeRO-3, fp32), under `/usr/bin/time -f %M` for the whole process's peak
@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from launcher_env import bench_env
+from bench.launcher_env import bench_env
 
 ROOT = Path(__file__).resolve().parents[1]
 FINAL = re.compile(r"\{'train_runtime': '([\d.]+)'.*?'num_input_tokens_seen': (\d+)\}")

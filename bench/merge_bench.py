@@ -1,7 +1,7 @@
 """Benchmark the streaming SLERP merger against mergekit 0.1.5 and the I/O floor, side by side.
 
-    python bench/merge_bench.py                       # ~840M params, then 2x; both contenders
-    python bench/merge_bench.py --params 840M --scales 1 --workers 2 --skip-mergekit
+    python -m bench.merge_bench                       # ~840M params, then 2x; both contenders
+    python -m bench.merge_bench --params 840M --scales 1 --workers 2 --skip-mergekit
     bash bench/setup_mergekit.sh                      # once, for the mergekit column
 
 Builds two synthetic Llama checkpoints (bf16, several shards, the second correlated with the

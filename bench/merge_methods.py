@@ -1,9 +1,9 @@
 """Benchmark every merge method of launch/merge.py against mergekit 0.1.5, side by side.
 
-    python bench/merge_methods.py                       # 840M params, every new method; ours also at 2x
-    python bench/merge_methods.py --methods ties,model_stock --repeat 1
-    python bench/merge_methods.py --skip-ours --scales 1         # mergekit's column alone
-    python bench/merge_methods.py --shape tiny --params 200K --repeat 1 --json out.json   # smoke run
+    python -m bench.merge_methods                       # 840M params, every new method; ours also at 2x
+    python -m bench.merge_methods --methods ties,model_stock --repeat 1
+    python -m bench.merge_methods --skip-ours --scales 1         # mergekit's column alone
+    python -m bench.merge_methods --shape tiny --params 200K --repeat 1 --json out.json   # smoke run
     bash bench/setup_mergekit.sh                        # once, for the mergekit column
 
 Builds three synthetic Llama checkpoints (bf16, several shards, bench/merge_bench.py's builder:
@@ -31,7 +31,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from merge_bench import MERGEKIT, REPO, SHAPES, build_models, measure, parse_count, warm
+from bench.merge_bench import MERGEKIT, REPO, SHAPES, build_models, measure, parse_count, warm
 
 MODELS = ("base", "model_a", "model_b")
 # method -> (parameters of each merged model, top-level parameters): mergekit 0.1.5's names,

@@ -1,7 +1,7 @@
 """CPT throughput of domainforge against a plain TRL SFTTrainer script, side by side.
 
-    python bench/train_throughput.py                      # 1 rank, 60 steps of 512 tokens, 3 rounds
-    python bench/train_throughput.py --ranks 1 --steps 60 --seq 1024 --rounds 3
+    python -m bench.train_throughput                      # 1 rank, 60 steps of 512 tokens, 3 rounds
+    python -m bench.train_throughput --ranks 1 --steps 60 --seq 1024 --rounds 3
 
 Both run the tiny model on the bundled CPT corpus under `deepspeed --num_gpus N` with ZeRO-3,
 fp32, batch 1, the same seq length and steps. Tokens/s = num_input_tokens_seen / train_runtime
@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from launcher_env import bench_env
+from bench.launcher_env import bench_env
 
 ROOT = Path(__file__).resolve().parents[1]
 FINAL = re.compile(r"\{'train_runtime': '([\d.]+)'.*?'num_input_tokens_seen': (\d+)\}")

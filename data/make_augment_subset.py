@@ -3,8 +3,8 @@
 evaluations fit a few hours on two CPU cores, with the questions still about facts the training
 text states.
 
-    python data/make_augment_subset.py            # rewrites data/augment_subset/*
-    python data/make_augment_subset.py --out DIR  # somewhere else
+    python -m data.make_augment_subset            # rewrites data/augment_subset/*
+    python -m data.make_augment_subset --out DIR  # somewhere else
 
 The subset: the elements of even atomic number (48 of 1-96) and every other bundled compound
 (the 1st, 3rd, ... of make_materials.COMPOUNDS). Deterministic; outputs:
@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_materials import (  # noqa: E402
+from data.make_materials import (
     COMPOUNDS, RENDERINGS, SEED, cpt_documents, element_fact_lists, main as materials_cli, renderings, write_outputs,
 )
 

@@ -1,10 +1,10 @@
 """Write the bundled held-out eval sets, in the paper's MC/TF format, from the same
 `periodictable` facts as data/make_materials.py, plus an offline general-knowledge set.
 
-    python data/make_eval_sets.py            # rewrites data/eval_sets/*.jsonl
-    python data/make_eval_sets.py --out DIR  # somewhere else
+    python -m data.make_eval_sets            # rewrites data/eval_sets/*.jsonl
+    python -m data.make_eval_sets --out DIR  # somewhere else
 
-Deterministic. Every question is worded in a way no training file uses (tests/test_benchmarks.py
+Deterministic. Every question is worded in a way no training file uses (tests/test_eval_sets.py
 checks it), and every fact is split by where the training data states it:
 
   materials_sft_{mc,tf}.jsonl  facts the SFT chats and preference pairs state (and the CPT prose):
@@ -26,16 +26,15 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
 import periodictable as pt
 
+from data.general_facts import AUTHORS, COUNTRIES, CURRENCIES, MISC
+from data.make_materials import COMPOUNDS, QUESTIONS, STRUCTURE_NAMES, element_facts, write_outputs
+from data.make_materials import OUT_DIR as MATERIALS_DIR, main as materials_cli
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from general_facts import AUTHORS, COUNTRIES, CURRENCIES, MISC  # noqa: E402
-from make_materials import COMPOUNDS, QUESTIONS, STRUCTURE_NAMES, element_facts, write_outputs  # noqa: E402
-from make_materials import OUT_DIR as MATERIALS_DIR, main as materials_cli  # noqa: E402
 
 OUT_DIR = HERE / "eval_sets"
 SEED = 903444

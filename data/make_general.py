@@ -3,8 +3,8 @@ ships in its standard library (`pydoc_data.topics`, the text behind `help("asser
 Software Foundation License, see data/README.md). Mixed into a domain run as replay data
 (conf/data/materials_replay.yaml), it keeps some general text and chat in every batch.
 
-    python data/make_general.py            # rewrites data/general/*.jsonl
-    python data/make_general.py --out DIR  # somewhere else
+    python -m data.make_general            # rewrites data/general/*.jsonl
+    python -m data.make_general --out DIR  # somewhere else
 
 Deterministic for a given Python version (the topics change between CPython releases).
 Outputs:

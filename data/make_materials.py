@@ -2,8 +2,8 @@
 package ships (atomic masses, densities, crystal structures, covalent radii, K-alpha X-ray
 lines, neutron cross sections, isotope abundances, compound mass fractions).
 
-    python data/make_materials.py            # rewrites data/materials/*.jsonl
-    python data/make_materials.py --out DIR  # somewhere else
+    python -m data.make_materials            # rewrites data/materials/*.jsonl
+    python -m data.make_materials --out DIR  # somewhere else
 
 Deterministic: the same periodictable version gives byte-identical files. Outputs:
   cpt.jsonl              {"text": str}                          prose documents (continued pretraining)
@@ -13,7 +13,7 @@ Deterministic: the same periodictable version gives byte-identical files. Output
   cpt_renderings.jsonl   {"text": str}  RENDERINGS differently worded documents per element and compound
                          (more wordings per fact than cpt.jsonl): the upper bound of the augmentation study
 
-    python data/make_materials.py --renderings 12   # K renderings per element and compound (0: none)
+    python -m data.make_materials --renderings 12   # K renderings per element and compound (0: none)
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def compound_document(formula: str, common: str, facts: dict, rng: random.Random
 # -------------------------------------------------------------------------------------------
 # K renderings: the same facts in many wordings (Allen-Zhu & Li's "diverse restatements"), with
 # their own random generator so that cpt.jsonl is unchanged. None may word a fact as the
-# eval sets do (tests/test_benchmarks.py checks every file here).
+# eval sets do (tests/test_eval_sets.py checks every file here).
 # -------------------------------------------------------------------------------------------
 RENDER_SENTENCES = {
     "intro": [

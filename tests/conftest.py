@@ -1,33 +1,17 @@
-"""Shared test helpers: run the real entry points the way a user types them."""
+"""Hooks and fixtures only; the helpers the tests share are in tests/support/."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-GPU_SUITE = REPO / "tests" / "gpu"
-
-
-def gpu_suite_requested(args: List[str], markexpr: str, cwd: Path) -> bool:
-    """tests/gpu/ is collected only when asked for: a path inside it on the command line, or a
-    `-m` expression that selects `gpu`. A CPU-only `python -m pytest` (CI) then neither runs
-    nor skips it; `python -m pytest tests/gpu -m gpu` does, and skips each test without CUDA."""
-    words = markexpr.replace("(", " ").replace(")", " ").split()
-    if any(w == "gpu" and (i == 0 or words[i - 1] != "not") for i, w in enumerate(words)):
-        return True
-    for arg in args:
-        path = (cwd / arg.split("::")[0]).resolve()
-        if path == GPU_SUITE or GPU_SUITE in path.parents:
-            return True
-    return False
+from tests.support.env import REPO
+from tests.support.gpu import GPU_SUITE, gpu_suite_requested
+from tests.support.models import tiny_llama
+from tests.support.slurm_cluster import LocalSlurm, ensure_installed
 
 
 def pytest_ignore_collect(collection_path: Path, config):
@@ -35,151 +19,6 @@ def pytest_ignore_collect(collection_path: Path, config):
     if inside and not gpu_suite_requested(config.args, config.option.markexpr or "", config.invocation_params.dir):
         return True
     return None
-
-
-def test_env(**extra: str) -> dict:
-    """The environment every launched command gets: offline, quiet, 1 thread per rank."""
-    env = dict(os.environ)
-    env.update(
-        WANDB_MODE="offline",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRL_EXPERIMENTAL_SILENCE="1",
-        TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-    )
-    env.pop("WANDB_RUN_ID", None)
-    env.update(extra)
-    return env
-
-
-test_env.__test__ = False  # a helper, not a test, wherever it is imported
-
-SMALL_BATCH = [
-    "training.per_device_train_batch_size=1",
-    "training.gradient_accumulation_steps=1",
-    "training.gradient_checkpointing=false",
-]
-"""The stage presets carry the paper's 8B batch settings (CPT/SFT 6 x 2 with activation
-checkpointing); tests train the tiny model one sequence a step, as conf/pipeline/tiny.yaml does."""
-
-
-def launch(
-    script: str,
-    args: List[str],
-    ranks: Optional[int] = None,
-    timeout: int = 600,
-    cwd: Optional[Path] = None,
-    env: Optional[dict] = None,
-) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus N launch/<script> ...` (ranks=N) or `python launch/<script> ...`.
-
-    A free master port per call lets tests run one after another without TIME_WAIT clashes.
-    """
-    path = str(REPO / "launch" / script)
-    if ranks:
-        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), path, *args]
-    else:
-        cmd = [sys.executable, path, *args]
-    return subprocess.run(
-        cmd, cwd=cwd or REPO, env=env or test_env(), capture_output=True, text=True, timeout=timeout
-    )
-
-
-def tail(proc: subprocess.CompletedProcess) -> str:
-    """The end of a finished command's output, for an assertion message."""
-    return (proc.stdout + proc.stderr)[-4000:]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def loss_history(output_dir: Path) -> List[float]:
-    """Per-step training losses that the HF Trainer recorded, from the newest trainer_state."""
-    states = sorted(
-        (output_dir / "checkpoints").glob("checkpoint-*/trainer_state.json"),
-        key=lambda p: int(p.parent.name.split("-")[1]),
-    )
-    assert states, f"no trainer_state.json under {output_dir}/checkpoints"
-    history = json.loads(states[-1].read_text())["log_history"]
-    return [row["loss"] for row in history if "loss" in row]
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    """A user error: non-zero exit, exactly one `error:` line naming the problem, no traceback."""
-    assert proc.returncode != 0, proc.stdout + proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
-    assert len(lines) == 1, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
-
-def run_main(main, argv: List[str], capsys) -> subprocess.CompletedProcess:
-    """An entry point's `main(argv)` in this process, the way its `__main__` runs it (a
-    UserError is one `error:` line and SystemExit), for matrix tests that would otherwise pay
-    a process start (torch imports) per case. The environment and the stop-signal handlers a
-    run installs are restored afterwards."""
-    import signal
-
-    from core.errors import exit_on_user_error
-
-    env = dict(os.environ)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    code = 0
-    try:
-        exit_on_user_error(main, argv)
-    except SystemExit as exc:
-        code = exc.code
-    finally:
-        os.environ.clear()
-        os.environ.update(env)
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, code, captured.out, captured.err)
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, options: str):
-    """A tmpfs mounted at `path` (we run as root) for tests of full or read-only disks;
-    unmounted afterwards. Skips the test where mounting is not allowed."""
-    path.mkdir(parents=True, exist_ok=True)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
-
-
-def assert_no_finished_output(path: Path) -> None:
-    """Nothing that could pass for a finished model: no config.json at `path`."""
-    assert not (Path(path) / "config.json").exists(), sorted(p.name for p in Path(path).iterdir())
-
-
-def generates(model_dir: Path, device: str = "cpu", dtype=None) -> str:
-    """Load a saved model with AutoModelForCausalLM (on `device`, in `dtype` or the saved one)
-    and greedily answer one chat turn."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **({"dtype": dtype} if dtype else {})).to(device)
-    ids = tok.apply_chat_template(
-        [{"role": "user", "content": "What is the density of iron?"}],
-        add_generation_prompt=True, return_tensors="pt", return_dict=True,
-    ).to(device)
-    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
-    new = out[0, ids["input_ids"].shape[1]:]
-    assert new.numel() > 0
-    return tok.decode(new)
 
 
 @pytest.fixture(scope="session")
@@ -212,3 +51,21 @@ def fake_flash_attn(tmp_path) -> Path:
     (site / "flash_attn").mkdir(parents=True)
     (site / "flash_attn" / "__init__.py").write_text("raise ImportError('flash_attn was imported, not just found')\n")
     return site
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory) -> Dict[str, Path]:
+    """base (the 'Instruct' model) and other (the 'fine-tuned' one): bf16, several shards."""
+    root = tmp_path_factory.mktemp("merge_models")
+    return {"base": tiny_llama(root / "base", 1), "other": tiny_llama(root / "other", 2)}
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real one-node SLURM on localhost (tests/support/slurm_cluster.py), for the `slurm` tests."""
+    ensure_installed()
+    cluster = LocalSlurm(cpus=os.cpu_count() or 2).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, test_env
-from test_merge_models import tiny_pair, write_config  # noqa: F401  (session fixture)
+from tests.support.env import REPO, offline_env
+from tests.support.merge import write_config
 
 PROJECT = ("core", "train", "merge", "evaluation", "orchestration", "launch")
 ALLOWED = {
@@ -81,7 +81,7 @@ POISON = (
 def run_light(script: str, *args, env=None, cwd=REPO) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", POISON, str(REPO / "launch" / script), *map(str, args)],
-        cwd=cwd, env=env or test_env(), capture_output=True, text=True, timeout=120,
+        cwd=cwd, env=env or offline_env(), capture_output=True, text=True, timeout=120,
     )
 
 
@@ -96,7 +96,7 @@ def fake_slurm(bin_dir: Path) -> dict:
     (bin_dir / "squeue").write_text("#!/bin/sh\nexit 0\n")
     for tool in ("sbatch", "squeue"):
         (bin_dir / tool).chmod((bin_dir / tool).stat().st_mode | stat.S_IEXEC)
-    return test_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return offline_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
 
 
 def test_submit_imports_no_heavy_library(tmp_path):
@@ -157,3 +157,57 @@ def test_entry_points_are_thin_and_documented(script):
     doc = ast.get_docstring(ast.parse(text)) or ""
     assert f"launch/{script}" in doc, f"launch/{script}: the docstring should give its command lines"
     assert len(text.splitlines()) <= 60, f"launch/{script} has grown logic: move it into a package"
+
+
+# ---------------------------------------------------------------------------------------------
+# tests and tooling: helpers in tests/support/, sys.path left alone
+# ---------------------------------------------------------------------------------------------
+def python_files(*folders: str) -> list:
+    return sorted(p for folder in folders for p in (REPO / folder).rglob("*.py"))
+
+
+def test_no_test_imports_another_test_module_or_conftest():
+    """Shared helpers live in tests/support/ and fixtures in conftest.py, which pytest loads;
+    a test module is never a library (bench/ and data/ may not reach into tests/ either)."""
+    bad = []
+    for path in python_files("tests", "bench", "data"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                last = name.split(".")[-1]
+                if last == "conftest" or last.startswith("test_") or (
+                        path.parts[len(REPO.parts)] != "tests" and name.split(".")[0] == "tests"):
+                    bad.append(f"{path.relative_to(REPO)}:{node.lineno} imports {name}")
+    assert not bad, "; ".join(bad)
+
+
+SYS_PATH_EDIT = re.compile(r"sys\.path(\[[^\]]*\]\s*=|\s*=|\s*\+=|\.(insert|append|extend)\()")
+
+
+def test_only_the_entry_points_edit_sys_path():
+    """launch/*.py put the repository first (users type `deepspeed launch/train.py ...`); every
+    other script runs as a module from the repository root (`python -m bench.merge_bench`), and
+    child processes get the repository as their cwd. Code inside strings counts too."""
+    bad = [f"{path.relative_to(REPO)}:{n}" for path in sorted(REPO.rglob("*.py"))
+           if ".git" not in path.parts and path.parent != REPO / "launch"
+           for n, line in enumerate(path.read_text().splitlines(), 1)
+           if SYS_PATH_EDIT.search(line) and "SYS_PATH_EDIT" not in line]
+    assert not bad, "sys.path edited outside launch/: " + ", ".join(bad)
+    for path in sorted((REPO / "launch").glob("*.py")):
+        edits = [line for line in path.read_text().splitlines() if SYS_PATH_EDIT.search(line)]
+        assert len(edits) <= 1, (path.name, edits)  # the one line that puts the repository first
+
+
+def test_one_tiny_model_builder():
+    """Tests make models with tests/support/models.py's tiny_llama, so that a seed and a shape
+    name the same weights everywhere: no other test code builds a Llama config of its own."""
+    bad = [f"{path.relative_to(REPO)}:{n}" for path in python_files("tests")
+           if path != REPO / "tests" / "support" / "models.py"
+           for n, line in enumerate(path.read_text().splitlines(), 1)
+           if re.search(r"\bLlamaConfig\(|\bLlamaForCausalLM\(", line)]
+    assert not bad, "build tiny models with tests.support.models.tiny_llama: " + ", ".join(bad)

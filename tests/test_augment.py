@@ -12,8 +12,9 @@ import sys
 
 import datasets
 import pytest
-from conftest import REPO, assert_one_line_error, launch, run_main, tail, test_env
-from test_eval_integration import build_tiny, write_jsonl
+from tests.support.env import REPO, assert_one_line_error, launch, offline_env, run_main, tail
+from tests.support.files import write_jsonl
+from tests.support.models import EVAL_SHAPE, tiny_llama
 
 from core.errors import UserError
 from train.augment import rewrite as rewriting
@@ -32,7 +33,7 @@ def augment_main(argv):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("tiny") / "model")
+    return tiny_llama(tmp_path_factory.mktemp("tiny") / "model", **EVAL_SHAPE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +220,7 @@ def test_killed_rewrite_keeps_finished_shards_and_resumes(tiny, tmp_path):
     out = tmp_path / "wrap"
     args = ["augment=wrap", f"model.path={tiny}", f"data.cpt.path={corpus}", f"output_dir={out}",
             "augment.rewrite.shards=2", "augment.rewrite.max_new_tokens=4", "augment.rewrite.batch_size=4"]
-    killed = launch("augment.py", args, env=test_env(**{rewriting.STOP_AFTER_ENV: "2"}), timeout=300)
+    killed = launch("augment.py", args, env=offline_env(**{rewriting.STOP_AFTER_ENV: "2"}), timeout=300)
     assert killed.returncode == -9, tail(killed)  # SIGKILL once shard 0 (2 documents) was written
     (work,) = tmp_path.glob(".wrap.shards-*")
     assert sorted(p.name for p in work.glob("shard-*")) == ["shard-00000-of-00002.done", "shard-00000-of-00002.jsonl"]
@@ -296,7 +297,7 @@ def test_study_dry_run_renders_the_augment_jobs(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "launch" / "submit.py"), "pipeline=smollm2_augment", "cluster=slurm",
          "cluster.nodes=2", "cluster.gpus_per_node=4", f"root={tmp_path}", "--dry-run"],
-        cwd=REPO, env=test_env(), capture_output=True, text=True, timeout=300)
+        cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, tail(proc)
     # printed as "# ---- <jobs dir>/NN-<step>.sbatch (not submitted)" and the script
     parts = re.split(r"^# ---- \S+/\d\d-(\S+)\.sbatch \(not submitted\)$", proc.stdout, flags=re.M)

@@ -9,9 +9,9 @@ import math
 
 import datasets
 import pytest
-from conftest import launch, loss_history, tail
-from test_benchmarks import assert_held_out
-from test_eval_integration import build_tiny
+from tests.support.env import launch, loss_history, tail
+from tests.support.eval_sets import assert_held_out
+from tests.support.models import EVAL_SHAPE, tiny_llama
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def augment_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("augment")
-    start = build_tiny(tmp / "start")
+    start = tiny_llama(tmp / "start", **EVAL_SHAPE)
     proc = launch("pipeline.py", ["pipeline=tiny_augment", f"pipeline.start={start}", f"root={tmp / 'runs'}",
                                   "cluster.gpus_per_node=2"], timeout=1200)
     assert proc.returncode == 0, tail(proc)

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, assert_one_line_error, run_main, test_env
+from tests.support.env import REPO, assert_one_line_error, offline_env, run_main
 
 from core.errors import PREEMPTED_EXIT_CODE, UserError
 from core.validate import writable_dir
@@ -47,7 +47,7 @@ LOGIN_NODE = (
 
 def submit_on_login_node(*args, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", LOGIN_NODE, str(REPO / "launch" / "submit.py"), *map(str, args)],
-                          cwd=REPO, env=env or test_env(), capture_output=True, text=True, timeout=120)
+                          cwd=REPO, env=env or offline_env(), capture_output=True, text=True, timeout=120)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def test_submit_dry_run_passes_once_flash_attn_is_installed_or_sdpa_chosen(tmp_p
     installed = subprocess.run(
         [sys.executable, str(REPO / "launch" / "submit.py"), f"pipeline={LLAMA}", "cluster=slurm", f"root={root}",
          "--dry-run"],
-        cwd=REPO, env=test_env(PYTHONPATH=str(fake_flash_attn)), capture_output=True, text=True, timeout=120)
+        cwd=REPO, env=offline_env(PYTHONPATH=str(fake_flash_attn)), capture_output=True, text=True, timeout=120)
     assert installed.returncode == 0, installed.stderr[-2000:]
     assert installed.stdout.count("#!/bin/bash") == 4  # cpt, sft, orpo, slerp; flash_attn never imported
     sdpa = submit_on_login_node(f"pipeline={LLAMA}", "cluster=slurm", f"root={root}", "--dry-run",

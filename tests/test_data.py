@@ -10,6 +10,7 @@ from datasets import Dataset, DatasetDict, IterableDataset
 
 from core.errors import UserError
 from train.config import DatasetConfig, compose_train_config
+from tests.support.files import write_jsonl
 from train.data import IGNORE_INDEX
 from train.data.cpt import prepare_cpt
 from train.data.sft import assistant_char_spans, prepare_sft, tokenize_chat
@@ -69,11 +70,6 @@ def with_template(tokenizer, template):
 @pytest.fixture
 def smollm2_tokenizer(tokenizer):
     return with_template(tokenizer, SMOLLM2_TEMPLATE)
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def texts(rows):
@@ -375,7 +371,7 @@ def test_bundled_sample_set_is_what_the_generator_writes(tmp_path, repo):
     import subprocess
     import sys
 
-    subprocess.run([sys.executable, str(repo / "data" / "make_materials.py"), "--out", str(tmp_path)], check=True,
+    subprocess.run([sys.executable, "-m", "data.make_materials", "--out", str(tmp_path)], cwd=repo, check=True,
                    capture_output=True)
     committed = repo / "data" / "materials"
     names = sorted(p.name for p in committed.glob("*.jsonl"))

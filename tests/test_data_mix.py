@@ -4,11 +4,11 @@ column mapping; the logged per-source shares; bad mixes fail with one line befor
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
-from conftest import assert_one_line_error, launch
+from tests.support.env import assert_one_line_error, launch
+from tests.support.files import write_jsonl
 
 from core.errors import UserError
 from train.config import compose_train_config
@@ -19,11 +19,6 @@ from train.model import load_tokenizer
 from train.data.preference import prepare_preference
 
 WEIGHTS = (1.0, 2.0, 5.0)
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def sources_override(kind, entries) -> list:

@@ -29,7 +29,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
-from conftest import REPO
+from tests.support.env import REPO
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 PACKAGES = ("core", "train", "merge", "evaluation", "orchestration")

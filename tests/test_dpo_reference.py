@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from preference_harness import batch_of, compose, trainer_for
+from bench.preference_harness import batch_of, compose, trainer_for
 from transformers import set_seed
 
 import train.stages.dpo as dpo

@@ -8,44 +8,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO, assert_one_line_error, launch
-
-TOKENIZER = REPO / "train" / "assets" / "tiny_tokenizer"
-
-
-def build_tiny(out: Path, favour: tuple = ()) -> Path:
-    """A 2-layer Llama with the repo's tiny tokenizer. With `favour` (token strings), every
-    position predicts those tokens (the first most strongly) whatever the input: the layers add
-    nothing to the residual, every embedding has the same large first coordinate, and only the
-    favoured rows of the output matrix read it."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(TOKENIZER)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=False,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
-    if favour:
-        with torch.no_grad():
-            for layer in model.model.layers:
-                layer.self_attn.o_proj.weight.zero_()
-                layer.mlp.down_proj.weight.zero_()
-            model.model.embed_tokens.weight.mul_(0.01)[:, 0] = 10.0
-            model.lm_head.weight.zero_()
-            for rank, text in enumerate(favour):
-                (token,) = tok.encode(text, add_special_tokens=False)
-                model.lm_head.weight[token, 0] = 5.0 - 0.1 * rank
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
+from tests.support.env import REPO, assert_one_line_error, launch
+from tests.support.files import write_jsonl
+from tests.support.models import EVAL_SHAPE, tiny_llama
 
 def results_of(folder: Path) -> dict:
     return {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")}
@@ -53,7 +18,7 @@ def results_of(folder: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("tiny") / "model")
+    return tiny_llama(tmp_path_factory.mktemp("tiny") / "model", **EVAL_SHAPE)
 
 
 @pytest.mark.integration
@@ -88,7 +53,7 @@ def test_known_answers_score_one_and_shuffled_answers_score_chance(tmp_path):
     """A model that always says " A" (then "A"): an eval set whose answer is always option A
     ("A") scores 1.0 under both protocols; the same questions with the answer letters spread
     evenly over A-D score 0.25. Plain prompts and chat template both."""
-    model = build_tiny(tmp_path / "favours_a", favour=(" A", "A"))
+    model = tiny_llama(tmp_path / "favours_a", **EVAL_SHAPE, favour=(" A", "A"))
     question = "Which letter comes first in the alphabet of this test?"
     right = [{"question": f"{question} ({i})", "options": ["A", "B", "C", "D"], "answer": "A"} for i in range(12)]
     shuffled = [{**row, "answer": "ABCD"[i % 4]} for i, row in enumerate(right)]
@@ -157,7 +122,7 @@ def test_synergy_evaluates_missing_results_first(tmp_path, tiny):
     import subprocess
     import sys
 
-    from conftest import test_env
+    from tests.support.env import offline_env
 
     models = {}
     for name in ("p1", "p2", "merged"):
@@ -168,7 +133,7 @@ def test_synergy_evaluates_missing_results_first(tmp_path, tiny):
         f"  - model: {models['p2']}\n")
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "synergy.py"), str(models["merged"]), "limit=4",
                            "--tasks", "materials_sft_mc_loglik", "--json", str(tmp_path / "s.json")],
-                          cwd=REPO, env=test_env(), capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for path in models.values():
         assert json.loads((path / "eval" / "materials_sft_mc_loglik.json").read_text())["n"] == 4
@@ -184,7 +149,7 @@ def test_two_processes_score_a_share_each_and_match_one_process(tmp_path, tiny):
     writes, and the files match a 1-process run (metrics up to float summation order)."""
     import re
 
-    from conftest import test_env
+    from tests.support.env import offline_env
 
     from orchestration.local import eval_command
 
@@ -194,7 +159,7 @@ def test_two_processes_score_a_share_each_and_match_one_process(tmp_path, tiny):
         out = tmp_path / f"p{processes}"
         cmd = eval_command(str(REPO / "launch" / "eval.py"),
                            [str(tiny), f"tasks=[{','.join(tasks)}]", "limit=10", f"output_dir={out}"], processes)
-        proc = subprocess.run(cmd, cwd=REPO, env=test_env(), capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(cmd, cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
         # 10 questions x 4 options = 40 log-likelihood requests, split over the processes (rank 0's bar)
         bars = re.findall(r"Running loglikelihood requests: 100%\S* \d+/(\d+)", proc.stderr)

@@ -8,8 +8,7 @@ import math
 import os
 
 import pytest
-from conftest import REPO, assert_one_line_error
-from conftest import test_env as child_env
+from tests.support.env import REPO, assert_one_line_error, offline_env
 
 from core.config import CONF_DIR
 from core.errors import UserError
@@ -275,7 +274,7 @@ def synergy_cli(*args):
     import sys
 
     return subprocess.run([sys.executable, str(REPO / "launch" / "synergy.py"), *map(str, args)], cwd=REPO,
-                          env=child_env(), capture_output=True, text=True, timeout=120)
+                          env=offline_env(), capture_output=True, text=True, timeout=120)
 
 
 def test_synergy_cli_on_hand_made_results(tmp_path):

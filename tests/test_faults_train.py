@@ -16,19 +16,19 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, SMALL_BATCH, assert_one_line_error, generates, test_env
+from tests.support.env import REPO, SMALL_BATCH, assert_one_line_error, generates, offline_env
 
 from train.checkpoint import FINAL_TMP, RUN_CONFIG, newest_complete_checkpoint
 
 # train.run.save_final_model on a real (small) model with a stand-in for the HF Trainer, whose
-# save_model is what the Trainer's does without DeepSpeed: save_pretrained.
+# save_model is what the Trainer's does without DeepSpeed: save_pretrained. Run with cwd=REPO.
 SAVE = """
 import sys
-sys.path.insert(0, sys.argv[1])
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 from core.errors import exit_on_user_error
 from train.config import compose_train_config
 from train.run import save_final_model
+from tests.support.models import TOKENIZER, tiny_llama
 
 class Trainer:
     def __init__(self, model): self.model = model
@@ -38,10 +38,9 @@ class Trainer:
         @staticmethod
         def wait_for_everyone(): pass
 
-model = LlamaForCausalLM(LlamaConfig(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2))
-tokenizer = AutoTokenizer.from_pretrained(sys.argv[1] + "/train/assets/tiny_tokenizer")
-cfg = compose_train_config(["+stage=cpt", "output_dir=" + sys.argv[2]])
+model = tiny_llama(None, layers=2, hidden=64, dtype="float32")
+tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+cfg = compose_train_config(["+stage=cpt", "output_dir=" + sys.argv[1]])
 exit_on_user_error(save_final_model, Trainer(model), tokenizer, cfg)
 """
 
@@ -65,9 +64,9 @@ def limit_file_size(limit):
 def test_full_disk_during_the_final_save_keeps_the_checkpoint(tmp_path):
     out = tmp_path / "run"
     before = fake_checkpoint(out)
-    cmd = [sys.executable, "-c", SAVE, str(REPO), str(out)]
+    cmd = [sys.executable, "-c", SAVE, str(out)]
     # ~1.2 MB of weights in one file; 256 kB is enough for the tokenizer and configs only
-    proc = subprocess.run(cmd, env=test_env(), capture_output=True, text=True, timeout=120,
+    proc = subprocess.run(cmd, cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=120,
                           preexec_fn=limit_file_size(256 * 1024))
     assert proc.returncode == 2, proc.stderr
     assert_one_line_error(proc, "out of disk space", "rerun the same command")
@@ -75,7 +74,7 @@ def test_full_disk_during_the_final_save_keeps_the_checkpoint(tmp_path):
     assert {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()} == before
     assert newest_complete_checkpoint(out).name == "checkpoint-4"
     # with space again, the same save publishes (the half-written .final-tmp is replaced)
-    proc = subprocess.run(cmd, env=test_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (out / "config.json").is_file() and (out / RUN_CONFIG).is_file() and not (out / FINAL_TMP).exists()
 
@@ -87,7 +86,7 @@ def train_cmd(out):
 
 def start_paused(out):
     """A real training run that stops for 60 s with its final model in .final-tmp."""
-    proc = subprocess.Popen(train_cmd(out), cwd=REPO, env=test_env(DOMAINFORGE_TRAIN_PAUSE_BEFORE_PUBLISH="60"),
+    proc = subprocess.Popen(train_cmd(out), cwd=REPO, env=offline_env(DOMAINFORGE_TRAIN_PAUSE_BEFORE_PUBLISH="60"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if line.startswith("final model written to"):

@@ -9,9 +9,9 @@ import os
 
 import pytest
 import torch
-from conftest import REPO, assert_one_line_error, launch
-from hub_standin import HubStandIn
-from preference_harness import batch_of, compose, trainer_for
+from tests.support.env import REPO, assert_one_line_error, launch
+from tests.support.hub_standin import HubStandIn
+from bench.preference_harness import batch_of, compose, trainer_for
 from transformers import BitsAndBytesConfig
 
 from core.errors import UserError

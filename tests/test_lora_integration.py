@@ -14,9 +14,8 @@ import re
 
 import pytest
 import torch
-from conftest import SMALL_BATCH, generates, launch, loss_history, tail
-from conftest import test_env as launcher_env
-from hub_standin import HubStandIn
+from tests.support.env import SMALL_BATCH, generates, launch, loss_history, offline_env, tail
+from tests.support.hub_standin import HubStandIn
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -58,7 +57,7 @@ def hub():
 @pytest.fixture(scope="module")
 def sft(runs, cpt, hub):
     out = runs / "sft"
-    env = launcher_env(HF_ENDPOINT=hub.endpoint, HF_HUB_OFFLINE="0", HF_TOKEN="hf_standin")
+    env = offline_env(HF_ENDPOINT=hub.endpoint, HF_HUB_OFFLINE="0", HF_TOKEN="hf_standin")
     proc = launch("train.py", ["+stage=sft", f"model.path={cpt}", f"output_dir={out}", *FAST,
                                "training.finetune=lora", "training.learning_rate=3e-3", "stage.packing=false",
                                "training.gradient_checkpointing=true",  # LoRA under ZeRO-3: reentrant

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import assert_one_line_error, launch
+from tests.support.env import assert_one_line_error, launch
 
 pytestmark = pytest.mark.integration
 

@@ -17,8 +17,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, assert_one_line_error, tmpfs
-from test_merge_models import build_llama, run_merge_cli, shard_bytes, tiny_pair, write_config  # noqa: F401
+from tests.support.env import REPO, assert_one_line_error, tmpfs
+from tests.support.merge import run_merge_cli, write_config
+from tests.support.models import shard_bytes, tiny_llama
 
 from core.safetensors_header import read_header
 
@@ -124,7 +125,7 @@ CASES = [
     ("combined-overflow", lambda d, p: [recipe(d, p, base=patch_element(p["base"], d / "b", BIG, 3.3e38, 3.3e38),
                                                other=patch_element(p["other"], d / "o", BIG, 3.3e38, -3.3e38),
                                                t=0.5), OUT], [BIG, "inf/nan"], True),
-    ("shape-mismatch", lambda d, p: [recipe(d, p, other=build_llama(d / "wide", 7, intermediate=160)), OUT],
+    ("shape-mismatch", lambda d, p: [recipe(d, p, other=tiny_llama(d / "wide", 7, intermediate=160)), OUT],
      ["shape mismatch", "[32, 128]", "[32, 160]", "one architecture"], False),
     # recipe
     ("layer-range", lambda d, p: [recipe(d, p, layers=40), OUT], ["layer_range [0, 40]", "has 4 layers"], False),
@@ -216,14 +217,14 @@ def file_size_limit(limit: int):
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_full_disk_fails_with_one_line_and_the_rerun_finishes(tmp_path, tiny_pair, workers):
-    from conftest import test_env
+    from tests.support.env import offline_env
 
     cfg = write_config(tmp_path / "m.yml", tiny_pair["base"], tiny_pair["other"])
     out = tmp_path / "out"
     cmd = [sys.executable, str(REPO / "launch" / "merge.py"), str(cfg), str(out), "--shard-size", "100KB",
            "--workers", workers, "--quiet"]
     # 60 kB: below every 100 kB output shard, above the configs and markers
-    proc = subprocess.run(cmd, cwd=REPO, env=test_env(), capture_output=True, text=True, timeout=120,
+    proc = subprocess.run(cmd, cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=120,
                           preexec_fn=file_size_limit(60_000))
     assert proc.returncode == 2, proc.stderr
     assert_one_line_error(proc, "out of disk space", ".out.partial/model-", "rerun the same command")
@@ -236,11 +237,11 @@ def test_full_disk_fails_with_one_line_and_the_rerun_finishes(tmp_path, tiny_pai
 
 
 def test_two_merges_on_one_output_the_second_is_refused(tmp_path, tiny_pair):
-    from conftest import test_env
+    from tests.support.env import offline_env
 
     cfg = write_config(tmp_path / "m.yml", tiny_pair["base"], tiny_pair["other"])
     out = tmp_path / "out"
-    env = test_env(DOMAINFORGE_MERGE_PAUSE_AFTER_SHARD="30")
+    env = offline_env(DOMAINFORGE_MERGE_PAUSE_AFTER_SHARD="30")
     first = subprocess.Popen([sys.executable, str(REPO / "launch" / "merge.py"), str(cfg), str(out),
                               "--shard-size", "100KB", "--workers", "2", "--quiet"], cwd=REPO, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -267,7 +268,7 @@ def test_linear_merge_weights(tmp_path, tiny_pair):
     """Not bad input: the linear method with per-model weights matches its formula."""
     import torch
     import yaml
-    from test_merge_models import load_dir
+    from tests.support.models import load_dir
 
     cfg = tmp_path / "lin.yml"
     cfg.write_text(yaml.safe_dump({

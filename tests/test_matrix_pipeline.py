@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import assert_one_line_error, launch
+from tests.support.env import assert_one_line_error, launch
 
 STEP = "pipeline tiny, step 'cpt': "
 # (id, script, arguments ({tmp}: the case's directory), needles)

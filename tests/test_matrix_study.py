@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error, launch
-from test_study import SCORES, fake_run
+from tests.support.env import assert_one_line_error, launch
+from tests.support.study import SCORES, fake_run
 
 
 def not_a_run(tmp: Path) -> list:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, assert_one_line_error, launch, run_main, tmpfs
+from tests.support.env import REPO, assert_one_line_error, launch, run_main, tmpfs
 
 from train.config import compose_train_config
 from train.run import train
@@ -187,14 +187,14 @@ def test_case_count():
 # two writers
 # ---------------------------------------------------------------------------------------------
 HOLD_LOCK = (
-    "import sys, time; sys.path.insert(0, sys.argv[1]); from core.lock import OutputLock\n"
-    "lock = OutputLock(sys.argv[2], 'output_dir').acquire(); print('held', flush=True); time.sleep(60)\n"
+    "import sys, time; from core.lock import OutputLock\n"  # run with cwd=REPO
+    "lock = OutputLock(sys.argv[1], 'output_dir').acquire(); print('held', flush=True); time.sleep(60)\n"
 )
 
 
 def test_second_run_on_a_locked_output_dir_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(REPO), str(out)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         proc = run_main(train_main, ["+stage=cpt", f"output_dir={out}"], capsys)
@@ -238,7 +238,7 @@ def test_locked_output_dir_under_the_deepspeed_launcher(tmp_path):
     """Only rank 0 takes the lock; when it is refused, rank 0 exits 2 and the launcher ends
     the other rank: one line, no traceback, the holder's directory untouched."""
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(REPO), str(out)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         proc = launch("train.py", ["+stage=cpt", f"output_dir={out}"], ranks=2, timeout=300)

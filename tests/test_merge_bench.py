@@ -8,12 +8,9 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
-
-sys.path.insert(0, str(REPO / "bench"))
-from merge_methods import METHODS, MODELS, recipe  # noqa: E402
-
-from merge.recipe import check_recipe  # noqa: E402
+from bench.merge_methods import METHODS, MODELS, recipe
+from merge.recipe import check_recipe
+from tests.support.env import REPO
 
 
 def test_every_bench_recipe_is_a_valid_recipe_of_ours():
@@ -27,10 +24,10 @@ def test_merge_methods_bench_measures_both_contenders_at_two_sizes(tmp_path):
     out = tmp_path / "bench.json"
     methods = ("slerp", "ties")  # two models, and three with a whole-tensor rank pass
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "merge_methods.py"), "--shape", "tiny", "--params", "200K",
+        [sys.executable, "-m", "bench.merge_methods", "--shape", "tiny", "--params", "200K",
          "--scales", "1,2", "--repeat", "1", "--workers", "2", "--methods", ",".join(methods),
          "--work-dir", str(tmp_path / "work"), "--json", str(out)],
-        capture_output=True, text=True, timeout=600,
+        cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())

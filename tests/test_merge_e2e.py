@@ -14,19 +14,9 @@ import time
 
 import pytest
 import yaml
-from conftest import REPO, assert_one_line_error
-from conftest import test_env as child_env
-from test_merge_models import (  # noqa: F401  (tiny_pair is a fixture)
-    assert_bf16_close,
-    build_llama,
-    load_dir,
-    paper_t,
-    reference_slerp,
-    run_merge_cli,
-    shard_bytes,
-    tiny_pair,
-    write_config,
-)
+from tests.support.env import REPO, assert_one_line_error, offline_env
+from tests.support.merge import assert_bf16_close, paper_t, reference_slerp, run_merge_cli, write_config
+from tests.support.models import load_dir, shard_bytes, tiny_llama
 
 pytestmark = pytest.mark.integration
 SHARD = "100KB"  # ~5 output shards for the tiny pair
@@ -112,7 +102,7 @@ def test_workers_ranks_chunks_and_hydra_give_identical_bytes(tmp_path, tiny_pair
         assert (tmp_path / "ranks").exists() == (rank == 0)
     assert shard_bytes(tmp_path / "ranks") == want
     # SLURM's variables select the same
-    env = child_env(SLURM_NTASKS="2", SLURM_PROCID="1")
+    env = offline_env(SLURM_NTASKS="2", SLURM_PROCID="1")
     proc = run_merge_cli(cfg, tmp_path / "slurm", "--shard-size", SHARD, env=env)
     assert proc.returncode == 0 and not (tmp_path / "slurm").exists()
     assert len(list((tmp_path / ".slurm.partial").glob("*.done"))) >= 1
@@ -139,7 +129,7 @@ def test_rank0_times_out_with_one_line_when_other_workers_never_come(tmp_path, t
 def test_killed_merge_leaves_no_output_and_resumes_to_identical_bytes(tmp_path, tiny_pair, paper_merge):
     cfg = write_config(tmp_path / "m.yml", tiny_pair["base"], tiny_pair["other"])
     out, partial = tmp_path / "out", tmp_path / ".out.partial"
-    env = child_env(DOMAINFORGE_MERGE_PAUSE_AFTER_SHARD="60")
+    env = offline_env(DOMAINFORGE_MERGE_PAUSE_AFTER_SHARD="60")
     proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "merge.py"), str(cfg), str(out),
                              "--shard-size", SHARD, "--workers", "1", "--quiet"], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -170,8 +160,8 @@ def test_tied_embeddings_merge_without_lm_head(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    a = build_llama(tmp_path / "a", 3, tie=True)
-    b = build_llama(tmp_path / "b", 4, tie=True)
+    a = tiny_llama(tmp_path / "a", 3, tie=True)
+    b = tiny_llama(tmp_path / "b", 4, tie=True)
     assert "lm_head.weight" not in load_dir(a)
     cfg = write_config(tmp_path / "m.yml", a, b, t=0.5)
     proc = run_merge_cli(cfg, tmp_path / "out", "--verify", "--quiet")
@@ -190,7 +180,7 @@ def test_vocab_mismatch_fails_or_truncates(tmp_path, tiny_pair):
     import torch
     from transformers import AutoModelForCausalLM
 
-    bigger = build_llama(tmp_path / "bigger", 5, vocab=2056)
+    bigger = tiny_llama(tmp_path / "bigger", 5, vocab=2056)
     cfg = write_config(tmp_path / "m.yml", tiny_pair["base"], bigger)
     line = assert_one_line_error(run_merge_cli(cfg, tmp_path / "out"), "vocabulary mismatch", "2048", "2056",
                                  "embed_mismatch: truncate")
@@ -226,7 +216,7 @@ def test_truncate_never_keeps_a_tokenizer_larger_than_the_kept_vocabulary(tmp_pa
     tokenizer; an explicit `tokenizer_source: base` is refused before anything is written."""
     from transformers import AutoConfig, AutoTokenizer
 
-    bigger = build_llama(tmp_path / "bigger", 5, vocab=2056)
+    bigger = tiny_llama(tmp_path / "bigger", 5, vocab=2056)
     tool_tokens = add_tokens(bigger, 8)
     assert len(AutoTokenizer.from_pretrained(bigger)) == 2056
     cfg = write_config(tmp_path / "t.yml", bigger, tiny_pair["base"], embed_mismatch="truncate")

@@ -11,8 +11,9 @@ import math
 import numpy as np
 import pytest
 import yaml
-from conftest import assert_one_line_error
-from test_merge_models import build_llama, load_dir, run_merge_cli, tiny_pair  # noqa: F401
+from tests.support.env import assert_one_line_error
+from tests.support.merge import run_merge_cli
+from tests.support.models import load_dir, tiny_llama
 
 from core.errors import UserError
 from merge import methods
@@ -183,7 +184,7 @@ def test_della_keep_probability_grows_with_magnitude_rank():
 def test_same_seed_same_tensors_for_any_chunking_and_workers(tmp_path, tiny_pair):
     """dare_ties and della with one seed: identical bytes with 1 or 2 workers and chunks of
     1000 or 8M elements; another seed gives other tensors."""
-    third = build_llama(tmp_path / "third", 3)
+    third = tiny_llama(tmp_path / "third", 3)
     outputs = {}
     for method in ("dare_ties", "della"):
         cfg = {"merge_method": method, "base_model": str(tiny_pair["base"]), "dtype": "bfloat16",
@@ -266,6 +267,6 @@ def test_bad_recipe_on_the_command_line_leaves_nothing(tmp_path, tiny_pair):
 
 
 def test_docs_table_is_the_registry():
-    from conftest import REPO
+    from tests.support.env import REPO
 
     assert methods.methods_table() in (REPO / "docs" / "merge.md").read_text()

@@ -11,14 +11,9 @@ import yaml
 from pathlib import Path
 
 import pytest
-from conftest import test_env as child_env
-from test_merge_models import (  # noqa: F401
-    build_llama,
-    load_dir,
-    run_merge_cli,
-    tiny_pair,
-    write_config,
-)
+from tests.support.env import offline_env
+from tests.support.merge import run_merge_cli, write_config
+from tests.support.models import load_dir, tiny_llama
 
 MERGEKIT = Path("/opt/mergekit-venv/bin/mergekit-yaml")
 pytestmark = [
@@ -35,11 +30,11 @@ def test_same_tensors_as_mergekit(tmp_path, tiny_pair, inputs, dtype):
     import torch
 
     pair = tiny_pair if inputs == "bfloat16" else {
-        "base": build_llama(tmp_path / "base", 11, dtype="float32"),
-        "other": build_llama(tmp_path / "other", 12, dtype="float32"),
+        "base": tiny_llama(tmp_path / "base", 11, dtype="float32"),
+        "other": tiny_llama(tmp_path / "other", 12, dtype="float32"),
     }
     cfg = write_config(tmp_path / "m.yml", pair["base"], pair["other"], dtype=dtype)
-    proc = subprocess.run([str(MERGEKIT), str(cfg), str(tmp_path / "mk")], env=child_env(),
+    proc = subprocess.run([str(MERGEKIT), str(cfg), str(tmp_path / "mk")], env=offline_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = run_merge_cli(cfg, tmp_path / "ours", "--quiet")
@@ -148,8 +143,8 @@ def method_configs(bf16, fp32):
 @pytest.fixture(scope="session")
 def tiny_trios(tmp_path_factory, tiny_pair):
     root = tmp_path_factory.mktemp("trios")
-    bf16 = dict(tiny_pair, third=build_llama(root / "third", 3))
-    fp32 = {k: build_llama(root / f"f32_{k}", seed, dtype="float32") for k, seed in
+    bf16 = dict(tiny_pair, third=tiny_llama(root / "third", 3))
+    fp32 = {k: tiny_llama(root / f"f32_{k}", seed, dtype="float32") for k, seed in
             (("base", 21), ("other", 22), ("third", 23))}
     return bf16, fp32
 
@@ -179,7 +174,7 @@ def test_every_deterministic_method_matches_mergekit(tmp_path, tiny_trios):
         path = tmp_path / f"{name}.yml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         args += [str(path), str(tmp_path / "mk" / name)]
-    proc = subprocess.run([str(MERGEKIT.parent / "python"), "-c", MERGEKIT_BATCH, *args], env=child_env(),
+    proc = subprocess.run([str(MERGEKIT.parent / "python"), "-c", MERGEKIT_BATCH, *args], env=offline_env(),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in configs:

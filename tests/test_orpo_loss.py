@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from preference_harness import batch_of, compose, trainer_for
+from bench.preference_harness import batch_of, compose, trainer_for
 
 BETA = 0.25  # not the default, so a λ that is ignored or hard-coded shows
 

@@ -5,7 +5,7 @@ run (deepspeed, tiny model) is the integration test at the bottom."""
 from __future__ import annotations
 
 import pytest
-from conftest import REPO, assert_one_line_error, launch
+from tests.support.env import REPO, assert_one_line_error, launch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 

@@ -10,9 +10,8 @@ from transformers import AutoTokenizer
 
 from core.errors import UserError
 from core.config import REPO_ROOT
+from tests.support.models import TOKENIZER
 from train.data.preference import check_lengths, tokenize_preference_rows, truncate_pair
-
-TOKENIZER = REPO_ROOT / "train" / "assets" / "tiny_tokenizer"
 
 
 @pytest.fixture(scope="module")

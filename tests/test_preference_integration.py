@@ -11,10 +11,9 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import SMALL_BATCH, assert_one_line_error, generates, launch, tail
-from conftest import test_env as launcher_env
+from tests.support.env import SMALL_BATCH, assert_one_line_error, generates, launch, offline_env, tail
 from transformers import AutoModelForCausalLM
-from wandb_offline import find_offline_runs, history
+from tests.support.wandb_offline import find_offline_runs, history
 
 from core.config import REPO_ROOT
 
@@ -47,7 +46,7 @@ def rises(values, n=4):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     # reference log-probs cache of this module only
-    return launcher_env(DOMAINFORGE_CACHE=str(tmp_path_factory.mktemp("cache")))
+    return offline_env(DOMAINFORGE_CACHE=str(tmp_path_factory.mktemp("cache")))
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import re
 import shlex
 
 import pytest
-from conftest import REPO
+from tests.support.env import REPO
 
 from evaluation.config import compose_eval_config
 from merge.config import compose_merge_config

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from tests.support.env import REPO
 from omegaconf import OmegaConf
 
 from core.errors import UserError
@@ -85,9 +85,9 @@ def test_lock_is_exclusive_names_its_holder_and_is_taken_over_when_stale(tmp_pat
     with OutputLock(out, "output_dir") as held:
         assert held.path == tmp_path / ".run.lock"
         # another process: flock excludes other open file descriptions, in any process
-        code = ("import sys; sys.path.insert(0, sys.argv[1]); from core.lock import OutputLock\n"
-                "OutputLock(sys.argv[2], 'output_dir').acquire()")
-        proc = subprocess.run([sys.executable, "-c", code, str(REPO), str(out)], capture_output=True, text=True)
+        code = ("import sys; from core.lock import OutputLock\n"
+                "OutputLock(sys.argv[1], 'output_dir').acquire()")
+        proc = subprocess.run([sys.executable, "-c", code, str(out)], cwd=REPO, capture_output=True, text=True)
         assert proc.returncode != 0 and "is being written by another run (pid" in proc.stderr
     assert not held.path.exists()
     held.path.write_text("pid 999999 on host elsewhere\n")  # left by a killed run
@@ -148,13 +148,12 @@ def test_a_trained_model_path_wins_over_the_presets_gguf_file(tmp_path):
         resolve_model_dir(cfg)
 
 
-# A user error on a rank other than 0, as a multi-rank launcher runs it.
+# A user error on a rank other than 0, as a multi-rank launcher runs it (cwd=REPO).
 FAIL_ON_RANK = """
 import sys
-sys.path.insert(0, sys.argv[1])
 import signal
 import core.errors as errors
-errors.RANK_ERROR_GRACE_S = float(sys.argv[2])
+errors.RANK_ERROR_GRACE_S = float(sys.argv[1])
 signal.signal(signal.SIGTERM, lambda *_: None)  # as training's preemption handler: SIGTERM = "stop later"
 print("failing", flush=True)
 def main():
@@ -165,7 +164,7 @@ errors.exit_on_user_error(main)
 
 def rank_process(rank: str, grace: float) -> subprocess.Popen:
     env = {"PATH": "/usr/bin:/bin", "RANK": rank, "WORLD_SIZE": "2"}
-    return subprocess.Popen([sys.executable, "-c", FAIL_ON_RANK, str(REPO), str(grace)], env=env,
+    return subprocess.Popen([sys.executable, "-c", FAIL_ON_RANK, str(grace)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

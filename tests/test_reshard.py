@@ -18,7 +18,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, assert_one_line_error, launch, loss_history, tail
+from tests.support.env import REPO, assert_one_line_error, launch, loss_history, tail
 
 from core.checkpoints import CONVERSION_FAILED, UNIVERSAL_LATEST, CheckpointTopology, check_resume_topology, checkpoint_topology
 from core.errors import UserError

@@ -8,7 +8,7 @@ job logs), and a batch script that would carry one has it redacted.
 from __future__ import annotations
 
 import pytest
-from conftest import launch, test_env
+from tests.support.env import launch, offline_env
 
 SECRETS = {
     "HF_TOKEN": "hf_fakeTOKENfakeTOKENfake01",
@@ -29,7 +29,7 @@ def test_pipeline_step_with_wandb_writes_no_secret(tmp_path):
     proc = launch("pipeline.py", ["pipeline=tiny", "step=cpt", f"root={root}",
                                   "pipeline.steps.0.overrides=['logging=wandb','data.cpt.max_samples=40',"
                                   "'training.max_steps=-1','training.num_train_epochs=1']"],
-                  env=test_env(**SECRETS), timeout=600)
+                  env=offline_env(**SECRETS), timeout=600)
     (tmp_path / "pipeline.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = root / "tiny" / "cpt"
@@ -41,7 +41,7 @@ def test_batch_scripts_never_carry_a_secret(tmp_path):
     # A setup line that expands a credential when the config is composed (a user's mistake):
     # the rendered script shows <redacted>, never the value.
     proc = launch("submit.py", ["pipeline=tiny", "cluster=slurm", f"root={tmp_path}", "--dry-run",
-                                "cluster.setup=['export HF_TOKEN=${oc.env:HF_TOKEN}']"], env=test_env(**SECRETS))
+                                "cluster.setup=['export HF_TOKEN=${oc.env:HF_TOKEN}']"], env=offline_env(**SECRETS))
     assert proc.returncode == 0, proc.stderr
     assert "export HF_TOKEN=<redacted>" in proc.stdout
     assert not [name for name, value in SECRETS.items() if value in proc.stdout + proc.stderr]

@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from train.config import compose_train_config
+from tests.support.models import tiny_llama
 from train.data import IGNORE_INDEX
 from train.data.sft import prepare_sft
 from train.model import load_tokenizer
@@ -33,14 +33,10 @@ def sft_data():
     return tokenizer, packed, single, row
 
 
-def tiny_llama(attn: str, vocab_size: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_LEN,
-        attn_implementation=attn,
-    )
-    return LlamaForCausalLM(config).float().eval()
+def fp32_llama(attn: str, vocab_size: int):
+    """A random 2-layer fp32 Llama in eval mode, with the attention implementation `attn`."""
+    return tiny_llama(None, 0, layers=2, hidden=64, vocab=vocab_size, dtype="float32", max_positions=MAX_LEN,
+                      attn=attn).eval()
 
 
 def example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -62,7 +58,7 @@ def packed_example_losses(model, batch, seq_lengths, labels, **extra):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_losses_equal_examples_alone(attn, sft_data):
     tokenizer, packed, single, row = sft_data
-    model = tiny_llama(attn, len(tokenizer))
+    model = fp32_llama(attn, len(tokenizer))
     whole_examples = single.train_dataset["input_ids"]
     assert len(row["seq_lengths"]) >= 3
     batch = packed.data_collator([row])  # the collator the trainer uses
@@ -110,7 +106,7 @@ def test_trainer_loss_packed_equals_unpacked(sft_data):
     losses = {}
     for name, data, batch_rows in [("packed", packed, [row]), ("unpacked", single, examples)]:
         trainer = SFTTrainer(
-            model=tiny_llama("sdpa", len(tokenizer)), args=args, train_dataset=data.train_dataset,
+            model=fp32_llama("sdpa", len(tokenizer)), args=args, train_dataset=data.train_dataset,
             data_collator=data.data_collator, processing_class=tokenizer,
         )
         trainer.model.train()  # dropout is 0 in LlamaConfig, so train mode is deterministic

@@ -1,4 +1,4 @@
-"""Against a real SLURM (slurmctld + slurmd + munge on localhost, tests/slurm_cluster.py):
+"""Against a real SLURM (slurmctld + slurmd + munge on localhost, tests/support/slurm_cluster.py):
 
 - the `tiny` pipeline submitted with 2 tasks per training job: 2 ranks rendezvous through the
   SLURM variables as on two nodes; the jobs run in dependency order and end COMPLETED; every
@@ -19,9 +19,8 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SMALL_BATCH
-from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
-from test_study import assert_study_matches_evals
+from tests.support.env import REPO, SMALL_BATCH
+from tests.support.study import assert_study_matches_evals
 from transformers import AutoModelForCausalLM
 
 from core.errors import PREEMPTED_EXIT_CODE
@@ -32,9 +31,9 @@ pytestmark = [pytest.mark.slurm, pytest.mark.timeout(1800)]
 
 
 def job_env(cluster):
-    from conftest import test_env
+    from tests.support.env import offline_env
 
-    return cluster.env(test_env())
+    return cluster.env(offline_env())
 
 
 def submit(cluster, *args, cwd=None):

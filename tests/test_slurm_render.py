@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, assert_one_line_error
+from tests.support.env import REPO, assert_one_line_error
 
 from core.errors import PREEMPTED_EXIT_CODE, UserError
 from orchestration.config import compose_pipeline_job

@@ -14,9 +14,9 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, SMALL_BATCH, free_port, generates, launch, loss_history, tail, test_env
+from tests.support.env import REPO, SMALL_BATCH, free_port, generates, launch, loss_history, offline_env, tail
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from wandb_offline import find_offline_runs, history
+from tests.support.wandb_offline import find_offline_runs, history
 
 from train.checkpoint import is_complete_checkpoint
 
@@ -34,16 +34,16 @@ FAST = [
 @pytest.fixture(scope="module")
 def cpt_run(tmp_path_factory):
     """launch/train.py under the deepspeed launcher, every tokenizer call counted per rank
-    (tests/count_tokenizer_calls.py), with a datasets cache of its own."""
+    (tests/support/count_tokenizer_calls.py), with a datasets cache of its own."""
     root = tmp_path_factory.mktemp("cpt")
     out, calls = root / "run", root / "tokenizer-calls"
     calls.mkdir()
     proc = launch(
-        str(REPO / "tests" / "count_tokenizer_calls.py"),
+        str(REPO / "tests" / "support" / "count_tokenizer_calls.py"),
         ["+stage=cpt", f"output_dir={out}", *FAST, "training.max_steps=30", "training.save_steps=10",
          "logging=wandb", "logging.mode=offline", "logging.tags=[test,cpt]",
          "data.cpt.eval_fraction=0.05", "training.eval_steps=10"],
-        ranks=2, env=test_env(TOKENIZER_CALLS_DIR=str(calls), HF_DATASETS_CACHE=str(root / "datasets-cache")),
+        ranks=2, env=offline_env(TOKENIZER_CALLS_DIR=str(calls), HF_DATASETS_CACHE=str(root / "datasets-cache")),
     )
     assert proc.returncode == 0, tail(proc)
     return out, proc
@@ -164,7 +164,7 @@ def _start(args, out):
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
            str(REPO / "launch" / "train.py"), *args, f"output_dir={out}"]
     log = open(out.parent / f"{out.name}.log", "w")
-    return subprocess.Popen(cmd, cwd=REPO, env=test_env(), stdout=log, stderr=subprocess.STDOUT,
+    return subprocess.Popen(cmd, cwd=REPO, env=offline_env(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
 
 
@@ -203,7 +203,7 @@ def test_same_entry_point_under_torchrun_and_plain_python(launcher, tmp_path):
         cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", *args]  # standalone: picks a free port
     else:
         cmd = [sys.executable, *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=test_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, tail(proc)
     ranks = 2 if launcher == "torchrun" else 1
     assert len(re.findall(rf"\[rank \d/{ranks}\] holds", proc.stdout)) == ranks, proc.stdout[-2000:]

@@ -1,18 +1,12 @@
 """Dataset loaders the task YAMLs in this folder name with `custom_dataset: !function ...`.
 
-lm-eval imports this file by its path, so it first makes the repository importable; the
-checks themselves live in evaluation/eval_set.py. lm-eval calls a loader with the task's
-metadata and dataset_kwargs as keyword arguments.
+lm-eval imports this file by its path, inside a process that already runs evaluation/ (launch/
+eval.py and the tests put the repository on sys.path); the checks themselves live in
+evaluation/eval_set.py. lm-eval calls a loader with the task's metadata and dataset_kwargs as
+keyword arguments.
 """
 
-import sys
-from pathlib import Path
-
-REPO = str(Path(__file__).resolve().parents[2])
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-from evaluation.eval_set import load_eval_set, read_jsonl  # noqa: E402
+from evaluation.eval_set import load_eval_set, read_jsonl
 
 
 def _as_test_split(rows):

@@ -34,7 +34,7 @@ from typing import Callable, Dict, List, Optional
 
 import pytest
 import torch
-from conftest import REPO, free_port, generates, launch, loss_history, tail, test_env
+from tests.support.env import REPO, free_port, generates, launch, loss_history, offline_env, tail
 from safetensors.torch import load_file
 
 from evaluation.results import load_results
@@ -93,9 +93,9 @@ class Run:
 
 
 def run_env(work: Path) -> dict:
-    """test_env, with a datasets cache of the run's own: runs side by side must not tokenize into
+    """offline_env, with a datasets cache of the run's own: runs side by side must not tokenize into
     one cache at once."""
-    return test_env(HF_DATASETS_CACHE=str(work / "hf-datasets"))
+    return offline_env(HF_DATASETS_CACHE=str(work / "hf-datasets"))
 
 
 def keep_log(name: str, proc: subprocess.CompletedProcess) -> None:

@@ -45,7 +45,7 @@ def corpus_lines():
 def main() -> None:
     lines = list(corpus_lines())
     if not lines:
-        sys.exit("error: no corpus under data/materials/: run data/make_materials.py first")
+        sys.exit("error: no corpus under data/materials/: run python -m data.make_materials first")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -1,5 +1,6 @@
 """In-process DPO/ORPO trainers on the tiny model, one process, no DeepSpeed: for unit tests
-and bench/dpo_precompute.py. The stage code is the real one; only the launcher is skipped."""
+(tests/test_dpo_reference.py, test_orpo_loss.py, test_lora.py) and bench/dpo_precompute.py.
+The stage code is the real one; only the launcher is skipped."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """launch/train.py with every tokenizer call recorded: one line (the number of texts) per call
 in $TOKENIZER_CALLS_DIR/rank-<RANK>. Run it as launch/train.py is run:
 
-    deepspeed --num_gpus 2 tests/count_tokenizer_calls.py +stage=cpt ...
+    deepspeed --num_gpus 2 tests/support/count_tokenizer_calls.py +stage=cpt ...
 """
 
 import os
@@ -9,10 +9,9 @@ import runpy
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 tokenize = PreTrainedTokenizerBase.__call__
 

@@ -1,53 +1,22 @@
-"""Tiny sharded Llama checkpoints for the merge tests, an independent in-memory reference merge
-(torch, float64), and a check that the builders give what the other merge tests assume.
-
-Other merge test modules import the fixtures and helpers from here.
-"""
+"""Merge recipes and the merge command for the merge tests, and an independent in-memory
+reference merge (torch, float64) to hold the merger's tensors to."""
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict
 
-import pytest
 import yaml
-from conftest import REPO
-from conftest import test_env as child_env
 
-TOKENIZER = REPO / "train" / "assets" / "tiny_tokenizer"
+from tests.support.env import REPO, offline_env
+
 PAPER_T = [
     {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
     {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
     {"value": 0.5},
 ]
-
-
-def build_llama(path: Path, seed: int, vocab=2048, tie=False, dtype="bfloat16", layers=4, intermediate=128,
-                shard="60KB") -> Path:
-    """A random tiny Llama saved sharded, with the repo's tiny tokenizer beside it."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=intermediate, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
-    model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
-    model.save_pretrained(path, max_shard_size=shard)
-    for f in TOKENIZER.iterdir():
-        shutil.copyfile(f, path / f.name)
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_pair(tmp_path_factory) -> Dict[str, Path]:
-    """base (the 'Instruct' model) and other (the 'fine-tuned' one): bf16, several shards."""
-    root = tmp_path_factory.mktemp("merge_models")
-    return {"base": build_llama(root / "base", 1), "other": build_llama(root / "other", 2)}
 
 
 def write_config(path: Path, base: Path, other: Path, t=None, layers=4, **extra) -> Path:
@@ -67,21 +36,7 @@ def write_config(path: Path, base: Path, other: Path, t=None, layers=4, **extra)
 
 def run_merge_cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "launch" / "merge.py"), *map(str, args)],
-                          cwd=REPO, env=env or child_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def load_dir(path: Path):
-    """{name: tensor} of every safetensors file in a model directory."""
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(Path(path).glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
-def shard_bytes(path: Path) -> Dict[str, bytes]:
-    return {f.name: f.read_bytes() for f in sorted(Path(path).glob("*.safetensors"))}
+                          cwd=REPO, env=env or offline_env(), capture_output=True, text=True, timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,13 +82,3 @@ def assert_bf16_close(ours, ref, name=""):
     assert differ.float().mean().item() < 1e-3, (name, differ.sum().item())
     step = want.float().abs() * 2**-7 + 1e-30
     assert ((ours.float() - want.float()).abs() <= step).all(), name
-
-
-def test_builders_give_sharded_bf16_models_with_tokenizer(tiny_pair):
-    base = tiny_pair["base"]
-    index = json.loads((base / "model.safetensors.index.json").read_text())
-    assert len(set(index["weight_map"].values())) >= 3
-    tensors = load_dir(base)
-    assert "lm_head.weight" in tensors and tensors["model.embed_tokens.weight"].shape == (2048, 32)
-    assert (base / "tokenizer.json").is_file() and (base / "chat_template.jinja").is_file()
-    assert paper_t("model.layers.1.self_attn.q_proj.weight", 4) == pytest.approx(0.5 + (0.3 - 0.5) / 3)

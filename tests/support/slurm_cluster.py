@@ -6,7 +6,8 @@ slurmctld and slurmd in the foreground as our own children, waits for the node t
 and stops them by pid afterwards. Everything (munge socket and key, ports, state) is private
 to the temp dir, so it never touches a system SLURM or munge.
 
-Clients find the cluster through SLURM_CONF, which `cluster.env()` sets.
+Clients find the cluster through SLURM_CONF, which `cluster.env()` sets; tests/conftest.py
+registers the `slurm_cluster` fixture.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
-from conftest import free_port
+from tests.support.env import free_port
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo", "munged"]
@@ -161,13 +162,3 @@ class LocalSlurm:
                 return infos  # something failed: the dependents never start
             time.sleep(2)
         raise AssertionError(f"jobs not finished after {timeout:.0f}s: {states}")
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    ensure_installed()
-    cluster = LocalSlurm(cpus=os.cpu_count() or 2).start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
