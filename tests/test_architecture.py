@@ -5,6 +5,10 @@ nothing generic is installed into site-packages.
     train/  merge/  evaluation/    each on the base only, none imports another
     orchestration/             above all three
     launch/                    thin entry points on top
+
+Inside a package, its parts (modules and subpackages) import each other one way only. Tests
+share helpers through tests/support/, never by importing another test module, and only
+launch/ puts the checkout on sys.path.
 """
 
 from __future__ import annotations
@@ -65,6 +69,68 @@ def test_the_base_imports_no_heavy_library():
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                 assert not [n for n in names if n.split(".")[0] in HEAVY], f"{path} imports {names}"
+
+
+# ---------------------------------------------------------------------------------------------
+# inside a package: its parts depend on each other one way
+# ---------------------------------------------------------------------------------------------
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def runtime_imports(tree: ast.AST) -> list:
+    """Import nodes, lazy ones included, less those under `if TYPE_CHECKING:` (annotations only)."""
+    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+               and ast.unparse(node.test).endswith("TYPE_CHECKING") for n in ast.walk(node)}
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in skipped]
+
+
+def part_of(module: str) -> str:
+    """The unit that must not be imported back: a package's module or its subpackage
+    (`train.data.cpt` -> `train.data`, `merge.run` -> `merge.run`)."""
+    return ".".join(module.split(".")[:2])
+
+
+def part_graph(modules: dict) -> dict:
+    graph = {part_of(name): set() for name in modules}
+    for name, path in modules.items():
+        for node in runtime_imports(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif node.level == 0 and node.module:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for target in targets:
+                while target and target not in modules:  # an imported name -> its module
+                    target = target.rpartition(".")[0]
+                same_package = target.split(".")[0] == name.split(".")[0] and "." in target
+                if target and same_package and part_of(target) != part_of(name):
+                    graph[part_of(name)].add(part_of(target))
+    return graph
+
+
+def cycle_through(graph: dict, start: str) -> list:
+    """A path start -> ... -> start, or []."""
+    stack, seen = [(start, [start])], set()
+    while stack:
+        node, path = stack.pop()
+        for nxt in sorted(graph[node]):
+            if nxt == start:
+                return path + [start]
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append((nxt, path + [nxt]))
+    return []
+
+
+def test_no_part_of_a_package_imports_back_up():
+    """train/data must not import from train/stages, which imports it: one direction per pair."""
+    modules = {module_name(p): p for top in PROJECT for p in (REPO / top).rglob("*.py")}
+    graph = part_graph(modules)
+    cycles = {" -> ".join(c) for c in (cycle_through(graph, part) for part in sorted(graph)) if c}
+    assert not cycles, "import cycles between the parts of a package: " + "; ".join(sorted(cycles))
 
 
 # ---------------------------------------------------------------------------------------------
