@@ -3,7 +3,7 @@
 To add a method: an `AugmentMethod` subclass below (its name, whether it generates with the
 model, its `check`, `preflight`, and its `texts` or `task`), its settings block in config.py
 (`AugmentConfig.<name>`) and a preset in conf/augment/. The config's method check, the job
-(run.py) and the SLURM task count (orchestration/slurm.py) read these declarations; nothing
+(run.py) and the SLURM task count (orchestration/job_scripts.py) read these declarations; nothing
 else changes. No heavy import here: login-node code composes augment configs.
 """
 
