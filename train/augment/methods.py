@@ -14,6 +14,7 @@ from typing import ClassVar, Dict, List
 
 from core.errors import UserError
 from core.outputs import AUGMENT_MANIFEST, is_augmented_dataset, read_augment_manifest
+from train.augment import generation
 from train.augment import rewrite as rewriting
 from train.augment.entigraph import ENTITY_SLOTS, entigraph_task
 from train.augment.rewrite import DOCUMENT_SLOT, ModelTask
@@ -47,7 +48,7 @@ class ModelMethod(AugmentMethod):
     uses_model = True
 
     def preflight(self, augment) -> None:
-        rewriting.check_backend(augment.rewrite.backend)
+        generation.check_backend(augment.rewrite.backend)
 
 
 class Rules(AugmentMethod):
