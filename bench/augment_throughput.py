@@ -1,6 +1,7 @@
 """Augmentation throughput on this machine: rule-based documents/s (train/augment/rules.py) over the
 bundled CPT corpus, and model-based rewriting in generated tokens/s with SmolLM2-135M-Instruct
-(train/augment/rewrite.py, transformers `generate`), batched against one document at a time.
+(train/augment/rewrite.py; transformers `generate`, train/augment/generation.py), batched against
+one document at a time.
 
     python -m bench.augment_throughput rules                          # 3 rounds over the 483 documents
     python -m bench.augment_throughput rewrite --documents 8 --max-new-tokens 64 --batch-size 8
@@ -53,7 +54,8 @@ def bench_rules(rounds: int) -> dict:
 def bench_rewrite(n_docs: int, max_new_tokens: int, batch_size: int) -> dict:
     from transformers import AutoTokenizer
 
-    from train.augment.rewrite import TransformersGenerator, render_prompt, rewrite_documents, wrap_task
+    from train.augment.generation import TransformersGenerator, render_prompt
+    from train.augment.rewrite import rewrite_documents, wrap_task
     from train.model import resolve_model_dir
 
     cfg = compose_augment_config(["augment=wrap", "model=smollm2_135m", "output_dir=/tmp/unused",

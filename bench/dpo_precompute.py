@@ -1,5 +1,6 @@
 """DPO step time with a live reference model vs precomputed (cached) reference log-probs, on
-the tiny model, both in one process, through the real stage code (train/stages/dpo.py).
+the tiny model, both in one process, through the real stage code (train/stages/dpo.py,
+train/dpo_reference.py).
 
     python -m bench.dpo_precompute --steps 40
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-import train.stages.dpo as dpo
+import train.dpo_reference as dpo_reference
 from bench.preference_harness import compose, trainer_for
 
 
@@ -42,7 +43,7 @@ def main() -> None:
     torch.set_num_threads(1)
     common = ["stage.max_length=256", "stage.max_prompt_length=192"]
     with tempfile.TemporaryDirectory() as tmp:
-        dpo.REF_LOGPS_DIR = Path(tmp) / "ref_logps"
+        dpo_reference.REF_LOGPS_DIR = Path(tmp) / "ref_logps"
         _, live = trainer_for(compose("dpo", *common), Path(tmp) / "live", batch_size=a.batch)
         start = time.process_time()
         _, pre = trainer_for(compose("dpo", *common, "stage.precompute_ref_log_probs=true"), Path(tmp) / "pre",

@@ -1,219 +1,37 @@
-"""SLURM submission: one batch job per pipeline step, chained with --dependency=afterok, and
-the status of the jobs a submission recorded.
+"""The SLURM client: submits one batch job per pipeline step, chained with --dependency=afterok,
+and reports the status of the jobs a submission recorded.
 
     python launch/submit.py pipeline=tiny cluster=slurm cluster.nodes=2 cluster.gpus_per_node=8
     python launch/submit.py status pipeline=tiny
 
-The sbatch scripts are rendered from orchestration/sbatch/<template> (train, merge, eval, augment
-or task.sbatch: each step kind names its own in STEP_KINDS, orchestration/steps.py) into
-`<run dir>/jobs/` and kept there, with the job logs and `jobs.jsonl` (one line per submitted
-job: step, job id, script, log, output directory).
+Each step's script (orchestration/job_scripts.py) is written into `<run dir>/jobs/` and kept
+there, with the job logs and `jobs.jsonl` (one line per submitted job: step, job id, script,
+log, output directory).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import shlex
 import shutil
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from string import Template
 from typing import Dict, List, Optional
 
 from omegaconf import DictConfig
 
-from core.config import REPO_ROOT
-from core.errors import PREEMPTED_EXIT_CODE, UserError
-from core.secrets import redact
+from core.errors import UserError
 from orchestration.checks import check_outside_models, check_resumes, check_step_environment, validate_step_configs
-from orchestration.config import training_world_size
+from orchestration.job_scripts import python_known_here, python_of, render_step
 from orchestration.planner import plan_pipeline
-from orchestration.steps import JOBS_DIR, STEP_KINDS, Plan, Step, read_plan_file, step_env, write_plan_file
-from train.augment.methods import augment_method
+from orchestration.steps import JOBS_DIR, STEP_KINDS, Plan, Step, read_plan_file, write_plan_file
 from train.config import compose_train_config
 
 JOBS_FILE = "jobs.jsonl"
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
                  "COMPLETING", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}
-
-
-class SbatchTemplate(Template):
-    """`@{name}` placeholders only: bash's own `$` and `${...}` pass through untouched."""
-
-    delimiter = "@"
-    pattern = r"@\{(?P<braced>[a-z_]+)\}|(?P<escaped>@@)|(?P<named>(?!))|(?P<invalid>(?!))"
-
-
-def render_template(name: str, values: Dict[str, object]) -> str:
-    text = (Path(__file__).parent / "sbatch" / name).read_text()
-    # A secret typed into an override (or setup line) must not land in a script on disk.
-    return redact(SbatchTemplate(text).substitute({k: str(v) for k, v in values.items()}))
-
-
-# ---------------------------------------------------------------------------------------------
-# rendering
-# ---------------------------------------------------------------------------------------------
-def common_sbatch_lines(cluster: DictConfig, dependency: Optional[str]) -> List[str]:
-    lines = []
-    for option in ("partition", "account", "qos"):
-        if cluster.get(option):
-            lines.append(f"--{option}={cluster[option]}")
-    if cluster.mem is not None:  # "0" is a value: all of the node's memory
-        lines.append(f"--mem={cluster.mem}")
-    if cluster.cpus_per_task:
-        lines.append(f"--cpus-per-task={cluster.cpus_per_task}")
-    if cluster.requeue:
-        lines.append("--requeue")
-    if dependency:
-        # If the previous job fails, cancel this one instead of leaving it pending forever, so
-        # resubmitting the pipeline is all it takes to continue.
-        lines += [f"--dependency=afterok:{dependency}", "--kill-on-invalid-dep=yes"]
-    lines += list(cluster.sbatch_args)
-    return lines
-
-
-def srun_cpus_line(cluster: DictConfig) -> str:
-    """srun does not take --cpus-per-task from sbatch since SLURM 22.05 (its release notes):
-    without this its tasks get one core each, whatever the allocation."""
-    return f"export SRUN_CPUS_PER_TASK={cluster.cpus_per_task}" if cluster.cpus_per_task else ""
-
-
-def python_of(cluster: DictConfig) -> str:
-    return cluster.python or sys.executable
-
-
-def python_known_here(cluster: DictConfig) -> bool:
-    """Whether this node can ask the jobs' interpreter what it has installed: not when it is a bare
-    name that only the jobs' setup lines (module load, venv activation) put on PATH."""
-    return not (cluster.python and cluster.setup and not Path(cluster.python).is_absolute())
-
-
-def setup_lines(cluster: DictConfig) -> str:
-    return "\n".join(cluster.setup)
-
-
-def env_lines(plan: Plan, step: Step) -> str:
-    return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in step_env(plan, step).items())
-
-
-@dataclass
-class JobText:
-    """What every step's script is rendered with; each kind adds its own values."""
-
-    plan: Plan
-    step: Step
-    cluster: DictConfig
-    title: str
-    script: Path
-    log: Path
-    dependency: Optional[str]
-
-    def render(self, sbatch_lines: List[str], **values) -> str:
-        """The step kind's template filled with the common values (the step's own command among them)
-        and `values`."""
-        kind = STEP_KINDS[self.step.kind]
-        entry = f"launch/{kind.entry_point}"
-        command = [python_of(self.cluster), entry, *self.step.args]
-        return render_template(kind.sbatch_template, dict(
-            title=self.title,
-            script=self.script,
-            job_name=f"df-{self.step.name}",
-            log=self.log,
-            time=self.cluster.time,
-            sbatch_lines="\n".join(f"#SBATCH {line}" for line in sbatch_lines),
-            repo=shlex.quote(str(REPO_ROOT)),
-            setup=setup_lines(self.cluster),
-            env="\n".join(filter(None, [env_lines(self.plan, self.step), srun_cpus_line(self.cluster)])),
-            command=" \\\n        ".join(shlex.quote(a) for a in command),
-            **values,
-        ))
-
-
-def master_port_of(cluster: DictConfig) -> str:
-    """torch.distributed's port: cluster.master_port, or one derived from the job id so that jobs
-    sharing a node differ."""
-    return str(cluster.master_port or "$((29500 + SLURM_JOB_ID % 10000))")
-
-
-def render_train_job(job: JobText) -> str:
-    cluster = job.cluster
-    world = training_world_size(cluster)
-    per_node = math.ceil(world / cluster.nodes)
-    lines = common_sbatch_lines(cluster, job.dependency)
-    if cluster.request_gpus:
-        lines.insert(0, f"--gpus-per-node={cluster.gpus_per_node}")
-    # Warn this shell (B:) before the time limit; it forwards the signal to the ranks.
-    lines.append(f"--signal=B:USR1@{cluster.signal_seconds}")
-    return job.render(
-        lines,
-        world_size=world,
-        layout=f"{cluster.nodes} node(s) x {per_node} rank(s) per node",
-        nodes=cluster.nodes,
-        tasks_per_node=per_node,
-        master_port=master_port_of(cluster),
-        output_dir=shlex.quote(str(job.step.output_dir)),
-        preempted_code=PREEMPTED_EXIT_CODE,
-    )
-
-
-def render_merge_job(job: JobText) -> str:
-    tasks = job.cluster.merge_tasks or job.cluster.nodes
-    return job.render(common_sbatch_lines(job.cluster, job.dependency), tasks=tasks,
-                      nodes=min(job.cluster.nodes, tasks))
-
-
-def render_eval_job(job: JobText) -> str:
-    """An evaluation on one node: one process per GPU (on a CPU partition, gpus_per_node processes)."""
-    cluster = job.cluster
-    lines = common_sbatch_lines(cluster, job.dependency)
-    if cluster.request_gpus:
-        lines.insert(0, f"--gpus-per-node={cluster.gpus_per_node}")
-    return job.render(lines,
-                      tasks=cluster.gpus_per_node,
-                      master_port=master_port_of(cluster),
-                      # every task sees every GPU: some clusters bind one GPU per task by default
-                      gpu_bind=" --gpu-bind=none" if cluster.request_gpus else "")
-
-
-def render_augment_job(job: JobText) -> str:
-    """A rewrite on every rank of the job (one per GPU: nodes x gpus_per_node, or cluster.tasks);
-    a rule-based or repeat augmentation as one task (it runs on rank 0 only)."""
-    cluster = job.cluster
-    generates = augment_method(job.step.config.augment.method).uses_model
-    tasks = (cluster.tasks or cluster.nodes * cluster.gpus_per_node) if generates else 1
-    nodes = min(cluster.nodes, tasks)
-    per_node = math.ceil(tasks / nodes)
-    lines = common_sbatch_lines(cluster, job.dependency)
-    if generates and cluster.request_gpus:
-        lines.insert(0, f"--gpus-per-node={cluster.gpus_per_node}")
-    return job.render(lines, tasks=tasks, nodes=nodes, tasks_per_node=per_node,
-                      layout=f"{nodes} node(s) x {per_node} task(s) per node")
-
-
-def render_task_job(job: JobText) -> str:
-    """The study report (CPU only): one task."""
-    return job.render(common_sbatch_lines(job.cluster, job.dependency))
-
-
-TEMPLATE_RENDERERS = {"train.sbatch": render_train_job, "merge.sbatch": render_merge_job,
-                      "eval.sbatch": render_eval_job, "augment.sbatch": render_augment_job,
-                      "task.sbatch": render_task_job}
-"""orchestration/sbatch/<template> -> what fills it (the job's tasks, nodes, GPUs); a step kind
-names its template in STEP_KINDS."""
-
-
-def render_step(plan: Plan, step: Step, cluster: DictConfig, dependency: Optional[str]) -> tuple[Path, str]:
-    """(script path, script text) for one step."""
-    jobs = plan.jobs_dir
-    script = jobs / f"{step.index:02d}-{step.name}.sbatch"
-    log = jobs / f"{step.index:02d}-{step.name}-%j.log"
-    title = f"pipeline {plan.pipeline}, step {step.name} ({step.stage or step.kind}) -> {step.output_dir}"
-    render = TEMPLATE_RENDERERS[STEP_KINDS[step.kind].sbatch_template]
-    return script, render(JobText(plan, step, cluster, title, script, log, dependency))
 
 
 # ---------------------------------------------------------------------------------------------

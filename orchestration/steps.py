@@ -64,7 +64,7 @@ class StepKind:
     is_complete: Callable[[Path, List[str]], bool]
     """(output directory, tasks) -> whether the step's output is finished (a rerun skips it)."""
     sbatch_template: str
-    """Its SLURM job: orchestration/sbatch/<template>, filled by slurm.py's renderer of that template."""
+    """Its SLURM job: orchestration/sbatch/<template>, filled by its renderer in job_scripts.py."""
     launcher: str
     """How launch/pipeline.py starts it (local.py's LAUNCHERS): deepspeed (the training ranks),
     per_gpu (one process per GPU) or python (one process)."""

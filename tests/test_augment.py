@@ -17,6 +17,7 @@ from tests.support.files import write_jsonl
 from tests.support.models import EVAL_SHAPE, tiny_llama
 
 from core.errors import UserError
+from train.augment import generation
 from train.augment import rewrite as rewriting
 from train.augment.config import WRAP_PROMPTS, RulesConfig, compose_augment_config
 from train.augment.rules import TASKS, augment_document
@@ -49,7 +50,7 @@ def rewrite_with_stand_in(stand_in, documents, tiny, tmp_path, monkeypatch):
             return [(stand_in(p, next(d for d in documents if d in p)), 7) for p in prompts]
         return generate
 
-    monkeypatch.setattr(rewriting, "make_generator", fake_generator)
+    monkeypatch.setattr(generation, "make_generator", fake_generator)
     out = tmp_path / "out"
     run_augment(compose_augment_config([
         "augment=wrap", f"model.path={tiny}", f"data.cpt.path={corpus}", f"output_dir={out}",
@@ -345,7 +346,7 @@ def test_entigraph_writes_about_entity_pairs_and_drops_invented_values(tiny, tmp
             return out
         return generate
 
-    monkeypatch.setattr(rewriting, "make_generator", fake_generator)
+    monkeypatch.setattr(generation, "make_generator", fake_generator)
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": doc}])
     out = tmp_path / "out"
     run_augment(compose_augment_config(["augment=entigraph", f"model.path={tiny}", f"data.cpt.path={corpus}",

@@ -28,7 +28,8 @@ from tests.support.env import REPO, assert_one_line_error, offline_env, run_main
 from core.errors import PREEMPTED_EXIT_CODE, UserError
 from core.validate import writable_dir
 from orchestration.config import compose_pipeline_job
-from orchestration.slurm import render_step, stage_plan
+from orchestration.job_scripts import render_step
+from orchestration.slurm import stage_plan
 from train.attention import check_attention_installed, check_attention_runs_here, module_installed
 from train.config import compose_train_config
 

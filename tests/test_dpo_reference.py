@@ -11,6 +11,7 @@ import torch
 from bench.preference_harness import batch_of, compose, trainer_for
 from transformers import set_seed
 
+import train.dpo_reference as dpo_reference
 import train.stages.dpo as dpo
 from core.errors import UserError
 from train.model import load_model, load_tokenizer
@@ -34,7 +35,7 @@ def other_model(tmp_path_factory):
 
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr(dpo, "REF_LOGPS_DIR", tmp_path / "ref_logps")
+    monkeypatch.setattr(dpo_reference, "REF_LOGPS_DIR", tmp_path / "ref_logps")
     return tmp_path / "ref_logps"
 
 
@@ -85,7 +86,7 @@ def test_cached_reference_log_probs_are_reused(tmp_path, other_model, cache_dir,
 
     # other truncation -> other tokens -> a new entry, never a stale one
     monkeypatch.undo()
-    monkeypatch.setattr(dpo, "REF_LOGPS_DIR", cache_dir)
+    monkeypatch.setattr(dpo_reference, "REF_LOGPS_DIR", cache_dir)
     short = [*overrides, "stage.max_length=40", "stage.max_prompt_length=30"]
     _, third = trainer_for(compose("dpo", *short), tmp_path / "c")
     assert third.ref_logps_source == "computed"

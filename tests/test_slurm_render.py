@@ -14,8 +14,8 @@ from tests.support.env import REPO, assert_one_line_error
 
 from core.errors import PREEMPTED_EXIT_CODE, UserError
 from orchestration.config import compose_pipeline_job
+from orchestration.job_scripts import render_step
 from orchestration.planner import plan_pipeline
-from orchestration.slurm import render_step
 
 LLAMA = "llama_instruct_cpt_sft_orpo_slerp"
 

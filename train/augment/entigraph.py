@@ -4,7 +4,8 @@ that the relations between a document's entities are stated in new text.
 
 Entities are found by rule (text.entities, and the document's subject), not asked of the model as
 EntiGraph does; the generation runs through the same sharded, resumable machinery as the WRAP
-rewrite (rewrite.py), with its settings (augment.rewrite.backend, batch_size, max_new_tokens, ...).
+rewrite (rewrite.py, generation.py), with its settings (augment.rewrite.backend, batch_size,
+max_new_tokens, ...).
 A generated text is kept only if it names both entities and states no number with a unit that the
 document does not (text.added_quantity): it may leave facts out, but not invent them.
 """

@@ -3,7 +3,7 @@
 To add a method: an `AugmentMethod` subclass below (its name, whether it generates with the
 model, its `check`, `preflight`, and its `texts` or `task`), its settings block in config.py
 (`AugmentConfig.<name>`) and a preset in conf/augment/. The config's method check, the job
-(run.py) and the SLURM task count (orchestration/slurm.py) read these declarations; nothing
+(run.py) and the SLURM task count (orchestration/job_scripts.py) read these declarations; nothing
 else changes. No heavy import here: login-node code composes augment configs.
 """
 
@@ -14,6 +14,7 @@ from typing import ClassVar, Dict, List
 
 from core.errors import UserError
 from core.outputs import AUGMENT_MANIFEST, is_augmented_dataset, read_augment_manifest
+from train.augment import generation
 from train.augment import rewrite as rewriting
 from train.augment.entigraph import ENTITY_SLOTS, entigraph_task
 from train.augment.rewrite import DOCUMENT_SLOT, ModelTask
@@ -47,7 +48,7 @@ class ModelMethod(AugmentMethod):
     uses_model = True
 
     def preflight(self, augment) -> None:
-        rewriting.check_backend(augment.rewrite.backend)
+        generation.check_backend(augment.rewrite.backend)
 
 
 class Rules(AugmentMethod):

@@ -23,6 +23,7 @@ from core.errors import UserError
 from core.lock import OutputLock
 from core.outputs import AUGMENT_MANIFEST as MANIFEST
 from core.outputs import fsync_dir, is_augmented_dataset as is_augmented, read_augment_manifest
+from train.augment import generation
 from train.augment import rewrite as rewriting
 from train.augment.methods import augment_method
 
@@ -130,7 +131,7 @@ def run_rewrite(cfg, documents: List[str], out: Path, settings: dict, source: di
     """Rewrite this rank's shards; the rank that finds every shard done publishes (under the work
     directory's lock, so that two ranks finishing together publish once). True if this rank published."""
     rewrite, method = cfg.augment.rewrite, cfg.augment.method
-    rewriting.check_backend(rewrite.backend)
+    generation.check_backend(rewrite.backend)
     if model_dir is None:
         raise UserError(f"augment.method={method} generates with a trained model, and model '{cfg.model.name}' has "
                         "random weights: set model.path=<model dir> or model=smollm2_135m")
@@ -139,10 +140,10 @@ def run_rewrite(cfg, documents: List[str], out: Path, settings: dict, source: di
     work = rewriting.work_dir(out, rewriting.run_key(source["sha256"], settings, str(model_dir)))
 
     def render(user: str) -> str:
-        return rewriting.render_prompt(tokenizer, user, rewrite.system_prompt)
+        return generation.render_prompt(tokenizer, user, rewrite.system_prompt)
 
     def make_generate():
-        return rewriting.make_generator(rewrite.backend, model_dir, tokenizer, rewrite, cfg.seed)
+        return generation.make_generator(rewrite.backend, model_dir, tokenizer, rewrite, cfg.seed)
 
     task = augment_method(method).task(cfg)
     all_done, resumed = rewriting.run_shards(documents, work, shards, task, rewrite.batch_size, make_generate, render)
