@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -20,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from core.errors import UserError
+from core.secrets import redact
 from core.validate import validate_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -49,8 +49,9 @@ def schema_file(schema: type) -> str:
     return schema.__module__.replace(".", "/") + ".py"
 
 
-def _choices(config_dir: Path, group: str) -> str:
-    return ", ".join(sorted(p.stem for p in (config_dir / group).glob("*.yaml")))
+def presets(config_dir: Path, group: str) -> List[str]:
+    """The presets of a config group: conf/<group>/*.yaml."""
+    return sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
 
 
 def explain(err: BaseException, overrides: List[str], config_dir: Path, schema_path: str) -> str:
@@ -65,7 +66,7 @@ def explain(err: BaseException, overrides: List[str], config_dir: Path, schema_p
     if m:
         group, choice = m.group(1), m.group(2)
         hint = f"+{group}=<name>" if group == "stage" else f"{group}=<name>"
-        return f"unknown {group} '{choice}': choose one of {_choices(config_dir, group)} ({hint})"
+        return f"unknown {group} '{choice}': choose one of {', '.join(presets(config_dir, group))} ({hint})"
     full = re.search(r"full_key: (\S+)", text)
     key = full.group(1) if full else None
     m = re.search(r"Key '([^']+)' not in '(\w+)'", text)
@@ -131,5 +132,6 @@ def compose_config(
     return cfg
 
 
-def print_config(cfg: DictConfig, stream=sys.stdout) -> None:
-    stream.write(OmegaConf.to_yaml(cfg))
+def resolved_yaml(cfg: DictConfig) -> str:
+    """A composed config as YAML, any secret-named value masked: what --cfg prints and a run saves."""
+    return redact(OmegaConf.to_yaml(cfg))

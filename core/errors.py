@@ -92,4 +92,5 @@ def argument_parser(usage: str, **kwargs):
         def error(self, message):
             raise UserError(f"{message}: usage: {usage}")
 
-    return Parser(**kwargs)
+    # The description is the launcher's docstring: its command lines keep their layout.
+    return Parser(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)

@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from core.cli import ConfigCommand
 from core.config import compose_config
 from core.errors import UserError
 from core.validate import Check, at_least, checked, non_negative, one_of, positive, writable_dir
@@ -103,3 +104,18 @@ def compose_eval_config(overrides: List[str]) -> DictConfig:
     if not cfg.tasks and not cfg.eval_sets:
         raise UserError("no tasks: give tasks=[name,...], eval_sets=[file.jsonl] or a preset eval=<name> (conf/eval/)")
     return cfg
+
+
+def eval_overrides(argv: List[str]) -> List[str]:
+    """launch/eval.py's arguments as overrides: a leading MODEL_DIR becomes model_dir=MODEL_DIR."""
+    if argv and "=" not in argv[0] and not argv[0].startswith("-"):
+        return [f"model_dir={argv[0]}", *argv[1:]]
+    return list(argv)
+
+
+EVAL_COMMAND = ConfigCommand(
+    "eval.py", "eval_job", EvalJobConfig, compose_eval_config,
+    keys=("model_dir", "tasks", "eval_sets", "limit", "batch_size", "dtype", "device", "backend", "output_dir"),
+    example="outputs/sft-tiny eval=domain limit=50",
+)
+"""launch/eval.py's command line (after eval_overrides): --help, --cfg, or the config to evaluate."""

@@ -22,9 +22,9 @@ from core.errors import exit_on_user_error  # noqa: E402
 
 
 def main(argv):
-    from train.augment.config import compose_augment_config
+    from train.augment.config import AUGMENT_COMMAND
 
-    cfg = compose_augment_config(argv)  # a mistake fails here, before torch loads
+    cfg = AUGMENT_COMMAND.config(argv, __doc__)  # --help, --cfg and mistakes end here, before torch loads
     from train.augment.run import run_augment
 
     run_augment(cfg)

@@ -27,10 +27,12 @@ from core.errors import exit_on_user_error  # noqa: E402
 
 
 def main(argv):
-    from evaluation.run import evaluate_overrides
+    from evaluation.config import EVAL_COMMAND, eval_overrides
 
-    model_dir = argv[0] if argv and "=" not in argv[0] and not argv[0].startswith("-") else None
-    evaluate_overrides(argv[1:] if model_dir else argv, model_dir)
+    cfg = EVAL_COMMAND.config(eval_overrides(argv), __doc__)  # --help, --cfg and mistakes end here
+    from evaluation.run import evaluate
+
+    evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Merge models with mergekit's methods (slerp, linear, ties, dare_ties, model_stock, nuslerp, ...), streaming, with bounded memory: see docs/merge.md.
+r"""Merge models with mergekit's methods (slerp, linear, ties, dare_ties, model_stock, nuslerp, ...), streaming, with bounded memory: see docs/merge.md.
 
 Drop-in for `mergekit-yaml CONFIG.yml OUT_DIR`:
 
@@ -25,32 +25,14 @@ os.environ["OPENBLAS_NUM_THREADS"] = "1"
 # Put the repo root first: this file's own folder would otherwise shadow the `merge` package.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from core.errors import argument_parser, exit_on_user_error  # noqa: E402
+from core.errors import exit_on_user_error  # noqa: E402
 
 
 def main(argv):
-    from merge import methods
-    from merge.config import (
-        add_merge_options,
-        compose_merge_config,
-        options_from,
-        recipe_from_config,
-    )
-    from merge.recipe import load_merge_config
+    from merge.cli import merge_arguments
     from merge.run import run_merge
 
-    if argv and all("=" in a and not a.startswith("-") for a in argv):
-        cfg = compose_merge_config(argv)
-        return run_merge(recipe_from_config(cfg), cfg.output_dir, options_from(cfg))
-
-    parser = argument_parser("python launch/merge.py CONFIG.yml OUT_DIR [--workers W] [--verify]",
-                             prog="launch/merge.py", description=__doc__.splitlines()[0],
-                             epilog=methods.cli_help())
-    parser.add_argument("config", help="mergekit YAML")
-    parser.add_argument("out_dir", help="output model directory")
-    add_merge_options(parser)
-    args = parser.parse_args(argv)
-    return run_merge(load_merge_config(args.config), args.out_dir, options_from(args))
+    return run_merge(*merge_arguments(argv, __doc__))  # --help and --cfg print and exit there
 
 
 if __name__ == "__main__":

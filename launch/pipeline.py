@@ -18,12 +18,12 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from core.errors import exit_on_user_error  # noqa: E402
-from orchestration.config import compose_pipeline_job  # noqa: E402
+from orchestration.config import PIPELINE_COMMAND  # noqa: E402
 from orchestration.local import run_local  # noqa: E402
 
 
 def main(argv):
-    run_local(compose_pipeline_job(argv))
+    run_local(PIPELINE_COMMAND.config(argv, __doc__))  # --help and --cfg print and exit here
 
 
 if __name__ == "__main__":

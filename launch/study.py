@@ -21,7 +21,7 @@ def main(argv):
     from orchestration.study import run_study
 
     parser = argument_parser("python launch/study.py RUN_DIR", prog="launch/study.py",
-                             description=__doc__.splitlines()[0])
+                             description=__doc__)
     parser.add_argument("run_dir", help="a pipeline's run directory, <root>/<pipeline>")
     run_study(parser.parse_args(argv).run_dir)
 

@@ -1,4 +1,4 @@
-"""Score a merged model against its parents: the paper's E = (P1+P2)/2 and max(P1, P2), for
+r"""Score a merged model against its parents: the paper's E = (P1+P2)/2 and max(P1, P2), for
 every task and metric of their eval results (evaluation/synergy.py; docs/eval.md).
 
     python launch/synergy.py outputs/merged                      # parents from its mergekit_config.yml
@@ -24,7 +24,7 @@ def main(argv):
     from evaluation.synergy import run_synergy
 
     parser = argument_parser("python launch/synergy.py MERGED_DIR [key=value ...] [--parents P1 P2] [--tasks T ...]",
-                             prog="launch/synergy.py", description=__doc__.splitlines()[0])
+                             prog="launch/synergy.py", description=__doc__)
     parser.add_argument("merged", help="the merged model's directory")
     parser.add_argument("eval_overrides", nargs="*", metavar="key=value",
                         help="launch/eval.py settings for evaluations that must run first (limit=, batch_size=, ...)")

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from core.cli import ConfigCommand
 from core.config import compose_config
 from core.errors import UserError
 from core.validate import at_least, checked, non_negative, one_of, positive, validate_dataclass, writable_dir
@@ -90,7 +91,8 @@ def add_merge_options(parser: argparse.ArgumentParser) -> None:
         if f.type == "bool":
             # --verify turns a False default on; --quiet turns progress (True) off.
             action = "store_false" if f.default else "store_true"
-            parser.add_argument(flag, dest=f.name, action=action, default=f.default, help=meta["help"])
+            parser.add_argument(flag, dest=f.name, action=action, default=f.default,
+                                help=f"turn off: {meta['help']}" if f.default else meta["help"])
             continue
         kind = {"Optional[int]": int, "int": int, "float": float, "str": str}[f.type]
         parser.add_argument(flag, *meta["aliases"], dest=f.name, type=kind, default=f.default, help=meta["help"])
@@ -129,6 +131,14 @@ def compose_merge_config(overrides: List[str]) -> DictConfig:
         key = missing[0]
         raise UserError(f"{key} is not set: add {HINTS.get(key, key + '=...')}")
     return cfg
+
+
+MERGE_COMMAND = ConfigCommand(
+    "merge.py", "merge_job", MergeJobConfig, compose_merge_config,
+    keys=("merge.model", "merge.base_model", "output_dir", "workers", "shard_size", "verify"),
+    example="merge=slerp_half merge.model=outputs/orpo-tiny merge.base_model=/models/Instruct output_dir=outputs/m",
+)
+"""The Hydra form of launch/merge.py: --help, --cfg, or the merge job to run."""
 
 
 def recipe_from_config(cfg: DictConfig) -> dict:

@@ -3,11 +3,13 @@ conf/cluster/): a pipeline's steps and evaluations, and the cluster its jobs run
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig
 
+from core.cli import ConfigCommand
 from core.config import compose_config
 from core.errors import UserError
 from core.validate import at_least, between, checked, non_negative, writable_dir
@@ -145,6 +147,23 @@ def compose_pipeline_job(overrides: List[str]) -> DictConfig:
     cfg = compose_config(overrides, "pipeline_job", PipelineJobConfig)
     check_cluster(cfg.cluster)
     return cfg
+
+
+PIPELINE_COMMAND = ConfigCommand(
+    "pipeline.py", "pipeline_job", PipelineJobConfig, compose_pipeline_job,
+    keys=("pipeline.start", "pipeline.overrides", "pipeline.eval.tasks", "root", "step", "cluster.gpus_per_node"),
+    example="pipeline=tiny \"pipeline.overrides=['data.sft.path=my_chats.jsonl']\"",
+)
+"""launch/pipeline.py's command line: --help, --cfg, or the pipeline job to run here."""
+
+SUBMIT_COMMAND = dataclasses.replace(
+    PIPELINE_COMMAND, script="submit.py",
+    keys=("pipeline.start", "pipeline.overrides", "root", "step", "cluster.nodes", "cluster.gpus_per_node",
+          "cluster.partition", "cluster.account", "cluster.time", "cluster.setup"),
+    example="pipeline=tiny cluster=slurm cluster.partition=gpu cluster.time=02:00:00",
+    flags=(("--dry-run", "write and print the batch scripts; submit nothing"),),
+)
+"""launch/submit.py's command line for a pipeline (a single stage takes launch/train.py's)."""
 
 
 def check_cluster(cluster: DictConfig) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.env import REPO, offline_env
+from tests.support.env import HEAVY, REPO, offline_env, run_light
 from tests.support.merge import write_config
 
 PROJECT = ("core", "train", "merge", "evaluation", "orchestration", "launch")
@@ -36,7 +36,6 @@ ALLOWED = {
     "evaluation": {"core", "evaluation"},
     "orchestration": {"core", "train", "merge", "evaluation", "orchestration"},
 }
-HEAVY = ("torch", "transformers", "trl", "deepspeed")
 
 
 def project_imports(path: Path) -> set:
@@ -136,21 +135,6 @@ def test_no_part_of_a_package_imports_back_up():
 # ---------------------------------------------------------------------------------------------
 # login-node commands, run with the heavy libraries poisoned: importing one fails
 # ---------------------------------------------------------------------------------------------
-POISON = (
-    "import runpy, sys\n"
-    f"for name in {HEAVY!r}: sys.modules[name] = None\n"
-    "script = sys.argv[1]; sys.argv = sys.argv[1:]\n"
-    "runpy.run_path(script, run_name='__main__')\n"
-)
-
-
-def run_light(script: str, *args, env=None, cwd=REPO) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", POISON, str(REPO / "launch" / script), *map(str, args)],
-        cwd=cwd, env=env or offline_env(), capture_output=True, text=True, timeout=120,
-    )
-
-
 def fake_slurm(bin_dir: Path) -> dict:
     """An sbatch that accepts every script (job ids 101, 102, ...) and a squeue that knows none:
     enough to run submit.py's submit and status modes without a cluster. The real daemons are

@@ -16,8 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.support.env import REPO, assert_one_line_error, launch, run_main, tmpfs
+from omegaconf import OmegaConf
+from tests.support.env import REPO, SMALL_BATCH, assert_one_line_error, launch, run_main, tmpfs
 
+from core.errors import UserError
+from core.outputs import is_model_dir
+from train.checkpoint import RUN_CONFIG
 from train.config import compose_train_config
 from train.run import train
 
@@ -181,6 +185,25 @@ def test_train_rejects_an_output_on_a_read_only_filesystem(read_only_dir, capsys
 
 def test_case_count():
     assert len(CASES) >= 45
+
+
+# ---------------------------------------------------------------------------------------------
+# the resolved config, from the start of a run
+# ---------------------------------------------------------------------------------------------
+def test_the_resolved_config_is_written_when_training_starts(tmp_path, capsys, monkeypatch):
+    """A run past its setup checks holds <output_dir>/domainforge.yaml, with the values it trains
+    with, before any step; the directory does not look finished. The model load, the first thing
+    after the start, fails here (a stand-in), so nothing trains."""
+    def model_fails_to_load(*args, **kwargs):
+        raise UserError("stand-in: the model failed to load")
+
+    monkeypatch.setattr("train.run.load_model", model_fails_to_load)
+    out = tmp_path / "run"
+    argv = ["+stage=cpt", "training.learning_rate=3e-4", "data.cpt.max_samples=4", *SMALL_BATCH, f"output_dir={out}"]
+    assert_one_line_error(run_main(train_main, argv, capsys), "stand-in")
+    saved = OmegaConf.load(out / RUN_CONFIG)
+    assert saved.training.learning_rate == 3e-4 and saved.output_dir == str(out)
+    assert not is_model_dir(out) and sorted(p.name for p in out.iterdir()) == [RUN_CONFIG]
 
 
 # ---------------------------------------------------------------------------------------------

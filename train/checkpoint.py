@@ -2,6 +2,7 @@
 is published so that a half-written one never looks finished.
 
     <output_dir>/checkpoints/checkpoint-<step>/   DeepSpeed checkpoints (every save_steps)
+    <output_dir>/domainforge.yaml                 the resolved config, written when training starts
     <output_dir>/config.json, model*.safetensors, tokenizer*, domainforge.yaml
                                                   the final model; config.json is moved in last
     <output_dir>/epochs/epoch-<k>/                the model that ended epoch k (keep_epoch_models)
@@ -25,12 +26,24 @@ from core.checkpoints import (  # noqa: F401  (re-exported: where the run direct
     newest_complete_checkpoint,
     resume_checkpoint,
 )
+from omegaconf import DictConfig
+
+from core.config import resolved_yaml
 from core.errors import UserError
-from core.outputs import epoch_model_dir
+from core.outputs import epoch_model_dir, write_atomic
 from core.safetensors_header import read_model_headers
 
 FINAL_TMP = ".final-tmp"
 RUN_CONFIG = "domainforge.yaml"
+
+
+def write_run_config(cfg: DictConfig) -> None:
+    """<output_dir>/domainforge.yaml as a run starts, so the values it trains with can be read
+    while it runs. Only config.json marks a finished model (core.outputs.is_model_dir); the
+    final save publishes this file again beside the model."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / RUN_CONFIG, resolved_yaml(cfg))
 
 
 def check_holds_weights(model_dir: Path) -> None:

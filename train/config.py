@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from core.cli import ConfigCommand
 from core.config import compose_config, schema_file
 from core.errors import UserError
 from core.validate import (
@@ -332,3 +333,14 @@ def compose_train_config(argv: List[str]) -> DictConfig:
     cfg = compose_config(argv, "config", TrainJobConfig, check=check_stage)
     set_adapter_learning_rate(cfg, argv)
     return cfg
+
+
+TRAIN_COMMAND = ConfigCommand(
+    "train.py", "config", TrainJobConfig, compose_train_config,
+    keys=("model.path", "output_dir", "data.cpt.path", "data.sft.path", "data.preference.path",
+          "training.learning_rate", "training.num_train_epochs", "training.max_steps",
+          "training.per_device_train_batch_size", "training.gradient_accumulation_steps",
+          "training.max_seq_length", "training.finetune", "resume"),
+    example="+stage=sft model=smollm2_135m data.sft.path=my_chats.jsonl training.learning_rate=1e-5",
+)
+"""launch/train.py's command line: --help, --cfg, or the config to train."""

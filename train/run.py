@@ -1,8 +1,9 @@
 """One training stage, end to end, in a fixed order:
 
-    setup (config, runtime, tokenizer, data checks)  ->  train (TRL trainer under DeepSpeed)
-    ->  save (consolidated weights + tokenizer + resolved config + model card, published
-        atomically; with LoRA the adapter and the merged model)  ->  push (hub.push=true)
+    setup (config, runtime, tokenizer, data checks)  ->  start (the resolved config in
+    <output_dir>/domainforge.yaml)  ->  train (TRL trainer under DeepSpeed)  ->  save
+    (consolidated weights + tokenizer + resolved config + model card, published atomically;
+    with LoRA the adapter and the merged model)  ->  push (hub.push=true)
 
 Every user error is raised before the run directory is touched.
 """
@@ -21,11 +22,11 @@ from typing import Any, Dict
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
+from core.config import resolved_yaml
 from core.errors import UserError
 from core.lock import OutputLock
 from core.hub import check_hub, push_to_hub
 from core.outputs import is_model_dir
-from core.secrets import redact
 from train.checkpoint import (
     FINAL_TMP,
     RUN_CONFIG,
@@ -33,6 +34,7 @@ from train.checkpoint import (
     checkpoints_dir,
     publish_final_model,
     resume_checkpoint,
+    write_run_config,
 )
 from train.attention import check_attention_runs_here
 from train.data.mix import has_eval_split
@@ -182,6 +184,8 @@ def train_stage(cfg: DictConfig, runtime: Runtime, stage) -> None:
     with args.main_process_first(local=False, desc="data"), args.main_process_first(local=True, desc="data"):
         data = stage.prepare_data(cfg, tokenizer)
 
+    if runtime.is_main:
+        write_run_config(cfg)  # past every setup check: the run directory starts here
     set_seed(cfg.training.seed)
     configure_wandb(cfg.logging, run_name(cfg), cfg.output_dir)
     # From here on transformers builds models inside deepspeed.zero.Init (ZeRO-3).
@@ -228,7 +232,7 @@ def save_final_model(trainer, tokenizer, cfg: DictConfig) -> None:
         trainer.save_model(str(tmp))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(tmp)
-        (tmp / RUN_CONFIG).write_text(redact(OmegaConf.to_yaml(cfg)))
+        (tmp / RUN_CONFIG).write_text(resolved_yaml(cfg))
         write_stage_card(cfg, tmp, out)
         pause = float(os.environ.get(SAVE_PAUSE_ENV, "0") or 0)
         if pause:

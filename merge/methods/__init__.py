@@ -65,7 +65,7 @@ def methods_table() -> str:
 
 def cli_help() -> str:
     """One line per method for `launch/merge.py --help`."""
-    return "merge methods (docs/merge.md): " + "; ".join(f"{m.name} ({describe_params(m)})" for m in _METHODS.values())
+    return "merge methods (docs/merge.md):\n" + "\n".join(f"  {m.name} ({describe_params(m)})" for m in _METHODS.values())
 
 
 def _register() -> None:

@@ -63,6 +63,25 @@ def launch(
     )
 
 
+HEAVY = ("torch", "transformers", "trl", "deepspeed")
+"""What a login-node command must not import."""
+
+POISON = (
+    "import runpy, sys\n"
+    f"for name in {HEAVY!r}: sys.modules[name] = None\n"
+    "script = sys.argv[1]; sys.argv = sys.argv[1:]\n"
+    "runpy.run_path(script, run_name='__main__')\n"
+)
+
+
+def run_light(script: str, *args, env: Optional[dict] = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """`python launch/<script> ...` with the heavy libraries poisoned: importing one fails."""
+    return subprocess.run(
+        [sys.executable, "-c", POISON, str(REPO / "launch" / script), *map(str, args)],
+        cwd=cwd, env=env or offline_env(), capture_output=True, text=True, timeout=120,
+    )
+
+
 def tail(proc: subprocess.CompletedProcess) -> str:
     """The end of a finished command's output, for an assertion message."""
     return (proc.stdout + proc.stderr)[-4000:]

@@ -9,6 +9,7 @@ from typing import Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig
 
+from core.cli import ConfigCommand
 from core.config import compose_config
 from core.validate import at_least, checked, non_negative, one_of, unit_interval, writable_dir
 from train.augment.methods import augment_method, method_names
@@ -146,3 +147,11 @@ def check_augment(cfg: DictConfig) -> None:
 def compose_augment_config(argv: List[str]) -> DictConfig:
     """The augmentation job's config from `launch/augment.py` arguments."""
     return compose_config(argv, "augment_job", AugmentJobConfig, check=check_augment)
+
+
+AUGMENT_COMMAND = ConfigCommand(
+    "augment.py", "augment_job", AugmentJobConfig, compose_augment_config,
+    keys=("output_dir", "data.cpt.path", "model.path", "augment.rewrite.styles", "augment.rewrite.backend", "seed"),
+    example="augment=rules data.cpt.path=my_corpus.jsonl output_dir=outputs/augment/rules",
+)
+"""launch/augment.py's command line: --help, --cfg, or the config to augment with."""
