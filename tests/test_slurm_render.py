@@ -45,12 +45,8 @@ def test_rendered_scripts(nodes, tmp_path):
     cpt, sft, orpo, slerp = scripts
     for i, text in enumerate(scripts):
         options = sbatch_options(text)
-        assert f"--nodes={nodes}" in options
-        assert {"--partition=gpu", "--account=proj", "--time=12:00:00", "--requeue"} <= set(options)
-        # By default every task gets cores and every node its memory (SLURM's default is one
-        # core and a few GB per core); srun takes the cores only through SRUN_CPUS_PER_TASK.
-        assert {"--cpus-per-task=8", "--mem=0"} <= set(options)
-        assert "export SRUN_CPUS_PER_TASK=8" in text
+        assert {"--partition=gpu", "--account=proj", "--requeue"} <= set(options)
+        assert f"--job-name=df-{LLAMA}-{plan.steps[i].name}" in options  # squeue tells pipelines apart
         # Each job waits for the one before it; the first for nothing.
         deps = [o for o in options if o.startswith("--dependency")]
         assert deps == ([] if i == 0 else [f"--dependency=afterok:{1000 + i - 1}"])
@@ -60,6 +56,12 @@ def test_rendered_scripts(nodes, tmp_path):
 
     for text in (cpt, sft, orpo):
         options = sbatch_options(text)
+        assert {f"--nodes={nodes}", "--time=12:00:00"} <= set(options)
+        # By default every task gets cores and every node its memory (SLURM's default is one
+        # core and a few GB per core); srun takes the cores only through SRUN_CPUS_PER_TASK.
+        assert {"--cpus-per-task=8", "--mem=0"} <= set(options)
+        assert "export SRUN_CPUS_PER_TASK=8" in text
+        assert "srun --kill-on-bad-exit=1 --label" in text  # each rank's lines carry its number
         assert f"--ntasks={nodes * 8}" in options  # world size: one task per GPU
         assert "--ntasks-per-node=8" in options and "--gpus-per-node=8" in options
         assert "--signal=B:USR1@900" in options
@@ -72,9 +74,10 @@ def test_rendered_scripts(nodes, tmp_path):
         assert "trap 'stop_signal=USR1" in text and "trap 'stop_signal=TERM" in text
     assert "launch/train.py \\\n        +stage=sft" in sft
     assert f"model.path={plan.run_dir / 'cpt'}" in sft and f"output_dir={plan.run_dir / 'sft'}" in sft
-    # The merge is split across one task per node.
-    assert f"--ntasks={nodes}" in sbatch_options(slerp)
-    assert "srun --kill-on-bad-exit=1" in slerp and "launch/merge.py" in slerp
+    # The merge is one CPU task on one node, sized to the numpy merger, whatever training takes.
+    assert {"--nodes=1", "--ntasks=1", "--cpus-per-task=4", "--mem=4G", "--time=02:00:00"} <= set(sbatch_options(slerp))
+    assert not any(o.startswith("--gpus") for o in sbatch_options(slerp))
+    assert "srun --kill-on-bad-exit=1 " in slerp and "launch/merge.py" in slerp
     assert f"merge.model={plan.run_dir / 'orpo'}" in slerp
     assert "--signal" not in slerp
 
@@ -134,7 +137,8 @@ def test_cpu_partition_and_fewer_tasks(tmp_path):
     options = sbatch_options(scripts[0])
     assert {"--nodes=2", "--ntasks=6", "--ntasks-per-node=3"} <= set(options)
     assert not any(o.startswith("--gpus") for o in options)
-    assert "--ntasks=3" in sbatch_options(scripts[-1])
+    assert {"--nodes=1", "--ntasks=3"} <= set(sbatch_options(scripts[-1]))
+    assert "srun --kill-on-bad-exit=1 --label" in scripts[-1]
 
 
 def test_more_tasks_than_gpus_is_refused():
