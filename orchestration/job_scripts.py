@@ -224,3 +224,30 @@ def render_step(plan: Plan, step: Step, cluster: DictConfig, dependency: Optiona
     render = TEMPLATE_RENDERERS[STEP_KINDS[step.kind].sbatch_template]
     resources = kind_cluster(cluster, step.kind, step.resources)
     return script, render(JobText(plan, step, resources, title, script, log, dependency))
+
+
+def requested(text: str) -> Dict[str, str]:
+    """{option: value} of a rendered script's `#SBATCH --option=value` lines: what the job asks for."""
+    return dict(line[len("#SBATCH --"):].split("=", 1) for line in text.splitlines()
+                if line.startswith("#SBATCH --") and "=" in line)
+
+
+def slurm_hours(limit: str) -> Optional[float]:
+    """A SLURM time limit in hours (None: no limit); the forms cluster.time accepts."""
+    if limit.upper() in ("INFINITE", "UNLIMITED"):
+        return None
+    days, _, clock = limit.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    if days:  # D-HH[:MM[:SS]]
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    else:  # MM, MM:SS or HH:MM:SS
+        hours, minutes, seconds = [0, *parts, 0][:3] if len(parts) < 3 else parts
+    return int(days or 0) * 24 + hours + minutes / 60 + seconds / 3600
+
+
+def resource_row(step: Step, text: str) -> List[str]:
+    """step, kind, nodes, tasks, GPUs, cores per task, memory per node, time, partition."""
+    asked = requested(text)
+    gpus = int(asked.get("gpus-per-node", 0)) * int(asked["nodes"])
+    return [step.name, step.kind, asked["nodes"], asked["ntasks"], str(gpus), asked.get("cpus-per-task", "-"),
+            asked.get("mem", "-"), asked["time"], asked.get("partition", "-")]
