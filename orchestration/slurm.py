@@ -164,16 +164,17 @@ def submit_plan(plan: Plan, steps: List[Step], cluster: DictConfig, dry_run: boo
 
 
 def print_resources(rows: List[List[str]], out) -> None:
-    """What each job of a dry run would ask for, and the GPU time the chain books at most."""
+    """What each job of a dry run would ask for, and the GPU time the chain books at most (as
+    comments: the dry run's output stays a valid script)."""
     header = ["step", "kind", "nodes", "tasks", "GPUs", "cores/task", "mem/node", "time", "partition"]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     print("\n# resources of each job (mem 0: all of each node's memory; -: the partition's default)", file=out)
     for row in [header, *rows]:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip(), file=out)
+        print("# " + "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip(), file=out)
     gpu_rows = [r for r in rows if int(r[4])]
     limits = [slurm_hours(r[7]) for r in gpu_rows]
     booked = "unlimited" if None in limits else f"{sum(int(r[4]) * h for r, h in zip(gpu_rows, limits)):,.0f}"
-    print(f"{len(rows)} job(s), {sum(int(r[4]) for r in rows)} GPU(s), at most {booked} GPU-hours by their time limits",
+    print(f"# {len(rows)} job(s), {sum(int(r[4]) for r in rows)} GPU(s), at most {booked} GPU-hours by their time limits",
           file=out)
 
 

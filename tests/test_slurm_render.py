@@ -317,6 +317,6 @@ def test_self_requeue_stops_at_the_cap(restarts, requeued, tmp_path):
 def test_dry_run_prints_each_jobs_resources(tmp_path):
     proc = run_submit(["pipeline=tiny", f"root={tmp_path}", "--dry-run"], env=dict(os.environ, PATH=str(tmp_path)))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert re.search(r"^cpt +train +1 +8 +8 +8 +0 +24:00:00 ", proc.stdout, flags=re.M), proc.stdout[-3000:]
-    assert re.search(r"^slerp +merge +1 +1 +0 +4 +4G +02:00:00 ", proc.stdout, flags=re.M)
-    assert re.search(r"^study +study +1 +1 +0 +1 +4G +00:30:00 ", proc.stdout, flags=re.M)
+    assert re.search(r"^# cpt +train +1 +8 +8 +8 +0 +24:00:00 ", proc.stdout, flags=re.M), proc.stdout[-3000:]
+    assert re.search(r"^# slerp +merge +1 +1 +0 +4 +4G +02:00:00 ", proc.stdout, flags=re.M)
+    assert re.search(r"^# study +study +1 +1 +0 +1 +4G +00:30:00 ", proc.stdout, flags=re.M)
