@@ -1,7 +1,8 @@
 """Model cards for every finished output (training stage or merge): README.md for people and
 lineage.json for programs, written side by side into the model directory.
 
-lineage.json = {"format": 1, "step": {...this output...}, "parents": [<each input's lineage>]}.
+lineage.json = {"format": 1, "step": {...this output...}, "code": {"commit": <git HEAD>, "dirty": <bool>},
+"parents": [<each input's lineage>]} ("code": null outside a git checkout).
 A step copies its inputs' lineage.json when it starts from a domainforge output, so the whole
 chain (start model -> cpt -> sft -> merge ...) is read from the last directory alone, even
 after the intermediate ones are deleted. A step's record holds `kind` (model, stage or merge),
@@ -16,6 +17,7 @@ an evaluation. No torch here: callers pass their library versions (`installed_ve
 from __future__ import annotations
 
 import json
+import subprocess
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -25,6 +27,7 @@ import yaml
 from core.outputs import EVAL_DIR, write_atomic
 from core.secrets import redact
 
+REPO = Path(__file__).resolve().parents[1]
 LINEAGE_FILE = "lineage.json"
 CARD_FILE = "README.md"
 FORMAT = 1
@@ -39,6 +42,21 @@ def installed_versions(names: Iterable[str]) -> Dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return found
+
+
+def code_version(repo: Path = REPO) -> Optional[dict]:
+    """The checkout's git commit, and whether tracked files differ from it (the code a job runs is
+    the checkout's when the job starts); None when that cannot be told (no git, not a checkout)."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=60)
+
+    try:
+        head, changes = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0:
+        return None
+    return {"commit": head.stdout.strip(), "dirty": bool(changes.stdout.strip()) if changes.returncode == 0 else None}
 
 
 def read_lineage(model_dir: str | Path) -> Optional[dict]:
@@ -56,7 +74,7 @@ def lineage_record(step: Dict[str, Any], inputs: Iterable[str | Path]) -> dict:
     for path in inputs:
         parents.append(read_lineage(path) or {"format": FORMAT, "step": {"kind": "model", "name": str(path),
                                                                            "output": str(path)}, "parents": []})
-    return {"format": FORMAT, "step": step, "parents": parents}
+    return {"format": FORMAT, "step": step, "code": code_version(), "parents": parents}
 
 
 def lineage_steps(record: dict) -> List[dict]:

@@ -4,6 +4,7 @@ conf/cluster/): a pipeline's steps and evaluations, and the cluster its jobs run
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -12,7 +13,33 @@ from omegaconf import MISSING, DictConfig
 from core.cli import ConfigCommand
 from core.config import compose_config
 from core.errors import UserError
-from core.validate import at_least, between, checked, non_negative, writable_dir
+from core.validate import Check, at_least, between, checked, non_negative, writable_dir
+
+SLURM_TIME = re.compile(r"(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|INFINITE|UNLIMITED)", re.I)
+SLURM_MEMORY = re.compile(r"\d+[KMGT]?", re.I)
+slurm_time = Check(lambda v: bool(SLURM_TIME.fullmatch(str(v))),
+                   "must be a SLURM time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (e.g. 04:00:00)")
+slurm_memory = Check(lambda v: bool(SLURM_MEMORY.fullmatch(str(v))),
+                     "must be a SLURM memory size: <integer>[K|M|G|T], e.g. 64G (0: all of each node's memory)")
+slurm_name = Check(lambda v: bool(re.fullmatch(r"[^\s,]+(,[^\s,]+)*", str(v))),
+                   "must be SLURM names without spaces (several: comma-separated, e.g. gpu,gpu-long)")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass
+class JobResources:
+    """What one kind of job asks SLURM for (cluster.resources.<kind>); None: the cluster-wide
+    cluster.<key>."""
+
+    partition: Optional[str] = checked(None, slurm_name)
+    qos: Optional[str] = checked(None, slurm_name)
+    nodes: Optional[int] = checked(None, at_least(1))
+    """Train, augment and merge jobs; eval and study jobs run on one node."""
+    gpus_per_node: Optional[int] = checked(None, at_least(1))
+    """Train, augment and eval jobs (an eval job starts one task per GPU); merges and the study ask for none."""
+    cpus_per_task: Optional[int] = checked(None, at_least(1))
+    mem: Optional[str] = checked(None, slurm_memory)
+    time: Optional[str] = checked(None, slurm_time)
 
 
 @dataclass
@@ -55,6 +82,8 @@ class StepConfig:
     model directory. None: the previous step's output (`start` for the first step)."""
     overrides: List[str] = field(default_factory=list)
     """launch/train.py overrides for this step only, after the pipeline's."""
+    resources: JobResources = field(default_factory=JobResources)
+    """This step's SLURM job, over cluster.resources.<kind>, e.g. {nodes: 1, time: "02:00:00"} for a LoRA step."""
 
 
 @dataclass
@@ -92,6 +121,22 @@ class PipelineConfig:
 
 
 @dataclass
+class KindResources:
+    """Per step kind (STEP_KINDS in orchestration/steps.py): training and model rewrites take the
+    cluster-wide resources; the CPU-only merge and study, and the evaluations, are sized here."""
+
+    train: JobResources = field(default_factory=JobResources)
+    augment: JobResources = field(default_factory=JobResources)
+    merge: JobResources = field(default_factory=lambda: JobResources(nodes=1, cpus_per_task=4, mem="4G", time="02:00:00"))
+    """The numpy merger (docs/merge.md): up to 4 worker processes, 167 MiB peak RSS with 2 workers
+    on an 8B-scale pair (docs/BENCHMARKS.md), I/O-bound: an 8B pair is minutes on a shared filesystem."""
+    eval: JobResources = field(default_factory=lambda: JobResources(nodes=1, time="04:00:00"))
+    """lm-eval on one node; the paper's tasks on an 8B model take well under an hour there."""
+    study: JobResources = field(default_factory=lambda: JobResources(nodes=1, cpus_per_task=1, mem="4G", time="00:30:00"))
+    """Tables and plots from the evaluation results: seconds."""
+
+
+@dataclass
 class ClusterConfig:
     name: str = MISSING
     """local (this machine, the deepspeed launcher) or slurm (launch/submit.py)."""
@@ -107,26 +152,39 @@ class ClusterConfig:
     CPU optimizer of ZeRO-Offload. SLURM's own default is 1, which starves them; 8 per GPU fits
     common 8-GPU nodes of 64+ cores. None: the partition default. On small or CPU-only
     partitions lower it so that nodes x tasks fits (cluster.cpus_per_task=1)."""
-    mem: Optional[str] = "0"
+    mem: Optional[str] = checked("0", slurm_memory)
     """Memory per node, e.g. 500G; "0": all of each node's memory (SLURM's convention), what
     a training job on whole GPU nodes wants; None: the partition default (often a few GB per
     CPU). On nodes shared with other jobs, set a size."""
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    qos: Optional[str] = None
-    time: str = "24:00:00"
-    """Time limit of each job; a job that hits it checkpoints and requeues itself."""
+    partition: Optional[str] = checked(None, slurm_name)
+    account: Optional[str] = checked(None, slurm_name)
+    qos: Optional[str] = checked(None, slurm_name)
+    time: str = checked("24:00:00", slurm_time)
+    """Time limit of a training job; a job that hits it checkpoints and requeues itself."""
+    resources: KindResources = field(default_factory=KindResources)
+    """Per kind of job (train, augment, merge, eval, study): partition, qos, nodes, gpus_per_node,
+    cpus_per_task, mem and time, each defaulting to the cluster-wide key above, e.g.
+    cluster.resources.merge.partition=cpu cluster.resources.eval.qos=short."""
     signal_seconds: int = checked(600, non_negative)
     """SIGUSR1 this long before the time limit: time to finish a step and write a checkpoint."""
     requeue: bool = True
+    max_requeues: int = checked(3, non_negative)
+    """A training job requeues itself after a checkpoint at most this many times (SLURM_RESTART_COUNT,
+    which counts preemptions too); past it the job fails, so its dependents are cancelled."""
     merge_tasks: Optional[int] = checked(None, at_least(1))
-    """Tasks of a merge job (the merge is split across them); None: one per node."""
+    """Tasks of a merge job (the merge is split across them, one worker each); None: one per node
+    of the merge job (cluster.resources.merge.nodes)."""
     master_port: Optional[int] = checked(None, between(1024, 65535))
     """torch.distributed port; None: derived from the job id so jobs sharing a node differ."""
     python: Optional[str] = None
-    """Interpreter on the compute nodes; None: the one running submit.py."""
+    """Interpreter of the jobs; None: `python` as found on PATH after cluster.setup (the one the
+    setup activates) when there is a setup, else the one running submit.py."""
     setup: List[str] = field(default_factory=list)
-    """Shell lines each job runs first (module load ..., source venv/bin/activate)."""
+    """Shell lines each job runs first, before strict mode (conda and module scripts read unset
+    variables): module load ..., source venv/bin/activate. A failing line ends the job."""
+    env: Dict[str, str] = field(default_factory=dict)
+    """Environment variables of every job, after the setup; the job's shell expands them, e.g.
+    {HF_HOME: /scratch/$USER/hf, HF_HUB_OFFLINE: "1", NCCL_SOCKET_IFNAME: ib0}."""
     sbatch_args: List[str] = field(default_factory=list)
     """Extra `#SBATCH` options, e.g. [--constraint=a100, --exclusive]."""
 
@@ -168,6 +226,25 @@ SUBMIT_COMMAND = dataclasses.replace(
 
 def check_cluster(cluster: DictConfig) -> None:
     """What the field checks cannot say: how the fields relate."""
+    for name in cluster.env:
+        if not ENV_NAME.fullmatch(name):
+            raise UserError(f"cluster.env.{name}: not an environment variable name (letters, digits, _; not first a digit)")
+    for kind in ("train", "augment"):  # the kinds whose jobs run cluster.tasks ranks
+        check_ranks(kind_cluster(cluster, kind))
+
+
+def kind_cluster(cluster: DictConfig, kind: str, step_resources: Optional[DictConfig] = None) -> DictConfig:
+    """`cluster` as a job of `kind` sees it: cluster.resources.<kind>, then the step's own
+    resources, in place of the cluster-wide keys they set."""
+    out = cluster.copy()
+    for resources in (cluster.resources[kind], step_resources or {}):
+        for key, value in resources.items():
+            if value is not None:
+                out[key] = value
+    return out
+
+
+def check_ranks(cluster: DictConfig) -> None:
     nodes, gpus, tasks = cluster.nodes, cluster.gpus_per_node, cluster.tasks
     if tasks is not None and tasks > nodes * gpus:
         raise UserError(

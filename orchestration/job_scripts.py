@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from core.config import REPO_ROOT
 from core.errors import PREEMPTED_EXIT_CODE
 from core.secrets import redact
-from orchestration.config import training_world_size
+from orchestration.config import check_ranks, kind_cluster, training_world_size
 from orchestration.steps import STEP_KINDS, Plan, Step, step_env
 from train.augment.methods import augment_method
 
@@ -63,21 +63,43 @@ def srun_cpus_line(cluster: DictConfig) -> str:
 
 
 def python_of(cluster: DictConfig) -> str:
-    return cluster.python or sys.executable
+    """cluster.python; else `python` from the PATH the setup made (the environment it activates),
+    or without a setup the interpreter running submit.py."""
+    return cluster.python or ("python" if cluster.setup else sys.executable)
 
 
 def python_known_here(cluster: DictConfig) -> bool:
     """Whether this node can ask the jobs' interpreter what it has installed: not when it is a bare
     name that only the jobs' setup lines (module load, venv activation) put on PATH."""
-    return not (cluster.python and cluster.setup and not Path(cluster.python).is_absolute())
+    return not (cluster.setup and not Path(python_of(cluster)).is_absolute())
 
 
 def setup_lines(cluster: DictConfig) -> str:
-    return "\n".join(cluster.setup)
+    """cluster.setup before strict mode (conda's and many module scripts read unset variables and
+    test commands that fail); each line is checked, so a failed `module load` ends the job here."""
+    if not cluster.setup:
+        return ""
+    lines = ["# cluster.setup, before strict mode: site scripts often read unset variables"]
+    for line in cluster.setup:
+        failed = shlex.quote(f"domainforge: cluster.setup line failed: {line}")
+        lines.append(f"{{ {line}\n}} || {{ echo {failed} >&2; exit 1; }}")  # the newline ends a trailing comment
+    return "\n".join(lines)
 
 
 def env_lines(plan: Plan, step: Step) -> str:
     return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in step_env(plan, step).items())
+
+
+def cluster_env_lines(cluster: DictConfig) -> str:
+    """cluster.env: double-quoted, so the job's shell expands $USER, $TMPDIR, $SLURM_JOB_ID."""
+    escape = str.maketrans({"\\": "\\\\", '"': '\\"', "`": "\\`"})
+    return "\n".join(f'export {k}="{str(v).translate(escape)}"' for k, v in cluster.env.items())
+
+
+def python_check_line(cluster: DictConfig) -> str:
+    python = shlex.quote(python_of(cluster))
+    return (f"command -v {python} >/dev/null || {{ echo \"domainforge: no interpreter {python} on $(hostname)"
+            f" after cluster.setup: activate an environment there or set cluster.python\" >&2; exit 1; }}")
 
 
 @dataclass
@@ -92,23 +114,27 @@ class JobText:
     log: Path
     dependency: Optional[str]
 
-    def render(self, sbatch_lines: List[str], **values) -> str:
+    def render(self, sbatch_lines: List[str], tasks: int = 1, **values) -> str:
         """The step kind's template filled with the common values (the step's own command among them)
-        and `values`."""
+        and `values`; a job of several tasks labels each output line with its task number."""
         kind = STEP_KINDS[self.step.kind]
         entry = f"launch/{kind.entry_point}"
         command = [python_of(self.cluster), entry, *self.step.args]
+        env = [env_lines(self.plan, self.step), cluster_env_lines(self.cluster), srun_cpus_line(self.cluster),
+               python_check_line(self.cluster)]
         return render_template(kind.sbatch_template, dict(
             title=self.title,
             script=self.script,
-            job_name=f"df-{self.step.name}",
+            job_name=f"df-{self.plan.pipeline}-{self.step.name}",
             log=self.log,
             time=self.cluster.time,
             sbatch_lines="\n".join(f"#SBATCH {line}" for line in sbatch_lines),
             repo=shlex.quote(str(REPO_ROOT)),
             setup=setup_lines(self.cluster),
-            env="\n".join(filter(None, [env_lines(self.plan, self.step), srun_cpus_line(self.cluster)])),
+            env="\n".join(filter(None, env)),
             command=" \\\n        ".join(shlex.quote(a) for a in command),
+            srun_label=" --label" if tasks > 1 else "",
+            tasks=tasks,
             **values,
         ))
 
@@ -121,6 +147,7 @@ def master_port_of(cluster: DictConfig) -> str:
 
 def render_train_job(job: JobText) -> str:
     cluster = job.cluster
+    check_ranks(cluster)  # a step's own nodes or GPUs against cluster.tasks
     world = training_world_size(cluster)
     per_node = math.ceil(world / cluster.nodes)
     lines = common_sbatch_lines(cluster, job.dependency)
@@ -130,6 +157,7 @@ def render_train_job(job: JobText) -> str:
     lines.append(f"--signal=B:USR1@{cluster.signal_seconds}")
     return job.render(
         lines,
+        tasks=world,
         world_size=world,
         layout=f"{cluster.nodes} node(s) x {per_node} rank(s) per node",
         nodes=cluster.nodes,
@@ -137,6 +165,7 @@ def render_train_job(job: JobText) -> str:
         master_port=master_port_of(cluster),
         output_dir=shlex.quote(str(job.step.output_dir)),
         preempted_code=PREEMPTED_EXIT_CODE,
+        max_requeues=cluster.max_requeues,
     )
 
 
@@ -193,4 +222,32 @@ def render_step(plan: Plan, step: Step, cluster: DictConfig, dependency: Optiona
     log = jobs / f"{step.index:02d}-{step.name}-%j.log"
     title = f"pipeline {plan.pipeline}, step {step.name} ({step.stage or step.kind}) -> {step.output_dir}"
     render = TEMPLATE_RENDERERS[STEP_KINDS[step.kind].sbatch_template]
-    return script, render(JobText(plan, step, cluster, title, script, log, dependency))
+    resources = kind_cluster(cluster, step.kind, step.resources)
+    return script, render(JobText(plan, step, resources, title, script, log, dependency))
+
+
+def requested(text: str) -> Dict[str, str]:
+    """{option: value} of a rendered script's `#SBATCH --option=value` lines: what the job asks for."""
+    return dict(line[len("#SBATCH --"):].split("=", 1) for line in text.splitlines()
+                if line.startswith("#SBATCH --") and "=" in line)
+
+
+def slurm_hours(limit: str) -> Optional[float]:
+    """A SLURM time limit in hours (None: no limit); the forms cluster.time accepts."""
+    if limit.upper() in ("INFINITE", "UNLIMITED"):
+        return None
+    days, _, clock = limit.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    if days:  # D-HH[:MM[:SS]]
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    else:  # MM, MM:SS or HH:MM:SS
+        hours, minutes, seconds = [0, *parts, 0][:3] if len(parts) < 3 else parts
+    return int(days or 0) * 24 + hours + minutes / 60 + seconds / 3600
+
+
+def resource_row(step: Step, text: str) -> List[str]:
+    """step, kind, nodes, tasks, GPUs, cores per task, memory per node, time, partition."""
+    asked = requested(text)
+    gpus = int(asked.get("gpus-per-node", 0)) * int(asked["nodes"])
+    return [step.name, step.kind, asked["nodes"], asked["ntasks"], str(gpus), asked.get("cpus-per-task", "-"),
+            asked.get("mem", "-"), asked["time"], asked.get("partition", "-")]

@@ -86,6 +86,7 @@ class PipelinePlanner:
                 step = self.plan_augment_step(spec)
             else:
                 step = self.plan_train_step(spec)
+            step.resources = spec.resources
             self.steps.append(step)
             if self.evaluating and step.kind != "augment":
                 self.plan_evals(step)

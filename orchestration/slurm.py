@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from core.errors import UserError
 from orchestration.checks import check_outside_models, check_resumes, check_step_environment, validate_step_configs
-from orchestration.job_scripts import python_known_here, python_of, render_step
+from orchestration.job_scripts import python_known_here, python_of, render_step, resource_row, slurm_hours
 from orchestration.planner import plan_pipeline
 from orchestration.steps import JOBS_DIR, STEP_KINDS, Plan, Step, read_plan_file, write_plan_file
 from train.config import compose_train_config
@@ -117,7 +117,7 @@ def submit_plan(plan: Plan, steps: List[Step], cluster: DictConfig, dry_run: boo
     # Each job waits (afterok) for the jobs of the steps it reads, queued now or before: the
     # branches of a grid run side by side, and a failed step cancels only what depends on it.
     job_of = {name: r.job_id for name, r in active.items()}
-    records = []
+    records, rows = [], []
     if not dry_run:
         plan.jobs_dir.mkdir(parents=True, exist_ok=True)
         write_plan_file(plan)
@@ -138,6 +138,7 @@ def submit_plan(plan: Plan, steps: List[Step], cluster: DictConfig, dry_run: boo
         if dry_run:
             print(f"# ---- {script} (not submitted)", file=out)
             print(text, file=out)
+            rows.append(resource_row(step, text))
             records.append(JobRecord(step.name, "", str(script), "", str(step.output_dir), 0.0))
             job_of[step.name] = f"<job of {step.name}>"
             continue
@@ -157,7 +158,24 @@ def submit_plan(plan: Plan, steps: List[Step], cluster: DictConfig, dry_run: boo
         job_of[step.name] = job_id
     if not dry_run:
         print(f"scripts and logs: {plan.jobs_dir}; follow with python launch/submit.py status", file=out)
+    else:
+        print_resources(rows, out)
     return records
+
+
+def print_resources(rows: List[List[str]], out) -> None:
+    """What each job of a dry run would ask for, and the GPU time the chain books at most (as
+    comments: the dry run's output stays a valid script)."""
+    header = ["step", "kind", "nodes", "tasks", "GPUs", "cores/task", "mem/node", "time", "partition"]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    print("\n# resources of each job (mem 0: all of each node's memory; -: the partition's default)", file=out)
+    for row in [header, *rows]:
+        print("# " + "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip(), file=out)
+    gpu_rows = [r for r in rows if int(r[4])]
+    limits = [slurm_hours(r[7]) for r in gpu_rows]
+    booked = "unlimited" if None in limits else f"{sum(int(r[4]) * h for r, h in zip(gpu_rows, limits)):,.0f}"
+    print(f"# {len(rows)} job(s), {sum(int(r[4]) for r in rows)} GPU(s), at most {booked} GPU-hours by their time limits",
+          file=out)
 
 
 def stage_plan(train_args: List[str]) -> Plan:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from core.errors import UserError
+from core.model_card import code_version
 from core.outputs import is_augmented_dataset, is_model_dir, write_atomic
 from evaluation.config import compose_eval_config
 from evaluation.run import check_task_names
@@ -121,6 +122,8 @@ class Step:
     """A merge's merge_method (slerp, linear, ties, ...): the study names each merge by it."""
     epochs: Optional[int] = None
     """Epochs of a CPT step whose epoch models are kept and evaluated (pipeline.eval.cpt_epochs)."""
+    resources: Optional[Any] = None
+    """The step's own SLURM resources (StepConfig.resources), over cluster.resources.<kind>."""
 
     @functools.cached_property
     def config(self) -> Any:
@@ -174,11 +177,12 @@ def step_env(plan: Plan, step: Step) -> Dict[str, str]:
 
 
 def write_plan_file(plan: Plan) -> Path:
-    """<run dir>/pipeline.json: the steps, what each evaluates and reads; the study's map of the run."""
+    """<run dir>/pipeline.json: the steps, what each evaluates and reads; the study's map of the run;
+    the code it was run or submitted with (each output's lineage.json has the code that made it)."""
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     path = plan.run_dir / PLAN_FILE
-    write_atomic(path, json.dumps({"pipeline": plan.pipeline, "steps": [s.describe() for s in plan.steps]},
-                                  indent=2) + "\n")
+    described = {"pipeline": plan.pipeline, "code": code_version(), "steps": [s.describe() for s in plan.steps]}
+    write_atomic(path, json.dumps(described, indent=2) + "\n")
     return path
 
 

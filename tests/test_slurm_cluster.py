@@ -54,7 +54,8 @@ def test_tiny_study_runs_as_a_dependency_graph_of_jobs(slurm_cluster, tmp_path):
     for the jobs of the steps it reads, training jobs run 2 ranks, and the study comes last."""
     t0 = time.time()
     submit(slurm_cluster, "pipeline=tiny", "cluster=slurm", f"root={tmp_path}", "cluster.gpus_per_node=2",
-           "cluster.request_gpus=false", "cluster.cpus_per_task=1", "cluster.merge_tasks=2", "cluster.time=00:20:00", "pipeline.wandb=offline")
+           "cluster.request_gpus=false", "cluster.cpus_per_task=1", "cluster.merge_tasks=2",
+           "cluster.resources.merge.cpus_per_task=1", "cluster.time=00:20:00", "pipeline.wandb=offline")
     run = tmp_path / "tiny"
     jobs = read_jobs(run / "jobs")
     plan = {s["name"]: s for s in json.loads((run / "pipeline.json").read_text())["steps"]}

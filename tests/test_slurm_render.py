@@ -45,12 +45,8 @@ def test_rendered_scripts(nodes, tmp_path):
     cpt, sft, orpo, slerp = scripts
     for i, text in enumerate(scripts):
         options = sbatch_options(text)
-        assert f"--nodes={nodes}" in options
-        assert {"--partition=gpu", "--account=proj", "--time=12:00:00", "--requeue"} <= set(options)
-        # By default every task gets cores and every node its memory (SLURM's default is one
-        # core and a few GB per core); srun takes the cores only through SRUN_CPUS_PER_TASK.
-        assert {"--cpus-per-task=8", "--mem=0"} <= set(options)
-        assert "export SRUN_CPUS_PER_TASK=8" in text
+        assert {"--partition=gpu", "--account=proj", "--requeue"} <= set(options)
+        assert f"--job-name=df-{LLAMA}-{plan.steps[i].name}" in options  # squeue tells pipelines apart
         # Each job waits for the one before it; the first for nothing.
         deps = [o for o in options if o.startswith("--dependency")]
         assert deps == ([] if i == 0 else [f"--dependency=afterok:{1000 + i - 1}"])
@@ -60,6 +56,12 @@ def test_rendered_scripts(nodes, tmp_path):
 
     for text in (cpt, sft, orpo):
         options = sbatch_options(text)
+        assert {f"--nodes={nodes}", "--time=12:00:00"} <= set(options)
+        # By default every task gets cores and every node its memory (SLURM's default is one
+        # core and a few GB per core); srun takes the cores only through SRUN_CPUS_PER_TASK.
+        assert {"--cpus-per-task=8", "--mem=0"} <= set(options)
+        assert "export SRUN_CPUS_PER_TASK=8" in text
+        assert "srun --kill-on-bad-exit=1 --label" in text  # each rank's lines carry its number
         assert f"--ntasks={nodes * 8}" in options  # world size: one task per GPU
         assert "--ntasks-per-node=8" in options and "--gpus-per-node=8" in options
         assert "--signal=B:USR1@900" in options
@@ -72,9 +74,10 @@ def test_rendered_scripts(nodes, tmp_path):
         assert "trap 'stop_signal=USR1" in text and "trap 'stop_signal=TERM" in text
     assert "launch/train.py \\\n        +stage=sft" in sft
     assert f"model.path={plan.run_dir / 'cpt'}" in sft and f"output_dir={plan.run_dir / 'sft'}" in sft
-    # The merge is split across one task per node.
-    assert f"--ntasks={nodes}" in sbatch_options(slerp)
-    assert "srun --kill-on-bad-exit=1" in slerp and "launch/merge.py" in slerp
+    # The merge is one CPU task on one node, sized to the numpy merger, whatever training takes.
+    assert {"--nodes=1", "--ntasks=1", "--cpus-per-task=4", "--mem=4G", "--time=02:00:00"} <= set(sbatch_options(slerp))
+    assert not any(o.startswith("--gpus") for o in sbatch_options(slerp))
+    assert "srun --kill-on-bad-exit=1 " in slerp and "launch/merge.py" in slerp
     assert f"merge.model={plan.run_dir / 'orpo'}" in slerp
     assert "--signal" not in slerp
 
@@ -134,7 +137,8 @@ def test_cpu_partition_and_fewer_tasks(tmp_path):
     options = sbatch_options(scripts[0])
     assert {"--nodes=2", "--ntasks=6", "--ntasks-per-node=3"} <= set(options)
     assert not any(o.startswith("--gpus") for o in options)
-    assert "--ntasks=3" in sbatch_options(scripts[-1])
+    assert {"--nodes=1", "--ntasks=3"} <= set(sbatch_options(scripts[-1]))
+    assert "srun --kill-on-bad-exit=1 --label" in scripts[-1]
 
 
 def test_more_tasks_than_gpus_is_refused():
@@ -212,3 +216,107 @@ def test_grid_dry_run_renders_each_merge_method_of_the_same_parents(tmp_path, fa
         assert f"--dependency=afterok:<job of {name}>\n" in scripts[f"eval-{name}"]
         assert f"<job of eval-{name}>" in scripts["study"]
     assert not run.exists()
+
+
+def test_each_kind_of_job_asks_for_what_it_uses(tmp_path):
+    """Training takes the cluster-wide resources; a merge no GPU node's whole memory; evaluations
+    and the study short limits."""
+    cfg = compose_pipeline_job([f"pipeline={LLAMA}", "cluster=slurm", f"root={tmp_path}", "cluster.nodes=2",
+                                "cluster.gpus_per_node=8", "pipeline.eval.tasks=[general_knowledge]"])
+    plan = plan_pipeline(cfg)
+    options = {s.name: set(sbatch_options(render_step(plan, s, cfg.cluster, None)[1])) for s in plan.steps}
+    assert {"--nodes=2", "--mem=0", "--gpus-per-node=8", "--time=24:00:00"} <= options["cpt"]
+    merge = options["slerp"]
+    assert {"--nodes=1", "--ntasks=1", "--cpus-per-task=4", "--mem=4G", "--time=02:00:00"} <= merge
+    assert not any(o.startswith(("--gpus", "--mem=0")) for o in merge)
+    assert {"--nodes=1", "--time=04:00:00", "--gpus-per-node=8"} <= options["eval-slerp"]
+    assert {"--nodes=1", "--ntasks=1", "--cpus-per-task=1", "--mem=4G", "--time=00:30:00"} <= options["study"]
+
+
+def test_resources_are_overridden_per_kind_and_per_step(tmp_path):
+    _, scripts = render_chain(tmp_path, "cluster.resources.merge.partition=cpu", "cluster.resources.merge.mem=16G",
+                              "cluster.resources.train.time=2-00:00:00", "cluster.partition=gpu", "cluster.nodes=2",
+                              "cluster.gpus_per_node=8", "pipeline.steps.2.resources.nodes=1")
+    cpt, _, orpo, slerp = (set(sbatch_options(t)) for t in scripts)
+    assert {"--partition=cpu", "--mem=16G", "--time=02:00:00"} <= slerp
+    assert {"--partition=gpu", "--nodes=2", "--ntasks=16", "--time=2-00:00:00"} <= cpt
+    assert {"--nodes=1", "--ntasks=8"} <= orpo  # the step's own: one node
+
+
+@pytest.mark.parametrize("override, key, accepted", [
+    ("cluster.time=banana", "cluster.time=banana", "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"),
+    ("cluster.mem=lots", "cluster.mem=lots", "<integer>[K|M|G|T]"),
+    ("cluster.resources.eval.time=1h", "cluster.resources.eval.time=1h", "HH:MM:SS"),
+    ("cluster.partition=gpu a100", "cluster.partition=gpu a100", "without spaces"),
+])
+def test_bad_slurm_values_are_one_line(override, key, accepted, tmp_path):
+    proc = run_submit(["pipeline=tiny", f"root={tmp_path}", override, "--dry-run"],
+                      env=dict(os.environ, PATH=str(tmp_path)))
+    assert_one_line_error(proc, key, accepted)
+
+
+@pytest.mark.parametrize("value", ["90", "30:00", "12:00:00", "2-00", "1-12:30", "7-00:00:00", "UNLIMITED"])
+def test_slurm_time_formats_are_accepted(value, tmp_path):
+    _, scripts = render_chain(tmp_path, f"cluster.time={value}")
+    assert f"--time={value}" in sbatch_options(scripts[0])
+
+
+def test_setup_runs_before_strict_mode_and_its_python_runs_the_job(tmp_path):
+    _, scripts = render_chain(tmp_path, "cluster.setup=['module load cuda # site', 'conda activate df']",
+                              "+cluster.env.HF_HOME=/scratch/$USER/hf", "+cluster.env.HF_HUB_OFFLINE=1")
+    for text in scripts:
+        strict = re.search(r"^set -e?uo pipefail$", text, flags=re.M).start()
+        assert text.index("conda activate df") < strict and text.index("module load cuda") < strict
+        assert re.search(r" python \\\n +launch/", text)  # the setup's python, from PATH
+        assert 'export HF_HOME="/scratch/$USER/hf"' in text and 'export HF_HUB_OFFLINE="1"' in text
+        assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+
+
+def run_setup_block(text, tmp_path):
+    """The rendered setup lines, run in bash up to strict mode."""
+    setup = text[text.index("# cluster.setup"):re.search(r"^set -e?uo pipefail$", text, flags=re.M).start()]
+    return subprocess.run(["bash", "-c", setup + "echo setup-done"], capture_output=True, text=True, cwd=tmp_path)
+
+
+def test_a_failing_setup_line_ends_the_job_and_unset_variables_do_not(tmp_path):
+    _, scripts = render_chain(tmp_path, "cluster.setup=['echo $NOT_SET_ANYWHERE ok # reads an unset variable']")
+    assert run_setup_block(scripts[0], tmp_path).stdout.split() == ["ok", "setup-done"]
+    _, scripts = render_chain(tmp_path, "cluster.setup=['ls /nonexistent-dir', 'echo never']")
+    proc = run_setup_block(scripts[0], tmp_path)
+    assert proc.returncode == 1 and "never" not in proc.stdout
+    assert "domainforge: cluster.setup line failed: ls /nonexistent-dir" in proc.stderr
+
+
+def requeue_function(text):
+    return re.search(r"^requeue_self\(\) \{\n.*?^\}\n", text, flags=re.M | re.S).group(0)
+
+
+@pytest.mark.parametrize("restarts, requeued", [(None, True), ("1", True), ("2", False), ("5", False)])
+def test_self_requeue_stops_at_the_cap(restarts, requeued, tmp_path):
+    """The rendered requeue function, run in bash with a stand-in scontrol: past
+    cluster.max_requeues the job exits non-zero (afterok dependents are cancelled) and does not requeue."""
+    _, scripts = render_chain(tmp_path, "cluster.max_requeues=2")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'calls'}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="42")
+    env.pop("SLURM_RESTART_COUNT", None)
+    if restarts is not None:
+        env["SLURM_RESTART_COUNT"] = restarts
+    proc = subprocess.run(["bash", "-c", requeue_function(scripts[0]) + "requeue_self"], env=env,
+                          capture_output=True, text=True)
+    calls = (tmp_path / "calls").read_text() if (tmp_path / "calls").exists() else ""
+    if requeued:
+        assert proc.returncode == 0 and calls == "requeue 42\n"
+    else:
+        assert proc.returncode == PREEMPTED_EXIT_CODE and calls == ""
+        assert "the cap is cluster.max_requeues=2: not requeueing" in proc.stderr
+
+
+def test_dry_run_prints_each_jobs_resources(tmp_path):
+    proc = run_submit(["pipeline=tiny", f"root={tmp_path}", "--dry-run"], env=dict(os.environ, PATH=str(tmp_path)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"^# cpt +train +1 +8 +8 +8 +0 +24:00:00 ", proc.stdout, flags=re.M), proc.stdout[-3000:]
+    assert re.search(r"^# slerp +merge +1 +1 +0 +4 +4G +02:00:00 ", proc.stdout, flags=re.M)
+    assert re.search(r"^# study +study +1 +1 +0 +1 +4G +00:30:00 ", proc.stdout, flags=re.M)
