@@ -170,18 +170,22 @@ def estimate_for_config(cfg, gpus_per_node: int, nodes: int) -> MemoryEstimate:
 
 
 def remedies(inputs: MemoryInputs) -> List[tuple]:
-    """(override, the inputs it gives), in the order worth trying: cheapest in speed first."""
+    """(override, the inputs it gives with every earlier remedy applied), cheapest in speed first."""
     options = []
     if not inputs.checkpointing:
-        options.append(("training.gradient_checkpointing=true", dataclasses.replace(inputs, checkpointing=True)))
-    if inputs.sequences > (2 if inputs.reference_model else 1) and inputs.sequences % 2 == 0:
-        options.append(("a halved training.per_device_train_batch_size (double gradient_accumulation_steps to keep "
-                        "the global batch)", dataclasses.replace(inputs, sequences=inputs.sequences // 2)))
+        inputs = dataclasses.replace(inputs, checkpointing=True)
+        options.append(("training.gradient_checkpointing=true", inputs))
+    smallest = 2 if inputs.reference_model or inputs.sequences % 2 else 1
+    while inputs.sequences > smallest and inputs.sequences % 2 == 0:
+        inputs = dataclasses.replace(inputs, sequences=inputs.sequences // 2)
+        options.append((f"{inputs.sequences} sequence(s) per micro-batch (lower training.per_device_train_batch_size, "
+                        "raise gradient_accumulation_steps to keep the global batch)", inputs))
     if inputs.zero_stage < 3:
-        options.append(("deepspeed=zero3", dataclasses.replace(inputs, zero_stage=3)))
+        inputs = dataclasses.replace(inputs, zero_stage=3)
+        options.append(("deepspeed=zero3", inputs))
     if not (inputs.offload_optimizer and inputs.offload_param):
-        options.append(("deepspeed=zero3_offload", dataclasses.replace(
-            inputs, zero_stage=3, offload_optimizer=True, offload_param=True)))
+        inputs = dataclasses.replace(inputs, zero_stage=3, offload_optimizer=True, offload_param=True)
+        options.append(("deepspeed=zero3_offload", inputs))
     return options
 
 
@@ -211,9 +215,16 @@ def format_estimate(result: MemoryEstimate, gpu_memory_gib: Optional[float]) -> 
 
 
 def fit_verdict(result: MemoryEstimate, gpu_memory_gib: float) -> str:
+    """Whether it fits; if not, the remedies in order, each on top of the ones before, up to the first that fits."""
     budget = gpu_memory_gib * GIB
     if result.per_gpu <= budget:
         return f"fits: {gib(result.per_gpu)} of {gpu_memory_gib:g} GiB ({gib(budget - result.per_gpu)} to spare)"
-    tries = [f"{override} -> {gib(estimate(changed).per_gpu)}" for override, changed in remedies(result.inputs)]
-    advice = "; ".join(tries) if tries else "use more GPUs (--gpus/--nodes) or a shorter training.max_seq_length"
-    return f"does NOT fit: {gib(result.per_gpu)} > {gpu_memory_gib:g} GiB; try: {advice}"
+    steps = []
+    for override, changed in remedies(result.inputs):
+        total = estimate(changed).per_gpu
+        steps.append(f"{override} -> {gib(total)}")
+        if total <= budget:
+            break
+    else:
+        steps.append("then more GPUs (--gpus/--nodes) or a shorter sequence length")
+    return f"does NOT fit: {gib(result.per_gpu)} > {gpu_memory_gib:g} GiB; try, in order (each on top of the last): " + "; ".join(steps)
