@@ -42,14 +42,19 @@ def test_sft_preview_masks_user_and_system_turns_and_counts_the_prepared_labels(
     assert "loss_tokens: " in output
 
 
-def test_cpt_preview_reports_prepare_cpts_block_count():
+def test_cpt_preview_reports_prepare_cpts_block_count_and_tokens_per_source():
     from train.data.cpt import prepare_cpt
     from train.preview import preview_text
 
-    cfg = compose_train_config(["+stage=cpt", "training.max_seq_length=64", "data.cpt.max_samples=40"])
-    blocks = prepare_cpt(cfg, load_tokenizer(cfg.model)).train_dataset
+    cfg = compose_train_config(["+stage=cpt", "data=materials_replay", "training.max_seq_length=64",
+                                "data.cpt.max_samples=60"])
+    data = prepare_cpt(cfg, load_tokenizer(cfg.model))
     output = preview_text(cfg, 1)
-    assert f"\n  num_blocks: {len(blocks)}\n" in output
+    assert f"\n  num_blocks: {len(data.train_dataset)}\n" in output
+    per_source = {name: int(n) for name, n in re.findall(r"mix/(\w+)/tokens: \S+ \((\d+) tokens\)", output)}
+    assert set(per_source) == {"materials", "general"}
+    assert abs(sum(per_source.values()) - data.stats["dataset_tokens"]) <= 1
+    assert per_source["general"] == round(data.stats["mix/general/tokens"] * data.stats["dataset_tokens"])
     assert "packing_efficiency: " in output
     assert sample_block(output, 0).startswith("tokens: 64, trained: 64\n")
 

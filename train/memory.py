@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from core.errors import UserError
+from core.outputs import MODEL_CACHE_DIR
 
 GIB = 1024 ** 3
 SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
@@ -77,6 +78,8 @@ def model_shape(model_cfg) -> ModelShape:
             raise UserError(f"model '{model_cfg.name}' has neither model.path nor model.arch: set model.path=<dir>")
         return shape_of(dict(model_cfg.arch), f"model.arch of '{model_cfg.name}'")
     config = Path(model_cfg.path).expanduser() / "config.json"
+    if model_cfg.gguf_file and not config.is_file():  # a GGUF preset: its dequantized copy, once made
+        config = MODEL_CACHE_DIR / Path(model_cfg.gguf_file).stem / "config.json"
     if not config.is_file():
         raise UserError(
             f"model.path={model_cfg.path} has no config.json here: the estimate reads the model's config.json; "

@@ -20,7 +20,7 @@ MASKED_OPEN, MASKED_CLOSE = "[-100: ", "]"
 """How a span without loss (labels -100: prompts, system and user turns, padding) is shown."""
 
 PREVIEW_FLAGS = (
-    ("--samples N", "how many prepared training rows to show (default 3)"),
+    ("--samples N", "how many prepared training rows to show (default 3; 0: the stats alone)"),
     ("--memory", "print the per-GPU memory estimate instead of samples (needs only config.json)"),
     ("--gpus N", "GPUs per node for the memory estimate (default 1)"),
     ("--nodes N", "nodes for the memory estimate (default 1)"),
@@ -50,7 +50,7 @@ def _number(flag: str, value: str):
         number = float(value) if flag == "--gpu-memory" else int(value)
     except ValueError:
         number = 0
-    if number <= 0:
+    if number < 0 or (number == 0 and flag != "--samples"):  # --samples 0: the stats alone
         raise UserError(f"{flag} needs a positive number (got '{value}'): e.g. {flag} {8 if flag != '--gpu-memory' else 80}")
     return number
 
@@ -109,8 +109,13 @@ def describe_row(row: dict, tokenizer) -> str:
 
 
 def format_stats(stats: Dict[str, float]) -> str:
-    lines = [f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}"
-             for key, value in stats.items()]
+    """One line per stat; a mix's token share also as tokens (of `dataset_tokens`, when counted)."""
+    lines = []
+    for key, value in stats.items():
+        line = f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}"
+        if key.startswith("mix/") and key.endswith("/tokens") and "dataset_tokens" in stats:
+            line += f" ({round(value * stats['dataset_tokens'])} tokens)"
+        lines.append(line)
     return "dataset stats (what training logs at its start):\n" + "\n".join(lines)
 
 
