@@ -230,4 +230,5 @@ def fit_verdict(result: MemoryEstimate, gpu_memory_gib: float) -> str:
             break
     else:
         steps.append("then more GPUs (--gpus/--nodes) or a shorter sequence length")
-    return f"does NOT fit: {gib(result.per_gpu)} > {gpu_memory_gib:g} GiB; try, in order (each on top of the last): " + "; ".join(steps)
+    return (f"does NOT fit: {gib(result.per_gpu)} > {gpu_memory_gib:g} GiB; try, in order (each on top of the "
+            "last): " + "; ".join(steps))

@@ -51,7 +51,8 @@ def _number(flag: str, value: str):
     except ValueError:
         number = 0
     if number < 0 or (number == 0 and flag != "--samples"):  # --samples 0: the stats alone
-        raise UserError(f"{flag} needs a positive number (got '{value}'): e.g. {flag} {8 if flag != '--gpu-memory' else 80}")
+        example = 80 if flag == "--gpu-memory" else 8
+        raise UserError(f"{flag} needs a positive number (got '{value}'): e.g. {flag} {example}")
     return number
 
 
