@@ -20,6 +20,7 @@ LAUNCHERS = sorted(p.name for p in (REPO / "launch").glob("*.py"))
 # launcher -> the config groups its usage names (study and synergy compose no config)
 GROUPS = {
     "train.py": ("model", "data", "deepspeed", "logging", "lora", "stage"),
+    "preview.py": ("model", "data", "deepspeed", "logging", "lora", "stage"),
     "eval.py": ("eval",),
     "pipeline.py": ("pipeline", "cluster"),
     "submit.py": ("pipeline", "cluster"),
@@ -54,6 +55,8 @@ CONFIG_CASES = [
      {"training.learning_rate": 3e-6, "stage.name": "orpo", "output_dir": "outputs/orpo-tiny"}),
     ("train.py", ["+stage=sft", "model=smollm2_135m", "training.max_steps=5", "--cfg", "job"],  # Hydra's form
      {"training.max_steps": 5, "model.name": "smollm2_135m"}),
+    ("preview.py", ["+stage=sft", "--samples", "2", "--memory", "--gpus=8", "training.max_seq_length=512"],
+     {"training.max_seq_length": 512, "stage.name": "sft"}),
     ("eval.py", ["outputs/sft-tiny", "limit=7", "eval=domain"], {"model_dir": "outputs/sft-tiny", "limit": 7}),
     ("pipeline.py", ["pipeline=smollm2_study", "root={tmp}/runs"], {"pipeline.name": "smollm2_study",
                                                                    "root": "{tmp}/runs"}),
@@ -88,6 +91,9 @@ def test_cfg_prints_the_resolved_config_and_runs_nothing(script, args, expected,
 
 TYPO_CASES = [
     ("train.py", ["+stage=cpt", "training.lerning_rate=1e-4"], "unknown config key 'training.lerning_rate'"),
+    ("preview.py", ["+stage=sft", "--sample", "2"], "unknown option '--sample': launch/preview.py takes key=value "
+                                                 "overrides, --samples N, --memory, "),
+    ("preview.py", ["+stage=sft", "--gpus", "0"], "--gpus needs a positive number (got '0')"),
     ("eval.py", ["outputs/sft-tiny", "batchsize=4"], "unknown config key 'batchsize'"),
     ("pipeline.py", ["pipeline=tiny", "cluster.gpu_per_node=2"], "unknown config key 'cluster.gpu_per_node'"),
     ("submit.py", ["pipeline=tiny", "roots=/tmp/x"], "unknown config key 'roots'"),

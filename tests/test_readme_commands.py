@@ -16,6 +16,7 @@ from merge.config import compose_merge_config
 from orchestration.config import compose_pipeline_job
 from train.augment.config import compose_augment_config
 from train.config import compose_train_config
+from train.preview import parse_flags
 
 
 def readme_commands() -> list:
@@ -37,6 +38,8 @@ def compose(script: str, args: list):
     args = without_cli_flags(args)  # --cfg
     if script == "launch/train.py":
         return compose_train_config(args)
+    if script == "launch/preview.py":
+        return compose_train_config(parse_flags(args)[1])  # less --samples, --memory, --gpus
     if script in ("launch/pipeline.py", "launch/submit.py"):
         return compose_pipeline_job([a for a in args if a not in ("status", "--dry-run")])
     if script == "launch/eval.py":
