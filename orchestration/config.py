@@ -211,6 +211,7 @@ PIPELINE_COMMAND = ConfigCommand(
     "pipeline.py", "pipeline_job", PipelineJobConfig, compose_pipeline_job,
     keys=("pipeline.start", "pipeline.overrides", "pipeline.eval.tasks", "root", "step", "cluster.gpus_per_node"),
     example="pipeline=tiny \"pipeline.overrides=['data.sft.path=my_chats.jsonl']\"",
+    flags=(("--dry-run", "make every check (models, data, attention kernel), print the plan; run nothing"),),
 )
 """launch/pipeline.py's command line: --help, --cfg, or the pipeline job to run here."""
 
@@ -219,7 +220,7 @@ SUBMIT_COMMAND = dataclasses.replace(
     keys=("pipeline.start", "pipeline.overrides", "root", "step", "cluster.nodes", "cluster.gpus_per_node",
           "cluster.partition", "cluster.account", "cluster.time", "cluster.setup"),
     example="pipeline=tiny cluster=slurm cluster.partition=gpu cluster.time=02:00:00",
-    flags=(("--dry-run", "write and print the batch scripts; submit nothing"),),
+    flags=(("--dry-run", "make every check, print the batch scripts and the plan; write and submit nothing"),),
 )
 """launch/submit.py's command line for a pipeline (a single stage takes launch/train.py's)."""
 

@@ -251,3 +251,22 @@ def resource_row(step: Step, text: str) -> List[str]:
     gpus = int(asked.get("gpus-per-node", 0)) * int(asked["nodes"])
     return [step.name, step.kind, asked["nodes"], asked["ntasks"], str(gpus), asked.get("cpus-per-task", "-"),
             asked.get("mem", "-"), asked["time"], asked.get("partition", "-")]
+
+
+def print_resources(rows: List[List[str]], out, time_limits: bool = True) -> None:
+    """What each job of a dry run would ask for, and the GPU time the chain books at most (as
+    comments: the dry run's output stays a valid script). Without time_limits (a local run) the
+    time and partition columns are SLURM's only."""
+    header = ["step", "kind", "nodes", "tasks", "GPUs", "cores/task", "mem/node", "time", "partition"]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    print("\n# resources of each job (mem 0: all of each node's memory; -: the partition's default)", file=out)
+    for row in [header, *rows]:
+        print("# " + "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip(), file=out)
+    if not time_limits:
+        print(f"# {len(rows)} step(s) here; time and partition apply on SLURM only (launch/submit.py)", file=out)
+        return
+    gpu_rows = [r for r in rows if int(r[4])]
+    limits = [slurm_hours(r[7]) for r in gpu_rows]
+    booked = "unlimited" if None in limits else f"{sum(int(r[4]) * h for r, h in zip(gpu_rows, limits)):,.0f}"
+    print(f"# {len(rows)} job(s), {sum(int(r[4]) for r in rows)} GPU(s), at most {booked} GPU-hours by their time limits",
+          file=out)

@@ -23,7 +23,10 @@ from core.config import REPO_ROOT
 from core.errors import PREEMPTED_EXIT_CODE, UserError
 from evaluation.parallel import gpu_count
 from orchestration.checks import check_outside_models, check_resumes, check_step_environment, validate_step_configs
+from orchestration.config import training_world_size
+from orchestration.job_scripts import print_resources, render_step, resource_row
 from orchestration.planner import plan_pipeline
+from orchestration.preflight import check_data, print_plan
 from orchestration.steps import STEP_KINDS, STUDY_FILE, Plan, Step, step_env, write_plan_file
 
 
@@ -74,8 +77,34 @@ def local_command(plan: Plan, step: Step, cluster: DictConfig) -> List[str]:
     return LAUNCHERS[kind.launcher](str(REPO_ROOT / "launch" / kind.entry_point), step.args, cluster)
 
 
-def run_local(cfg: DictConfig) -> Plan:
-    """Run the pipeline's steps in order on this machine, skipping finished ones."""
+def check_dependencies(plan: Plan, step: Step, ready) -> None:
+    """Each step `step` reads must be finished (`ready(dep_step)`) before it runs."""
+    for dep in step.depends_on:
+        dep_step = plan.select(dep)[0]
+        if not ready(dep_step):
+            raise UserError(
+                f"pipeline {plan.pipeline}: step '{step.name}' needs step '{dep}' first ({dep_step.output_dir} "
+                f"is not finished): run python launch/pipeline.py pipeline={plan.pipeline} step={dep}"
+            )
+
+
+def print_local_plan(plan: Plan, selected: List[Step], cluster: DictConfig, sources) -> None:
+    """A dry run's output: what would run, what each step takes, and the pre-flight's findings."""
+    todo = [s for s in selected if not s.is_complete()]
+    for step in selected:
+        if step.is_complete():
+            print(f"step {step.name}: complete ({step.output_dir}), would be skipped")
+    for step in todo:  # a step may read one that runs before it in this call
+        check_dependencies(plan, step, lambda dep: dep.is_complete() or dep in todo[:todo.index(step)])
+    rows = [resource_row(s, render_step(plan, s, cluster, None)[1]) for s in todo]
+    print_resources(rows, sys.stdout, time_limits=False)
+    print_plan(plan, todo, sources, {s.name: training_world_size(cluster) for s in todo}, sys.stdout)
+    print(f"pipeline {plan.pipeline}: dry run, every check passed; nothing was run or written")
+
+
+def run_local(cfg: DictConfig, dry_run: bool = False) -> Plan:
+    """Run the pipeline's steps in order on this machine, skipping finished ones. A dry run makes
+    every check, prints the plan and runs nothing."""
     if cfg.cluster.name != "local":
         raise UserError(
             f"launch/pipeline.py runs on this machine (cluster=local), not cluster={cfg.cluster.name}: "
@@ -89,19 +118,17 @@ def run_local(cfg: DictConfig) -> Plan:
     check_step_environment(plan, [s for s in selected if not s.is_complete()])
     check_resumes(selected, cfg.cluster)
     check_outside_models(plan, selected)
+    sources = check_data(plan, selected)
+    if dry_run:
+        print_local_plan(plan, selected, cfg.cluster, sources)
+        return plan
     write_plan_file(plan)
     for step in selected:
         if step.is_complete():
             print(f"pipeline {plan.pipeline}: step {step.name} is complete ({step.output_dir}), skipping "
                   f"[{step.index + 1}/{len(plan.steps)}]", flush=True)
             continue
-        for dep in step.depends_on:
-            dep_step = plan.select(dep)[0]
-            if not dep_step.is_complete():
-                raise UserError(
-                    f"pipeline {plan.pipeline}: step '{step.name}' needs step '{dep}' first ({dep_step.output_dir} "
-                    f"is not finished): run python launch/pipeline.py pipeline={plan.pipeline} step={dep}"
-                )
+        check_dependencies(plan, step, lambda dep: dep.is_complete())
         cmd = local_command(plan, step, cfg.cluster)
         print(f"pipeline {plan.pipeline}: step {step.name}: {shlex.join(cmd)} [{step.index + 1}/{len(plan.steps)}]",
               flush=True)

@@ -24,8 +24,9 @@ from omegaconf import DictConfig
 
 from core.errors import UserError
 from orchestration.checks import check_outside_models, check_resumes, check_step_environment, validate_step_configs
-from orchestration.job_scripts import python_known_here, python_of, render_step, resource_row, slurm_hours
+from orchestration.job_scripts import print_resources, python_known_here, python_of, render_step, resource_row
 from orchestration.planner import plan_pipeline
+from orchestration.preflight import check_data, print_plan
 from orchestration.steps import JOBS_DIR, STEP_KINDS, Plan, Step, read_plan_file, write_plan_file
 from train.config import compose_train_config
 
@@ -102,7 +103,8 @@ def submit_plan(plan: Plan, steps: List[Step], cluster: DictConfig, dry_run: boo
     check_resumes(todo, cluster)
     if not dry_run:
         require_sbatch()
-        check_outside_models(plan, todo)
+    check_outside_models(plan, todo)
+    sources = check_data(plan, todo)
     known = latest_jobs(plan.jobs_dir)
     states = {} if dry_run else job_states([r.job_id for r in known.values()])
     active = {name: r for name, r in known.items() if states.get(r.job_id, "") in ACTIVE_STATES}
@@ -160,22 +162,9 @@ def submit_plan(plan: Plan, steps: List[Step], cluster: DictConfig, dry_run: boo
         print(f"scripts and logs: {plan.jobs_dir}; follow with python launch/submit.py status", file=out)
     else:
         print_resources(rows, out)
+        ranks = {row[0]: int(row[3]) for row in rows}  # each training job's tasks: its ranks
+        print_plan(plan, todo, sources, ranks, out)
     return records
-
-
-def print_resources(rows: List[List[str]], out) -> None:
-    """What each job of a dry run would ask for, and the GPU time the chain books at most (as
-    comments: the dry run's output stays a valid script)."""
-    header = ["step", "kind", "nodes", "tasks", "GPUs", "cores/task", "mem/node", "time", "partition"]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    print("\n# resources of each job (mem 0: all of each node's memory; -: the partition's default)", file=out)
-    for row in [header, *rows]:
-        print("# " + "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip(), file=out)
-    gpu_rows = [r for r in rows if int(r[4])]
-    limits = [slurm_hours(r[7]) for r in gpu_rows]
-    booked = "unlimited" if None in limits else f"{sum(int(r[4]) * h for r, h in zip(gpu_rows, limits)):,.0f}"
-    print(f"# {len(rows)} job(s), {sum(int(r[4]) for r in rows)} GPU(s), at most {booked} GPU-hours by their time limits",
-          file=out)
 
 
 def stage_plan(train_args: List[str]) -> Plan:

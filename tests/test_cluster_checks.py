@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from tests.support.env import REPO, assert_one_line_error, offline_env, run_main
+from tests.support.models import stand_in_model
 
 from core.errors import PREEMPTED_EXIT_CODE, UserError
 from core.validate import writable_dir
@@ -70,13 +71,14 @@ def test_submit_of_one_stage_refuses_it_too(tmp_path):
 
 def test_submit_dry_run_passes_once_flash_attn_is_installed_or_sdpa_chosen(tmp_path, fake_flash_attn):
     root = tmp_path / "runs"
+    start = f"pipeline.start={stand_in_model(tmp_path / 'llama-instruct')}"  # dry runs check the start model
     installed = subprocess.run(
         [sys.executable, str(REPO / "launch" / "submit.py"), f"pipeline={LLAMA}", "cluster=slurm", f"root={root}",
-         "--dry-run"],
+         start, "--dry-run"],
         cwd=REPO, env=offline_env(PYTHONPATH=str(fake_flash_attn)), capture_output=True, text=True, timeout=120)
     assert installed.returncode == 0, installed.stderr[-2000:]
     assert installed.stdout.count("#!/bin/bash") == 4  # cpt, sft, orpo, slerp; flash_attn never imported
-    sdpa = submit_on_login_node(f"pipeline={LLAMA}", "cluster=slurm", f"root={root}", "--dry-run",
+    sdpa = submit_on_login_node(f"pipeline={LLAMA}", "cluster=slurm", f"root={root}", start, "--dry-run",
                                 "pipeline.overrides=['model.attn_implementation=sdpa']")
     assert sdpa.returncode == 0, sdpa.stderr[-2000:]
     assert sdpa.stdout.count("#!/bin/bash") == 4

@@ -101,7 +101,8 @@ TYPO_CASES = [
     ("augment.py", ["augment=rules", "output_dir=/tmp/x", "augment.rewrite.style=[qa]"],
      "unknown config key 'augment.rewrite.style'"),
     ("merge.py", ["merge=slerp_half", "merge.modle=/m/a", "output_dir=/tmp/m"], "unknown config key 'merge.modle'"),
-    ("pipeline.py", ["pipeline=tiny", "--dry-run"], "unknown option '--dry-run'"),
+    ("pipeline.py", ["pipeline=tiny", "--dryrun"], "unknown option '--dryrun': launch/pipeline.py takes key=value "
+                                                  "overrides, --dry-run, --cfg and --help"),
     ("submit.py", ["pipeline=tiny", "--dry_run"], "unknown option '--dry_run': launch/submit.py takes key=value "
                                                   "overrides, --dry-run, --cfg and --help"),
 ]

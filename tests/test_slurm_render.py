@@ -11,6 +11,7 @@ import sys
 
 import pytest
 from tests.support.env import REPO, assert_one_line_error
+from tests.support.models import stand_in_model
 
 from core.errors import PREEMPTED_EXIT_CODE, UserError
 from orchestration.config import compose_pipeline_job
@@ -200,8 +201,9 @@ def test_grid_dry_run_renders_each_merge_method_of_the_same_parents(tmp_path, fa
     """llama_instruct_grid merges each preference model with the Instruct model by SLERP, linearly
     and by TIES: the dry run renders every one as a merge job of the same parents, each evaluated,
     and the study waits for all of them."""
+    start = stand_in_model(tmp_path / "models" / "Meta-Llama-3.1-8B-Instruct")
     proc = run_submit(["pipeline=llama_instruct_grid", "cluster=slurm", f"root={tmp_path}",
-                       "pipeline.start=/models/Meta-Llama-3.1-8B-Instruct", "--dry-run"],
+                       f"pipeline.start={start}", "--dry-run"],
                       env=dict(os.environ, PATH=str(tmp_path), PYTHONPATH=str(fake_flash_attn)))
     assert proc.returncode == 0, proc.stderr[-2000:]
     scripts = dry_run_scripts(proc.stdout)
@@ -210,7 +212,7 @@ def test_grid_dry_run_renders_each_merge_method_of_the_same_parents(tmp_path, fa
         parent = name.split("-", 1)[1]
         text = scripts[name]
         assert "launch/merge.py" in text and f" merge={preset} \\\n" in text
-        assert "merge.base_model=/models/Meta-Llama-3.1-8B-Instruct" in text
+        assert f"merge.base_model={start}" in text
         assert f"merge.model={run / parent}" in text and f"output_dir={run / name}\n" in text
         assert f"--dependency=afterok:<job of {parent}>\n" in text
         assert f"--dependency=afterok:<job of {name}>\n" in scripts[f"eval-{name}"]

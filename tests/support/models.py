@@ -7,6 +7,7 @@ EVAL_SHAPE is the 2-layer model that the evaluation and augmentation tests gener
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -18,6 +19,19 @@ TOKENIZER = REPO / "train" / "assets" / "tiny_tokenizer"
 EVAL_SHAPE = dict(layers=2, hidden=16, intermediate=32, heads=2, kv_heads=1, max_positions=512,
                   special_tokens=True, dtype="float32", shard=None)
 """A 2-layer fp32 model in one file whose config carries the tokenizer's pad and eos ids."""
+
+LLAMA_8B_CONFIG = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       tie_word_embeddings=False)
+"""Meta-Llama-3.1-8B's architecture (its config.json's shape keys): 8.03B parameters."""
+
+
+def stand_in_model(path: Path, config: Optional[Dict] = None) -> Path:
+    """A model directory with only a config.json (default: Llama-3.1-8B's): enough for the checks
+    and plans of dry runs, which never load weights."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config or LLAMA_8B_CONFIG))
+    return path
 
 
 def tiny_llama(path: Optional[Path], seed: int = 0, *, layers: int = 4, vocab: int = 2048, hidden: int = 32,

@@ -79,17 +79,22 @@ def load_rows(spec, kind: str, key: Optional[str] = None, streaming: Optional[bo
     columns_key = key.rsplit(".", 1)[0] + ".columns"
     mapping = dict(getattr(spec, "columns", None) or {})
     if mapping:
-        unknown = [c for c in mapping if c not in columns]
-        if unknown:
-            raise UserError(
-                f"{columns_key} renames '{unknown[0]}', but {key}={path} has columns [{', '.join(columns)}]: "
-                f"fix the mapping in {columns_key}"
-            )
+        check_column_mapping(columns, mapping, key, path, columns_key)
         rows = rows.rename_columns(mapping)
         columns = column_names(rows)
     _check_columns(columns, kind, key, path, columns_key)
     check_rows(rows, ROW_SCHEMAS[kind], f"{key}={path}")
     return rows
+
+
+def check_column_mapping(columns: List[str], mapping: Dict[str, str], key: str, path: str, columns_key: str) -> None:
+    """`data.<kind>.columns` may rename only columns the source has."""
+    unknown = [c for c in mapping if c not in columns]
+    if unknown:
+        raise UserError(
+            f"{columns_key} renames '{unknown[0]}', but {key}={path} has columns [{', '.join(columns)}]: "
+            f"fix the mapping in {columns_key}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
