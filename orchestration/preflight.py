@@ -25,8 +25,9 @@ from typing import Dict, List, Optional, Tuple
 
 from core.errors import UserError
 from orchestration.steps import Plan, Step
-from train.data.sources import (ROW_SCHEMAS, ROWS_CHECKED, _check_columns, _data_files,
-                                _is_saved_dataset, check_column_mapping, check_rows)
+from train.data.sources import (ROW_SCHEMAS, ROWS_CHECKED, check_column_mapping, check_columns, check_rows,
+                                data_files_of, is_saved_dataset)
+from train.memory import params_in_model_dir, shape_of
 from train.stages import STAGES
 
 CHECKPOINT_BYTES_PER_PARAM = 16
@@ -126,11 +127,11 @@ def check_source(step: str, key: str, spec, kind: str) -> DataSource:
     p = Path(path)
     columns_key = key.rsplit(".", 1)[0] + ".columns"
     try:
-        if _is_saved_dataset(p):
+        if is_saved_dataset(p):
             columns, rows, count = saved_dataset_rows(p, spec.split)
             size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
         else:
-            builder, files = _data_files(path, key, kind)
+            builder, files = data_files_of(path, key, kind)
             columns, rows, count = first_rows(builder, files)
             size = sum(Path(f).stat().st_size for f in files)
     except UserError:
@@ -145,7 +146,7 @@ def check_source(step: str, key: str, spec, kind: str) -> DataSource:
         check_column_mapping(columns, mapping, key, path, columns_key)
         columns = [mapping.get(c, c) for c in columns]
         rows = [{mapping.get(k, k): v for k, v in row.items()} for row in rows]
-    _check_columns(columns, kind, key, path, columns_key)
+    check_columns(columns, kind, key, path, columns_key)
     check_rows(rows, ROW_SCHEMAS[kind], f"{key}={path}")
     return DataSource(step, key, path, size, count)
 
@@ -172,48 +173,15 @@ def check_data(plan: Plan, steps: List[Step]) -> List[DataSource]:
 # ---------------------------------------------------------------------------------------------
 # model size, batch, disk
 # ---------------------------------------------------------------------------------------------
-def params_of_arch(arch: dict) -> int:
-    """Parameters of a decoder-only transformer (Llama/Mistral/Qwen layout) from its config keys:
-    embeddings, attention (q, k, v, o), a gated MLP (3 matrices, times the experts of an MoE), norms."""
-    hidden, vocab, layers = arch["hidden_size"], arch["vocab_size"], arch["num_hidden_layers"]
-    heads = arch["num_attention_heads"]
-    head_dim = arch.get("head_dim") or hidden // heads
-    kv_heads = arch.get("num_key_value_heads") or heads
-    experts = arch.get("num_local_experts") or arch.get("num_experts") or 1
-    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
-    mlp = 3 * hidden * arch["intermediate_size"] * experts
-    embeddings = vocab * hidden * (1 if arch.get("tie_word_embeddings", False) else 2)
-    return embeddings + layers * (attention + mlp + 2 * hidden) + hidden
-
-
-def params_of_model_dir(path: Path) -> Optional[int]:
-    """Exact parameters from the safetensors headers of a model directory (the header holds each
-    tensor's shape); else from its config.json; None when it has neither."""
-    files = sorted(path.glob("*.safetensors"))
-    if files:
-        total = 0
-        for f in files:
-            with open(f, "rb") as handle:
-                length = int.from_bytes(handle.read(8), "little")
-                header = json.loads(handle.read(length))
-            total += sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
-        return total
-    config = path / "config.json"
-    if config.is_file():
-        arch = json.loads(config.read_text())
-        return params_of_arch(arch.get("text_config", arch))
-    return None
-
-
 def step_params(step: Step, known: Dict[str, int]) -> Optional[int]:
     """A training step's parameter count: its start model's (a directory, or the step that makes
     it), or the preset's architecture for random init. None when unknown."""
     if step.input_dir is not None:
         if step.input_dir in known:
             return known[step.input_dir]
-        return params_of_model_dir(Path(step.input_dir))
+        return params_in_model_dir(Path(step.input_dir))
     arch = step.config.model.arch
-    return params_of_arch(dict(arch)) if arch else None
+    return shape_of(dict(arch), f"model.arch of step '{step.name}'").params if arch else None
 
 
 def checkpoint_disk(cfg, params: int) -> Optional[int]:

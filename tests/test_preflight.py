@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestration.preflight import CHECKPOINT_BYTES_PER_PARAM, params_of_arch, params_of_model_dir
+from orchestration.preflight import CHECKPOINT_BYTES_PER_PARAM
+from train.memory import params_in_model_dir, shape_of
 from tests.support.env import REPO, assert_one_line_error, run_light
 from tests.support.models import tiny_llama
 
@@ -60,8 +61,8 @@ def test_the_plan_shows_data_sizes_batch_and_the_disk_bound(script, tmp_path):
     rows = sum(1 for line in corpus.read_text().splitlines() if line.strip())
     assert f"cpt: data.cpt.path={corpus}  {corpus.stat().st_size / 1000:.1f} KB, {rows:,} rows" in proc.stdout
     # tiny: 3.4M params, bf16 model + save_total_limit (2) DeepSpeed checkpoints of 16 B/param
-    params = params_of_arch(dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    params = shape_of(dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True), "tiny").params
     bound = params * 2 + 2 * params * CHECKPOINT_BYTES_PER_PARAM
     assert re.search(rf"#   sft: batch 1 x 1 x 2 = 2; 3\.4M params; disk <= {bound / 1e6:.1f} MB", proc.stdout), \
         proc.stdout[-3000:]
@@ -73,7 +74,7 @@ def test_the_plan_shows_data_sizes_batch_and_the_disk_bound(script, tmp_path):
 def test_params_from_safetensors_headers_and_from_config_agree_with_torch(tmp_path):
     model = tiny_llama(None)
     saved = tiny_llama(tmp_path / "m")
-    assert params_of_model_dir(saved) == model.num_parameters()
+    assert params_in_model_dir(saved) == model.num_parameters()
     for weights in saved.glob("*.safetensors"):
         weights.unlink()
-    assert params_of_model_dir(saved) == model.num_parameters()  # from config.json's architecture
+    assert params_in_model_dir(saved) == model.num_parameters()  # from config.json's architecture

@@ -26,6 +26,7 @@ from typing import List, Optional
 
 from core.errors import UserError
 from core.outputs import MODEL_CACHE_DIR
+from core.safetensors_header import read_header
 
 GIB = 1024 ** 3
 SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
@@ -43,11 +44,13 @@ class ModelShape:
     intermediate: int
     vocab: int
     tied_embeddings: bool
+    experts: int = 1
+    """MLPs per layer (an MoE's experts; 1 for a dense model)."""
 
     @property
     def params(self) -> int:
         attention = 2 * self.hidden * self.heads * self.head_dim + 2 * self.hidden * self.kv_heads * self.head_dim
-        layer = attention + 3 * self.hidden * self.intermediate + 2 * self.hidden  # q,o,k,v; gate,up,down; 2 norms
+        layer = attention + 3 * self.hidden * self.intermediate * self.experts + 2 * self.hidden  # q,o,k,v; gate,up,down; 2 norms
         embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
         return embeddings + self.layers * layer + self.hidden  # + the final norm
 
@@ -58,6 +61,7 @@ class ModelShape:
 
 
 def shape_of(config: dict, where: str) -> ModelShape:
+    config = config.get("text_config", config)  # a multimodal config holds the decoder's here
     missing = [key for key in SHAPE_KEYS if key not in config]
     if missing:
         raise UserError(f"{where} lacks {', '.join(missing)}: the memory estimate needs a Llama-style decoder config")
@@ -68,7 +72,18 @@ def shape_of(config: dict, where: str) -> ModelShape:
         head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
         intermediate=int(config["intermediate_size"]), vocab=int(config["vocab_size"]),
         tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        experts=int(config.get("num_local_experts") or config.get("num_experts") or 1),
     )
+
+
+def params_in_model_dir(path: Path) -> Optional[int]:
+    """Parameters of a model directory: exact from its safetensors headers (each tensor's shape),
+    else from its config.json; None when it has neither."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    if files:
+        return sum(t.numel for f in files for t in read_header(f).tensors.values())
+    config = Path(path) / "config.json"
+    return shape_of(json.loads(config.read_text()), str(config)).params if config.is_file() else None
 
 
 def model_shape(model_cfg) -> ModelShape:

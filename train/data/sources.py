@@ -42,7 +42,7 @@ def load_rows(spec, kind: str, key: Optional[str] = None, streaming: Optional[bo
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parsers log errors we re-raise as one line
     try:
-        if _is_saved_dataset(Path(path)):
+        if is_saved_dataset(Path(path)):
             state = Path(path, datasets.config.DATASET_STATE_JSON_FILENAME)
             if state.is_file() and not json.loads(state.read_text()).get("_data_files"):
                 raise _empty(key, path)  # datasets 5.2 cannot even load a saved dataset of 0 rows
@@ -57,7 +57,7 @@ def load_rows(spec, kind: str, key: Optional[str] = None, streaming: Optional[bo
             if streaming:
                 rows = rows.to_iterable_dataset()
         else:
-            builder, files = _data_files(path, key, kind)
+            builder, files = data_files_of(path, key, kind)
             rows = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming,
                                          **({"sample_by": "document"} if builder == "text" else {}))
         if spec.max_samples is not None:
@@ -82,7 +82,7 @@ def load_rows(spec, kind: str, key: Optional[str] = None, streaming: Optional[bo
         check_column_mapping(columns, mapping, key, path, columns_key)
         rows = rows.rename_columns(mapping)
         columns = column_names(rows)
-    _check_columns(columns, kind, key, path, columns_key)
+    check_columns(columns, kind, key, path, columns_key)
     check_rows(rows, ROW_SCHEMAS[kind], f"{key}={path}")
     return rows
 
@@ -175,14 +175,14 @@ def column_names(rows) -> List[str]:
     return list(next(iter(rows), {}).keys())  # a stream may only know its columns once read
 
 
-def _is_saved_dataset(path: Path) -> bool:
+def is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and (
         (path / datasets.config.DATASET_STATE_JSON_FILENAME).is_file()
         or (path / datasets.config.DATASETDICT_JSON_FILENAME).is_file()
     )
 
 
-def _data_files(path: str, key: str, kind: str) -> Tuple[str, List[str]]:
+def data_files_of(path: str, key: str, kind: str) -> Tuple[str, List[str]]:
     """The `datasets` builder name and the sorted files behind a file, glob or directory."""
     p = Path(path)
     if p.is_dir():
@@ -222,7 +222,7 @@ def _data_files(path: str, key: str, kind: str) -> Tuple[str, List[str]]:
     return builders[0], files
 
 
-def _check_columns(columns: List[str], kind: str, key: str, path: str, columns_key: str) -> None:
+def check_columns(columns: List[str], kind: str, key: str, path: str, columns_key: str) -> None:
     have = set(columns)
     ok = {
         "cpt": "text" in have,
