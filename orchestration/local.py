@@ -22,7 +22,9 @@ from omegaconf import DictConfig
 from core.config import REPO_ROOT
 from core.errors import PREEMPTED_EXIT_CODE, UserError
 from evaluation.parallel import gpu_count
-from orchestration.checks import check_outside_models, check_resumes, check_step_environment, validate_step_configs
+from orchestration.checks import (
+    check_global_batches, check_outside_models, check_resumes, check_step_environment, validate_step_configs,
+)
 from orchestration.planner import plan_pipeline
 from orchestration.steps import STEP_KINDS, STUDY_FILE, Plan, Step, step_env, write_plan_file
 
@@ -88,6 +90,7 @@ def run_local(cfg: DictConfig) -> Plan:
     validate_step_configs(plan)
     check_step_environment(plan, [s for s in selected if not s.is_complete()])
     check_resumes(selected, cfg.cluster)
+    check_global_batches(selected, cfg.cluster)
     check_outside_models(plan, selected)
     write_plan_file(plan)
     for step in selected:

@@ -150,7 +150,7 @@ def test_submit_dry_run_refuses_a_resume_into_another_zero_stage(tmp_path):
 # order (the sampler's permutation does not depend on the world size).
 RUN = ["+stage=cpt", "training.max_seq_length=256", "training.learning_rate=1e-3", "training.warmup_steps=0",
        "training.lr_scheduler_type=constant", "training.per_device_train_batch_size=1", "training.save_steps=3",
-       "training.save_total_limit=null"]
+       "training.save_total_limit=null", "training.global_batch_size=null"]
 ON = {2: ["training.gradient_accumulation_steps=2"], 1: ["training.gradient_accumulation_steps=4"]}
 
 
