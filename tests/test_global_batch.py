@@ -37,13 +37,13 @@ def test_a_global_batch_the_ranks_cannot_keep_is_refused_with_settings_that_woul
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith("training.global_batch_size=96 is not a multiple of training.per_device_train_batch_size=5")
-    assert "16 ranks" in message
+    assert "16 rank(s)" in message
     assert "training.per_device_train_batch_size=3 or training.per_device_train_batch_size=6 (to keep 96)" in message
     assert "training.global_batch_size=80 or training.global_batch_size=160" in message
 
 
 def test_a_global_batch_no_per_device_batch_can_keep_names_the_global_batches_that_fit():
-    with pytest.raises(UserError, match=r"no per-device batch keeps 24 on 16 ranks; use training.global_batch_size=48$"):
+    with pytest.raises(UserError, match=r"no per-device batch keeps 24 on 16 rank\(s\); use training.global_batch_size=48$"):
         derive_gradient_accumulation(training(global_batch_size=24, per_device_train_batch_size=3), 16)
 
 
@@ -54,7 +54,7 @@ def test_an_explicit_accumulation_must_agree_with_the_global_batch():
         derive_gradient_accumulation(agreeing, 16)
     message = str(err.value)
     assert "\n" not in message
-    assert "training.gradient_accumulation_steps=2 disagrees with training.global_batch_size=96, which needs 1 on 16 ranks" \
+    assert "training.gradient_accumulation_steps=2 disagrees with training.global_batch_size=96, which needs 1 on 16 rank(s)" \
         in message
     assert "training.gradient_accumulation_steps=null" in message and "training.global_batch_size=null" in message
 
@@ -94,7 +94,7 @@ def test_submit_refuses_a_global_batch_the_cluster_cannot_keep_before_anything_q
                      "pipeline.start=/models/Meta-Llama-3.1-8B-Instruct", "--dry-run",
                      env=offline_env(PATH=str(tmp_path) + os.pathsep + os.environ["PATH"],
                                      PYTHONPATH=f"{fake_flash_attn}{os.pathsep}{REPO}"))
-    assert_one_line_error(proc, "step 'orpo'", "training.global_batch_size=24", "16 ranks",
+    assert_one_line_error(proc, "step 'orpo'", "training.global_batch_size=24", "16 rank(s)",
                           "training.global_batch_size=48")
 
 

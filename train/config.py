@@ -219,13 +219,13 @@ def derive_gradient_accumulation(training: DictConfig, world_size: int) -> int:
     if total % (per_device * world_size):
         raise UserError(
             f"training.global_batch_size={total} is not a multiple of training.per_device_train_batch_size="
-            f"{per_device} x {world_size} ranks: {batch_settings_that_fit(total, per_device, world_size)}"
+            f"{per_device} x {world_size} rank(s): {batch_settings_that_fit(total, per_device, world_size)}"
         )
     derived = total // (per_device * world_size)
     if accumulation is not None and accumulation != derived:
         raise UserError(
             f"training.gradient_accumulation_steps={accumulation} disagrees with training.global_batch_size={total}, "
-            f"which needs {derived} on {world_size} ranks of training.per_device_train_batch_size={per_device}: set "
+            f"which needs {derived} on {world_size} rank(s) of training.per_device_train_batch_size={per_device}: set "
             "only one: training.gradient_accumulation_steps=null keeps the global batch, "
             "training.global_batch_size=null the accumulation"
         )
@@ -240,7 +240,7 @@ def batch_settings_that_fit(total: int, per_device: int, world_size: int) -> str
     lower, upper = total // step * step, (total // step + 1) * step
     globals_ = " or ".join(f"training.global_batch_size={g}" for g in (lower, upper) if g > 0)
     if not keeps:
-        return f"no per-device batch keeps {total} on {world_size} ranks; use {globals_}"
+        return f"no per-device batch keeps {total} on {world_size} rank(s); use {globals_}"
     nearest = sorted(keeps, key=lambda p: (abs(p - per_device), -p))[:2]
     per_devices = " or ".join(f"training.per_device_train_batch_size={p}" for p in sorted(nearest))
     return f"use {per_devices} (to keep {total}), or {globals_}"
