@@ -88,7 +88,7 @@ def project_command(a, options, out: Path, gpus: int, port: int) -> List[str]:
            f"output_dir={out}", *[f"model.arch.{k}={v}" for k, v in arch.items()],
            f"training.max_steps={a.steps}", f"training.max_seq_length={a.seq}",
            # the CPT preset carries the paper's 6 x 2 accumulation: one micro-batch a step, as the plain script
-           f"training.per_device_train_batch_size={a.batch}", "training.gradient_accumulation_steps=1",
+           f"training.per_device_train_batch_size={a.batch}", "training.gradient_accumulation_steps=1", "training.global_batch_size=null",
            "training.learning_rate=1e-3",
            "training.lr_scheduler_type=constant", "training.warmup_steps=0",
            "+training.extra_args.save_strategy=no",  # as the plain script: no checkpoint to write

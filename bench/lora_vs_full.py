@@ -33,7 +33,7 @@ def run(mode: str, out: Path, a, env) -> tuple:
            "model=smollm2_135m", f"training.finetune={mode}", f"output_dir={out}", f"training.max_steps={a.steps}",
            f"training.max_seq_length={a.seq}", f"training.per_device_train_batch_size={a.batch}",
            # the CPT preset's paper settings (6 x 2, checkpointing) would change what a step is
-           "training.gradient_accumulation_steps=1", "training.gradient_checkpointing=false",
+           "training.gradient_accumulation_steps=1", "training.global_batch_size=null", "training.gradient_checkpointing=false",
            "training.save_steps=1000000", "training.warmup_steps=0"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     text = proc.stdout + proc.stderr

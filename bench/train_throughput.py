@@ -65,7 +65,7 @@ def main() -> None:
                              "training.warmup_steps=0", "training.save_steps=1000000",
                              # one sequence a step without checkpointing, as the plain script (the CPT
                              # preset carries the paper's 8B settings: 6 x 2 with checkpointing)
-                             "training.per_device_train_batch_size=1", "training.gradient_accumulation_steps=1",
+                             "training.per_device_train_batch_size=1", "training.gradient_accumulation_steps=1", "training.global_batch_size=null",
                              "training.gradient_checkpointing=false"], env))
             plain.append(run([*launcher, "bench/plain_trl_cpt.py", "--steps", str(a.steps),
                               "--seq", str(a.seq), "--out", str(work / f"plain{r}")], env))

@@ -15,6 +15,7 @@ login node): which checkpoint a run resumes from, and the DeepSpeed topology it 
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,16 @@ CHECKPOINTS = "checkpoints"
 BATCH_RECORD = "batch.json"  # beside trainer_state.json: the world size and batch that wrote it (train/reshard.py)
 UNIVERSAL_LATEST = "latest_universal"  # DeepSpeed's name (engine.load_checkpoint with load_universal)
 CONVERSION_FAILED = "universal-conversion-failed"  # rank 0's note to the ranks waiting for it
+
+
+def recorded_global_batch(ckpt: str | Path) -> Optional[int]:
+    """The global batch the run that wrote `ckpt` trained with (its batch.json: per-device batch
+    x accumulation x ranks); None for a checkpoint without one."""
+    record = Path(ckpt) / BATCH_RECORD
+    if not record.is_file():
+        return None
+    saved = json.loads(record.read_text())
+    return saved["per_device_train_batch_size"] * saved["gradient_accumulation_steps"] * saved["world_size"]
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:

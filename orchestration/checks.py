@@ -15,6 +15,7 @@ from orchestration.config import training_world_size
 from orchestration.planner import is_gguf_cache
 from orchestration.steps import STEP_KINDS, Plan, Step
 from train.attention import check_attention_installed
+from train.config import derive_gradient_accumulation
 from train.deepspeed_config import offloads_optimizer_to_nvme
 
 
@@ -66,6 +67,19 @@ def check_resumes(steps: List[Step], cluster: DictConfig) -> None:
                     ckpt, cfg.deepspeed.zero_stage, training_world_size(cluster),
                     offloads_optimizer_to_nvme(cfg.deepspeed),
                 )
+        except UserError as err:
+            raise UserError(f"step '{step.name}': {err}") from err
+
+
+def check_global_batches(steps: List[Step], cluster: DictConfig) -> None:
+    """A training step's training.global_batch_size must divide over this cluster's ranks: refused
+    now, not once the job has queued (the job derives its accumulation the same way)."""
+    world_size = training_world_size(cluster)
+    for step in steps:
+        if step.kind != "train" or step.is_complete():
+            continue
+        try:
+            derive_gradient_accumulation(step.config.training, world_size)
         except UserError as err:
             raise UserError(f"step '{step.name}': {err}") from err
 

@@ -22,7 +22,9 @@ from omegaconf import DictConfig
 from core.config import REPO_ROOT
 from core.errors import PREEMPTED_EXIT_CODE, UserError
 from evaluation.parallel import gpu_count
-from orchestration.checks import check_outside_models, check_resumes, check_step_environment, validate_step_configs
+from orchestration.checks import (
+    check_global_batches, check_outside_models, check_resumes, check_step_environment, validate_step_configs,
+)
 from orchestration.config import training_world_size
 from orchestration.job_scripts import print_resources, render_step, resource_row
 from orchestration.planner import plan_pipeline
@@ -117,6 +119,7 @@ def run_local(cfg: DictConfig, dry_run: bool = False) -> Plan:
     validate_step_configs(plan)
     check_step_environment(plan, [s for s in selected if not s.is_complete()])
     check_resumes(selected, cfg.cluster)
+    check_global_batches(selected, cfg.cluster)
     check_outside_models(plan, selected)
     sources = check_data(plan, selected)
     if dry_run:

@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Tuple
 
 from core.errors import UserError
 from orchestration.steps import Plan, Step
+from train.config import derive_gradient_accumulation
 from train.data.sources import (ROW_SCHEMAS, ROWS_CHECKED, check_column_mapping, check_columns, check_rows,
                                 data_files_of, is_saved_dataset)
 from train.memory import params_in_model_dir, shape_of
@@ -196,12 +197,12 @@ def checkpoint_disk(cfg, params: int) -> Optional[int]:
 
 
 def global_batch(cfg, world_size: int) -> str:
-    """per-device batch x gradient accumulation x ranks, and the preset's intended one where it says."""
+    """per-device batch x gradient accumulation (as the run derives it) x ranks, and the
+    global batch the config asks for where it sets one."""
     training = cfg.training
-    per_device, accumulation = training.per_device_train_batch_size, training.gradient_accumulation_steps
+    per_device, accumulation = training.per_device_train_batch_size, derive_gradient_accumulation(training, world_size)
     text = f"{per_device} x {accumulation} x {world_size} = {per_device * accumulation * world_size}"
-    intended = getattr(training, "global_batch_size", None) if "global_batch_size" in training else None
-    return text + (f" (preset: {intended})" if intended else "")
+    return text + (f" (training.global_batch_size={training.global_batch_size})" if training.global_batch_size else "")
 
 
 def human_bytes(n: Optional[float]) -> str:

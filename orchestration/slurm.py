@@ -23,7 +23,9 @@ from typing import Dict, List, Optional
 from omegaconf import DictConfig
 
 from core.errors import UserError
-from orchestration.checks import check_outside_models, check_resumes, check_step_environment, validate_step_configs
+from orchestration.checks import (
+    check_global_batches, check_outside_models, check_resumes, check_step_environment, validate_step_configs,
+)
 from orchestration.job_scripts import print_resources, python_known_here, python_of, render_step, resource_row
 from orchestration.planner import plan_pipeline
 from orchestration.preflight import check_data, print_plan
@@ -101,6 +103,7 @@ def submit_plan(plan: Plan, steps: List[Step], cluster: DictConfig, dry_run: boo
     if python_known_here(cluster):  # dry runs too: this needs no cluster
         check_step_environment(plan, todo, python_of(cluster))
     check_resumes(todo, cluster)
+    check_global_batches(todo, cluster)
     if not dry_run:
         require_sbatch()
     check_outside_models(plan, todo)

@@ -87,7 +87,7 @@ def test_unknown_stage_lists_the_choices():
 
 def test_gpu_runtime_uses_bf16_and_zero3_json():
     cfg = compose_train_config(["+stage=orpo" if "orpo" in presets("stage") else "+stage=sft", "model=llama3_1_8b"])
-    gpu = Runtime(device="cuda", backend="nccl", precision="bf16", rank=0, local_rank=0, world_size=16)
+    gpu = Runtime(device="cuda", backend="nccl", precision="bf16", rank=0, local_rank=0, world_size=8)
     kwargs = common_trainer_kwargs(cfg, gpu)
     assert kwargs["bf16"] is True and kwargs["fp16"] is False
     ds = kwargs["deepspeed"]

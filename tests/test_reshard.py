@@ -150,22 +150,22 @@ def test_submit_dry_run_refuses_a_resume_into_another_zero_stage(tmp_path):
 # order (the sampler's permutation does not depend on the world size).
 RUN = ["+stage=cpt", "training.max_seq_length=256", "training.learning_rate=1e-3", "training.warmup_steps=0",
        "training.lr_scheduler_type=constant", "training.per_device_train_batch_size=1", "training.save_steps=3",
-       "training.save_total_limit=null"]
-ON = {2: ["training.gradient_accumulation_steps=2"], 1: ["training.gradient_accumulation_steps=4"]}
+       "training.save_total_limit=null", "training.global_batch_size=null"]
+ON_2 = ["training.gradient_accumulation_steps=2"]  # global batch 4; a resume that sets no batch keeps it
 
 
 @pytest.mark.integration
 def test_resume_on_another_world_size_continues_the_trajectory(tmp_path):
     straight = tmp_path / "straight"  # 9 steps on 2 ranks, uninterrupted
-    proc = launch("train.py", [*RUN, *ON[2], "training.max_steps=9", f"output_dir={straight}"], ranks=2)
+    proc = launch("train.py", [*RUN, *ON_2, "training.max_steps=9", f"output_dir={straight}"], ranks=2)
     assert proc.returncode == 0, tail(proc)
     expected = loss_history(straight)
 
     def resume(checkpoint, ranks, max_steps, out):
         (out / "checkpoints").mkdir(parents=True)
         shutil.copytree(checkpoint, out / "checkpoints" / checkpoint.name)  # as if killed after it
-        proc = launch("train.py", [*RUN, *ON[ranks], f"training.max_steps={max_steps}", f"output_dir={out}"],
-                      ranks=ranks)
+        # No batch settings: the run keeps the checkpoint's global batch of 4 (accumulation 4 on 1 rank).
+        proc = launch("train.py", [*RUN, f"training.max_steps={max_steps}", f"output_dir={out}"], ranks=ranks)
         assert proc.returncode == 0, tail(proc)
         assert re.search(rf"{checkpoint.name} was written on \d ranks and this run has {ranks}", proc.stdout)
         assert "the global batch stays 4" in proc.stdout

@@ -157,7 +157,15 @@ class TrainingConfig:
     max_steps: int = checked(-1, either(-1, positive))
     """>0 overrides num_train_epochs."""
     per_device_train_batch_size: int = checked(1, at_least(1))
-    gradient_accumulation_steps: int = checked(1, at_least(1))
+    """Sequences (preference stages: pairs) per rank per forward pass: bounded by GPU memory."""
+    global_batch_size: Optional[int] = checked(None, at_least(1))
+    """Sequences per optimizer step over all ranks, kept whatever the world size: the run derives
+    gradient_accumulation_steps = global / (per_device_train_batch_size x ranks) when it starts
+    (and `submit.py --dry-run` for the cluster's ranks), and refuses a world size that cannot keep
+    it. None: per_device_train_batch_size x gradient_accumulation_steps x ranks."""
+    gradient_accumulation_steps: Optional[int] = checked(None, at_least(1))
+    """Micro-batches per optimizer step on each rank. None: derived from global_batch_size, or 1
+    without it; set both only if they agree."""
     lr_scheduler_type: str = "cosine"
     warmup_steps: float = checked(0.0, non_negative)
     """Steps of linear warm-up; a value below 1 is a fraction of all steps (transformers 5)."""
@@ -198,6 +206,57 @@ class TrainingConfig:
     base, GPU only (bitsandbytes)."""
     extra_args: Dict[str, Any] = field(default_factory=dict)
     """Raw keyword arguments passed to the TRL config (expert use)."""
+
+
+def derive_gradient_accumulation(training: DictConfig, world_size: int) -> int:
+    """gradient_accumulation_steps for `world_size` ranks: global_batch_size / (per-device batch x
+    ranks) when a global batch is set, else the set value or 1. A global batch this world size
+    cannot keep, or an explicit accumulation that disagrees with it, is refused in one line."""
+    per_device, accumulation, total = (training.per_device_train_batch_size, training.gradient_accumulation_steps,
+                                       training.global_batch_size)
+    if total is None:
+        return accumulation or 1
+    if total % (per_device * world_size):
+        raise UserError(
+            f"training.global_batch_size={total} is not a multiple of training.per_device_train_batch_size="
+            f"{per_device} x {world_size} rank(s): {batch_settings_that_fit(total, per_device, world_size)}"
+        )
+    derived = total // (per_device * world_size)
+    if accumulation is not None and accumulation != derived:
+        raise UserError(
+            f"training.gradient_accumulation_steps={accumulation} disagrees with training.global_batch_size={total}, "
+            f"which needs {derived} on {world_size} rank(s) of training.per_device_train_batch_size={per_device}: set "
+            "only one: training.gradient_accumulation_steps=null keeps the global batch, "
+            "training.global_batch_size=null the accumulation"
+        )
+    return derived
+
+
+def batch_settings_that_fit(total: int, per_device: int, world_size: int) -> str:
+    """The nearest settings that would work: another per-device batch that keeps the global
+    batch on these ranks, or the nearest global batches this per-device batch allows."""
+    keeps = [p for p in range(1, total // world_size + 1) if total % (p * world_size) == 0]
+    step = per_device * world_size
+    lower, upper = total // step * step, (total // step + 1) * step
+    globals_ = " or ".join(f"training.global_batch_size={g}" for g in (lower, upper) if g > 0)
+    if not keeps:
+        return f"no per-device batch keeps {total} on {world_size} rank(s); use {globals_}"
+    nearest = sorted(keeps, key=lambda p: (abs(p - per_device), -p))[:2]
+    per_devices = " or ".join(f"training.per_device_train_batch_size={p}" for p in sorted(nearest))
+    return f"use {per_devices} (to keep {total}), or {globals_}"
+
+
+def resolve_batch(training: DictConfig, world_size: int, resumed_global_batch: Optional[int] = None) -> int:
+    """Write the derived gradient_accumulation_steps and the effective global_batch_size into
+    `training` (so the resolved config, logs and model card record them); returns the latter.
+    A resume on another world size keeps the checkpoint's global batch unless the user set the
+    batch (global_batch_size or gradient_accumulation_steps) for this run."""
+    if resumed_global_batch is not None and training.global_batch_size is None \
+            and training.gradient_accumulation_steps is None:
+        training.global_batch_size = resumed_global_batch
+    training.gradient_accumulation_steps = derive_gradient_accumulation(training, world_size)
+    training.global_batch_size = training.per_device_train_batch_size * training.gradient_accumulation_steps * world_size
+    return training.global_batch_size
 
 
 ADAPTER_LR_MULTIPLIER = 10.0
@@ -339,7 +398,7 @@ TRAIN_COMMAND = ConfigCommand(
     "train.py", "config", TrainJobConfig, compose_train_config,
     keys=("model.path", "output_dir", "data.cpt.path", "data.sft.path", "data.preference.path",
           "training.learning_rate", "training.num_train_epochs", "training.max_steps",
-          "training.per_device_train_batch_size", "training.gradient_accumulation_steps",
+          "training.per_device_train_batch_size", "training.global_batch_size", "training.gradient_accumulation_steps",
           "training.max_seq_length", "training.finetune", "resume"),
     example="+stage=sft model=smollm2_135m data.sft.path=my_chats.jsonl training.learning_rate=1e-5",
 )

@@ -33,7 +33,9 @@ import torch
 from omegaconf import DictConfig
 from transformers import TrainerCallback
 
-from core.checkpoints import BATCH_RECORD, CONVERSION_FAILED, UNIVERSAL_LATEST, check_resume_topology
+from core.checkpoints import (
+    BATCH_RECORD, CONVERSION_FAILED, UNIVERSAL_LATEST, check_resume_topology, recorded_global_batch,
+)
 from core.outputs import write_atomic
 from train.deepspeed_config import offloads_optimizer_to_nvme
 from train.runtime import Runtime
@@ -74,19 +76,16 @@ def describe_batch_change(ckpt: Path, training: DictConfig, world_size: int) -> 
     batch) samples of the epoch: right when the global batch is kept, off otherwise."""
     new = training.per_device_train_batch_size * training.gradient_accumulation_steps * world_size
     how = f"{training.per_device_train_batch_size} x {training.gradient_accumulation_steps} x {world_size} ranks"
-    record = ckpt / BATCH_RECORD
-    if not record.is_file():
+    old = recorded_global_batch(ckpt)
+    if old is None:
         return (f"the global batch is now {new} ({how}); {ckpt.name} has no {BATCH_RECORD} to compare with: the "
                 f"data resumes at sample global_step x {new}")
-    saved = json.loads(record.read_text())
-    old = saved["per_device_train_batch_size"] * saved["gradient_accumulation_steps"] * saved["world_size"]
     if old == new:
         return f"the global batch stays {new} ({how}): the run continues the same trajectory and data order"
     return (
         f"the global batch changes from {old} to {new} ({how}): training goes on with the new batch, and the "
         f"data resumes at sample global_step x {new} instead of global_step x {old} (samples are skipped or "
-        f"repeated this epoch); keep per_device_train_batch_size x gradient_accumulation_steps x ranks = {old} "
-        "to continue the same trajectory"
+        f"repeated this epoch); set training.global_batch_size={old} to continue the same trajectory"
     )
 
 

@@ -22,6 +22,7 @@ from typing import Any, Dict
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
+from core.checkpoints import recorded_global_batch
 from core.config import resolved_yaml
 from core.errors import UserError
 from core.lock import OutputLock
@@ -37,6 +38,7 @@ from train.checkpoint import (
     write_run_config,
 )
 from train.attention import check_attention_runs_here
+from train.config import derive_gradient_accumulation, resolve_batch
 from train.data.mix import has_eval_split
 from train.deepspeed_config import build_deepspeed_config
 from train.lora import check_finetune, quantization_config, save_adapter_and_merged, uses_adapters
@@ -88,7 +90,7 @@ def common_trainer_kwargs(cfg: DictConfig, runtime: Runtime, evaluate: bool = Fa
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
         per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_accumulation_steps=derive_gradient_accumulation(t, runtime.world_size),
         lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
@@ -166,6 +168,8 @@ def train_stage(cfg: DictConfig, runtime: Runtime, stage) -> None:
     check_limits(cfg)
     check_finetune(cfg, gpu=runtime.device == "cuda")
     resume_from = resume_checkpoint(cfg.output_dir, cfg.resume)
+    # Accumulation for this world size; a resume keeps the checkpoint's global batch.
+    resolve_batch(cfg.training, runtime.world_size, recorded_global_batch(resume_from) if resume_from else None)
     universal = prepare_resume(resume_from, cfg, runtime)  # another world size: converted once
     if runtime.device == "cpu":
         let_accelerate_see_cpu_ranks()
@@ -191,7 +195,7 @@ def train_stage(cfg: DictConfig, runtime: Runtime, stage) -> None:
     # From here on transformers builds models inside deepspeed.zero.Init (ZeRO-3).
     model = load_model(cfg.model, runtime.torch_dtype, tokenizer, quantization_config=quantization_config(cfg))
     report_parameter_share(model)
-    throughput = ThroughputCallback(data.stats)
+    throughput = ThroughputCallback({**data.stats, "global_batch_size": cfg.training.global_batch_size})
     callbacks = [preemption, BatchRecordCallback()]
     if cfg.training.keep_epoch_models:
         callbacks.append(EpochModelCallback(cfg.output_dir))
