@@ -36,7 +36,9 @@ def start_model_dir(pipeline: DictConfig, run_dir: Path) -> Optional[str]:
     if pipeline.start:
         return local_path(pipeline.start)
     # output_dir in the run: the composed config checks it is writable, and that one must be
-    model = compose_train_config([f"model={pipeline.model}", "+stage=cpt", f"output_dir={run_dir / START}"]).model
+    # only the model node is read: the steps' data is checked when their configs compose
+    args = [f"model={pipeline.model}", "+stage=cpt", f"output_dir={run_dir / START}", "data.allow_demo=true"]
+    model = compose_train_config(args).model
     if model.path is None:
         return None
     if model.gguf_file:
