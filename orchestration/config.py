@@ -213,6 +213,9 @@ def compose_pipeline_job(overrides: List[str]) -> DictConfig:
     """The pipeline job; `data=`, `data.*` and `model.*` arguments join pipeline.overrides, after
     the preset's own, so every training step gets them (and checks them when the plan is made)."""
     for_steps = [a for a in overrides if a.startswith(TRAINING_STEP_PREFIXES)]
+    if any(a.startswith("model.path=") for a in for_steps):  # each step's input is the previous step's output
+        raise UserError("model.path on a pipeline's command line would start every training step from that model: "
+                        "give the starting model with pipeline.start=<model dir>")
     cfg = compose_config([a for a in overrides if a not in for_steps], "pipeline_job", PipelineJobConfig)
     cfg.pipeline.overrides = [*cfg.pipeline.overrides, *for_steps]
     check_cluster(cfg.cluster)

@@ -33,6 +33,11 @@ def test_data_and_model_keys_reach_every_training_step_after_the_presets_overrid
     assert not any("chats.jsonl" in " ".join(s.args) for s in steps if s.kind != "train")
 
 
+def test_model_path_is_refused_for_pipeline_start(tmp_path):
+    with pytest.raises(UserError, match=r"model.path .*pipeline.start=<model dir>"):
+        plan(tmp_path, "model.path=/models/x")
+
+
 def test_a_mistyped_data_key_fails_the_plan_naming_the_step(tmp_path):
     with pytest.raises(UserError, match=r"pipeline tiny, step 'cpt': unknown config key 'data.cpt.pth'"):
         validate_step_configs(plan(tmp_path, "data.cpt.pth=corpus.jsonl"))
