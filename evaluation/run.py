@@ -19,7 +19,7 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -53,17 +53,24 @@ def check_model_dir(cfg: DictConfig) -> Tuple[Path, Optional[int]]:
     return model_dir.resolve(), parameters
 
 
-def write_eval_set_tasks(eval_sets: List[str], folder: Path) -> List[str]:
-    """Task YAMLs (both protocols) for each paper-format file, in `folder`; their task names."""
-    names: List[str] = []
+def eval_set_tasks(eval_sets: List[str]) -> Dict[str, str]:
+    """{task name: task YAML} (both protocols) for each paper-format file, each file checked."""
+    tasks: Dict[str, str] = {}
     for path in eval_sets:
         stem = Path(path).name.split(".")[0]
         for task, text in eval_set_task_yamls(path, stem).items():
-            if task in names:
+            if task in tasks:
                 raise UserError(f"eval_sets: two files named {stem}: rename one (task names come from file names)")
-            (folder / f"{task}.yaml").write_text(text)
-            names.append(task)
-    return names
+            tasks[task] = text
+    return tasks
+
+
+def write_eval_set_tasks(eval_sets: List[str], folder: Path) -> List[str]:
+    """Task YAMLs (both protocols) for each paper-format file, in `folder`; their task names."""
+    tasks = eval_set_tasks(eval_sets)
+    for task, text in tasks.items():
+        (folder / f"{task}.yaml").write_text(text)
+    return list(tasks)
 
 
 def unreadable_yamls(folders: List[Path]) -> List[str]:

@@ -33,6 +33,9 @@ def validate_step_configs(plan: Plan) -> None:
             raise UserError(f"pipeline {plan.pipeline}, step '{step.name}': {err}") from err
 
 
+PIPELINE_SDPA_FIX = "add model.attn_implementation=sdpa to this command (every training step gets it)"
+
+
 def check_step_environment(plan: Plan, steps: List[Step], python: Optional[str] = None) -> None:
     """What the jobs' interpreter (`python`; None: this one) must have installed, checked before any
     job runs: the attention kernel each training step's model asks for (train/attention.py)."""
@@ -44,7 +47,7 @@ def check_step_environment(plan: Plan, steps: List[Step], python: Optional[str] 
         if implementation in checked:
             continue
         try:
-            check_attention_installed(implementation, python)
+            check_attention_installed(implementation, python, PIPELINE_SDPA_FIX)
         except UserError as err:
             raise UserError(f"pipeline {plan.pipeline}, step '{step.name}': {err}") from err
         checked.append(implementation)

@@ -95,6 +95,9 @@ class PipelineEvalConfig:
     """Evaluate the starting model too: the baseline every strategy is compared with."""
     cpt_epochs: bool = False
     """Keep the model that ends each CPT epoch and evaluate it (the paper's CPT-epoch curve)."""
+    eval_sets: List[str] = field(default_factory=list)
+    """Your own eval sets, paper-format JSONL files (docs/eval.md): each runs on every model as
+    tasks `<file stem>_loglik` and `<file stem>_gen`, beside `tasks` or alone."""
     overrides: List[str] = field(default_factory=list)
     """launch/eval.py overrides for every evaluation, e.g. [limit=200, batch_size=16]."""
 
@@ -201,23 +204,37 @@ class PipelineJobConfig:
     """Run or submit only this step (its inputs must exist or be earlier in the same run)."""
 
 
+TRAINING_STEP_PREFIXES = ("data=", "data.", "model.")
+"""Command-line arguments of a pipeline that are launch/train.py's: your data (a data preset,
+data.<kind>.path=...) and model settings (model.attn_implementation=sdpa) for every training step."""
+
+
 def compose_pipeline_job(overrides: List[str]) -> DictConfig:
-    cfg = compose_config(overrides, "pipeline_job", PipelineJobConfig)
+    """The pipeline job; `data=`, `data.*` and `model.*` arguments join pipeline.overrides, after
+    the preset's own, so every training step gets them (and checks them when the plan is made)."""
+    for_steps = [a for a in overrides if a.startswith(TRAINING_STEP_PREFIXES)]
+    if any(a.startswith("model.path=") for a in for_steps):  # each step's input is the previous step's output
+        raise UserError("model.path on a pipeline's command line would start every training step from that model: "
+                        "give the starting model with pipeline.start=<model dir>")
+    cfg = compose_config([a for a in overrides if a not in for_steps], "pipeline_job", PipelineJobConfig)
+    cfg.pipeline.overrides = [*cfg.pipeline.overrides, *for_steps]
     check_cluster(cfg.cluster)
     return cfg
 
 
 PIPELINE_COMMAND = ConfigCommand(
     "pipeline.py", "pipeline_job", PipelineJobConfig, compose_pipeline_job,
-    keys=("pipeline.start", "pipeline.overrides", "pipeline.eval.tasks", "root", "step", "cluster.gpus_per_node"),
-    example="pipeline=tiny \"pipeline.overrides=['data.sft.path=my_chats.jsonl']\"",
+    keys=("pipeline.start", "pipeline.overrides",
+          "pipeline.eval.tasks", "pipeline.eval.eval_sets", "root", "step", "cluster.gpus_per_node"),
+    example="pipeline=tiny data.sft.path=my_chats.jsonl pipeline.eval.eval_sets=[my_eval.jsonl]",
     flags=(("--dry-run", "make every check (models, data, attention kernel), print the plan; run nothing"),),
 )
 """launch/pipeline.py's command line: --help, --cfg, or the pipeline job to run here."""
 
 SUBMIT_COMMAND = dataclasses.replace(
     PIPELINE_COMMAND, script="submit.py",
-    keys=("pipeline.start", "pipeline.overrides", "root", "step", "cluster.nodes", "cluster.gpus_per_node",
+    keys=("pipeline.start", "pipeline.overrides",
+          "pipeline.eval.eval_sets", "root", "step", "cluster.nodes", "cluster.gpus_per_node",
           "cluster.partition", "cluster.account", "cluster.time", "cluster.setup"),
     example="pipeline=tiny cluster=slurm cluster.partition=gpu cluster.time=02:00:00",
     flags=(("--dry-run", "make every check, print the batch scripts and the plan; write and submit nothing"),),

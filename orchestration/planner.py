@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from core.errors import UserError
 from core.outputs import EVAL_DIR, MODEL_CACHE_DIR, epoch_model_dir
+from evaluation.run import eval_set_tasks
 from orchestration.steps import JOBS_DIR, START, Plan, Step
 from train.config import compose_train_config
 from train.stages import STAGES
@@ -36,7 +37,9 @@ def start_model_dir(pipeline: DictConfig, run_dir: Path) -> Optional[str]:
     if pipeline.start:
         return local_path(pipeline.start)
     # output_dir in the run: the composed config checks it is writable, and that one must be
-    model = compose_train_config([f"model={pipeline.model}", "+stage=cpt", f"output_dir={run_dir / START}"]).model
+    # only the model node is read: the steps' data is checked when their configs compose
+    args = [f"model={pipeline.model}", "+stage=cpt", f"output_dir={run_dir / START}", "data.allow_demo=true"]
+    model = compose_train_config(args).model
     if model.path is None:
         return None
     if model.gguf_file:
@@ -73,7 +76,22 @@ class PipelinePlanner:
 
     @property
     def evaluating(self) -> bool:
-        return bool(self.pipeline.eval.tasks)
+        return bool(self.pipeline.eval.tasks or self.pipeline.eval.eval_sets)
+
+    @functools.cached_property
+    def eval_sets(self) -> Dict[str, str]:
+        """{file: absolute path} of pipeline.eval.eval_sets: jobs run from the repo root."""
+        return {path: local_path(path) for path in self.pipeline.eval.eval_sets}
+
+    @functools.cached_property
+    def eval_tasks(self) -> List[str]:
+        """Every task an evaluation step scores: pipeline.eval.tasks, then each eval set's two
+        (`<file stem>_loglik`, `<file stem>_gen`); each file is checked now, before any step runs."""
+        try:
+            from_files = list(eval_set_tasks(list(self.eval_sets.values())))
+        except UserError as err:
+            raise self.fail(f"pipeline.eval.eval_sets: {err}") from err
+        return list(dict.fromkeys([*self.pipeline.eval.tasks, *from_files]))
 
     def plan(self) -> Plan:
         self.check_step_names()
@@ -95,9 +113,12 @@ class PipelinePlanner:
         return Plan(self.pipeline.name, self.run_dir, self.steps, self.pipeline.wandb)
 
     def eval_step(self, name: str, model_dir: str, evaluates: str, out: Path, depends_on: List[str]) -> Step:
-        tasks = list(self.pipeline.eval.tasks)
-        args = [model_dir, f"tasks=[{','.join(tasks)}]", f"output_dir={out}", *self.pipeline.eval.overrides]
-        return Step(name, len(self.steps), out, "eval", args, evaluates=evaluates, tasks=tasks, depends_on=depends_on)
+        args = [model_dir, f"tasks=[{','.join(self.pipeline.eval.tasks)}]", f"output_dir={out}"]
+        if self.eval_sets:
+            args.append(f"eval_sets=[{','.join(self.eval_sets.values())}]")
+        args += list(self.pipeline.eval.overrides)
+        return Step(name, len(self.steps), out, "eval", args, evaluates=evaluates, tasks=self.eval_tasks,
+                    depends_on=depends_on)
 
     def plan_evals(self, step: Step) -> None:
         """An evaluation of `step`'s model right after it; before the first model step, of the

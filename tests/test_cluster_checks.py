@@ -35,6 +35,7 @@ from train.attention import check_attention_installed, check_attention_runs_here
 from train.config import compose_train_config
 
 LLAMA = "llama_instruct_cpt_sft_orpo_slerp"  # conf/model/llama3_1_8b.yaml: flash_attention_2
+DEMO = "data.allow_demo=true"  # the 8B presets refuse the bundled demo data otherwise
 FLASH_FIX = ("model.attn_implementation=flash_attention_2", "pip install flash-attn", "model.attn_implementation=sdpa")
 
 # A login node: the heavy libraries cannot be imported (as in test_architecture.py), and
@@ -56,15 +57,21 @@ def submit_on_login_node(*args, env=None) -> subprocess.CompletedProcess:
 # flash-attn
 # ---------------------------------------------------------------------------------------------
 def test_submit_dry_run_refuses_a_flash_attn_preset_without_flash_attn(tmp_path):
-    proc = submit_on_login_node(f"pipeline={LLAMA}", "cluster=slurm", f"root={tmp_path / 'runs'}", "--dry-run")
+    proc = submit_on_login_node(f"pipeline={LLAMA}", "cluster=slurm", f"root={tmp_path / 'runs'}", DEMO, "--dry-run")
     assert proc.returncode == 2
     line = assert_one_line_error(proc, f"pipeline {LLAMA}, step 'cpt'", *FLASH_FIX)
     assert sys.executable in line  # the interpreter the jobs would run
     assert "#!/bin/bash" not in proc.stdout and not (tmp_path / "runs").exists()
+    # the fix it names is one this command takes as written
+    fix = line.rsplit(", or add ", 1)[1].split(" ")[0]
+    fixed = submit_on_login_node(f"pipeline={LLAMA}", "cluster=slurm", f"root={tmp_path / 'runs'}", DEMO, fix,
+                                 "--dry-run")
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    assert fixed.stdout.count("#!/bin/bash") == 4
 
 
 def test_submit_of_one_stage_refuses_it_too(tmp_path):
-    proc = submit_on_login_node("+stage=sft", "model=llama3_1_8b", f"output_dir={tmp_path / 'sft'}", "--dry-run")
+    proc = submit_on_login_node("+stage=sft", "model=llama3_1_8b", f"output_dir={tmp_path / 'sft'}", DEMO, "--dry-run")
     assert_one_line_error(proc, *FLASH_FIX)
     assert not (tmp_path / "sft").exists()
 
@@ -74,11 +81,11 @@ def test_submit_dry_run_passes_once_flash_attn_is_installed_or_sdpa_chosen(tmp_p
     start = f"pipeline.start={stand_in_model(tmp_path / 'llama-instruct')}"  # dry runs check the start model
     installed = subprocess.run(
         [sys.executable, str(REPO / "launch" / "submit.py"), f"pipeline={LLAMA}", "cluster=slurm", f"root={root}",
-         start, "--dry-run"],
+         start, DEMO, "--dry-run"],
         cwd=REPO, env=offline_env(PYTHONPATH=str(fake_flash_attn)), capture_output=True, text=True, timeout=120)
     assert installed.returncode == 0, installed.stderr[-2000:]
     assert installed.stdout.count("#!/bin/bash") == 4  # cpt, sft, orpo, slerp; flash_attn never imported
-    sdpa = submit_on_login_node(f"pipeline={LLAMA}", "cluster=slurm", f"root={root}", start, "--dry-run",
+    sdpa = submit_on_login_node(f"pipeline={LLAMA}", "cluster=slurm", f"root={root}", start, DEMO, "--dry-run",
                                 "pipeline.overrides=['model.attn_implementation=sdpa']")
     assert sdpa.returncode == 0, sdpa.stderr[-2000:]
     assert sdpa.stdout.count("#!/bin/bash") == 4
@@ -178,7 +185,7 @@ def test_fp16_runs_get_dynamic_loss_scaling():
     from train.run import common_trainer_kwargs
     from train.runtime import Runtime
 
-    cfg = compose_train_config(["+stage=sft", "model=llama3_1_8b"])
+    cfg = compose_train_config(["+stage=sft", "model=llama3_1_8b", "data.allow_demo=true"])
     v100 = Runtime(device="cuda", backend="nccl", precision="fp16", rank=0, local_rank=0, world_size=8)
     kwargs = common_trainer_kwargs(cfg, v100)
     assert kwargs["fp16"] is True and kwargs["bf16"] is False

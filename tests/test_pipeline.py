@@ -42,7 +42,7 @@ def test_presets_are_the_papers_recipes():
         "tiny",
         "tiny_augment",
     ]
-    plans = {p: plan_pipeline(compose_pipeline_job([f"pipeline={p}"])) for p in PRESETS}
+    plans = {p: plan_pipeline(compose_pipeline_job([f"pipeline={p}", "data.allow_demo=true"])) for p in PRESETS}
     steps = {p: [s.stage or "merge" for s in model_steps(plan)] for p, plan in plans.items()}
     assert steps["llama_instruct_cpt_sft_orpo_slerp"] == ["cpt", "sft", "orpo", "merge"]
     assert steps["llama_instruct_cpt_sft_dpo"] == ["cpt", "sft", "dpo"]
@@ -69,7 +69,7 @@ def test_presets_are_the_papers_recipes():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_step_of_every_preset_composes(preset, tmp_path):
-    plan = plan_pipeline(compose_pipeline_job([f"pipeline={preset}", f"root={tmp_path}"]))
+    plan = plan_pipeline(compose_pipeline_job([f"pipeline={preset}", f"root={tmp_path}", "data.allow_demo=true"]))
     validate_step_configs(plan)  # composes each step's train/merge config: no typo anywhere
     assert [s.output_dir for s in model_steps(plan)] == [tmp_path / preset / s.name for s in model_steps(plan)]
 

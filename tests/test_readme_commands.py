@@ -1,26 +1,46 @@
-"""Every configuration-driven command in README.md composes as written: the same overrides
-through the same composer the entry point uses, so a renamed key or preset breaks this test
-before it breaks a reader. (The commands' runs are the integration tests' business.)"""
+"""Every command in README.md's code blocks runs as written, up to the point where it would
+start spending compute: submit.py commands run their `--dry-run` on a login node (every check a
+submission makes), pipeline.py commands are planned and checked as launch/pipeline.py checks
+them, train/eval/augment/merge commands compose with their checks, and the file-argument
+launchers (merge.py CONFIG OUT, synergy.py, study.py) parse their flags. The README's own
+placeholders (/models/..., /data/...) become tiny stand-ins; nothing else is changed, so a
+renamed key, a mistyped flag or a preset that refuses what the README gives fails here.
+flash-attn is faked (an importable, empty package), as a GPU node has it installed."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from tests.support.env import REPO
+from tests.support.env import POISON, REPO, offline_env
 
 from core.cli import wants_help, without_cli_flags
+from core.errors import UserError
 from evaluation.config import compose_eval_config
-from merge.config import compose_merge_config
+from evaluation.run import check_task_names
+from merge.config import compose_merge_config, recipe_from_config
+from merge.recipe import check_recipe
 from orchestration.config import compose_pipeline_job
+from orchestration.local import run_local
+from train.attention import check_attention_installed
 from train.augment.config import compose_augment_config
 from train.config import compose_train_config
 from train.preview import parse_flags
 
+PLACEHOLDER = re.compile(r"/(models|data)/[^\s,\]'\"]+")
+"""README paths that stand for the reader's own model or data."""
+ARGUMENT_ERROR = ": usage: python launch/"
+"""How a file-argument launcher's argparse mistake (unknown flag, bad value) ends (core/errors.py)."""
+DATA_STAND_INS = {"cpt": "cpt.jsonl", "sft": "sft.jsonl", "preference": "preference.jsonl"}
 
-def readme_commands() -> list:
-    text = (REPO / "README.md").read_text()
+
+def readme_commands(text: str) -> list:
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -32,26 +52,92 @@ def readme_commands() -> list:
     return commands
 
 
-def compose(script: str, args: list):
+COMMANDS = readme_commands((REPO / "README.md").read_text())
+
+
+class StandIns:
+    """Tiny stand-ins for the README's placeholder paths, under `root`."""
+
+    def __init__(self, root: Path, model: Path):
+        self.root, self.model = root, model
+
+    def eval_set(self, path: Path) -> None:
+        rows = [{"question": f"Which letter {i}?", "options": ["a", "b", "c", "d"], "answer": "B"} for i in range(4)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def data_file(self, placeholder: str, key: str) -> str:
+        """A file (or, for a glob, a file it matches) holding data of the kind `key` names."""
+        target = self.root / placeholder.lstrip("/")
+        made = Path(str(target).replace("*", "part"))
+        made.parent.mkdir(parents=True, exist_ok=True)
+        kind = next((k for k in DATA_STAND_INS if f"data.{k}." in key), None)
+        if kind is not None:
+            shutil.copy(REPO / "data" / "materials" / DATA_STAND_INS[kind], made)
+        elif "eval_sets" in key:
+            self.eval_set(made)
+        else:
+            raise AssertionError(f"no stand-in for the README's {placeholder} in {key}: add one here")
+        return str(target)
+
+    def replace(self, arg: str) -> str:
+        key = arg.split("=", 1)[0]
+        return PLACEHOLDER.sub(
+            lambda m: str(self.model) if m.group(1) == "models" else self.data_file(m.group(0), key), arg)
+
+
+def submit_dry_run(args: list, root: Path, fake_flash_attn: Path) -> None:
+    """launch/submit.py --dry-run on a login node (no torch), with flash-attn installed."""
+    argv = [*args, f"root={root / 'runs'}"] if not any(a.startswith("+stage=") for a in args) else list(args)
+    if "--dry-run" not in argv:
+        argv.append("--dry-run")
+    proc = subprocess.run([sys.executable, "-c", POISON, str(REPO / "launch" / "submit.py"), *argv], cwd=root,
+                          env=offline_env(PYTHONPATH=str(fake_flash_attn)), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def plan_locally(args: list, root: Path) -> None:
+    """launch/pipeline.py's own pre-flight: every check before its first step, nothing run."""
+    run_local(compose_pipeline_job([*args, f"root={root / 'runs'}"]), dry_run=True)
+
+
+def parse_file_arguments(script: str, args: list, root: Path) -> None:
+    """A file-argument launcher, run where the README's files do not exist: it may stop at a
+    missing file, never at its arguments."""
+    proc = subprocess.run([sys.executable, "-c", POISON, str(REPO / script), *args], cwd=root,
+                          env=offline_env(), capture_output=True, text=True, timeout=120)
+    assert ARGUMENT_ERROR not in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def check_command(script: str, args: list, root: Path, fake_flash_attn: Path) -> None:
+    """Run `script args` up to its first expensive step; a user error raises or fails an assert."""
     if wants_help(args):
-        return None  # every launcher's --help runs in tests/test_matrix_launch.py
+        return  # every launcher's --help runs in tests/test_matrix_launch.py
+    if script == "launch/submit.py" and "status" not in args:
+        return submit_dry_run(args, root, fake_flash_attn)
     args = without_cli_flags(args)  # --cfg
+    if script in ("launch/pipeline.py", "launch/submit.py"):  # submit.py status: composes, then asks SLURM
+        if "status" in args:
+            return compose_pipeline_job([a for a in args if a != "status"])
+        return plan_locally(args, root)
     if script == "launch/train.py":
-        return compose_train_config(args)
+        return check_attention_installed(compose_train_config(args).model.attn_implementation)
     if script == "launch/preview.py":
         return compose_train_config(parse_flags(args)[1])  # less --samples, --memory, --gpus
-    if script in ("launch/pipeline.py", "launch/submit.py"):
-        return compose_pipeline_job([a for a in args if a not in ("status", "--dry-run")])
     if script == "launch/eval.py":
-        return compose_eval_config([f"model_dir={args[0]}", *args[1:]])
+        return check_task_names(compose_eval_config([f"model_dir={args[0]}", *args[1:]]))
     if script == "launch/augment.py":
         return compose_augment_config(args)
     if script == "launch/merge.py" and all("=" in a for a in args):
-        return compose_merge_config(args)
-    return None  # file arguments (a recipe, a run directory): run by the integration tests
+        return check_recipe(recipe_from_config(compose_merge_config(args)))
+    return parse_file_arguments(script, args, root)
 
 
-COMMANDS = readme_commands()
+@pytest.fixture
+def stand_ins(tmp_path, tiny_pair, fake_flash_attn, monkeypatch) -> StandIns:
+    monkeypatch.syspath_prepend(str(fake_flash_attn))  # this process's checks find flash_attn too
+    return StandIns(tmp_path / "placeholders", tiny_pair["base"])
 
 
 def test_the_readme_has_the_commands_it_promises():
@@ -62,5 +148,25 @@ def test_the_readme_has_the_commands_it_promises():
 
 
 @pytest.mark.parametrize("script,args", COMMANDS, ids=[" ".join([s, *a])[:80] for s, a in COMMANDS])
-def test_readme_command_composes(script, args):
-    compose(script, args)  # a UserError (unknown key, bad value, missing preset) fails the test
+def test_readme_command_runs_as_written(script, args, stand_ins, tmp_path, fake_flash_attn):
+    check_command(script, [stand_ins.replace(a) for a in args], tmp_path, fake_flash_attn)
+
+
+MISTYPED = """
+```bash
+python launch/merge.py merge.yml outputs/merged --wrokers two
+python launch/synergy.py outputs/merged --jsn outputs/merged-synergy.json
+python launch/train.py +stage=cpt trainng.learning_rate=1e-4
+python launch/submit.py pipeline=llama_instruct_cpt_sft_orpo_slerp cluster=slurm pipeline.start=/models/Llama \\
+    model.attn_implementation=sdpa
+python launch/submit.py pipeline=tiny cluster=slurm --dry-run data.cpt.pth=/data/corpus.jsonl
+```
+"""
+
+
+@pytest.mark.parametrize("script,args", readme_commands(MISTYPED), ids=["flag", "flag-2", "key", "demo-data", "key-2"])
+def test_a_mistyped_readme_command_fails_the_check(script, args, stand_ins, tmp_path, fake_flash_attn):
+    """The check above catches what a reader would trip on: a misspelt flag of a file-argument
+    launcher, a misspelt key, an 8B preset left on the bundled demo data."""
+    with pytest.raises((UserError, AssertionError)):
+        check_command(script, [stand_ins.replace(a) for a in args], tmp_path, fake_flash_attn)

@@ -203,7 +203,7 @@ def test_grid_dry_run_renders_each_merge_method_of_the_same_parents(tmp_path, fa
     and the study waits for all of them."""
     start = stand_in_model(tmp_path / "models" / "Meta-Llama-3.1-8B-Instruct")
     proc = run_submit(["pipeline=llama_instruct_grid", "cluster=slurm", f"root={tmp_path}",
-                       f"pipeline.start={start}", "--dry-run"],
+                       f"pipeline.start={start}", "data.allow_demo=true", "--dry-run"],
                       env=dict(os.environ, PATH=str(tmp_path), PYTHONPATH=str(fake_flash_attn)))
     assert proc.returncode == 0, proc.stderr[-2000:]
     scripts = dry_run_scripts(proc.stdout)

@@ -27,7 +27,7 @@ from core.errors import UserError
 
 # attn_implementation -> (module it imports, the pip requirement that provides it)
 FLASH_KERNELS = {
-    "flash_attention_2": ("flash_attn", "flash-attn"),
+    "flash_attention_2": ("flash_attn", "flash-attn (or pip install -e \".[flash]\" --no-build-isolation)"),
     "flash_attention_3": ("flash_attn_interface", "flash-attn-3 (built from flash-attention's hopper/ folder)"),
 }
 
@@ -45,22 +45,27 @@ def module_installed(module: str, python: Optional[str] = None) -> Optional[bool
     return {0: True, 3: False}.get(code)
 
 
-def _missing(implementation: str, where: str) -> UserError:
+SDPA_FIX = "set model.attn_implementation=sdpa"
+"""The fix without flash-attn, as launch/train.py takes it."""
+
+
+def _missing(implementation: str, where: str, sdpa_fix: str) -> UserError:
     module, requirement = FLASH_KERNELS[implementation]
     return UserError(
         f"model.attn_implementation={implementation} needs the {module} package, which is not installed for "
-        f"{where}: pip install {requirement}, or set model.attn_implementation=sdpa"
+        f"{where}: pip install {requirement}, or {sdpa_fix}"
     )
 
 
-def check_attention_installed(implementation: str, python: Optional[str] = None) -> None:
+def check_attention_installed(implementation: str, python: Optional[str] = None, sdpa_fix: str = SDPA_FIX) -> None:
     """Before a job is queued: the kernel's package is installed for `python` (the jobs'
-    interpreter; None: this one). A GPU is not needed to know that."""
+    interpreter; None: this one). A GPU is not needed to know that. `sdpa_fix`: how the
+    command that was typed switches to sdpa."""
     if implementation not in FLASH_KERNELS:
         return
     installed = module_installed(FLASH_KERNELS[implementation][0], python)
     if installed is False:
-        raise _missing(implementation, python or sys.executable)
+        raise _missing(implementation, python or sys.executable, sdpa_fix)
 
 
 def check_attention_runs_here(implementation: str) -> None:

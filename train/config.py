@@ -9,6 +9,7 @@ any model is built, with a message that names the key.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -17,7 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from core.cli import ConfigCommand
-from core.config import compose_config, schema_file
+from core.config import REPO_ROOT, compose_config, schema_file
 from core.errors import UserError
 from core.validate import (
     Check, at_least, checked, either, non_negative, one_of, open_unit_interval, positive, unit_interval, writable_dir,
@@ -44,6 +45,9 @@ class ModelConfig:
     """transformers config kwargs (with `model_type`) for random-init models."""
     attn_implementation: str = "sdpa"
     """sdpa or eager on the CPU; flash_attention_2 on GPUs that have it installed."""
+    demo_data_ok: bool = True
+    """Whether training on the bundled demo corpus (data/materials/, ~59k CPT tokens) makes sense
+    for this model; false on the 7B+ presets, whose stages then refuse it unless data.allow_demo=true."""
 
 
 @dataclass
@@ -105,6 +109,8 @@ class DataConfig:
     """Preference pairs: `prompt`, `chosen`, `rejected` (strings or chat messages)."""
     num_proc: Optional[int] = checked(None, at_least(1))
     """Processes for tokenization; None = in-process."""
+    allow_demo: bool = False
+    """Train a model whose preset says model.demo_data_ok=false on the bundled demo corpus anyway."""
 
 
 @dataclass
@@ -391,7 +397,31 @@ def compose_train_config(argv: List[str]) -> DictConfig:
     argv = strip_launcher_args(argv)
     cfg = compose_config(argv, "config", TrainJobConfig, check=check_stage)
     set_adapter_learning_rate(cfg, argv)
+    check_demo_data(cfg)
     return cfg
+
+
+DEMO_DATA_DIR = REPO_ROOT / "data" / "materials"
+
+
+def demo_data_paths(dataset: DictConfig) -> List[str]:
+    """The paths of `dataset` (a data.<kind> node) inside the bundled demo corpus."""
+    paths = [dataset.path] if dataset.path else [source.path for source in dataset.sources]
+    return [p for p in paths if Path(p).expanduser().resolve().is_relative_to(DEMO_DATA_DIR)]
+
+
+def check_demo_data(cfg: DictConfig) -> None:
+    """A large model (model.demo_data_ok=false) on the bundled toy corpus is almost always a
+    forgotten data.<kind>.path: refused before anything loads, unless data.allow_demo=true."""
+    kind = STAGES[cfg.stage.name].data
+    demo = demo_data_paths(cfg.data[kind])
+    if cfg.model.demo_data_ok or cfg.data.allow_demo or not demo:
+        return
+    raise UserError(
+        f"model={cfg.model.name} would train on the bundled demo data {Path(demo[0]).relative_to(REPO_ROOT)} "
+        f"(data.{kind}): give your own with data.{kind}.path=<file, glob or directory>, or accept the demo data "
+        "with data.allow_demo=true"
+    )
 
 
 TRAIN_COMMAND = ConfigCommand(
