@@ -64,8 +64,9 @@ def test_submit_dry_run_refuses_a_flash_attn_preset_without_flash_attn(tmp_path)
     assert "#!/bin/bash" not in proc.stdout and not (tmp_path / "runs").exists()
     # the fix it names is one this command takes as written
     fix = line.rsplit(", or add ", 1)[1].split(" ")[0]
+    start = f"pipeline.start={stand_in_model(tmp_path / 'llama-instruct')}"  # dry runs check the start model
     fixed = submit_on_login_node(f"pipeline={LLAMA}", "cluster=slurm", f"root={tmp_path / 'runs'}", DEMO, fix,
-                                 "--dry-run")
+                                 start, "--dry-run")
     assert fixed.returncode == 0, fixed.stderr[-2000:]
     assert fixed.stdout.count("#!/bin/bash") == 4
 

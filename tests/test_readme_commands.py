@@ -98,7 +98,8 @@ def submit_dry_run(args: list, root: Path, fake_flash_attn: Path) -> None:
 
 def plan_locally(args: list, root: Path) -> None:
     """launch/pipeline.py's own pre-flight: every check before its first step, nothing run."""
-    run_local(compose_pipeline_job([*args, f"root={root / 'runs'}"]), dry_run=True)
+    overrides = [a for a in args if a != "--dry-run"]  # launch/pipeline.py's own flag
+    run_local(compose_pipeline_job([*overrides, f"root={root / 'runs'}"]), dry_run=True)
 
 
 def parse_file_arguments(script: str, args: list, root: Path) -> None:
