@@ -92,7 +92,8 @@ class PipelinePlanner:
                 self.plan_evals(step)
         if self.evaluating:
             self.plan_study()
-        return Plan(self.pipeline.name, self.run_dir, self.steps, self.pipeline.wandb)
+        return Plan(self.pipeline.name, self.run_dir, self.steps, self.pipeline.wandb,
+                    self.pipeline.wandb_project, self.pipeline.wandb_entity)
 
     def eval_step(self, name: str, model_dir: str, evaluates: str, out: Path, depends_on: List[str]) -> Step:
         tasks = list(self.pipeline.eval.tasks)
@@ -252,7 +253,10 @@ class PipelinePlanner:
             input_dir, dep = self.resolve(START, spec.name, "input")
         args = [f"+stage={spec.stage}", f"model={self.pipeline.model}", f"output_dir={out}"]
         if self.pipeline.wandb is not None:
-            args += ["logging=wandb", f"logging.mode={self.pipeline.wandb}", f"logging.run_name={spec.name}"]
+            args += ["logging=wandb", f"logging.mode={self.pipeline.wandb}", f"logging.run_name={spec.name}",
+                     f"logging.project={self.pipeline.wandb_project}"]
+            if self.pipeline.wandb_entity:
+                args.append(f"logging.entity={self.pipeline.wandb_entity}")
         if input_dir is not None and (dep is not None or self.pipeline.start or spec.input):
             # A saved model directory: it takes precedence over a preset's GGUF file (train/model.py).
             args.append(f"model.path={input_dir}")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from core.errors import UserError
+from core.wandb_runs import DEFAULT_WANDB_PROJECT
 from core.model_card import code_version
 from core.outputs import is_augmented_dataset, is_model_dir, write_atomic
 from evaluation.config import compose_eval_config
@@ -149,6 +150,8 @@ class Plan:
     steps: List[Step]
     wandb: Optional[str] = None
     """W&B mode of every step (pipeline.wandb)."""
+    wandb_project: str = DEFAULT_WANDB_PROJECT
+    wandb_entity: Optional[str] = None
 
     @property
     def jobs_dir(self) -> Path:
@@ -170,7 +173,10 @@ def step_env(plan: Plan, step: Step) -> Dict[str, str]:
     """Environment of a step: W&B groups every run of the pipeline and types each by its step."""
     if plan.wandb is None:
         return {}
-    env = {"WANDB_RUN_GROUP": plan.pipeline, "WANDB_JOB_TYPE": step.stage or step.kind, "WANDB_MODE": plan.wandb}
+    env = {"WANDB_PROJECT": plan.wandb_project, "WANDB_RUN_GROUP": plan.pipeline,
+           "WANDB_JOB_TYPE": step.stage or step.kind, "WANDB_MODE": plan.wandb}
+    if plan.wandb_entity:
+        env["WANDB_ENTITY"] = plan.wandb_entity
     if not STEP_KINDS[step.kind].wandb_in_args:  # training runs log through transformers, the rest here
         env.update(DOMAINFORGE_WANDB="1", WANDB_DIR=str(plan.run_dir), WANDB_NAME=step.name)
     return env
