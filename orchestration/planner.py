@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig
 
+from core.config import user_conf_dir
 from core.errors import UserError
 from core.outputs import EVAL_DIR, MODEL_CACHE_DIR, epoch_model_dir
 from orchestration.steps import JOBS_DIR, START, Plan, Step
@@ -93,7 +94,7 @@ class PipelinePlanner:
         if self.evaluating:
             self.plan_study()
         return Plan(self.pipeline.name, self.run_dir, self.steps, self.pipeline.wandb,
-                    self.pipeline.wandb_project, self.pipeline.wandb_entity)
+                    self.pipeline.wandb_project, self.pipeline.wandb_entity, user_conf_dir())
 
     def eval_step(self, name: str, model_dir: str, evaluates: str, out: Path, depends_on: List[str]) -> Step:
         tasks = list(self.pipeline.eval.tasks)
@@ -251,7 +252,9 @@ class PipelinePlanner:
             input_dir, dep = str(self.model_steps[-1].output_dir), self.model_steps[-1].name
         else:
             input_dir, dep = self.resolve(START, spec.name, "input")
-        args = [f"+stage={spec.stage}", f"model={self.pipeline.model}", f"output_dir={out}"]
+        model = self.pipeline.model  # a preset name or a .yaml file (core/config.py:preset_files_as_choices)
+        model = local_path(model) if model.endswith((".yaml", ".yml")) else model
+        args = [f"+stage={spec.stage}", f"model={model}", f"output_dir={out}"]
         if self.pipeline.wandb is not None:
             args += ["logging=wandb", f"logging.mode={self.pipeline.wandb}", f"logging.run_name={spec.name}",
                      f"logging.project={self.pipeline.wandb_project}"]

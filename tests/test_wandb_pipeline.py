@@ -60,6 +60,7 @@ def test_a_real_offline_run_lands_in_the_pipeline_project(kind, tmp_path, monkey
     (tmp_path / "wandb-runs").mkdir()
     wandb.teardown()  # wandb reads the environment once per process; a step is one process
     assert log_wandb_run(kind, {"step": step.name}, {"score": 0.5}) is not None
+    wandb.teardown()  # the step's process exits here: wandb's service flushes the run file
     (path,) = find_offline_runs(tmp_path / "wandb-runs")
     info = run_info(path)
     assert (info["project"], info["entity"], info["group"], info["job_type"]) == ("materials-study", "my-team", "tiny", kind)
