@@ -19,15 +19,20 @@ from train.config import compose_train_config
 
 
 def readme_commands() -> list:
+    """(script, args, env): env holds the block's `export NAME=value` lines before the command."""
     text = (REPO / "README.md").read_text()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        env = {}
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split("  #")[0].split("&&")[-1].strip()
             words = shlex.split(line)
+            if words[:1] == ["export"]:
+                name, value = words[1].split("=", 1)
+                env[name] = value.replace("$PWD", str(REPO))
             script = next((w for w in words if w.startswith("launch/")), None)
             if script:
-                commands.append((script, words[words.index(script) + 1:]))
+                commands.append((script, words[words.index(script) + 1:], dict(env)))
     return commands
 
 
@@ -52,12 +57,14 @@ COMMANDS = readme_commands()
 
 
 def test_the_readme_has_the_commands_it_promises():
-    scripts = {script for script, _ in COMMANDS}
+    scripts = {script for script, _, _ in COMMANDS}
     assert {"launch/train.py", "launch/pipeline.py", "launch/submit.py", "launch/eval.py", "launch/merge.py",
             "launch/study.py", "launch/augment.py"} <= scripts, scripts
     assert len(COMMANDS) >= 20
 
 
-@pytest.mark.parametrize("script,args", COMMANDS, ids=[" ".join([s, *a])[:80] for s, a in COMMANDS])
-def test_readme_command_composes(script, args):
+@pytest.mark.parametrize("script,args,env", COMMANDS, ids=[" ".join([s, *a])[:80] for s, a, _ in COMMANDS])
+def test_readme_command_composes(script, args, env, monkeypatch):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     compose(script, args)  # a UserError (unknown key, bad value, missing preset) fails the test
