@@ -115,3 +115,13 @@ def test_a_broken_preset_file_is_one_line(tmp_path):
 def test_a_missing_pipeline_file_is_one_line(tmp_path):
     proc = launch("submit.py", [f"pipeline={tmp_path / 'nope.yaml'}", "cluster=slurm", "--dry-run"], timeout=120)
     assert_one_line_error(proc, f"pipeline={tmp_path / 'nope.yaml'}: no such file")
+
+
+def test_a_pipeline_model_file_reaches_the_jobs_as_an_absolute_path(tmp_path, monkeypatch):
+    (tmp_path / "my_llama.yaml").write_text(MODEL)
+    (tmp_path / "my_pipe.yaml").write_text(PIPELINE.replace("model: my_llama", "model: my_llama.yaml"))
+    monkeypatch.chdir(tmp_path)  # jobs run in the checkout, not here
+    plan = plan_pipeline(compose_pipeline_job(["pipeline=my_pipe.yaml", f"root={tmp_path / 'runs'}"]))
+    train_steps = [s for s in plan.steps if s.kind == "train"]
+    assert all(f"model={tmp_path / 'my_llama.yaml'}" in s.args for s in train_steps)
+    validate_step_configs(plan)
