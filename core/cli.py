@@ -76,7 +76,8 @@ class ConfigCommand:
     def groups_help(self) -> str:
         rows = [(f"+{group}" if default is ADDED else group, describe_presets(self.config_dir, group, default))
                 for group, default in config_groups(self.config_name, self.schema, self.config_dir)]
-        return "Config groups (presets in conf/<group>/; pick one with group=<preset>):\n" + table(rows)
+        return ("Config groups (presets in conf/<group>/ and $DOMAINFORGE_CONF/<group>/; pick one with "
+                "group=<preset> or group=/path/to/preset.yaml):\n" + table(rows))
 
     def keys_help(self) -> str:
         root = yaml.safe_load((self.config_dir / f"{self.config_name}.yaml").read_text())

@@ -7,11 +7,15 @@ orchestration/config.py); this module only knows how to compose and explain.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 import re
+import tempfile
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Iterator, List, Optional, Tuple
 
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
@@ -24,6 +28,11 @@ from core.validate import validate_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
+USER_CONF_ENV = "DOMAINFORGE_CONF"
+"""A directory of the user's own presets laid out like conf/ (model/, data/, pipeline/ ...),
+searched after conf/; pipelines pass it on to every job (orchestration/steps.py:step_env)."""
+# `group=<value>` whose value is a file rather than a preset name.
+PRESET_FILE = re.compile(r"^(\+?)(\w+)=((?:/|\./|\.\./|~).*|.*\.ya?ml)$")
 
 
 def _pkgdir(module: str) -> str:
@@ -49,9 +58,55 @@ def schema_file(schema: type) -> str:
     return schema.__module__.replace(".", "/") + ".py"
 
 
+def user_conf_dir() -> Optional[Path]:
+    """$DOMAINFORGE_CONF as an absolute directory; None when unset."""
+    value = os.environ.get(USER_CONF_ENV)
+    if not value:
+        return None
+    path = Path(value).expanduser().resolve()
+    if not path.is_dir():
+        raise UserError(
+            f"{USER_CONF_ENV}={value} is not a directory: point it at a folder of presets laid out like "
+            "conf/ (model/, data/, pipeline/ ...) or unset it"
+        )
+    return path
+
+
 def presets(config_dir: Path, group: str) -> List[str]:
-    """The presets of a config group: conf/<group>/*.yaml."""
-    return sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+    """The presets of a config group: conf/<group>/*.yaml, then the user's $DOMAINFORGE_CONF/<group>/*.yaml."""
+    dirs = [config_dir] + [d for d in [user_conf_dir()] if d is not None]
+    return sorted({p.stem for d in dirs for p in (d / group).glob("*.yaml")})
+
+
+def search_path_override(dirs: List[Path]) -> str:
+    return "hydra.searchpath=[" + ",".join(f"file://{d}" for d in dirs) + "]"
+
+
+@contextlib.contextmanager
+def preset_files_as_choices(overrides: List[str], config_dir: Path) -> Iterator[Tuple[List[str], Optional[Path]]]:
+    """`model=/path/my.yaml` becomes `model=my`, with my.yaml linked into a temporary search-path
+    directory (Hydra only takes preset names). Yields the rewritten overrides and that directory."""
+    files = [(i, m) for i, m in ((i, PRESET_FILE.match(ov)) for i, ov in enumerate(overrides)) if m]
+    files = [(i, m) for i, m in files if (config_dir / m.group(2)).is_dir()]
+    if not files:
+        yield overrides, None
+        return
+    rewritten = list(overrides)
+    with tempfile.TemporaryDirectory(prefix="domainforge-presets-") as tmp:
+        for i, m in files:
+            plus, group, value = m.groups()
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise UserError(
+                    f"{group}={value}: no such file; give a .yaml file or a preset name "
+                    f"(one of {', '.join(presets(config_dir, group))})"
+                )
+            # A name no preset has, so that a copy of conf/model/x.yaml edited elsewhere is not shadowed by x.
+            choice = f"file--{path.stem}"
+            (Path(tmp) / group).mkdir(exist_ok=True)
+            (Path(tmp) / group / f"{choice}.yaml").symlink_to(path.resolve())
+            rewritten[i] = f"{plus}{group}={choice}"
+        yield rewritten, Path(tmp)
 
 
 def explain(err: BaseException, overrides: List[str], config_dir: Path, schema_path: str) -> str:
@@ -66,7 +121,11 @@ def explain(err: BaseException, overrides: List[str], config_dir: Path, schema_p
     if m:
         group, choice = m.group(1), m.group(2)
         hint = f"+{group}=<name>" if group == "stage" else f"{group}=<name>"
-        return f"unknown {group} '{choice}': choose one of {', '.join(presets(config_dir, group))} ({hint})"
+        where = f"conf/{group}/" + (f" and {user_conf_dir() / group}/" if user_conf_dir() else "")
+        return (
+            f"unknown {group} '{choice}': choose one of {', '.join(presets(config_dir, group))} "
+            f"(presets in {where}) or give a .yaml path ({hint})"
+        )
     full = re.search(r"full_key: (\S+)", text)
     key = full.group(1) if full else None
     m = re.search(r"Key '([^']+)' not in '(\w+)'", text)
@@ -119,8 +178,7 @@ def compose_config(
     register_resolvers()
     ConfigStore.instance().store(name=f"{config_name}_schema", node=schema)
     try:
-        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=overrides)
+        cfg = compose_with_user_presets(overrides, config_name, config_dir)
         check_schema(cfg, schema)
         if check is not None:
             check(cfg)
@@ -130,6 +188,20 @@ def compose_config(
         raise UserError(explain(err, overrides, config_dir, schema_file(schema))) from err
     validate_config(cfg)
     return cfg
+
+
+def compose_with_user_presets(overrides: List[str], config_name: str, config_dir: Path) -> DictConfig:
+    """Hydra's compose over conf/, then $DOMAINFORGE_CONF, then any preset given as a file."""
+    with preset_files_as_choices(overrides, config_dir) as (rewritten, file_dir):
+        extra = [d for d in (user_conf_dir(), file_dir) if d is not None]
+        if extra:
+            rewritten = rewritten + [search_path_override(extra)]
+        try:
+            with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+                return compose(config_name=config_name, overrides=rewritten)
+        except yaml.MarkedYAMLError as err:  # a user's preset file with a typo
+            mark = err.problem_mark
+            raise UserError(f"{mark.name}, line {mark.line + 1}: not valid YAML ({err.problem}); fix the file") from err
 
 
 def resolved_yaml(cfg: DictConfig) -> str:

@@ -2,7 +2,8 @@
 holds every curve, score and plot. Training runs log through transformers' WandbCallback.
 
 Off unless DOMAINFORGE_WANDB is set (orchestration/steps.py sets it with pipeline.wandb,
-next to W&B's own WANDB_MODE, WANDB_RUN_GROUP, WANDB_JOB_TYPE, WANDB_NAME and WANDB_DIR).
+next to W&B's own WANDB_MODE, WANDB_PROJECT, WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_JOB_TYPE,
+WANDB_NAME and WANDB_DIR).
 Secrets never pass through here: wandb reads its API key from its own login file or env.
 """
 
@@ -10,6 +11,10 @@ from __future__ import annotations
 
 import os
 from typing import Dict, List, Optional
+
+
+DEFAULT_WANDB_PROJECT = "domainforge"
+"""The W&B project of every run, training or not, unless logging.project / pipeline.wandb_project say otherwise."""
 
 
 def wandb_enabled() -> bool:
@@ -29,7 +34,9 @@ def log_wandb_run(
         return None
     import wandb  # imported here: wandb is slow to import and most runs do not log
 
-    run = wandb.init(job_type=os.environ.get("WANDB_JOB_TYPE", job_type), config=config, reinit="finish_previous")
+    # The project is named, not inferred: W&B would otherwise file the run under "uncategorized".
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", DEFAULT_WANDB_PROJECT),
+                     job_type=os.environ.get("WANDB_JOB_TYPE", job_type), config=config, reinit="finish_previous")
     payload: Dict[str, object] = dict(summary)
     for key, (columns, rows) in (tables or {}).items():
         payload[key] = wandb.Table(columns=list(columns), data=[list(r) for r in rows])

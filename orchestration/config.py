@@ -13,6 +13,7 @@ from omegaconf import MISSING, DictConfig
 from core.cli import ConfigCommand
 from core.config import compose_config
 from core.errors import UserError
+from core.wandb_runs import DEFAULT_WANDB_PROJECT
 from core.validate import Check, at_least, between, checked, non_negative, writable_dir
 
 SLURM_TIME = re.compile(r"(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|INFINITE|UNLIMITED)", re.I)
@@ -121,6 +122,10 @@ class PipelineConfig:
     wandb: Optional[str] = None
     """offline or online: every step logs to W&B, in one group named after the pipeline (job type:
     the stage, merge, eval or study); offline runs sync later with `wandb sync`. None: no W&B."""
+    wandb_project: str = DEFAULT_WANDB_PROJECT
+    """The W&B project of every step's run, training, merges, evals and the study alike."""
+    wandb_entity: Optional[str] = None
+    """The W&B team or user of every step's run; None: the login's default entity."""
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig
 
+from core.config import user_conf_dir
 from core.errors import UserError
 from core.outputs import EVAL_DIR, MODEL_CACHE_DIR, epoch_model_dir
 from evaluation.run import eval_set_tasks
@@ -110,7 +111,8 @@ class PipelinePlanner:
                 self.plan_evals(step)
         if self.evaluating:
             self.plan_study()
-        return Plan(self.pipeline.name, self.run_dir, self.steps, self.pipeline.wandb)
+        return Plan(self.pipeline.name, self.run_dir, self.steps, self.pipeline.wandb,
+                    self.pipeline.wandb_project, self.pipeline.wandb_entity, user_conf_dir())
 
     def eval_step(self, name: str, model_dir: str, evaluates: str, out: Path, depends_on: List[str]) -> Step:
         args = [model_dir, f"tasks=[{','.join(self.pipeline.eval.tasks)}]", f"output_dir={out}"]
@@ -271,9 +273,14 @@ class PipelinePlanner:
             input_dir, dep = str(self.model_steps[-1].output_dir), self.model_steps[-1].name
         else:
             input_dir, dep = self.resolve(START, spec.name, "input")
-        args = [f"+stage={spec.stage}", f"model={self.pipeline.model}", f"output_dir={out}"]
+        model = self.pipeline.model  # a preset name or a .yaml file (core/config.py:preset_files_as_choices)
+        model = local_path(model) if model.endswith((".yaml", ".yml")) else model
+        args = [f"+stage={spec.stage}", f"model={model}", f"output_dir={out}"]
         if self.pipeline.wandb is not None:
-            args += ["logging=wandb", f"logging.mode={self.pipeline.wandb}", f"logging.run_name={spec.name}"]
+            args += ["logging=wandb", f"logging.mode={self.pipeline.wandb}", f"logging.run_name={spec.name}",
+                     f"logging.project={self.pipeline.wandb_project}"]
+            if self.pipeline.wandb_entity:
+                args.append(f"logging.entity={self.pipeline.wandb_entity}")
         if input_dir is not None and (dep is not None or self.pipeline.start or spec.input):
             # A saved model directory: it takes precedence over a preset's GGUF file (train/model.py).
             args.append(f"model.path={input_dir}")

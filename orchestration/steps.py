@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from core.config import USER_CONF_ENV
 from core.errors import UserError
+from core.wandb_runs import DEFAULT_WANDB_PROJECT
 from core.model_card import code_version
 from core.outputs import is_augmented_dataset, is_model_dir, write_atomic
 from evaluation.config import compose_eval_config
@@ -149,6 +151,10 @@ class Plan:
     steps: List[Step]
     wandb: Optional[str] = None
     """W&B mode of every step (pipeline.wandb)."""
+    wandb_project: str = DEFAULT_WANDB_PROJECT
+    wandb_entity: Optional[str] = None
+    user_conf: Optional[Path] = None
+    """$DOMAINFORGE_CONF when the plan was made: every job composes its config with those presets."""
 
     @property
     def jobs_dir(self) -> Path:
@@ -167,10 +173,15 @@ class Plan:
 
 
 def step_env(plan: Plan, step: Step) -> Dict[str, str]:
-    """Environment of a step: W&B groups every run of the pipeline and types each by its step."""
+    """Environment of a step: the user's presets (jobs recompose their configs), and W&B, which
+    groups every run of the pipeline and types each by its step."""
+    env = {USER_CONF_ENV: str(plan.user_conf)} if plan.user_conf else {}
     if plan.wandb is None:
-        return {}
-    env = {"WANDB_RUN_GROUP": plan.pipeline, "WANDB_JOB_TYPE": step.stage or step.kind, "WANDB_MODE": plan.wandb}
+        return env
+    env.update(WANDB_PROJECT=plan.wandb_project, WANDB_RUN_GROUP=plan.pipeline,
+               WANDB_JOB_TYPE=step.stage or step.kind, WANDB_MODE=plan.wandb)
+    if plan.wandb_entity:
+        env["WANDB_ENTITY"] = plan.wandb_entity
     if not STEP_KINDS[step.kind].wandb_in_args:  # training runs log through transformers, the rest here
         env.update(DOMAINFORGE_WANDB="1", WANDB_DIR=str(plan.run_dir), WANDB_NAME=step.name)
     return env

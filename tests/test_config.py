@@ -3,9 +3,11 @@ configured as shipped (checked here by composition, since this machine has no GP
 
 
 import pytest
+import yaml
 
 from core.errors import UserError
 from core.config import CONF_DIR, REPO_ROOT
+from tests.support.env import launch
 from train.config import compose_train_config, strip_launcher_args
 from train.deepspeed_config import build_deepspeed_config
 from train.run import common_trainer_kwargs
@@ -126,3 +128,21 @@ def test_output_dir_is_rank_independent():
     text = (CONF_DIR / "config.yaml").read_text()
     line = next(l for l in text.splitlines() if l.startswith("output_dir:"))
     assert line == "output_dir: outputs/${stage.name}-${model.name}"
+
+
+@pytest.mark.parametrize(
+    "preset, hub_id, attention",
+    [
+        ("llama3_1_8b_base", "meta-llama/Llama-3.1-8B", "flash_attention_2"),
+        ("qwen2_5_7b", "Qwen/Qwen2.5-7B", "flash_attention_2"),
+        ("qwen2_5_7b_instruct", "Qwen/Qwen2.5-7B-Instruct", "flash_attention_2"),
+        # Gemma 2 soft-caps attention logits, which sdpa cannot: eager, as Google recommends for training.
+        ("gemma2_9b", "google/gemma-2-9b", "eager"),
+        ("gemma2_9b_it", "google/gemma-2-9b-it", "eager"),
+    ],
+)
+def test_model_family_presets_compose_for_train(preset, hub_id, attention):
+    proc = launch("train.py", ["+stage=sft", f"model={preset}", "--cfg"], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    model = yaml.safe_load(proc.stdout)["model"]
+    assert (model["name"], model["path"], model["attn_implementation"]) == (preset, hub_id, attention)

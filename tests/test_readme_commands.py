@@ -41,14 +41,19 @@ DATA_STAND_INS = {"cpt": "cpt.jsonl", "sft": "sft.jsonl", "preference": "prefere
 
 
 def readme_commands(text: str) -> list:
+    """(script, args, env): env holds the block's `export NAME=value` lines before the command."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        env = {}
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split("  #")[0].split("&&")[-1].strip()
             words = shlex.split(line)
+            if words[:1] == ["export"]:
+                name, value = words[1].split("=", 1)
+                env[name] = value.replace("$PWD", str(REPO))
             script = next((w for w in words if w.startswith("launch/")), None)
             if script:
-                commands.append((script, words[words.index(script) + 1:]))
+                commands.append((script, words[words.index(script) + 1:], dict(env)))
     return commands
 
 
@@ -142,14 +147,16 @@ def stand_ins(tmp_path, tiny_pair, fake_flash_attn, monkeypatch) -> StandIns:
 
 
 def test_the_readme_has_the_commands_it_promises():
-    scripts = {script for script, _ in COMMANDS}
+    scripts = {script for script, _, _ in COMMANDS}
     assert {"launch/train.py", "launch/pipeline.py", "launch/submit.py", "launch/eval.py", "launch/merge.py",
             "launch/study.py", "launch/augment.py"} <= scripts, scripts
     assert len(COMMANDS) >= 20
 
 
-@pytest.mark.parametrize("script,args", COMMANDS, ids=[" ".join([s, *a])[:80] for s, a in COMMANDS])
-def test_readme_command_runs_as_written(script, args, stand_ins, tmp_path, fake_flash_attn):
+@pytest.mark.parametrize("script,args,env", COMMANDS, ids=[" ".join([s, *a])[:80] for s, a, _ in COMMANDS])
+def test_readme_command_runs_as_written(script, args, env, stand_ins, tmp_path, fake_flash_attn, monkeypatch):
+    for name, value in env.items():  # the block's export lines; launched commands inherit them
+        monkeypatch.setenv(name, value)
     check_command(script, [stand_ins.replace(a) for a in args], tmp_path, fake_flash_attn)
 
 
@@ -165,8 +172,9 @@ python launch/submit.py pipeline=tiny cluster=slurm --dry-run data.cpt.pth=/data
 """
 
 
-@pytest.mark.parametrize("script,args", readme_commands(MISTYPED), ids=["flag", "flag-2", "key", "demo-data", "key-2"])
-def test_a_mistyped_readme_command_fails_the_check(script, args, stand_ins, tmp_path, fake_flash_attn):
+@pytest.mark.parametrize("script,args,env", readme_commands(MISTYPED),
+                         ids=["flag", "flag-2", "key", "demo-data", "key-2"])
+def test_a_mistyped_readme_command_fails_the_check(script, args, env, stand_ins, tmp_path, fake_flash_attn):
     """The check above catches what a reader would trip on: a misspelt flag of a file-argument
     launcher, a misspelt key, an 8B preset left on the bundled demo data."""
     with pytest.raises((UserError, AssertionError)):

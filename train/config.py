@@ -24,6 +24,7 @@ from core.validate import (
     Check, at_least, checked, either, non_negative, one_of, open_unit_interval, positive, unit_interval, writable_dir,
 )
 from core.hub import HubConfig
+from core.wandb_runs import DEFAULT_WANDB_PROJECT
 from train.stages import STAGES
 
 
@@ -142,8 +143,9 @@ class LoggingConfig:
     """none or wandb."""
     mode: str = checked("offline", one_of("online", "offline", "disabled"))
     """wandb mode: online, offline or disabled."""
-    project: str = "domainforge"
+    project: str = DEFAULT_WANDB_PROJECT
     entity: Optional[str] = None
+    """W&B team or user; None: the login's default entity."""
     group: Optional[str] = None
     tags: List[str] = field(default_factory=list)
     run_name: Optional[str] = None

@@ -61,12 +61,12 @@ def history(path: Path) -> List[Dict[str, object]]:
 
 
 def run_info(path: Path) -> Dict[str, object]:
-    """The run record: group, job type, name and config of an offline run."""
+    """The run record: project, entity, group, job type, name and config of an offline run."""
     for rec in records(path):
         if rec.WhichOneof("record_type") == "run":
             run = rec.run
             config = {item.key: json.loads(item.value_json) for item in run.config.update}
-            return {"group": run.run_group, "job_type": run.job_type, "name": run.display_name, "config": config}
+            return {"project": run.project, "entity": run.entity, "group": run.run_group, "job_type": run.job_type, "name": run.display_name, "config": config}
     raise AssertionError(f"{path} has no run record")
 
 
