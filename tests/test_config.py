@@ -142,7 +142,8 @@ def test_output_dir_is_rank_independent():
     ],
 )
 def test_model_family_presets_compose_for_train(preset, hub_id, attention):
-    proc = launch("train.py", ["+stage=sft", f"model={preset}", "--cfg"], timeout=120)
+    proc = launch("train.py", ["+stage=sft", f"model={preset}", "data.allow_demo=true", "--cfg"], timeout=120)
     assert proc.returncode == 0, proc.stderr
     model = yaml.safe_load(proc.stdout)["model"]
     assert (model["name"], model["path"], model["attn_implementation"]) == (preset, hub_id, attention)
+    assert model["demo_data_ok"] is False  # a 7B+ preset: the bundled demo corpus needs data.allow_demo=true
