@@ -61,7 +61,7 @@ def test_an_explicit_accumulation_must_agree_with_the_global_batch():
 
 @pytest.mark.parametrize("stage", ["cpt", "sft"])
 def test_the_8b_presets_keep_the_papers_global_batch_of_96_on_any_world_size(stage):
-    t = compose_train_config([f"+stage={stage}", "model=llama3_1_8b"]).training
+    t = compose_train_config([f"+stage={stage}", "model=llama3_1_8b", "data.allow_demo=true"]).training
     assert (t.per_device_train_batch_size, t.global_batch_size) == (6, 96)
     assert derive_gradient_accumulation(t, 16) == 1
     assert derive_gradient_accumulation(t, 8) == 2  # the paper's 6 x 2 on its 8 GPUs
@@ -91,7 +91,7 @@ def test_a_resume_on_another_world_size_keeps_the_checkpoints_global_batch(tmp_p
 def test_submit_refuses_a_global_batch_the_cluster_cannot_keep_before_anything_queues(tmp_path, fake_flash_attn):
     """The paper's ORPO global batch (24) cannot be kept on 2 nodes x 8 GPUs: the dry run says so."""
     proc = run_light("submit.py", "pipeline=llama_instruct_grid", "cluster=slurm", "cluster.nodes=2", f"root={tmp_path}",
-                     "pipeline.start=/models/Meta-Llama-3.1-8B-Instruct", "--dry-run",
+                     "pipeline.start=/models/Meta-Llama-3.1-8B-Instruct", "data.allow_demo=true", "--dry-run",
                      env=offline_env(PATH=str(tmp_path) + os.pathsep + os.environ["PATH"],
                                      PYTHONPATH=f"{fake_flash_attn}{os.pathsep}{REPO}"))
     assert_one_line_error(proc, "step 'orpo'", "training.global_batch_size=24", "16 rank(s)",
