@@ -94,7 +94,8 @@ def test_memory_estimate_is_deepspeeds_model_states_plus_the_activation_formula(
     from train.memory import GIB, estimate_for_config, format_estimate
 
     batch, seq = 2, 4096
-    cfg = compose_train_config(["+stage=cpt", "model=llama3_1_8b", f"model.path={llama_8b_dir}", "deepspeed=zero3",
+    cfg = compose_train_config(["+stage=cpt", "model=llama3_1_8b", "data.allow_demo=true", f"model.path={llama_8b_dir}",
+                                "deepspeed=zero3",
                                 f"training.per_device_train_batch_size={batch}", f"training.max_seq_length={seq}",
                                 "training.gradient_checkpointing=true"])
     params = 8_030_261_248  # Llama-3.1-8B's published parameter count
@@ -111,7 +112,7 @@ def test_memory_estimate_is_deepspeeds_model_states_plus_the_activation_formula(
 def test_memory_command_runs_without_cuda_and_names_the_fix_when_it_does_not_fit(llama_8b_dir):
     from train.memory import GIB, estimate_for_config
 
-    args = ["+stage=sft", "model=llama3_1_8b", f"model.path={llama_8b_dir}", "training.gradient_checkpointing=false"]
+    args = ["+stage=sft", "model=llama3_1_8b", "data.allow_demo=true", f"model.path={llama_8b_dir}", "training.gradient_checkpointing=false"]
     proc = launch("preview.py", [*args, "--memory", "--gpus", "8", "--gpu-memory", "40"],
                   env=offline_env(CUDA_VISIBLE_DEVICES=""), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -121,5 +122,5 @@ def test_memory_command_runs_without_cuda_and_names_the_fix_when_it_does_not_fit
 
 
 def test_memory_needs_a_local_config_json():
-    proc = launch("preview.py", ["+stage=cpt", "model=llama3_1_8b", "--memory"], timeout=300)
+    proc = launch("preview.py", ["+stage=cpt", "model=llama3_1_8b", "data.allow_demo=true", "--memory"], timeout=300)
     assert_one_line_error(proc, "model.path=meta-llama/Llama-3.1-8B-Instruct", "config.json")
