@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 from core.errors import UserError
+from train.data.chat import fold_system_turn
 
 Generate = Callable[[List[str]], List[Tuple[str, int]]]
 """Rendered prompts -> (rewrite, generated tokens) each."""
@@ -22,7 +23,8 @@ def render_prompt(tokenizer, user: str, system_prompt: Optional[str]) -> str:
         return user
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
         {"role": "user", "content": user}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(fold_system_turn(tokenizer, messages), tokenize=False,
+                                         add_generation_prompt=True)
 
 
 class TransformersGenerator:

@@ -3,6 +3,7 @@
     sources.py     load a file, glob, directory or saved dataset; check its columns and rows
     mix.py         data.<kind>.path or a weighted mix of data.<kind>.sources; the eval split
     cpt.py         CPT: documents -> EOS-joined token stream -> fixed blocks
+    chat.py        chats the chat template can render (a system turn folded in where it has none)
     sft.py         SFT: chats -> chat template -> assistant-only labels -> optional packing
     preference.py  DPO/ORPO: prompt/chosen/rejected pairs, rendered and truncated once
 

@@ -24,6 +24,7 @@ from trl.data_utils import common_prefix_length, maybe_extract_prompt
 
 from core.errors import UserError
 from train.data import PreparedData, count_not_equal, list_lengths
+from train.data.chat import fold_system_turn
 from train.data.mix import SOURCE, load_split_rows, mix_shares, plain_messages, report_mix
 from train.model import max_positions
 
@@ -76,6 +77,7 @@ def tokenize_conversation(conv: Dict[str, List[Dict[str, str]]], tokenizer) -> D
     (some templates render a prompt alone differently from one followed by an answer)."""
 
     def ids(messages, **kwargs):
+        messages = fold_system_turn(tokenizer, messages)
         return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"]
 
     prompt = ids(conv["prompt"], add_generation_prompt=True)
@@ -201,7 +203,8 @@ def prepare_preference(cfg, tokenizer) -> PreparedData:
         where = f"data.preference.eval_path={spec.eval_path}" if spec.eval_path else "data.preference eval split"
         data.eval_dataset, _ = pairs_of(cfg, tokenizer, rows.eval, where)
         head = rows.eval.select(range(min(cfg.training.log_completions, len(rows.eval))))
-        data.eval_prompts = [to_conversation(dict(row), i, where)["prompt"] for i, row in enumerate(head)]
+        data.eval_prompts = [fold_system_turn(tokenizer, to_conversation(dict(row), i, where)["prompt"])
+                             for i, row in enumerate(head)]
     return data
 
 

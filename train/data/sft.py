@@ -19,6 +19,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from core.errors import UserError
 from train.data import IGNORE_INDEX, PreparedData, count_not_equal, list_lengths
+from train.data.chat import fold_system_turn
 from train.data.mix import (
     SOURCE, canonical_chat, completion_prompts, data_where, load_split_rows, mix_shares, report_mix, shares_of_stream,
 )
@@ -87,6 +88,7 @@ def _spans_by_marker(tokenizer, messages, text) -> List[Tuple[int, int]]:
 
 def tokenize_chat(tokenizer, messages: List[dict], assistant_only: bool) -> Tuple[List[int], List[int]]:
     """input_ids and labels of one chat (labels -100 outside assistant turns if assistant_only)."""
+    messages = fold_system_turn(tokenizer, messages)  # a folded system text is user text: no loss
     if not assistant_only:
         ids = tokenizer(_render(tokenizer, messages), add_special_tokens=False)["input_ids"]
         return ids, list(ids)
@@ -139,7 +141,8 @@ def prepare_sft(cfg, tokenizer) -> PreparedData:
         key = "data.sft.eval_path" if spec.eval_path else "data.sft eval split"
         evaluation = sft_examples(cfg, tokenizer, rows.eval, [], key, key, streaming=False)
         data.eval_dataset = evaluation.train_dataset
-        data.eval_prompts = completion_prompts(rows.eval, "sft", cfg.training.log_completions)
+        prompts = completion_prompts(rows.eval, "sft", cfg.training.log_completions)
+        data.eval_prompts = [fold_system_turn(tokenizer, p) for p in prompts]
     return data
 
 
