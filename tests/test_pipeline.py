@@ -175,9 +175,15 @@ def test_bad_pipeline_input_is_one_line_and_exit_2(tmp_path):
 def test_local_pipeline_skips_finished_steps_and_reruns_failed_ones(tmp_path):
     two_steps = ["pipeline=tiny", "pipeline.steps=[{name:cpt,stage:cpt},{name:sft,stage:sft}]", f"root={tmp_path}",
                  "cluster.gpus_per_node=2", "pipeline.eval.tasks=[]"]
-    # sft fails (its data is missing) after cpt finished: sft's one error line, then where it stopped.
+    # Missing data is refused before any step runs (the pre-flight), in sft's one line.
     proc = launch("pipeline.py", [*two_steps, "pipeline.steps.1.overrides=['data.sft.path=/nonexistent.jsonl']"])
-    assert_one_line_error(proc, "/nonexistent.jsonl")
+    assert_one_line_error(proc, "step 'sft'", "/nonexistent.jsonl")
+    assert proc.returncode == 2 and not (tmp_path / "tiny" / "cpt").exists()
+    # Data an earlier step writes is checked when its reader runs: sft fails after cpt finished,
+    # with its one error line, then where it stopped.
+    written_by_cpt = tmp_path / "tiny" / "cpt" / "chats.jsonl"
+    proc = launch("pipeline.py", [*two_steps, f"pipeline.steps.1.overrides=['data.sft.path={written_by_cpt}']"])
+    assert_one_line_error(proc, str(written_by_cpt))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("pipeline tiny: stopped at step 'sft'")
     assert (tmp_path / "tiny" / "cpt" / "config.json").is_file()
