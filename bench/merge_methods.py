@@ -9,17 +9,19 @@
 Builds three synthetic Llama checkpoints (bf16, several shards, bench/merge_bench.py's builder:
 base, and two models each 0.8·base + noise) under --work-dir. For each method, one recipe
 (mergekit 0.1.5's YAML: `base_model` plus the two other models; see METHODS) is run by both
-contenders, one after another on warm page cache (every input byte read right before each run):
+contenders, one after the other on warm page cache (every input byte read right before each run):
   - ours:     python launch/merge.py METHOD.yml OUT --workers W --shard-size 2GB --quiet
   - mergekit: /opt/mergekit-venv/bin/mergekit-yaml METHOD.yml OUT
 mergekit runs at the first scale only (--mergekit-scales); ours runs at every scale in --scales,
 so the table shows how our peak memory moves when the model size doubles. Method by method,
-the contenders run one right after the other (the same load for each), --repeat times; wall
-time and CPU time (user + sys of the whole process tree: it holds still when other jobs load
-the machine, wall time does not) are the best of the rounds; peak RSS is the largest over the
-rounds, both summed over the process tree and for its largest process, sampled every 10 ms
-(bench/merge_bench.py's `measure`). --json is rewritten after each method. A contender that
-fails is reported as failed, the others still run, and the script exits non-zero.
+the contenders alternate for --repeat rounds (ours first in odd rounds, mergekit first in even
+ones, so both see the same load and the same page-cache history). The table gives the median
+over the rounds of wall time and of CPU time (user + sys of the whole process tree: it holds
+still when other jobs load the machine, wall time does not), and the median of the per-round
+ratios mergekit / ours; peak RSS is the largest over the rounds, both summed over the process
+tree and for its largest process, sampled every 10 ms (bench/merge_bench.py's `measure`).
+--json is rewritten after each method. A contender that fails is reported as failed, the
+others still run, and the script exits non-zero.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -90,6 +93,32 @@ def run_once(key, cmd, out: Path, dirs, env, results) -> None:
           f"(largest process {largest / 2**20:.0f})  load {os.getloadavg()[0]:.1f}", flush=True)
 
 
+def run_ours(m, args, scales, mergekit_scales, models, env, results) -> None:
+    """One round of ours on `m`, at every scale."""
+    if args.skip_ours:
+        return
+    for scale in scales:
+        root, dirs = models[scale]
+        cfg = root / f"{m}.yml"
+        cfg.write_text(json.dumps(recipe(m, dirs)))
+        out = root / f"ours-{m}"
+        run_once(("ours", m, scale), [sys.executable, str(REPO / "launch" / "merge.py"), str(cfg), str(out),
+                                      "--workers", str(args.workers), "--shard-size", "2GB", "--quiet"],
+                 out, dirs, env, results)
+
+
+def run_mergekit(m, args, scales, mergekit_scales, models, env, results) -> None:
+    """One round of mergekit on `m`, at the scales it runs at."""
+    for scale in scales:
+        root, dirs = models[scale]
+        if scale not in mergekit_scales:
+            continue
+        cfg = root / f"{m}.yml"
+        cfg.write_text(json.dumps(recipe(m, dirs)))
+        out = root / f"mergekit-{m}"
+        run_once(("mergekit", m, scale), [str(MERGEKIT), str(cfg), str(out)], out, dirs, env, results)
+
+
 def mib(n: int) -> str:
     return f"{n / 2**20:.0f}"
 
@@ -97,14 +126,14 @@ def mib(n: int) -> str:
 def print_table(results, methods, scales) -> None:
     first = scales[0]
 
-    def best(key, field):
+    def median(key, field):
         r = results.get(key)
-        return min(r[field]) if r and r[field] and not r.get("failed") else None
+        return statistics.median(r[field]) if r and r[field] and not r.get("failed") else None
 
     head = ["method", "ours wall s", "mergekit wall s", "wall mergekit / ours", "ours CPU s", "mergekit CPU s",
             "CPU mergekit / ours", "ours peak RSS MiB (tree / largest)", "mergekit peak RSS MiB"]
     head += [f"ours x{s:g}: wall s, peak RSS MiB (tree / largest)" for s in scales[1:]]
-    print(f"\n(x{first:g} unless named; best of the rounds)")
+    print(f"\n(x{first:g} unless named; medians over the rounds, ratios: median of the per-round ratios)")
     print("| " + " | ".join(head) + " |")
     print("|" + " --- |" * len(head))
     for m in methods:
@@ -115,17 +144,19 @@ def print_table(results, methods, scales) -> None:
             return "-" if r is None or not (r["walls"] or r.get("failed")) else ("failed" if r.get("failed") else text(r))
 
         def ratio(field):
-            a, b = best(mk, field), best(ours, field)
-            return f"{a / b:.1f}x" if a is not None and b else "-"
+            a, b = results.get(mk), results.get(ours)
+            if median(mk, field) is None or median(ours, field) is None:
+                return "-"
+            return f"{statistics.median(x / y for x, y in zip(a[field], b[field])):.1f}x"
 
-        row = [m, cell(ours, lambda r: f"{best(ours, 'walls'):.2f}"), cell(mk, lambda r: f"{best(mk, 'walls'):.2f}"),
-               ratio("walls"), cell(ours, lambda r: f"{best(ours, 'cpu_seconds'):.2f}"),
-               cell(mk, lambda r: f"{best(mk, 'cpu_seconds'):.2f}"), ratio("cpu_seconds"),
+        row = [m, cell(ours, lambda r: f"{median(ours, 'walls'):.2f}"), cell(mk, lambda r: f"{median(mk, 'walls'):.2f}"),
+               ratio("walls"), cell(ours, lambda r: f"{median(ours, 'cpu_seconds'):.2f}"),
+               cell(mk, lambda r: f"{median(mk, 'cpu_seconds'):.2f}"), ratio("cpu_seconds"),
                cell(ours, lambda r: f"{mib(r['peak_rss_tree'])} / {mib(r['peak_rss_largest'])}"),
                cell(mk, lambda r: mib(r["peak_rss_largest"]))]
         for s in scales[1:]:
             key = ("ours", m, s)
-            row.append(cell(key, lambda r: f"{best(key, 'walls'):.2f}, "
+            row.append(cell(key, lambda r: f"{median(key, 'walls'):.2f}, "
                                            f"{mib(r['peak_rss_tree'])} / {mib(r['peak_rss_largest'])}"))
         print("| " + " | ".join(row) + " |", flush=True)
 
@@ -149,7 +180,7 @@ def main():
     ap.add_argument("--work-dir", default=str(REPO / "bench" / "_work" / "methods"))
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--skip-ours", action="store_true")
-    ap.add_argument("--repeat", type=int, default=3, help="rounds over the contenders; the best wall time is reported")
+    ap.add_argument("--repeat", type=int, default=3, help="alternating rounds over the contenders; medians are reported")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
     args = ap.parse_args()
@@ -157,6 +188,8 @@ def main():
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         sys.exit(f"error: --methods: unknown {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    if args.repeat < 1:
+        sys.exit("error: --repeat must be >= 1 (3 or more for medians that mean something)")
     scales = [float(s) for s in args.scales.split(",")]
     mergekit_scales = {float(s) for s in args.mergekit_scales.split(",")}
     use_mergekit = MERGEKIT.exists() and not args.skip_mergekit
@@ -174,26 +207,14 @@ def main():
         models[scale] = (root, dirs)
         print(f"x{scale:g}: {len(MODELS)} models of {total / 1e6:.1f}M params, {layers} layers, "
               f"{size / 1e9:.3f} GB each", flush=True)
-    # Method by method, each contender right after the other (same load), ours at every size
-    # first; results are written after each method, so an interrupted run keeps what it measured.
+    # Method by method, the contenders alternate (same load, each first in every other round);
+    # results are written after each method, so an interrupted run keeps what it measured.
     results = {}
     for m in methods:
-        for _ in range(args.repeat):
-            for scale in scales:
-                root, dirs = models[scale]
-                cfg = root / f"{m}.yml"
-                cfg.write_text(json.dumps(recipe(m, dirs)))
-                if not args.skip_ours:
-                    out = root / f"ours-{m}"
-                    run_once(("ours", m, scale), [sys.executable, str(REPO / "launch" / "merge.py"), str(cfg),
-                                                  str(out), "--workers", str(args.workers), "--shard-size", "2GB",
-                                                  "--quiet"], out, dirs, env, results)
-            for scale in scales:
-                root, dirs = models[scale]
-                if use_mergekit and scale in mergekit_scales:
-                    out = root / f"mergekit-{m}"
-                    run_once(("mergekit", m, scale), [str(MERGEKIT), str(root / f"{m}.yml"), str(out)], out, dirs,
-                             env, results)
+        for round_index in range(args.repeat):
+            contenders = [run_ours, run_mergekit] if round_index % 2 == 0 else [run_mergekit, run_ours]
+            for run in contenders:
+                run(m, args, scales, mergekit_scales if use_mergekit else set(), models, env, results)
         if args.json:
             write_json(args.json, sizes, results)
     print_table(results, methods, scales)

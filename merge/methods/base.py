@@ -120,6 +120,9 @@ class TensorJob:
     passes = 0
     proven_finite = False
     """Set when the reductions prove no output element can be inf/nan (skips the check)."""
+    align = 1
+    """Blocks start and end on multiples of this many elements where it fits a block (della:
+    whole rows, so a block holds every row it ranks)."""
 
     def reduce(self, pass_index: int, xs: List[np.ndarray], offset: int) -> None:
         raise NotImplementedError

@@ -21,7 +21,7 @@ Passes over the inputs before the writing pass:
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from merge.methods.base import DENSITY, IN_0_1, NON_NEGATIVE, MergeMethod, Param
 from merge.methods.numeric import RankWindow, bernoulli, l1_ratio, random_key, random_words, thresholds
 
 MAGNITUDE, RANDOM, OUTLIERS, DELLA = "magnitude", "random", "magnitude_outliers", "della_magprune"
+KEPT_MASK_BYTES = 32 << 20  # per tensor and worker: a 65M-element embedding of two models is 16 MB
 
 
 class TaskArithmeticFamily(MergeMethod):
@@ -109,6 +110,10 @@ class TaskArithmeticJob(TensorJob):
         self.rank_passes = rank_passes
         self.norm_pass = self.rescale and any(self.active)
         self.passes = rank_passes + (1 if self.norm_pass else 0)
+        # masks drawn in the norm pass are kept as bits for the writing pass (each random word
+        # drawn and each row ranked once) while they fit the cap; past it they are drawn again
+        self.kept_masks: Dict[int, List[Optional[np.ndarray]]] = {}
+        self.keep_masks = self.norm_pass and numel * sum(self.active) // 8 <= KEPT_MASK_BYTES
         self.before = [0.0] * self.models
         self.after = [0.0] * self.models
         self.ratio: List[Optional[float]] = [None] * self.models
@@ -119,6 +124,7 @@ class TaskArithmeticJob(TensorJob):
             self.epsilon = list(p["epsilon"])
             shape = plan.shape
             self.row = int(np.prod(shape[1:])) if len(shape) > 1 else numel
+            self.align = self.row
             self._della_tables = {}
 
     # --- the task vectors and their masks ---------------------------------------------------
@@ -128,10 +134,14 @@ class TaskArithmeticJob(TensorJob):
         return [self.rnd(np.subtract(x, base, out=x)) for x in xs[1:]]
 
     def masks(self, ds: List[np.ndarray], offset: int) -> List[Optional[np.ndarray]]:
+        kept = self.kept_masks.pop(offset, None)
+        if kept is not None:
+            n = ds[0].shape[0]
+            return [None if bits is None else np.unpackbits(bits, count=n).view(np.bool_) for bits in kept]
         out: List[Optional[np.ndarray]] = [None] * self.models
         sparse = self.m.sparsify
         if sparse == DELLA:
-            return self.della_masks(offset, ds[0].shape[0])
+            return self.della_masks(ds, offset)
         for i, d in enumerate(ds):
             if not self.active[i]:
                 continue
@@ -156,16 +166,17 @@ class TaskArithmeticJob(TensorJob):
             self._della_tables[i] = thresholds(probs)
         return self._della_tables[i]
 
-    def della_masks(self, offset: int, n: int) -> List[Optional[np.ndarray]]:
-        """Keep-masks of elements [offset, offset+n): each element kept with the probability of
-        its magnitude rank within its row (mergekit's della_magprune: rows of a 2-D tensor, a
-        1-D tensor is one row). The rows around the block are read whole: memory grows with the
-        row, not the tensor."""
-        row = self.row
+    def della_masks(self, ds: List[np.ndarray], offset: int) -> List[Optional[np.ndarray]]:
+        """Keep-masks of elements [offset, offset+n) (the block's task vectors `ds`): each element
+        kept with the probability of its magnitude rank within its row (mergekit's
+        della_magprune: rows of a 2-D tensor, a 1-D tensor is one row). Blocks are whole rows
+        (`align`) where a row fits a block; otherwise the rows around the block are read whole:
+        memory grows with the row, not the tensor."""
+        row, n = self.row, ds[0].shape[0]
         first, last = offset // row, -(-(offset + n) // row)
         rows = last - first
-        xs = self.ctx.read(first * row, rows * row)
-        ds = self.deltas(xs)
+        if offset % row or n % row:
+            ds = self.deltas(self.ctx.read(first * row, rows * row))
         lo = offset - first * row
         starts = (np.arange(rows, dtype=np.int64) * row)[:, None]
         out: List[Optional[np.ndarray]] = [None] * self.models
@@ -199,7 +210,10 @@ class TaskArithmeticJob(TensorJob):
                 if w is not None and pass_index < w.passes:
                     w.reduce(pass_index, np.abs(d))
             return
-        for i, (d, mask) in enumerate(zip(ds, self.masks(ds, offset))):  # the l1 norms
+        masks = self.masks(ds, offset)
+        if self.keep_masks:
+            self.kept_masks[offset] = [None if mask is None else np.packbits(mask) for mask in masks]
+        for i, (d, mask) in enumerate(zip(ds, masks)):  # the l1 norms
             if mask is not None:
                 a = np.abs(d, out=d)
                 self.before[i] += float(np.sum(a, dtype=np.float64))
