@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from core.errors import UserError, disk_full_error
 from merge.config import MergeOptions
+from merge.native import kernels
 from merge.stream import run_worker
 
 if TYPE_CHECKING:
@@ -83,6 +84,7 @@ def run_local_workers(merge: Merge, world: int, report: Callable[[int, int], Non
     import multiprocessing as mp
     import queue as queue_lib
 
+    kernels()  # built and loaded once, before the fork: the workers inherit them
     ctx = mp.get_context("fork")  # the plan and open readers are inherited, nothing re-parsed
     queue = ctx.Queue()
     procs = [ctx.Process(target=_child, args=(merge, r, world, queue), daemon=True) for r in range(world)]

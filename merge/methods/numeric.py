@@ -29,6 +29,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from merge.io import decode, encode
+from merge.native import kernels
 
 # ---------------------------------------------------------------------------------------------
 # SLERP and linear interpolation
@@ -142,6 +143,7 @@ class Rounder:
         self.active = work_dtype in ("BF16", "F16")
         self._out = np.empty(0, np.uint8)
         self._scratch = np.empty(0, np.uint32)
+        self._lib = kernels() if work_dtype == "BF16" else None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x rounded in place (float32, 1-D or contiguous)."""
@@ -149,6 +151,9 @@ class Rounder:
             return x
         flat = x.reshape(-1)
         n = flat.shape[0]
+        if self._lib is not None and flat.dtype == np.float32 and flat.flags.c_contiguous:
+            self._lib.round_bf16(flat.ctypes.data, n)  # the loop below in one pass (merge/native.py)
+            return x
         if self._scratch.shape[0] < n:
             self._out = np.empty(n * 8, np.uint8)
             self._scratch = np.empty(n, np.uint32)
