@@ -76,7 +76,7 @@ def kernels() -> Optional[ctypes.CDLL]:
     try:
         if not target.is_file():
             if shutil.which(compiler) is None:
-                raise OSError(f"no C compiler '{compiler}' on PATH")
+                raise OSError(f"no C compiler '{compiler}' (install cc, or set CC)")
             _build(compiler, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as err:
