@@ -140,12 +140,14 @@ def test_a_plugin_registers_a_pattern(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in materials(3)])
     out = tmp_path / "out"
-    run_augment(compose_augment_config([
-        "augment=rules", "augment.rules.plugins=[my_patterns]", "augment.rules.tasks=[symbol_quiz]",
-        "augment.rules.copies=0", f"data.cpt.path={corpus}", f"output_dir={out}"]))
+    try:
+        run_augment(compose_augment_config([
+            "augment=rules", "augment.rules.plugins=[my_patterns]", "augment.rules.tasks=[symbol_quiz]",
+            "augment.rules.copies=0", f"data.cpt.path={corpus}", f"output_dir={out}"]))
+    finally:  # later tests see the shipped patterns only
+        TASKS.pop("symbol_quiz", None)
     texts = datasets.load_from_disk(str(out))["text"]
     assert texts[0].endswith("Question: Which subject is this text about?\nAnswer: barium") and len(texts) == 3
-    TASKS.pop("symbol_quiz")
 
 
 # ---------------------------------------------------------------------------------------------
