@@ -131,6 +131,22 @@ def ensure_results(model_dir: Path, tasks: Optional[Sequence[str]], eval_overrid
     return have
 
 
+def synergy_parser(doc: str = ""):
+    """launch/synergy.py's arguments: MERGED_DIR [key=value ...] [--parents P1 P2] [--tasks T ...] [--json F]."""
+    from core.errors import argument_parser
+
+    parser = argument_parser("python launch/synergy.py MERGED_DIR [key=value ...] [--parents P1 P2] [--tasks T ...]",
+                             prog="launch/synergy.py", description=doc)
+    parser.add_argument("merged", help="the merged model's directory")
+    parser.add_argument("eval_overrides", nargs="*", metavar="key=value",
+                        help="launch/eval.py settings for evaluations that must run first (limit=, batch_size=, ...)")
+    parser.add_argument("--parents", nargs=2, metavar=("P1", "P2"),
+                        help="the parent models (default: from MERGED_DIR/mergekit_config.yml)")
+    parser.add_argument("--tasks", nargs="+", help="task names to compare (default: the merged model's results)")
+    parser.add_argument("--json", help="also write the comparison to this file")
+    return parser
+
+
 def run_synergy(merged_dir: str, parents: Optional[List[str]] = None, tasks: Optional[List[str]] = None,
                 eval_overrides: Sequence[str] = (), json_out: Optional[str] = None) -> Dict[str, object]:
     """Compare a merge with its parents on their eval results (evaluating what is missing);

@@ -14,16 +14,13 @@ from pathlib import Path
 # Put the repo root first: this file's own folder would otherwise shadow the packages.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from core.errors import argument_parser, exit_on_user_error  # noqa: E402
+from core.errors import exit_on_user_error  # noqa: E402
 
 
 def main(argv):
-    from orchestration.study import run_study
+    from orchestration.study import run_study, study_parser
 
-    parser = argument_parser("python launch/study.py RUN_DIR", prog="launch/study.py",
-                             description=__doc__)
-    parser.add_argument("run_dir", help="a pipeline's run directory, <root>/<pipeline>")
-    run_study(parser.parse_args(argv).run_dir)
+    run_study(study_parser(__doc__).parse_args(argv).run_dir)
 
 
 if __name__ == "__main__":

@@ -17,22 +17,13 @@ from pathlib import Path
 # Put the repo root first: this file's own folder would otherwise shadow the packages.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from core.errors import argument_parser, exit_on_user_error  # noqa: E402
+from core.errors import exit_on_user_error  # noqa: E402
 
 
 def main(argv):
-    from evaluation.synergy import run_synergy
+    from evaluation.synergy import run_synergy, synergy_parser
 
-    parser = argument_parser("python launch/synergy.py MERGED_DIR [key=value ...] [--parents P1 P2] [--tasks T ...]",
-                             prog="launch/synergy.py", description=__doc__)
-    parser.add_argument("merged", help="the merged model's directory")
-    parser.add_argument("eval_overrides", nargs="*", metavar="key=value",
-                        help="launch/eval.py settings for evaluations that must run first (limit=, batch_size=, ...)")
-    parser.add_argument("--parents", nargs=2, metavar=("P1", "P2"),
-                        help="the parent models (default: from MERGED_DIR/mergekit_config.yml)")
-    parser.add_argument("--tasks", nargs="+", help="task names to compare (default: the merged model's results)")
-    parser.add_argument("--json", help="also write the comparison to this file")
-    args = parser.parse_args(argv)
+    args = synergy_parser(__doc__).parse_args(argv)
     run_synergy(args.merged, args.parents, args.tasks, args.eval_overrides, args.json)
 
 

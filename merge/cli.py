@@ -26,11 +26,16 @@ def merge_arguments(argv: List[str], doc: str) -> Tuple[dict, str, MergeOptions]
     if is_hydra_form(argv):
         cfg = MERGE_COMMAND.config(argv, doc)
         return recipe_from_config(cfg), cfg.output_dir, options_from(cfg)
+    args = file_form_parser(doc).parse_args(argv)
+    return load_merge_config(args.config), args.out_dir, options_from(args)
+
+
+def file_form_parser(doc: str = ""):
+    """The parser of mergekit-yaml's form, CONFIG.yml OUT_DIR [flags]; its --help lists every method."""
     parser = argument_parser("python launch/merge.py CONFIG.yml OUT_DIR [--workers W] [--verify]",
                              prog="launch/merge.py", description=doc,
                              epilog=methods.cli_help() + "\n\n" + MERGE_COMMAND.groups_help())
     parser.add_argument("config", help="mergekit YAML")
     parser.add_argument("out_dir", help="output model directory")
     add_merge_options(parser)
-    args = parser.parse_args(argv)
-    return load_merge_config(args.config), args.out_dir, options_from(args)
+    return parser

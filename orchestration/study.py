@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from core.errors import UserError
+from core.errors import UserError, argument_parser
 from core.outputs import write_atomic
 from core.validate import check_value, writable_dir
 from core.wandb_runs import log_wandb_run, table_rows
@@ -295,6 +295,13 @@ def plot(run_dir: Path, rows: List[ModelRow], tasks: List[str], synergies: List[
         ax.legend(fontsize=8)
         save(fig, run_dir, "cpt_epochs", written)
     return written
+
+
+def study_parser(doc: str = ""):
+    """launch/study.py's arguments: one RUN_DIR."""
+    parser = argument_parser("python launch/study.py RUN_DIR", prog="launch/study.py", description=doc)
+    parser.add_argument("run_dir", help="a pipeline's run directory, <root>/<pipeline>")
+    return parser
 
 
 def run_study(run_dir: str) -> dict:

@@ -6,9 +6,13 @@ outputs are in test_augment_integration.py."""
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import re
 import subprocess
 import sys
+import time
+import traceback
 
 import datasets
 import pytest
@@ -140,12 +144,14 @@ def test_a_plugin_registers_a_pattern(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in materials(3)])
     out = tmp_path / "out"
-    run_augment(compose_augment_config([
-        "augment=rules", "augment.rules.plugins=[my_patterns]", "augment.rules.tasks=[symbol_quiz]",
-        "augment.rules.copies=0", f"data.cpt.path={corpus}", f"output_dir={out}"]))
+    try:
+        run_augment(compose_augment_config([
+            "augment=rules", "augment.rules.plugins=[my_patterns]", "augment.rules.tasks=[symbol_quiz]",
+            "augment.rules.copies=0", f"data.cpt.path={corpus}", f"output_dir={out}"]))
+    finally:  # later tests see the shipped patterns only
+        TASKS.pop("symbol_quiz", None)
     texts = datasets.load_from_disk(str(out))["text"]
     assert texts[0].endswith("Question: Which subject is this text about?\nAnswer: barium") and len(texts) == 3
-    TASKS.pop("symbol_quiz")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,6 +246,110 @@ def test_killed_rewrite_keeps_finished_shards_and_resumes(tiny, tmp_path):
     kept0 = [json.loads(line)["text"] for line in shard0.splitlines() if json.loads(line)["kept"]]
     assert all(t in texts for t in kept0)
     assert not work.exists()  # assembled: the work directory is gone
+
+
+PUBLISHED, LEFT_TO_ANOTHER = 0, 3
+"""A rank process's exit code: it assembled the output, or it returned with its shards done."""
+
+
+def augment_ranks(args: list, world: int, setup_rank=lambda rank: None) -> list:
+    """run_augment(args) in `world` forked processes at once, rank k of them with RANK=k and
+    WORLD_SIZE=world, after `setup_rank(k)`: each rank's exit code (PUBLISHED, LEFT_TO_ANOTHER,
+    or 1 with its traceback on stderr)."""
+    context = multiprocessing.get_context("fork")
+
+    def rank_main(rank: int) -> None:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), TOKENIZERS_PARALLELISM="false")
+        try:
+            setup_rank(rank)
+            published = run_augment(compose_augment_config(args)) is not None
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+        os._exit(PUBLISHED if published else LEFT_TO_ANOTHER)
+
+    ranks = [context.Process(target=rank_main, args=(rank,)) for rank in range(world)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(120)
+    return [process.exitcode for process in ranks]
+
+
+@pytest.fixture
+def sharded_wrap(tiny, tmp_path, monkeypatch):
+    """augment=wrap over 12 documents in 6 shards for 3 ranks, no filter, with a stand-in model
+    that writes `<n> | <document>`; rank 2 starts generating once the other ranks' 4 shards are
+    done: (arguments, documents, output)."""
+    documents = materials(12)
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in documents])
+
+    def others_done() -> bool:
+        return len(list(tmp_path.glob(".wrap.shards-*/*.done"))) >= 4
+
+    def fake_generator(backend, model_dir, tokenizer, rewrite, seed):
+        def generate(prompts):
+            deadline = time.time() + 60
+            while os.environ["RANK"] == "2" and not others_done() and time.time() < deadline:
+                time.sleep(0.05)
+            return [(f"{n} | {next(d for d in documents if d in p)}", 7) for n, p in enumerate(prompts)]
+        return generate
+
+    monkeypatch.setattr(generation, "make_generator", fake_generator)
+    out = tmp_path / "wrap"
+    args = ["augment=wrap", f"model.path={tiny}", f"data.cpt.path={corpus}", f"output_dir={out}",
+            "augment.rewrite.shards=6", "augment.rewrite.filter=false", "augment.rewrite.system_prompt=null"]
+    return args, documents, out
+
+
+def assert_whole_output(out, documents):
+    """Every document, then its rewrite in each style, in order; the work directory is gone."""
+    styles = len(compose_augment_config(["augment=wrap"]).augment.rewrite.styles)
+    texts = datasets.load_from_disk(str(out))["text"]
+    assert texts[::styles + 1] == documents
+    for i, document in enumerate(documents):
+        rewrites = texts[i * (styles + 1) + 1:(i + 1) * (styles + 1)]
+        assert len(rewrites) == styles and all(r.endswith(f" | {document}") for r in rewrites), rewrites
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shards"] == 6 and manifest["rewrites"]["generated"] == len(documents) * styles
+    assert not list(out.parent.glob(f".{out.name}.shards-*"))
+
+
+def test_the_rank_that_finishes_the_last_shard_assembles(sharded_wrap):
+    """3 ranks at once, 2 shards each, rank 2 the last to finish: ranks 0 and 1 leave when their
+    shards are done, rank 2 finishes the last shard and assembles the whole output, once."""
+    args, documents, out = sharded_wrap
+    assert augment_ranks(args, 3) == [LEFT_TO_ANOTHER, LEFT_TO_ANOTHER, PUBLISHED]
+    assert_whole_output(out, documents)
+
+
+def test_ranks_that_finish_together_assemble_once(sharded_wrap):
+    """3 ranks whose last shards end at the same moment all find every shard done and go for the
+    assembly lock; one assembles, the others leave, one of them so late that the work directory
+    is already removed: the output is published once, whole, and no rank fails."""
+    args, documents, out = sharded_wrap
+    finish_together = multiprocessing.get_context("fork").Barrier(3)
+    run_shards, enter_lock = rewriting.run_shards, rewriting.AssemblyLock.__enter__
+
+    def setup_rank(rank):
+        def shards_then_wait(*a, **k):
+            _, resumed = run_shards(*a, **k)
+            finish_together.wait(60)
+            return True, resumed  # every rank's shards are written by now
+
+        def after_the_assembly(lock):
+            deadline = time.time() + 60
+            while lock.path.parent.exists() and time.time() < deadline:
+                time.sleep(0.05)
+            return enter_lock(lock)
+
+        rewriting.run_shards = shards_then_wait
+        if rank == 0:  # this rank reaches the lock after another assembled and removed the work directory
+            rewriting.AssemblyLock.__enter__ = after_the_assembly
+
+    codes = augment_ranks(args, 3, setup_rank)
+    assert sorted(codes) == [PUBLISHED, LEFT_TO_ANOTHER, LEFT_TO_ANOTHER] and codes[0] == LEFT_TO_ANOTHER, codes
+    assert_whole_output(out, documents)
 
 
 def test_shards_split_the_documents_over_the_ranks(monkeypatch):

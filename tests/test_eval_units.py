@@ -50,8 +50,9 @@ def test_every_eval_preset_composes_and_names_known_tasks(preset):
     (["model_dir=m", "gpu_memory_gb=-1"], "gpu_memory_gb=-1"),
 ])
 def test_bad_settings_are_one_line(overrides, needle):
-    with pytest.raises(UserError, match=needle):
+    with pytest.raises(UserError, match=needle) as err:
         compose_eval_config(overrides)
+    assert "\n" not in str(err.value), str(err.value)
 
 
 def test_batch_size_takes_auto_and_model_args_take_new_keys():

@@ -35,7 +35,10 @@ def test_gpu_throughput_benchmark_runs_at_a_tiny_size(tmp_path):
         assert row["vs"] == "plain"
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert [line.split(" | ")[0][2:] for line in table[2:]] == list(rows)
+    liger = rows["project+liger"]
     try:
         import liger_kernel  # noqa: F401
     except ImportError:
-        assert rows["project+liger"]["status"].startswith("skipped: liger-kernel is not installed")
+        assert liger["status"].startswith("skipped: liger-kernel is not installed"), liger
+    else:  # installed, the row runs like the others
+        assert liger["status"] == "ok" and liger["tokens_per_s"] > 0 and liger["ratio"] > 0, liger

@@ -8,11 +8,13 @@ report written (study.json marks a finished study).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from orchestration.study import run_study
 from tests.support.env import assert_one_line_error, launch
 from tests.support.study import SCORES, fake_run
 
@@ -99,14 +101,37 @@ def test_study_rejects(make_args, needles, tmp_path):
             subprocess.run(["umount", str(tmp_path / "ro")], check=True)
 
 
-def test_a_partial_report_is_replaced_whole(tmp_path):
-    """A study written over an older one leaves no mix of the two: each file is replaced atomically."""
+class PowerCut(Exception):
+    """The machine stops between writing a report file and putting it in place."""
+
+
+def test_a_partial_report_is_replaced_whole(tmp_path, monkeypatch):
+    """A study written over an older one leaves no mix of the two: each file is replaced
+    atomically. A second report cut off as it puts study.md, then study.json, in place leaves
+    that file as it was, whole and readable; the rerun then replaces both and leaves no
+    temporary file."""
+    monkeypatch.delenv("DOMAINFORGE_WANDB", raising=False)
     run = fake_run(tmp_path, SCORES)
     assert launch("study.py", [str(run)], timeout=120).returncode == 0
-    first = json.loads((run / "study.json").read_text())
+    first = {name: (run / name).read_text() for name in ("study.md", "study.json")}
     (run / "sft" / "eval" / "dom_loglik.json").unlink()
-    proc = launch("study.py", [str(run)], timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    put_in_place = os.replace
+
+    for name in first:
+        def cut_off(src, dst, name=name):
+            if Path(dst).name == name:
+                raise PowerCut(dst)
+            put_in_place(src, dst)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "replace", cut_off)
+            with pytest.raises(PowerCut):
+                run_study(str(run))
+        assert (run / name).read_text() == first[name], name
+        assert json.loads((run / "study.json").read_text())["missing"] == []
+
+    run_study(str(run))
     second = json.loads((run / "study.json").read_text())
-    assert first["missing"] == [] and second["missing"] == [{"step": "eval-sft", "model": "sft", "task": "dom_loglik"}]
+    assert second["missing"] == [{"step": "eval-sft", "model": "sft", "task": "dom_loglik"}]
+    assert (run / "study.md").read_text() != first["study.md"]
     assert not list(run.glob("*.tmp"))

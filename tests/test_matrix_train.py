@@ -183,10 +183,6 @@ def test_train_rejects_an_output_on_a_read_only_filesystem(read_only_dir, capsys
     assert_one_line_error(proc, f"output_dir={read_only_dir}/run: cannot be created", "read-only")
 
 
-def test_case_count():
-    assert len(CASES) >= 45
-
-
 # ---------------------------------------------------------------------------------------------
 # the resolved config, from the start of a run
 # ---------------------------------------------------------------------------------------------

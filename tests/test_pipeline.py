@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from core.errors import UserError
 from orchestration.checks import validate_step_configs
 from orchestration.config import PipelineJobConfig, compose_pipeline_job
-from orchestration.local import local_command, run_local
+from orchestration.local import local_command
 from orchestration.planner import plan_pipeline
 from train.config import compose_train_config
 
@@ -139,36 +139,6 @@ def test_merge_of_a_later_step_is_refused():
         ])
     with pytest.raises(UserError, match=r"names `start`, but model tiny is random-init"):
         plan_of([{"name": "a", "stage": "cpt"}, {"name": "m", "merge": {"base_model": "start", "model": "a"}}])
-
-
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["pipeline=nope"], r"unknown pipeline 'nope': choose one of .*tiny"),
-        (["step=nope"], r"unknown step 'nope' in pipeline tiny: choose one of cpt, eval-cpt-epoch-1, eval-cpt, sft"),
-        (["pipeline.steps.5.merge.model=nope"], r"step 'slerp' merge.model names 'nope', which is not a step"),
-        (["pipeline.steps.5.merge.model=slerp"], r"names step 'slerp', which does not come before it"),
-        (["pipeline.steps.5.merge.model=eval-orpo"], r"step 'slerp' merge.model names 'eval-orpo', an evaluation step"),
-        (["pipeline.steps.4.name=slerp"], r"two steps are named 'slerp': step names must be unique"),
-        (["pipeline.steps.4.name=eval-x"], r"step name 'eval-x' is reserved"),
-        (["pipeline.steps.0.overrides=['training.num_train_epochs=1.5']"], r"eval.cpt_epochs .* whole epochs"),
-        (["pipeline.steps.1.input=orpo"], r"step 'sft' input names step 'orpo', which does not come before it"),
-        (["pipeline.steps.0.stage=pretrain"], r"unknown stage 'pretrain': choose one of cpt, sft, dpo, orpo"),
-        (["pipeline.overrides=['training.lerning_rate=1']"], r"step 'cpt': unknown config key 'training.lerning_rate'"),
-        (["cluster=slurm"], r"launch/pipeline.py runs on this machine .* launch/submit.py"),
-        (["cluster.nodes=2"], r"cluster=local runs on one node"),
-    ],
-)
-def test_bad_pipeline_input(argv, message, tmp_path):
-    with pytest.raises(UserError, match=message):
-        run_local(compose_pipeline_job(["pipeline=tiny", *argv, f"root={tmp_path}"]))
-    assert not (tmp_path / "tiny").exists()  # nothing ran
-
-
-def test_bad_pipeline_input_is_one_line_and_exit_2(tmp_path):
-    proc = launch("pipeline.py", ["step=nope", f"root={tmp_path}"], timeout=120)
-    assert_one_line_error(proc, "unknown step 'nope' in pipeline tiny")
-    assert proc.returncode == 2
 
 
 @pytest.mark.integration

@@ -56,22 +56,27 @@ SCORES = {
 }
 
 
-def assert_study_matches_evals(run: Path) -> None:
-    """The tiny study is complete and every number in it is the one in the model's own eval file."""
+TINY_MODELS = {"cpt/epoch-1", "cpt/epoch-2", "cpt", "sft", "dpo", "orpo", "slerp-dpo", "slerp", "linear"}
+TINY_MERGES = {("slerp-dpo", "slerp"), ("slerp", "slerp"), ("linear", "linear")}  # two methods of the same parents
+TINY_PLOTS = ("study_bars.png", "study_synergy.png", "study_cpt_epochs.png")
+
+
+def assert_study_matches_evals(run: Path, models=TINY_MODELS, merges=TINY_MERGES, plots=TINY_PLOTS) -> None:
+    """The study is complete, reports `models` and `merges` (step, method) and draws `plots`
+    (default: the tiny grid's), and every number in it is the one in the model's own eval file."""
     plan = json.loads((run / "pipeline.json").read_text())
     report = json.loads((run / "study.json").read_text())
     assert not report["missing"], report["missing"]
-    models = {m["name"]: m for m in report["models"]}
-    assert set(models) == {"cpt/epoch-1", "cpt/epoch-2", "cpt", "sft", "dpo", "orpo", "slerp-dpo", "slerp", "linear"}
+    reported = {m["name"]: m for m in report["models"]}
+    assert set(reported) == set(models)
     for step in plan["steps"]:
         if step["kind"] != "eval":
             continue
         for task in step["tasks"]:
             record = json.loads((Path(step["output_dir"]) / f"{task}.json").read_text())
-            metric = models[step["evaluates"]]["scores"][task]["metric"]
+            metric = reported[step["evaluates"]]["scores"][task]["metric"]
             (key,) = [k for k in record["results"] if k.split(",")[0] == metric.split(",")[0] and "," in k]
-            assert models[step["evaluates"]]["scores"][task]["value"] == record["results"][key]
-    assert {(m["merge"], m["method"]) for m in report["merges"]} == {
-        ("slerp-dpo", "slerp"), ("slerp", "slerp"), ("linear", "linear")}  # two methods of the same parents
-    for png in ("study_bars.png", "study_synergy.png", "study_cpt_epochs.png"):
+            assert reported[step["evaluates"]]["scores"][task]["value"] == record["results"][key]
+    assert {(m["merge"], m["method"]) for m in report["merges"]} == set(merges)
+    for png in plots:
         assert (run / png).read_bytes()[:4] == b"\x89PNG", png

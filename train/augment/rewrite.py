@@ -202,10 +202,17 @@ class AssemblyLock:
     def __init__(self, work: Path):
         self.path = work / ".assemble.lock"
 
-    def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    def __enter__(self) -> Optional["AssemblyLock"]:
+        """self, holding the lock; None when the work directory is gone (the assembling rank
+        removes it once the output is published)."""
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            self.fd = None
+            return None
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
 
     def __exit__(self, *exc):
-        os.close(self.fd)
+        if self.fd is not None:
+            os.close(self.fd)

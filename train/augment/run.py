@@ -151,9 +151,12 @@ def run_rewrite(cfg, documents: List[str], out: Path, settings: dict, source: di
         print(f"augment: this rank's shards are done in {work}; the rank that finishes the last shard assembles "
               f"{out}", flush=True)
         return False
-    with rewriting.AssemblyLock(work):
+    with rewriting.AssemblyLock(work) as locked:
         if is_augmented(out):
             return False  # another rank assembled it
+        if locked is None:
+            raise UserError(f"{work} was removed before this rank could assemble {out} from it: run the same "
+                            "command again (it rewrites the shards)")
         rows = rewriting.read_shards(work, shards, len(documents))
         by_doc: Dict[int, List[dict]] = {}
         for row in rows:
