@@ -15,22 +15,10 @@ import time
 import pytest
 import yaml
 from tests.support.env import REPO, assert_one_line_error, offline_env
-from tests.support.merge import assert_bf16_close, paper_t, reference_slerp, run_merge_cli, write_config
+from tests.support.merge import SHARD, assert_bf16_close, paper_t, reference_slerp, run_merge_cli, write_config
 from tests.support.models import load_dir, shard_bytes, tiny_llama
 
 pytestmark = pytest.mark.integration
-SHARD = "100KB"  # ~5 output shards for the tiny pair
-
-
-@pytest.fixture(scope="session")
-def paper_merge(tiny_pair, tmp_path_factory):
-    """The paper's gradient SLERP of the tiny pair, one worker: the reference output."""
-    root = tmp_path_factory.mktemp("paper_merge")
-    cfg = write_config(root / "merge.yml", tiny_pair["base"], tiny_pair["other"])
-    out = root / "out"
-    proc = run_merge_cli(cfg, out, "--shard-size", SHARD, "--workers", "1", "--verify")
-    assert proc.returncode == 0, proc.stderr
-    return out
 
 
 def test_merge_loads_and_matches_reference(paper_merge, tiny_pair):

@@ -12,6 +12,9 @@ import yaml
 
 from tests.support.env import REPO, offline_env, require_reference
 
+SHARD = "100KB"
+"""The merge tests' output shard size: ~5 shards for the tiny pair, so resumes keep some."""
+
 MERGEKIT = Path("/opt/mergekit-venv/bin/mergekit-yaml")
 """mergekit 0.1.5's command in its own venv (bench/setup_mergekit.sh): the merger's reference."""
 
