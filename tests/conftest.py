@@ -9,6 +9,7 @@ from typing import Dict
 import pytest
 
 from tests.support.env import REPO
+from tests.support.merge import SHARD, run_merge_cli, write_config
 from tests.support.gpu import GPU_SUITE, gpu_suite_requested
 from tests.support.models import tiny_llama
 from tests.support.slurm_cluster import LocalSlurm, ensure_installed
@@ -57,7 +58,20 @@ def fake_flash_attn(tmp_path) -> Path:
 def tiny_pair(tmp_path_factory) -> Dict[str, Path]:
     """base (the 'Instruct' model) and other (the 'fine-tuned' one): bf16, several shards."""
     root = tmp_path_factory.mktemp("merge_models")
-    return {"base": tiny_llama(root / "base", 1), "other": tiny_llama(root / "other", 2)}
+    pair = {"base": tiny_llama(root / "base", 1), "other": tiny_llama(root / "other", 2)}
+    assert len(list(pair["base"].glob("*.safetensors"))) >= 3  # the merge tests read and damage single shards
+    return pair
+
+
+@pytest.fixture(scope="session")
+def paper_merge(tiny_pair, tmp_path_factory):
+    """The paper's gradient SLERP of the tiny pair, one worker: the reference output."""
+    root = tmp_path_factory.mktemp("paper_merge")
+    cfg = write_config(root / "merge.yml", tiny_pair["base"], tiny_pair["other"])
+    out = root / "out"
+    proc = run_merge_cli(cfg, out, "--shard-size", SHARD, "--workers", "1", "--verify")
+    assert proc.returncode == 0, proc.stderr
+    return out
 
 
 @pytest.fixture(scope="session")

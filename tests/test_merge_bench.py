@@ -1,6 +1,7 @@
 """bench/merge_methods.py runs end to end at a tiny size, both contenders, so that the script
-behind docs/BENCHMARKS.md's merge-method table cannot rot; and each of its recipes passes our
-merger's own recipe checks."""
+behind docs/BENCHMARKS.md's merge-method table cannot rot (integration: it needs mergekit's venv,
+and skips without it unless CI or DOMAINFORGE_REQUIRE_REFERENCES is set); and each of its recipes
+passes our merger's own recipe checks."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 from bench.merge_methods import METHODS, MODELS, recipe
 from merge.recipe import check_recipe
 from tests.support.env import REPO
+from tests.support.merge import require_mergekit
 
 
 def test_every_bench_recipe_is_a_valid_recipe_of_ours():
@@ -20,7 +23,9 @@ def test_every_bench_recipe_is_a_valid_recipe_of_ours():
         assert config["merge_method"] == method
 
 
+@pytest.mark.integration
 def test_merge_methods_bench_measures_both_contenders_at_two_sizes(tmp_path):
+    require_mergekit()
     out = tmp_path / "bench.json"
     methods = ("slerp", "ties")  # two models, and three with a whole-tensor rank pass
     proc = subprocess.run(

@@ -15,22 +15,10 @@ import time
 import pytest
 import yaml
 from tests.support.env import REPO, assert_one_line_error, offline_env
-from tests.support.merge import assert_bf16_close, paper_t, reference_slerp, run_merge_cli, write_config
+from tests.support.merge import SHARD, assert_bf16_close, paper_t, reference_slerp, run_merge_cli, write_config
 from tests.support.models import load_dir, shard_bytes, tiny_llama
 
 pytestmark = pytest.mark.integration
-SHARD = "100KB"  # ~5 output shards for the tiny pair
-
-
-@pytest.fixture(scope="session")
-def paper_merge(tiny_pair, tmp_path_factory):
-    """The paper's gradient SLERP of the tiny pair, one worker: the reference output."""
-    root = tmp_path_factory.mktemp("paper_merge")
-    cfg = write_config(root / "merge.yml", tiny_pair["base"], tiny_pair["other"])
-    out = root / "out"
-    proc = run_merge_cli(cfg, out, "--shard-size", SHARD, "--workers", "1", "--verify")
-    assert proc.returncode == 0, proc.stderr
-    return out
 
 
 def test_merge_loads_and_matches_reference(paper_merge, tiny_pair):
@@ -265,3 +253,22 @@ def test_verify_finds_non_finite_and_missing_tensors(tmp_path, tiny_pair, paper_
     (out / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(UserError, match="missing"):
         verify_output(out, merge)
+
+
+def test_merge_outputs_mask_credentials(tmp_path, tiny_pair):
+    """A credential that reaches a recipe (here the models' folder is named with it, as a
+    mistaken interpolation would put it there) is masked as <redacted> in mergekit_config.yml and
+    the model card, and written into no file of the output."""
+    import shutil
+
+    secret = "hf_fakeTOKENfakeTOKENfake01"
+    models = tmp_path / f"models-{secret}"
+    for name in ("base", "other"):
+        shutil.copytree(tiny_pair[name], models / name)
+    cfg = write_config(tmp_path / "m.yml", models / "base", models / "other")
+    out = tmp_path / "out"
+    proc = run_merge_cli(cfg, out, "--quiet", env=offline_env(HF_TOKEN=secret))
+    assert proc.returncode == 0, proc.stderr
+    assert f"{tmp_path}/models-<redacted>/base" in (out / "mergekit_config.yml").read_text()
+    assert "models-<redacted>/other" in (out / "README.md").read_text()
+    assert not [p.name for p in out.iterdir() if secret.encode() in p.read_bytes()]

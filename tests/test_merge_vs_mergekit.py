@@ -1,25 +1,27 @@
 """Our merge against mergekit 0.1.5 itself on the same tiny pair (bf16 and fp32 math).
 
 mergekit lives in its own venv (bench/setup_mergekit.sh), never in the project's dependencies.
+Without it these tests skip, or fail where CI or DOMAINFORGE_REQUIRE_REFERENCES is set.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import yaml
-from pathlib import Path
 
 import pytest
 from tests.support.env import offline_env
-from tests.support.merge import run_merge_cli, write_config
+from tests.support.merge import MERGEKIT, require_mergekit, run_merge_cli, write_config
 from tests.support.models import load_dir, tiny_llama
 
-MERGEKIT = Path("/opt/mergekit-venv/bin/mergekit-yaml")
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(not MERGEKIT.exists(), reason="mergekit venv absent: run bench/setup_mergekit.sh"),
-]
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def mergekit():
+    return require_mergekit()
 
 
 @pytest.mark.parametrize("inputs,dtype", [("bfloat16", "bfloat16"), ("bfloat16", "float32"),
@@ -74,6 +76,9 @@ for config, out in zip(sys.argv[1::2], sys.argv[2::2]):
 """
 
 
+RANDOM_METHODS = ("dare_ties", "dare_linear", "della", "della_linear")
+
+
 def method_configs(bf16, fp32):
     """{name: (config, ...)}: bf16 models merged in bf16 (every op rounds to bf16, as in
     mergekit), and fp32 models for the magnitude-ranking methods (bf16 magnitudes tie often
@@ -126,10 +131,30 @@ def method_configs(bf16, fp32):
                        {"model": f2, "parameters": {"weight": by_kind, "density": [0.5, 0.9], "gamma": 0.1}},
                        {"model": f}],
         },
-        "dare_ties": {  # random: compared by distribution only (test below)
+        # random (RANDOM_METHODS): compared by distribution only (test below), rescale on
+        "dare_ties": {
             "merge_method": "dare_ties", "base_model": b, "dtype": "bfloat16",
             "models": [{"model": m1, "parameters": {"weight": 0.6, "density": 0.5}},
                        {"model": m2, "parameters": {"weight": 0.4, "density": [0.3, 0.7]}}, {"model": b}],
+        },
+        "dare_linear": {
+            "merge_method": "dare_linear", "base_model": b, "dtype": "bfloat16",
+            "models": [{"model": m1, "parameters": {"weight": 0.5, "density": 0.6}},
+                       {"model": m2, "parameters": {"weight": 0.3, "density": [0.4, 0.8]}}, {"model": b}],
+            "parameters": {"rescale": True},
+        },
+        "della": {
+            "merge_method": "della", "base_model": b, "dtype": "bfloat16",
+            "models": [{"model": m1, "parameters": {"weight": 0.6, "density": 0.5, "epsilon": 0.2}},
+                       {"model": m2, "parameters": {"weight": 0.4, "density": [0.4, 0.7], "epsilon": 0.1}},
+                       {"model": b}],
+            "parameters": {"rescale": True},
+        },
+        "della_linear": {
+            "merge_method": "della_linear", "base_model": b, "dtype": "bfloat16",
+            "models": [{"model": m1, "parameters": {"weight": 0.5, "density": 0.6, "epsilon": 0.15}},
+                       {"model": m2, "parameters": {"weight": 0.5, "density": 0.5, "epsilon": 0.3}}, {"model": b}],
+            "parameters": {"rescale": True, "lambda": 0.9},
         },
         "breadcrumbs_ties": {
             "merge_method": "breadcrumbs_ties", "base_model": f, "dtype": "float32", "out_dtype": "bfloat16",
@@ -167,7 +192,8 @@ def assert_within_one_bf16_step(got, want, name):
 def test_every_deterministic_method_matches_mergekit(tmp_path, tiny_trios):
     """Each method's tensors equal mergekit 0.1.5's within one bf16 step, with per-model,
     gradient and filtered parameters, 3 models, and chunks (1000 elements) smaller than most
-    tensors and not a multiple of a row, so every streaming pass and row split is exercised."""
+    tensors and not a multiple of a row, so every streaming pass and row split is exercised;
+    the random methods (dare_*, della*, rescale on) by distribution."""
     configs = method_configs(*tiny_trios)
     args = []
     for name, cfg in configs.items():
@@ -178,7 +204,7 @@ def test_every_deterministic_method_matches_mergekit(tmp_path, tiny_trios):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in configs:
-        if name == "dare_ties":
+        if name in RANDOM_METHODS:
             continue
         proc = run_merge_cli(tmp_path / f"{name}.yml", tmp_path / "ours" / name, "--quiet", "--workers", "1",
                              "--chunk-elements", "1000")
@@ -188,12 +214,16 @@ def test_every_deterministic_method_matches_mergekit(tmp_path, tiny_trios):
         for tensor, want in theirs.items():
             assert ours[tensor].dtype == want.dtype, (name, tensor)
             assert_within_one_bf16_step(ours[tensor], want, f"{name}: {tensor}")
-    # dare_ties draws its own random numbers (not torch's): the share of elements moved off the
-    # base and the mean size of the move match mergekit's, per tensor of >= 4096 elements
-    proc = run_merge_cli(tmp_path / "dare_ties.yml", tmp_path / "ours" / "dare_ties", "--quiet", "--workers", "1")
-    assert proc.returncode == 0, proc.stderr
-    ours, theirs = load_dir(tmp_path / "ours" / "dare_ties"), load_dir(tmp_path / "mk" / "dare_ties")
     base = load_dir(tiny_trios[0]["base"])
+    for name in RANDOM_METHODS:
+        proc = run_merge_cli(tmp_path / f"{name}.yml", tmp_path / "ours" / name, "--quiet", "--workers", "1")
+        assert proc.returncode == 0, (name, proc.stderr)
+        assert_same_distribution(load_dir(tmp_path / "ours" / name), load_dir(tmp_path / "mk" / name), base, name)
+
+
+def assert_same_distribution(ours, theirs, base, method):
+    """The random methods draw their own numbers (not torch's): per tensor of >= 4096 elements,
+    the share of elements moved off the base and the mean size of the move match mergekit's."""
     compared = 0
     for tensor, want in theirs.items():
         if want.numel() < 4096:
@@ -201,8 +231,53 @@ def test_every_deterministic_method_matches_mergekit(tmp_path, tiny_trios):
         b, got, want = base[tensor].float(), ours[tensor].float(), want.float()
         moved_ours, moved_theirs = (got != b).float().mean().item(), (want != b).float().mean().item()
         sigma = (2 * moved_theirs * (1 - moved_theirs) / want.numel()) ** 0.5  # of the difference of two shares
-        assert abs(moved_ours - moved_theirs) < 5 * sigma, (tensor, moved_ours, moved_theirs)
+        assert abs(moved_ours - moved_theirs) < 5 * sigma, (method, tensor, moved_ours, moved_theirs)
         size_ours, size_theirs = (got - b).abs().mean().item(), (want - b).abs().mean().item()
-        assert abs(size_ours / size_theirs - 1) < 0.1, (tensor, size_ours, size_theirs)
+        assert abs(size_ours / size_theirs - 1) < 0.1, (method, tensor, size_ours, size_theirs)
         compared += 1
-    assert compared >= 10  # mlp weights, embeddings, lm_head
+    assert compared >= 10, method  # mlp weights, embeddings, lm_head
+
+
+# ---------------------------------------------------------------------------------------------
+# `launch/merge.py --help` lists each method's parameters, as mergekit declares them
+# ---------------------------------------------------------------------------------------------
+MERGEKIT_PARAMS = """
+import json
+from mergekit.merge_methods import registered_methods
+from mergekit.merge_methods.base import MISSING, ParameterScope
+
+def shown(value):
+    return "required" if value is MISSING else str(value).lower() if isinstance(value, bool) else str(value)
+
+print(json.dumps({m.spec.name: {p.name: [shown(p.default), p.scope != ParameterScope.SHARED]
+                                for p in m.spec.parameters} for m in registered_methods()}))
+"""
+
+
+def help_methods(text: str) -> dict:
+    """{method: {parameter: [default, per model]}} from --help's `merge methods` lines."""
+    lines = text.split("merge methods (docs/merge.md):\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    methods = {}
+    for line in lines:
+        name, params = line.strip().split(" ", 1)
+        methods[name] = {}
+        for param in filter(None, params[1:-1].split(", ")):
+            setting, per_model = param.removesuffix(" (per model)"), param.endswith(" (per model)")
+            key, default = setting.split("=", 1)
+            methods[name][key] = [default, per_model]
+    return methods
+
+
+def test_help_lists_each_methods_parameters_as_mergekit_declares_them():
+    from merge import methods
+
+    proc = run_merge_cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    ours = help_methods(proc.stdout)
+    assert list(ours) == methods.names()  # every method we run, once
+    proc = subprocess.run([str(MERGEKIT.parent / "python"), "-c", MERGEKIT_PARAMS], env=offline_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = json.loads(proc.stdout)
+    for name, params in ours.items():
+        assert params == theirs[name], name  # names, defaults ("required") and per-model scope

@@ -143,6 +143,21 @@ def run_main(main, argv: List[str], capsys) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(argv, code, captured.out, captured.err)
 
 
+REQUIRE_REFERENCES = "DOMAINFORGE_REQUIRE_REFERENCES"
+
+
+def require_reference(available: bool, missing: str) -> None:
+    """Skip a test whose reference (mergekit's venv, a model file) is absent, saying `missing`
+    (what is absent and how to install it); fail instead where CI or DOMAINFORGE_REQUIRE_REFERENCES
+    is set, so that a broken CI setup cannot pass by skipping the comparisons."""
+    if available:
+        return
+    if any(os.environ.get(name, "") not in ("", "0", "false") for name in ("CI", REQUIRE_REFERENCES)):
+        pytest.fail(f"{missing} (CI or {REQUIRE_REFERENCES} is set: the reference comparisons must run)",
+                    pytrace=False)
+    pytest.skip(missing)
+
+
 @contextlib.contextmanager
 def tmpfs(path: Path, options: str):
     """A tmpfs mounted at `path` (we run as root) for tests of full or read-only disks;

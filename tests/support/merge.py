@@ -10,7 +10,13 @@ from pathlib import Path
 
 import yaml
 
-from tests.support.env import REPO, offline_env
+from tests.support.env import REPO, offline_env, require_reference
+
+SHARD = "100KB"
+"""The merge tests' output shard size: ~5 shards for the tiny pair, so resumes keep some."""
+
+MERGEKIT = Path("/opt/mergekit-venv/bin/mergekit-yaml")
+"""mergekit 0.1.5's command in its own venv (bench/setup_mergekit.sh): the merger's reference."""
 
 PAPER_T = [
     {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
@@ -32,6 +38,11 @@ def write_config(path: Path, base: Path, other: Path, t=None, layers=4, **extra)
     cfg.update(extra)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def require_mergekit() -> Path:
+    require_reference(MERGEKIT.exists(), f"{MERGEKIT} is absent: run bash bench/setup_mergekit.sh")
+    return MERGEKIT
 
 
 def run_merge_cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
