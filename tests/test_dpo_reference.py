@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 from bench.preference_harness import batch_of, compose, trainer_for
+from safetensors.torch import load_file
 from transformers import set_seed
 
 import train.dpo_reference as dpo_reference
@@ -104,3 +105,29 @@ def test_combined_loss_types_reach_trl(tmp_path):
     cfg = compose("dpo", "stage.loss_type='sigmoid,sft'")
     assert dpo.HOOKS.trainer_args(cfg, dict(output_dir=str(tmp_path), report_to=["none"], bf16=False)).loss_type == [
         "sigmoid", "sft"]
+
+
+def test_eval_split_reference_log_probs_are_cached_in_their_own_file(tmp_path, other_model, cache_dir, monkeypatch):
+    overrides = [f"stage.ref_model_path={other_model}", "data.preference.eval_fraction=0.25"]
+    _, live = trainer_for(compose("dpo", *overrides), tmp_path / "live")
+    _, first = trainer_for(compose("dpo", *overrides, "stage.precompute_ref_log_probs=true"), tmp_path / "a")
+    files = first.ref_logps_caches
+    assert set(files) == {"train", "eval"} and files["train"] != files["eval"]
+    assert sorted(cache_dir.glob("*.safetensors")) == sorted(files.values())
+    cached = load_file(files["eval"])
+    assert len(cached["chosen"]) == len(first.eval_dataset) == 4
+    assert cached["chosen"].tolist() == first.eval_dataset["ref_chosen_logps"]
+    # the reference model's log-probs on the eval rows, as the live reference computes them
+    batch = live.data_collator([live.eval_dataset[i] for i in range(len(live.eval_dataset))])
+    with torch.no_grad():
+        chosen, rejected = live.compute_ref_log_probs(live.ref_model, batch)
+    assert torch.allclose(cached["chosen"], chosen, atol=1e-5)
+    assert torch.allclose(cached["rejected"], rejected, atol=1e-5)
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the reference model was loaded although its log-probs are cached")
+
+    monkeypatch.setattr(dpo, "build_reference", no_reference)
+    _, second = trainer_for(compose("dpo", *overrides, "stage.precompute_ref_log_probs=true"), tmp_path / "b")
+    assert second.ref_logps_source == "cache"
+    assert second.eval_dataset["ref_rejected_logps"] == first.eval_dataset["ref_rejected_logps"]

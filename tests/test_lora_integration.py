@@ -57,7 +57,7 @@ def hub():
 @pytest.fixture(scope="module")
 def sft(runs, cpt, hub):
     out = runs / "sft"
-    env = offline_env(HF_ENDPOINT=hub.endpoint, HF_HUB_OFFLINE="0", HF_TOKEN="hf_standin")
+    env = offline_env(**hub.client_env())
     proc = launch("train.py", ["+stage=sft", f"model.path={cpt}", f"output_dir={out}", *FAST,
                                "training.finetune=lora", "training.learning_rate=3e-3", "stage.packing=false",
                                "training.gradient_checkpointing=true",  # LoRA under ZeRO-3: reentrant
@@ -116,6 +116,7 @@ def test_hub_holds_the_published_model(sft, hub):
     assert repo["private"]
     assert repo["files"]["model.safetensors"] == (out / "model.safetensors").read_bytes()
     assert {"config.json", "README.md", "lineage.json", "adapter/adapter_model.safetensors"} <= set(repo["files"])
+    assert sorted(hub.lfs_files) == ["adapter/adapter_model.safetensors", "model.safetensors"]  # the weights' upload path
     assert not any(p.startswith("checkpoints/") for p in repo["files"])
 
 

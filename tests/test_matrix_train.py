@@ -64,6 +64,8 @@ FILES = {
     "flat_chat.jsonl": lambda d: jsonl(d / "flat_chat.jsonl", [{"messages": "q: a"}]),
     "num_pref.jsonl": lambda d: jsonl(d / "num_pref.jsonl", [{"prompt": "p", "chosen": 1, "rejected": "r"}]),
     "same_pref.jsonl": lambda d: jsonl(d / "same_pref.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "a"}]),
+    "no_rejected.jsonl": lambda d: jsonl(d / "no_rejected.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"},
+                                                                    {"prompt": "q2", "chosen": "a2"}]),
 }
 
 # (id, arguments ({tmp}: the case's directory; {name}: a file from FILES), needles of the line)
@@ -110,6 +112,14 @@ CASES = [
     ("orpo-prompt-above-length", ["+stage=orpo", "stage.max_prompt_length=512", "stage.max_length=256"],
      ["stage.max_prompt_length=512 must be below stage.max_length=256"]),
     ("dpo-loss", ["+stage=dpo", "stage.loss_type=sigmoidd"], ["stage.loss_type='sigmoidd' is not a DPO loss"]),
+    # fine-tuning method and Hub upload
+    ("qlora-on-cpu", ["+stage=sft", "training.finetune=qlora"], ["training.finetune=qlora needs a GPU"]),
+    ("lora-unknown-module", ["+stage=sft", "training.finetune=lora", "lora.target_modules=[q_proj,attn_qkv]"],
+     ["lora.target_modules", "attn_qkv", "q_proj"]),
+    ("finetune-unknown", ["+stage=sft", "training.finetune=lorax"],
+     ["training.finetune=lorax: must be one of full, lora, qlora"]),
+    ("lora-dropout", ["+stage=sft", "training.finetune=lora", "lora.dropout=1.0"], ["lora.dropout=1.0: must be in [0, 1)"]),
+    ("hub-push-without-repo", ["+stage=sft", "hub.push=true"], ["hub.push=true needs hub.repo_id"]),
     # paths the run writes
     ("output-is-a-file", ["+stage=cpt", "output_dir={file}"], ["output_dir=", "is an existing file"]),
     ("output-under-a-file", ["+stage=cpt", "output_dir={file}/run"], ["output_dir=", "cannot be created",
@@ -120,6 +130,7 @@ CASES = [
     ("model-missing", ["+stage=sft", "model.path={tmp}/nope"], ["model.path=", "does not exist"]),
     ("model-hub-id", ["+stage=sft", "model.path=HuggingFaceTB/SmolLM2-135M"], ["not a local directory", "download"]),
     ("model-not-a-model", ["+stage=sft", "model.path={notamodel}"], ["model.path", "config.json"]),
+    ("ref-model-not-a-model", ["+stage=dpo", "stage.ref_model_path={notamodel}"], ["stage.ref_model_path", "config.json"]),
     ("model-truncated-shard", ["+stage=sft", "model.path={truncated}"], ["model.safetensors", "truncated"]),
     ("gguf-missing", ["+stage=cpt", "model.path={notamodel}", "model.gguf_file=x.gguf"],
      ["model.gguf_file", "x.gguf not found"]),
@@ -140,6 +151,8 @@ CASES = [
      ["num_pref.jsonl", "row 0, field 'chosen'"]),
     ("data-chosen-equals-rejected", ["+stage=orpo", "data.preference.path={same_pref.jsonl}"],
      ["chosen equals rejected"]),
+    ("data-row-without-rejected", ["+stage=dpo", "data.preference.path={no_rejected.jsonl}"],
+     ["no_rejected.jsonl", "row 1 has no 'rejected'"]),
     ("data-stream-without-max-steps", ["+stage=cpt", "data.cpt.streaming=true"], ["needs training.max_steps>0"]),
 ]
 

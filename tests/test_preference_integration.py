@@ -1,8 +1,8 @@
 """The real launcher for the preference stages, ZeRO-3 across 2 CPU ranks on the tiny model:
 on a learnable set the DPO reward margin and the ORPO log-odds ratio rise, the DPO reference
 is partitioned like the policy, metrics reach W&B, cached reference log-probs are reused by a
-rerun, both stages continue from an SFT output and save a model that loads and generates, and bad
-input fails with one line."""
+rerun, and both stages continue from an SFT output and save a model that loads and generates. Bad
+preference rows are tested in-process: tests/test_preference_data.py, tests/test_matrix_train.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
-from tests.support.env import SMALL_BATCH, assert_one_line_error, generates, launch, offline_env, tail
+from tests.support.env import SMALL_BATCH, generates, launch, offline_env, tail
 from transformers import AutoModelForCausalLM
 from tests.support.wandb_offline import find_offline_runs, history
 
@@ -199,43 +199,3 @@ def test_orpo_continues_from_an_sft_output(tmp_path, saved_model, env):
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "orpo").state_dict()
     drift = max((a[k] - b[k]).abs().max().item() for k in a)
     assert 0 < drift < 1.0  # trained from the saved weights, not from scratch
-
-
-# ---------------------------------------------------------------------------------------------
-# bad input: one line, non-zero exit, nothing written
-# ---------------------------------------------------------------------------------------------
-def write_rows(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def fails(tmp_path, env, *overrides):
-    out = tmp_path / "run"
-    proc = launch("train.py", [*overrides, f"output_dir={out}"], timeout=300, env=env)
-    assert not out.exists(), list(out.rglob("*"))
-    return proc
-
-
-def test_row_missing_rejected(tmp_path, env):
-    data = write_rows(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"},
-                                             {"prompt": "q2", "chosen": "a2"}])
-    proc = fails(tmp_path, env, "+stage=dpo", f"data.preference.path={data}")
-    assert_one_line_error(proc, "row 1 has no 'rejected'", "data.preference.path")
-
-
-def test_every_chosen_equals_rejected(tmp_path, env):
-    data = write_rows(tmp_path / "p.jsonl", [{"prompt": f"q{i}", "chosen": "same", "rejected": "same"} for i in range(3)])
-    proc = fails(tmp_path, env, "+stage=orpo", f"data.preference.path={data}")
-    assert_one_line_error(proc, "chosen equals rejected in every one of the 3 rows")
-
-
-def test_prompt_longer_than_max_length(tmp_path, env):
-    proc = fails(tmp_path, env, "+stage=orpo", "stage.max_length=24", "stage.max_prompt_length=16")
-    assert_one_line_error(proc, "of 437 rows have a prompt of at least stage.max_length=24", "raise stage.max_length=")
-
-
-@pytest.mark.parametrize("key", ["model.path", "stage.ref_model_path"])
-def test_path_that_is_not_a_model(tmp_path, env, key):
-    (tmp_path / "notamodel").mkdir()
-    proc = fails(tmp_path, env, "+stage=dpo", f"{key}={tmp_path}/notamodel")
-    assert_one_line_error(proc, key, "config.json")

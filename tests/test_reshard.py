@@ -18,7 +18,7 @@ import time
 
 import pytest
 import torch
-from tests.support.env import REPO, assert_one_line_error, launch, loss_history, tail
+from tests.support.env import REPO, assert_one_line_error, launch, loss_history, run_light, tail
 
 from core.checkpoints import CONVERSION_FAILED, UNIVERSAL_LATEST, CheckpointTopology, check_resume_topology, checkpoint_topology
 from core.errors import UserError
@@ -154,6 +154,19 @@ RUN = ["+stage=cpt", "training.max_seq_length=256", "training.learning_rate=1e-3
 ON_2 = ["training.gradient_accumulation_steps=2"]  # global batch 4; a resume that sets no batch keeps it
 
 
+def assert_conversion_is_reused(ckpt, out):
+    """A later resume of `ckpt` on 1 rank loads the universal copy the first one made, as it is."""
+    from train.config import compose_train_config
+    from train.reshard import prepare_resume
+    from train.runtime import Runtime
+
+    universal = ckpt / "global_step3_universal"
+    made = (universal.stat().st_ino, universal.stat().st_mtime_ns)
+    cfg = compose_train_config([*RUN, "training.gradient_accumulation_steps=4", f"output_dir={out}"])
+    assert prepare_resume(str(ckpt), cfg, Runtime("cpu", "gloo", "fp32", rank=0, local_rank=0, world_size=1))
+    assert (universal.stat().st_ino, universal.stat().st_mtime_ns) == made, "converted again"
+
+
 @pytest.mark.integration
 def test_resume_on_another_world_size_continues_the_trajectory(tmp_path):
     straight = tmp_path / "straight"  # 9 steps on 2 ranks, uninterrupted
@@ -169,11 +182,13 @@ def test_resume_on_another_world_size_continues_the_trajectory(tmp_path):
         assert proc.returncode == 0, tail(proc)
         assert re.search(rf"{checkpoint.name} was written on \d ranks and this run has {ranks}", proc.stdout)
         assert "the global batch stays 4" in proc.stdout
+        assert proc.stdout.count("resume: converted") == 1
         return loss_history(out)
 
     # 2 -> 1: checkpoint-3 of the 2-rank run, steps 4-6 on 1 rank
     two_to_one = resume(straight / "checkpoints" / "checkpoint-3", 1, 6, tmp_path / "on-1")
     assert checkpoint_topology(tmp_path / "on-1" / "checkpoints" / "checkpoint-6").world_size == 1
+    assert_conversion_is_reused(tmp_path / "on-1" / "checkpoints" / "checkpoint-3", tmp_path / "on-1")
     # 1 -> 2: that run's checkpoint-6, written on 1 rank, steps 7-9 on 2 ranks
     one_to_two = resume(tmp_path / "on-1" / "checkpoints" / "checkpoint-6", 2, 9, tmp_path / "on-2")
 
@@ -183,3 +198,12 @@ def test_resume_on_another_world_size_continues_the_trajectory(tmp_path):
     assert two_to_one[:6] == pytest.approx(expected[:6], abs=1e-4)
     assert one_to_two[6:9] == pytest.approx(expected[6:9], abs=1e-4)
     assert len(expected) == 9 and expected[-1] < expected[0] - 1.0
+
+
+def test_pipeline_refuses_a_resume_into_another_zero_stage_before_any_step(tmp_path):
+    """The refused step is the second: the first, not yet run, must not run either."""
+    ckpt = fake_checkpoint(tmp_path / "tiny" / "sft", step=2, files=ZERO3_2_RANKS)
+    proc = run_light("pipeline.py", "pipeline=tiny", f"root={tmp_path}", 'pipeline.overrides=["deepspeed=zero2"]')
+    assert_one_line_error(proc, "step 'sft'", str(ckpt), "deepspeed.zero_stage=2", "resume=never")
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["sft"]  # cpt never started
+    assert sorted(p.name for p in (tmp_path / "tiny" / "sft").iterdir()) == ["checkpoints"]

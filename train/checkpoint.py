@@ -46,6 +46,17 @@ def write_run_config(cfg: DictConfig) -> None:
     write_atomic(out / RUN_CONFIG, resolved_yaml(cfg))
 
 
+def discard_checkpoints(output_dir: str | Path) -> None:
+    """resume=never: an earlier run's checkpoints go before this run saves its own. Kept, they
+    would mix with this run's: a checkpoint-<k> beyond this run's steps outlives the rotation
+    and a later resume=auto picks it, and a reused checkpoint-<k> keeps the old run's per-rank
+    files."""
+    root = checkpoints_dir(output_dir)
+    if root.is_dir() and any(root.iterdir()):
+        shutil.rmtree(root)
+        print(f"resume=never: removed the earlier run's checkpoints in {root}", flush=True)
+
+
 def check_holds_weights(model_dir: Path) -> None:
     """A model directory about to be published must hold weights: config.json alone would count
     as finished and never be redone (ZeRO-3 with stage3_gather_16bit_weights_on_model_save=false,

@@ -329,7 +329,9 @@ class TrainJobConfig:
     output_dir: str = checked(MISSING, writable_dir)
     """Run directory: checkpoints, then the final model. The same on every rank."""
     resume: str = "auto"
-    """auto: continue from the newest complete checkpoint in output_dir; never; or a path."""
+    """auto: continue from the newest complete checkpoint in output_dir; never: start over
+    (the earlier checkpoints in output_dir are removed when training starts); or a
+    checkpoint-<step> directory to continue from."""
 
 
 def register_stage_schemas() -> None:
