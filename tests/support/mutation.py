@@ -167,9 +167,12 @@ MUTATIONS: Tuple[Mutation, ...] = (
 MUTMUT_MIN_KILL_RATE = 0.95
 
 
-class MutationDrift(Exception):
-    """A mutation's old text is not in its file exactly once (the catalogue needs updating), or
-    an unknown mutation name."""
+class CheckError(Exception):
+    """The check cannot run as asked: one `error:` line, exit 2."""
+
+
+class MutationDrift(CheckError):
+    """A mutation's old text is not in its file exactly once: the catalogue needs updating."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,6 +338,10 @@ def mutmut_modules() -> List[str]:
 
 def run_mutmut(files: List[str], timeout: float) -> MutmutScore:
     """mutmut 3 in a copy (it writes mutants/ beside the code), configured by [tool.mutmut]."""
+    import importlib.util
+
+    if importlib.util.find_spec("mutmut") is None:
+        raise CheckError("mutmut is not installed: pip install -e \".[test]\" (or pip install \"mutmut>=3.8,<4\")")
     copy = copy_tree(REPO, files)
     try:
         env = guard_env(REPO)
@@ -360,7 +367,7 @@ def select(names: Sequence[str], fast: bool) -> List[Mutation]:
     by_name = {m.name: m for m in MUTATIONS}
     unknown = [n for n in names if n not in by_name]
     if unknown:
-        raise MutationDrift(f"unknown mutation {', '.join(unknown)}: python -m tests.mutation --list names them")
+        raise CheckError(f"unknown mutation {', '.join(unknown)}: python -m tests.mutation --list names them")
     chosen = [by_name[n] for n in names] if names else list(MUTATIONS)
     return [m for m in chosen if m.fast_guards] if fast else chosen
 
@@ -427,7 +434,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         mutations = select(args.names, args.fast)
         check_anchors(mutations)
-    except MutationDrift as err:
+    except CheckError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.list:
@@ -441,7 +448,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{sum(1 for m in mutations if all(r.result == 'killed' for n, r in rows if n == m.name))} of "
               f"{len(mutations)} mutations caught in {time.monotonic() - start:.0f} s", flush=True)
     if args.mutmut or not (args.fast or args.names):
-        score = run_mutmut(tree_files(REPO), args.timeout)
+        try:
+            score = run_mutmut(tree_files(REPO), args.timeout)
+        except CheckError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         passed = score.rate >= MUTMUT_MIN_KILL_RATE
         print(f"mutmut on {', '.join(mutmut_modules())}: {score.killed} of {score.total} mutants killed "
               f"({score.rate:.0%}; at least {MUTMUT_MIN_KILL_RATE:.0%} needed) {score.counts}", flush=True)
