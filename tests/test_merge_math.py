@@ -12,7 +12,7 @@ from core.errors import UserError
 from core.safetensors_header import read_header
 from merge.io import ModelReader, decode, encode
 from merge.methods.numeric import SlerpStats, combine, lerp, slerp, slerp_coefficients
-from merge.params import evaluate_setting
+from merge.params import evaluate_setting, resolve
 from merge.plan import plan_merge
 from merge.recipe import check_recipe
 from merge.shards import parse_size, plan_output_shards
@@ -168,6 +168,16 @@ def test_filter_semantics_first_match_wins():
     assert evaluate_setting("model.layers.3.self_attn.q", [{"filter": "mlp", "value": 0.1}, {"value": 0.7}], 0) == 0.7
     assert evaluate_setting("x.mlp", [{"value": 0.7}, {"filter": "mlp", "value": 0.1}], 0) == 0.7
     assert evaluate_setting("x", [{"filter": "*", "value": [0, 1]}], 0.25) == 0.25
+
+
+def test_a_lone_filter_a_default_and_a_parameter_without_value():
+    assert evaluate_setting("x.mlp", {"filter": "mlp", "value": 0.3}, 0) == 0.3  # one {filter, value}, no list
+    scopes = [{"t": [{"filter": "mlp", "value": 0.1}]}, {"t": 0.6}]  # the slice's, then the top level
+    assert resolve("t", "x.mlp", 0, scopes) == 0.1 and resolve("t", "x.attn", 0, scopes) == 0.6
+    assert resolve("normalize", "x", 0, scopes, default=True) is True
+    for setting in ([{"filter": "mlp", "value": 0.1}], "oops"):
+        with pytest.raises(UserError, match=r"parameters\.t gives no value for tensor 'x\.attn'"):
+            resolve("t", "x.attn", 0, [{"t": setting}])
 
 
 def test_shard_layout_from_headers_respects_size_and_loads(tmp_path):
