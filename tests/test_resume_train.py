@@ -83,7 +83,7 @@ def test_resume_from_a_named_checkpoint_continues_from_it(first, tmp_path):
     assert f"resuming from {named}\n" in proc.stdout
 
 
-def test_resume_never_starts_over_and_removes_the_old_checkpoints(first, tmp_path):
+def test_resume_never_starts_over_and_sets_the_old_checkpoints_aside(first, tmp_path):
     source, _ = first
     expected = loss_rows(trainer_state(source, 2))
     out = tmp_path / "run"
@@ -98,4 +98,6 @@ def test_resume_never_starts_over_and_removes_the_old_checkpoints(first, tmp_pat
     assert losses == pytest.approx(expected, abs=1e-4)  # from the start, as the first run did
     assert is_model_dir(out)
     assert "resuming from" not in proc.stdout
-    assert f"resume=never: removed the earlier run's checkpoints in {out / 'checkpoints'}" in proc.stdout
+    aside = list(out.glob("checkpoints.before-*"))
+    assert len(aside) == 1 and f"resume=never: moved the earlier run's checkpoints to {aside[0]}" in proc.stdout
+    assert sorted(p.name for p in aside[0].glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]

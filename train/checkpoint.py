@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
+from typing import Optional
 
 from transformers import TrainerCallback
 
@@ -46,15 +48,19 @@ def write_run_config(cfg: DictConfig) -> None:
     write_atomic(out / RUN_CONFIG, resolved_yaml(cfg))
 
 
-def discard_checkpoints(output_dir: str | Path) -> None:
-    """resume=never: an earlier run's checkpoints go before this run saves its own. Kept, they
-    would mix with this run's: a checkpoint-<k> beyond this run's steps outlives the rotation
-    and a later resume=auto picks it, and a reused checkpoint-<k> keeps the old run's per-rank
-    files."""
+def set_checkpoints_aside(output_dir: str | Path) -> Optional[Path]:
+    """resume=never: an earlier run's checkpoints move out of the way before this run saves its
+    own. Left in place they would mix with this run's (a checkpoint-<k> beyond this run's steps
+    outlives the rotation and a later resume=auto picks it; a reused checkpoint-<k> keeps the old
+    run's per-rank files). Moved, not deleted: they are the user's, and a rename costs nothing."""
     root = checkpoints_dir(output_dir)
-    if root.is_dir() and any(root.iterdir()):
-        shutil.rmtree(root)
-        print(f"resume=never: removed the earlier run's checkpoints in {root}", flush=True)
+    if not (root.is_dir() and any(root.iterdir())):
+        return None
+    aside = root.with_name(f"{root.name}.before-{time.strftime('%Y%m%d-%H%M%S')}")
+    root.rename(aside)
+    print(f"resume=never: moved the earlier run's checkpoints to {aside} (delete it when no longer needed)",
+          flush=True)
+    return aside
 
 
 def check_holds_weights(model_dir: Path) -> None:

@@ -330,7 +330,7 @@ class TrainJobConfig:
     """Run directory: checkpoints, then the final model. The same on every rank."""
     resume: str = "auto"
     """auto: continue from the newest complete checkpoint in output_dir; never: start over
-    (the earlier checkpoints in output_dir are removed when training starts); or a
+    (the earlier checkpoints in output_dir move to checkpoints.before-<time>/ when training starts); or a
     checkpoint-<step> directory to continue from."""
 
 

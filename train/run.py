@@ -33,7 +33,7 @@ from train.checkpoint import (
     RUN_CONFIG,
     EpochModelCallback,
     checkpoints_dir,
-    discard_checkpoints,
+    set_checkpoints_aside,
     publish_final_model,
     resume_checkpoint,
     write_run_config,
@@ -191,7 +191,7 @@ def train_stage(cfg: DictConfig, runtime: Runtime, stage) -> None:
 
     if runtime.is_main:
         if cfg.resume == "never":
-            discard_checkpoints(cfg.output_dir)
+            set_checkpoints_aside(cfg.output_dir)
         write_run_config(cfg)  # past every setup check: the run directory starts here
     set_seed(cfg.training.seed)
     configure_wandb(cfg.logging, run_name(cfg), cfg.output_dir)
