@@ -44,8 +44,11 @@ def checkpoints_dir(output_dir: str | Path) -> Path:
 
 
 def is_complete_checkpoint(ckpt: Path) -> bool:
-    """The HF Trainer writes trainer_state.json after the DeepSpeed shards and `latest`."""
-    if not (ckpt / "trainer_state.json").is_file():
+    """The HF Trainer writes trainer_state.json after the DeepSpeed shards and `latest`, in
+    place: a disk that filled while it was written leaves it cut short, not valid JSON."""
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError):
         return False
     latest = ckpt / "latest"
     if not latest.is_file():

@@ -19,19 +19,27 @@ class UserError(Exception):
 
 # errno values and library wordings of "the disk (or the file size limit) is full": savers
 # wrap the OSError (safetensors: "IoError(Os { code: 28, kind: StorageFull ..", torch.save:
-# "file write failed"), so the chain's text is matched as well.
+# "file write failed", or, when the disk fills while its zip writer closes the file (DeepSpeed's
+# checkpoint partitions), the short write it finds: "unexpected pos 6851392 vs 6851280"), so
+# the chain's text is matched as well.
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _DISK_WORDS = re.compile(r"No space left on device|Disk quota exceeded|File too large|StorageFull|FileTooLarge|"
-                         r"(?:code: |os error )(?:28|27|122)\b|file write failed")
+                         r"(?:code: |os error )(?:28|27|122)\b|file write failed|unexpected pos \d+ vs \d+")
+
+
+def _chain(err: BaseException) -> list:
+    """The error and those it was raised from or during, innermost last."""
+    chain, e = [], err
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
 
 
 def disk_full_error(err: BaseException) -> Optional[UserError]:
     """A UserError for a write that ran out of disk space (or quota, or RLIMIT_FSIZE), naming
     the file when the error does; None for any other error."""
-    chain, e = [], err
-    while e is not None and len(chain) < 10:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
+    chain = _chain(err)
     for e in chain:
         if isinstance(e, OSError) and e.errno in _DISK_ERRNOS or _DISK_WORDS.search(str(e)):
             where = getattr(e, "filename", None) or next((c.filename for c in chain if getattr(c, "filename", None)), None)
@@ -41,6 +49,15 @@ def disk_full_error(err: BaseException) -> Optional[UserError]:
                 "checkpoints are kept; see docs/failure-modes.md)"
             )
     return None
+
+
+# How gloo and NCCL tell the ranks waiting in a collective that another rank has exited.
+_PEER_GONE = re.compile(r"Connection closed by peer|Connection reset by peer|remote process exited|"
+                        r"NCCL communicator was aborted")
+
+
+def another_rank_ended(err: BaseException) -> bool:
+    return any(_PEER_GONE.search(str(e)) for e in _chain(err))
 
 
 def exit_on_user_error(main, *args, **kwargs):
@@ -56,9 +73,14 @@ def exit_on_user_error(main, *args, **kwargs):
             raise
         except Exception as err:  # savers wrap ENOSPC in their own types (SafetensorError, RuntimeError)
             disk = disk_full_error(err)
-            if disk is None:
-                raise
-            raise disk from err
+            if disk is not None:
+                raise disk from err
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1 and another_rank_ended(err):
+                # The rank that ended has said why (its error line or traceback); this one was
+                # waiting for it in a collective (a full disk on rank 0 during a save): no traceback.
+                print(f"\nrank {os.environ.get('RANK', '?')} stopped: another rank ended first", file=sys.stderr, flush=True)
+                sys.exit(1)
+            raise
     except UserError as err:
         rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
         if rank != "0":

