@@ -77,6 +77,10 @@ class EvalJobConfig:
     model_args: Dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for lm-eval's model class, e.g. {gguf_file: X.gguf},
     {attn_implementation: sdpa}, {gpu_memory_utilization: 0.8} (vllm)."""
+    skip_scored: bool = False
+    """Skip each task that already has its <task>.json in the output folder, so a rerun of a killed
+    evaluation scores only what is missing (pipeline evaluation steps set it). A file kept this way
+    is not checked against the model or settings: without it, every task is scored again."""
     log_samples: bool = True
     """Also write each task's per-question inputs and outputs to <task>.samples.jsonl."""
     seed: int = checked(1234, non_negative)

@@ -12,7 +12,9 @@ print the table.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -274,15 +276,38 @@ def in_document_order(samples: dict) -> dict:
     return {task: sorted(rows, key=lambda row: row["doc_id"]) for task, rows in samples.items()}
 
 
+# Seconds to wait after each task's result file, so a test can kill an evaluation between two
+# tasks' files (as training's DOMAINFORGE_TRAIN_PAUSE_BEFORE_PUBLISH).
+PUBLISH_PAUSE_ENV = "DOMAINFORGE_EVAL_PAUSE_AFTER_TASK"
+
+
 def publish(records: List[dict], samples: dict, out_dir: Path) -> None:
     """Samples first, then the result file: a <task>.json on disk means both are complete."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    pause = float(os.environ.get(PUBLISH_PAUSE_ENV, "0") or 0)
     for record in records:
         task = record["task"]
         if task in samples:
             lines = "".join(json.dumps(s, default=str) + "\n" for s in samples[task])
             write_atomic(out_dir / f"{task}.samples.jsonl", lines)
         write_atomic(out_dir / f"{task}.json", json.dumps(record, indent=2, default=str) + "\n")
+        if pause:
+            print(f"wrote {out_dir / task}.json; the next in {pause:g}s", flush=True)
+            time.sleep(pause)
+
+
+def unscored(tasks: List[str], out_dir: Path) -> List[str]:
+    """The tasks without a result file in out_dir (skip_scored=true), saying which are kept."""
+    kept = [t for t in tasks if (out_dir / f"{t}.json").is_file()]
+    if kept:
+        print(f"skip_scored: keeping the results of {', '.join(kept)} in {out_dir}", flush=True)
+    return [t for t in tasks if t not in kept]
+
+
+def check_backend_installed(backend: str) -> None:
+    """vllm is an optional package: refuse before any task is built or model loaded."""
+    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise UserError("backend=vllm but vllm is not installed: pip install vllm (GPUs), or set backend=hf")
 
 
 SAMPLE_ROWS = 200  # per task in the W&B table: enough to read the model's answers, small to upload
@@ -309,6 +334,7 @@ def log_to_wandb(records: List[dict], samples: dict, cfg: DictConfig) -> None:
 def evaluate(cfg: DictConfig) -> List[dict]:
     """Evaluate cfg.tasks (+ cfg.eval_sets) on cfg.model_dir; the records written, one per task."""
     model_dir, parameters = check_model_dir(cfg)
+    check_backend_installed(cfg.backend)
     launched = Launched.from_env()
     layout = layout_for(cfg, model_dir, parameters, launched)
     if launched.rank >= layout.processes:
@@ -326,6 +352,11 @@ def evaluate(cfg: DictConfig) -> List[dict]:
 
     with tempfile.TemporaryDirectory(prefix="domainforge-tasks-") as generated:
         tasks = list(dict.fromkeys([*cfg.tasks, *write_eval_set_tasks(list(cfg.eval_sets), Path(generated))]))
+        if cfg.skip_scored:
+            tasks = unscored(tasks, out_dir)
+            if not tasks:
+                print(f"every task has its result in {out_dir}: nothing to evaluate", flush=True)
+                return []
         manager = task_manager_for(tasks, [TASK_DIR, *user_folders, Path(generated)], user_folders)
         built = build_tasks(tasks, manager)
 

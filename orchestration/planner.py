@@ -115,7 +115,8 @@ class PipelinePlanner:
                     self.pipeline.wandb_project, self.pipeline.wandb_entity, user_conf_dir())
 
     def eval_step(self, name: str, model_dir: str, evaluates: str, out: Path, depends_on: List[str]) -> Step:
-        args = [model_dir, f"tasks=[{','.join(self.pipeline.eval.tasks)}]", f"output_dir={out}"]
+        # skip_scored: a rerun (or a requeued job) scores only the tasks a killed evaluation left without results
+        args = [model_dir, f"tasks=[{','.join(self.pipeline.eval.tasks)}]", f"output_dir={out}", "skip_scored=true"]
         if self.eval_sets:
             args.append(f"eval_sets=[{','.join(self.eval_sets.values())}]")
         args += list(self.pipeline.eval.overrides)

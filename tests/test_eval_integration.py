@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from tests.support.env import REPO, assert_one_line_error, launch
+from tests.support.eval_sets import KNOWN_ANSWER_FAVOUR, known_answer_sets
 from tests.support.files import write_jsonl
 from tests.support.models import EVAL_SHAPE, tiny_llama
 
@@ -53,11 +54,8 @@ def test_known_answers_score_one_and_shuffled_answers_score_chance(tmp_path):
     """A model that always says " A" (then "A"): an eval set whose answer is always option A
     ("A") scores 1.0 under both protocols; the same questions with the answer letters spread
     evenly over A-D score 0.25. Plain prompts and chat template both."""
-    model = tiny_llama(tmp_path / "favours_a", **EVAL_SHAPE, favour=(" A", "A"))
-    question = "Which letter comes first in the alphabet of this test?"
-    right = [{"question": f"{question} ({i})", "options": ["A", "B", "C", "D"], "answer": "A"} for i in range(12)]
-    shuffled = [{**row, "answer": "ABCD"[i % 4]} for i, row in enumerate(right)]
-    files = [write_jsonl(tmp_path / "right.jsonl", right), write_jsonl(tmp_path / "shuffled.jsonl", shuffled)]
+    model = tiny_llama(tmp_path / "favours_a", **EVAL_SHAPE, favour=KNOWN_ANSWER_FAVOUR)
+    files = known_answer_sets(tmp_path)
     for chat in ("true", "false"):
         out = tmp_path / f"chat-{chat}"
         proc = launch("eval.py", [str(model), "tasks=[]", f"eval_sets=[{files[0]},{files[1]}]",
@@ -72,7 +70,7 @@ def test_known_answers_score_one_and_shuffled_answers_score_chance(tmp_path):
 @pytest.mark.integration
 def test_smollm2_from_its_gguf_package_both_protocols(tmp_path):
     """The real model through lm-eval's HF backend with gguf_file; on the first 16 general
-    questions log-likelihood scoring beats chance."""
+    questions log-likelihood scoring beats chance and greedy answers keep their measured score."""
     pytest.importorskip("gguf")
     out = tmp_path / "smol"
     proc = launch("eval.py", ["eval=smollm2_gguf", "tasks=[general_mc_loglik,general_mc_gen]", "limit=16",
@@ -82,7 +80,8 @@ def test_smollm2_from_its_gguf_package_both_protocols(tmp_path):
     assert sorted(found) == ["general_mc_gen", "general_mc_loglik"]
     assert found["general_mc_loglik"]["settings"]["model_args"] == {"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
     assert found["general_mc_loglik"]["results"]["acc,none"] >= 0.5
-    assert 0.0 <= found["general_mc_gen"]["results"]["exact_match,letter"] <= 1.0
+    # greedy answers, measured 7 of 16 right (CPU, fp32); a question or two may flip elsewhere, chance is 4
+    assert found["general_mc_gen"]["results"]["exact_match,letter"] == pytest.approx(7 / 16, abs=2 / 16)
 
 
 @pytest.mark.integration

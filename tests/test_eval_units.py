@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 import pytest
 from tests.support.env import REPO, assert_one_line_error, offline_env
+from tests.support.models import EVAL_SHAPE, tiny_llama
 
 from core.config import CONF_DIR
 from core.errors import UserError
@@ -109,6 +111,119 @@ def test_vllm_gets_tensor_and_data_parallel_sizes_in_one_process():
         "dtype=bfloat16,tensor_parallel_size=2,data_parallel_size=3,max_length=4096,gpu_memory_utilization=0.8")
     own = compose_eval_config(["model_dir=m", "backend=vllm", "+model_args.max_model_len=2048"])
     assert "max_length" not in model_arguments(own, REPO, "bfloat16", chosen)  # lm-eval takes one of the two
+
+
+class ModelLoaded(Exception):
+    """Raised by the stand-in for lm-eval's model class: what it was handed, and no model loaded."""
+
+
+def handed_to_lm_eval(tmp_path, monkeypatch, overrides, gpus=4, world=1):
+    """evaluate() on a tiny model directory up to lm-eval's model class, on `gpus` stand-in 80 GB
+    GPUs with `world` launched processes (this one rank 0): (its output, the backend name, the
+    model arguments, the extra arguments) lm-eval's registry was asked for."""
+    import lm_eval.api.registry
+
+    from evaluation import run
+
+    model = tiny_llama(tmp_path / "model", **EVAL_SHAPE)  # max_position_embeddings=512
+    handed = []
+
+    class StandInModel:
+        @classmethod
+        def create_from_arg_obj(cls, args, extra):
+            handed.extend([dict(args), dict(extra)])
+            raise ModelLoaded()
+
+    def get_model(name):
+        handed.append(name)
+        return StandInModel
+
+    monkeypatch.setattr(lm_eval.api.registry, "get_model", get_model)
+    monkeypatch.setattr(run, "visible_gpus", lambda: (gpus, H100))
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(world)}.items():
+        monkeypatch.setenv(key, value)
+    cfg = compose_eval_config([f"model_dir={model}", "tasks=[materials_cpt_mc_loglik]", "device=cuda",
+                               "dtype=bfloat16", f"output_dir={tmp_path / 'out'}", *overrides])
+    with pytest.raises(ModelLoaded):
+        run.evaluate(cfg)
+    return (model, *handed)
+
+
+def test_parallelize_hands_lm_eval_one_hf_model_split_over_every_gpu(tmp_path, monkeypatch, capsys):
+    """parallelize=true under a launcher of 4 processes (one per GPU): rank 0 alone loads one hf
+    model with parallelize=True, its dtype and the bounded max_length."""
+    model, backend, args, extra = handed_to_lm_eval(tmp_path, monkeypatch, ["parallelize=true"], world=4)
+    assert backend == "hf"
+    assert args == {"pretrained": str(model.resolve()), "dtype": "bfloat16", "parallelize": True, "max_length": 512}
+    assert extra == {"batch_size": 16, "device": "cuda"}
+    assert "evaluation layout: one process, the model split over 4 GPU(s)" in capsys.readouterr().out
+    assert "WORLD_SIZE" not in os.environ  # accelerate sees one process and waits for no one
+
+
+def test_vllm_hands_lm_eval_its_tensor_and_data_parallel_sizes(tmp_path, monkeypatch, capsys):
+    """backend=vllm, tensor_parallel=2 on 4 GPUs: one vllm model, 2 replicas of 2 GPUs each,
+    model_args passed on (vllm itself is a stand-in package: only its presence is checked here)."""
+    (tmp_path / "site" / "vllm").mkdir(parents=True)
+    (tmp_path / "site" / "vllm" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    model, backend, args, extra = handed_to_lm_eval(
+        tmp_path, monkeypatch, ["backend=vllm", "tensor_parallel=2", "+model_args.gpu_memory_utilization=0.8"])
+    assert backend == "vllm"
+    assert args == {"pretrained": str(model.resolve()), "dtype": "bfloat16", "tensor_parallel_size": 2,
+                    "data_parallel_size": 2, "max_length": 512, "gpu_memory_utilization": 0.8}
+    assert extra == {"batch_size": 16, "device": "cuda"}
+    assert "evaluation layout: vllm: 2 replica(s) x 2 GPU(s)" in capsys.readouterr().out
+
+
+def test_vllm_not_installed_is_refused_before_any_task_is_built(tmp_path, monkeypatch):
+    import importlib.util
+
+    from evaluation import run
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    monkeypatch.setattr(run, "build_tasks", lambda *a: pytest.fail("tasks were built"))
+    model = tiny_llama(tmp_path / "model", **EVAL_SHAPE)
+    cfg = compose_eval_config([f"model_dir={model}", "tasks=[materials_cpt_mc_loglik]", "backend=vllm"])
+    with pytest.raises(UserError, match=r"^backend=vllm but vllm is not installed: pip install vllm \(GPUs\), "
+                                        r"or set backend=hf$"):
+        run.evaluate(cfg)
+
+
+@pytest.mark.parametrize("override, passed", [
+    ("parallelize=true", ["parallelize=true"]),
+    ("backend=vllm", ["backend=vllm"]),
+])
+def test_a_pipelines_split_or_vllm_evaluation_gets_every_gpu_of_one_node(tmp_path, monkeypatch, override, passed):
+    """The job planned for an evaluation step with parallelize=true or backend=vllm: SLURM asks
+    for one node with all its GPUs and a task per GPU (evaluation/parallel.py leaves rank 0
+    working); locally, one process per visible GPU. Both pass the setting and skip_scored=true on."""
+    import re
+    import shlex
+
+    from orchestration import local
+    from orchestration.config import compose_pipeline_job
+    from orchestration.job_scripts import render_step
+    from orchestration.planner import plan_pipeline
+
+    common = ["pipeline=tiny", f"root={tmp_path}", "pipeline.eval.tasks=[materials_cpt_mc_loglik]",
+              f"pipeline.eval.overrides=['{override}']"]
+    cfg = compose_pipeline_job([*common, "cluster=slurm", "cluster.nodes=2", "cluster.gpus_per_node=8"])
+    plan = plan_pipeline(cfg)
+    step = next(s for s in plan.steps if s.kind == "eval")
+    script = render_step(plan, step, cfg.cluster, None)[1]
+    assert {"--nodes=1", "--ntasks=8", "--ntasks-per-node=8", "--gpus-per-node=8"} <= set(
+        re.findall(r"^#SBATCH (\S+)", script, flags=re.M))
+    command = script[script.index("launch/eval.py"):].split()
+    assert {*passed, "skip_scored=true", f"output_dir={step.output_dir}"} <= set(command)
+
+    cfg = compose_pipeline_job([*common, "cluster.gpus_per_node=8"])
+    plan = plan_pipeline(cfg)
+    step = next(s for s in plan.steps if s.kind == "eval")
+    monkeypatch.setattr(local, "gpu_count", lambda: 4)
+    command = local.local_command(plan, step, cfg.cluster)
+    assert command[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
+    assert {*passed, "skip_scored=true"} <= set(command[5:]), shlex.join(command)
 
 
 def test_max_length_bounds_a_131k_context_and_never_exceeds_the_models(tmp_path):

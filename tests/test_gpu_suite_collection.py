@@ -11,10 +11,15 @@ from tests.support.gpu import gpu_suite_requested
 GPU_TESTS = {
     *{f"test_stage_trains_in_bf16_and_the_model_generates[{stage}-{finetune}]"
        for finetune in ("full", "lora", "qlora") for stage in ("cpt", "sft", "dpo", "orpo")},
+    *{f"test_qlora_merged_model_is_the_dequantized_base_plus_the_adapter_delta[{stage}-qlora]"
+       for stage in ("cpt", "sft", "dpo", "orpo")},
+    "test_automatic_precision_takes_bf16_where_native_and_nccl",
+    "test_fp16_trains_with_a_loss_scale_that_settles",
     *{f"test_killed_run_resumes_from_its_checkpoint_and_finishes[{case}]"
        for case in ("same-gpus", "fewer-gpus", "more-gpus")},
     "test_merge_of_two_outputs_generates",
     "test_evaluation_writes_metrics",
+    "test_known_answers_score_exactly_on_the_gpu",
     "test_data_parallel_evaluation_matches_one_process",
     "test_tiny_pipeline",
 }

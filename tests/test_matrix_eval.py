@@ -125,6 +125,7 @@ CASES = [
     ("data-parallel-zero", ok(TASK, "backend=vllm", "data_parallel=0"), ["data_parallel=0: must be >= 1"]),
     ("tensor-parallel-zero", ok(TASK, "backend=vllm", "tensor_parallel=0"), ["tensor_parallel=0: must be >= 1"]),
     ("data-parallel-hf", ok(TASK, "data_parallel=2"), ["data_parallel is for backend=vllm", "torchrun --nproc_per_node"]),
+    ("vllm-not-installed", ok(TASK, "backend=vllm"), ["backend=vllm but vllm is not installed", "pip install vllm"]),
     ("seed-negative", ok(TASK, "seed=-3"), ["seed=-3: must be >= 0"]),
     ("output-dir-a-file", output_dir_a_file, ["output_dir=", "is an existing file"]),
     ("include-path-a-file", include_path_a_file, ["include_path", "tasks.yaml is not a folder"]),

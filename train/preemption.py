@@ -50,9 +50,10 @@ class PreemptionCallback(TrainerCallback):
             control.should_training_stop = True
             self.preempted_at_step = state.global_step
             if state.is_world_process_zero:
-                name = signal.Signals(self.signal_received or signal.SIGTERM).name
+                name = (f"{signal.Signals(self.signal_received).name} received" if self.signal_received
+                        else "a stop signal reached another rank")
                 print(
-                    f"preemption: {name} received, saving checkpoint-{state.global_step} and stopping "
+                    f"preemption: {name}, saving checkpoint-{state.global_step} and stopping "
                     f"(exit {PREEMPTED_EXIT_CODE} asks the batch script to requeue)",
                     flush=True,
                 )
@@ -67,8 +68,6 @@ class PreemptionCallback(TrainerCallback):
             t = torch.tensor([flag], dtype=torch.int32, device=args.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flag = int(t.item())
-            if flag and self.signal_received is None:
-                self.signal_received = signal.SIGTERM  # another rank got it first
         return bool(flag)
 
 

@@ -211,6 +211,12 @@ def train_stage(cfg: DictConfig, runtime: Runtime, stage) -> None:
         trainer.add_callback(PromptCompletionsCallback(trainer, data.eval_prompts, cfg.training.completion_tokens))
 
     # Train.
+    if runtime.is_main:
+        # What train/runtime.py decided, with the backend the process group really runs on.
+        import torch.distributed as dist
+
+        backend = dist.get_backend() if dist.is_initialized() else "no process group"
+        print(f"runtime: {runtime.world_size} rank(s) on {runtime.device}, {backend}, {runtime.precision}", flush=True)
     if resume_from and runtime.is_main:
         print(f"resuming from {resume_from}", flush=True)
     trainer.train(resume_from_checkpoint=resume_from)

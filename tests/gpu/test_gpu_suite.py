@@ -1,7 +1,10 @@
 """The GPU suite: the real commands in bf16 on CUDA, on random-initialised tiny models (model=tiny,
-nothing to download). Every stage full, LoRA and QLoRA (with bitsandbytes installed); a killed
-run resumed, on another GPU count too when there is more than one GPU; a SLERP merge of two
-outputs; evaluation, data-parallel with more than one GPU; the tiny pipeline.
+nothing to download). Every stage full, LoRA and QLoRA (with bitsandbytes installed; the merged
+model checked against the dequantized base plus the adapter's delta); the automatic precision
+and fp16 with dynamic loss scaling; a killed run resumed, on another GPU count too when there is
+more than one GPU, loss by loss against an uninterrupted run; a SLERP merge of two outputs;
+evaluation, exact on a known-answer model and data-parallel with more than one GPU; the tiny
+pipeline.
 
     python -m pytest tests/gpu -m gpu                               # fast: the pipeline without its evaluations
     DOMAINFORGE_GPU_SUITE=full python -m pytest tests/gpu -m gpu    # the whole tiny pipeline, evaluations and study
@@ -35,6 +38,10 @@ from typing import Callable, Dict, List, Optional
 import pytest
 import torch
 from tests.support.env import REPO, free_port, generates, launch, loss_history, offline_env, tail
+from tests.support.eval_sets import KNOWN_ANSWER_FAVOUR, known_answer_sets
+from tests.support.gpu import qlora_merge_reference
+from tests.support.models import EVAL_SHAPE, load_dir, tiny_llama
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from evaluation.results import load_results
@@ -56,12 +63,12 @@ pytestmark = [
 ]
 
 STEPS = 16
-COMMON = [
-    f"training.precision={PRECISION}",
+SETTINGS = [
     "training.max_seq_length=256",
     "training.warmup_steps=0",
     "training.lr_scheduler_type=constant",
 ]
+COMMON = [f"training.precision={PRECISION}", *SETTINGS]
 PREFERENCE = [
     "training.per_device_train_batch_size=2",
     "stage.max_length=256",
@@ -71,10 +78,18 @@ LEARNING_RATE = {"full": 1e-3, "lora": 3e-3, "qlora": 3e-3}  # adapters train at
 STAGES = ("cpt", "sft", "dpo", "orpo")
 FINETUNES = ("full", "lora", "qlora")
 STAGE_RUNS = [f"{stage}-{finetune}" for finetune in FINETUNES for stage in STAGES]
+# The precision settings a plain stage run does not cover: auto (bf16 on a GPU with native bf16,
+# else fp16) and fp16 with DeepSpeed's dynamic loss scaling (V100, T4). fp16 runs longer: its
+# first steps may be skipped while the loss scale comes down from 2^16.
+PRECISION_RUNS = {"cpt-auto": ("auto", STEPS), "cpt-fp16": ("fp16", 2 * STEPS)}
 # Resume cases: (ranks of the killed run, ranks of the rerun).
 RESUME_CASES = {"same-gpus": (RANKS, RANKS), "fewer-gpus": (RANKS, 1), "more-gpus": (1, RANKS)}
 # The kill must land mid-run: a GPU step of the tiny model takes tens of milliseconds.
 RESUME_STEPS, RESUME_SAVE = (300, 20) if DEVICE == "cuda" else (40, 8)
+# Post-resume losses against the uninterrupted run of the same seed and global batch: bf16 (and
+# NCCL's reduction order on another GPU count) moves them by ~1e-3; a lost optimizer state or
+# data position moves them by more. fp32 on CPU ranks matches to 1e-4 (tests/test_reshard.py).
+RESUME_TOLERANCE = 2e-2 if DEVICE == "cuda" else 1e-3
 EVAL_TASKS = ["materials_sft_mc_loglik", "materials_sft_tf_gen"]
 EVAL_LIMIT = 32
 PIPELINE_MODELS = ["cpt", "sft", "dpo", "orpo", "slerp-dpo", "slerp"]
@@ -116,6 +131,13 @@ def learnable_preferences(path: Path) -> Path:
 # --- the runs: each a function of (work dir, Runs) returning a Run, started by Runs ----------
 
 
+def qlora_base(path: Path) -> Path:
+    """model=tiny's architecture, random, saved in bf16: a QLoRA run starts from it (model.path),
+    so that the test can quantize the same weights again."""
+    return tiny_llama(path, layers=4, hidden=256, intermediate=688, heads=4, kv_heads=2, tie=True,
+                      max_positions=4096, special_tokens=True, shard=None)
+
+
 def stage_run(name: str) -> Callable:
     stage, finetune = name.split("-")
 
@@ -125,11 +147,42 @@ def stage_run(name: str) -> Callable:
                 f"training.max_steps={STEPS}", f"training.save_steps={STEPS}", f"training.finetune={finetune}"]
         if stage in ("dpo", "orpo"):
             args += [*PREFERENCE, f"data.preference.path={learnable_preferences(work / f'{name}.jsonl')}"]
+        if finetune == "qlora":
+            args.append(f"model.path={qlora_base(work / f'{name}-base')}")
         proc = launch("train.py", args, ranks=RANKS, env=run_env(work / f"{name}.cache"), timeout=900)
         keep_log(name, proc)
         return Run(out, proc)
 
     return run
+
+
+def precision_run(name: str) -> Callable:
+    precision, steps = PRECISION_RUNS[name]
+
+    def run(work: Path, runs: "Runs") -> Run:
+        out = work / name
+        args = ["+stage=cpt", f"output_dir={out}", f"training.precision={precision}", *SETTINGS,
+                f"training.learning_rate={LEARNING_RATE['full']}", f"training.max_steps={steps}",
+                f"training.save_steps={steps}"]
+        proc = launch("train.py", args, ranks=RANKS, env=run_env(work / f"{name}.cache"), timeout=900)
+        keep_log(name, proc)
+        return Run(out, proc)
+
+    return run
+
+
+def resume_args() -> List[str]:
+    return ["+stage=cpt", *COMMON, "training.learning_rate=1e-3", f"training.max_steps={RESUME_STEPS}",
+            f"training.save_steps={RESUME_SAVE}", "training.save_total_limit=null"]
+
+
+def uninterrupted_run(work: Path, runs: "Runs") -> Run:
+    """The resume runs' reference: the same seed, settings and global batch, never killed."""
+    out = work / "resume-reference"
+    proc = launch("train.py", [*resume_args(), f"output_dir={out}"], ranks=RANKS, env=run_env(work / f"{out.name}.cache"),
+                  timeout=900)
+    keep_log("resume-reference", proc)
+    return Run(out, proc)
 
 
 def start_training(args: List[str], out: Path, ranks: int) -> subprocess.Popen:
@@ -146,8 +199,7 @@ def resume_run(case: str) -> Callable:
 
     def run(work: Path, runs: "Runs") -> Run:
         out = work / f"resume-{case}"
-        args = ["+stage=cpt", *COMMON, "training.learning_rate=1e-3", f"training.max_steps={RESUME_STEPS}",
-                f"training.save_steps={RESUME_SAVE}", "training.save_total_limit=null"]
+        args = resume_args()
         launcher = start_training(args, out, first)
         first_checkpoint = out / "checkpoints" / f"checkpoint-{RESUME_SAVE}"
         deadline = time.time() + 600
@@ -193,6 +245,21 @@ def eval_run(work: Path, runs: "Runs") -> Run:
     return Run(out, proc)
 
 
+def known_answer_eval_run(work: Path, runs: "Runs") -> Run:
+    """lm-eval on the GPU, both protocols, on the model that always answers A
+    (tests/support/models.py's favour) with the eval sets of known scores."""
+    folder = work / "known-answers"
+    folder.mkdir()
+    model = tiny_llama(folder / "model", **EVAL_SHAPE, favour=KNOWN_ANSWER_FAVOUR)
+    right, shuffled = known_answer_sets(folder)
+    out = work / "eval-known"
+    proc = launch("eval.py", [str(model), "tasks=[]", f"eval_sets=[{right},{shuffled}]", "batch_size=8",
+                              f"device={DEVICE}", f"dtype={DTYPE_NAME}", f"output_dir={out}", "log_samples=false"],
+                  env=run_env(work / "eval-known.cache"), timeout=600)
+    keep_log("eval-known", proc)
+    return Run(out, proc)
+
+
 def data_parallel_eval_run(work: Path, runs: "Runs") -> Run:
     """One process per GPU, each scoring a share of the questions (lm-eval's data-parallel form,
     started with torch.distributed.run as docs/eval.md and the local pipeline's eval steps do)."""
@@ -223,6 +290,8 @@ def unavailable(name: str) -> Optional[str]:
             return "QLoRA's 4-bit base needs CUDA"
     if name in ("resume-fewer-gpus", "resume-more-gpus", "eval-dp") and RANKS < 2:
         return f"needs more than one GPU ({RANKS} here)"
+    if name in PRECISION_RUNS and DEVICE != "cuda":
+        return "the automatic precision and fp16 loss scaling are GPU choices (CUDA is not available)"
     return None
 
 
@@ -232,17 +301,24 @@ def unavailable(name: str) -> Optional[str]:
 RUNS: Dict[str, tuple] = {
     "pipeline": (pipeline_run, ()),
     **{f"resume-{case}": (resume_run(case), ()) for case in RESUME_CASES},
+    "resume-reference": (uninterrupted_run, ()),
     **{name: (stage_run(name), ()) for name in STAGE_RUNS},
+    **{name: (precision_run(name), ()) for name in PRECISION_RUNS},
     "merge": (merge_run, ("sft-full", "dpo-full")),
     "eval-1": (eval_run, ("sft-full",)),
+    "eval-known": (known_answer_eval_run, ()),
     "eval-dp": (data_parallel_eval_run, ("sft-full",)),
 }
 # test -> the runs it reads, from its parameters
 READS: Dict[str, Callable[[dict], List[str]]] = {
     "test_stage_trains_in_bf16_and_the_model_generates": lambda p: [p["run"]],
-    "test_killed_run_resumes_from_its_checkpoint_and_finishes": lambda p: [f"resume-{p['case']}"],
+    "test_qlora_merged_model_is_the_dequantized_base_plus_the_adapter_delta": lambda p: [p["run"]],
+    "test_automatic_precision_takes_bf16_where_native_and_nccl": lambda p: ["cpt-auto"],
+    "test_fp16_trains_with_a_loss_scale_that_settles": lambda p: ["cpt-fp16"],
+    "test_killed_run_resumes_from_its_checkpoint_and_finishes": lambda p: [f"resume-{p['case']}", "resume-reference"],
     "test_merge_of_two_outputs_generates": lambda p: ["merge"],
     "test_evaluation_writes_metrics": lambda p: ["eval-1"],
+    "test_known_answers_score_exactly_on_the_gpu": lambda p: ["eval-known"],
     "test_data_parallel_evaluation_matches_one_process": lambda p: ["eval-1", "eval-dp"],
     "test_tiny_pipeline": lambda p: ["pipeline"],
 }
@@ -312,11 +388,71 @@ def test_stage_trains_in_bf16_and_the_model_generates(runs, run):
     assert generates(out, DEVICE, DTYPE)
 
 
+@pytest.mark.parametrize("run", [name for name in STAGE_RUNS if name.endswith("-qlora")])
+def test_qlora_merged_model_is_the_dequantized_base_plus_the_adapter_delta(runs, run):
+    """What a QLoRA run publishes, after DeepSpeed's ZeRO-3 gather on the GPU: in every 4-bit
+    layer, the base weight through bitsandbytes' 4-bit round trip plus the adapter's delta, to
+    bf16 rounding; the delta and the 4-bit error both far above that rounding, so neither the
+    unquantized base nor the base without the adapter passes."""
+    out = runs.result(run).check().out
+    cfg = OmegaConf.load(out / "domainforge.yaml")
+    reference = qlora_merge_reference(Path(cfg.model.path), out / "adapter", cfg.lora.qlora_quant_type,
+                                      cfg.lora.qlora_double_quant, DEVICE)
+    merged, original = load_dir(out), load_dir(Path(cfg.model.path))
+    assert reference and set(reference) <= set(merged)
+    largest_delta = largest_quantization_error = 0.0
+    for name, (base, delta) in reference.items():
+        expected = base + delta
+        rounding = 1e-2 * expected.abs().max().item()  # bf16 keeps 8 bits: ~0.4% of a value
+        assert (merged[name].float() - expected).abs().max().item() <= rounding, name
+        largest_delta = max(largest_delta, delta.abs().max().item() / rounding)
+        largest_quantization_error = max(largest_quantization_error,
+                                         (original[name].float() - base).abs().max().item() / rounding)
+    assert largest_delta > 5 and largest_quantization_error > 5, (largest_delta, largest_quantization_error)
+
+
+def test_automatic_precision_takes_bf16_where_native_and_nccl(runs):
+    """training.precision=auto on the GPU: bf16 where the GPU computes it natively (compute
+    capability 8.0+), else fp16; the ranks talk over NCCL (the backend the process group runs)."""
+    result = runs.result("cpt-auto").check()
+    expected = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    assert f"runtime: {RANKS} rank(s) on cuda, nccl, {expected}" in result.proc.stdout, result.proc.stdout[-3000:]
+    args = training_args(result.out)
+    assert (args.bf16, args.fp16) == (expected == "bf16", expected == "fp16")
+    losses = loss_history(result.out)
+    assert mean(losses[-4:]) < 0.95 * mean(losses[:4]), losses
+
+
+def loss_scaler(out: Path):
+    """DeepSpeed's loss scaler as the newest checkpoint saved it (rank 0's ZeRO-3 optimizer file)."""
+    newest = max((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    (optimizer,) = newest.glob("global_step*/zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    return torch.load(optimizer, weights_only=False)["optimizer_state_dict"]["loss_scaler"]
+
+
+def test_fp16_trains_with_a_loss_scale_that_settles(runs):
+    """training.precision=fp16 (the V100/T4 path): DeepSpeed's dynamic loss scaling may skip
+    the first steps while the scale comes down from 2^16, then every step applies (the scale
+    stays above its minimum and no step of the second half overflows), and the loss falls."""
+    result = runs.result("cpt-fp16").check()
+    assert f"runtime: {RANKS} rank(s) on cuda, nccl, fp16" in result.proc.stdout, result.proc.stdout[-3000:]
+    args = training_args(result.out)
+    assert args.fp16 and not args.bf16
+    steps = PRECISION_RUNS["cpt-fp16"][1]
+    scaler = loss_scaler(result.out)
+    # cur_iter counts optimizer steps; last_overflow_iter is -1 when no step overflowed
+    assert scaler.dynamic and scaler.cur_scale > scaler.min_scale, vars(scaler)
+    assert scaler.cur_iter - scaler.last_overflow_iter > steps // 2, vars(scaler)
+    losses = loss_history(result.out)
+    assert len(losses) == steps and mean(losses[-4:]) < 0.95 * mean(losses[:4]), losses
+
+
 @pytest.mark.parametrize("case", list(RESUME_CASES))
 def test_killed_run_resumes_from_its_checkpoint_and_finishes(runs, case):
     """A launcher killed after its first checkpoint, rerun (on another GPU count where named):
-    it resumes from a checkpoint past step 0, trains to the end and publishes; the loss after
-    the resume continues from where it was, not from a fresh model's."""
+    it resumes from a checkpoint past step 0, trains to the end and publishes; every loss after
+    the resume is the uninterrupted run's (same seed and global batch) to bf16 noise, so the
+    weights, optimizer moments and data position all came back."""
     result = runs.result(f"resume-{case}").check()
     resumed = re.search(r"resuming from \S+checkpoint-(\d+)", result.proc.stdout)
     assert resumed, result.proc.stdout[-3000:]
@@ -324,11 +460,12 @@ def test_killed_run_resumes_from_its_checkpoint_and_finishes(runs, case):
     assert RESUME_SAVE <= step < RESUME_STEPS
     assert (result.out / "config.json").exists()
     losses = loss_history(result.out)
-    assert len(losses) == RESUME_STEPS
-    # weights restored: the first loss after the resume is nearer the last one before it than a fresh model's
-    assert abs(losses[step] - losses[step - 1]) < abs(losses[step] - losses[0]), (losses[0], losses[step - 2:step + 2])
-    before = losses[max(0, step - 10):step]
-    assert mean(losses[-10:]) < mean(before) * 1.1, losses[step - len(before):]  # and kept falling
+    reference = loss_history(runs.result("resume-reference").check().out)
+    assert len(losses) == len(reference) == RESUME_STEPS
+    first = [round(abs(a - b), 4) for a, b in zip(losses[step:step + 10], reference[step:step + 10])]
+    assert max(first) <= RESUME_TOLERANCE, first  # the steps right after the resume, one by one
+    assert abs(mean(losses[step:]) - mean(reference[step:])) <= RESUME_TOLERANCE, (mean(losses[step:]),
+                                                                                  mean(reference[step:]))
 
 
 def test_merge_of_two_outputs_generates(runs):
@@ -355,13 +492,29 @@ def eval_metrics(run: Run, model_dir: Path) -> dict:
 
 
 def test_evaluation_writes_metrics(runs):
-    """lm-eval on the GPU: a result file per task, each with metrics in [0, 1] over LIMIT questions."""
+    """lm-eval on the GPU: a result file per task, each with its metrics over LIMIT questions
+    (their values: test_known_answers_score_exactly_on_the_gpu)."""
     model = runs.result("sft-full").out
     results = eval_metrics(runs.result("eval-1").check(), model)
+    assert {metric for metrics in results.values() for metric in metrics} >= {"acc", "acc_norm", "exact_match"}
     for task, metrics in results.items():
         assert metrics, task
         for metric, (value, _, n) in metrics.items():
-            assert n == EVAL_LIMIT and 0.0 <= value <= 1.0, (task, metric, value, n)
+            assert n == EVAL_LIMIT, (task, metric, value, n)
+
+
+def test_known_answers_score_exactly_on_the_gpu(runs):
+    """The model that always answers A, in bf16 on the GPU: 1.0 on questions whose answer is
+    always A, exactly 0.25 where the answers spread evenly over A-D, under both protocols."""
+    run = runs.result("eval-known").check()
+    results = load_results(run.out, run.out)
+    scores = {task: {metric: value for metric, (value, _, _) in metrics.items()} for task, metrics in results.items()}
+    assert scores == {
+        "right_loglik": {"acc": 1.0, "acc_norm": 1.0},
+        "right_gen": {"exact_match": 1.0},
+        "shuffled_loglik": {"acc": 0.25, "acc_norm": 0.25},
+        "shuffled_gen": {"exact_match": 0.25},
+    }, scores
 
 
 def test_data_parallel_evaluation_matches_one_process(runs):

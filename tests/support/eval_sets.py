@@ -37,3 +37,19 @@ def assert_held_out(training_text):
             assert text not in blob, (name, text)
             shared = ngrams(text) & seen
             assert not shared, (name, text, sorted(shared)[:3])
+
+
+KNOWN_ANSWER_FAVOUR = (" A", "A")
+"""What the known-answer model predicts (tiny_llama(favour=...)): " A", then "A"."""
+
+
+def known_answer_sets(folder):
+    """Two paper-format MC files of the same 12 questions for the known-answer model: right.jsonl,
+    whose answer is always A (it scores 1.0 under both protocols), and shuffled.jsonl, whose
+    answers spread evenly over A-D (exactly 0.25)."""
+    from tests.support.files import write_jsonl
+
+    question = "Which letter comes first in the alphabet of this test?"
+    right = [{"question": f"{question} ({i})", "options": ["A", "B", "C", "D"], "answer": "A"} for i in range(12)]
+    shuffled = [{**row, "answer": "ABCD"[i % 4]} for i, row in enumerate(right)]
+    return write_jsonl(folder / "right.jsonl", right), write_jsonl(folder / "shuffled.jsonl", shuffled)
