@@ -5,9 +5,10 @@ H100, L40...), else fp16 with DeepSpeed's dynamic loss scaling (V100, T4), unles
 otherwise. CPU: DeepSpeed's CPU accelerator with gloo, bf16 where the CPU has native bf16
 (AVX-512-BF16 or AMX-BF16), else fp32 (core/precision.py holds the rule). bf16 is DeepSpeed's
 mixed precision on both: bf16 weights and gradients, fp32 master weights and Adam moments in
-the optimizer. Measured on a 2-core Xeon with AMX (docs/BENCHMARKS.md): SmolLM2-135M CPT
-about twice as fast in bf16 as in fp32; the "bf16 ~20x slower on the CPU" measured here
-earlier does not reproduce with torch 2.13 on a CPU that has native bf16.
+the optimizer. Measured on a 2-core Xeon with AMX (docs/BENCHMARKS.md): a bare PyTorch loop
+trains SmolLM2-135M 1.98x faster in bf16 than in fp32, so the "bf16 ~20x slower on the CPU"
+measured here earlier does not hold on a CPU with native bf16; the project's CPT gains less
+(TRL's LM head runs its CPU fallback partly in fp32; the benchmark has the profile).
 """
 
 from __future__ import annotations
