@@ -45,8 +45,8 @@ class EvalJobConfig:
     device: Optional[str] = None
     """cpu, cuda, cuda:1, ...; None: cuda when there is a GPU, else cpu."""
     dtype: str = checked("auto", one_of(*DTYPES))
-    """auto (float32 on CPU, where bf16 is ~20x slower; bfloat16 on GPUs), float32, bfloat16
-    or float16."""
+    """auto (training's rule, core/precision.py: bfloat16 where the GPU or CPU computes it
+    natively, else float16 on GPUs and float32 on CPUs), float32, bfloat16 or float16."""
     limit: Optional[float] = checked(None, positive)
     """Evaluate only the first N questions of each task (N >= 1), or this share of them (< 1)."""
     num_fewshot: Optional[int] = checked(None, non_negative)

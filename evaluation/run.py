@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from core.errors import UserError
 from core.model_card import refresh_model_card
 from core.outputs import EVAL_DIR, is_model_dir, write_atomic
+from core.precision import auto_torch_dtype_name
 from core.safetensors_header import read_model_headers
 from core.wandb_runs import log_wandb_run
 from evaluation.eval_set import TASK_DIR, eval_set_task_yamls
@@ -145,14 +146,10 @@ def resolve_device_dtype(cfg: DictConfig) -> tuple:
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = cfg.dtype
     if dtype == "auto":
-        # lm-eval's own "auto" takes the checkpoint's dtype: bf16 weights would run in bf16 on
-        # a CPU, ~20x slower than fp32 there (docs/BENCHMARKS.md).
-        if device.startswith("cpu"):
-            dtype = "float32"
-        else:
-            # Native bf16 only (compute capability 8.0+): torch's default answer also counts the
-            # emulated bf16 of a V100 or T4, slow there (as train/runtime.py decides for training).
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
+        # Training's rule (core/precision.py), not lm-eval's own "auto" (the checkpoint's dtype):
+        # bf16 only where the device computes it natively, emulated bf16 runs slower than fp32.
+        gpu = not device.startswith("cpu")
+        dtype = auto_torch_dtype_name(gpu, gpu and torch.cuda.is_bf16_supported(including_emulation=False))
     return device, dtype
 
 

@@ -184,8 +184,9 @@ class TrainingConfig:
     """Tokens per training sequence (CPT block size, SFT truncation length)."""
     precision: str = checked("auto", one_of("auto", "fp32", "bf16", "fp16"))
     """auto, fp32, bf16 or fp16. auto: bf16 on GPUs with native bf16 (compute capability 8.0+),
-    fp16 with dynamic loss scaling on older ones (V100, T4), fp32 on the CPU. bf16 on an older
-    GPU is refused (train/runtime.py)."""
+    fp16 with dynamic loss scaling on older ones (V100, T4); on the CPU bf16 where it has native
+    bf16 (AVX-512-BF16 or AMX), else fp32 (core/precision.py). bf16 on an older GPU is refused
+    (train/runtime.py); fp16 on the CPU too."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of storing them
     (transformers' activation checkpointing, non-reentrant; reentrant for adapters under ZeRO-3,

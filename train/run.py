@@ -59,6 +59,7 @@ from train.runtime import (
     let_accelerate_see_cpu_ranks,
     release_cpu_allreduce_buffers,
     shutdown_process_group,
+    training_arguments_accept_cpu_bf16,
 )
 from train.stages import get_stage
 from train.tracking import PromptCompletionsCallback, ThroughputCallback, configure_wandb, report_to
@@ -178,7 +179,8 @@ def train_stage(cfg: DictConfig, runtime: Runtime, stage) -> None:
     kwargs = common_trainer_kwargs(cfg, runtime, evaluate)
     if universal:
         load_universal(kwargs["deepspeed"])
-    args = stage.trainer_args(cfg, kwargs)  # starts the process group
+    with training_arguments_accept_cpu_bf16(runtime):
+        args = stage.trainer_args(cfg, kwargs)  # starts the process group
     release_cpu_allreduce_buffers(runtime)
     # Data once per cache: the first rank tokenizes into the datasets cache, then the first rank
     # of each other node (a node-local cache), then every other rank reads the cache: TRL's order

@@ -2,18 +2,25 @@
 
 GPU: NCCL, and bf16 where the GPU computes in bf16 natively (compute capability 8.0+: A100,
 H100, L40...), else fp16 with DeepSpeed's dynamic loss scaling (V100, T4), unless told
-otherwise. CPU: DeepSpeed's CPU accelerator with gloo, fp32 (bf16 autocast on the CPU measured
-~20x slower than fp32: SmolLM2-135M at batch 4x256, fp32 12 s, bf16 246 s).
+otherwise. CPU: DeepSpeed's CPU accelerator with gloo, bf16 where the CPU has native bf16
+(AVX-512-BF16 or AMX-BF16), else fp32 (core/precision.py holds the rule). bf16 is DeepSpeed's
+mixed precision on both: bf16 weights and gradients, fp32 master weights and Adam moments in
+the optimizer. Measured on a 2-core Xeon with AMX (docs/BENCHMARKS.md): a bare PyTorch loop
+trains SmolLM2-135M 1.98x faster in bf16 than in fp32, so the "bf16 ~20x slower on the CPU"
+measured here earlier does not hold on a CPU with native bf16; the project's CPT gains less
+(TRL's LM head runs its CPU fallback partly in fp32; the benchmark has the profile).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 
 from core.errors import UserError
+from core.precision import auto_precision
 
 
 @dataclass(frozen=True)
@@ -65,7 +72,7 @@ def gpu_has_native_bf16() -> bool:
 def detect_runtime(precision: str = "auto") -> Runtime:
     gpu = torch.cuda.is_available()
     if precision == "auto":
-        precision = ("bf16" if gpu_has_native_bf16() else "fp16") if gpu else "fp32"
+        precision = auto_precision(gpu, gpu and gpu_has_native_bf16())
     if precision not in ("fp32", "bf16", "fp16"):
         raise UserError(f"training.precision='{precision}': use auto, fp32, bf16 or fp16")
     if not gpu and precision == "fp16":
@@ -85,6 +92,28 @@ def detect_runtime(precision: str = "auto") -> Runtime:
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
         world_size=int(os.environ.get("WORLD_SIZE", 1)),
     )
+
+
+@contextlib.contextmanager
+def training_arguments_accept_cpu_bf16(runtime: Runtime):
+    """Let TrainingArguments take bf16=True on a CPU run.
+
+    transformers 5.25 refuses bf16 without a bf16 GPU ("Your setup doesn't support bf16/gpu")
+    unless use_cpu=True, and use_cpu sets up gloo itself, skipping DeepSpeed's process group
+    (measured: DeepSpeed then counts a world of 1 on each of 2 ranks and rejects the batch).
+    Here its check is told what detect_runtime established: this CPU trains in bf16.
+    """
+    if runtime.device != "cpu" or not runtime.bf16:
+        yield
+        return
+    import transformers.training_args as training_args
+
+    original = training_args.is_torch_bf16_gpu_available
+    training_args.is_torch_bf16_gpu_available = lambda: True
+    try:
+        yield
+    finally:
+        training_args.is_torch_bf16_gpu_available = original
 
 
 def let_accelerate_see_cpu_ranks() -> None:

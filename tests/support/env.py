@@ -16,9 +16,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def offline_env(**extra: str) -> dict:
-    """The environment every launched command gets: offline, quiet, 1 thread per rank."""
+    """The environment every launched command gets: offline, quiet, 1 thread per rank, and
+    `auto` precision fp32 on any CPU: the suite's pinned trajectories and equalities (resumes,
+    reshards, evaluation layouts) are fp32 figures; bf16 on the CPU has tests of its own
+    (tests/test_cpu_precision.py)."""
     env = dict(os.environ)
     env.update(
+        DOMAINFORGE_CPU_BF16="0",
         WANDB_MODE="offline",
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",

@@ -80,7 +80,8 @@ class RewriteConfig:
     """Shards of the documents, each written and marked done on its own (a rerun keeps them); the ranks of
     the job (RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS) take shards k, k+n, ... None: one per rank."""
     dtype: str = checked("auto", one_of("auto", "float32", "bfloat16", "float16"))
-    """auto: bfloat16 on GPUs, float32 on the CPU."""
+    """auto: training's rule (core/precision.py): bfloat16 where the GPU or CPU computes it natively,
+    else float16 on GPUs and float32 on CPUs."""
 
 
 ENTIGRAPH_PROMPT = (

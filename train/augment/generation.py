@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 from core.errors import UserError
+from core.precision import auto_torch_dtype_name
 from train.data.chat import fold_system_turn
 
 Generate = Callable[[List[str]], List[Tuple[str, int]]]
@@ -38,8 +39,11 @@ class TransformersGenerator:
         device = "cpu"
         if torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', os.environ.get('SLURM_LOCALID', 0)))}"
-        dtype = {"auto": torch.bfloat16 if device != "cpu" else torch.float32, "float32": torch.float32,
-                 "bfloat16": torch.bfloat16, "float16": torch.float16}[rewrite.dtype]
+        dtype_name = rewrite.dtype
+        if dtype_name == "auto":  # training's rule (core/precision.py)
+            gpu = device != "cpu"
+            dtype_name = auto_torch_dtype_name(gpu, gpu and torch.cuda.is_bf16_supported(including_emulation=False))
+        dtype = getattr(torch, dtype_name)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
         self.tokenizer = tokenizer
         tokenizer.padding_side = "left"
