@@ -200,6 +200,23 @@ def test_resume_on_another_world_size_continues_the_trajectory(tmp_path):
     assert len(expected) == 9 and expected[-1] < expected[0] - 1.0
 
 
+@pytest.mark.integration
+def test_a_zero2_checkpoint_resumes_on_another_world_size(tmp_path):
+    """ZeRO-2 checkpoints hold no `universal_checkpoint_info` (only AutoTP engines save it):
+    DeepSpeed's converter refuses them unless told to inject it (--inject_missing_state)."""
+    zero2 = [*RUN, "deepspeed=zero2"]
+    straight = tmp_path / "straight"  # 5 steps on 2 ranks, checkpoint-3 on the way
+    proc = launch("train.py", [*zero2, *ON_2, "training.max_steps=5", f"output_dir={straight}"], ranks=2)
+    assert proc.returncode == 0, tail(proc)
+    resumed = tmp_path / "on-1"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "checkpoint-3", resumed / "checkpoints" / "checkpoint-3")
+    proc = launch("train.py", [*zero2, "training.max_steps=5", f"output_dir={resumed}"], ranks=1)
+    assert proc.returncode == 0, tail(proc)
+    assert "resume: converted" in proc.stdout and "the global batch stays 4" in proc.stdout
+    assert loss_history(resumed) == pytest.approx(loss_history(straight), abs=1e-4)  # measured: 5e-7
+
+
 def test_pipeline_refuses_a_resume_into_another_zero_stage_before_any_step(tmp_path):
     """The refused step is the second: the first, not yet run, must not run either."""
     ckpt = fake_checkpoint(tmp_path / "tiny" / "sft", step=2, files=ZERO3_2_RANKS)

@@ -154,6 +154,9 @@ def convert_to_universal(ckpt: Path) -> Path:
         sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
         "--input_folder", str(ckpt / tag), "--output_folder", str(work / target.name),
         "--num_extract_workers", str(workers), "--num_merge_workers", str(max(1, workers // 2)),
+        # ZeRO-0/1/2: the converter asserts a `universal_checkpoint_info` that only AutoTP engines
+        # save; this injects the plain (no tensor parallelism) one. ZeRO-3 ignores the flag.
+        "--inject_missing_state",
     ]
     started = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
