@@ -22,6 +22,7 @@ GPU_TESTS = {
     "test_known_answers_score_exactly_on_the_gpu",
     "test_data_parallel_evaluation_matches_one_process",
     "test_tiny_pipeline",
+    "test_fused_adamw_steps_on_after_the_repair_as_if_never_interrupted",
 }
 
 
