@@ -15,6 +15,8 @@ GPU_TESTS = {
        for stage in ("cpt", "sft", "dpo", "orpo")},
     "test_automatic_precision_takes_bf16_where_native_and_nccl",
     "test_fp16_trains_with_a_loss_scale_that_settles",
+    "test_qlora_in_fp16_starts_from_the_same_base_as_in_bf16",
+    "test_flash_attn_preflight_matches_this_gpu",
     *{f"test_killed_run_resumes_from_its_checkpoint_and_finishes[{case}]"
        for case in ("same-gpus", "fewer-gpus", "more-gpus")},
     "test_merge_of_two_outputs_generates",
