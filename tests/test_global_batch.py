@@ -85,7 +85,8 @@ def test_the_size_preset_of_a_small_model_replaces_the_papers_8b_batch(stage):
     paper = compose_train_config([f"+stage={stage}", "model=llama3_1_8b", "data.allow_demo=true"]).training
     assert batch_settings(paper) == PAPER_8B[stage]
     tiny = compose_train_config([f"+stage={stage}"]).training
-    assert batch_settings(tiny) == (4, None, False, 512, 1e-3) and tiny.warmup_steps == 0.1
+    rate = 1e-4 if stage == "dpo" else 1e-3  # conf/size/stage/tiny_dpo.yaml
+    assert batch_settings(tiny) == (4, None, False, 512, rate) and tiny.warmup_steps == 0.1
     assert derive_gradient_accumulation(tiny, 2) == 1
     small = compose_train_config([f"+stage={stage}", "model=smollm2_135m"]).training
     assert batch_settings(small) == (2, None, False, 1024, PAPER_8B[stage][4])
@@ -98,6 +99,8 @@ def test_the_command_line_wins_over_the_size_preset_and_size_picks_another():
     assert typed.max_seq_length == 512  # the size's, for the keys not typed
     other = compose_train_config(["+stage=cpt", "model=llama3_1_8b", "data.allow_demo=true", "size=tiny"]).training
     assert batch_settings(other) == (4, None, False, 512, 1e-3)
+    other_dpo = compose_train_config(["+stage=dpo", "model=llama3_1_8b", "data.allow_demo=true", "size=tiny"]).training
+    assert batch_settings(other_dpo) == (4, None, False, 512, 1e-4)  # with the size's DPO part
     with pytest.raises(UserError, match=r"^unknown size 'tiyn': choose one of smollm2_135m, tiny \(presets in conf/size/"):
         compose_train_config(["+stage=cpt", "size=tiyn"])
 

@@ -479,21 +479,24 @@ def stage_as_choice(argv: List[str]) -> List[str]:
     return [arg[1:] if arg.startswith("+stage=") else arg for arg in argv]
 
 
-def check_size_choice(argv: List[str]) -> None:
-    """A typed `size=<name>` names a preset: conf/config.yaml's size default is optional (most
-    models have none), so Hydra would pass over a misspelt one in silence."""
-    for arg in argv:
-        if arg.startswith("size=") and not PRESET_FILE.match(arg):
-            choice = arg.split("=", 1)[1]
-            if choice not in presets(CONF_DIR, "size"):
-                raise UserError(unknown_preset("size", choice, CONF_DIR))
+def size_choice(argv: List[str]) -> List[str]:
+    """A typed `size=<name>` names a preset (conf/config.yaml's size default is optional: most
+    models have none, so Hydra would pass over a misspelt one in silence), and brings its
+    per-stage part, conf/size/stage/<name>_<stage>.yaml, where there is one."""
+    sizes = [arg.split("=", 1)[1] for arg in argv if arg.startswith("size=") and not PRESET_FILE.match(arg)]
+    stages = [arg.split("=", 1)[1] for arg in argv if arg.startswith("stage=")]
+    for size in sizes:
+        if size not in presets(CONF_DIR, "size"):
+            raise UserError(unknown_preset("size", size, CONF_DIR))
+    if sizes and stages and not any(arg.startswith("size/stage=") for arg in argv):
+        return [*argv, f"size/stage={sizes[-1]}_{stages[-1]}"]
+    return argv
 
 
 def compose_train_config(argv: List[str]) -> DictConfig:
     """The training job's config from `launch/train.py` arguments."""
     register_stage_schemas()
-    argv = stage_as_choice(strip_launcher_args(argv))
-    check_size_choice(argv)
+    argv = size_choice(stage_as_choice(strip_launcher_args(argv)))
     cfg = compose_config(argv, "config", TrainJobConfig, check=check_stage)
     set_adapter_learning_rate(cfg, argv)
     check_demo_data(cfg)
