@@ -87,6 +87,15 @@ def test_loss_masks_on_the_prepared_rows(tokenizer, packing):
     assert seen[TEXT] > 0 and seen[CHAT] > 0
 
 
+def test_long_documents_are_cut_into_chunks_not_truncated(tokenizer):
+    cfg = compose_train_config(["+stage=mixed", "training.max_seq_length=64"])
+    data = prepare_mixed(cfg, tokenizer)
+    docs, _, _ = bundled_texts(cfg)
+    corpus_tokens = sum(len(tokenizer(doc)["input_ids"]) + 1 for doc in docs)  # + EOS
+    assert data.stats["kind/text/tokens"] == corpus_tokens
+    assert data.stats["kind/text/examples"] > len(docs)
+
+
 def test_collated_kinds_line_up_with_the_labels(tokenizer):
     data = prepare_mixed(mixed_cfg(), tokenizer)
     rows = [data.train_dataset[i] for i in range(4)]
@@ -102,9 +111,9 @@ def test_kind_losses_split_the_tokens_the_model_scores():
                            _window={"train": torch.zeros(2, 2, dtype=torch.float64)},
                            _batch_kinds=torch.tensor([[TEXT, TEXT, TEXT, CHAT, CHAT, CHAT]]))
     log_probs = -torch.tensor([[1.0, 2.0, 4.0, 8.0, 16.0]])  # scores of tokens 1..5
-    label_mask = torch.tensor([[True, True, False, True, True]])  # token 3 (a question token) untrained
+    label_mask = torch.tensor([[True, True, True, False, True]])  # token 4 untrained
     KindLossTrainer._record_kind_losses(stub, None, (), {}, SimpleNamespace(log_probs=log_probs, label_mask=label_mask))
-    assert stub._window["train"].tolist() == [[3.0, 24.0], [2.0, 2.0]]
+    assert stub._window["train"].tolist() == [[3.0, 20.0], [2.0, 2.0]]
 
 
 def error_of(fn, *args) -> str:
