@@ -112,3 +112,70 @@ def test_fact_renderings_name_the_subject_state_the_value_and_vary():
     held_facts = {(r["subject"].split(":")[0], r["fact"]) for r in rows(EVAL_SETS / "materials_cpt_mc.jsonl")}
     rendered = {(s, f) for s, f, _ in wordings}
     assert held_facts <= rendered, sorted(held_facts - rendered)[:5]
+
+
+# ---------------------------------------------------------------------------------------------
+# packing the renderings: never two of one subject in a block, a fresh order every epoch
+# ---------------------------------------------------------------------------------------------
+def renderings_cfg(*overrides):
+    from train.config import compose_train_config
+
+    sources = ", ".join(f"{{path: {MATERIALS / name}, format: {fmt}, fraction: 1.0}}" for name, fmt in
+                        (("facts_taught.jsonl", "text"), ("facts_held.jsonl", "text"), ("sft.jsonl", "chat")))
+    return compose_train_config(["+stage=mixed", "training.max_seq_length=256", f"data.mixed.sources=[{sources}]",
+                                 *overrides])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from train.model import load_tokenizer
+
+    return load_tokenizer(renderings_cfg().model)
+
+
+def subject_of_rendering() -> dict:
+    return {r["text"]: r["subject"] for name in ("facts_taught.jsonl", "facts_held.jsonl")
+            for r in rows(MATERIALS / name)}
+
+
+def block_subjects(row, tokenizer, subjects: dict) -> list:
+    """The subject of each rendering packed into a row (chats have none)."""
+    found, start = [], 0
+    for length in row["seq_lengths"]:
+        text = tokenizer.decode(row["input_ids"][start:start + length], skip_special_tokens=True).strip()
+        start += length
+        if text in subjects:
+            found.append(subjects[text])
+    return found
+
+
+def test_no_block_holds_two_renderings_of_one_subject(tokenizer):
+    from train.data.mixed import prepare_mixed
+
+    data = prepare_mixed(renderings_cfg("training.num_train_epochs=2"), tokenizer)
+    subjects = subject_of_rendering()
+    per_block = [block_subjects(row, tokenizer, subjects) for row in data.train_dataset]
+    assert all(len(found) == len(set(found)) for found in per_block)
+    # every rendering trains once per epoch, each epoch packed on its own
+    renderings = sum(len(rows(MATERIALS / name)) for name in ("facts_taught.jsonl", "facts_held.jsonl"))
+    assert sum(len(found) for found in per_block) == 2 * renderings and data.stats["packed_epochs"] == 2
+    assert max(len(found) for found in per_block) >= 8  # blocks are full of other subjects' facts
+
+
+def test_the_order_of_the_facts_is_drawn_again_every_epoch(tokenizer):
+    from train.data.mixed import LOSS_KIND, SUBJECT, pack_by_subject
+
+    cfg = renderings_cfg()
+    examples = [{"input_ids": [s, s, 7], "labels": [s, s, 7], LOSS_KIND: [0] * 3, SUBJECT: f"s{s % 40}"}
+                for s in range(400)]
+    import datasets
+
+    table = datasets.Dataset.from_list(examples)
+    subjects = [e[SUBJECT] for e in examples]
+    once = pack_by_subject(table.remove_columns(SUBJECT), subjects, 30, 1, cfg.training.seed)["input_ids"]
+    twice = pack_by_subject(table.remove_columns(SUBJECT), subjects, 30, 2, cfg.training.seed)["input_ids"]
+    assert twice[: len(once)] == once  # the first epoch as packed alone
+    second = twice[len(once):]
+    assert sorted(t for row in second for t in row) == sorted(t for row in once for t in row)
+    blocks = lambda packed: {frozenset(row[::3]) for row in packed}  # the first token of each example
+    assert len(blocks(once) & blocks(second)) <= len(once) // 10  # other neighbours, not the same blocks

@@ -23,7 +23,9 @@ CANONICAL_FEATURES = {  # the one schema every source of a mix is mapped to, so 
     "cpt": {"text": datasets.Value("string")},
     "sft": {"messages": MESSAGES},
     "preference": {"prompt": MESSAGES, "chosen": MESSAGES, "rejected": MESSAGES},
-    "mixed": {"text": datasets.Value("string"), "messages": MESSAGES},  # one of the two is null per row
+    # one of text and messages is null per row; `subject` (a text source's column of that name, if
+    # it has one) names what a document is about, so packing keeps one subject's documents apart
+    "mixed": {"text": datasets.Value("string"), "messages": MESSAGES, "subject": datasets.Value("string")},
 }
 
 
@@ -52,11 +54,12 @@ def canonical_chat(row: dict, index: int, key: str) -> dict:
 
 
 def canonical_mixed_text(row: dict, index: int, key: str) -> dict:
-    return {"text": row["text"], "messages": None}
+    subject = row.get("subject")
+    return {"text": row["text"], "messages": None, "subject": None if subject is None else str(subject)}
 
 
 def canonical_mixed_chat(row: dict, index: int, key: str) -> dict:
-    return {"text": None, **canonical_chat(row, index, key)}
+    return {"text": None, **canonical_chat(row, index, key), "subject": None}
 
 
 MIXED_CANONICAL = {"text": canonical_mixed_text, "chat": canonical_mixed_chat}

@@ -7,6 +7,13 @@ longer than `max_seq_length` is cut into chunks of that length (each chunk one e
 is truncated as SFT truncates it. With `stage.packing` (the default) examples share rows by best
 fit and attend only to themselves (position_ids restart per example, as SFT packing does:
 train/data/sft.py), so a document never sees another document or a Q&A in its context.
+
+Documents with a `subject` (fact renderings: data/make_materials.py's facts_*.jsonl) are packed
+by subject: no row holds two documents about one subject, since a model that can copy a fact from
+a neighbouring rendering learns to copy instead of storing it (the Physics of LMs 3.1 replication,
+github.com/ykrmm/PhysicsLLM_3.1: 7% against 97%). Their order is then re-drawn for every epoch: a
+run of `training.num_train_epochs=E` packs E differently shuffled copies and trains one pass over
+them, so each document is seen E times, each time beside other documents.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from train.data.sft import tokenize_chat
 from train.data.sources import check_messages, report_dropped
 
 LOSS_KIND = "loss_kind"  # per token: the kind of example it belongs to; -1 on padding
+SUBJECT = "subject"  # what a document is about (a text source's `subject` column); None: unknown
 TEXT, CHAT = 0, 1
 KIND_NAMES = {TEXT: "text", CHAT: "chat"}
 
@@ -39,7 +47,7 @@ def tokenize_mixed(batch: Dict[str, list], indices: List[int], tokenizer, max_le
     """Batched map: mixed rows -> examples with input_ids, labels and LOSS_KIND (one per token).
     A text row becomes its document + EOS cut into max_length chunks (none if blank); a chat
     row one example, truncated."""
-    out: Dict[str, list] = {"input_ids": [], "labels": [], LOSS_KIND: [], SOURCE: [], "truncated": []}
+    out: Dict[str, list] = {"input_ids": [], "labels": [], LOSS_KIND: [], SOURCE: [], SUBJECT: [], "truncated": []}
     eos = tokenizer.eos_token_id
     for j, index in enumerate(indices):
         text = batch["text"][j]
@@ -59,6 +67,7 @@ def tokenize_mixed(batch: Dict[str, list], indices: List[int], tokenizer, max_le
             out["labels"].append(labels)
             out[LOSS_KIND].append([kind] * len(ids))
             out[SOURCE].append(batch[SOURCE][j])
+            out[SUBJECT].append(batch[SUBJECT][j])
             out["truncated"].append(truncated)
     return out
 
@@ -108,7 +117,7 @@ def prepare_mixed(cfg, tokenizer) -> PreparedData:
         raise UserError("data.mixed.streaming=true: a mixed run packs its examples in memory: "
                         "set data.mixed.streaming=false")
     rows = load_split_rows(cfg, "mixed", canonical=None)
-    data = mixed_examples(cfg, tokenizer, rows.train, rows.names, "data.mixed.sources")
+    data = mixed_examples(cfg, tokenizer, rows.train, rows.names, "data.mixed.sources", packed_epochs(cfg))
     if rows.eval is not None:
         evaluation = mixed_examples(cfg, tokenizer, rows.eval.add_column(SOURCE, [0] * len(rows.eval)), [],
                                     "data.mixed eval split")
@@ -119,8 +128,9 @@ def prepare_mixed(cfg, tokenizer) -> PreparedData:
     return data
 
 
-def mixed_examples(cfg, tokenizer, rows, names: List[str], where: str) -> PreparedData:
-    """Mixed rows -> examples (packed with `stage.packing`), their collator and stats."""
+def mixed_examples(cfg, tokenizer, rows, names: List[str], where: str, epochs: int = 1) -> PreparedData:
+    """Mixed rows -> examples (packed with `stage.packing`; by subject, `epochs` orders, when the
+    documents have subjects), their collator and stats."""
     max_length = cfg.training.max_seq_length
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     examples = rows.map(
@@ -147,11 +157,75 @@ def mixed_examples(cfg, tokenizer, rows, names: List[str], where: str) -> Prepar
         report_mix("mixed", names, shares, len(kept), streaming=False)
         stats.update(shares)
     kept = kept.remove_columns(SOURCE)
+    subjects = list(kept[SUBJECT])
+    kept = kept.remove_columns(SUBJECT)
     if not cfg.stage.packing:
         return PreparedData(kept, KindCollator(pad_token_id=pad_id), stats)
-    packed = pack_dataset(kept, max_length, strategy="bfd")
-    stats.update(num_rows=len(packed), packing_efficiency=stats["dataset_tokens"] / (len(packed) * max_length))
+    if any(s is not None for s in subjects):
+        packed = pack_by_subject(kept, subjects, max_length, epochs, cfg.training.seed)
+        stats.update(packed_epochs=epochs)
+    else:
+        packed = pack_dataset(kept, max_length, strategy="bfd")
+    epochs = stats.get("packed_epochs", 1)
+    stats.update(num_rows=len(packed),
+                 packing_efficiency=epochs * stats["dataset_tokens"] / (len(packed) * max_length))
     return PreparedData(packed, KindCollator(pad_token_id=pad_id, padding_free=True), stats)
+
+
+def packed_epochs(cfg) -> int:
+    """How many differently ordered copies a subject-packed dataset holds: the run's epochs when
+    it runs whole epochs (the trainer then makes one pass over them), else 1."""
+    epochs = cfg.training.num_train_epochs
+    if cfg.training.max_steps > 0 or epochs != int(epochs) or epochs <= 1:
+        return 1
+    if cfg.training.keep_epoch_models:
+        raise UserError("training.keep_epoch_models with subject-packed data (a `subject` column): its epochs are "
+                        "packed into one pass, so there is no model per epoch: drop keep_epoch_models, or the "
+                        "subject column")
+    return int(epochs)
+
+
+OPEN_BLOCKS = 64
+"""Blocks kept open for filling at once: the oldest is closed past this, so packing stays linear."""
+
+
+def blocks_by_subject(lengths, subjects, order, block_size: int) -> List[List[int]]:
+    """Example indices per block, in `order` (first fit): an example goes into the first open
+    block with room and no example of its subject, else opens a block."""
+    blocks, open_blocks = [], []
+    for i in order:
+        length, subject = int(lengths[i]), subjects[i]
+        target = next((b for b in open_blocks
+                       if b["room"] >= length and (subject is None or subject not in b["subjects"])), None)
+        if target is None:
+            target = {"ids": [], "room": block_size, "subjects": set()}
+            blocks.append(target)
+            open_blocks.append(target)
+            if len(open_blocks) > OPEN_BLOCKS:
+                open_blocks.pop(0)
+        target["ids"].append(i)
+        target["room"] -= length
+        if subject is not None:
+            target["subjects"].add(subject)
+    return [b["ids"] for b in blocks]
+
+
+def pack_by_subject(examples, subjects: List, block_size: int, epochs: int, seed: int):
+    """`epochs` packings of the examples, each in a fresh random order, concatenated: rows of
+    input_ids, labels, LOSS_KIND and seq_lengths (as TRL's pack_dataset makes them)."""
+    import datasets
+    import numpy as np
+
+    columns = {c: list(examples[c]) for c in ("input_ids", "labels", LOSS_KIND)}
+    lengths = [len(ids) for ids in columns["input_ids"]]
+    rows = {c: [] for c in (*columns, "seq_lengths")}
+    for epoch in range(epochs):
+        order = np.random.default_rng(seed + epoch).permutation(len(lengths))
+        for ids in blocks_by_subject(lengths, subjects, order, block_size):
+            for c, values in columns.items():
+                rows[c].append([v for i in ids for v in values[i]])
+            rows["seq_lengths"].append([lengths[i] for i in ids])
+    return datasets.Dataset.from_dict(rows)
 
 
 class KindCollator(DataCollatorForLanguageModeling):

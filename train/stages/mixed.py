@@ -66,4 +66,11 @@ class KindLossTrainer(SFTTrainer):
         super().log(logs, start_time)
 
 
-HOOKS = PretokenizedSFTStage("mixed", prepare_mixed, KindLossTrainer)
+class MixedStage(PretokenizedSFTStage):
+    def build_trainer(self, cfg, args, model, tokenizer, data, callbacks):
+        if data.stats.get("packed_epochs", 1) > 1:
+            args.num_train_epochs = 1  # the epochs are in the data, each in its own order (train/data/mixed.py)
+        return super().build_trainer(cfg, args, model, tokenizer, data, callbacks)
+
+
+HOOKS = MixedStage("mixed", prepare_mixed, KindLossTrainer)
