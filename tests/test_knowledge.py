@@ -179,3 +179,64 @@ def test_the_order_of_the_facts_is_drawn_again_every_epoch(tokenizer):
     assert sorted(t for row in second for t in row) == sorted(t for row in once for t in row)
     blocks = lambda packed: {frozenset(row[::3]) for row in packed}  # the first token of each example
     assert len(blocks(once) & blocks(second)) <= len(once) // 10  # other neighbours, not the same blocks
+
+
+# ---------------------------------------------------------------------------------------------
+# the measurement: two wordings per CPT-only fact, familiar distractors, a fictional control
+# ---------------------------------------------------------------------------------------------
+def number(option: str) -> str:
+    return option.split()[0]
+
+
+def test_every_cpt_only_fact_is_asked_twice_in_independent_wordings():
+    from tests.support.eval_sets import ngrams
+
+    items = rows(EVAL_SETS / "knowledge_cpt_mc.jsonl")
+    by_fact = defaultdict(list)
+    for item in items:
+        by_fact[item["fact_id"]].append(item)
+    held = {f"{r['subject']}|{r['fact']}" for r in rows(EVAL_SETS / "materials_cpt_mc.jsonl")}
+    assert set(by_fact) == held and len(items) == 2 * len(held) >= 370
+    for pair in by_fact.values():
+        first, second = sorted(pair, key=lambda r: r["wording"])
+        assert (first["wording"], second["wording"]) == (1, 2) and first["question"] != second["question"]
+    from data.make_eval_sets import SECOND_WORDING, WORDING
+
+    for kind, second in SECOND_WORDING.items():  # the wordings share no 3 words in a row but the subject's
+        assert not ngrams(WORDING[kind][0], 3) & ngrams(second, 3), kind
+
+
+def test_every_option_is_a_value_the_renderings_state_for_that_relation():
+    """No option is an unfamiliar string: the wrong ones are other subjects' values of the same relation."""
+    stated = defaultdict(dict)  # relation -> value -> subjects the renderings give it to
+    for r in rows(MATERIALS / "facts_held.jsonl"):
+        stated[r["fact"]].setdefault(r["value"], set()).add(r["subject"])
+    for item in rows(EVAL_SETS / "knowledge_cpt_mc.jsonl"):
+        subject = item["subject"].split(":")[0]
+        right = number(item["options"]["ABCD".index(item["answer"])])
+        assert subject in stated[item["fact"]][right], item
+        for option in item["options"]:
+            assert number(option) in stated[item["fact"]], (item, option)
+
+
+def test_the_control_asks_about_subjects_no_training_file_mentions():
+    items = rows(EVAL_SETS / "knowledge_control_mc.jsonl")
+    text = " ".join(p.read_text().lower() for p in MATERIALS.glob("*.jsonl"))
+    subjects = {item["subject"].split(":")[0].lower() for item in items}
+    assert len(items) >= 60 and len(subjects) >= 20
+    assert not [s for s in subjects if s in text]
+    pools = {kind: {number(o) for r in rows(EVAL_SETS / "knowledge_cpt_mc.jsonl") if r["fact"] == kind
+                    for o in r["options"]} for kind in {i["fact"] for i in items}}
+    assert all(number(o) in pools[item["fact"]] for item in items for o in item["options"])
+    answers = [item["answer"] for item in items]
+    assert max(map(answers.count, "ABCD")) - min(map(answers.count, "ABCD")) <= 1
+
+
+def test_the_control_set_is_what_the_generator_writes(tmp_path):
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "data.make_eval_sets", "--out", str(tmp_path)], cwd=REPO, check=True,
+                   capture_output=True)
+    name = "knowledge_control_mc.jsonl"
+    assert (tmp_path / name).read_bytes() == (EVAL_SETS / name).read_bytes()
