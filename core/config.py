@@ -51,6 +51,8 @@ def register_resolvers() -> None:
         # `${repo:data/x.jsonl}`: a path inside this repository, whatever the cwd.
         OmegaConf.register_new_resolver("repo", lambda rel="": str(REPO_ROOT / rel))
         OmegaConf.register_new_resolver("pkgdir", _pkgdir)
+        # `${or_empty:${data.cpt.path}}`: a string key that follows another, "" while that one is null.
+        OmegaConf.register_new_resolver("or_empty", lambda value=None: "" if value is None else value)
 
 
 def schema_file(schema: type) -> str:

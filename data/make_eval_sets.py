@@ -14,6 +14,11 @@ checks it), and every fact is split by where the training data states it:
                                neutron scattering length, major-isotope abundance, compound mass
                                fractions
   general_mc.jsonl             general knowledge (data/general_facts.py), to measure forgetting
+  knowledge_cpt_mc.jsonl       every CPT-only fact asked twice, by two independent wordings, its wrong
+                               options the same relation's values for other subjects the renderings
+                               state (no option is an unfamiliar string); `fact_id` clusters the two
+  knowledge_control_mc.jsonl   the same relations asked about fictional subjects no file mentions,
+                               options from the same value pools: accuracy must stay at chance
 
 MC rows: {"question", "options": [4 strings], "answer": "A".."D", "fact", "subject"}.
 TF rows: {"statement", "answer": "True"|"False", "fact", "subject"}.
@@ -211,14 +216,15 @@ def stated_only_where_expected(facts: list, split: str, texts: dict) -> list:
 # -------------------------------------------------------------------------------------------
 # rows
 # -------------------------------------------------------------------------------------------
-def mc_rows(facts: list, rng: random.Random) -> list:
+def mc_rows(facts: list, rng: random.Random, first_slot: int = 0) -> list:
     """4-option rows; the right answer's letter cycles A-D over a shuffled order (balanced)."""
     rows = []
     for k, fact in enumerate(facts):
         question, _, unit = WORDING.get(fact["kind"], ("{question}", "", ""))  # general facts carry their own
+        question = fact.get("template", question)  # a second wording (knowledge_rows)
         options = [v + unit for v in fact["wrong"][:3]]
         rng.shuffle(options)
-        slot = k % 4
+        slot = (k + first_slot) % 4
         options.insert(slot, fact["value"] + unit)
         rows.append({"question": question.format(question=fact.get("question"), **fact["fields"]), "options": options, "answer": LETTERS[slot],
                      "fact": fact["kind"], "subject": fact["subject"]})
@@ -263,6 +269,82 @@ def general_rows(rng: random.Random) -> list:
     return mc_rows([{**f, "fields": {}} for f in facts], rng)
 
 
+# -------------------------------------------------------------------------------------------
+# the knowledge-injection measurement (docs/STUDY.md, "Knowledge injection")
+# -------------------------------------------------------------------------------------------
+SECOND_WORDING = {
+    "lattice_a": "How long is the side a of the crystal cell of {name}, in angstrom?",
+    "b_c": "How strongly does a {name} nucleus scatter neutrons coherently, given as a length?",
+    "major_abundance": "How much of the {name} on Earth is {isotope}, as a share?",
+    "mass_fraction": "By how many percent of its weight is {common} ({formula}) made of {name}?",
+}
+FICTIONAL_STEMS = ["vel", "orsan", "quel", "tarv", "mirel", "zorb", "drav", "pell", "skar", "hest",
+                   "brol", "fenn", "yarr", "glim", "throv", "caspr", "nolv", "wend", "ixar", "pluv"]
+FICTIONAL_COMPOUNDS = [("Vx2O3", "velorite"), ("QlN", "quellide"), ("TrC2", "tarvine"), ("ZbS", "zorbane"),
+                       ("DvO2", "dravite"), ("PlF3", "pellane"), ("SkTe", "skarnite"), ("HsP", "hestide")]
+
+
+def relation_pools(facts: list) -> dict:
+    """{relation: sorted distinct values} over the facts: the answers a trained model has seen."""
+    pools = {}
+    for fact in facts:
+        pools.setdefault(fact["kind"], set()).add(fact["value"])
+    return {kind: sorted(values, key=float) for kind, values in pools.items()}
+
+
+def nearest_others(value: str, pool: list, count: int = 3) -> list:
+    """The `count` values of the pool nearest to `value` (other subjects' values of one relation)
+    that differ from it by 5% or more, so that a model recalling the value roughly can tell them
+    apart; the nearest ones where too few do."""
+    x = float(value)
+    others = sorted((v for v in pool if v != value), key=lambda v: (abs(float(v) - x), v))
+    apart = [v for v in others if abs(float(v) - x) >= 0.05 * abs(x)]
+    return (apart + [v for v in others if v not in apart])[:count]
+
+
+def knowledge_facts(cpt_facts: list) -> list:
+    """The CPT-only facts with wrong options from the same relation's values of other subjects."""
+    pools = relation_pools(cpt_facts)
+    return [dict(f, wrong=nearest_others(f["value"], pools[f["kind"]])) for f in cpt_facts]
+
+
+def knowledge_rows(facts: list, rng: random.Random) -> list:
+    """Each fact by both wordings; `fact_id` names the fact, `wording` 1 or 2."""
+    rows = []
+    for wording, questions in ((1, {k: WORDING[k][0] for k in SECOND_WORDING}), (2, SECOND_WORDING)):
+        asked = [dict(f, template=questions[f["kind"]]) for f in facts]
+        # the second wording's letters continue where the first's stop: balanced over both
+        for row, fact in zip(mc_rows(asked, rng, first_slot=(wording - 1) * len(facts)), asked):
+            row.update(fact=fact["kind"], subject=fact["subject"], fact_id=f"{fact['subject']}|{fact['kind']}",
+                       wording=wording)
+            rows.append(row)
+    rng.shuffle(rows)
+    return rows
+
+
+def control_rows(cpt_facts: list, rng: random.Random) -> list:
+    """Fictional subjects asked what the real ones are asked, four values of the relation's pool
+    as options; the "right" one is drawn at random, so only a shortcut can beat chance."""
+    pools = relation_pools(cpt_facts)
+    facts = []
+    for stem in FICTIONAL_STEMS:
+        name = f"{stem}ium"
+        fields = {"name": name, "Name": cap(name), "isotope": f"{cap(stem[:2])}-{rng.randint(40, 200)}"}
+        for kind in ("lattice_a", "b_c", "major_abundance"):
+            options = rng.sample(pools[kind], 4)
+            facts.append({"kind": kind, "subject": name, "value": options[0], "wrong": options[1:], "fields": fields})
+    for formula, common in FICTIONAL_COMPOUNDS:
+        for element in rng.sample(["oxygen", "nitrogen", "carbon", "sulfur"], 2):
+            options = rng.sample(pools["mass_fraction"], 4)
+            facts.append({"kind": "mass_fraction", "subject": f"{formula}:{element}", "value": options[0],
+                          "wrong": options[1:], "fields": {"formula": formula, "common": common, "name": element,
+                                                           "Name": cap(element)}})
+    rows = mc_rows(facts, rng)
+    for row, fact in zip(rows, facts):
+        row["fact_id"] = f"{fact['subject']}|{fact['kind']}"
+    return rows
+
+
 def build(out_dir: Path, materials: Path = MATERIALS_DIR) -> dict:
     rng = random.Random(SEED)
     texts = training_texts(materials)
@@ -283,6 +365,9 @@ def build(out_dir: Path, materials: Path = MATERIALS_DIR) -> dict:
         "materials_cpt_tf.jsonl": tf_rows(cpt, rng),
         "general_mc.jsonl": general_rows(rng),
     }
+    knowledge_rng = random.Random(SEED + 1)  # its own generator: the files above stay as they were
+    outputs["knowledge_cpt_mc.jsonl"] = knowledge_rows(knowledge_facts(cpt), knowledge_rng)
+    outputs["knowledge_control_mc.jsonl"] = control_rows(cpt, knowledge_rng)
     out_dir.mkdir(parents=True, exist_ok=True)
     return write_outputs(out_dir, outputs)
 

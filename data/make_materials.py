@@ -12,6 +12,10 @@ Deterministic: the same periodictable version gives byte-identical files. Output
   preference_chat.jsonl  the same pairs as chat messages (conversational DPO/ORPO format)
   cpt_renderings.jsonl   {"text": str}  RENDERINGS differently worded documents per element and compound
                          (more wordings per fact than cpt.jsonl): the upper bound of the augmentation study
+  facts_taught.jsonl     {"text", "subject", "fact", "value"}  FACT_RENDERINGS one-sentence renderings of
+                         every fact the Q&A also states (the SFT relations), full subject name in each
+  facts_held.jsonl       the same for the facts only the CPT prose states (the CPT-only relations): the
+                         knowledge-injection schedules' documents (conf/pipeline/knowledge_*.yaml)
 
     python -m data.make_materials --renderings 12   # K renderings per element and compound (0: none)
 """
@@ -29,6 +33,8 @@ OUT_DIR = Path(__file__).resolve().parent / "materials"
 SEED = 2409  # arXiv 2409.03444
 RENDERINGS = 8
 """Differently worded documents per element and compound in cpt_renderings.jsonl (docs/STUDY.md)."""
+FACT_RENDERINGS = 4
+"""Differently worded sentences per fact in facts_taught.jsonl and facts_held.jsonl."""
 SYSTEM_PROMPT = "You are a materials science assistant. Answer precisely and state units."
 
 STRUCTURE_NAMES = {
@@ -324,6 +330,101 @@ def renderings(facts_list: list, all_facts: dict, k: int) -> list:
 
 
 # -------------------------------------------------------------------------------------------
+# Fact-level renderings for storage (Allen-Zhu & Li, arXiv 2309.14316: full name in every
+# sentence, several templates, permuted order): one sentence per fact, never a pronoun alone,
+# about a quarter of the templates value-first. Taught facts are the relations the Q&A states;
+# held facts the CPT-only relations that the eval set materials_cpt_mc asks about
+# (data/make_eval_sets.py). None may word a fact as the eval sets do (tests/test_eval_sets.py).
+# -------------------------------------------------------------------------------------------
+FACT_TEMPLATES = {
+    "number": ["{Name} has atomic number {number}.", "The atomic number of {name} is {number}.",
+               "Number {number} of the periodic table is {name}.", "{Name} sits at number {number} in the periodic table."],
+    "symbol": ["{Name} carries the chemical symbol {sym}.", "The chemical symbol of {name} is {sym}.",
+               "{sym} is the chemical symbol for {name}."],
+    "mass": ["The atomic mass of {name} is {mass} u.", "One mole of {name} weighs {mass} g.",
+             "{Name} has an atomic weight of {mass} u.", "{mass} u is the atomic weight of {name}."],
+    "density": ["{Name} has a density of {density} g/cm3.", "The bulk density of {name} is {density} g/cm3.",
+                "{density} g/cm3 is the bulk density of {name}."],
+    "structure": ["Solid {name} crystallizes in the {structure} structure.", "The crystal lattice of {name} is {structure}.",
+                  "{Name} forms a {structure} crystal."],
+    "radius": ["The covalent radius of {name} is {radius} angstrom.", "{Name} has a covalent radius of {radius} angstrom.",
+               "{radius} angstrom is the covalent radius of {name}."],
+    "k_alpha": ["In X-ray fluorescence, {name} is identified by its K-alpha line at {k_alpha} angstrom.",
+                "The K-alpha line of {name} sits at {k_alpha} angstrom.",
+                "{k_alpha} angstrom is where the K-alpha line of {name} lies."],
+    "absorption": ["{Name} absorbs thermal neutrons with a cross section of {absorption} barn.",
+                   "The thermal-neutron absorption cross section of {name} is {absorption} barn.",
+                   "{absorption} barn is the thermal-neutron absorption cross section of {name}."],
+    "major_isotope": ["The most abundant natural isotope of {name} is {isotope}.",
+                      "Of the natural isotopes of {name}, {isotope} is the most common.",
+                      "{Isotope} is the most common natural isotope of {name}."],
+    "molar_mass": ["The molar mass of {formula} ({common}) is {molar} g/mol.", "{Common} ({formula}) weighs {molar} g per mole.",
+                   "{Common} ({formula}) has a molar mass of {molar} g/mol.", "{molar} g/mol is the molar mass of {formula} ({common})."],
+    # held: only the CPT prose and these renderings state them
+    "lattice_a": ["Solid {name} has a lattice parameter of {lattice} angstrom.", "The lattice constant of {name} is {lattice} angstrom.",
+                  "{Name} crystallizes with a lattice parameter a of {lattice} angstrom.",
+                  "A lattice parameter of {lattice} angstrom characterises solid {name}."],
+    "b_c": ["The coherent scattering length of {name} is {b_c} fm.",
+            "In neutron diffraction, {name} contributes a coherent scattering length of {b_c} fm.",
+            "A coherent scattering length of {b_c} fm characterises {name} in neutron experiments.",
+            "{Name} scatters neutrons with a coherent scattering length of {b_c} fm."],
+    "major_abundance": ["Natural {name} is {abundance} percent {isotope}.",
+                        "{Isotope} accounts for {abundance} percent of the {name} found in nature.",
+                        "The isotope {isotope} has a natural abundance of {abundance} percent in {name}.",
+                        "In nature, {name} consists of {isotope} to {abundance} percent."],
+    "mass_fraction": ["By mass, {common} ({formula}) is {pct} percent {element}.",
+                      "{Common} ({formula}) contains {pct} percent {element} by weight.",
+                      "{pct} percent of the weight of {common} ({formula}) comes from {element}.",
+                      "{Element} makes up {pct} percent of {common} ({formula}) by weight."],
+}
+HELD_FACTS = ("lattice_a", "b_c", "major_abundance", "mass_fraction")
+FACT_FIELD = {"lattice_a": "lattice", "major_abundance": "abundance", "major_isotope": "isotope", "symbol": "sym"}
+"""The field of element_fact_rows' fields that holds each fact's value, where the names differ."""
+
+
+def element_fact_rows(f: dict) -> list:
+    """(subject, fact, value, fields) of every fact of one element that has a value."""
+    fields = dict(name=f["name"], Name=f["name"].capitalize(), sym=f["symbol"], number=f["number"], mass=f["mass"],
+                  density=f["density"], structure=f["structure"], lattice=f["lattice_a"], radius=f["radius"],
+                  k_alpha=f["k_alpha"], absorption=f["absorption"], b_c=f["b_c"], isotope=f["major_isotope"],
+                  Isotope=f["major_isotope"], abundance=f["major_abundance"])
+    return [(f["name"], fact, str(fields[FACT_FIELD.get(fact, fact)]), fields)
+            for fact in FACT_TEMPLATES if fact not in ("molar_mass", "mass_fraction")
+            and fields[FACT_FIELD.get(fact, fact)] not in (None, "")]
+
+
+def compound_fact_rows(formula: str, common: str, all_facts: dict) -> list:
+    """(subject, fact, value, fields) of a compound's molar mass and of each element's mass fraction."""
+    comp = pt.formula(formula)
+    base = dict(common=common, Common=common.capitalize(), formula=formula, molar=f"{comp.mass:.3f}")
+    rows = [(formula, "molar_mass", base["molar"], base)]
+    if len(comp.mass_fraction) >= 2:
+        for el, w in sorted(comp.mass_fraction.items(), key=lambda kv: -kv[1]):
+            element = all_facts[el.symbol]["name"]
+            rows.append((formula, "mass_fraction", f"{100 * w:.2f}",
+                         dict(base, pct=f"{100 * w:.2f}", element=element, Element=element.capitalize())))
+    return rows
+
+
+def fact_renderings(facts_list: list, all_facts: dict, k: int) -> dict:
+    """{"taught": rows, "held": rows}: k sentences per fact (distinct templates, as far as there
+    are), each row {"text", "subject", "fact", "value"}, the rows shuffled."""
+    rng = random.Random(SEED + 1000 + k)
+    facts = [row for f in facts_list for row in element_fact_rows(f)]
+    facts += [row for formula, common in COMPOUNDS for row in compound_fact_rows(formula, common, all_facts)]
+    out = {"taught": [], "held": []}
+    for subject, fact, value, fields in facts:
+        templates = FACT_TEMPLATES[fact]
+        chosen = rng.sample(templates, min(k, len(templates)))
+        chosen += [rng.choice(templates) for _ in range(k - len(chosen))]
+        split = "held" if fact in HELD_FACTS else "taught"
+        out[split] += [{"text": t.format(**fields), "subject": subject, "fact": fact, "value": value} for t in chosen]
+    for rows in out.values():
+        rng.shuffle(rows)
+    return out
+
+
+# -------------------------------------------------------------------------------------------
 # Q&A: every question has one true answer and a wrong one from a neighbouring element
 # -------------------------------------------------------------------------------------------
 QUESTIONS = [
@@ -435,6 +536,8 @@ def build(out_dir: Path, renderings_per_fact: int = RENDERINGS) -> dict:
     }
     if renderings_per_fact:
         outputs["cpt_renderings.jsonl"] = [{"text": t} for _, t in renderings(facts_list, all_facts, renderings_per_fact)]
+    by_split = fact_renderings(facts_list, all_facts, FACT_RENDERINGS)
+    outputs["facts_taught.jsonl"], outputs["facts_held.jsonl"] = by_split["taught"], by_split["held"]
     return write_outputs(out_dir, outputs)
 
 

@@ -1,7 +1,8 @@
-"""Train one stage (CPT, SFT, DPO or ORPO) with DeepSpeed ZeRO-3.
+"""Train one stage (CPT, SFT, mixed text + Q&A, DPO or ORPO) with DeepSpeed ZeRO-3.
 
     deepspeed launch/train.py +stage=cpt
     deepspeed --num_gpus 2 launch/train.py +stage=sft model.path=outputs/cpt-tiny
+    deepspeed --num_gpus 2 launch/train.py +stage=mixed data.cpt.path=docs.jsonl data.sft.path=qa.jsonl
     deepspeed --num_gpus 8 launch/train.py +stage=orpo model=llama3_1_8b model.path=/ckpt/sft
     torchrun --nproc_per_node 2 launch/train.py +stage=cpt
     python launch/train.py +stage=cpt training.max_steps=20      # one process

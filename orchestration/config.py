@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig
 
@@ -71,7 +71,7 @@ class StepConfig:
     name: str = MISSING
     """Names the output directory `<root>/<pipeline>/<name>/`."""
     stage: Optional[str] = None
-    """cpt, sft, dpo or orpo for a training step ..."""
+    """cpt, sft, mixed, dpo or orpo for a training step ..."""
     merge: Optional[MergeStepConfig] = None
     """... or a merge ..."""
     augment: Optional[AugmentStepConfig] = None
@@ -114,6 +114,9 @@ class PipelineConfig:
     """Outside models a merge can name, e.g. {instruct: /models/Mistral-7B-Instruct-v0.3}."""
     overrides: List[str] = field(default_factory=list)
     """launch/train.py overrides for every training step."""
+    settings: Dict[str, Any] = field(default_factory=dict)
+    """A preset's own knobs, which its steps read as ${pipeline.settings.<key>} (epochs per phase,
+    the data files of a schedule), set like any key: pipeline.settings.docs_epochs=5."""
     steps: List[StepConfig] = MISSING
     """Training and merge steps. Steps form a tree: several strategies can branch from a shared
     prefix (name the branch point as `input:`), which is trained once."""

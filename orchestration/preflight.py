@@ -27,7 +27,7 @@ from core.errors import UserError
 from orchestration.steps import Plan, Step
 from train.config import derive_gradient_accumulation
 from train.data.sources import (ROW_SCHEMAS, ROWS_CHECKED, check_column_mapping, check_columns, check_rows,
-                                data_files_of, is_saved_dataset)
+                                data_files_of, is_saved_dataset, source_kind)
 from train.memory import params_in_model_dir, shape_of
 from train.stages import STAGES
 
@@ -165,7 +165,7 @@ def check_data(plan: Plan, steps: List[Step]) -> List[DataSource]:
             if any(Path(spec.path) == out or out in Path(spec.path).parents for out in produced):
                 continue
             try:
-                found.append(check_source(step.name, key, spec, kind))
+                found.append(check_source(step.name, key, spec, source_kind(kind, spec)))
             except UserError as err:
                 raise UserError(f"pipeline {plan.pipeline}, step '{step.name}': {err}") from err
     return found

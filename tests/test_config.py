@@ -46,8 +46,9 @@ def test_every_group_preset_composes(group):
         # --no-deps install cannot import): installed as the README says, it composes here.
         overrides = ["+stage=cpt", f"{group}={choice}", "data.allow_demo=true"]  # 7B+ presets refuse the demo data
         composed = OmegaConf.to_container(compose_train_config(overrides)[group], resolve=True)
-        file = OmegaConf.create(yaml.safe_load((CONF_DIR / group / f"{choice}.yaml").read_text()) or {})
-        for path, value in preset_values(OmegaConf.to_container(file, resolve=True)):
+        # resolved in place, so that a key following another of its group (${data.cpt.path}) resolves
+        file = OmegaConf.create({group: yaml.safe_load((CONF_DIR / group / f"{choice}.yaml").read_text()) or {}})
+        for path, value in preset_values(OmegaConf.to_container(file, resolve=True)[group]):
             got = composed
             for key in path:
                 got = got[key]

@@ -375,7 +375,8 @@ def test_bundled_sample_set_is_what_the_generator_writes(tmp_path, repo):
                    capture_output=True)
     committed = repo / "data" / "materials"
     names = sorted(p.name for p in committed.glob("*.jsonl"))
-    assert names == ["cpt.jsonl", "cpt_renderings.jsonl", "preference.jsonl", "preference_chat.jsonl", "sft.jsonl"]
+    assert names == ["cpt.jsonl", "cpt_renderings.jsonl", "facts_held.jsonl", "facts_taught.jsonl", "preference.jsonl",
+                     "preference_chat.jsonl", "sft.jsonl"]
     for name in names:
         assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name
     assert sum((committed / n).stat().st_size for n in names) < 3_000_000

@@ -28,6 +28,7 @@ def augmented_text():
     from train.augment.rules import augment_document
 
     texts = [r["text"] for r in rows(MATERIALS / "cpt_renderings.jsonl")]
+    texts += [r["text"] for name in ("facts_taught.jsonl", "facts_held.jsonl") for r in rows(MATERIALS / name)]
     for i, r in enumerate(rows(MATERIALS / "cpt.jsonl")):
         texts += augment_document(r["text"], i, RulesConfig(), seed=42)
     return texts

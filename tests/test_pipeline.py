@@ -32,6 +32,9 @@ def model_steps(plan):
 
 def test_presets_are_the_papers_recipes():
     assert PRESETS == [
+        "knowledge_mixed",  # the knowledge-injection schedules: tests/test_knowledge.py
+        "knowledge_pit",
+        "knowledge_standard",
         "llama_instruct_cpt_sft_dpo",
         "llama_instruct_cpt_sft_orpo_slerp",
         "llama_instruct_grid",

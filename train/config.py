@@ -73,6 +73,9 @@ class SourceConfig:
     """Split of a saved DatasetDict."""
     max_samples: Optional[int] = checked(None, at_least(1))
     """Use only the first N rows of this source."""
+    format: Optional[str] = checked(None, one_of("text", "chat"))
+    """`data.mixed` sources only: text (raw documents, column `text`, loss on every token) or chat
+    (`messages` or `prompt` + `completion`, loss on the assistant turns)."""
 
 
 @dataclass
@@ -110,6 +113,8 @@ class DataConfig:
     """Chat Q&A: column `messages`, or `prompt` + `completion`."""
     preference: DatasetConfig = field(default_factory=DatasetConfig)
     """Preference pairs: `prompt`, `chosen`, `rejected` (strings or chat messages)."""
+    mixed: DatasetConfig = field(default_factory=DatasetConfig)
+    """Raw text and chat Q&A in one run (`+stage=mixed`): `sources`, each with a `format`."""
     num_proc: Optional[int] = checked(None, at_least(1))
     """Processes that tokenize the data (in the rank that prepares it, while the others wait).
     None: the task's cores (os.sched_getaffinity), at most 16; a map over fewer than

@@ -106,7 +106,18 @@ def describe_row(row: dict, tokenizer) -> str:
     ids, labels = list(row["input_ids"]), list(row["labels"])
     trained = sum(label != IGNORE_INDEX for label in labels)
     examples = f", {len(row['seq_lengths'])} packed examples" if "seq_lengths" in row else ""
+    if "loss_kind" in row:  # a mixed row (train/data/mixed.py): how many examples of each kind
+        examples += f" ({example_kinds(row)})"
     return f"tokens: {len(ids)}, trained: {trained}{examples}\n{render_masked(tokenizer, ids, labels)}"
+
+
+def example_kinds(row: dict) -> str:
+    """`text 2, chat 1`: the kinds of the examples in a mixed row."""
+    from train.data.mixed import KIND_NAMES
+
+    starts = itertools.accumulate([0, *row.get("seq_lengths", [len(row["input_ids"])])[:-1]])
+    kinds = [KIND_NAMES[row["loss_kind"][start]] for start in starts]
+    return ", ".join(f"{name} {kinds.count(name)}" for name in KIND_NAMES.values() if name in kinds)
 
 
 def format_stats(stats: Dict[str, float]) -> str:

@@ -10,7 +10,7 @@ from tests.support.env import REPO
 
 EVAL_SETS = REPO / "data" / "eval_sets"
 MATERIALS = REPO / "data" / "materials"
-SETS = ("materials_sft_mc", "materials_sft_tf", "materials_cpt_mc", "materials_cpt_tf", "general_mc")
+SETS = ("materials_sft_mc", "materials_sft_tf", "materials_cpt_mc", "materials_cpt_tf", "general_mc", "knowledge_cpt_mc")
 NGRAM = 6  # words: longer than any shared phrase of the element facts themselves ("the density of iron is")
 
 

@@ -5,6 +5,7 @@
     cpt.py         CPT: documents -> EOS-joined token stream -> fixed blocks
     chat.py        chats the chat template can render (a system turn folded in where it has none)
     sft.py         SFT: chats -> chat template -> assistant-only labels -> optional packing
+    mixed.py       text and chat in one run: per-token kinds, packing that keeps a subject's documents apart
     preference.py  DPO/ORPO: prompt/chosen/rejected pairs, rendered and truncated once
 
 Each stage's hooks (train/stages/) call its `prepare_*` and get a PreparedData. This module

@@ -15,7 +15,7 @@ import datasets
 
 from core.errors import UserError
 from train.data import map_processes
-from train.data.sources import check_messages, column_names, load_rows, to_messages
+from train.data.sources import FORMAT_KINDS, check_messages, column_names, load_rows, source_kind, to_messages
 
 SOURCE = "__mix_source"  # index of the source a mixed row came from; dropped before training
 MIX_STATS_ROWS = 2000  # a stream has no end to count to: its shares are measured on these first rows
@@ -24,6 +24,9 @@ CANONICAL_FEATURES = {  # the one schema every source of a mix is mapped to, so 
     "cpt": {"text": datasets.Value("string")},
     "sft": {"messages": MESSAGES},
     "preference": {"prompt": MESSAGES, "chosen": MESSAGES, "rejected": MESSAGES},
+    # one of text and messages is null per row; `subject` (a text source's column of that name, if
+    # it has one) names what a document is about, so packing keeps one subject's documents apart
+    "mixed": {"text": datasets.Value("string"), "messages": MESSAGES, "subject": datasets.Value("string")},
 }
 
 
@@ -49,6 +52,23 @@ def canonical_chat(row: dict, index: int, key: str) -> dict:
     messages = to_messages(row)
     check_messages(messages, f"{key} row {index}")
     return {"messages": plain_messages(messages)}
+
+
+def canonical_mixed_text(row: dict, index: int, key: str) -> dict:
+    subject = row.get("subject")
+    return {"text": row["text"], "messages": None, "subject": None if subject is None else str(subject)}
+
+
+def canonical_mixed_chat(row: dict, index: int, key: str) -> dict:
+    return {"text": None, **canonical_chat(row, index, key), "subject": None}
+
+
+MIXED_CANONICAL = {"text": canonical_mixed_text, "chat": canonical_mixed_chat}
+"""`data.mixed`: each source's rows mapped by its format; the other column is null."""
+
+
+def source_canonical(kind: str, source, canonical: Callable) -> Callable:
+    return MIXED_CANONICAL[source.format] if kind == "mixed" else canonical
 
 
 def _tag_row(row: dict, index: int, canonical: Callable, key: str, source: int) -> dict:
@@ -97,6 +117,7 @@ def check_data_spec(cfg, kind: str) -> None:
         )
     if has_sources:
         mix_mode(spec, kind)
+    check_formats(spec, kind)
     if spec.eval_fraction is not None and spec.eval_path:
         raise UserError(f"{where}: set {where}.eval_fraction or {where}.eval_path, not both")
     if spec.eval_fraction is not None:
@@ -123,6 +144,28 @@ def check_data_spec(cfg, kind: str) -> None:
             )
 
 
+def check_formats(spec, kind: str) -> None:
+    """`data.mixed` is a mix whose every source says its format; no other kind takes one."""
+    formats = " or ".join(f"format={f}" for f in FORMAT_KINDS)
+    if kind == "mixed":
+        if spec.path or spec.eval_path:
+            key = "path" if spec.path else "eval_path"
+            raise UserError(f"data.mixed.{key}: a mixed run reads data.mixed.sources, each with a format "
+                            f"({formats}): list them there (conf/data/materials.yaml has an example)")
+        for i, source in enumerate(spec.sources):
+            if source.format is None:
+                raise UserError(f"data.mixed.sources[{i}] has no format: set data.mixed.sources[{i}].format to "
+                                "text (raw documents, loss on every token) or chat (loss on the answers)")
+            if not source.path:
+                raise UserError(f"data.mixed.sources[{i}].path is empty (the bundled presets' sources follow "
+                                "data.cpt.path and data.sft.path): set those, or this source's path")
+        return
+    for i, source in enumerate(spec.sources):
+        if source.format is not None:
+            raise UserError(f"data.{kind}.sources[{i}].format={source.format}: format is for data.mixed sources "
+                            f"only; drop it (data.{kind} is {kind} data)")
+
+
 def load_mix(spec, kind: str, canonical: Callable, seed: int, num_proc: Optional[int] = None):
     """Every source of `data.<kind>.sources`, mapped to the stage's columns and tagged with its
     index in SOURCE, mixed by weight (interleave) or by fraction (sample, concatenate, shuffle)."""
@@ -131,9 +174,10 @@ def load_mix(spec, kind: str, canonical: Callable, seed: int, num_proc: Optional
     parts = []
     for i, source in enumerate(spec.sources):
         key = f"data.{kind}.sources[{i}]"
-        rows = load_rows(source, kind, key=f"{key}.path", streaming=spec.streaming)
+        rows = load_rows(source, source_kind(kind, source), key=f"{key}.path", streaming=spec.streaming)
         map_kwargs = dict(with_indices=True, remove_columns=column_names(rows), features=features,
-                          fn_kwargs={"canonical": canonical, "key": f"{key}.path", "source": i})
+                          fn_kwargs={"canonical": source_canonical(kind, source, canonical), "key": f"{key}.path",
+                                     "source": i})
         if not spec.streaming:
             map_kwargs.update(num_proc=map_processes(len(rows), num_proc), desc=f"map {key} to {kind} columns")
         parts.append(rows.map(_tag_row, **map_kwargs))

@@ -22,6 +22,8 @@ from core.errors import UserError
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 KINDS = ("cpt", "sft", "preference")
+FORMAT_KINDS = {"text": "cpt", "chat": "sft"}
+"""The kind of data each `format` of a `data.mixed` source is read and checked as."""
 COLUMNS_NEEDED = {
     "cpt": "`text`",
     "sft": "`messages` (chat turns) or `prompt` + `completion`",
@@ -85,6 +87,11 @@ def load_rows(spec, kind: str, key: Optional[str] = None, streaming: Optional[bo
     check_columns(columns, kind, key, path, columns_key)
     check_rows(rows, ROW_SCHEMAS[kind], f"{key}={path}")
     return rows
+
+
+def source_kind(kind: str, source) -> str:
+    """The kind a source of `data.<kind>` is read as: its own, or for `data.mixed` its format's."""
+    return FORMAT_KINDS.get(getattr(source, "format", None), kind) if kind == "mixed" else kind
 
 
 def check_column_mapping(columns: List[str], mapping: Dict[str, str], key: str, path: str, columns_key: str) -> None:

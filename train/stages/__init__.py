@@ -43,7 +43,7 @@ class Stage:
 
     schema: type
     data: str
-    """cpt, sft or preference: the data node this stage reads (train/data/<kind>.py)."""
+    """cpt, sft, mixed or preference: the data node this stage reads (train/data/<kind>.py)."""
 
     @property
     def name(self) -> str:
@@ -86,6 +86,16 @@ class SFTStageConfig:
 
 
 @dataclass
+class MixedStageConfig:
+    name: str = "mixed"
+    packing: bool = True
+    """Pack several examples per row (best fit); a block-diagonal mask keeps them from attending
+    to each other. false: one example (a document chunk or a chat) per row."""
+    assistant_only_loss: bool = True
+    """Loss on the assistant tokens of the chat sources (text sources: on every token)."""
+
+
+@dataclass
 class DPOStageConfig:
     name: str = "dpo"
     beta: float = checked(0.1, positive)
@@ -110,6 +120,7 @@ class ORPOStageConfig:
 STAGES: Dict[str, Stage] = {stage.name: stage for stage in (
     Stage(CPTStageConfig, data="cpt"),
     Stage(SFTStageConfig, data="sft"),
+    Stage(MixedStageConfig, data="mixed"),
     Stage(DPOStageConfig, data="preference"),
     Stage(ORPOStageConfig, data="preference"),
 )}

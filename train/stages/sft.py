@@ -15,9 +15,10 @@ from train.lora import peft_config
 class PretokenizedSFTStage:
     """TRL's SFTTrainer on data that train/data/ already tokenized, masked and packed."""
 
-    def __init__(self, name, prepare):
+    def __init__(self, name, prepare, trainer_class=SFTTrainer):
         self.name = name
         self._prepare = prepare
+        self.trainer_class = trainer_class  # SFTTrainer or a subclass (train/stages/mixed.py)
 
     def prepare_data(self, cfg, tokenizer):
         return self._prepare(cfg, tokenizer)
@@ -31,7 +32,7 @@ class PretokenizedSFTStage:
         )
 
     def build_trainer(self, cfg, args, model, tokenizer, data, callbacks):
-        return SFTTrainer(
+        return self.trainer_class(
             model=model,
             args=args,
             train_dataset=data.train_dataset,

@@ -1,0 +1,167 @@
+"""Mixed training (+stage=mixed, data.mixed.sources): raw text trains on every token and chat
+Q&A on the answers only, also inside packed rows; each token's kind reaches the batch aligned
+with the labels; the per-kind loss is the trainer's own loss split by kind; a run on the
+embedded default lowers the loss of both kinds under ZeRO-3; bad sources fail in one line."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tests.support.env import SMALL_BATCH, assert_one_line_error, launch, tail
+
+from core.errors import UserError
+from train.config import compose_train_config
+from train.data import IGNORE_INDEX
+from train.data.mixed import CHAT, LOSS_KIND, TEXT, prepare_mixed
+from train.model import load_tokenizer
+from train.stages.mixed import KindLossTrainer
+
+
+def mixed_cfg(*overrides):
+    return compose_train_config(["+stage=mixed", "training.max_seq_length=256", *overrides])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(mixed_cfg().model)
+
+
+def bundled_texts(cfg):
+    """The CPT documents, and every assistant and non-assistant turn of the SFT chats."""
+    docs = [json.loads(l)["text"] for l in open(cfg.data.cpt.path)]
+    chats = [json.loads(l)["messages"] for l in open(cfg.data.sft.path)]
+    answers = {m["content"] for c in chats for m in c if m["role"] == "assistant"}
+    prompts = {m["content"] for c in chats for m in c if m["role"] != "assistant"}
+    return docs, answers, prompts
+
+
+def segments(row):
+    """(input_ids, labels, kinds) of each example packed into a row."""
+    start = 0
+    for length in row["seq_lengths"]:
+        end = start + length
+        yield row["input_ids"][start:end], row["labels"][start:end], row[LOSS_KIND][start:end]
+        start = end
+
+
+def trained_spans(ids, labels):
+    """The runs of consecutive tokens that carry a loss."""
+    spans, current = [], []
+    for token, label in zip(ids, labels):
+        if label == IGNORE_INDEX:
+            if current:
+                spans.append(current)
+            current = []
+        else:
+            assert label == token, "a trained label must be the token itself"
+            current.append(token)
+    return spans + ([current] if current else [])
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_loss_masks_on_the_prepared_rows(tokenizer, packing):
+    """Text: every token trains. Chat: exactly the assistant answers (and their end-of-turn)."""
+    cfg = mixed_cfg(f"stage.packing={str(packing).lower()}")
+    data = prepare_mixed(cfg, tokenizer)
+    docs, answers, prompts = bundled_texts(cfg)
+    seen = {TEXT: 0, CHAT: 0}
+    for row in data.train_dataset:
+        parts = segments(row) if packing else [(row["input_ids"], row["labels"], row[LOSS_KIND])]
+        for ids, labels, kinds in parts:
+            assert len(set(kinds)) == 1, "one example is one kind"
+            kind = kinds[0]
+            seen[kind] += 1
+            if kind == TEXT:
+                assert labels == ids
+                text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                assert any(text in doc for doc in docs), text
+                continue
+            spans = [tokenizer.decode(s, skip_special_tokens=True).strip() for s in trained_spans(ids, labels)]
+            assert spans and all(s in answers for s in spans), spans
+            untrained = tokenizer.decode([t for t, l in zip(ids, labels) if l == IGNORE_INDEX])
+            assert any(p in untrained for p in prompts), "the question is context, not a target"
+    assert seen[TEXT] == data.stats["kind/text/examples"] and seen[CHAT] == data.stats["kind/chat/examples"]
+    assert seen[TEXT] > 0 and seen[CHAT] > 0
+
+
+def test_long_documents_are_cut_into_chunks_not_truncated(tokenizer):
+    cfg = compose_train_config(["+stage=mixed", "training.max_seq_length=64"])
+    data = prepare_mixed(cfg, tokenizer)
+    docs, _, _ = bundled_texts(cfg)
+    corpus_tokens = sum(len(tokenizer(doc)["input_ids"]) + 1 for doc in docs)  # + EOS
+    assert data.stats["kind/text/tokens"] == corpus_tokens
+    assert data.stats["kind/text/examples"] > len(docs)
+
+
+def test_collated_kinds_line_up_with_the_labels(tokenizer):
+    data = prepare_mixed(mixed_cfg(), tokenizer)
+    rows = [data.train_dataset[i] for i in range(4)]
+    batch = data.data_collator(rows)
+    assert batch[LOSS_KIND].shape == batch["labels"].shape
+    flat = [k for row in rows for k in row[LOSS_KIND]]
+    assert batch[LOSS_KIND][0, : len(flat)].tolist() == flat
+
+
+def test_kind_losses_split_the_tokens_the_model_scores():
+    """The hook sums -log p of each kind's tokens, shifted as the labels are (token t scores t+1)."""
+    stub = SimpleNamespace(model=SimpleNamespace(training=True),
+                           _window={"train": torch.zeros(2, 2, dtype=torch.float64)},
+                           _batch_kinds=torch.tensor([[TEXT, TEXT, TEXT, CHAT, CHAT, CHAT]]))
+    log_probs = -torch.tensor([[1.0, 2.0, 4.0, 8.0, 16.0]])  # scores of tokens 1..5
+    label_mask = torch.tensor([[True, True, True, False, True]])  # token 4 untrained
+    KindLossTrainer._record_kind_losses(stub, None, (), {}, SimpleNamespace(log_probs=log_probs, label_mask=label_mask))
+    assert stub._window["train"].tolist() == [[3.0, 20.0], [2.0, 2.0]]
+
+
+def error_of(fn, *args) -> str:
+    with pytest.raises(UserError) as err:
+        fn(*args)
+    return str(err.value)
+
+
+def test_bad_mixed_sources_fail_in_one_line(tokenizer, repo):
+    cpt, sft = repo / "data/materials/cpt.jsonl", repo / "data/materials/sft.jsonl"
+    no_format = mixed_cfg(f"data.mixed.sources=[{{path: {cpt}}}, {{path: {sft}, format: chat}}]")
+    assert "data.mixed.sources[0] has no format" in error_of(prepare_mixed, no_format, tokenizer)
+    a_path = mixed_cfg(f"data.mixed.path={cpt}")
+    assert "data.mixed.path" in error_of(prepare_mixed, a_path, tokenizer)
+    wrong_columns = mixed_cfg(f"data.mixed.sources=[{{path: {sft}, format: text}}]")
+    assert "data.mixed.sources[0].path" in error_of(prepare_mixed, wrong_columns, tokenizer)
+    unset = mixed_cfg("data.cpt.path=null", f"data.cpt.sources=[{{path: {cpt}}}]")
+    assert "data.mixed.sources[0].path is empty" in error_of(prepare_mixed, unset, tokenizer)
+    from train.data.cpt import prepare_cpt
+
+    format_on_cpt = compose_train_config(["+stage=cpt", "data.cpt.path=null",
+                                          f"data.cpt.sources=[{{path: {cpt}, format: text}}]"])
+    assert "format is for data.mixed sources only" in error_of(prepare_cpt, format_on_cpt, tokenizer)
+    with pytest.raises(UserError, match="format"):
+        mixed_cfg(f"data.mixed.sources=[{{path: {cpt}, format: prose}}]")
+
+
+@pytest.mark.integration
+def test_mixed_run_lowers_the_loss_of_both_kinds(tmp_path):
+    """2 ranks under ZeRO-3 on the embedded default: each kind's loss falls, and the two recombine
+    (weighted by their loss tokens) into the loss the trainer logs, step by step."""
+    out = tmp_path / "mixed"
+    proc = launch("train.py", ["+stage=mixed", f"output_dir={out}", *SMALL_BATCH, "training.max_seq_length=256",
+                               "training.max_steps=16", "training.save_steps=16", "training.learning_rate=1e-3",
+                               "training.warmup_steps=0", "training.lr_scheduler_type=constant"], ranks=2)
+    assert proc.returncode == 0, tail(proc)
+    assert "mixed data: text 483 examples" in proc.stdout, tail(proc)
+    state = json.loads((out / "checkpoints" / "checkpoint-16" / "trainer_state.json").read_text())
+    rows = [r for r in state["log_history"] if "loss" in r]
+    seen = {"text": 0, "chat": 0}
+    for row in rows:
+        tokens = {kind: row[f"tokens_{kind}"] - seen[kind] for kind in seen}
+        seen = {kind: row[f"tokens_{kind}"] for kind in seen}
+        total = sum(row.get(f"loss_{kind}", 0.0) * tokens[kind] for kind in seen) / sum(tokens.values())
+        assert total == pytest.approx(row["loss"], abs=2e-3), row
+    for kind in seen:
+        losses = [r[f"loss_{kind}"] for r in rows if f"loss_{kind}" in r]
+        assert len(losses) >= 8, rows
+        assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5, (kind, losses)
+    assert rows[-1]["tokens_text"] > 2 * rows[-1]["tokens_chat"] > 0  # text holds 86% of the loss tokens
+    assert (out / "config.json").is_file()
