@@ -26,7 +26,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import pad
 
 from core.errors import UserError
-from train.data import IGNORE_INDEX, PreparedData, count_not_equal, list_lengths
+from train.data import IGNORE_INDEX, PreparedData, count_not_equal, list_lengths, map_processes
 from train.data.chat import fold_system_turn
 from train.data.mix import SOURCE, completion_prompts, load_split_rows, mix_shares, report_mix
 from train.data.sft import tokenize_chat
@@ -133,15 +133,16 @@ def mixed_examples(cfg, tokenizer, rows, names: List[str], where: str, epochs: i
     documents have subjects), their collator and stats."""
     max_length = cfg.training.max_seq_length
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    num_proc = map_processes(len(rows), cfg.data.num_proc)
     examples = rows.map(
         tokenize_mixed, batched=True, with_indices=True, remove_columns=rows.column_names,
-        num_proc=cfg.data.num_proc, desc="tokenize mixed",
+        num_proc=num_proc, desc="tokenize mixed",
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_length,
                    "assistant_only": bool(cfg.stage.assistant_only_loss), "key": where},
     )
     truncated_rows = count_not_equal(examples, "truncated", False)
     examples = examples.remove_columns("truncated")
-    kept = examples.filter(_has_loss_tokens, num_proc=cfg.data.num_proc, desc="drop rows without loss tokens")
+    kept = examples.filter(_has_loss_tokens, num_proc=num_proc, desc="drop rows without loss tokens")
     if len(kept) == 0:
         raise UserError(f"{where}: no example has a token to train on within training.max_seq_length={max_length}: "
                         "check the sources' text and assistant turns")
