@@ -203,8 +203,8 @@ def readme_stage_commands():
     launch/train.py, by stage."""
     commands = {}
     for line in (REPO / "README.md").read_text().splitlines():
-        words = shlex.split(line.split("#")[0])
-        if words[:1] == ["deepspeed"] and "launch/train.py" in words and words[words.index("launch/train.py") + 1:]:
+        words = shlex.split(line.split("#")[0].rstrip(" \\")) if line.startswith("deepspeed ") else []
+        if "launch/train.py" in words and words[words.index("launch/train.py") + 1:]:
             args = words[words.index("launch/train.py") + 1:]
             if args[0].startswith("+stage=") and not any(a.startswith("model=") for a in args):  # the embedded default
                 commands.setdefault(args[0].split("=")[1], args)

@@ -60,8 +60,6 @@ def check_finetune(cfg, gpu: bool, precision: str) -> None:
     mode = cfg.training.finetune  # its values, and the lora block's ranges, are schema checks
     if mode == "full":
         return
-    if mode == "qlora":
-        qlora_dtypes(cfg, precision)
     if mode == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(
             "training.finetune=qlora needs bitsandbytes, which is not installed: pip install -e '.[qlora]' "
@@ -71,6 +69,8 @@ def check_finetune(cfg, gpu: bool, precision: str) -> None:
         raise UserError(
             "training.finetune=qlora needs a GPU (bitsandbytes 4-bit kernels): use training.finetune=lora on the CPU"
         )
+    if mode == "qlora":
+        qlora_dtypes(cfg, precision)
     config = model_config(cfg.model)
     targets = target_modules(cfg, config)
     names = model_module_names(config)
