@@ -56,8 +56,13 @@ MinJobAge=3600
 # machine (parallel CI runs) from handing the same port to jobs running at the same time.
 FirstJobId={first_job_id}
 KillWait=30
+# Preemption as sites configure it: a job of the `urgent` partition requeues the jobs of `debug`
+# it needs the cores of, after GraceTime seconds in which their tasks have SIGTERM.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 NodeName={host} CPUs={cpus} RealMemory=20000 State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=120
+PartitionName=urgent Nodes={host} MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 """
 
 
