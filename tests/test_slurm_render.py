@@ -330,60 +330,66 @@ def test_self_requeue_stops_at_the_cap(restarts, requeued, tmp_path):
     cluster.max_requeues the job exits non-zero (afterok dependents are cancelled) and does not requeue."""
     _, scripts = render_chain(tmp_path, "cluster.max_requeues=2")
     bin_dir, calls = stand_in_commands(tmp_path)
-    functions = script_part(scripts[0], "what_ranks_did() {", "# One task per GPU")
+    functions = script_part(scripts[0], "newest_checkpoint() {", "# One task per GPU")
     env = {} if restarts is None else {"SLURM_RESTART_COUNT": restarts}
-    proc = run_bash(f"status={PREEMPTED_EXIT_CODE}\n{functions}requeue_self 'SIGUSR1'", bin_dir, tmp_path, **env)
+    proc = run_bash(f"status={PREEMPTED_EXIT_CODE}\ncheckpoint_at_start=\n{functions}requeue_self 'SIGUSR1'", bin_dir, tmp_path, **env)
     called = calls.read_text() if calls.exists() else ""
     if requeued:
         assert proc.returncode == 0 and called == "scontrol requeue 42\n"
-        assert "domainforge: SIGUSR1: the ranks saved a checkpoint and stopped; requeueing job 42" in proc.stdout
+        assert "domainforge: SIGUSR1: srun exited with status 75, no checkpoint yet; requeueing job 42" in proc.stdout
     else:
         assert proc.returncode == PREEMPTED_EXIT_CODE and called == ""
         assert "the cap is cluster.max_requeues=2: not requeueing" in proc.stderr
 
 
-SAVED = "the ranks saved a checkpoint and stopped"
-NOT_SAVED = "wrote no checkpoint"
+SAVED = "checkpoint-7 was written by this job"
+NOT_SAVED = "no checkpoint was written by this job (the newest is checkpoint-5)"
 
 
-@pytest.mark.parametrize("stop_signal, status, job, calls, exit_code, says", [
+@pytest.mark.parametrize("stop_signal, status, saved, job, calls, exit_code, says", [
     # the time-limit warning, or scancel --signal=USR1 --batch: requeue
-    ("USR1", PREEMPTED_EXIT_CODE, "JobState=RUNNING PreemptTime=None", "scontrol requeue 42", 0,
+    ("USR1", PREEMPTED_EXIT_CODE, True, "JobState=RUNNING PreemptTime=None", "scontrol requeue 42", 0,
      ["SIGUSR1 (the time-limit warning", SAVED, "requeueing job 42"]),
     # scancel --signal=TERM --batch: the job alone asked to stop: cancelled, not requeued
-    ("TERM", PREEMPTED_EXIT_CODE, "JobState=RUNNING PreemptTime=None", "scancel 42", PREEMPTED_EXIT_CODE,
+    ("TERM", 143, True, "JobState=RUNNING PreemptTime=None", "scancel 42", PREEMPTED_EXIT_CODE,
      ["scancel --signal=TERM --batch", SAVED, "cancelling the job, not requeueing"]),
-    # a preemption with GraceTime: SIGTERM to the ranks only, PreemptTime set: requeue
-    ("", PREEMPTED_EXIT_CODE, "JobState=RUNNING PreemptTime=2026-12-05T14:48:38", "scontrol requeue 42", 0,
+    # a preemption with GraceTime: SIGTERM to the ranks only, PreemptTime set: requeue, whatever
+    # status srun got (--kill-on-bad-exit terminates the ranks that exit after the first)
+    ("", 143, True, "JobState=RUNNING PreemptTime=2026-12-05T14:48:38", "scontrol requeue 42", 0,
      ["preempted (PreemptTime=2026-12-05T14:48:38)", SAVED]),
     # SLURM ending the job (plain scancel, scontrol requeue, preemption without GraceTime): srun
     # killed the ranks; SLURM decides, and the log does not claim a checkpoint
-    ("TERM", 137, "JobState=COMPLETING PreemptTime=None", "", 137,
-     ["SLURM is ending job 42 (JobState=COMPLETING): srun killed the ranks on SIGTERM, so no checkpoint was written"]),
+    ("TERM", 137, False, "JobState=COMPLETING PreemptTime=None", "", 137,
+     ["SLURM is ending job 42 (JobState=COMPLETING): srun turned its SIGTERM into SIGKILL of every rank", NOT_SAVED]),
     # the ranks stopped on a signal sent to the job's steps (scancel --signal=USR1 <job>): requeue
-    ("", PREEMPTED_EXIT_CODE, "JobState=RUNNING PreemptTime=None", "scontrol requeue 42", 0, [SAVED]),
+    ("", PREEMPTED_EXIT_CODE, True, "JobState=RUNNING PreemptTime=None", "scontrol requeue 42", 0, [SAVED]),
     # a crash is not requeued
-    ("", 1, "JobState=RUNNING PreemptTime=None", "", 1, []),
+    ("", 1, False, "JobState=RUNNING PreemptTime=None", "", 1, []),
     # a USR1 that found the ranks crashing: requeued, and the log says nothing was saved
-    ("USR1", 1, "JobState=RUNNING PreemptTime=None", "scontrol requeue 42", 0, [NOT_SAVED]),
+    ("USR1", 1, False, "JobState=RUNNING PreemptTime=None", "scontrol requeue 42", 0, [NOT_SAVED]),
 ])
-def test_what_the_batch_script_does_after_each_stop(stop_signal, status, job, calls, exit_code, says, tmp_path):
+def test_what_the_batch_script_does_after_each_stop(stop_signal, status, saved, job, calls, exit_code, says, tmp_path):
     """The rendered decision after srun returns, run in bash with stand-in scontrol and scancel: each
     way SLURM stops a job (as measured on SLURM 22.05 by tests/test_slurm_cluster.py) leads to a
     requeue, a cancellation or SLURM's own handling, and the log says only what happened."""
-    _, scripts = render_chain(tmp_path)
+    plan, scripts = render_chain(tmp_path)
     text = scripts[0]
+    checkpoints = plan.steps[0].output_dir / "checkpoints"
+    for step in (5, 7) if saved else (5,):
+        (checkpoints / f"checkpoint-{step}").mkdir(parents=True)
+        (checkpoints / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (checkpoints / "checkpoint-9").mkdir()  # incomplete: no trainer_state.json
     bin_dir, called = stand_in_commands(tmp_path, f"JobId=42 {job.split()[0]} Reason=None\n   {job.split()[1]}\n")
-    code = (f"status={status}\nstop_signal={stop_signal}\nstarted=$(mktemp)\n"
-            + script_part(text, "what_ranks_did() {", "# One task per GPU")
+    code = (f"status={status}\nstop_signal={stop_signal}\nstarted=$(mktemp)\ncheckpoint_at_start=5\n"
+            + script_part(text, "newest_checkpoint() {", "# One task per GPU")
             + script_part(text, "job=$(scontrol show job", "# config.json is written last") + "exit $status\n")
     proc = run_bash(code, bin_dir, tmp_path)
     assert proc.returncode == exit_code, proc.stdout + proc.stderr
     assert (called.read_text().strip() if called.exists() else "") == calls
     for words in says:
         assert words in proc.stdout + proc.stderr
-    if status != PREEMPTED_EXIT_CODE:
-        assert "checkpoint saved" not in proc.stdout and SAVED not in proc.stdout
+    if not saved:
+        assert SAVED not in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("job_id", ["5", "10005", "22773", "999999"])
