@@ -357,10 +357,12 @@ NOT_SAVED = "no checkpoint was written by this job (the newest is checkpoint-5)"
     # status srun got (--kill-on-bad-exit terminates the ranks that exit after the first)
     ("", 143, True, "JobState=RUNNING PreemptTime=2026-12-05T14:48:38", "scontrol requeue 42", 0,
      ["preempted (PreemptTime=2026-12-05T14:48:38)", SAVED]),
-    # SLURM ending the job (plain scancel, scontrol requeue, preemption without GraceTime): srun
-    # killed the ranks; SLURM decides, and the log does not claim a checkpoint
+    # SLURM ending the job (plain scancel, scontrol requeue, preemption without GraceTime): SLURM
+    # decides, and the log says whether the ranks saved in KillWait
     ("TERM", 137, False, "JobState=COMPLETING PreemptTime=None", "", 137,
-     ["SLURM is ending job 42 (JobState=COMPLETING): srun turned its SIGTERM into SIGKILL of every rank", NOT_SAVED]),
+     ["SLURM is ending job 42 (JobState=COMPLETING): the ranks had SIGTERM and KillWait seconds", NOT_SAVED]),
+    ("TERM", PREEMPTED_EXIT_CODE, True, "JobState=COMPLETING PreemptTime=None", "", PREEMPTED_EXIT_CODE,
+     ["SLURM is ending job 42 (JobState=COMPLETING)", SAVED]),
     # the ranks stopped on a signal sent to the job's steps (scancel --signal=USR1 <job>): requeue
     ("", PREEMPTED_EXIT_CODE, True, "JobState=RUNNING PreemptTime=None", "scontrol requeue 42", 0, [SAVED]),
     # a crash is not requeued
