@@ -294,6 +294,40 @@ def test_a_plain_scancel_checkpoints_within_killwait_and_stays_cancelled(slurm_c
     assert_same_steps(history, left_alone, step)
 
 
+@pytest.mark.faults
+def test_two_nodes_stopped_by_the_warning_resume_on_one(two_slurm_nodes, left_alone, tmp_path):
+    """CPT on 2 real SLURM nodes x 1 rank (each slurmd in its own network namespace, gloo between
+    them): the time-limit warning after the first checkpoint saves at the next step; resubmitted on
+    1 node, the job converts the checkpoint to the universal format, keeps the global batch (2 x 1
+    -> 1 x 2) and ends as the run left alone (2 ranks on one node)."""
+    cluster, out = two_slurm_nodes, tmp_path / "cpt"
+    # cluster.max_requeues=0: the stopped job does not requeue itself on 2 nodes; the user resubmits on 1.
+    submit(cluster, *CPT_JOB, f"output_dir={out}", "cluster.nodes=2", "cluster.gpus_per_node=1", "cluster.max_requeues=0")
+    (job,) = read_jobs(out / "jobs")
+    wait_for_first_checkpoint(cluster, job, out)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job.job_id], check=True, env=job_env(cluster))
+    info = cluster.wait_jobs([job.job_id], timeout=300)[job.job_id]
+    log = Path(job.log).read_text()
+    assert (info["JobState"], info["NumNodes"]) == ("FAILED", "2"), log[-3000:]
+    first, second = cluster.nodes  # the rendezvous: the first host of the node list, 1 rank per node
+    assert f"master {first}:" in log and "[rank 0/2]" in log and "[rank 1/2]" in log, log[-3000:]
+    assert "the cap is cluster.max_requeues=0: not requeueing" in log
+    step = int(re.search(r"preemption: SIGUSR1 received, saving checkpoint-(\d+)", log).group(1))
+    assert SAVE_STEPS < step < MAX_STEPS and not (out / "config.json").exists()
+
+    # The same command on 1 node, without the batch settings: the checkpoint's global batch is kept.
+    on_one = [a for a in CPT_JOB if a != "training.gradient_accumulation_steps=1"]
+    submit(cluster, *on_one, f"output_dir={out}", "cluster.nodes=1", "cluster.gpus_per_node=1")
+    resumed = read_jobs(out / "jobs")[-1]
+    info = cluster.wait_jobs([resumed.job_id], timeout=600)[resumed.job_id]
+    log = Path(resumed.log).read_text()
+    assert (info["JobState"], info["NumNodes"]) == ("COMPLETED", "1"), log[-3000:]
+    assert f"checkpoint-{step} was written on 2 ranks and this run has 1" in log, log[-3000:]
+    assert "the global batch stays 2" in log and "resume: converted" in log
+    assert f"resuming from {out / 'checkpoints' / f'checkpoint-{step}'}" in log
+    assert_same_as_left_alone(out, left_alone)
+
+
 def test_a_refused_requeue_fails_the_job_and_cancels_its_dependents(slurm_cluster, tmp_path):
     """A job submitted with --no-requeue whose ranks stop for a requeue: SLURM
     refuses `scontrol requeue`, and the job must end FAILED, not COMPLETED, so that an afterok

@@ -167,3 +167,120 @@ class LocalSlurm:
                 return infos  # something failed: the dependents never start
             time.sleep(2)
         raise AssertionError(f"jobs not finished after {timeout:.0f}s: {states}")
+
+
+TWO_NODE_CONF = """\
+ClusterName=dftest2
+SlurmctldHost={host}({ctld_addr})
+SlurmctldPort={ctld_port}
+SlurmdPort={d_port}
+SlurmUser=root
+AuthType=auth/munge
+AuthInfo=socket={dir}/munge.socket,cred_expire=10
+StateSaveLocation={dir}/state
+SlurmdSpoolDir={dir}/spool-%n
+SlurmctldPidFile={dir}/ctld.pid
+SlurmdPidFile={dir}/d-%n.pid
+SlurmctldLogFile={dir}/slurmctld.log
+SlurmdLogFile={dir}/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SlurmdParameters=config_overrides
+ReturnToService=2
+JobAcctGatherType=jobacct_gather/none
+MpiDefault=none
+MinJobAge=3600
+FirstJobId={first_job_id}
+KillWait=30
+{nodes}
+PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+class TwoNodeSlurm(LocalSlurm):
+    """Two SLURM nodes on this machine: each slurmd runs in a network namespace of its own with its
+    own address on a private bridge (10.<a>.<b>.0/24), slurmctld in this namespace on the bridge's
+    address. Node names resolve on the nodes through a hosts file mounted over /etc/hosts in a
+    mount namespace of each slurmd (inherited by its jobs; the machine's /etc/hosts is not
+    touched), so a job's rendezvous (MASTER_ADDR = the first host of the node list) goes from one
+    namespace to the other as between two machines. The filesystem is shared, as a cluster's is.
+    stop() removes the daemons, namespaces and links, also after a failed start."""
+
+    IFNAME = "dfeth0"  # each node's interface, inside its namespace
+
+    def __init__(self) -> None:
+        super().__init__(cpus=1)
+        tag = f"{random.randrange(16**4):04x}"
+        self.bridge = f"dfbr{tag}"
+        a, b = random.randrange(16, 32), random.randrange(256)
+        self.subnet = f"10.{a}.{b}"
+        self.ctld_addr = f"{self.subnet}.1"
+        self.nodes = {f"dfn{tag}a": f"{self.subnet}.11", f"dfn{tag}b": f"{self.subnet}.12"}
+        self.netns = {name: f"dfns-{name}" for name in self.nodes}
+        self.made: List[List[str]] = []  # commands that undo what start() made, run in reverse
+
+    def start(self) -> "TwoNodeSlurm":
+        if os.geteuid() != 0 or not shutil.which("ip"):
+            pytest.fail("the two-node SLURM tests need root and iproute2 (ip netns)")
+        try:
+            self._make_network()
+        except subprocess.CalledProcessError as e:
+            self.stop()
+            pytest.fail(f"two-node SLURM: {' '.join(e.cmd)} failed: {e.stderr}")
+        (self.dir / "state").mkdir()
+        for name in self.nodes:
+            (self.dir / f"spool-{name}").mkdir()
+        key = self.dir / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o400)
+        names = ",".join(self.nodes)
+        self.conf.write_text(TWO_NODE_CONF.format(
+            host=self.host, ctld_addr=self.ctld_addr, dir=self.dir, ctld_port=free_port(), d_port=free_port(),
+            first_job_id=random.randrange(1000, 1_000_000), names=names,
+            nodes="\n".join(f"NodeName={n} NodeAddr={addr} NodeHostname={n} CPUs=1 RealMemory=8000 State=UNKNOWN"
+                            for n, addr in self.nodes.items()),
+        ))
+        self._spawn([_binary("munged"), "--foreground", "--force", f"--socket={self.dir}/munge.socket",
+                     f"--key-file={key}", f"--pid-file={self.dir}/munged.pid", f"--log-file={self.dir}/munged.log",
+                     f"--seed-file={self.dir}/munged.seed"], "munged.out")
+        self._wait_for(lambda: (self.dir / "munge.socket").exists(), "munged socket")
+        self._spawn([_binary("slurmctld"), "-D", "-f", str(self.conf)], "slurmctld.out")
+        self._wait_for(lambda: self._run(["scontrol", "ping"]).returncode == 0, "slurmctld")
+        for name, ns in self.netns.items():
+            # The network namespace, a host name and a private /etc/hosts (`ip netns exec` would
+            # also remount /sys, where slurmd needs the machine's cgroup filesystem).
+            slurmd = (f"hostname {name} && mount --bind {self.dir / 'hosts'} /etc/hosts && "
+                      f"exec {_binary('slurmd')} -D -N {name} -f {self.conf}")
+            self._spawn(["nsenter", f"--net=/run/netns/{ns}", "unshare", "--uts", "--mount", "--propagation", "private",
+                         "sh", "-c", slurmd], f"slurmd-{name}.out")
+        self._wait_for(lambda: self._run(["sinfo", "-h", "-o", "%t"]).stdout.split() == ["idle"], "both nodes idle")
+        return self
+
+    def _make_network(self) -> None:
+        def ip(*args: str, undo: Optional[List[str]] = None) -> None:
+            subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+            if undo:
+                self.made.append(undo)
+
+        ip("link", "add", self.bridge, "type", "bridge", undo=["ip", "link", "del", self.bridge])
+        ip("addr", "add", f"{self.ctld_addr}/24", "dev", self.bridge)
+        ip("link", "set", self.bridge, "up")
+        # The nodes' /etc/hosts, mounted over the real one in their own mount namespace only.
+        (self.dir / "hosts").write_text("127.0.0.1 localhost\n" + "".join(f"{addr} {name}\n" for name, addr in self.nodes.items()))
+        for i, (name, addr) in enumerate(self.nodes.items()):
+            ns, outside = self.netns[name], f"{self.bridge}v{i}"
+            ip("netns", "add", ns, undo=["ip", "netns", "del", ns])
+            ip("link", "add", outside, "type", "veth", "peer", "name", self.IFNAME, "netns", ns,
+               undo=["ip", "link", "del", outside])
+            ip("link", "set", outside, "master", self.bridge, "up")
+            ip("-n", ns, "addr", "add", f"{addr}/24", "dev", self.IFNAME)
+            ip("-n", ns, "link", "set", self.IFNAME, "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+
+    def stop(self) -> None:
+        super().stop()
+        for cmd in reversed(self.made):
+            subprocess.run(cmd, capture_output=True)
+        self.made.clear()
