@@ -28,9 +28,10 @@ from tests.support.env import free_port
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo", "munged"]
 
+# {nodes}: the NodeName and PartitionName lines; %n in a path is the node's name (one slurmd each).
 SLURM_CONF = """\
 ClusterName=dftest
-SlurmctldHost={host}
+SlurmctldHost={ctld_host}
 SlurmctldPort={ctld_port}
 SlurmdPort={d_port}
 SlurmUser=root
@@ -38,15 +39,17 @@ AuthType=auth/munge
 # cred_expire: a requeued job becomes eligible cred_expire+1 s later (default 120).
 AuthInfo=socket={dir}/munge.socket,cred_expire=10
 StateSaveLocation={dir}/state
-SlurmdSpoolDir={dir}/spool
+SlurmdSpoolDir={dir}/spool-%n
 SlurmctldPidFile={dir}/ctld.pid
-SlurmdPidFile={dir}/d.pid
+SlurmdPidFile={dir}/d-%n.pid
 SlurmctldLogFile={dir}/slurmctld.log
-SlurmdLogFile={dir}/slurmd.log
+SlurmdLogFile={dir}/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
+# A node may declare fewer CPUs than the machine has (the two-node cluster shares its cores).
+SlurmdParameters=config_overrides
 ReturnToService=2
 JobAcctGatherType=jobacct_gather/none
 MpiDefault=none
@@ -60,10 +63,12 @@ KillWait=30
 # it needs the cores of, after GraceTime seconds in which their tasks have SIGTERM.
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
+{nodes}
+"""
+ONE_NODE = """\
 NodeName={host} CPUs={cpus} RealMemory=20000 State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=120
-PartitionName=urgent Nodes={host} MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
-"""
+PartitionName=urgent Nodes={host} MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF"""
 
 
 def ensure_installed() -> None:
@@ -94,14 +99,22 @@ class LocalSlurm:
         return env
 
     def start(self) -> "LocalSlurm":
-        for sub in ("state", "spool"):
-            (self.dir / sub).mkdir()
+        self._start_controller(self.host, ONE_NODE.format(host=self.host, cpus=self.cpus), [self.host])
+        self._spawn([_binary("slurmd"), "-D", "-f", str(self.conf)], "slurmd.out")
+        self._wait_for(lambda: self._run(["sinfo", "-h", "-o", "%t"]).stdout.strip() == "idle", "node idle")
+        return self
+
+    def _start_controller(self, ctld_host: str, nodes: str, node_names: List[str]) -> None:
+        """slurm.conf, the munge key, munged and slurmctld; the caller starts the slurmd."""
+        (self.dir / "state").mkdir()
+        for name in node_names:
+            (self.dir / f"spool-{name}").mkdir()
         key = self.dir / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
         self.conf.write_text(SLURM_CONF.format(
-            host=self.host, dir=self.dir, cpus=self.cpus, ctld_port=free_port(), d_port=free_port(),
-            first_job_id=random.randrange(1000, 1_000_000),
+            ctld_host=ctld_host, dir=self.dir, ctld_port=free_port(), d_port=free_port(),
+            first_job_id=random.randrange(1000, 1_000_000), nodes=nodes,
         ))
         munged = [
             _binary("munged"), "--foreground", "--force", f"--socket={self.dir}/munge.socket",
@@ -112,11 +125,9 @@ class LocalSlurm:
         self._wait_for(lambda: (self.dir / "munge.socket").exists(), "munged socket")
         self._spawn([_binary("slurmctld"), "-D", "-f", str(self.conf)], "slurmctld.out")
         self._wait_for(lambda: self._run(["scontrol", "ping"]).returncode == 0, "slurmctld")
-        self._spawn([_binary("slurmd"), "-D", "-f", str(self.conf)], "slurmd.out")
-        self._wait_for(lambda: self._run(["sinfo", "-h", "-o", "%t"]).stdout.strip() == "idle", "node idle")
-        return self
 
     def stop(self) -> None:
+        self._end_jobs()
         for proc in reversed(self.procs):  # slurmd, slurmctld, munged: by the pids we started
             if proc.poll() is None:
                 proc.terminate()
@@ -126,6 +137,19 @@ class LocalSlurm:
                     proc.kill()
                     proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _end_jobs(self, timeout: float = 60) -> None:
+        """Cancel the jobs a failed test left queued or running: their batch scripts and ranks
+        would outlive the daemons. SLURM gives them KillWait (30 s) after SIGTERM."""
+        if not self.procs or any(p.poll() is not None for p in self.procs):
+            return
+        jobs = self._run(["squeue", "-h", "-o", "%i"]).stdout.split()
+        if not jobs:
+            return
+        self._run(["scancel", *jobs])
+        deadline = time.time() + timeout
+        while self._run(["squeue", "-h", "-o", "%i"]).stdout.split() and time.time() < deadline:
+            time.sleep(1)
 
     def _spawn(self, cmd: List[str], log: str) -> None:
         out = open(self.dir / log, "w")
@@ -169,36 +193,6 @@ class LocalSlurm:
         raise AssertionError(f"jobs not finished after {timeout:.0f}s: {states}")
 
 
-TWO_NODE_CONF = """\
-ClusterName=dftest2
-SlurmctldHost={host}({ctld_addr})
-SlurmctldPort={ctld_port}
-SlurmdPort={d_port}
-SlurmUser=root
-AuthType=auth/munge
-AuthInfo=socket={dir}/munge.socket,cred_expire=10
-StateSaveLocation={dir}/state
-SlurmdSpoolDir={dir}/spool-%n
-SlurmctldPidFile={dir}/ctld.pid
-SlurmdPidFile={dir}/d-%n.pid
-SlurmctldLogFile={dir}/slurmctld.log
-SlurmdLogFile={dir}/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SlurmdParameters=config_overrides
-ReturnToService=2
-JobAcctGatherType=jobacct_gather/none
-MpiDefault=none
-MinJobAge=3600
-FirstJobId={first_job_id}
-KillWait=30
-{nodes}
-PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP
-"""
-
-
 class TwoNodeSlurm(LocalSlurm):
     """Two SLURM nodes on this machine: each slurmd runs in a network namespace of its own with its
     own address on a private bridge (10.<a>.<b>.0/24), slurmctld in this namespace on the bridge's
@@ -229,25 +223,10 @@ class TwoNodeSlurm(LocalSlurm):
         except subprocess.CalledProcessError as e:
             self.stop()
             pytest.fail(f"two-node SLURM: {' '.join(e.cmd)} failed: {e.stderr}")
-        (self.dir / "state").mkdir()
-        for name in self.nodes:
-            (self.dir / f"spool-{name}").mkdir()
-        key = self.dir / "munge.key"
-        key.write_bytes(os.urandom(1024))
-        key.chmod(0o400)
-        names = ",".join(self.nodes)
-        self.conf.write_text(TWO_NODE_CONF.format(
-            host=self.host, ctld_addr=self.ctld_addr, dir=self.dir, ctld_port=free_port(), d_port=free_port(),
-            first_job_id=random.randrange(1000, 1_000_000), names=names,
-            nodes="\n".join(f"NodeName={n} NodeAddr={addr} NodeHostname={n} CPUs=1 RealMemory=8000 State=UNKNOWN"
-                            for n, addr in self.nodes.items()),
-        ))
-        self._spawn([_binary("munged"), "--foreground", "--force", f"--socket={self.dir}/munge.socket",
-                     f"--key-file={key}", f"--pid-file={self.dir}/munged.pid", f"--log-file={self.dir}/munged.log",
-                     f"--seed-file={self.dir}/munged.seed"], "munged.out")
-        self._wait_for(lambda: (self.dir / "munge.socket").exists(), "munged socket")
-        self._spawn([_binary("slurmctld"), "-D", "-f", str(self.conf)], "slurmctld.out")
-        self._wait_for(lambda: self._run(["scontrol", "ping"]).returncode == 0, "slurmctld")
+        nodes = "\n".join(f"NodeName={n} NodeAddr={addr} NodeHostname={n} CPUs=1 RealMemory=8000 State=UNKNOWN"
+                          for n, addr in self.nodes.items())
+        nodes += f"\nPartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP"
+        self._start_controller(f"{self.host}({self.ctld_addr})", nodes, list(self.nodes))
         for name, ns in self.netns.items():
             # The network namespace, a host name and a private /etc/hosts (`ip netns exec` would
             # also remount /sys, where slurmd needs the machine's cgroup filesystem).
