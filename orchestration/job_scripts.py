@@ -139,10 +139,23 @@ class JobText:
         ))
 
 
+# Derived ports lie below Linux's ephemeral range (32768-60999, where the kernel picks the ports
+# of outgoing connections) and repeat only every 22768 job ids.
+MASTER_PORT_FIRST, MASTER_PORT_END = 10000, 32768
+
+
 def master_port_of(cluster: DictConfig) -> str:
-    """torch.distributed's port: cluster.master_port, or one derived from the job id so that jobs
-    sharing a node differ."""
-    return str(cluster.master_port or "$((29500 + SLURM_JOB_ID % 10000))")
+    """torch.distributed's port: cluster.master_port, or one derived from the job id, the same on
+    every node, so that jobs sharing a node differ."""
+    span = MASTER_PORT_END - MASTER_PORT_FIRST
+    return str(cluster.master_port or f"$(({MASTER_PORT_FIRST} + SLURM_JOB_ID % {span}))")
+
+
+def gpu_bind_option(cluster: DictConfig, uses_gpus: bool = True) -> str:
+    """srun's `--gpu-bind=none` where the job asks for GPUs: every task sees every GPU of its node
+    and picks its own by local rank (some sites bind one GPU per task by default, and then every
+    local rank but 0 names a device that is not there)."""
+    return " --gpu-bind=none" if uses_gpus and cluster.request_gpus else ""
 
 
 def render_train_job(job: JobText) -> str:
@@ -163,6 +176,7 @@ def render_train_job(job: JobText) -> str:
         nodes=cluster.nodes,
         tasks_per_node=per_node,
         master_port=master_port_of(cluster),
+        gpu_bind=gpu_bind_option(cluster),
         output_dir=shlex.quote(str(job.step.output_dir)),
         preempted_code=PREEMPTED_EXIT_CODE,
         max_requeues=cluster.max_requeues,
@@ -184,8 +198,7 @@ def render_eval_job(job: JobText) -> str:
     return job.render(lines,
                       tasks=cluster.gpus_per_node,
                       master_port=master_port_of(cluster),
-                      # every task sees every GPU: some clusters bind one GPU per task by default
-                      gpu_bind=" --gpu-bind=none" if cluster.request_gpus else "")
+                      gpu_bind=gpu_bind_option(cluster))
 
 
 def render_augment_job(job: JobText) -> str:
@@ -200,6 +213,7 @@ def render_augment_job(job: JobText) -> str:
     if generates and cluster.request_gpus:
         lines.insert(0, f"--gpus-per-node={cluster.gpus_per_node}")
     return job.render(lines, tasks=tasks, nodes=nodes, tasks_per_node=per_node,
+                      gpu_bind=gpu_bind_option(cluster, generates),
                       layout=f"{nodes} node(s) x {per_node} task(s) per node")
 
 

@@ -12,7 +12,7 @@ from tests.support.env import REPO
 from tests.support.merge import SHARD, run_merge_cli, write_config
 from tests.support.gpu import GPU_SUITE, gpu_suite_requested
 from tests.support.models import tiny_llama
-from tests.support.slurm_cluster import LocalSlurm, ensure_installed
+from tests.support.slurm_cluster import LocalSlurm, TwoNodeSlurm, ensure_installed
 
 
 def pytest_ignore_collect(collection_path: Path, config):
@@ -81,5 +81,16 @@ def slurm_cluster():
     cluster = LocalSlurm(cpus=os.cpu_count() or 2).start()
     try:
         yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def two_slurm_nodes():
+    """Two SLURM nodes, each slurmd in a network namespace of its own (tests/support/slurm_cluster.py)."""
+    ensure_installed()
+    cluster = TwoNodeSlurm()
+    try:
+        yield cluster.start()
     finally:
         cluster.stop()

@@ -416,6 +416,12 @@ def test_study_dry_run_renders_the_augment_jobs(tmp_path):
     assert "--ntasks=8" in scripts["wrap"] and "--gpus-per-node=4" in scripts["wrap"]  # a rewrite on every GPU
     assert "--ntasks=1" in scripts["rules"] and "--gpus-per-node" not in scripts["rules"]
     assert "launch/augment.py" in scripts["wrap"] and "augment=wrap" in scripts["wrap"]
+    # Every task of a GPU job sees its node's GPUs and takes its own (cuda:LOCAL_RANK): sites that
+    # bind one GPU per task would leave local ranks >= 1 without that device.
+    srun = {name: re.search(r"^srun .*", text, flags=re.M).group(0) for name, text in scripts.items()}
+    assert "--gpu-bind=none" in srun["wrap"] and "--gpu-bind" not in srun["rules"]
+    trained = [name for name in scripts if name.startswith("cpt-")]
+    assert trained and all("--gpu-bind=none" in srun[name] for name in trained)
     for text in scripts.values():
         assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
 

@@ -5,8 +5,10 @@
   that rendezvous through the SLURM variables as on two nodes; the jobs run in dependency order
   and end COMPLETED; every step's output loads; the merge (split across 2 tasks) is there;
   `status` lists them all;
-- a training job that gets SLURM's warning signal after its first checkpoint saves a
-  checkpoint, requeues itself, resumes from that checkpoint and ends with the right step count;
+- the ways SLURM stops a training job, each against the same job left alone (fault-matrix cells):
+  the time-limit warning (checkpoint, requeue, resume), `scancel --signal=TERM --batch`
+  (checkpoint, cancelled), a preemption by a higher-priority partition (checkpoint, requeue,
+  resume), a plain scancel (checkpoint within KillWait, cancelled);
 - a job whose requeue SLURM refuses ends FAILED, and its afterok dependent is cancelled.
 """
 
@@ -21,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from tests.support.env import REPO, SMALL_BATCH, assert_one_line_error
+from tests.support.env import REPO, SMALL_BATCH, assert_one_line_error, assert_same_steps, step_history
 from tests.support.study import assert_study_matches_evals
 from transformers import AutoModelForCausalLM
 
@@ -131,21 +133,58 @@ def test_a_pipeline_runs_as_a_dependency_graph_of_jobs(slurm_cluster, tmp_path):
     print(f"\nshort pipeline on SLURM ({len(jobs)} jobs, training on 2 ranks): {wall:.0f} s wall")
 
 
-def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
-    out = tmp_path / "cpt"
-    max_steps, save_steps = 30, 5
-    submit(slurm_cluster, "+stage=cpt", f"output_dir={out}", *SMALL_BATCH, f"training.max_steps={max_steps}",
-           f"training.save_steps={save_steps}", "training.save_total_limit=null", "training.max_seq_length=128",
-           "cluster=slurm", "cluster.gpus_per_node=2", "cluster.request_gpus=false", "cluster.cpus_per_task=1", "cluster.time=00:20:00")
-    (job,) = read_jobs(out / "jobs")
+# One CPT job on 2 ranks, checkpointing every 5 of its 30 steps: the interrupted cells below and
+# the same job left alone (run once per module).
+MAX_STEPS, SAVE_STEPS = 30, 5
+CPT_JOB = ["+stage=cpt", *SMALL_BATCH, f"training.max_steps={MAX_STEPS}", f"training.save_steps={SAVE_STEPS}",
+           "training.save_total_limit=null", "training.max_seq_length=128", "cluster=slurm", "cluster.gpus_per_node=2",
+           "cluster.request_gpus=false", "cluster.cpus_per_task=1", "cluster.time=00:20:00"]
 
-    # After the first periodic checkpoint, send what SLURM sends before a time limit.
-    first = out / "checkpoints" / f"checkpoint-{save_steps}"
+
+def submit_cpt(cluster, out):
+    submit(cluster, *CPT_JOB, f"output_dir={out}")
+    (job,) = read_jobs(out / "jobs")
+    return job
+
+
+def wait_for_first_checkpoint(cluster, job, out):
+    first = out / "checkpoints" / f"checkpoint-{SAVE_STEPS}"
     deadline = time.time() + 300
     while not is_complete_checkpoint(first):
-        assert time.time() < deadline, Path(job.log).read_text()[-3000:]
-        assert slurm_cluster.job_info(job.job_id).get("JobState") in ("PENDING", "RUNNING"), Path(job.log).read_text()[-3000:]
+        log = Path(job.log).read_text() if Path(job.log).exists() else ""
+        assert time.time() < deadline, log[-3000:]
+        assert cluster.job_info(job.job_id).get("JobState") in ("PENDING", "RUNNING"), log[-3000:]
         time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def left_alone(slurm_cluster, tmp_path_factory):
+    """The CPT job run to its end without interruption: its steps, learning rates, tokens and losses."""
+    out = tmp_path_factory.mktemp("left-alone") / "cpt"
+    job = submit_cpt(slurm_cluster, out)
+    info = slurm_cluster.wait_jobs([job.job_id], timeout=600)[job.job_id]
+    assert info["JobState"] == "COMPLETED", Path(job.log).read_text()[-3000:]
+    history = step_history(out)
+    assert history[0]["global_step"] == MAX_STEPS and history[0]["num_input_tokens_seen"] > 0
+    return history
+
+
+def assert_same_as_left_alone(out, left_alone):
+    """The interrupted run finished as the run left alone did: every step, its learning rate,
+    tokens seen and loss, and the final model."""
+    history = step_history(out)
+    assert history[0] == left_alone[0]  # max_steps, global_step and tokens seen at the end
+    assert_same_steps(history, left_alone, MAX_STEPS)
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
+
+
+@pytest.mark.faults
+def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, left_alone, tmp_path):
+    """SLURM's time-limit warning (--signal=B:USR1) after the first checkpoint: a checkpoint at the
+    next step, a requeue, a resume from it, and the same run as left alone."""
+    out = tmp_path / "cpt"
+    job = submit_cpt(slurm_cluster, out)
+    wait_for_first_checkpoint(slurm_cluster, job, out)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job.job_id], check=True, env=job_env(slurm_cluster))
 
     info = slurm_cluster.wait_jobs([job.job_id], timeout=600)[job.job_id]
@@ -156,40 +195,137 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path
     saved = re.search(r"preemption: SIGUSR1 received, saving checkpoint-(\d+)", log)
     assert saved, log[-3000:]
     step = int(saved.group(1))
-    assert save_steps <= step < max_steps
-    assert f"requeueing job {job.job_id}" in log
-    # The requeued run resumed from exactly the checkpoint the signal wrote.
+    assert SAVE_STEPS < step < MAX_STEPS  # no work lost beyond the signal
+    assert re.search(rf"SIGUSR1 \(the time-limit warning, or scancel --signal=USR1 --batch\): srun exited with status "
+                     rf"\d+, checkpoint-{step} was written by this job; requeueing job {job.job_id}", log), log[-3000:]
+    # The requeued run resumed from exactly the checkpoint the signal wrote, and trained only the rest.
     assert f"resuming from {out / 'checkpoints' / f'checkpoint-{step}'}" in log, log[-3000:]
-    # ... and finished with the right step count: the final state counts max_steps, and the
-    # second run trained only the remaining steps.
-    last = out / "checkpoints" / f"checkpoint-{max_steps}" / "trainer_state.json"
-    state = json.loads(last.read_text())
-    assert state["global_step"] == max_steps and state["max_steps"] == max_steps
-    logged_steps = sorted({row["step"] for row in state["log_history"] if "loss" in row})
-    assert logged_steps == list(range(1, max_steps + 1))
-    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
+    assert_same_as_left_alone(out, left_alone)
     # `status` of a single-stage run, by its directory.
     status = submit(slurm_cluster, "status", str(out)).stdout
     assert re.search(rf"^cpt\s+{job.job_id}\s+COMPLETED\s+{re.escape(str(out))} \(finished\)$", status, flags=re.M), status
 
 
-def test_scancel_is_not_undone_by_a_requeue(slurm_cluster, tmp_path):
-    """scancel sends SIGTERM like a preemption does; the job must stay cancelled."""
+@pytest.mark.faults
+def test_sigterm_to_the_batch_script_checkpoints_and_cancels(slurm_cluster, left_alone, tmp_path):
+    """`scancel --signal=TERM --batch` after the first checkpoint: the ranks get SIGUSR1 (srun would
+    turn SIGTERM into SIGKILL), save at the next step, and the job ends CANCELLED, not requeued,
+    with no final model; its steps are those of the run left alone."""
     out = tmp_path / "cpt"
-    submit(slurm_cluster, "+stage=cpt", f"output_dir={out}", *SMALL_BATCH, "training.max_steps=500", "training.max_seq_length=128",
-           "cluster=slurm", "cluster.gpus_per_node=2", "cluster.request_gpus=false", "cluster.cpus_per_task=1")
-    (job,) = read_jobs(out / "jobs")
-    log = Path(job.log)
-    deadline = time.time() + 300
-    while "[rank 1/2]" not in (log.read_text() if log.exists() else ""):  # training is under way
-        assert time.time() < deadline and slurm_cluster.job_info(job.job_id)["JobState"] in ("PENDING", "RUNNING")
-        time.sleep(0.5)
-    subprocess.run(["scancel", job.job_id], check=True, env=job_env(slurm_cluster))
-    info = slurm_cluster.wait_jobs([job.job_id], timeout=120)[job.job_id]
-    time.sleep(15)  # a requeued job would be eligible again after cred_expire (10 s here)
+    job = submit_cpt(slurm_cluster, out)
+    wait_for_first_checkpoint(slurm_cluster, job, out)
+    subprocess.run(["scancel", "--signal=TERM", "--batch", job.job_id], check=True, env=job_env(slurm_cluster))
+
+    slurm_cluster.wait_jobs([job.job_id], timeout=300)
+    time.sleep(12)  # a requeued job would be eligible again after cred_expire (10 s here)
     info = slurm_cluster.job_info(job.job_id)
-    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), log.read_text()[-3000:]
-    assert "requeueing" not in log.read_text()
+    log = Path(job.log).read_text()
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), log[-3000:]
+    saved = re.search(r"preemption: SIGUSR1 received, saving checkpoint-(\d+)", log)
+    assert saved, log[-3000:]
+    step = int(saved.group(1))
+    assert SAVE_STEPS < step < MAX_STEPS and is_complete_checkpoint(out / "checkpoints" / f"checkpoint-{step}")
+    assert re.search(rf"SIGTERM reached the batch script of job {job.job_id} \(scancel --signal=TERM --batch\): srun "
+                     rf"exited with status \d+, checkpoint-{step} was written by this job; cancelling the job, not requeueing",
+                     log), log[-3000:]
+    assert "forcing job termination" not in log and "requeueing job" not in log
+    assert not (out / "config.json").exists()  # no final model from a stopped run
+    history = step_history(out)
+    assert history[0]["global_step"] == step
+    assert_same_steps(history, left_alone, step)
+
+
+@pytest.mark.faults
+def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, left_alone, tmp_path):
+    """A job of the higher-priority `urgent` partition preempts the CPT job (PreemptMode=REQUEUE,
+    GraceTime): SLURM sends SIGTERM to the ranks only, they save at the next step, the batch script
+    requeues, the urgent job runs, and the CPT job resumes and ends as the run left alone."""
+    out = tmp_path / "cpt"
+    job = submit_cpt(slurm_cluster, out)
+    wait_for_first_checkpoint(slurm_cluster, job, out)
+    urgent = subprocess.run(
+        ["sbatch", "--parsable", "--partition=urgent", "--exclusive", f"--output={tmp_path / 'urgent.log'}",
+         "--wrap", "sleep 2"], capture_output=True, text=True, env=job_env(slurm_cluster), check=True,
+    ).stdout.strip().split(";")[0]
+
+    info = slurm_cluster.wait_jobs([job.job_id, urgent], timeout=600)
+    log = Path(job.log).read_text()
+    assert info[job.job_id]["JobState"] == "COMPLETED", log[-3000:]
+    assert info[job.job_id]["Restarts"] == "1", info
+    assert info[urgent]["JobState"] == "COMPLETED", info[urgent]
+    saved = re.search(r"preemption: SIGTERM received, saving checkpoint-(\d+)", log)
+    assert saved, log[-3000:]
+    step = int(saved.group(1))
+    assert SAVE_STEPS < step < MAX_STEPS
+    assert re.search(rf"domainforge: preempted \(PreemptTime=[0-9T:-]+\): srun exited with status \d+, "
+                     rf"checkpoint-{step} was written by this job; requeueing job {job.job_id}", log), log[-3000:]
+    assert "forcing job termination" not in log
+    assert f"resuming from {out / 'checkpoints' / f'checkpoint-{step}'}" in log, log[-3000:]
+    # The urgent job ran while the CPT job waited in the queue.
+    assert when(info[job.job_id]["StartTime"]) >= when(info[urgent]["EndTime"])
+    assert_same_as_left_alone(out, left_alone)
+
+
+@pytest.mark.faults
+def test_a_plain_scancel_checkpoints_within_killwait_and_stays_cancelled(slurm_cluster, left_alone, tmp_path):
+    """A plain scancel: SLURM sends SIGTERM to every process of the job and SIGKILL KillWait (30 s)
+    later. srun says "forcing job termination", but the job is already ending and its ranks live
+    on (measured on SLURM 22.05): they save at the next step; the job stays CANCELLED, with no
+    final model, and its steps are those of the run left alone."""
+    out = tmp_path / "cpt"
+    job = submit_cpt(slurm_cluster, out)
+    wait_for_first_checkpoint(slurm_cluster, job, out)
+    subprocess.run(["scancel", job.job_id], check=True, env=job_env(slurm_cluster))
+    slurm_cluster.wait_jobs([job.job_id], timeout=120)
+    time.sleep(12)  # a requeued job would be eligible again after cred_expire (10 s here)
+    info = slurm_cluster.job_info(job.job_id)
+    log = Path(job.log).read_text()
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), log[-3000:]
+    assert "srun: forcing job termination" in log
+    saved = re.search(r"preemption: SIG(?:TERM|USR1) received, saving checkpoint-(\d+)", log)
+    assert saved, log[-3000:]
+    step = int(saved.group(1))
+    assert SAVE_STEPS < step < MAX_STEPS and is_complete_checkpoint(out / "checkpoints" / f"checkpoint-{step}")
+    assert re.search(rf"SLURM is ending job {job.job_id} \(JobState=[A-Z]+\): the ranks had SIGTERM and KillWait "
+                     rf"seconds to save; srun exited with status \d+, checkpoint-{step} was written by this job", log), log[-3000:]
+    assert "requeueing" not in log and not (out / "config.json").exists()
+    history = step_history(out)
+    assert history[0]["global_step"] == step
+    assert_same_steps(history, left_alone, step)
+
+
+@pytest.mark.faults
+def test_two_nodes_stopped_by_the_warning_resume_on_one(two_slurm_nodes, left_alone, tmp_path):
+    """CPT on 2 real SLURM nodes x 1 rank (each slurmd in its own network namespace, gloo between
+    them): the time-limit warning after the first checkpoint saves at the next step; resubmitted on
+    1 node, the job converts the checkpoint to the universal format, keeps the global batch (2 x 1
+    -> 1 x 2) and ends as the run left alone (2 ranks on one node)."""
+    cluster, out = two_slurm_nodes, tmp_path / "cpt"
+    # cluster.max_requeues=0: the stopped job does not requeue itself on 2 nodes; the user resubmits on 1.
+    submit(cluster, *CPT_JOB, f"output_dir={out}", "cluster.nodes=2", "cluster.gpus_per_node=1", "cluster.max_requeues=0")
+    (job,) = read_jobs(out / "jobs")
+    wait_for_first_checkpoint(cluster, job, out)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job.job_id], check=True, env=job_env(cluster))
+    info = cluster.wait_jobs([job.job_id], timeout=300)[job.job_id]
+    log = Path(job.log).read_text()
+    assert (info["JobState"], info["NumNodes"]) == ("FAILED", "2"), log[-3000:]
+    first, second = cluster.nodes  # the rendezvous: the first host of the node list, 1 rank per node
+    assert f"master {first}:" in log and "[rank 0/2]" in log and "[rank 1/2]" in log, log[-3000:]
+    assert "the cap is cluster.max_requeues=0: not requeueing" in log
+    step = int(re.search(r"preemption: SIGUSR1 received, saving checkpoint-(\d+)", log).group(1))
+    assert SAVE_STEPS < step < MAX_STEPS and not (out / "config.json").exists()
+
+    # The same command on 1 node, without the batch settings: the checkpoint's global batch is kept.
+    on_one = [a for a in CPT_JOB if a != "training.gradient_accumulation_steps=1"]
+    submit(cluster, *on_one, f"output_dir={out}", "cluster.nodes=1", "cluster.gpus_per_node=1")
+    resumed = read_jobs(out / "jobs")[-1]
+    info = cluster.wait_jobs([resumed.job_id], timeout=600)[resumed.job_id]
+    log = Path(resumed.log).read_text()
+    assert (info["JobState"], info["NumNodes"]) == ("COMPLETED", "1"), log[-3000:]
+    assert f"checkpoint-{step} was written on 2 ranks and this run has 1" in log, log[-3000:]
+    assert "the global batch stays 2" in log and "resume: converted" in log
+    assert f"resuming from {out / 'checkpoints' / f'checkpoint-{step}'}" in log
+    assert_same_as_left_alone(out, left_alone)
 
 
 def test_a_refused_requeue_fails_the_job_and_cancels_its_dependents(slurm_cluster, tmp_path):

@@ -69,10 +69,13 @@ def test_rendered_scripts(nodes, tmp_path):
         assert f"# {nodes * 8} training ranks = {nodes} node(s) x 8 rank(s) per node" in text
         assert 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in text
         assert "export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS" in text
-        assert "srun --kill-on-bad-exit=1" in text
+        assert "srun --kill-on-bad-exit=1 --label --gpu-bind=none bash -c" in text  # every rank sees its node's GPUs
         assert not re.search(r"^[^#]*\b(ssh|pdsh|--hostfile)\b", text, flags=re.M)  # no ssh anywhere
         assert f"[ $status -eq {PREEMPTED_EXIT_CODE} ]" in text and "scontrol requeue $SLURM_JOB_ID" in text
-        assert "trap 'stop_signal=USR1" in text and "trap 'stop_signal=TERM" in text
+        # srun turns SIGTERM into SIGKILL of every rank: the batch shell passes SIGUSR1 on for both
+        assert "trap 'stop_signal=USR1; signals=$((signals + 1)); kill -USR1 $srun_pid" in text
+        assert "trap 'stop_signal=TERM; signals=$((signals + 1)); kill -USR1 $srun_pid" in text
+        assert "kill -TERM" not in text
     assert "launch/train.py \\\n        +stage=sft" in sft
     assert f"model.path={plan.run_dir / 'cpt'}" in sft and f"output_dir={plan.run_dir / 'sft'}" in sft
     # The merge is one CPU task on one node, sized to the numpy merger, whatever training takes.
@@ -111,7 +114,7 @@ def test_eval_job_starts_one_evaluation_process_per_allocated_gpu(tmp_path):
         srun = re.search(r"^srun .*", text, flags=re.M).group(0)
         assert "--gpu-bind=none" in srun  # every task sees every GPU: lm-eval puts rank i on GPU i
         assert "export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS" in text
-        assert "launch/eval.py" in text.split(srun)[1] and "MASTER_PORT=$((29500 + SLURM_JOB_ID % 10000))" in text
+        assert "launch/eval.py" in text.split(srun)[1] and "MASTER_PORT=$((10000 + SLURM_JOB_ID % 22768))" in text
         assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
     # the study report stays one CPU task
     assert "--ntasks=1" in sbatch_options(study) and not any(o.startswith("--gpus") for o in sbatch_options(study))
@@ -138,6 +141,7 @@ def test_cpu_partition_and_fewer_tasks(tmp_path):
     options = sbatch_options(scripts[0])
     assert {"--nodes=2", "--ntasks=6", "--ntasks-per-node=3"} <= set(options)
     assert not any(o.startswith("--gpus") for o in options)
+    assert "srun --kill-on-bad-exit=1 --label bash -c" in scripts[0]  # no --gpu-bind without GPUs
     assert {"--nodes=1", "--ntasks=3"} <= set(sbatch_options(scripts[-1]))
     assert "srun --kill-on-bad-exit=1 --label" in scripts[-1]
 
@@ -289,8 +293,35 @@ def test_a_failing_setup_line_ends_the_job_and_unset_variables_do_not(tmp_path):
     assert "domainforge: cluster.setup line failed: ls /nonexistent-dir" in proc.stderr
 
 
-def requeue_function(text):
-    return re.search(r"^requeue_self\(\) \{\n.*?^\}\n", text, flags=re.M | re.S).group(0)
+def script_part(text, first, before):
+    """The rendered script from the line starting with `first` up to the line starting with `before`."""
+    start = re.search(rf"^{re.escape(first)}", text, flags=re.M).start()
+    return text[start:re.search(rf"^{re.escape(before)}", text, flags=re.M).start()]
+
+
+def stand_in_commands(tmp_path, job_text=""):
+    """scontrol (show job prints `job_text`, requeue and the rest are logged), scancel (logged), and
+    a sleep that returns at once; returns (bin dir, log of calls)."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir(exist_ok=True)
+    (tmp_path / "job.txt").write_text(job_text)
+    commands = {
+        "scontrol": f'#!/bin/sh\nif [ "$1 $2" = "show job" ]; then cat {tmp_path / "job.txt"}; '
+                    f'elif [ "$1" = show ]; then printf "node-a\\nnode-b\\n"; else echo scontrol "$@" >> {calls}; fi\n',
+        "scancel": f'#!/bin/sh\necho scancel "$@" >> {calls}\n',
+        "sleep": "#!/bin/sh\nexit 0\n",
+    }
+    for name, body in commands.items():
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod(0o755)
+    return bin_dir, calls
+
+
+def run_bash(code, bin_dir, cwd, **env):
+    full = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42"}
+    full.pop("SLURM_RESTART_COUNT", None)
+    full.update(env)
+    return subprocess.run(["bash", "-c", code], env=full, capture_output=True, text=True, cwd=cwd)
 
 
 @pytest.mark.parametrize("restarts, requeued", [(None, True), ("1", True), ("2", False), ("5", False)])
@@ -298,22 +329,102 @@ def test_self_requeue_stops_at_the_cap(restarts, requeued, tmp_path):
     """The rendered requeue function, run in bash with a stand-in scontrol: past
     cluster.max_requeues the job exits non-zero (afterok dependents are cancelled) and does not requeue."""
     _, scripts = render_chain(tmp_path, "cluster.max_requeues=2")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'calls'}\n")
-    (bin_dir / "scontrol").chmod(0o755)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="42")
-    env.pop("SLURM_RESTART_COUNT", None)
-    if restarts is not None:
-        env["SLURM_RESTART_COUNT"] = restarts
-    proc = subprocess.run(["bash", "-c", requeue_function(scripts[0]) + "requeue_self"], env=env,
-                          capture_output=True, text=True)
-    calls = (tmp_path / "calls").read_text() if (tmp_path / "calls").exists() else ""
+    bin_dir, calls = stand_in_commands(tmp_path)
+    functions = script_part(scripts[0], "newest_checkpoint() {", "# One task per GPU")
+    env = {} if restarts is None else {"SLURM_RESTART_COUNT": restarts}
+    proc = run_bash(f"status={PREEMPTED_EXIT_CODE}\ncheckpoint_at_start=\n{functions}requeue_self 'SIGUSR1'", bin_dir, tmp_path, **env)
+    called = calls.read_text() if calls.exists() else ""
     if requeued:
-        assert proc.returncode == 0 and calls == "requeue 42\n"
+        assert proc.returncode == 0 and called == "scontrol requeue 42\n"
+        assert "domainforge: SIGUSR1: srun exited with status 75, no checkpoint yet; requeueing job 42" in proc.stdout
     else:
-        assert proc.returncode == PREEMPTED_EXIT_CODE and calls == ""
+        assert proc.returncode == PREEMPTED_EXIT_CODE and called == ""
         assert "the cap is cluster.max_requeues=2: not requeueing" in proc.stderr
+
+
+SAVED = "checkpoint-7 was written by this job"
+NOT_SAVED = "no checkpoint was written by this job (the newest is checkpoint-5)"
+
+
+@pytest.mark.parametrize("stop_signal, status, saved, job, calls, exit_code, says", [
+    # the time-limit warning, or scancel --signal=USR1 --batch: requeue
+    ("USR1", PREEMPTED_EXIT_CODE, True, "JobState=RUNNING PreemptTime=None", "scontrol requeue 42", 0,
+     ["SIGUSR1 (the time-limit warning", SAVED, "requeueing job 42"]),
+    # scancel --signal=TERM --batch: the job alone asked to stop: cancelled, not requeued
+    ("TERM", 143, True, "JobState=RUNNING PreemptTime=None", "scancel 42", PREEMPTED_EXIT_CODE,
+     ["scancel --signal=TERM --batch", SAVED, "cancelling the job, not requeueing"]),
+    # a preemption with GraceTime: SIGTERM to the ranks only, PreemptTime set: requeue, whatever
+    # status srun got (--kill-on-bad-exit terminates the ranks that exit after the first)
+    ("", 143, True, "JobState=RUNNING PreemptTime=2026-12-05T14:48:38", "scontrol requeue 42", 0,
+     ["preempted (PreemptTime=2026-12-05T14:48:38)", SAVED]),
+    # SLURM ending the job (plain scancel, scontrol requeue, preemption without GraceTime): SLURM
+    # decides, and the log says whether the ranks saved in KillWait
+    ("TERM", 137, False, "JobState=COMPLETING PreemptTime=None", "", 137,
+     ["SLURM is ending job 42 (JobState=COMPLETING): the ranks had SIGTERM and KillWait seconds", NOT_SAVED]),
+    ("TERM", PREEMPTED_EXIT_CODE, True, "JobState=COMPLETING PreemptTime=None", "", PREEMPTED_EXIT_CODE,
+     ["SLURM is ending job 42 (JobState=COMPLETING)", SAVED]),
+    # the ranks stopped on a signal sent to the job's steps (scancel --signal=USR1 <job>): requeue
+    ("", PREEMPTED_EXIT_CODE, True, "JobState=RUNNING PreemptTime=None", "scontrol requeue 42", 0, [SAVED]),
+    # a crash is not requeued
+    ("", 1, False, "JobState=RUNNING PreemptTime=None", "", 1, []),
+    # a USR1 that found the ranks crashing: requeued, and the log says nothing was saved
+    ("USR1", 1, False, "JobState=RUNNING PreemptTime=None", "scontrol requeue 42", 0, [NOT_SAVED]),
+])
+def test_what_the_batch_script_does_after_each_stop(stop_signal, status, saved, job, calls, exit_code, says, tmp_path):
+    """The rendered decision after srun returns, run in bash with stand-in scontrol and scancel: each
+    way SLURM stops a job (as measured on SLURM 22.05 by tests/test_slurm_cluster.py) leads to a
+    requeue, a cancellation or SLURM's own handling, and the log says only what happened."""
+    plan, scripts = render_chain(tmp_path)
+    text = scripts[0]
+    checkpoints = plan.steps[0].output_dir / "checkpoints"
+    for step in (5, 7) if saved else (5,):
+        (checkpoints / f"checkpoint-{step}").mkdir(parents=True)
+        (checkpoints / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (checkpoints / "checkpoint-9").mkdir()  # incomplete: no trainer_state.json
+    bin_dir, called = stand_in_commands(tmp_path, f"JobId=42 {job.split()[0]} Reason=None\n   {job.split()[1]}\n")
+    code = (f"status={status}\nstop_signal={stop_signal}\nstarted=$(mktemp)\ncheckpoint_at_start=5\n"
+            + script_part(text, "newest_checkpoint() {", "# One task per GPU")
+            + script_part(text, "job=$(scontrol show job", "# config.json is written last") + "exit $status\n")
+    proc = run_bash(code, bin_dir, tmp_path)
+    assert proc.returncode == exit_code, proc.stdout + proc.stderr
+    assert (called.read_text().strip() if called.exists() else "") == calls
+    for words in says:
+        assert words in proc.stdout + proc.stderr
+    if not saved:
+        assert SAVED not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("job_id", ["5", "10005", "22773", "999999"])
+def test_the_prologue_survives_unset_variables_in_setup_and_picks_a_port_below_the_ephemeral_range(job_id, tmp_path):
+    """The training script up to the launch, run in bash: a setup line that reads an unset variable
+    passes (strict mode comes after it); MASTER_ADDR is the first host of the node list and
+    MASTER_PORT lies in 10000-32767, outside Linux's ephemeral ports (32768-60999), and differs for
+    job ids 10000 apart."""
+    _, scripts = render_chain(tmp_path, "cluster.setup=['echo setup-ok $NOT_SET_ANYWHERE']")
+    bin_dir, _ = stand_in_commands(tmp_path)
+    prologue = script_part(scripts[0], "cd ", "started=$(mktemp)")
+    proc = run_bash(prologue + 'echo "rendezvous $MASTER_ADDR $MASTER_PORT"', bin_dir, tmp_path,
+                    SLURM_JOB_ID=job_id, SLURM_JOB_NODELIST="node-[a-b]")
+    assert proc.returncode == 0, proc.stderr
+    assert "setup-ok" in proc.stdout
+    port = int(re.search(r"^rendezvous node-a (\d+)$", proc.stdout, flags=re.M).group(1))
+    assert 10000 <= port < 32768 and port == 10000 + int(job_id) % 22768
+    assert port != 10000 + (int(job_id) + 10000) % 22768
+
+
+def test_strict_mode_follows_the_setup_in_every_kind_of_job(tmp_path):
+    """Train, merge, eval, the study and augment jobs: `set -u` only after cluster.setup."""
+    _, chain = render_chain(tmp_path, "cluster.setup=['conda activate df']")
+    study, evals = eval_and_study_scripts(tmp_path, "cluster.setup=['conda activate df']")
+    cfg = compose_pipeline_job(["pipeline=smollm2_augment", "cluster=slurm", f"root={tmp_path}",
+                                "cluster.setup=['conda activate df']"])
+    plan = plan_pipeline(cfg)
+    augments = [render_step(plan, s, cfg.cluster, None)[1] for s in plan.steps if s.kind == "augment"]
+    assert augments
+    for text in [*chain, study, *evals.values(), *augments]:
+        strict = re.search(r"^set -e?uo pipefail$", text, flags=re.M).start()
+        assert text.index("conda activate df") < strict
+        assert not re.search(r"^set .*u", text[:strict], flags=re.M)
 
 
 def test_dry_run_prints_each_jobs_resources(tmp_path):

@@ -28,9 +28,10 @@ from tests.support.env import free_port
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo", "munged"]
 
+# {nodes}: the NodeName and PartitionName lines; %n in a path is the node's name (one slurmd each).
 SLURM_CONF = """\
 ClusterName=dftest
-SlurmctldHost={host}
+SlurmctldHost={ctld_host}
 SlurmctldPort={ctld_port}
 SlurmdPort={d_port}
 SlurmUser=root
@@ -38,15 +39,17 @@ AuthType=auth/munge
 # cred_expire: a requeued job becomes eligible cred_expire+1 s later (default 120).
 AuthInfo=socket={dir}/munge.socket,cred_expire=10
 StateSaveLocation={dir}/state
-SlurmdSpoolDir={dir}/spool
+SlurmdSpoolDir={dir}/spool-%n
 SlurmctldPidFile={dir}/ctld.pid
-SlurmdPidFile={dir}/d.pid
+SlurmdPidFile={dir}/d-%n.pid
 SlurmctldLogFile={dir}/slurmctld.log
-SlurmdLogFile={dir}/slurmd.log
+SlurmdLogFile={dir}/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
+# A node may declare fewer CPUs than the machine has (the two-node cluster shares its cores).
+SlurmdParameters=config_overrides
 ReturnToService=2
 JobAcctGatherType=jobacct_gather/none
 MpiDefault=none
@@ -56,9 +59,16 @@ MinJobAge=3600
 # machine (parallel CI runs) from handing the same port to jobs running at the same time.
 FirstJobId={first_job_id}
 KillWait=30
-NodeName={host} CPUs={cpus} RealMemory=20000 State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+# Preemption as sites configure it: a job of the `urgent` partition requeues the jobs of `debug`
+# it needs the cores of, after GraceTime seconds in which their tasks have SIGTERM.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+{nodes}
 """
+ONE_NODE = """\
+NodeName={host} CPUs={cpus} RealMemory=20000 State=UNKNOWN
+PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=120
+PartitionName=urgent Nodes={host} MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF"""
 
 
 def ensure_installed() -> None:
@@ -89,14 +99,22 @@ class LocalSlurm:
         return env
 
     def start(self) -> "LocalSlurm":
-        for sub in ("state", "spool"):
-            (self.dir / sub).mkdir()
+        self._start_controller(self.host, ONE_NODE.format(host=self.host, cpus=self.cpus), [self.host])
+        self._spawn([_binary("slurmd"), "-D", "-f", str(self.conf)], "slurmd.out")
+        self._wait_for(lambda: self._run(["sinfo", "-h", "-o", "%t"]).stdout.strip() == "idle", "node idle")
+        return self
+
+    def _start_controller(self, ctld_host: str, nodes: str, node_names: List[str]) -> None:
+        """slurm.conf, the munge key, munged and slurmctld; the caller starts the slurmd."""
+        (self.dir / "state").mkdir()
+        for name in node_names:
+            (self.dir / f"spool-{name}").mkdir()
         key = self.dir / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
         self.conf.write_text(SLURM_CONF.format(
-            host=self.host, dir=self.dir, cpus=self.cpus, ctld_port=free_port(), d_port=free_port(),
-            first_job_id=random.randrange(1000, 1_000_000),
+            ctld_host=ctld_host, dir=self.dir, ctld_port=free_port(), d_port=free_port(),
+            first_job_id=random.randrange(1000, 1_000_000), nodes=nodes,
         ))
         munged = [
             _binary("munged"), "--foreground", "--force", f"--socket={self.dir}/munge.socket",
@@ -107,11 +125,9 @@ class LocalSlurm:
         self._wait_for(lambda: (self.dir / "munge.socket").exists(), "munged socket")
         self._spawn([_binary("slurmctld"), "-D", "-f", str(self.conf)], "slurmctld.out")
         self._wait_for(lambda: self._run(["scontrol", "ping"]).returncode == 0, "slurmctld")
-        self._spawn([_binary("slurmd"), "-D", "-f", str(self.conf)], "slurmd.out")
-        self._wait_for(lambda: self._run(["sinfo", "-h", "-o", "%t"]).stdout.strip() == "idle", "node idle")
-        return self
 
     def stop(self) -> None:
+        self._end_jobs()
         for proc in reversed(self.procs):  # slurmd, slurmctld, munged: by the pids we started
             if proc.poll() is None:
                 proc.terminate()
@@ -121,6 +137,19 @@ class LocalSlurm:
                     proc.kill()
                     proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _end_jobs(self, timeout: float = 60) -> None:
+        """Cancel the jobs a failed test left queued or running: their batch scripts and ranks
+        would outlive the daemons. SLURM gives them KillWait (30 s) after SIGTERM."""
+        if not self.procs or any(p.poll() is not None for p in self.procs):
+            return
+        jobs = self._run(["squeue", "-h", "-o", "%i"]).stdout.split()
+        if not jobs:
+            return
+        self._run(["scancel", *jobs])
+        deadline = time.time() + timeout
+        while self._run(["squeue", "-h", "-o", "%i"]).stdout.split() and time.time() < deadline:
+            time.sleep(1)
 
     def _spawn(self, cmd: List[str], log: str) -> None:
         out = open(self.dir / log, "w")
@@ -162,3 +191,75 @@ class LocalSlurm:
                 return infos  # something failed: the dependents never start
             time.sleep(2)
         raise AssertionError(f"jobs not finished after {timeout:.0f}s: {states}")
+
+
+class TwoNodeSlurm(LocalSlurm):
+    """Two SLURM nodes on this machine: each slurmd runs in a network namespace of its own with its
+    own address on a private bridge (10.<a>.<b>.0/24), slurmctld in this namespace on the bridge's
+    address. Node names resolve on the nodes through a hosts file mounted over /etc/hosts in a
+    mount namespace of each slurmd (inherited by its jobs; the machine's /etc/hosts is not
+    touched), so a job's rendezvous (MASTER_ADDR = the first host of the node list) goes from one
+    namespace to the other as between two machines. The filesystem is shared, as a cluster's is.
+    stop() removes the daemons, namespaces and links, also after a failed start."""
+
+    IFNAME = "dfeth0"  # each node's interface, inside its namespace
+
+    def __init__(self) -> None:
+        super().__init__(cpus=1)
+        tag = f"{random.randrange(16**4):04x}"
+        self.bridge = f"dfbr{tag}"
+        a, b = random.randrange(16, 32), random.randrange(256)
+        self.subnet = f"10.{a}.{b}"
+        self.ctld_addr = f"{self.subnet}.1"
+        self.nodes = {f"dfn{tag}a": f"{self.subnet}.11", f"dfn{tag}b": f"{self.subnet}.12"}
+        self.netns = {name: f"dfns-{name}" for name in self.nodes}
+        self.made: List[List[str]] = []  # commands that undo what start() made, run in reverse
+
+    def start(self) -> "TwoNodeSlurm":
+        if os.geteuid() != 0 or not shutil.which("ip"):
+            pytest.fail("the two-node SLURM tests need root and iproute2 (ip netns)")
+        try:
+            self._make_network()
+        except subprocess.CalledProcessError as e:
+            self.stop()
+            pytest.fail(f"two-node SLURM: {' '.join(e.cmd)} failed: {e.stderr}")
+        nodes = "\n".join(f"NodeName={n} NodeAddr={addr} NodeHostname={n} CPUs=1 RealMemory=8000 State=UNKNOWN"
+                          for n, addr in self.nodes.items())
+        nodes += f"\nPartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP"
+        self._start_controller(f"{self.host}({self.ctld_addr})", nodes, list(self.nodes))
+        for name, ns in self.netns.items():
+            # The network namespace, a host name and a private /etc/hosts (`ip netns exec` would
+            # also remount /sys, where slurmd needs the machine's cgroup filesystem).
+            slurmd = (f"hostname {name} && mount --bind {self.dir / 'hosts'} /etc/hosts && "
+                      f"exec {_binary('slurmd')} -D -N {name} -f {self.conf}")
+            self._spawn(["nsenter", f"--net=/run/netns/{ns}", "unshare", "--uts", "--mount", "--propagation", "private",
+                         "sh", "-c", slurmd], f"slurmd-{name}.out")
+        self._wait_for(lambda: self._run(["sinfo", "-h", "-o", "%t"]).stdout.split() == ["idle"], "both nodes idle")
+        return self
+
+    def _make_network(self) -> None:
+        def ip(*args: str, undo: Optional[List[str]] = None) -> None:
+            subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+            if undo:
+                self.made.append(undo)
+
+        ip("link", "add", self.bridge, "type", "bridge", undo=["ip", "link", "del", self.bridge])
+        ip("addr", "add", f"{self.ctld_addr}/24", "dev", self.bridge)
+        ip("link", "set", self.bridge, "up")
+        # The nodes' /etc/hosts, mounted over the real one in their own mount namespace only.
+        (self.dir / "hosts").write_text("127.0.0.1 localhost\n" + "".join(f"{addr} {name}\n" for name, addr in self.nodes.items()))
+        for i, (name, addr) in enumerate(self.nodes.items()):
+            ns, outside = self.netns[name], f"{self.bridge}v{i}"
+            ip("netns", "add", ns, undo=["ip", "netns", "del", ns])
+            ip("link", "add", outside, "type", "veth", "peer", "name", self.IFNAME, "netns", ns,
+               undo=["ip", "link", "del", outside])
+            ip("link", "set", outside, "master", self.bridge, "up")
+            ip("-n", ns, "addr", "add", f"{addr}/24", "dev", self.IFNAME)
+            ip("-n", ns, "link", "set", self.IFNAME, "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+
+    def stop(self) -> None:
+        super().stop()
+        for cmd in reversed(self.made):
+            subprocess.run(cmd, capture_output=True)
+        self.made.clear()
