@@ -17,6 +17,7 @@ of the run (the converter too, as slurmstepd signals a whole step) while it conv
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -29,7 +30,9 @@ from typing import Dict, Optional, Tuple
 import pytest
 from tests.support.env import assert_one_line_error, launch, run_light, run_main, tail
 from tests.support.processes import BackgroundLaunch, descendants
-from tests.support.trajectory import assert_same_trajectory, read_trajectory, resumed_step, trained_steps
+from tests.support.selection import marker_requested
+from tests.support.trajectory import (assert_same_trajectory, read_trajectory, resumed_step, trained_steps,
+                                       trajectory_differences)
 
 from core.checkpoints import UNIVERSAL_LATEST, is_complete_checkpoint, newest_complete_checkpoint
 from core.errors import PREEMPTED_EXIT_CODE
@@ -106,6 +109,42 @@ def run_args(stage: str, zero: int, out: Path) -> list:
     return [*STAGES[stage], *BATCH, *ZERO[zero], f"output_dir={out}"]
 
 
+def test_the_comparison_names_each_step_and_quantity_that_differs(tmp_path):
+    """The yardstick itself, on trainer_state.json files written here."""
+    def run(name, rows, **state):
+        ckpt = tmp_path / name / "checkpoints" / "checkpoint-3"
+        (ckpt / "global_step3").mkdir(parents=True)
+        (ckpt / "global_step3" / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"\0")
+        (ckpt / "latest").write_text("global_step3")
+        log = [dict(step=i + 1, loss=loss, learning_rate=lr, epoch=(i + 1) / 3, num_input_tokens_seen=64 * (i + 1))
+               for i, (loss, lr) in enumerate(rows)]
+        (ckpt / "trainer_state.json").write_text(json.dumps(dict(
+            dict(global_step=len(rows), max_steps=3, epoch=len(rows) / 3, num_train_epochs=1,
+                 num_input_tokens_seen=64 * len(rows), log_history=log), **state)))
+        return read_trajectory(tmp_path / name)
+
+    straight = run("straight", [(2.0, 1e-3), (1.9, 5e-4), (1.8, 0.0)])
+    assert trajectory_differences(run("within", [(2.0, 1e-3), (1.90009, 5e-4), (1.8, 0.0)]), straight) == []
+    assert trajectory_differences(run("off", [(2.0, 1e-3), (1.9002, 5e-4), (1.8, 1e-4)]), straight) == [
+        "step 2 loss: 1.9002, uninterrupted 1.9", "step 3 learning_rate: 0.0001, uninterrupted 0.0"]
+    short = run("short", [(2.0, 1e-3), (1.9, 5e-4)])
+    assert trajectory_differences(short, straight) == [
+        "global_step: 2, uninterrupted 3", "num_input_tokens_seen: 128, uninterrupted 192",
+        "epoch: 0.6666666666666666, uninterrupted 1.0", "logged steps: [1, 2], uninterrupted [1, 2, 3]"]
+    assert trajectory_differences(short, straight, upto=2) == []
+    with pytest.raises(AssertionError, match="records no num_input_tokens_seen"):
+        run("untracked", [(2.0, 1e-3)], num_input_tokens_seen=0)
+
+
+def test_the_plain_suite_runs_the_ci_cells_and_faults_runs_all():
+    assert marker_requested("faults", "faults") and marker_requested("integration and (faults)", "faults")
+    assert not marker_requested("not faults", "faults") and not marker_requested("", "faults")
+    ci = [c.id for c in CELLS if c.ci]
+    assert len(ci) == 3 and len(CELLS) >= 12
+    assert {c.zero for c in CELLS} == {2, 3} and {c.stage for c in CELLS} == {"cpt", "sft", "dpo"}
+    assert {(c.before, c.after) for c in CELLS} == {(2, 2), (2, 1), (1, 2)}
+
+
 # ---------------------------------------------------------------------------------------------
 # the runs left alone, one per stage and ZeRO stage, shared by the cells
 # ---------------------------------------------------------------------------------------------
@@ -179,9 +218,10 @@ def interrupt_the_conversion(cell: Cell, out: Path, tmp_path: Path, how: str) ->
     stop with a checkpoint. Returns the step the rerun resumes from (None: the same as before)."""
     ckpt = newest_complete_checkpoint(out)
     run = start(cell, out, cell.after, tmp_path / f"convert-{how}.log")
-    work = ckpt / UNIVERSAL_TMP
-    run.wait_for("a conversion under way", lambda: work.is_dir() and any(p.is_file() for p in work.rglob("*")),
-                 poll_s=0.01)
+    # a file from the converter (in .universal-tmp/, or wherever a broken run would write it)
+    converting = lambda: any(p.is_file() for d in [ckpt / UNIVERSAL_TMP, *ckpt.glob("*_universal")]
+                             for p in d.rglob("*"))  # noqa: E731
+    run.wait_for("a conversion under way", converting, poll_s=0.01)
     assert not has_universal_checkpoint(ckpt)
     if how == "kill":
         run.kill_all()
