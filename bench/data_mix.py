@@ -63,7 +63,7 @@ def write_sources(kind: str, copies: int, tmp: Path):
 def overrides(kind: str, paths, single, mixed: bool, streaming: bool):
     common = [f"+stage={kind}", "training.max_seq_length=512"]
     if streaming:
-        common += [f"data.{kind}.streaming=true", "training.max_steps=1"]
+        common += [f"data.{kind}.streaming=true", "training.max_steps=2"]
     if not mixed:
         return common + [f"data.{kind}.path={single}"]
     entries = []

@@ -126,7 +126,15 @@ def config_groups(config_name: str, schema: type, config_dir: Path) -> List[Tupl
     """(group, default preset) from conf/<config_name>.yaml's defaults list, then the schema's
     fields that have a conf/ folder but no default there (chosen with +group=<preset>)."""
     defaults = yaml.safe_load((config_dir / f"{config_name}.yaml").read_text()).get("defaults", [])
-    groups = [next(iter(entry.items())) for entry in defaults if isinstance(entry, dict)]
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    groups = []
+    for entry in defaults:
+        if isinstance(entry, dict):
+            group, default = next(iter(entry.items()))
+            group = group.removeprefix("optional ")
+            # listed with no preset where the schema has none either: the user adds it (+stage=cpt)
+            added = default is None and group in fields and fields[group].default is None
+            groups.append((group, ADDED if added else default))
     listed = {group for group, _ in groups}
     added = [(f.name, ADDED) for f in dataclasses.fields(schema)
              if f.name not in listed and (config_dir / f.name).is_dir()]
@@ -137,6 +145,8 @@ def describe_presets(config_dir: Path, group: str, default: object) -> str:
     choices = " | ".join(presets(config_dir, group))
     if default is ADDED:
         return f"{choices}  (none by default: add +{group}=<preset>)"
+    if isinstance(default, str) and default.startswith("${"):  # chosen by another group's choice
+        return f"{choices}  (default: the one named as the {default[2:-1]} preset, where there is one)"
     return f"{choices}  (default: {default if default is not None else 'none'})"
 
 

@@ -109,6 +109,16 @@ def preset_files_as_choices(overrides: List[str], config_dir: Path) -> Iterator[
         yield rewritten, Path(tmp)
 
 
+def unknown_preset(group: str, choice: str, config_dir: Path) -> str:
+    """The one line for a preset name that `group` does not have."""
+    hint = f"+{group}=<name>" if group == "stage" else f"{group}=<name>"
+    where = f"conf/{group}/" + (f" and {user_conf_dir() / group}/" if user_conf_dir() else "")
+    return (
+        f"unknown {group} '{choice}': choose one of {', '.join(presets(config_dir, group))} "
+        f"(presets in {where}) or give a .yaml path ({hint})"
+    )
+
+
 def explain(err: BaseException, overrides: List[str], config_dir: Path, schema_path: str) -> str:
     """Turn Hydra/OmegaConf's multi-line errors into one line that names the key and the fix."""
     chain, e = [], err
@@ -119,13 +129,7 @@ def explain(err: BaseException, overrides: List[str], config_dir: Path, schema_p
 
     m = re.search(r"Could not (?:find|load) '([\w/]+)/([^']+)'", text)
     if m:
-        group, choice = m.group(1), m.group(2)
-        hint = f"+{group}=<name>" if group == "stage" else f"{group}=<name>"
-        where = f"conf/{group}/" + (f" and {user_conf_dir() / group}/" if user_conf_dir() else "")
-        return (
-            f"unknown {group} '{choice}': choose one of {', '.join(presets(config_dir, group))} "
-            f"(presets in {where}) or give a .yaml path ({hint})"
-        )
+        return unknown_preset(m.group(1), m.group(2), config_dir)
     full = re.search(r"full_key: (\S+)", text)
     key = full.group(1) if full else None
     m = re.search(r"Key '([^']+)' not in '(\w+)'", text)

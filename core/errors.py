@@ -51,6 +51,29 @@ def disk_full_error(err: BaseException) -> Optional[UserError]:
     return None
 
 
+# How gloo ("Timed out waiting 2000ms for recv operation to complete") and NCCL (its watchdog's
+# "Watchdog caught collective operation timeout: WorkNCCL(..., Timeout(ms)=1800000)", raised in
+# Python under TORCH_NCCL_BLOCKING_WAIT) say that a rank waited longer than the process group's
+# timeout for the others.
+_TIMED_OUT = re.compile(r"Timed out waiting (\d+)ms|Timeout\(ms\)=(\d+)")
+
+
+def collective_timeout_error(err: BaseException) -> Optional[UserError]:
+    """A UserError naming training.ddp_timeout for a barrier or collective that timed out; None
+    for any other error."""
+    for e in _chain(err):
+        m = _TIMED_OUT.search(str(e))
+        if m:
+            seconds = int(m.group(1) or m.group(2)) / 1000
+            return UserError(
+                f"this rank waited {seconds:g} s for the other ranks at a barrier or collective and gave up "
+                f"(training.ddp_timeout={seconds:g}): another rank was still busy, e.g. preparing the data alone or "
+                "writing the final model; raise training.ddp_timeout=<seconds>, or give data preparation more "
+                "cores (data.num_proc); a rerun resumes from the newest checkpoint"
+            )
+    return None
+
+
 # How gloo and NCCL tell the ranks waiting in a collective that another rank has exited.
 _PEER_GONE = re.compile(r"Connection closed by peer|Connection reset by peer|remote process exited|"
                         r"NCCL communicator was aborted")
@@ -61,8 +84,8 @@ def another_rank_ended(err: BaseException) -> bool:
 
 
 def exit_on_user_error(main, *args, **kwargs):
-    """Run `main`; a UserError (or a full disk) becomes one line on stderr and exit code 2,
-    no traceback."""
+    """Run `main`; a UserError (or a full disk, or a rank that timed out waiting for the others)
+    becomes one line on stderr and exit code 2, no traceback."""
     import os
     import sys
 
@@ -75,6 +98,9 @@ def exit_on_user_error(main, *args, **kwargs):
             disk = disk_full_error(err)
             if disk is not None:
                 raise disk from err
+            timeout = collective_timeout_error(err)
+            if timeout is not None:
+                raise timeout from err
             if int(os.environ.get("WORLD_SIZE", "1")) > 1 and another_rank_ended(err):
                 # The rank that ended has said why (its error line or traceback); this one was
                 # waiting for it in a collective (a full disk on rank 0 during a save): no traceback.

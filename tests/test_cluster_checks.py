@@ -123,9 +123,9 @@ def test_train_start_refuses_flash_attn_before_tokenizing(tmp_path, capsys, monk
     monkeypatch.delitem(sys.modules, "flash_attn")
     monkeypatch.syspath_prepend(str(fake_flash_attn))
     with pytest.raises(UserError, match="flash_attn is installed but transformers cannot use it here.*sdpa"):
-        check_attention_runs_here("flash_attention_2")
+        check_attention_runs_here("flash_attention_2", "bf16")
     check_attention_installed("flash_attention_2")  # the login-node half is satisfied
-    check_attention_runs_here("sdpa")
+    check_attention_runs_here("sdpa", "fp32")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,6 +180,40 @@ def test_forced_bf16_on_a_gpu_without_it_is_one_line(monkeypatch):
     for needle in ("training.precision=bf16", "Tesla V100-SXM2-32GB", "compute capability 7.0", "training.precision=auto"):
         assert needle in message, message
     assert detect_runtime("fp16").precision == "fp16"
+
+
+@pytest.fixture
+def flash_attn_accepted_by_transformers(monkeypatch, fake_flash_attn):
+    """flash-attn installed and transformers' own test passing, as on a GPU node with it."""
+    import transformers.utils
+
+    monkeypatch.syspath_prepend(str(fake_flash_attn))
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
+
+
+@pytest.mark.parametrize("name, capability", [("Tesla V100-SXM2-32GB", (7, 0)), ("Tesla T4", (7, 5))])
+def test_flash_attn_on_a_gpu_older_than_ampere_is_refused_at_train_start(
+        monkeypatch, flash_attn_accepted_by_transformers, name, capability):
+    """transformers accepts flash-attn there; its kernels would refuse the first forward."""
+    fake_gpu(monkeypatch, name, capability)
+    with pytest.raises(UserError) as err:
+        check_attention_runs_here("flash_attention_2", "fp16")
+    message = str(err.value)
+    assert "\n" not in message
+    assert message == (f"model.attn_implementation=flash_attention_2 needs a GPU of compute capability 8.0 or newer, "
+                       f"and this one ({name}) is {capability[0]}.{capability[1]}: set model.attn_implementation=sdpa "
+                       "(PyTorch's fused attention runs on any GPU)")
+
+
+def test_flash_attn_in_fp32_is_refused_and_runs_in_half_precision_on_ampere(monkeypatch, flash_attn_accepted_by_transformers):
+    fake_gpu(monkeypatch, "NVIDIA A100-SXM4-80GB", (8, 0))
+    with pytest.raises(UserError, match=r"^model.attn_implementation=flash_attention_2 runs in bf16 or fp16 only, and this "
+                                        r"run trains in fp32 \(training.precision\): set training.precision=auto .* or set "
+                                        r"model.attn_implementation=sdpa$"):
+        check_attention_runs_here("flash_attention_2", "fp32")
+    check_attention_runs_here("flash_attention_2", "bf16")
+    check_attention_runs_here("flash_attention_2", "fp16")
+    check_attention_runs_here("sdpa", "fp32")
 
 
 def test_fp16_runs_get_dynamic_loss_scaling():

@@ -61,9 +61,10 @@ def test_stage_registry_is_the_one_list_of_stages():
 
 
 def test_paper_hyperparameters_in_stage_presets():
-    cpt = compose_train_config(["+stage=cpt"]).training
+    paper = ["model=llama3_1_8b", "data.allow_demo=true"]  # the tiny default's size preset sets its own
+    cpt = compose_train_config(["+stage=cpt", *paper]).training
     assert (cpt.learning_rate, cpt.num_train_epochs, cpt.max_seq_length) == (2e-5, 5, 3072)
-    sft = compose_train_config(["+stage=sft"]).training
+    sft = compose_train_config(["+stage=sft", *paper]).training
     assert (sft.learning_rate, sft.num_train_epochs) == (2e-5, 1)
 
 

@@ -319,7 +319,7 @@ def test_empty_dataset(tmp_path, streaming, tokenizer):
     Dataset.from_dict({"text": []}).save_to_disk(str(tmp_path / "saved"))
     assert "is empty (no rows)" in error_of(load_rows, DatasetConfig(path=str(tmp_path / "saved")), "cpt")
     blank = write_jsonl(tmp_path / "blank.jsonl", [{"text": ""}, {"text": " \n"}, {"text": None}])
-    streamed = ["data.cpt.streaming=true", "training.max_steps=1"] if streaming else []
+    streamed = ["data.cpt.streaming=true", "training.max_steps=2"] if streaming else []
     assert error_of(prepare_cpt, cfg_for("cpt", f"data.cpt.path={blank}", *streamed), tokenizer) == (
         f"data.cpt.path={blank} holds only empty `text`: point it at a corpus with text"
     )
@@ -379,3 +379,38 @@ def test_bundled_sample_set_is_what_the_generator_writes(tmp_path, repo):
     for name in names:
         assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name
     assert sum((committed / n).stat().st_size for n in names) < 3_000_000
+
+
+def test_data_processes_default_to_the_tasks_cores_with_enough_rows_each(monkeypatch):
+    import os
+
+    from train.data import map_processes
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(24)))  # e.g. SLURM's --cpus-per-task=24
+    assert map_processes(100_000, None) == 16  # capped at MAX_DATA_PROCESSES
+    assert map_processes(100_000, 4) == 4  # data.num_proc wins
+    assert map_processes(5_000, None) == 2  # at least 2,000 rows a process
+    assert map_processes(3_999, None) is None and map_processes(483, 8) is None  # in-process
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert map_processes(100_000, None) == 2
+
+
+@pytest.mark.parametrize("stage", ["cpt", "sft", "dpo"])
+def test_data_prepared_in_several_processes_is_the_in_process_data(monkeypatch, tokenizer, stage):
+    """The bundled data (~450 rows) split over 2 processes (ROWS_PER_PROCESS lowered for the test)
+    gives the same training rows, in the same order, as one process."""
+    import os
+
+    import train.data
+    from train.stages import get_stage
+
+    hooks = get_stage(stage)
+    in_process = hooks.prepare_data(cfg_for(stage, "data.num_proc=1"), tokenizer).train_dataset
+    monkeypatch.setattr(train.data, "ROWS_PER_PROCESS", 100)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    calls = []
+    real_map = Dataset.map
+    monkeypatch.setattr(Dataset, "map", lambda self, *a, **k: calls.append(k.get("num_proc")) or real_map(self, *a, **k))
+    split = hooks.prepare_data(cfg_for(stage), tokenizer).train_dataset
+    assert 2 in calls, calls
+    assert split.to_list() == in_process.to_list()

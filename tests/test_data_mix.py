@@ -56,7 +56,7 @@ def assert_binomial_shares(counts, weights):
 @pytest.mark.parametrize("streaming", [False, True])
 def test_row_shares_follow_the_weights(three_corpora, streaming):
     entries = [{"path": str(p), "weight": w} for p, w in zip(three_corpora, WEIGHTS)]
-    extra = ["data.cpt.streaming=true", "training.max_steps=1"] if streaming else []
+    extra = ["data.cpt.streaming=true", "training.max_steps=2"] if streaming else []
     cfg = cfg_for("cpt", *sources_override("cpt", entries), *extra)
     rows = load_split_rows(cfg, "cpt", canonical_text).train
     tags = [r[SOURCE] for r in rows]
@@ -136,7 +136,7 @@ def test_eval_fraction_holds_out_rows(tokenizer):
 def test_eval_path_for_cpt_and_preference(tmp_path, tokenizer, repo):
     docs = write_jsonl(tmp_path / "eval.jsonl", [{"text": "Iron has atomic number 26."}] * 3)
     data = prepare_cpt(cfg_for("cpt", f"data.cpt.eval_path={docs}", "training.max_seq_length=16",
-                               "data.cpt.streaming=true", "training.max_steps=1"), tokenizer)
+                               "data.cpt.streaming=true", "training.max_steps=2"), tokenizer)
     assert len(data.eval_dataset) >= 1 and all(len(b["input_ids"]) == 16 for b in data.eval_dataset)
     pairs = cfg_for("dpo", "data.preference.max_samples=8", "stage.max_length=256", "stage.max_prompt_length=192",
                     f"data.preference.eval_path={repo / 'data/materials/preference_chat.jsonl'}",
@@ -161,12 +161,12 @@ def test_bad_mix_and_eval_options(three_corpora, tokenizer):
     cases = [
         (sources_override("cpt", [{"path": a, "weight": 1}, {"path": b, "fraction": 0.5}]), "1 of 2 sources set fraction"),
         (sources_override("cpt", [{"path": a, "weight": 1, "fraction": 0.5}]), "sets both weight and fraction"),
-        (sources_override("cpt", [{"path": a, "fraction": 0.5}]) + ["data.cpt.streaming=true", "training.max_steps=1"],
+        (sources_override("cpt", [{"path": a, "fraction": 0.5}]) + ["data.cpt.streaming=true", "training.max_steps=2"],
          "a stream does not have"),
         ([f"data.cpt.sources=[{{path: {a}}}]"], "set exactly one of data.cpt.path (one source) or data.cpt.sources"),
         (["data.cpt.path=null"], "neither is set"),
         (["data.cpt.eval_fraction=0.1", f"data.cpt.eval_path={a}"], "not both"),
-        (["data.cpt.eval_fraction=0.1", "data.cpt.streaming=true", "training.max_steps=1"], "set data.cpt.eval_path"),
+        (["data.cpt.eval_fraction=0.1", "data.cpt.streaming=true", "training.max_steps=2"], "set data.cpt.eval_path"),
         (["training.log_completions=2"], "set data.cpt.eval_fraction or data.cpt.eval_path"),
         (["training.log_completions=2", "data.cpt.eval_fraction=0.1"], "set logging=wandb"),
         (sources_override("cpt", [{"path": a, "columns": "{body: text}"}]), "data.cpt.sources[0].columns renames 'body'"),

@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 from core.checkpoints import recorded_global_batch
 from core.errors import UserError
 from tests.support.env import REPO, assert_one_line_error, launch, offline_env, run_light, tail
-from train.config import TrainingConfig, compose_train_config, derive_gradient_accumulation, resolve_batch
+from train.config import (TrainingConfig, check_schedule_of_samples, compose_train_config, derive_gradient_accumulation,
+                          optimizer_steps, resolve_batch)
 
 
 def training(**values):
@@ -65,6 +66,81 @@ def test_the_8b_presets_keep_the_papers_global_batch_of_96_on_any_world_size(sta
     assert (t.per_device_train_batch_size, t.global_batch_size) == (6, 96)
     assert derive_gradient_accumulation(t, 16) == 1
     assert derive_gradient_accumulation(t, 8) == 2  # the paper's 6 x 2 on its 8 GPUs
+
+
+PAPER_8B = {"cpt": (6, 96, True, 3072, 2e-5), "sft": (6, 96, True, 3076, 2e-5), "dpo": (2, 32, True, 2048, 5e-7),
+            "orpo": (3, 24, True, 2048, 3e-6)}
+"""Per stage: per-device batch, global batch, checkpointing, max_seq_length, learning rate of the paper's 8B runs."""
+
+
+def batch_settings(t):
+    return (t.per_device_train_batch_size, t.global_batch_size, t.gradient_checkpointing, t.max_seq_length,
+            t.learning_rate)
+
+
+@pytest.mark.parametrize("stage", sorted(PAPER_8B))
+def test_the_size_preset_of_a_small_model_replaces_the_papers_8b_batch(stage):
+    """The 8B presets keep the paper's numbers; the embedded default (conf/size/tiny.yaml) and
+    smollm2_135m (conf/size/smollm2_135m.yaml) train a few sequences a rank, accumulation 1."""
+    paper = compose_train_config([f"+stage={stage}", "model=llama3_1_8b", "data.allow_demo=true"]).training
+    assert batch_settings(paper) == PAPER_8B[stage]
+    tiny = compose_train_config([f"+stage={stage}"]).training
+    assert batch_settings(tiny) == (4, None, False, 512, 1e-3) and tiny.warmup_steps == 0.1
+    assert derive_gradient_accumulation(tiny, 2) == 1
+    small = compose_train_config([f"+stage={stage}", "model=smollm2_135m"]).training
+    assert batch_settings(small) == (2, None, False, 1024, PAPER_8B[stage][4])
+
+
+def test_the_command_line_wins_over_the_size_preset_and_size_picks_another():
+    typed = compose_train_config(["+stage=cpt", "training.per_device_train_batch_size=2", "training.learning_rate=3e-4",
+                                  "training.global_batch_size=8"]).training
+    assert (typed.per_device_train_batch_size, typed.learning_rate, typed.global_batch_size) == (2, 3e-4, 8)
+    assert typed.max_seq_length == 512  # the size's, for the keys not typed
+    other = compose_train_config(["+stage=cpt", "model=llama3_1_8b", "data.allow_demo=true", "size=tiny"]).training
+    assert batch_settings(other) == (4, None, False, 512, 1e-3)
+    with pytest.raises(UserError, match=r"^unknown size 'tiyn': choose one of smollm2_135m, tiny \(presets in conf/size/"):
+        compose_train_config(["+stage=cpt", "size=tiyn"])
+
+
+def test_optimizer_steps_are_the_trainers():
+    """The README's CPT on the demo data (15 blocks of 3072 tokens) with the paper's 8B batch ran
+    5 steps in 5 epochs on 2 ranks (measured); with the tiny size's, 88 blocks of 512 make 55."""
+    paper = training(per_device_train_batch_size=6, global_batch_size=96, num_train_epochs=5)
+    assert optimizer_steps(paper, 15, 2) == 5
+    tiny = training(per_device_train_batch_size=4, num_train_epochs=5)
+    assert optimizer_steps(tiny, 88, 2) == 55
+    assert optimizer_steps(training(per_device_train_batch_size=4, gradient_accumulation_steps=3), 88, 2) == 4
+    assert optimizer_steps(training(per_device_train_batch_size=4, num_train_epochs=0.5), 88, 2) == 6
+    assert optimizer_steps(training(per_device_train_batch_size=4, max_steps=7), 88, 2) == 7
+
+
+def test_a_max_steps_run_within_its_warmup_is_refused_when_composed():
+    """Before any data is read: --cfg, pipeline.py and submit.py --dry-run compose the same way."""
+    with pytest.raises(UserError, match=r"^the learning-rate warm-up \(training.warmup_steps=100: 100 optimizer step\(s\)\) "
+                                        r"does not end before the run does \(50 optimizer step\(s\): training.max_steps=50\)"):
+        compose_train_config(["+stage=orpo", "model=llama3_1_8b", "data.allow_demo=true", "training.max_steps=50"])
+    assert compose_train_config(["+stage=orpo", "training.max_steps=50"]).training.warmup_steps == 0.1  # tiny: 5 steps
+
+
+def test_a_warmup_that_does_not_end_before_the_run_is_refused_in_one_line():
+    paper_sft = training(per_device_train_batch_size=6, global_batch_size=96, warmup_steps=0.1)
+    with pytest.raises(UserError) as err:
+        check_schedule_of_samples(paper_sft, 12, 2, "sequences")
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("the learning-rate warm-up (training.warmup_steps=0.1: 1 optimizer step(s)) does not end "
+                              "before the run does (1 optimizer step(s): 12 sequences / (training.per_device_train_batch_size=6 "
+                              "x 8 accumulation x 2 rank(s)) x training.num_train_epochs=1): its only step would train "
+                              "at learning rate 0")
+    for key in ("training.max_steps", "training.num_train_epochs", "training.global_batch_size"):
+        assert key in message
+    with pytest.raises(UserError, match=r"training.warmup_steps=100: 100 optimizer step\(s\)\) does not end before the "
+                                        r"run does \(73 optimizer step\(s\)"):
+        check_schedule_of_samples(training(per_device_train_batch_size=3, warmup_steps=100), 437, 2, "pairs")
+    check_schedule_of_samples(training(per_device_train_batch_size=3, warmup_steps=72), 437, 2, "pairs")  # ends before
+    check_schedule_of_samples(training(per_device_train_batch_size=6, warmup_steps=0.1, max_steps=2), 12, 2)
+    constant = training(per_device_train_batch_size=6, warmup_steps=5, lr_scheduler_type="constant")  # no warm-up
+    check_schedule_of_samples(constant, 12, 2)
 
 
 def test_resolving_records_the_effective_global_batch_and_accumulation():

@@ -15,6 +15,8 @@ GPU_TESTS = {
        for stage in ("cpt", "sft", "dpo", "orpo")},
     "test_automatic_precision_takes_bf16_where_native_and_nccl",
     "test_fp16_trains_with_a_loss_scale_that_settles",
+    "test_qlora_in_fp16_starts_from_the_same_base_as_in_bf16",
+    "test_flash_attn_preflight_matches_this_gpu",
     *{f"test_killed_run_resumes_from_its_checkpoint_and_finishes[{case}]"
        for case in ("same-gpus", "fewer-gpus", "more-gpus")},
     "test_merge_of_two_outputs_generates",
@@ -22,6 +24,7 @@ GPU_TESTS = {
     "test_known_answers_score_exactly_on_the_gpu",
     "test_data_parallel_evaluation_matches_one_process",
     "test_tiny_pipeline",
+    "test_fused_adamw_steps_on_after_the_repair_as_if_never_interrupted",
 }
 
 

@@ -39,23 +39,48 @@ def test_lora_preset_targets_every_projection_of_the_family():
     assert peft_config(attention).r == 8
 
 
-def test_qlora_is_4bit_nf4_with_bf16_compute_and_refused_without_a_gpu():
+def test_qlora_is_4bit_nf4_in_the_runs_precision_and_refused_without_a_gpu():
     cfg = compose_train_config(["+stage=sft", "training.finetune=qlora"])
-    q = quantization_config(cfg)
+    q = quantization_config(cfg, "bf16")
     assert isinstance(q, BitsAndBytesConfig)
     assert q.load_in_4bit and not q.load_in_8bit
     assert q.bnb_4bit_quant_type == "nf4"
     assert q.bnb_4bit_compute_dtype == torch.bfloat16
     assert q.bnb_4bit_use_double_quant
-    # packed 4-bit weights stored in the compute dtype: what ZeRO-3 + QLoRA needs (PEFT's guide)
+    # packed 4-bit weights stored in the run's dtype: what ZeRO-3 + QLoRA needs (PEFT's guide)
     assert q.bnb_4bit_quant_storage == torch.bfloat16
     assert peft_config(cfg).r == 16  # QLoRA trains the same adapters
-    check_finetune(cfg, gpu=True)  # a GPU machine accepts it
+    check_finetune(cfg, gpu=True, precision="bf16")  # a GPU machine accepts it
     with pytest.raises(UserError, match="training.finetune=qlora needs a GPU"):
-        check_finetune(cfg, gpu=False)
-    assert quantization_config(compose_train_config(["+stage=sft", "training.finetune=lora"])) is None
+        check_finetune(cfg, gpu=False, precision="fp32")
+    assert quantization_config(compose_train_config(["+stage=sft", "training.finetune=lora"]), "bf16") is None
     paper = compose_train_config(["+stage=sft", "training.finetune=qlora", "lora=qlora_paper"])
     assert (paper.lora.r, paper.lora.alpha, paper.lora.dropout) == (64, 16, 0.1)
+
+
+@pytest.mark.parametrize("precision, compute, storage", [
+    ("bf16", None, torch.bfloat16), ("fp16", None, torch.float16), ("fp32", None, torch.float32),  # V100/T4: fp16
+    ("bf16", "float32", torch.bfloat16), ("fp16", "float32", torch.float16),
+])
+def test_qlora_stores_its_4bit_weights_in_the_runs_dtype(precision, compute, storage):
+    """DeepSpeed casts every parameter whose dtype is not the engine's: packed 4-bit bytes must
+    already be in it, whatever the compute dtype."""
+    cfg = compose_train_config(["+stage=sft", "training.finetune=qlora", f"lora.qlora_compute_dtype={compute or 'null'}"])
+    q = quantization_config(cfg, precision)
+    assert q.bnb_4bit_quant_storage == storage
+    assert q.bnb_4bit_compute_dtype == (getattr(torch, compute) if compute else storage)
+
+
+@pytest.mark.parametrize("precision, compute", [("fp16", "bfloat16"), ("bf16", "float16"), ("fp32", "float16")])
+def test_a_qlora_compute_dtype_that_is_not_the_runs_is_refused_before_loading(precision, compute):
+    cfg = compose_train_config(["+stage=sft", "training.finetune=qlora", f"lora.qlora_compute_dtype={compute}",
+                                f"training.precision={precision}"])
+    with pytest.raises(UserError) as err:
+        check_finetune(cfg, gpu=True, precision=precision)
+    run = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
+    assert str(err.value) == (f"lora.qlora_compute_dtype={compute} does not match this run's precision, {precision} "
+                              f"(training.precision={precision}): set lora.qlora_compute_dtype={run} or float32, or "
+                              "leave it unset (lora.qlora_compute_dtype=null follows the run)")
 
 
 def test_qlora_without_bitsandbytes_is_one_line_naming_the_extra(monkeypatch):
@@ -65,15 +90,20 @@ def test_qlora_without_bitsandbytes_is_one_line_naming_the_extra(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(UserError) as err:
-        check_finetune(cfg, gpu=True)
+        check_finetune(cfg, gpu=True, precision="bf16")
     assert "training.finetune=qlora needs bitsandbytes" in str(err.value) and ".[qlora]" in str(err.value)
     assert "\n" not in str(err.value)
-    check_finetune(compose_train_config(["+stage=sft", "training.finetune=lora"]), gpu=True)  # LoRA does not need it
+    lora = compose_train_config(["+stage=sft", "training.finetune=lora"])
+    check_finetune(lora, gpu=True, precision="bf16")  # LoRA does not need it
 
 
 # ---------------------------------------------------------------------------------------------
 # the adapters' learning rate: LoRA is not trained at full fine-tuning rates
 # ---------------------------------------------------------------------------------------------
+PAPER_8B = ["model=llama3_1_8b", "data.allow_demo=true"]
+"""A model whose stage presets are the paper's (the tiny default's size preset sets its own rate)."""
+
+
 @pytest.mark.parametrize(
     "overrides, rate",
     [
@@ -89,7 +119,7 @@ def test_qlora_without_bitsandbytes_is_one_line_naming_the_extra(monkeypatch):
     ],
 )
 def test_adapter_runs_train_at_an_adapter_learning_rate(overrides, rate):
-    assert compose_train_config(overrides).training.learning_rate == pytest.approx(rate)
+    assert compose_train_config([*overrides, *PAPER_8B]).training.learning_rate == pytest.approx(rate)
 
 
 def test_grid_trains_its_lora_step_at_the_adapter_rate(tmp_path):
@@ -222,18 +252,18 @@ def test_failed_hub_push_is_one_user_error_and_leaves_the_model(tmp_path, monkey
 # presets against the paper's configs (lamm-mit/LLM-finetuning, Bioinspired-Llama-8B/*-Instruct)
 # ---------------------------------------------------------------------------------------------
 def test_presets_cite_the_papers_values():
-    orpo = compose_train_config(["+stage=orpo"])
+    orpo = compose_train_config(["+stage=orpo", *PAPER_8B])
     assert orpo.training.learning_rate == 3e-6
     assert (orpo.stage.max_length, orpo.stage.max_prompt_length) == (2500, 2000)
     assert orpo.training.warmup_steps == 100
-    sft = compose_train_config(["+stage=sft"])
+    sft = compose_train_config(["+stage=sft", *PAPER_8B])
     assert sft.stage.packing is True
     assert sft.training.warmup_steps == 0.1
-    dpo = compose_train_config(["+stage=dpo"])
+    dpo = compose_train_config(["+stage=dpo", *PAPER_8B])
     assert (dpo.stage.beta, dpo.stage.max_prompt_length, dpo.training.learning_rate) == (0.05, 1700, 5e-7)
     # per-device batch x gradient accumulation on the paper's 8 GPUs, and activation checkpointing
     for stage, batch in [("cpt", (6, 2)), ("sft", (6, 2)), ("dpo", (2, 2)), ("orpo", (3, 1))]:
-        t = compose_train_config([f"+stage={stage}"]).training
+        t = compose_train_config([f"+stage={stage}", *PAPER_8B]).training
         assert (t.per_device_train_batch_size, derive_gradient_accumulation(t, 8)) == batch, stage
         assert t.gradient_checkpointing is True, stage
     for stage, source in [("orpo", "config_full_ORPO-Instruct.yaml"), ("sft", "run_sft.py"),
@@ -273,7 +303,8 @@ def qlora_model(tmp_path_factory):
     base_dir = tmp_path_factory.mktemp("qlora") / "base"
     torch.manual_seed(0)
     load_model(cfg.model, torch.float32, load_tokenizer(cfg.model)).save_pretrained(base_dir)
-    quantized = load_model(cfg.model, torch.float32, path=str(base_dir), quantization_config=quantization_config(cfg))
+    quantized = load_model(cfg.model, torch.float32, path=str(base_dir),
+                           quantization_config=quantization_config(cfg, "fp32"))
     adapters = peft_config(cfg)
     adapters.init_lora_weights = False  # random A and B: the delta is not zero
     return get_peft_model(quantized, adapters)

@@ -19,8 +19,8 @@ LAUNCHERS = sorted(p.name for p in (REPO / "launch").glob("*.py"))
 
 # launcher -> the config groups its usage names (study and synergy compose no config)
 GROUPS = {
-    "train.py": ("model", "data", "deepspeed", "logging", "lora", "stage"),
-    "preview.py": ("model", "data", "deepspeed", "logging", "lora", "stage"),
+    "train.py": ("model", "data", "deepspeed", "logging", "lora", "stage", "size"),
+    "preview.py": ("model", "data", "deepspeed", "logging", "lora", "stage", "size"),
     "eval.py": ("eval",),
     "pipeline.py": ("pipeline", "cluster"),
     "submit.py": ("pipeline", "cluster"),

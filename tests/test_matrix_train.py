@@ -154,6 +154,13 @@ CASES = [
     ("data-row-without-rejected", ["+stage=dpo", "data.preference.path={no_rejected.jsonl}"],
      ["no_rejected.jsonl", "row 1 has no 'rejected'"]),
     ("data-stream-without-max-steps", ["+stage=cpt", "data.cpt.streaming=true"], ["needs training.max_steps>0"]),
+    # schedules: refused at composition (max_steps), or once the data is prepared, before the model loads
+    ("warmup-outlasts-max-steps", ["+stage=orpo", "training.warmup_steps=100", "training.max_steps=50"],
+     ["training.warmup_steps=100: 100 optimizer step(s)", "50 optimizer step(s): training.max_steps=50"]),
+    ("paper-8b-batch-on-the-demo-data", ["+stage=sft", "training.per_device_train_batch_size=6",
+                                         "training.global_batch_size=96", "training.max_seq_length=3076"],
+     ["training.warmup_steps=0.1: 1 optimizer step(s)", "(1 optimizer step(s): ", "training.per_device_train_batch_size=6 "
+      "x 16 accumulation x 1 rank(s)) x training.num_train_epochs=1", "learning rate 0"]),
 ]
 
 

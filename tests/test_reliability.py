@@ -201,3 +201,51 @@ def test_a_rank_ended_by_the_launcher_during_the_grace_prints_nothing():
             continue
     _, err = proc.communicate(timeout=10)
     assert proc.returncode == -15 and "error:" not in err, (proc.returncode, err)
+
+
+# Two real gloo ranks (cwd=REPO): rank 1 busy past the process group's timeout, rank 0 waiting for
+# it at a barrier, as the other ranks wait while rank 0 prepares the data or writes the final model.
+WAIT_AT_A_BARRIER = """
+import datetime, sys, time
+import torch.distributed as dist
+import core.errors as errors
+rank, port = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=2))
+if rank == 1:
+    time.sleep(20)
+else:
+    errors.exit_on_user_error(dist.barrier)
+"""
+
+
+def test_a_barrier_that_times_out_is_one_line_naming_the_timeout_key():
+    from tests.support.env import free_port
+
+    port = str(free_port())
+    ranks = [subprocess.Popen([sys.executable, "-c", WAIT_AT_A_BARRIER, str(rank), port], cwd=REPO,
+                              env={"PATH": "/usr/bin:/bin", "RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (1, 0)]
+    try:
+        _, err = ranks[1].communicate(timeout=120)
+    finally:
+        ranks[0].kill()
+        ranks[0].communicate()
+    assert ranks[1].returncode == 2, err
+    assert "Traceback" not in err, err
+    (line,) = [l for l in err.splitlines() if l.startswith("error: ")]
+    assert line.startswith("error: this rank waited 2 s for the other ranks at a barrier or collective and gave up "
+                           "(training.ddp_timeout=2): "), line
+    assert "raise training.ddp_timeout=<seconds>" in line
+
+
+def test_the_distributed_timeout_is_a_training_key_that_reaches_the_trainer():
+    from train.config import DDP_TIMEOUT_S
+    from train.run import common_trainer_kwargs
+    from train.runtime import Runtime
+
+    cpu = Runtime(device="cpu", backend="gloo", precision="fp32", rank=0, local_rank=0, world_size=2)
+    default = compose_train_config(["+stage=cpt"])
+    assert default.training.ddp_timeout == DDP_TIMEOUT_S == 3 * 3600  # transformers' own: 1800
+    assert common_trainer_kwargs(default, cpu)["ddp_timeout"] == DDP_TIMEOUT_S
+    assert common_trainer_kwargs(compose_train_config(["+stage=cpt", "training.ddp_timeout=60"]), cpu)["ddp_timeout"] == 60

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +21,12 @@ import pytest
 import torch
 from tests.support.env import REPO, assert_one_line_error, launch, loss_history, run_light, tail
 
-from core.checkpoints import CONVERSION_FAILED, UNIVERSAL_LATEST, CheckpointTopology, check_resume_topology, checkpoint_topology
+from tests.support.zero_checkpoint import write_zero3_checkpoint
+
+from core.checkpoints import (
+    CONVERSION_FAILED, UNIVERSAL_LATEST, CheckpointTopology, check_resume_topology, checkpoint_topology,
+    conversion_disk_need,
+)
 from core.errors import UserError
 from train.reshard import (
     UniversalLoadRepair,
@@ -97,6 +103,141 @@ def test_universal_load_repair_gives_each_group_its_own_step_and_hyperparameters
     assert [g["weight_decay"] for g in adam.param_groups] == [0.1, 0.0]
 
 
+def universal_checkpoint_with_groups(ckpt, groups):
+    """A universal copy holding only the optimizer_state.pt the repair reads."""
+    (ckpt / "global_step3_universal" / "zero").mkdir(parents=True)
+    (ckpt / UNIVERSAL_LATEST).write_text("global_step3_universal")
+    torch.save({"param_groups": groups}, ckpt / "global_step3_universal" / "zero" / "optimizer_state.pt")
+    return ckpt
+
+
+@pytest.mark.parametrize("fused, capturable, device", [(True, False, "meta"), (False, True, "meta"),
+                                                       (False, False, "cpu")])
+def test_universal_load_repair_puts_each_step_where_torchs_adamw_keeps_it(tmp_path, fused, capturable, device):
+    """DeepSpeed's universal load gives GPU partitions the converter's CPU `step`; the fused
+    kernel (transformers' default adamw_torch_fused) reads it by raw pointer on the GPU. The
+    partitions stand on the meta device here for the GPU (tests/gpu runs the real kernel)."""
+    group = {"lr": 1e-3, "weight_decay": 0.0, "fused": fused, "capturable": capturable}
+    ckpt = universal_checkpoint_with_groups(tmp_path / "checkpoint-3", [dict(group, params=[0, 1])])
+    partitions = [torch.empty(4, device="meta"), torch.empty(2, device="meta")]
+    step = torch.tensor(3.0)  # as loaded: one CPU tensor in every partition's state
+
+    class ZeroOptimizer:  # the state and groups of torch's AdamW as DeepSpeed holds them
+        state = {p: {"step": step} for p in partitions}
+        param_groups = [dict(group, params=[])]
+
+    UniversalLoadRepair(str(ckpt)).on_train_begin(None, None, None, optimizer=ZeroOptimizer())
+    steps = [ZeroOptimizer.state[p]["step"] for p in partitions]
+    assert [s.device.type for s in steps] == [device, device]
+    assert steps[0] is not steps[1] and all(s is not step for s in steps)
+    if device == "cpu":
+        assert [s.item() for s in steps] == [3.0, 3.0]
+
+
+SLIM_RSS = """
+import json, sys, torch
+from pathlib import Path
+from train.reshard import UniversalLoadRepair, slim_optimizer_state
+ckpt = Path(sys.argv[1]); zero = ckpt / "global_step3_universal" / "zero"
+def status_mb(key):
+    line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
+    return int(line.split()[1]) / 1024
+def peak_growth_mb(run):  # the peak resident size above the size before `run` (Linux: VmHWM reset)
+    open("/proc/self/clear_refs", "w").write("5")
+    before = status_mb("VmRSS")
+    run()
+    return status_mb("VmHWM") - before
+param = torch.nn.Parameter(torch.zeros(2))
+adam = torch.optim.AdamW([param], lr=1e-3)
+grew = dict(
+    repair=peak_growth_mb(lambda: UniversalLoadRepair(str(ckpt)).on_train_begin(None, None, None, optimizer=adam)),
+    slim=peak_growth_mb(lambda: slim_optimizer_state(zero)),
+    deepspeed=peak_growth_mb(lambda: torch.load(zero / "optimizer_state.pt", weights_only=False)),  # stage3.py's load
+    bytes=(zero / "optimizer_state.pt").stat().st_size)
+print(json.dumps(grew))
+"""
+
+
+def test_the_universal_optimizer_state_is_slimmed_and_read_without_loading_it_whole(tmp_path):
+    """The converter copies one old rank's whole ZeRO-3 optimizer into optimizer_state.pt (fp32
+    master and both moments: 48 GB for an 8B model saved on 2 GPUs), and every new rank loaded it
+    twice. The peak resident size of a fresh process while it reads the 144 MB such a file holds here."""
+    group = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
+    ckpt = universal_checkpoint_with_groups(tmp_path / "checkpoint-3", [])
+    moments = {name: torch.randn(12_000_000) for name in ("exp_avg", "exp_avg_sq")}
+    torch.save({"zero_stage": 3, "loss_scaler": 1.0, "dynamic_loss_scale": False, "overflow": False,
+                "partition_count": 2, "fp32_flat_groups": [torch.randn(12_000_000)],
+                "optimizer_state_dict": {"state": {0: {"step": torch.tensor(3.0), **moments}},
+                                         "param_groups": [dict(group, params=[0])]},
+                "param_groups": [dict(group, params=[0])]},
+               ckpt / "global_step3_universal" / "zero" / "optimizer_state.pt")
+    del moments
+    proc = subprocess.run([sys.executable, "-c", SLIM_RSS, str(ckpt)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, tail(proc)
+    grew = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Measured: repair 0.6 MB, slimming 0.1 MB, DeepSpeed's load 0 MB; without mmap or slimming 138 MB each.
+    assert grew["repair"] < 30 and grew["slim"] < 30 and grew["deepspeed"] < 30, grew
+    assert grew["bytes"] < 10_000, grew
+    kept = torch.load(ckpt / "global_step3_universal" / "zero" / "optimizer_state.pt", weights_only=False)
+    assert kept["optimizer_state_dict"]["state"] == {0: {"step": torch.tensor(3.0)}}  # what stage3.py reads
+    assert kept["param_groups"][0]["betas"] == (0.9, 0.999) and "fp32_flat_groups" not in kept
+
+
+@pytest.fixture(scope="module")
+def zero3_checkpoint(tmp_path_factory):
+    return write_zero3_checkpoint(tmp_path_factory.mktemp("zero3") / "checkpoint-1")
+
+
+CONVERT_UNDER_SIGNALS = """
+import os, signal, sys
+got = []
+for signum in (signal.SIGUSR1, signal.SIGTERM):  # as rank 0's preemption handler
+    signal.signal(signum, lambda signum, frame: got.append(signum))
+print("ready", flush=True)
+from pathlib import Path
+from train.reshard import convert_to_universal
+convert_to_universal(Path(sys.argv[1]))
+print("signals", len(got), flush=True)
+os._exit(0)  # before the interpreter's shutdown drops the handlers
+"""
+
+
+def test_the_converter_ignores_the_jobs_stop_signals(tmp_path, zero3_checkpoint):
+    """SLURM signals every process of the step (the time-limit warning, USR1, and TERM): rank 0
+    survives them with its handler, and so must the converter it runs, or the conversion starts
+    over in the next allocation. Both signals go to the whole process group every 50 ms."""
+    ckpt = shutil.copytree(zero3_checkpoint, tmp_path / "checkpoint-1")
+    proc = subprocess.Popen([sys.executable, "-c", CONVERT_UNDER_SIGNALS, str(ckpt)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    assert proc.stdout.readline().strip() == "ready"
+    sent = 0
+    while proc.poll() is None:
+        os.killpg(proc.pid, (signal.SIGUSR1, signal.SIGTERM)[sent % 2])
+        sent += 1
+        time.sleep(0.05)
+    out = proc.stdout.read()
+    assert proc.returncode == 0, out[-3000:]
+    assert has_universal_checkpoint(ckpt) and sent > 20
+    assert int(re.search(r"signals (\d+)", out).group(1)) > 20  # they did arrive
+
+
+def test_a_conversion_the_disk_cannot_hold_is_refused_naming_the_path_and_the_need(tmp_path, zero3_checkpoint,
+                                                                                   monkeypatch):
+    import core.checkpoints
+
+    ckpt = shutil.copytree(zero3_checkpoint, tmp_path / "checkpoint-1")
+    optimizer = (ckpt / "global_step1" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").stat().st_size
+    assert conversion_disk_need(ckpt) == 3 * optimizer  # 2 x the optimizer files + the old rank 0's
+    free = shutil.disk_usage(ckpt)._replace(free=conversion_disk_need(ckpt) - 1)
+    monkeypatch.setattr(core.checkpoints.shutil, "disk_usage", lambda path: free)
+    with pytest.raises(UserError, match=rf"converting {ckpt} for another world size needs 0.00 GB free under {ckpt}"
+                                        r".* free space there, or resume on the world size that wrote it"):
+        check_resume_topology(ckpt, zero_stage=3, world_size=2)
+    check_resume_topology(ckpt, zero_stage=3, world_size=1)  # the world size that wrote it: nothing to convert
+    assert not (ckpt / ".universal-tmp").exists()
+
+
 def test_batch_change_says_where_the_data_resumes(tmp_path):
     from omegaconf import OmegaConf
 
@@ -115,7 +256,7 @@ def test_a_failed_conversion_leaves_nothing_converted_and_stops_the_waiting_rank
     with pytest.raises(RuntimeError, match="ds_to_universal failed"):
         convert_to_universal(ckpt)
     assert not has_universal_checkpoint(ckpt) and not (ckpt / UNIVERSAL_LATEST).exists()
-    assert not list(ckpt.glob("global_step4_universal*"))
+    assert not list(ckpt.glob("global_step4_universal*")) and not (ckpt / ".universal-tmp").exists()
     # a waiting rank started before the failure stops on the marker; one started after an old
     # failure (a rerun) keeps waiting for this run's rank 0
     os.utime(ckpt / CONVERSION_FAILED, (time.time() + 5,) * 2)
@@ -188,6 +329,9 @@ def test_resume_on_another_world_size_continues_the_trajectory(tmp_path):
     # 2 -> 1: checkpoint-3 of the 2-rank run, steps 4-6 on 1 rank
     two_to_one = resume(straight / "checkpoints" / "checkpoint-3", 1, 6, tmp_path / "on-1")
     assert checkpoint_topology(tmp_path / "on-1" / "checkpoints" / "checkpoint-6").world_size == 1
+    # slimmed: what DeepSpeed's ZeRO-3 universal load reads, not the old rank 0's 20 MB optimizer
+    assert (tmp_path / "on-1" / "checkpoints" / "checkpoint-3" / "global_step3_universal" / "zero" /
+            "optimizer_state.pt").stat().st_size < 10_000
     assert_conversion_is_reused(tmp_path / "on-1" / "checkpoints" / "checkpoint-3", tmp_path / "on-1")
     # 1 -> 2: that run's checkpoint-6, written on 1 rank, steps 7-9 on 2 ranks
     one_to_two = resume(tmp_path / "on-1" / "checkpoints" / "checkpoint-6", 2, 9, tmp_path / "on-2")
@@ -198,6 +342,23 @@ def test_resume_on_another_world_size_continues_the_trajectory(tmp_path):
     assert two_to_one[:6] == pytest.approx(expected[:6], abs=1e-4)
     assert one_to_two[6:9] == pytest.approx(expected[6:9], abs=1e-4)
     assert len(expected) == 9 and expected[-1] < expected[0] - 1.0
+
+
+@pytest.mark.integration
+def test_a_zero2_checkpoint_resumes_on_another_world_size(tmp_path):
+    """ZeRO-2 checkpoints hold no `universal_checkpoint_info` (only AutoTP engines save it):
+    DeepSpeed's converter refuses them unless told to inject it (--inject_missing_state)."""
+    zero2 = [*RUN, "deepspeed=zero2"]
+    straight = tmp_path / "straight"  # 5 steps on 2 ranks, checkpoint-3 on the way
+    proc = launch("train.py", [*zero2, *ON_2, "training.max_steps=5", f"output_dir={straight}"], ranks=2)
+    assert proc.returncode == 0, tail(proc)
+    resumed = tmp_path / "on-1"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "checkpoint-3", resumed / "checkpoints" / "checkpoint-3")
+    proc = launch("train.py", [*zero2, "training.max_steps=5", f"output_dir={resumed}"], ranks=1)
+    assert proc.returncode == 0, tail(proc)
+    assert "resume: converted" in proc.stdout and "the global batch stays 4" in proc.stdout
+    assert loss_history(resumed) == pytest.approx(loss_history(straight), abs=1e-4)  # measured: 5e-7
 
 
 def test_pipeline_refuses_a_resume_into_another_zero_stage_before_any_step(tmp_path):

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -186,6 +187,70 @@ def test_sft_continues_from_cpt_output(cpt_run, tmp_path):
     b = AutoModelForCausalLM.from_pretrained(out).state_dict()
     drift = max((a[k] - b[k]).abs().max().item() for k in a)
     assert 0 < drift < 1.0
+
+
+README_STAGES = {"cpt": ["+stage=cpt"], "sft": ["+stage=sft", "model.path=outputs/cpt-tiny"],
+                 "dpo": ["+stage=dpo", "model.path=outputs/sft-tiny"], "orpo": ["+stage=orpo", "model.path=outputs/sft-tiny"]}
+"""The README's stage commands (its Quickstart and "Training stages" blocks), in order."""
+README_STEPS = {"cpt": 55, "sft": 9, "dpo": 55, "orpo": 55}
+"""Optimizer steps each takes on 2 ranks with the tiny size preset (CPT: 88 blocks of 512 tokens x 5 epochs
+in batches of 4 x 2; SFT: 70 packed sequences; DPO/ORPO: 437 pairs); the paper's 8B settings gave 5, 1, 14, 19."""
+
+
+def readme_stage_commands():
+    """`deepspeed [--num_gpus 2] launch/train.py +stage=...` lines of README.md: the arguments after
+    launch/train.py, by stage."""
+    commands = {}
+    for line in (REPO / "README.md").read_text().splitlines():
+        words = shlex.split(line.split("#")[0])
+        if words[:1] == ["deepspeed"] and "launch/train.py" in words and words[words.index("launch/train.py") + 1:]:
+            args = words[words.index("launch/train.py") + 1:]
+            if args[0].startswith("+stage=") and not any(a.startswith("model=") for a in args):  # the embedded default
+                commands.setdefault(args[0].split("=")[1], args)
+    return commands
+
+
+@pytest.fixture(scope="module")
+def readme_stage_runs(tmp_path_factory):
+    """The README's stage commands as written, one after another in a fresh directory (their
+    outputs/<stage>-tiny land there), on 2 CPU ranks like the Quickstart's --num_gpus 2."""
+    assert readme_stage_commands() == README_STAGES
+    cwd = tmp_path_factory.mktemp("readme")
+    runs = {}
+    for stage, args in README_STAGES.items():
+        start = time.monotonic()
+        proc = launch("train.py", args, ranks=2, cwd=cwd)
+        assert proc.returncode == 0, tail(proc)
+        runs[stage] = (cwd / "outputs" / f"{stage}-tiny", proc, time.monotonic() - start)
+    return cwd, runs
+
+
+def published_weights(model_dir):
+    return load_file(model_dir / "model.safetensors")
+
+
+@pytest.mark.parametrize("stage", list(README_STAGES))
+def test_readme_stage_commands_train_the_tiny_model(readme_stage_runs, stage):
+    """Each trains tens of optimizer steps (not the 1 that the paper's 8B batch gave the tiny model's
+    SFT), at a non-zero learning rate after its warm-up; its loss falls; it publishes weights that
+    moved from its start model's, and that start from them (the stage before, not a fresh init)."""
+    cwd, runs = readme_stage_runs
+    out, proc, seconds = runs[stage]
+    rows = [r for r in json.loads(max((out / "checkpoints").glob("checkpoint-*/trainer_state.json"),
+                                      key=lambda p: int(p.parent.name[11:])).read_text())["log_history"] if "loss" in r]
+    assert len(rows) == README_STEPS[stage], (stage, len(rows), f"{seconds:.0f} s")
+    assert rows[0]["learning_rate"] == 0 and all(r["learning_rate"] > 0 for r in rows[1:]), rows
+    losses = [r["loss"] for r in rows]
+    quarter = max(2, len(losses) // 4)
+    assert sum(losses[-quarter:]) / quarter < 0.9 * sum(losses[:quarter]) / quarter, losses
+    final = published_weights(out)
+    if stage == "cpt":  # from random weights: the loss starts at a uniform guess over the vocabulary
+        assert losses[0] == pytest.approx(math.log(2048), rel=0.02) and losses[-1] < 0.6 * losses[0], losses
+        return
+    start = published_weights(cwd / "outputs" / ("cpt-tiny" if stage == "sft" else "sft-tiny"))
+    assert final.keys() == start.keys()
+    drift = max((final[k].float() - start[k].float()).abs().max().item() for k in final)
+    assert 1e-3 < drift < 1.0, drift
 
 
 def _start(args, out):

@@ -11,7 +11,9 @@ checked twice, earlier:
   question in a subprocess;
 - at train start, before tokenizing: transformers' own test (`is_flash_attn_2_available`),
   which also needs a CUDA device and flash-attn >= 2.3.3, the GPU-side half the login node
-  cannot see.
+  cannot see; then what transformers does not test and flash-attn's kernels refuse only at the
+  first forward ("FlashAttention only supports Ampere GPUs or newer", "only support fp16 and
+  bf16 data type"): the GPU's compute capability and the run's precision.
 
 Kernels named by a Hub repo (`kernels-community/...`) are transformers' business and pass.
 """
@@ -68,9 +70,16 @@ def check_attention_installed(implementation: str, python: Optional[str] = None,
         raise _missing(implementation, python or sys.executable, sdpa_fix)
 
 
-def check_attention_runs_here(implementation: str) -> None:
-    """At train start, before the data is tokenized: transformers will accept the kernel on
-    this machine (installed, a CUDA device, a supported version)."""
+FLASH_MIN_CAPABILITY = {"flash_attention_2": (8, 0), "flash_attention_3": (9, 0)}
+"""The oldest GPU each kernel runs on: flash-attn 2 Ampere (8.0), flash-attn 3 Hopper (9.0)."""
+FLASH_PRECISIONS = ("bf16", "fp16")
+"""Its kernels take half-precision inputs only."""
+
+
+def check_attention_runs_here(implementation: str, precision: str) -> None:
+    """At train start, before the data is tokenized: the kernel will run on this machine
+    (installed, a CUDA device, a supported version: transformers' test; a GPU new enough and a
+    half-precision run: flash-attn's), for a run in `precision` (the runtime's: bf16, fp16, fp32)."""
     if implementation not in FLASH_KERNELS:
         return
     check_attention_installed(implementation)
@@ -82,4 +91,18 @@ def check_attention_runs_here(implementation: str) -> None:
             f"model.attn_implementation={implementation}: {FLASH_KERNELS[implementation][0]} is installed but "
             "transformers cannot use it here (it needs a CUDA GPU, and flash-attn >= 2.3.3 for flash_attention_2): "
             "run on a GPU node, or set model.attn_implementation=sdpa"
+        )
+    import torch
+
+    capability, needed = torch.cuda.get_device_capability(), FLASH_MIN_CAPABILITY[implementation]
+    if tuple(capability) < needed:
+        raise UserError(
+            f"model.attn_implementation={implementation} needs a GPU of compute capability {needed[0]}.{needed[1]} or "
+            f"newer, and this one ({torch.cuda.get_device_name()}) is {capability[0]}.{capability[1]}: "
+            f"{SDPA_FIX} (PyTorch's fused attention runs on any GPU)"
+        )
+    if precision not in FLASH_PRECISIONS:
+        raise UserError(
+            f"model.attn_implementation={implementation} runs in bf16 or fp16 only, and this run trains in "
+            f"{precision} (training.precision): set training.precision=auto (bf16 or fp16 on this GPU), or {SDPA_FIX}"
         )

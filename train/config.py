@@ -8,6 +8,7 @@ any model is built, with a message that names the key.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from core.cli import ConfigCommand
-from core.config import REPO_ROOT, compose_config, schema_file
+from core.config import CONF_DIR, PRESET_FILE, REPO_ROOT, compose_config, presets, schema_file, unknown_preset
 from core.errors import UserError
 from core.validate import (
     Check, at_least, checked, either, non_negative, one_of, open_unit_interval, positive, unit_interval, writable_dir,
@@ -109,7 +110,9 @@ class DataConfig:
     preference: DatasetConfig = field(default_factory=DatasetConfig)
     """Preference pairs: `prompt`, `chosen`, `rejected` (strings or chat messages)."""
     num_proc: Optional[int] = checked(None, at_least(1))
-    """Processes for tokenization; None = in-process."""
+    """Processes that tokenize the data (in the rank that prepares it, while the others wait).
+    None: the task's cores (os.sched_getaffinity), at most 16; a map over fewer than
+    ROWS_PER_PROCESS rows a process uses fewer (train/data/__init__.py: map_processes)."""
     allow_demo: bool = False
     """Train a model whose preset says model.demo_data_ok=false on the bundled demo corpus anyway."""
 
@@ -153,6 +156,14 @@ class LoggingConfig:
     dir: Optional[str] = checked(None, writable_dir)
     """Where wandb writes its run folder; default: output_dir."""
     logging_steps: int = checked(1, at_least(1))
+
+
+DDP_TIMEOUT_S = 3 * 3600
+"""training.ddp_timeout's default. transformers' 30 minutes end real runs: a 70B final save
+writes 140 GB of 16-bit weights from rank 0 (~25 min at 100 MB/s on a shared file system, more
+for a QLoRA base dequantized first), and tokenizing a corpus of billions of tokens takes rank 0
+an hour or more, while every other rank waits in a barrier. 3 h covers both with room; it only
+delays the report of a rank that hangs alive."""
 
 
 @dataclass
@@ -199,6 +210,11 @@ class TrainingConfig:
     """Also keep the model that ends each epoch, in <output_dir>/epochs/epoch-<k>/ (a model
     directory; checkpoints rotate, these stay): the paper's CPT-epoch curve evaluates each."""
     seed: int = checked(42, non_negative)
+    ddp_timeout: int = checked(DDP_TIMEOUT_S, at_least(1))
+    """Seconds a rank waits for the others at a barrier or collective before the run fails
+    (transformers' ddp_timeout, there 1800). The other ranks wait while the first rank of the
+    run tokenizes the corpus, and while rank 0 gathers and writes the final model (DDP_TIMEOUT_S
+    says why 3 h); a rank that dies ends the run at once anyway (the launcher stops the rest)."""
     dataloader_num_workers: int = checked(0, non_negative)
     eval_steps: int = checked(500, at_least(1))
     """Evaluate on the eval split (data.<kind>.eval_fraction or eval_path) every N optimizer
@@ -268,6 +284,65 @@ def resolve_batch(training: DictConfig, world_size: int, resumed_global_batch: O
     return training.global_batch_size
 
 
+SCHEDULERS_WITHOUT_WARMUP = ("constant", "reduce_lr_on_plateau")
+"""transformers' schedulers that ignore warmup_steps."""
+
+
+def warmup_length(training: DictConfig, steps: int) -> int:
+    """Warm-up optimizer steps of a run of `steps` (TrainingArguments.get_warmup_steps)."""
+    if training.lr_scheduler_type in SCHEDULERS_WITHOUT_WARMUP:
+        return 0
+    warmup = training.warmup_steps
+    return int(warmup) if warmup >= 1 else math.ceil(steps * warmup)
+
+
+def optimizer_steps(training: DictConfig, samples: int, world_size: int) -> int:
+    """The optimizer steps the HF Trainer runs on `samples` training rows (blocks, pairs) over
+    `world_size` ranks: training.max_steps, or the epochs of an even-batched dataloader
+    (transformers Trainer.set_initial_training_values: every rank takes ceil(batches / ranks)
+    batches, and an epoch's last partial accumulation is a step too)."""
+    if training.max_steps > 0:
+        return training.max_steps
+    batches_per_rank = math.ceil(math.ceil(samples / training.per_device_train_batch_size) / world_size)
+    per_epoch = max(math.ceil(batches_per_rank / derive_gradient_accumulation(training, world_size)), 1)
+    return math.ceil(training.num_train_epochs * per_epoch)
+
+
+def check_schedule(training: DictConfig, steps: int, length: str) -> None:
+    """A run whose warm-up does not end before its last optimizer step is refused: its steps run
+    at a fraction of the learning rate (a one-step run with any warm-up, at 0). `length` says
+    where `steps` comes from (the keys that set it)."""
+    warmup = warmup_length(training, steps)
+    if warmup == 0 or steps > warmup:
+        return
+    lr_zero = "its only step would train at learning rate 0; " if steps == 1 else ""
+    raise UserError(
+        f"the learning-rate warm-up (training.warmup_steps={training.warmup_steps:g}: {warmup} optimizer step(s)) "
+        f"does not end before the run does ({steps} optimizer step(s): {length}): {lr_zero}lower "
+        "training.warmup_steps, or give the run more steps: more training.num_train_epochs or training.max_steps, "
+        "or a smaller training.global_batch_size / training.per_device_train_batch_size"
+    )
+
+
+def check_schedule_of_samples(training: DictConfig, samples: int, world_size: int, unit: str = "rows") -> None:
+    """check_schedule for a run on `samples` training rows over `world_size` ranks."""
+    steps = optimizer_steps(training, samples, world_size)
+    if training.max_steps > 0:
+        length = f"training.max_steps={training.max_steps}"
+    else:
+        accumulation = derive_gradient_accumulation(training, world_size)
+        length = (f"{samples} {unit} / (training.per_device_train_batch_size={training.per_device_train_batch_size} "
+                  f"x {accumulation} accumulation x {world_size} rank(s)) x training.num_train_epochs="
+                  f"{training.num_train_epochs:g}")
+    check_schedule(training, steps, length)
+
+
+def check_max_steps_schedule(cfg: DictConfig) -> None:
+    """At composition: a run of training.max_steps steps is checked without its data."""
+    if cfg.training.max_steps > 0:
+        check_schedule(cfg.training, cfg.training.max_steps, f"training.max_steps={cfg.training.max_steps}")
+
+
 ADAPTER_LR_MULTIPLIER = 10.0
 """LoRA trains ~10x faster than full fine-tuning: alignment-handbook's Zephyr-7B recipes run
 full SFT at 2e-5 and QLoRA SFT at 2e-4, full DPO at 5e-7 and QLoRA DPO at 5e-6; QLoRA's own
@@ -305,8 +380,10 @@ class LoraSettings:
     (set_adapter_learning_rate)."""
     qlora_quant_type: str = checked("nf4", one_of("nf4", "fp4"))
     """QLoRA base weights: bitsandbytes 4-bit type (nf4 or fp4)."""
-    qlora_compute_dtype: str = checked("bfloat16", one_of("bfloat16", "float16", "float32"))
-    """QLoRA matmul dtype."""
+    qlora_compute_dtype: Optional[str] = checked(None, one_of(None, "bfloat16", "float16", "float32"))
+    """QLoRA matmul dtype. None: the run's precision (bfloat16 under bf16, float16 under fp16, e.g.
+    V100/T4). float32 fits any run; the other half type than the run's is refused (train/lora.py:
+    qlora_dtypes). The packed 4-bit weights are stored in the run's dtype whatever this is."""
     qlora_double_quant: bool = True
     """QLoRA: quantize the quantization constants too (~0.4 bit per weight saved)."""
 
@@ -396,13 +473,31 @@ def set_adapter_learning_rate(cfg: DictConfig, argv: List[str]) -> None:
         cfg.training.learning_rate = cfg.training.learning_rate * ADAPTER_LR_MULTIPLIER
 
 
+def stage_as_choice(argv: List[str]) -> List[str]:
+    """`+stage=<name>` (the documented form) chooses conf/config.yaml's `stage` default, which
+    sits before the size preset so that the size's batch settings apply over the stage's."""
+    return [arg[1:] if arg.startswith("+stage=") else arg for arg in argv]
+
+
+def check_size_choice(argv: List[str]) -> None:
+    """A typed `size=<name>` names a preset: conf/config.yaml's size default is optional (most
+    models have none), so Hydra would pass over a misspelt one in silence."""
+    for arg in argv:
+        if arg.startswith("size=") and not PRESET_FILE.match(arg):
+            choice = arg.split("=", 1)[1]
+            if choice not in presets(CONF_DIR, "size"):
+                raise UserError(unknown_preset("size", choice, CONF_DIR))
+
+
 def compose_train_config(argv: List[str]) -> DictConfig:
     """The training job's config from `launch/train.py` arguments."""
     register_stage_schemas()
-    argv = strip_launcher_args(argv)
+    argv = stage_as_choice(strip_launcher_args(argv))
+    check_size_choice(argv)
     cfg = compose_config(argv, "config", TrainJobConfig, check=check_stage)
     set_adapter_learning_rate(cfg, argv)
     check_demo_data(cfg)
+    check_max_steps_schedule(cfg)
     return cfg
 
 

@@ -17,7 +17,7 @@ import contextlib
 import copy
 import importlib.util
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -54,11 +54,14 @@ def target_modules(cfg, config) -> List[str]:
     return list(presets[family])
 
 
-def check_finetune(cfg, gpu: bool) -> None:
-    """Everything about `training.finetune` a user can get wrong, before any weight is loaded."""
+def check_finetune(cfg, gpu: bool, precision: str) -> None:
+    """Everything about `training.finetune` a user can get wrong, before any weight is loaded,
+    for a run in `precision` (the runtime's: bf16, fp16 or fp32)."""
     mode = cfg.training.finetune  # its values, and the lora block's ranges, are schema checks
     if mode == "full":
         return
+    if mode == "qlora":
+        qlora_dtypes(cfg, precision)
     if mode == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(
             "training.finetune=qlora needs bitsandbytes, which is not installed: pip install -e '.[qlora]' "
@@ -97,20 +100,44 @@ def peft_config(cfg):
     )
 
 
-def quantization_config(cfg) -> Optional[BitsAndBytesConfig]:
-    """QLoRA's 4-bit base (Dettmers et al. 2023: nf4, double quantization, bf16 compute). The
-    packed 4-bit weights are stored in the compute dtype (bnb_4bit_quant_storage), as PEFT's
-    DeepSpeed guide requires for ZeRO-3: DeepSpeed partitions and gathers them like the
-    model's other (bf16) parameters."""
+RUNTIME_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+"""The torch dtype name of each runtime precision (train/runtime.py)."""
+
+
+def qlora_dtypes(cfg, precision: str) -> Tuple[torch.dtype, torch.dtype]:
+    """(compute, storage) dtypes of QLoRA's 4-bit base in a run of `precision`.
+
+    Storage is the run's dtype: a quantized model is not built under zero.Init, so DeepSpeed
+    casts every floating-point parameter that differs from its own dtype
+    (engine._cast_module_mixed_precision), and packed 4-bit bytes stored as bf16 in an fp16 run
+    would be cast as if they were numbers. Compute is lora.qlora_compute_dtype (None: the run's);
+    float32 fits any run, the other half type is refused: bf16 matmuls on a GPU without native
+    bf16 (V100, T4), fp16 ones against bf16 activations."""
+    run = RUNTIME_DTYPES[precision]
+    compute = cfg.lora.qlora_compute_dtype or run
+    if compute not in (run, "float32"):
+        raise UserError(
+            f"lora.qlora_compute_dtype={compute} does not match this run's precision, {precision} "
+            f"(training.precision={cfg.training.precision}): set lora.qlora_compute_dtype={run} or float32, or "
+            "leave it unset (lora.qlora_compute_dtype=null follows the run)"
+        )
+    return getattr(torch, compute), getattr(torch, run)
+
+
+def quantization_config(cfg, precision: str) -> Optional[BitsAndBytesConfig]:
+    """QLoRA's 4-bit base (Dettmers et al. 2023: nf4, double quantization, compute in the run's
+    half precision) for a run in `precision`. The packed 4-bit weights are stored in the run's
+    dtype (bnb_4bit_quant_storage; qlora_dtypes says why), as PEFT's DeepSpeed guide requires
+    for ZeRO-3: DeepSpeed partitions and gathers them like the model's other parameters."""
     if cfg.training.finetune != "qlora":
         return None
-    compute_dtype = getattr(torch, cfg.lora.qlora_compute_dtype)
+    compute_dtype, storage_dtype = qlora_dtypes(cfg, precision)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.lora.qlora_quant_type,
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_use_double_quant=cfg.lora.qlora_double_quant,
-        bnb_4bit_quant_storage=compute_dtype,
+        bnb_4bit_quant_storage=storage_dtype,
     )
 
 

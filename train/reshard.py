@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -34,10 +35,12 @@ from omegaconf import DictConfig
 from transformers import TrainerCallback
 
 from core.checkpoints import (
-    BATCH_RECORD, CONVERSION_FAILED, UNIVERSAL_LATEST, check_resume_topology, recorded_global_batch,
+    BATCH_RECORD, CONVERSION_FAILED, UNIVERSAL_LATEST, check_resume_topology, has_universal_checkpoint,
+    recorded_global_batch,
 )
 from core.outputs import write_atomic
 from train.deepspeed_config import offloads_optimizer_to_nvme
+from train.preemption import STOP_SIGNALS
 from train.runtime import Runtime
 
 UNIVERSAL_TMP = ".universal-tmp"
@@ -108,14 +111,18 @@ def load_universal(deepspeed_config: dict) -> None:
 
 
 class UniversalLoadRepair(TrainerCallback):
-    """Two things DeepSpeed 0.19.8's ZeRO-3 universal load (stage3.py,
+    """Three things DeepSpeed 0.19.8's universal load (ZeRO-3: stage3.py,
     load_hp_checkpoint_state_from_checkpoint_dir_stage3) gets wrong, put right before the first
     step after it:
     - one `step` tensor is shared by every parameter group's Adam state, and torch's AdamW
       increments it in place once per group: with 2 groups (the Trainer's decay / no-decay) the
       bias correction ran 2 steps a step (measured: losses off by 8e-3 two steps after resuming);
-    - every group gets group 0's hyperparameters: the no-decay group got weight decay.
-    Each group gets its own `step` and its own saved hyperparameters back."""
+    - every group gets group 0's hyperparameters: the no-decay group got weight decay;
+    - that `step` is the CPU tensor the converter saved, also for GPU partitions: the fused AdamW
+      (transformers' default optim) passes its raw pointer to the CUDA kernel, which needs it on
+      the parameter's device (torch's own _init_group puts it there for fused or capturable).
+    Each parameter gets its own `step`, where torch would keep it, and each group its saved
+    hyperparameters back, read from the slim optimizer_state.pt the conversion leaves."""
 
     def __init__(self, checkpoint: str):
         latest = Path(checkpoint) / UNIVERSAL_LATEST
@@ -125,48 +132,110 @@ class UniversalLoadRepair(TrainerCallback):
         base = optimizer
         while hasattr(base, "optimizer"):  # accelerate's wrapper -> DeepSpeed's ZeRO optimizer -> torch's
             base = base.optimizer
-        for param_state in base.state.values():
-            if torch.is_tensor(param_state.get("step")):
-                param_state["step"] = param_state["step"].clone()
-        saved = torch.load(self.optimizer_state, map_location="cpu", weights_only=False)["param_groups"]
+        saved = load_optimizer_state(self.optimizer_state)["param_groups"]
         if len(saved) == len(base.param_groups):
             for group, saved_group in zip(base.param_groups, saved):
                 group.update({k: v for k, v in saved_group.items() if k != "params"})
+        on_device = any(group.get("fused") or group.get("capturable") for group in base.param_groups)
+        for param, param_state in base.state.items():
+            if torch.is_tensor(param_state.get("step")):  # DeepSpeedCPUAdam keeps a Python int
+                param_state["step"] = own_step(param_state["step"], param, on_device)
         return control
 
 
-def has_universal_checkpoint(ckpt: Path) -> bool:
-    latest = ckpt / UNIVERSAL_LATEST
-    return latest.is_file() and (ckpt / latest.read_text().strip() / "zero").is_dir()
+def own_step(step: torch.Tensor, param: torch.Tensor, on_device: bool) -> torch.Tensor:
+    """A copy of `step` for one parameter, where torch.optim.AdamW._init_group creates it: on the
+    parameter's device in float32 for the fused or capturable kernels, else on the CPU."""
+    if on_device:
+        return step.to(param.device, torch.float32, copy=True)
+    return step.to("cpu", copy=True)
+
+
+def load_optimizer_state(path: Path) -> dict:
+    """The universal optimizer_state.pt, memory-mapped: a copy not slimmed by this project (one
+    converted before it slimmed them) holds a whole old rank's optimizer."""
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+def slim_optimizer_state(zero_dir: Path) -> None:
+    """Keep in the universal optimizer_state.pt only what a universal load reads from it. Under
+    ZeRO-3 the converter copies a whole old rank's optimizer into it (fp32 master weights and
+    both Adam moments, 12 bytes x parameters / old ranks: 48 GB for an 8B model saved on 2 GPUs),
+    and every new rank loads it in full, in DeepSpeed and in UniversalLoadRepair, only for the
+    loss scaler, one `step` and the param_groups; the weights and moments come from the
+    per-parameter files beside it."""
+    path = zero_dir / "optimizer_state.pt"
+    state = load_optimizer_state(path)
+    inner = state.get("optimizer_state_dict")
+    if "fp32_flat_groups" not in state and not (isinstance(inner, dict) and "state" in inner):
+        return  # ZeRO-1/2: the converter already left the sharded states out
+    state.pop("fp32_flat_groups", None)
+    if isinstance(inner, dict) and "state" in inner:
+        inner["state"] = {k: {"step": v["step"]} for k, v in inner["state"].items() if "step" in v}
+    slim = path.with_name(path.name + ".slim")
+    torch.save(state, slim)
+    os.replace(slim, path)
 
 
 def convert_to_universal(ckpt: Path) -> Path:
     """Rank 0: DeepSpeed's converter into <ckpt>/.universal-tmp, then renamed into place and
-    `latest_universal` written last; a crash leaves nothing that counts as converted."""
+    `latest_universal` written last; a crash leaves nothing that counts as converted, and a
+    failure leaves no temporary folder behind."""
     tag = (ckpt / "latest").read_text().strip()
     work = ckpt / UNIVERSAL_TMP
     target = ckpt / f"{tag}_universal"
     shutil.rmtree(work, ignore_errors=True)  # an interrupted conversion
     (ckpt / CONVERSION_FAILED).unlink(missing_ok=True)
-    work.mkdir()
-    workers = max(1, min(4, os.cpu_count() or 1))
-    cmd = [
-        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-        "--input_folder", str(ckpt / tag), "--output_folder", str(work / target.name),
-        "--num_extract_workers", str(workers), "--num_merge_workers", str(max(1, workers // 2)),
-    ]
     started = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        message = f"ds_to_universal failed on {ckpt / tag} (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}"
-        write_atomic(ckpt / CONVERSION_FAILED, message)
-        raise RuntimeError(message)
+    try:
+        work.mkdir()
+        run_converter(ckpt / tag, work / target.name)
+        slim_optimizer_state(work / target.name / "zero")
+    except (RuntimeError, OSError) as err:
+        shutil.rmtree(work, ignore_errors=True)
+        note_conversion_failed(ckpt, str(err))
+        raise
     shutil.rmtree(target, ignore_errors=True)  # renamed by a run that died before `latest_universal`
     os.replace(work / target.name, target)
     write_atomic(ckpt / UNIVERSAL_LATEST, target.name)
     shutil.rmtree(work, ignore_errors=True)
     print(f"resume: converted {ckpt / tag} to {target} in {time.time() - started:.1f}s", flush=True)
     return target
+
+
+def run_converter(tag_dir: Path, output: Path) -> None:
+    """`python -m deepspeed.checkpoint.ds_to_universal`, deaf to the job's stop signals: SLURM
+    signals every process of the step (the time-limit warning, USR1, included), and exec resets
+    the handler rank 0 has to the default action, which kills; a killed converter starts over
+    in the next allocation. Ignored signals stay ignored across exec, in its workers too."""
+    workers = max(1, min(4, os.cpu_count() or 1))
+    cmd = [
+        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder", str(tag_dir), "--output_folder", str(output),
+        "--num_extract_workers", str(workers), "--num_merge_workers", str(max(1, workers // 2)),
+        # ZeRO-0/1/2: the converter asserts a `universal_checkpoint_info` that only AutoTP engines
+        # save; this injects the plain (no tensor parallelism) one. ZeRO-3 ignores the flag.
+        "--inject_missing_state",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=ignore_stop_signals)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"ds_to_universal failed on {tag_dir} (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}"
+        )
+
+
+def ignore_stop_signals() -> None:
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def note_conversion_failed(ckpt: Path, message: str) -> None:
+    """The note the waiting ranks stop on; on a full disk it may not be written, and then they
+    end with rank 0 (the launcher ends every rank once one fails)."""
+    try:
+        write_atomic(ckpt / CONVERSION_FAILED, message)
+    except OSError:
+        pass
 
 
 def wait_for_universal_checkpoint(ckpt: Path, poll_s: float = 1.0) -> None:

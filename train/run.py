@@ -39,7 +39,7 @@ from train.checkpoint import (
     write_run_config,
 )
 from train.attention import check_attention_runs_here
-from train.config import derive_gradient_accumulation, resolve_batch
+from train.config import check_schedule_of_samples, derive_gradient_accumulation, resolve_batch
 from train.data.mix import has_eval_split
 from train.deepspeed_config import build_deepspeed_config
 from train.lora import check_finetune, quantization_config, save_adapter_and_merged, uses_adapters
@@ -110,6 +110,7 @@ def common_trainer_kwargs(cfg: DictConfig, runtime: Runtime, evaluate: bool = Fa
         run_name=run_name(cfg),
         seed=t.seed,
         data_seed=t.seed,
+        ddp_timeout=t.ddp_timeout,
         dataloader_num_workers=t.dataloader_num_workers,
         include_num_input_tokens_seen="all",
         deepspeed=build_deepspeed_config(cfg.deepspeed),
@@ -138,12 +139,23 @@ def check_limits(cfg: DictConfig) -> None:
         )
 
 
+SAMPLE_UNITS = {"cpt": "blocks", "sft": "sequences", "preference": "pairs"}
+"""What one training row of each data kind is, for the schedule's error line."""
+
+
+def check_data_schedule(cfg: DictConfig, data, runtime: Runtime, kind: str) -> None:
+    """Now that the number of training rows is known: the warm-up ends before the last optimizer
+    step (a stream has no length: its training.max_steps was checked at composition)."""
+    if hasattr(data.train_dataset, "__len__"):
+        check_schedule_of_samples(cfg.training, len(data.train_dataset), runtime.world_size, SAMPLE_UNITS[kind])
+
+
 def run_stage(cfg: DictConfig) -> Path:
     """Train `cfg.stage` and publish the final model into `cfg.output_dir`; returns that path."""
     ensure_process_group_env()
     runtime = detect_runtime(cfg.training.precision)
     # transformers would say so only once every rank has tokenized and the process group is up.
-    check_attention_runs_here(cfg.model.attn_implementation)
+    check_attention_runs_here(cfg.model.attn_implementation, runtime.precision)
     stage = get_stage(cfg.stage.name)
     out = Path(cfg.output_dir)
     # One run per output_dir: rank 0 holds the lock for the whole run; the other ranks of the
@@ -168,7 +180,7 @@ def train_stage(cfg: DictConfig, runtime: Runtime, stage) -> None:
     check_hub(cfg.hub)
     tokenizer = load_tokenizer(cfg.model)
     check_limits(cfg)
-    check_finetune(cfg, gpu=runtime.device == "cuda")
+    check_finetune(cfg, gpu=runtime.device == "cuda", precision=runtime.precision)
     resume_from = resume_checkpoint(cfg.output_dir, cfg.resume)
     # Accumulation for this world size; a resume keeps the checkpoint's global batch.
     resolve_batch(cfg.training, runtime.world_size, recorded_global_batch(resume_from) if resume_from else None)
@@ -190,6 +202,7 @@ def train_stage(cfg: DictConfig, runtime: Runtime, stage) -> None:
     # A bad dataset fails here, before the run directory exists.
     with args.main_process_first(local=False, desc="data"), args.main_process_first(local=True, desc="data"):
         data = stage.prepare_data(cfg, tokenizer)
+    check_data_schedule(cfg, data, runtime, stage.data)  # every rank, before the run directory and the model
 
     if runtime.is_main:
         if cfg.resume == "never":
@@ -198,7 +211,8 @@ def train_stage(cfg: DictConfig, runtime: Runtime, stage) -> None:
     set_seed(cfg.training.seed)
     configure_wandb(cfg.logging, run_name(cfg), cfg.output_dir)
     # From here on transformers builds models inside deepspeed.zero.Init (ZeRO-3).
-    model = load_model(cfg.model, runtime.torch_dtype, tokenizer, quantization_config=quantization_config(cfg))
+    quantized = quantization_config(cfg, runtime.precision)
+    model = load_model(cfg.model, runtime.torch_dtype, tokenizer, quantization_config=quantized)
     report_parameter_share(model)
     throughput = ThroughputCallback({**data.stats, "global_batch_size": cfg.training.global_batch_size})
     callbacks = [preemption, BatchRecordCallback()]

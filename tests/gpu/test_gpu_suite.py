@@ -82,6 +82,9 @@ STAGE_RUNS = [f"{stage}-{finetune}" for finetune in FINETUNES for stage in STAGE
 # else fp16) and fp16 with DeepSpeed's dynamic loss scaling (V100, T4). fp16 runs longer: its
 # first steps may be skipped while the loss scale comes down from 2^16.
 PRECISION_RUNS = {"cpt-auto": ("auto", STEPS), "cpt-fp16": ("fp16", 2 * STEPS)}
+QLORA_FP16_RUN = "sft-qlora-fp16"
+"""QLoRA where `auto` picks fp16 (V100, T4): its 4-bit weights must be stored in fp16, or DeepSpeed
+casts the packed bytes as numbers."""
 # Resume cases: (ranks of the killed run, ranks of the rerun).
 RESUME_CASES = {"same-gpus": (RANKS, RANKS), "fewer-gpus": (RANKS, 1), "more-gpus": (1, RANKS)}
 # The kill must land mid-run: a GPU step of the tiny model takes tens of milliseconds.
@@ -139,11 +142,12 @@ def qlora_base(path: Path) -> Path:
 
 
 def stage_run(name: str) -> Callable:
-    stage, finetune = name.split("-")
+    stage, finetune, *precision = name.split("-")  # sft-qlora-fp16: QLoRA in fp16 (V100, T4)
+    common = [*COMMON, f"training.precision={precision[0]}"] if precision else COMMON
 
     def run(work: Path, runs: "Runs") -> Run:
         out = work / name
-        args = [f"+stage={stage}", f"output_dir={out}", *COMMON, f"training.learning_rate={LEARNING_RATE[finetune]}",
+        args = [f"+stage={stage}", f"output_dir={out}", *common, f"training.learning_rate={LEARNING_RATE[finetune]}",
                 f"training.max_steps={STEPS}", f"training.save_steps={STEPS}", f"training.finetune={finetune}"]
         if stage in ("dpo", "orpo"):
             args += [*PREFERENCE, f"data.preference.path={learnable_preferences(work / f'{name}.jsonl')}"]
@@ -283,7 +287,7 @@ def pipeline_run(work: Path, runs: "Runs") -> Run:
 
 def unavailable(name: str) -> Optional[str]:
     """Why a run cannot happen here, or None."""
-    if name.endswith("-qlora"):
+    if "-qlora" in name:
         if not HAS_BNB:
             return "QLoRA needs bitsandbytes (pip install bitsandbytes)"
         if DEVICE != "cuda":
@@ -304,6 +308,7 @@ RUNS: Dict[str, tuple] = {
     "resume-reference": (uninterrupted_run, ()),
     **{name: (stage_run(name), ()) for name in STAGE_RUNS},
     **{name: (precision_run(name), ()) for name in PRECISION_RUNS},
+    QLORA_FP16_RUN: (stage_run(QLORA_FP16_RUN), ()),
     "merge": (merge_run, ("sft-full", "dpo-full")),
     "eval-1": (eval_run, ("sft-full",)),
     "eval-known": (known_answer_eval_run, ()),
@@ -315,6 +320,7 @@ READS: Dict[str, Callable[[dict], List[str]]] = {
     "test_qlora_merged_model_is_the_dequantized_base_plus_the_adapter_delta": lambda p: [p["run"]],
     "test_automatic_precision_takes_bf16_where_native_and_nccl": lambda p: ["cpt-auto"],
     "test_fp16_trains_with_a_loss_scale_that_settles": lambda p: ["cpt-fp16"],
+    "test_qlora_in_fp16_starts_from_the_same_base_as_in_bf16": lambda p: [QLORA_FP16_RUN, "sft-qlora"],
     "test_killed_run_resumes_from_its_checkpoint_and_finishes": lambda p: [f"resume-{p['case']}", "resume-reference"],
     "test_merge_of_two_outputs_generates": lambda p: ["merge"],
     "test_evaluation_writes_metrics": lambda p: ["eval-1"],
@@ -445,6 +451,40 @@ def test_fp16_trains_with_a_loss_scale_that_settles(runs):
     assert scaler.cur_iter - scaler.last_overflow_iter > steps // 2, vars(scaler)
     losses = loss_history(result.out)
     assert len(losses) == steps and mean(losses[-4:]) < 0.95 * mean(losses[:4]), losses
+
+
+def test_qlora_in_fp16_starts_from_the_same_base_as_in_bf16(runs):
+    """QLoRA in fp16 (what `auto` picks on a V100 or T4) stores its packed 4-bit weights in fp16,
+    the engine's dtype, so DeepSpeed leaves them alone: its first loss is the bf16 run's on the
+    same base weights and rows (to half-precision noise), and it learns. Stored in bf16, the
+    bytes were cast to fp16 as numbers and the base became noise: a first loss far from it."""
+    fp16 = runs.result(QLORA_FP16_RUN).check()
+    assert f"runtime: {RANKS} rank(s) on cuda, nccl, fp16" in fp16.proc.stdout, fp16.proc.stdout[-3000:]
+    assert OmegaConf.load(fp16.out / "domainforge.yaml").training.precision == "fp16"
+    losses, reference = loss_history(fp16.out), loss_history(runs.result("sft-qlora").check().out)
+    assert abs(losses[0] - reference[0]) <= 0.02 * reference[0], (losses[:3], reference[:3])
+    assert mean(losses[-4:]) < 0.95 * mean(losses[:4]), losses
+    assert generates(fp16.out, DEVICE, torch.float16)
+
+
+def test_flash_attn_preflight_matches_this_gpu():
+    """train/attention.py's pre-flight on the real GPU: flash-attn 2 runs in half precision on
+    compute capability 8.0+, and is refused in fp32 and on older GPUs, naming the sdpa fix."""
+    from core.errors import UserError
+    from train.attention import check_attention_runs_here
+
+    if DEVICE != "cuda":
+        pytest.skip("the pre-flight asks the CUDA device (CUDA is not available)")
+    if importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("flash-attn is not installed: pip install -e '.[flash]' --no-build-isolation")
+    if torch.cuda.get_device_capability() >= (8, 0):
+        check_attention_runs_here("flash_attention_2", "bf16")
+        check_attention_runs_here("flash_attention_2", "fp16")
+        refused = "fp32"
+    else:
+        refused = "fp16"
+    with pytest.raises(UserError, match="model.attn_implementation=sdpa"):
+        check_attention_runs_here("flash_attention_2", refused)
 
 
 @pytest.mark.parametrize("case", list(RESUME_CASES))

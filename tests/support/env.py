@@ -42,8 +42,8 @@ SMALL_BATCH = [
     "training.global_batch_size=null",
     "training.gradient_checkpointing=false",
 ]
-"""The stage presets carry the paper's 8B batch settings (CPT/SFT 6 per GPU, a global batch of 96,
-activation checkpointing); tests train the tiny model one sequence a step, as conf/pipeline/tiny.yaml does."""
+"""Tests train the tiny model one sequence a step, as conf/pipeline/tiny.yaml does (its size preset,
+conf/size/tiny.yaml, trains 4; the stage presets carry the paper's 8B settings, 6 and a global batch of 96)."""
 
 
 def launch(

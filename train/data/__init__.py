@@ -13,10 +13,30 @@ holds only what every kind shares; import the rest from the module that owns it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 IGNORE_INDEX = -100  # label value the loss skips
+
+MAX_DATA_PROCESSES = 16
+"""data.num_proc's default: the task's cores, at most this many (tokenizing gains little beyond)."""
+ROWS_PER_PROCESS = 2000
+"""A map process's fewest rows: below that, starting processes and copying the tokenizer into
+them costs more than it saves (the bundled data, ~500 rows, tokenizes in-process)."""
+
+
+def task_cores() -> int:
+    """The cores this process may run on: SLURM's --cpus-per-task, taskset, a container's cpuset."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def map_processes(rows: int, num_proc: Optional[int]) -> Optional[int]:
+    """`num_proc` for a datasets map over `rows` rows: data.num_proc (None: the task's cores, at
+    most MAX_DATA_PROCESSES), with at least ROWS_PER_PROCESS rows a process; None (in-process) for one."""
+    wanted = num_proc or min(task_cores(), MAX_DATA_PROCESSES)
+    processes = min(wanted, rows // ROWS_PER_PROCESS)
+    return processes if processes > 1 else None
 
 
 @dataclass

@@ -13,7 +13,7 @@ from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from core.errors import UserError
-from train.data import IGNORE_INDEX, PreparedData, list_lengths
+from train.data import IGNORE_INDEX, PreparedData, list_lengths, map_processes
 from train.data.mix import (
     SOURCE, canonical_text, completion_prompts, data_where, load_split_rows, mix_shares, report_mix, shares_of_stream,
 )
@@ -95,7 +95,8 @@ def cpt_blocks(cfg, tokenizer, rows, names: List[str], where: str, streaming: bo
             raise _only_blank(where)
         return blocks, stats
 
-    documents = rows.map(tokenize_documents, num_proc=cfg.data.num_proc, desc="tokenize cpt", **map_kwargs)
+    documents = rows.map(tokenize_documents, num_proc=map_processes(len(rows), cfg.data.num_proc), desc="tokenize cpt",
+                         **map_kwargs)
     if len(documents) == 0:
         raise _only_blank(where)
     report_dropped(where, len(rows), len(rows) - len(documents), "blank or null `text`")

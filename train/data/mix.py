@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import datasets
 
 from core.errors import UserError
+from train.data import map_processes
 from train.data.sources import check_messages, column_names, load_rows, to_messages
 
 SOURCE = "__mix_source"  # index of the source a mixed row came from; dropped before training
@@ -134,7 +135,7 @@ def load_mix(spec, kind: str, canonical: Callable, seed: int, num_proc: Optional
         map_kwargs = dict(with_indices=True, remove_columns=column_names(rows), features=features,
                           fn_kwargs={"canonical": canonical, "key": f"{key}.path", "source": i})
         if not spec.streaming:
-            map_kwargs.update(num_proc=num_proc, desc=f"map {key} to {kind} columns")
+            map_kwargs.update(num_proc=map_processes(len(rows), num_proc), desc=f"map {key} to {kind} columns")
         parts.append(rows.map(_tag_row, **map_kwargs))
 
     if mode == "fraction":

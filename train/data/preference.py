@@ -23,7 +23,7 @@ from datasets import Dataset
 from trl.data_utils import common_prefix_length, maybe_extract_prompt
 
 from core.errors import UserError
-from train.data import PreparedData, count_not_equal, list_lengths
+from train.data import PreparedData, count_not_equal, list_lengths, map_processes
 from train.data.chat import fold_system_turn
 from train.data.mix import SOURCE, load_split_rows, mix_shares, plain_messages, report_mix
 from train.model import max_positions
@@ -145,6 +145,7 @@ def tokenize_preference_rows(
     def tokenize(conv):
         return tokenize_conversation(conv, tokenizer)
 
+    num_proc = map_processes(len(conversations), num_proc)
     tokenized = Dataset.from_list(conversations).map(
         tokenize, remove_columns=list(PAIR_KEYS), num_proc=num_proc, desc="Tokenizing preference pairs"
     )

@@ -18,7 +18,7 @@ from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from core.errors import UserError
-from train.data import IGNORE_INDEX, PreparedData, count_not_equal, list_lengths
+from train.data import IGNORE_INDEX, PreparedData, count_not_equal, list_lengths, map_processes
 from train.data.chat import fold_system_turn
 from train.data.mix import (
     SOURCE, canonical_chat, completion_prompts, data_where, load_split_rows, mix_shares, report_mix, shares_of_stream,
@@ -166,10 +166,11 @@ def sft_examples(cfg, tokenizer, rows, names: List[str], key: str, where: str, s
             chats = chats.remove_columns(SOURCE)
         return PreparedData(chats, DataCollatorForLanguageModeling(pad_token_id=pad_id), stats)
 
-    chats = rows.map(tokenize_chats, num_proc=cfg.data.num_proc, desc="tokenize sft", **map_kwargs)
+    num_proc = map_processes(len(rows), cfg.data.num_proc)
+    chats = rows.map(tokenize_chats, num_proc=num_proc, desc="tokenize sft", **map_kwargs)
     truncated_rows = count_not_equal(chats, "truncated", False)
     chats = chats.remove_columns("truncated")
-    kept = chats.filter(_has_loss_tokens, num_proc=cfg.data.num_proc, desc="drop rows without loss tokens")
+    kept = chats.filter(_has_loss_tokens, num_proc=num_proc, desc="drop rows without loss tokens")
     if len(kept) == 0:
         raise UserError(
             f"{where}: no row has an assistant turn within training.max_seq_length={max_length}: "
