@@ -3,7 +3,7 @@ login node): which checkpoint a run resumes from, and the DeepSpeed topology it 
 
     <output_dir>/checkpoints/checkpoint-<step>/
         trainer_state.json, rng_state*.pth          the HF Trainer's state (written last)
-        batch.json                                  world size, per-device batch, accumulation
+        batch.json                                  world size, per-device batch, accumulation, epochs, max_steps
         latest                                      the DeepSpeed tag, e.g. global_step8
         global_step8/                               DeepSpeed's files; their names give the topology:
             zero_pp_rank_<r>_mp_rank_00_model_states.pt       ZeRO-3, one per data-parallel rank
@@ -16,6 +16,7 @@ login node): which checkpoint a run resumes from, and the DeepSpeed topology it 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import Optional
 from core.errors import UserError
 
 CHECKPOINTS = "checkpoints"
-BATCH_RECORD = "batch.json"  # beside trainer_state.json: the world size and batch that wrote it (train/reshard.py)
+BATCH_RECORD = "batch.json"  # beside trainer_state.json: the world size, batch and plan that wrote it (train/reshard.py)
 UNIVERSAL_LATEST = "latest_universal"  # DeepSpeed's name (engine.load_checkpoint with load_universal)
 CONVERSION_FAILED = "universal-conversion-failed"  # rank 0's note to the ranks waiting for it
 
@@ -38,6 +39,23 @@ def recorded_global_batch(ckpt: str | Path) -> Optional[int]:
         return None
     saved = json.loads(record.read_text())
     return saved["per_device_train_batch_size"] * saved["gradient_accumulation_steps"] * saved["world_size"]
+
+
+def planned_max_steps(ckpt: str | Path, num_train_epochs: float, max_steps: int) -> Optional[int]:
+    """The optimizer steps the run that wrote `ckpt` planned (its trainer_state.json), for a
+    resume that plans the same: by epochs (max_steps=-1), as many. The Trainer recomputes
+    max_steps and the epochs already trained from the new dataloader; pinned, they cannot
+    follow a new world size. None: this run sets its own plan (max_steps, other epochs)."""
+    if max_steps > 0:
+        return None
+    state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
+    record = Path(ckpt) / BATCH_RECORD
+    saved = json.loads(record.read_text()) if record.is_file() else {}
+    if "num_train_epochs" in saved:
+        same_plan = saved["max_steps"] <= 0 and saved["num_train_epochs"] == num_train_epochs
+    else:  # written before batch.json held the plan: the Trainer's rounded-up epoch count
+        same_plan = state.get("num_train_epochs") == math.ceil(num_train_epochs)
+    return state.get("max_steps") if same_plan and state.get("max_steps", 0) > 0 else None
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import re
 import sys
 import textwrap
 import typing
@@ -145,8 +146,9 @@ def describe_presets(config_dir: Path, group: str, default: object) -> str:
     choices = " | ".join(presets(config_dir, group))
     if default is ADDED:
         return f"{choices}  (none by default: add +{group}=<preset>)"
-    if isinstance(default, str) and default.startswith("${"):  # chosen by another group's choice
-        return f"{choices}  (default: the one named as the {default[2:-1]} preset, where there is one)"
+    if isinstance(default, str) and "${" in default:  # named after other groups' choices
+        named = re.sub(r"\$\{(\w+)\}", r"<\1>", default)
+        return f"{choices}  (default: conf/{group}/{named}.yaml, where there is one)"
     return f"{choices}  (default: {default if default is not None else 'none'})"
 
 

@@ -15,7 +15,7 @@ from orchestration.config import training_world_size
 from orchestration.planner import is_gguf_cache
 from orchestration.steps import STEP_KINDS, Plan, Step
 from train.attention import check_attention_installed
-from train.config import derive_gradient_accumulation
+from train.config import derive_gradient_accumulation, resumed_global_batch
 from train.deepspeed_config import offloads_optimizer_to_nvme
 
 
@@ -55,8 +55,9 @@ def check_step_environment(plan: Plan, steps: List[Step], python: Optional[str] 
 
 def check_resumes(steps: List[Step], cluster: DictConfig) -> None:
     """A training step that will resume from a checkpoint (resume=auto finds one, or a path)
-    must be able to load it on this cluster's world size and ZeRO stage: refused now, not once
-    the job has queued. A changed world size alone is converted when the job starts."""
+    must be able to load it on this cluster's world size and ZeRO stage, and keep its global
+    batch there: refused now, not once the job has queued. A changed world size alone is
+    converted when the job starts."""
     for step in steps:
         if step.kind != "train" or step.is_complete():
             continue
@@ -70,6 +71,7 @@ def check_resumes(steps: List[Step], cluster: DictConfig) -> None:
                     ckpt, cfg.deepspeed.zero_stage, training_world_size(cluster),
                     offloads_optimizer_to_nvme(cfg.deepspeed),
                 )
+                resumed_global_batch(cfg.training, training_world_size(cluster), ckpt)
         except UserError as err:
             raise UserError(f"step '{step.name}': {err}") from err
 

@@ -85,7 +85,8 @@ def test_the_size_preset_of_a_small_model_replaces_the_papers_8b_batch(stage):
     paper = compose_train_config([f"+stage={stage}", "model=llama3_1_8b", "data.allow_demo=true"]).training
     assert batch_settings(paper) == PAPER_8B[stage]
     tiny = compose_train_config([f"+stage={stage}"]).training
-    assert batch_settings(tiny) == (4, None, False, 512, 1e-3) and tiny.warmup_steps == 0.1
+    rate = 1e-4 if stage == "dpo" else 1e-3  # conf/size/stage/tiny_dpo.yaml
+    assert batch_settings(tiny) == (4, None, False, 512, rate) and tiny.warmup_steps == 0.1
     assert derive_gradient_accumulation(tiny, 2) == 1
     small = compose_train_config([f"+stage={stage}", "model=smollm2_135m"]).training
     assert batch_settings(small) == (2, None, False, 1024, PAPER_8B[stage][4])
@@ -98,6 +99,8 @@ def test_the_command_line_wins_over_the_size_preset_and_size_picks_another():
     assert typed.max_seq_length == 512  # the size's, for the keys not typed
     other = compose_train_config(["+stage=cpt", "model=llama3_1_8b", "data.allow_demo=true", "size=tiny"]).training
     assert batch_settings(other) == (4, None, False, 512, 1e-3)
+    other_dpo = compose_train_config(["+stage=dpo", "model=llama3_1_8b", "data.allow_demo=true", "size=tiny"]).training
+    assert batch_settings(other_dpo) == (4, None, False, 512, 1e-4)  # with the size's DPO part
     with pytest.raises(UserError, match=r"^unknown size 'tiyn': choose one of smollm2_135m, tiny \(presets in conf/size/"):
         compose_train_config(["+stage=cpt", "size=tiyn"])
 
@@ -153,15 +156,35 @@ def test_resolving_records_the_effective_global_batch_and_accumulation():
 def test_a_resume_on_another_world_size_keeps_the_checkpoints_global_batch(tmp_path):
     (tmp_path / "batch.json").write_text(json.dumps(
         {"world_size": 2, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 2}))
-    saved = recorded_global_batch(tmp_path)
-    assert saved == 4
+    assert recorded_global_batch(tmp_path) == 4
     assert recorded_global_batch(tmp_path / "missing") is None
     t = training(per_device_train_batch_size=1)
-    assert resolve_batch(t, 1, saved) == 4 and t.gradient_accumulation_steps == 4
-    with pytest.raises(UserError, match="training.global_batch_size=4 is not a multiple of"):
-        resolve_batch(training(per_device_train_batch_size=1), 3, saved)
-    chosen = training(per_device_train_batch_size=1, global_batch_size=8)  # the user's word for this run wins
-    assert resolve_batch(chosen, 1, saved) == 8
+    assert resolve_batch(t, 1, tmp_path) == 4 and t.gradient_accumulation_steps == 4
+    same = training(per_device_train_batch_size=2, gradient_accumulation_steps=1)  # 2 x 1 x 2 ranks: the same 4
+    assert resolve_batch(same, 2, tmp_path) == 4
+    assert resolve_batch(training(per_device_train_batch_size=1), 1, tmp_path / "missing") == 1  # nothing recorded
+
+
+def test_a_resume_that_cannot_keep_its_global_batch_is_refused_naming_what_would(tmp_path):
+    """The Trainer derives the steps per epoch, max_steps, the epochs already trained and the
+    schedule from the new dataloader: another global batch would end the run early (and publish
+    it) or stretch its schedule, so a resume keeps the checkpoint's, or is refused."""
+    (tmp_path / "batch.json").write_text(json.dumps(
+        {"world_size": 2, "per_device_train_batch_size": 3, "gradient_accumulation_steps": 2}))  # 12
+    with pytest.raises(UserError, match=rf"resume: {tmp_path} was trained with training.global_batch_size=12, which 8 rank\(s\) "
+                                        r"of training.per_device_train_batch_size=3 cannot make: "
+                                        r"no per-device batch can; run on 4 or 6 ranks, or resume=never"):
+        resolve_batch(training(per_device_train_batch_size=3), 8, tmp_path)
+    with pytest.raises(UserError, match=r"12, which 4 rank\(s\) of training.per_device_train_batch_size=2 cannot make: "
+                                        r"training.per_device_train_batch_size=1 or training.per_device_train_batch_size=3 "
+                                        r"keeps it, or resume=never"):
+        resolve_batch(training(per_device_train_batch_size=2), 4, tmp_path)
+    for asked in (dict(global_batch_size=24), dict(gradient_accumulation_steps=2)):  # 3 x 2 x 1 rank = 6
+        with pytest.raises(UserError, match=r"training.global_batch_size=12 and this run asks for (24|6) on 1 rank\(s\) "
+                                            r"\(training.per_device_train_batch_size=3, .*\): a resume keeps its "
+                                            r"checkpoint's global batch.*set training.global_batch_size=12 and "
+                                            r"training.gradient_accumulation_steps=null, or resume=never"):
+            resolve_batch(training(per_device_train_batch_size=3, **asked), 1, tmp_path)
 
 
 def test_submit_refuses_a_global_batch_the_cluster_cannot_keep_before_anything_queues(tmp_path, fake_flash_attn):

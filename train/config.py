@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from core.cli import ConfigCommand
+from core.checkpoints import recorded_global_batch
 from core.config import CONF_DIR, PRESET_FILE, REPO_ROOT, compose_config, presets, schema_file, unknown_preset
 from core.errors import UserError
 from core.validate import (
@@ -260,25 +261,29 @@ def derive_gradient_accumulation(training: DictConfig, world_size: int) -> int:
 def batch_settings_that_fit(total: int, per_device: int, world_size: int) -> str:
     """The nearest settings that would work: another per-device batch that keeps the global
     batch on these ranks, or the nearest global batches this per-device batch allows."""
-    keeps = [p for p in range(1, total // world_size + 1) if total % (p * world_size) == 0]
+    keeps = per_device_batches_that_keep(total, per_device, world_size)
     step = per_device * world_size
     lower, upper = total // step * step, (total // step + 1) * step
     globals_ = " or ".join(f"training.global_batch_size={g}" for g in (lower, upper) if g > 0)
     if not keeps:
         return f"no per-device batch keeps {total} on {world_size} rank(s); use {globals_}"
-    nearest = sorted(keeps, key=lambda p: (abs(p - per_device), -p))[:2]
-    per_devices = " or ".join(f"training.per_device_train_batch_size={p}" for p in sorted(nearest))
+    per_devices = " or ".join(f"training.per_device_train_batch_size={p}" for p in keeps)
     return f"use {per_devices} (to keep {total}), or {globals_}"
 
 
-def resolve_batch(training: DictConfig, world_size: int, resumed_global_batch: Optional[int] = None) -> int:
+def per_device_batches_that_keep(total: int, per_device: int, world_size: int) -> List[int]:
+    """The (at most two) per-device batches nearest `per_device` that make `total` on `world_size` ranks."""
+    keeps = [p for p in range(1, total // world_size + 1) if total % (p * world_size) == 0]
+    return sorted(sorted(keeps, key=lambda p: (abs(p - per_device), -p))[:2])
+
+
+def resolve_batch(training: DictConfig, world_size: int, resumed_from: Optional[str | Path] = None) -> int:
     """Write the derived gradient_accumulation_steps and the effective global_batch_size into
     `training` (so the resolved config, logs and model card record them); returns the latter.
-    A resume on another world size keeps the checkpoint's global batch unless the user set the
-    batch (global_batch_size or gradient_accumulation_steps) for this run."""
-    if resumed_global_batch is not None and training.global_batch_size is None \
-            and training.gradient_accumulation_steps is None:
-        training.global_batch_size = resumed_global_batch
+    A resume keeps the global batch of the checkpoint it resumes from (resumed_global_batch)."""
+    kept = resumed_global_batch(training, world_size, resumed_from) if resumed_from else None
+    if kept is not None:
+        training.global_batch_size = kept
     training.gradient_accumulation_steps = derive_gradient_accumulation(training, world_size)
     training.global_batch_size = training.per_device_train_batch_size * training.gradient_accumulation_steps * world_size
     return training.global_batch_size
@@ -341,6 +346,43 @@ def check_max_steps_schedule(cfg: DictConfig) -> None:
     """At composition: a run of training.max_steps steps is checked without its data."""
     if cfg.training.max_steps > 0:
         check_schedule(cfg.training, cfg.training.max_steps, f"training.max_steps={cfg.training.max_steps}")
+
+
+def resumed_global_batch(training: DictConfig, world_size: int, ckpt: str | Path) -> Optional[int]:
+    """The global batch a resume from `ckpt` keeps (its batch.json; None for a checkpoint without
+    one), refused in one line where this run asks for another or `world_size` ranks of its
+    per-device batch cannot make it. The Trainer derives the steps per epoch from the new
+    dataloader, and from them max_steps, the epochs already trained and the learning-rate
+    schedule: with another global batch a resumed run would end early (and publish), or run
+    long on a stretched schedule, and resume at the wrong sample."""
+    kept = recorded_global_batch(ckpt)
+    if kept is None:
+        return None
+    per_device = training.per_device_train_batch_size
+    asked = training.global_batch_size or (
+        training.gradient_accumulation_steps and per_device * training.gradient_accumulation_steps * world_size)
+    if asked and asked != kept:
+        raise UserError(
+            f"resume: {ckpt} was trained with training.global_batch_size={kept} and this run asks for {asked} on {world_size} "
+            f"rank(s) ({batch_keys(training)}): a resume keeps its checkpoint's global batch, or the steps per epoch, "
+            f"the epoch count and the learning-rate schedule would change: set training.global_batch_size={kept} "
+            "and training.gradient_accumulation_steps=null, or resume=never to start over"
+        )
+    if kept % (per_device * world_size):
+        keeps = per_device_batches_that_keep(kept, per_device, world_size)
+        sizes = sorted((w for w in range(1, kept + 1) if kept % w == 0), key=lambda w: abs(w - world_size))[:2]
+        fix = (" or ".join(f"training.per_device_train_batch_size={p}" for p in keeps) + " keeps it" if keeps else
+               "no per-device batch can; run on " + " or ".join(str(w) for w in sorted(sizes)) + " ranks")
+        raise UserError(
+            f"resume: {ckpt} was trained with training.global_batch_size={kept}, which {world_size} rank(s) of "
+            f"training.per_device_train_batch_size={per_device} cannot make: {fix}, or resume=never to start over"
+        )
+    return kept
+
+
+def batch_keys(training: DictConfig) -> str:
+    keys = ("per_device_train_batch_size", "gradient_accumulation_steps", "global_batch_size")
+    return ", ".join(f"training.{k}={training[k]}" for k in keys if training[k] is not None)
 
 
 ADAPTER_LR_MULTIPLIER = 10.0
@@ -479,21 +521,24 @@ def stage_as_choice(argv: List[str]) -> List[str]:
     return [arg[1:] if arg.startswith("+stage=") else arg for arg in argv]
 
 
-def check_size_choice(argv: List[str]) -> None:
-    """A typed `size=<name>` names a preset: conf/config.yaml's size default is optional (most
-    models have none), so Hydra would pass over a misspelt one in silence."""
-    for arg in argv:
-        if arg.startswith("size=") and not PRESET_FILE.match(arg):
-            choice = arg.split("=", 1)[1]
-            if choice not in presets(CONF_DIR, "size"):
-                raise UserError(unknown_preset("size", choice, CONF_DIR))
+def size_choice(argv: List[str]) -> List[str]:
+    """A typed `size=<name>` names a preset (conf/config.yaml's size default is optional: most
+    models have none, so Hydra would pass over a misspelt one in silence), and brings its
+    per-stage part, conf/size/stage/<name>_<stage>.yaml, where there is one."""
+    sizes = [arg.split("=", 1)[1] for arg in argv if arg.startswith("size=") and not PRESET_FILE.match(arg)]
+    stages = [arg.split("=", 1)[1] for arg in argv if arg.startswith("stage=")]
+    for size in sizes:
+        if size not in presets(CONF_DIR, "size"):
+            raise UserError(unknown_preset("size", size, CONF_DIR))
+    if sizes and stages and not any(arg.startswith("size/stage=") for arg in argv):
+        return [*argv, f"size/stage={sizes[-1]}_{stages[-1]}"]
+    return argv
 
 
 def compose_train_config(argv: List[str]) -> DictConfig:
     """The training job's config from `launch/train.py` arguments."""
     register_stage_schemas()
-    argv = stage_as_choice(strip_launcher_args(argv))
-    check_size_choice(argv)
+    argv = size_choice(stage_as_choice(strip_launcher_args(argv)))
     cfg = compose_config(argv, "config", TrainJobConfig, check=check_stage)
     set_adapter_learning_rate(cfg, argv)
     check_demo_data(cfg)

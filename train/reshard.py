@@ -76,31 +76,30 @@ def prepare_resume(resume_from: Optional[str], cfg: DictConfig, runtime: Runtime
 def describe_batch_change(ckpt: Path, training: DictConfig, world_size: int) -> str:
     """The data position after a world-size change. The Trainer skips global_step x
     gradient_accumulation_steps batches on every rank, i.e. global_step x (the NEW global
-    batch) samples of the epoch: right when the global batch is kept, off otherwise."""
+    batch) samples of the epoch: right, as resolve_batch keeps the checkpoint's global batch
+    (refusing a run that cannot), unless the checkpoint has no record of it."""
     new = training.per_device_train_batch_size * training.gradient_accumulation_steps * world_size
     how = f"{training.per_device_train_batch_size} x {training.gradient_accumulation_steps} x {world_size} ranks"
-    old = recorded_global_batch(ckpt)
-    if old is None:
+    if recorded_global_batch(ckpt) is None:
         return (f"the global batch is now {new} ({how}); {ckpt.name} has no {BATCH_RECORD} to compare with: the "
                 f"data resumes at sample global_step x {new}")
-    if old == new:
-        return f"the global batch stays {new} ({how}): the run continues the same trajectory and data order"
-    return (
-        f"the global batch changes from {old} to {new} ({how}): training goes on with the new batch, and the "
-        f"data resumes at sample global_step x {new} instead of global_step x {old} (samples are skipped or "
-        f"repeated this epoch); set training.global_batch_size={old} to continue the same trajectory"
-    )
+    return f"the global batch stays {new} ({how}): the run continues the same trajectory and data order"
 
 
 class BatchRecordCallback(TrainerCallback):
     """Writes <checkpoint>/batch.json at every save (rank 0): the world size and batch settings,
-    so that a resume on another world size can say what happens to the global batch."""
+    and the plan as configured (num_train_epochs, max_steps), so that a resume, on any world
+    size, keeps the global batch (train/config.py resumed_global_batch) and the planned steps
+    (core/checkpoints.py planned_max_steps)."""
+
+    def __init__(self, training: DictConfig):
+        self.plan = dict(num_train_epochs=training.num_train_epochs, max_steps=training.max_steps)
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             record = dict(world_size=args.world_size, per_device_train_batch_size=args.per_device_train_batch_size,
-                          gradient_accumulation_steps=args.gradient_accumulation_steps)
+                          gradient_accumulation_steps=args.gradient_accumulation_steps, **self.plan)
             write_atomic(ckpt / BATCH_RECORD, json.dumps(record))
         return control
 

@@ -22,7 +22,7 @@ from typing import Any, Dict
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
-from core.checkpoints import recorded_global_batch
+from core.checkpoints import planned_max_steps
 from core.config import resolved_yaml
 from core.errors import UserError
 from core.lock import OutputLock
@@ -130,6 +130,18 @@ def reentrant_checkpointing(cfg: DictConfig) -> bool:
     return uses_adapters(cfg) and cfg.deepspeed.zero_stage == 3
 
 
+def keep_planned_steps(kwargs: Dict[str, Any], resume_from: str, training: DictConfig, announce: bool) -> None:
+    """A resume trains the optimizer steps its checkpoint planned (core/checkpoints.py
+    planned_max_steps): the schedule's length, warm-up and epoch count stay the checkpoint's."""
+    planned = planned_max_steps(resume_from, training.num_train_epochs, training.max_steps)
+    if planned is None:
+        return
+    kwargs["max_steps"] = planned
+    if announce:
+        print(f"resume: {Path(resume_from).name} planned {planned} optimizer steps "
+              f"(training.num_train_epochs={training.num_train_epochs:g}): the run keeps them", flush=True)
+
+
 def check_limits(cfg: DictConfig) -> None:
     limit = max_positions(cfg.model)
     if limit and cfg.training.max_seq_length > limit:
@@ -183,12 +195,14 @@ def train_stage(cfg: DictConfig, runtime: Runtime, stage) -> None:
     check_finetune(cfg, gpu=runtime.device == "cuda", precision=runtime.precision)
     resume_from = resume_checkpoint(cfg.output_dir, cfg.resume)
     # Accumulation for this world size; a resume keeps the checkpoint's global batch.
-    resolve_batch(cfg.training, runtime.world_size, recorded_global_batch(resume_from) if resume_from else None)
+    resolve_batch(cfg.training, runtime.world_size, resume_from)
     universal = prepare_resume(resume_from, cfg, runtime)  # another world size: converted once
     if runtime.device == "cpu":
         let_accelerate_see_cpu_ranks()
     evaluate = has_eval_split(cfg.data[stage.data])
     kwargs = common_trainer_kwargs(cfg, runtime, evaluate)
+    if resume_from:
+        keep_planned_steps(kwargs, resume_from, cfg.training, runtime.is_main)
     if universal:
         load_universal(kwargs["deepspeed"])
     with training_arguments_accept_cpu_bf16(runtime):
@@ -215,7 +229,7 @@ def train_stage(cfg: DictConfig, runtime: Runtime, stage) -> None:
     model = load_model(cfg.model, runtime.torch_dtype, tokenizer, quantization_config=quantized)
     report_parameter_share(model)
     throughput = ThroughputCallback({**data.stats, "global_batch_size": cfg.training.global_batch_size})
-    callbacks = [preemption, BatchRecordCallback()]
+    callbacks = [preemption, BatchRecordCallback(cfg.training)]
     if cfg.training.keep_epoch_models:
         callbacks.append(EpochModelCallback(cfg.output_dir))
     if universal:
