@@ -57,7 +57,6 @@ ZERO = {3: [], 2: ["deepspeed=zero2"]}
 REFERENCE_RANKS = 2
 SAVE_STEPS = 4
 
-DEFECT_1 = "defect 1: a world-size change whose global batch cannot be kept is not refused at submit"
 
 
 @dataclass(frozen=True)
@@ -319,12 +318,12 @@ def test_refused_zero_stage_change(references, tmp_path, capsys, monkeypatch):
 
 @pytest.mark.faults(ci=True)
 @pytest.mark.integration
-@pytest.mark.xfail(strict=True, reason=DEFECT_1)
 def test_refused_world_size_that_cannot_keep_the_global_batch(references, tmp_path, capsys, monkeypatch):
     """The checkpoint's global batch is 2; 4 ranks of 1 sequence cannot keep it. The command sets
     no batch (it keeps the checkpoint's), as a resubmission on more GPUs does."""
     out = resume_of_the_reference(references, tmp_path)
     args = [a if not a.startswith("training.global_batch_size=") else "training.global_batch_size=null"
             for a in run_args("cpt", 3, out)]
-    assert_refused_at_submit_and_at_start(out, args, 4, ("global_batch_size", "per_device_train_batch_size"),
-                                          capsys, monkeypatch)
+    ckpt = out / "checkpoints" / f"checkpoint-{SAVE_STEPS}"
+    assert_refused_at_submit_and_at_start(
+        out, args, 4, (str(ckpt), "training.global_batch_size=2", "4 rank(s)", "resume=never"), capsys, monkeypatch)
