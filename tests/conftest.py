@@ -12,6 +12,7 @@ from tests.support.env import REPO
 from tests.support.merge import SHARD, run_merge_cli, write_config
 from tests.support.gpu import GPU_SUITE, gpu_suite_requested
 from tests.support.models import tiny_llama
+from tests.support.selection import outside_the_ci_subset
 from tests.support.slurm_cluster import LocalSlurm, TwoNodeSlurm, ensure_installed
 
 
@@ -20,6 +21,15 @@ def pytest_ignore_collect(collection_path: Path, config):
     if inside and not gpu_suite_requested(config.args, config.option.markexpr or "", config.invocation_params.dir):
         return True
     return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """The plain suite runs the fault matrix's CI subset; `-m faults` runs every cell."""
+    left_out = outside_the_ci_subset(items, config.args, config.option.markexpr or "")
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        dropped = set(map(id, left_out))
+        items[:] = [item for item in items if id(item) not in dropped]
 
 
 @pytest.fixture(scope="session")

@@ -12,10 +12,11 @@ import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Dict, List
+from typing import List
 
 import pytest
 from tests.support.env import REPO, SMALL_BATCH, free_port, launch, loss_history, offline_env, tail
+from tests.support.processes import rank_process
 from transformers import TrainerControl, TrainerState
 
 from train import preemption
@@ -63,36 +64,6 @@ def test_signal_during_the_last_step_lets_the_run_finish(callback):
 # ---------------------------------------------------------------------------------------------
 # a 2-rank run where the signal reaches one rank only
 # ---------------------------------------------------------------------------------------------
-def descendants(pid: int) -> List[int]:
-    """Every live process below `pid`, parents before children."""
-    children: Dict[int, List[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (command name)"
-        except OSError:
-            continue  # ended meanwhile
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        below = sorted(children.get(todo.pop(0), []))
-        found += below
-        todo += below
-    return found
-
-
-def rank_process(launcher: int, rank: int) -> int:
-    """The process the deepspeed launcher started for `rank` (the first below it whose
-    environment says RANK=<rank>; its own workers inherit the variable)."""
-    for pid in descendants(launcher):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in environ:
-            return pid
-    raise AssertionError(f"no process of rank {rank} below pid {launcher}")
-
-
 PREEMPT_STEPS = 40
 
 

@@ -52,13 +52,15 @@ class Mutation:
 
 FAULTS = "tests/test_faults_train.py"
 TRAIN = "tests/test_train_integration.py"
+MATRIX = "tests/test_fault_matrix.py::test_cell"
 
 MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "resume-off", "resume=auto resumes from the newest complete checkpoint",
         "core/checkpoints.py", (("        return str(ckpt) if ckpt else None", "        return None"),),
         slow_guards=(f"{FAULTS}::test_kill_during_the_final_save_keeps_the_checkpoint_and_the_rerun_finishes",
-                     f"{TRAIN}::test_killed_run_resumes_on_the_same_trajectory"),
+                     f"{TRAIN}::test_killed_run_resumes_on_the_same_trajectory",
+                     f"{MATRIX}[zero3-cpt-2to1-kill-9]"),
     ),
     Mutation(
         "model-published-in-place",
@@ -143,7 +145,19 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "reshard-repair-off",
         "a resume on another world size continues the uninterrupted run's losses",
         "train/run.py", (("        callbacks.append(UniversalLoadRepair(resume_from))", "        pass"),),
-        slow_guards=("tests/test_reshard.py::test_resume_on_another_world_size_continues_the_trajectory",),
+        slow_guards=("tests/test_reshard.py::test_resume_on_another_world_size_continues_the_trajectory",
+                     f"{MATRIX}[zero3-cpt-2to1-kill-9]"),
+    ),
+    Mutation(
+        "universal-conversion-in-place",
+        "a resume killed while it converts leaves nothing that counts as converted; the rerun converts again",
+        "train/reshard.py",
+        (("        run_converter(ckpt / tag, work / target.name)\n        slim_optimizer_state(work / target.name / \"zero\")",
+          "        write_atomic(ckpt / UNIVERSAL_LATEST, target.name)\n        run_converter(ckpt / tag, target)\n"
+          "        slim_optimizer_state(target / \"zero\")"),
+         ("    shutil.rmtree(target, ignore_errors=True)  # renamed by a run that died before `latest_universal`\n"
+          "    os.replace(work / target.name, target)\n", "")),
+        slow_guards=(f"{MATRIX}[zero3-cpt-2to1-kill-9+convert-kill]",),
     ),
     Mutation(
         "reshard-shared-adam-step",
@@ -155,6 +169,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "preemption-no-checkpoint", "a stop signal (SLURM preemption, time limit) saves a checkpoint at the next step end",
         "train/preemption.py", (("            control.should_save = True", "            control.should_save = False"),),
         fast_guards=("tests/test_pipeline_preemption.py::test_signal_saves_and_stops_at_the_next_step_end",),
+        slow_guards=(f"{MATRIX}[zero2-cpt-1to2-usr1]",),
     ),
     Mutation(
         "preemption-stops-the-last-step", "a stop signal during the last step lets the run finish and publish",
