@@ -23,8 +23,9 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from tests.support.env import REPO, SMALL_BATCH, assert_one_line_error, assert_same_steps, step_history
+from tests.support.env import REPO, SMALL_BATCH, assert_one_line_error
 from tests.support.study import assert_study_matches_evals
+from tests.support.trajectory import assert_same_trajectory, read_trajectory
 from transformers import AutoModelForCausalLM
 
 from core.errors import PREEMPTED_EXIT_CODE
@@ -164,21 +165,19 @@ def left_alone(slurm_cluster, tmp_path_factory):
     job = submit_cpt(slurm_cluster, out)
     info = slurm_cluster.wait_jobs([job.job_id], timeout=600)[job.job_id]
     assert info["JobState"] == "COMPLETED", Path(job.log).read_text()[-3000:]
-    history = step_history(out)
-    assert history[0]["global_step"] == MAX_STEPS and history[0]["num_input_tokens_seen"] > 0
-    return history
+    trajectory = read_trajectory(out)
+    assert trajectory.global_step == MAX_STEPS
+    return trajectory
 
 
 def assert_same_as_left_alone(out, left_alone):
     """The interrupted run finished as the run left alone did: every step, its learning rate,
     tokens seen and loss, and the final model."""
-    history = step_history(out)
-    assert history[0] == left_alone[0]  # max_steps, global_step and tokens seen at the end
-    assert_same_steps(history, left_alone, MAX_STEPS)
+    assert_same_trajectory(read_trajectory(out), left_alone)
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
 
 
-@pytest.mark.faults
+@pytest.mark.faults(ci=True)
 def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, left_alone, tmp_path):
     """SLURM's time-limit warning (--signal=B:USR1) after the first checkpoint: a checkpoint at the
     next step, a requeue, a resume from it, and the same run as left alone."""
@@ -206,7 +205,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, left_alo
     assert re.search(rf"^cpt\s+{job.job_id}\s+COMPLETED\s+{re.escape(str(out))} \(finished\)$", status, flags=re.M), status
 
 
-@pytest.mark.faults
+@pytest.mark.faults(ci=True)
 def test_sigterm_to_the_batch_script_checkpoints_and_cancels(slurm_cluster, left_alone, tmp_path):
     """`scancel --signal=TERM --batch` after the first checkpoint: the ranks get SIGUSR1 (srun would
     turn SIGTERM into SIGKILL), save at the next step, and the job ends CANCELLED, not requeued,
@@ -230,9 +229,9 @@ def test_sigterm_to_the_batch_script_checkpoints_and_cancels(slurm_cluster, left
                      log), log[-3000:]
     assert "forcing job termination" not in log and "requeueing job" not in log
     assert not (out / "config.json").exists()  # no final model from a stopped run
-    history = step_history(out)
-    assert history[0]["global_step"] == step
-    assert_same_steps(history, left_alone, step)
+    stopped = read_trajectory(out)
+    assert stopped.global_step == step
+    assert_same_trajectory(stopped, left_alone, upto=step)
 
 
 @pytest.mark.faults
@@ -289,12 +288,12 @@ def test_a_plain_scancel_checkpoints_within_killwait_and_stays_cancelled(slurm_c
     assert re.search(rf"SLURM is ending job {job.job_id} \(JobState=[A-Z]+\): the ranks had SIGTERM and KillWait "
                      rf"seconds to save; srun exited with status \d+, checkpoint-{step} was written by this job", log), log[-3000:]
     assert "requeueing" not in log and not (out / "config.json").exists()
-    history = step_history(out)
-    assert history[0]["global_step"] == step
-    assert_same_steps(history, left_alone, step)
+    stopped = read_trajectory(out)
+    assert stopped.global_step == step
+    assert_same_trajectory(stopped, left_alone, upto=step)
 
 
-@pytest.mark.faults
+@pytest.mark.faults(ci=True)
 def test_two_nodes_stopped_by_the_warning_resume_on_one(two_slurm_nodes, left_alone, tmp_path):
     """CPT on 2 real SLURM nodes x 1 rank (each slurmd in its own network namespace, gloo between
     them): the time-limit warning after the first checkpoint saves at the next step; resubmitted on
