@@ -162,7 +162,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "reshard-shared-adam-step",
         "after a universal-checkpoint load each parameter group's Adam step counts once per step",
-        "train/reshard.py", (('param_state["step"] = param_state["step"].clone()', 'param_state["step"] = param_state["step"]'),),
+        "train/reshard.py", (("torch.float32, copy=True)", "torch.float32, copy=False)"),
+                             ('step.to("cpu", copy=True)', 'step.to("cpu", copy=False)')),
         fast_guards=("tests/test_reshard.py::test_universal_load_repair_gives_each_group_its_own_step_and_hyperparameters",),
     ),
     Mutation(
