@@ -131,9 +131,31 @@ class EpochModelCallback(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
-        epoch = round(state.epoch or 0)
-        if not state.is_world_process_zero or epoch < 1 or abs(state.epoch - epoch) > 1e-6:
+        epoch = epoch_ended(state)
+        if not state.is_world_process_zero or epoch is None:
             return control
         checkpoint = checkpoints_dir(self.output_dir) / f"checkpoint-{state.global_step}"
         keep_epoch_model(checkpoint, epoch_model_dir(self.output_dir, epoch))
         return control
+
+
+def epoch_ended(state) -> Optional[int]:
+    """The epoch (1, 2, ...) the Trainer's state is at the end of; None within an epoch."""
+    epoch = round(state.epoch or 0)
+    return epoch if epoch >= 1 and abs(state.epoch - epoch) <= 1e-6 else None
+
+
+def save_models_only_where_kept(trainer, keep_epoch_models: bool) -> None:
+    """Checkpoints hold DeepSpeed's shards, which a resume loads, and no consolidated model:
+    under ZeRO-3 each one was gathered layer by layer onto rank 0 and written while the other
+    ranks waited (2 bytes per parameter: 16 GB for an 8B model at every save_steps). The final
+    save calls save_model itself; with keep_epoch_models an epoch's last checkpoint keeps its
+    model (EpochModelCallback links it into epochs/)."""
+    save_model = trainer.save_model
+
+    def save(output_dir=None, _internal_call=False):
+        if _internal_call and not (keep_epoch_models and epoch_ended(trainer.state) is not None):
+            return  # a checkpoint (Trainer._save_checkpoint): its shards follow
+        save_model(output_dir, _internal_call=_internal_call)
+
+    trainer.save_model = save

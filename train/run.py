@@ -36,6 +36,7 @@ from train.checkpoint import (
     set_checkpoints_aside,
     publish_final_model,
     resume_checkpoint,
+    save_models_only_where_kept,
     write_run_config,
 )
 from train.attention import check_attention_runs_here
@@ -235,6 +236,7 @@ def train_stage(cfg: DictConfig, runtime: Runtime, stage) -> None:
     if universal:
         callbacks.append(UniversalLoadRepair(resume_from))
     trainer = stage.build_trainer(cfg, args, model, tokenizer, data, callbacks)
+    save_models_only_where_kept(trainer, cfg.training.keep_epoch_models)
     # First in line, so the loggers after it (console, W&B) see the values it adds.
     trainer.callback_handler.callbacks.insert(0, throughput)
     if cfg.training.log_completions > 0:
