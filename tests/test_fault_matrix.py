@@ -69,8 +69,6 @@ class Cell:
     """kill-9, usr1, kill-9+convert-kill or kill-9+convert-usr1"""
     ci: bool = False
     """In the plain suite's subset."""
-    defect: Optional[str] = None
-    """Fails until this defect is fixed on main (xfail, strict)."""
 
     @property
     def id(self) -> str:
@@ -96,10 +94,7 @@ CELLS = (
 
 
 def cell_param(cell: Cell):
-    marks = [pytest.mark.faults(ci=cell.ci), pytest.mark.integration]
-    if cell.defect:
-        marks.append(pytest.mark.xfail(strict=True, reason=cell.defect))
-    return pytest.param(cell, id=cell.id, marks=marks)
+    return pytest.param(cell, id=cell.id, marks=[pytest.mark.faults(ci=cell.ci), pytest.mark.integration])
 
 
 def run_args(stage: str, zero: int, out: Path) -> list:
