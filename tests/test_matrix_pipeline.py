@@ -40,7 +40,7 @@ CASES = [
     ("root-under-a-file", "submit.py", ["root={tmp}/a_file/runs", "--dry-run"], ["root=", "cannot be created"]),
     # steps
     ("unknown-step", "pipeline.py", ["step=nope"], ["unknown step 'nope' in pipeline tiny", "choose one of cpt, eval-cpt-epoch-1, eval-cpt, sft"]),
-    ("unknown-stage", "pipeline.py", ["pipeline.steps.1.stage=rlhf"], ["step 'sft' has unknown stage 'rlhf'", "choose one of cpt, sft, dpo, orpo"]),
+    ("unknown-stage", "pipeline.py", ["pipeline.steps.1.stage=rlhf"], ["step 'sft' has unknown stage 'rlhf'", "choose one of cpt, sft, mixed, dpo, orpo"]),
     ("input-from-later-step", "pipeline.py", ["pipeline.steps.0.input=sft"], ["does not come before it"]),
     ("duplicate-step", "pipeline.py", ["pipeline.steps.1.name=cpt"], ["two steps are named 'cpt'"]),
     ("reserved-step-name", "pipeline.py", ["pipeline.steps.0.name=jobs"], ["step name 'jobs' is reserved"]),
