@@ -152,7 +152,7 @@ def check_limits(cfg: DictConfig) -> None:
         )
 
 
-SAMPLE_UNITS = {"cpt": "blocks", "sft": "sequences", "preference": "pairs"}
+SAMPLE_UNITS = {"cpt": "blocks", "sft": "sequences", "mixed": "sequences", "preference": "pairs"}
 """What one training row of each data kind is, for the schedule's error line."""
 
 
@@ -160,7 +160,10 @@ def check_data_schedule(cfg: DictConfig, data, runtime: Runtime, kind: str) -> N
     """Now that the number of training rows is known: the warm-up ends before the last optimizer
     step (a stream has no length: its training.max_steps was checked at composition)."""
     if hasattr(data.train_dataset, "__len__"):
-        check_schedule_of_samples(cfg.training, len(data.train_dataset), runtime.world_size, SAMPLE_UNITS[kind])
+        training = cfg.training
+        if data.stats.get("packed_epochs", 1) > 1:  # the epochs are in the data: the trainer makes one pass
+            training = OmegaConf.merge(training, {"num_train_epochs": 1})
+        check_schedule_of_samples(training, len(data.train_dataset), runtime.world_size, SAMPLE_UNITS[kind])
 
 
 def run_stage(cfg: DictConfig) -> Path:
