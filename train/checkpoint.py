@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import torch
 from transformers import TrainerCallback
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from core.checkpoints import (  # noqa: F401  (re-exported: where the run directory is described)
     BATCH_RECORD,
@@ -155,7 +157,13 @@ def save_models_only_where_kept(trainer, keep_epoch_models: bool) -> None:
 
     def save(output_dir=None, _internal_call=False):
         if _internal_call and not (keep_epoch_models and epoch_ended(trainer.state) is not None):
-            return  # a checkpoint (Trainer._save_checkpoint): its shards follow
+            # a checkpoint (Trainer._save_checkpoint): its shards follow; the arguments it ran
+            # with stay in it, as in every HF checkpoint
+            if trainer.args.should_save:
+                ckpt = Path(output_dir or trainer.args.output_dir)
+                ckpt.mkdir(parents=True, exist_ok=True)
+                torch.save(trainer.args, ckpt / TRAINING_ARGS_NAME)
+            return
         save_model(output_dir, _internal_call=_internal_call)
 
     trainer.save_model = save
