@@ -98,7 +98,7 @@ def test_a_pipeline_runs_as_a_dependency_graph_of_jobs(slurm_cluster, tmp_path):
     infos = slurm_cluster.wait_jobs([j.job_id for j in jobs], timeout=900)
     wall = time.time() - t0
     states = {j.step: infos[j.job_id]["JobState"] for j in jobs}
-    logs = {j.step: Path(j.log).read_text() if Path(j.log).exists() else "" for j in jobs}
+    logs = {j.step: Path(j.log).read_text(errors="replace") if Path(j.log).exists() else "" for j in jobs}
     assert set(states.values()) == {"COMPLETED"}, (states, {s: l[-2000:] for s, l in logs.items() if s in states})
 
     # Dependencies: each job waited (afterok) for the jobs of the steps it reads that were not
@@ -152,7 +152,7 @@ def wait_for_first_checkpoint(cluster, job, out):
     first = out / "checkpoints" / f"checkpoint-{SAVE_STEPS}"
     deadline = time.time() + 300
     while not is_complete_checkpoint(first):
-        log = Path(job.log).read_text() if Path(job.log).exists() else ""
+        log = Path(job.log).read_text(errors="replace") if Path(job.log).exists() else ""
         assert time.time() < deadline, log[-3000:]
         assert cluster.job_info(job.job_id).get("JobState") in ("PENDING", "RUNNING"), log[-3000:]
         time.sleep(0.5)
@@ -164,7 +164,7 @@ def left_alone(slurm_cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("left-alone") / "cpt"
     job = submit_cpt(slurm_cluster, out)
     info = slurm_cluster.wait_jobs([job.job_id], timeout=600)[job.job_id]
-    assert info["JobState"] == "COMPLETED", Path(job.log).read_text()[-3000:]
+    assert info["JobState"] == "COMPLETED", Path(job.log).read_text(errors="replace")[-3000:]
     trajectory = read_trajectory(out)
     assert trajectory.global_step == MAX_STEPS
     return trajectory
@@ -187,7 +187,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, left_alo
     subprocess.run(["scancel", "--signal=USR1", "--batch", job.job_id], check=True, env=job_env(slurm_cluster))
 
     info = slurm_cluster.wait_jobs([job.job_id], timeout=600)[job.job_id]
-    log = Path(job.log).read_text()
+    log = Path(job.log).read_text(errors="replace")
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert info["Restarts"] == "1", info
 
@@ -218,7 +218,7 @@ def test_sigterm_to_the_batch_script_checkpoints_and_cancels(slurm_cluster, left
     slurm_cluster.wait_jobs([job.job_id], timeout=300)
     time.sleep(12)  # a requeued job would be eligible again after cred_expire (10 s here)
     info = slurm_cluster.job_info(job.job_id)
-    log = Path(job.log).read_text()
+    log = Path(job.log).read_text(errors="replace")
     assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), log[-3000:]
     saved = re.search(r"preemption: SIGUSR1 received, saving checkpoint-(\d+)", log)
     assert saved, log[-3000:]
@@ -248,7 +248,7 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, left_alone, 
     ).stdout.strip().split(";")[0]
 
     info = slurm_cluster.wait_jobs([job.job_id, urgent], timeout=600)
-    log = Path(job.log).read_text()
+    log = Path(job.log).read_text(errors="replace")
     assert info[job.job_id]["JobState"] == "COMPLETED", log[-3000:]
     assert info[job.job_id]["Restarts"] == "1", info
     assert info[urgent]["JobState"] == "COMPLETED", info[urgent]
@@ -278,7 +278,7 @@ def test_a_plain_scancel_checkpoints_within_killwait_and_stays_cancelled(slurm_c
     slurm_cluster.wait_jobs([job.job_id], timeout=120)
     time.sleep(12)  # a requeued job would be eligible again after cred_expire (10 s here)
     info = slurm_cluster.job_info(job.job_id)
-    log = Path(job.log).read_text()
+    log = Path(job.log).read_text(errors="replace")
     assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), log[-3000:]
     assert "srun: forcing job termination" in log
     saved = re.search(r"preemption: SIG(?:TERM|USR1) received, saving checkpoint-(\d+)", log)
@@ -306,7 +306,7 @@ def test_two_nodes_stopped_by_the_warning_resume_on_one(two_slurm_nodes, left_al
     wait_for_first_checkpoint(cluster, job, out)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job.job_id], check=True, env=job_env(cluster))
     info = cluster.wait_jobs([job.job_id], timeout=300)[job.job_id]
-    log = Path(job.log).read_text()
+    log = Path(job.log).read_text(errors="replace")
     assert (info["JobState"], info["NumNodes"]) == ("FAILED", "2"), log[-3000:]
     first, second = cluster.nodes  # the rendezvous: the first host of the node list, 1 rank per node
     assert f"master {first}:" in log and "[rank 0/2]" in log and "[rank 1/2]" in log, log[-3000:]
@@ -319,7 +319,7 @@ def test_two_nodes_stopped_by_the_warning_resume_on_one(two_slurm_nodes, left_al
     submit(cluster, *on_one, f"output_dir={out}", "cluster.nodes=1", "cluster.gpus_per_node=1")
     resumed = read_jobs(out / "jobs")[-1]
     info = cluster.wait_jobs([resumed.job_id], timeout=600)[resumed.job_id]
-    log = Path(resumed.log).read_text()
+    log = Path(resumed.log).read_text(errors="replace")
     assert (info["JobState"], info["NumNodes"]) == ("COMPLETED", "1"), log[-3000:]
     assert f"checkpoint-{step} was written on 2 ranks and this run has 1" in log, log[-3000:]
     assert "the global batch stays 2" in log and "resume: converted" in log
@@ -348,7 +348,7 @@ def test_a_refused_requeue_fails_the_job_and_cancels_its_dependents(slurm_cluste
     ).stdout.strip().split(";")[0]
 
     info = slurm_cluster.wait_jobs([job.job_id], timeout=120)[job.job_id]
-    log = Path(job.log).read_text()
+    log = Path(job.log).read_text(errors="replace")
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", f"{PREEMPTED_EXIT_CODE}:0", "0"), log
     assert f"SLURM refused to requeue job {job.job_id}" in log
     deadline = time.time() + 60

@@ -210,8 +210,9 @@ def readme_stage_commands():
         words = shlex.split(line.split("#")[0].rstrip(" \\")) if line.startswith("deepspeed ") else []
         if "launch/train.py" in words and words[words.index("launch/train.py") + 1:]:
             args = words[words.index("launch/train.py") + 1:]
-            if args[0].startswith("+stage=") and not any(a.startswith("model=") for a in args):  # the embedded default
-                commands.setdefault(args[0].split("=")[1], args)
+            stage = args[0].split("=")[1] if args[0].startswith("+stage=") else None
+            if stage in README_STAGES and not any(a.startswith("model=") for a in args):  # the embedded default
+                commands.setdefault(stage, args)
     return commands
 
 
