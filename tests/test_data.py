@@ -11,6 +11,7 @@ from datasets import Dataset, DatasetDict, IterableDataset
 from core.errors import UserError
 from train.config import DatasetConfig, compose_train_config
 from tests.support.files import write_jsonl
+from tests.support.labels import trained_spans
 from train.data import IGNORE_INDEX
 from train.data.cpt import prepare_cpt
 from train.data.sft import assistant_char_spans, prepare_sft, tokenize_chat
@@ -196,16 +197,7 @@ def test_assistant_only_labels_cover_exactly_the_assistant_turns(template, token
     ids, labels = tokenize_chat(tok, CHAT, assistant_only=True)
     assert ids == tok.apply_chat_template(CHAT, tokenize=True, return_dict=True)["input_ids"]
     # Contiguous label runs are exactly "content<|im_end|>" of each assistant turn.
-    runs, current = [], []
-    for t, lab in zip(ids, labels):
-        if lab == IGNORE_INDEX:
-            if current:
-                runs.append(current)
-            current = []
-        else:
-            assert lab == t
-            current.append(t)
-    runs += [current] if current else []
+    runs = trained_spans(ids, labels)
     lead = " " if template.startswith("Mistral") else ""  # BPE fuses the template's space into " The"
     assert [tok.decode(r) for r in runs] == [lead + m["content"] + "<|im_end|>" for m in CHAT if m["role"] == "assistant"]
 

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tests.support.env import SMALL_BATCH, assert_one_line_error, launch, tail
+from tests.support.env import SMALL_BATCH, launch, tail
+from tests.support.labels import trained_spans
 
 from core.errors import UserError
 from train.config import compose_train_config
@@ -45,20 +46,6 @@ def segments(row):
         end = start + length
         yield row["input_ids"][start:end], row["labels"][start:end], row[LOSS_KIND][start:end]
         start = end
-
-
-def trained_spans(ids, labels):
-    """The runs of consecutive tokens that carry a loss."""
-    spans, current = [], []
-    for token, label in zip(ids, labels):
-        if label == IGNORE_INDEX:
-            if current:
-                spans.append(current)
-            current = []
-        else:
-            assert label == token, "a trained label must be the token itself"
-            current.append(token)
-    return spans + ([current] if current else [])
 
 
 @pytest.mark.parametrize("packing", [True, False])
