@@ -82,7 +82,9 @@ class EvalJobConfig:
     evaluation scores only what is missing (pipeline evaluation steps set it). A file kept this way
     is not checked against the model or settings: without it, every task is scored again."""
     log_samples: bool = True
-    """Also write each task's per-question inputs and outputs to <task>.samples.jsonl."""
+    """Also write each task's per-question inputs and outputs to <task>.samples.jsonl. The small
+    per-item scores of a multiple-choice task (<task>.items.jsonl, which the study report reads)
+    are written either way."""
     seed: int = checked(1234, non_negative)
     """Seed for few-shot sampling and any sampling in generation (the bundled tasks are greedy)."""
 

@@ -32,6 +32,7 @@ from core.precision import auto_torch_dtype_name
 from core.safetensors_header import read_model_headers
 from core.wandb_runs import log_wandb_run
 from evaluation.eval_set import TASK_DIR, eval_set_task_yamls
+from evaluation.items import item_lines, items_path
 from evaluation.parallel import Launched, Layout, bounded_max_length, leave_single_process, plan_layout, weight_bytes
 from evaluation.results import format_table, metric_values
 
@@ -278,15 +279,19 @@ def in_document_order(samples: dict) -> dict:
 PUBLISH_PAUSE_ENV = "DOMAINFORGE_EVAL_PAUSE_AFTER_TASK"
 
 
-def publish(records: List[dict], samples: dict, out_dir: Path) -> None:
-    """Samples first, then the result file: a <task>.json on disk means both are complete."""
+def publish(records: List[dict], samples: dict, out_dir: Path, keep_samples: bool = True) -> None:
+    """Samples and per-item scores first, then the result file: a <task>.json on disk means all
+    are complete. Every multiple-choice task gets its small <task>.items.jsonl (evaluation/items.py),
+    which the study report reads; <task>.samples.jsonl (every prompt) only with keep_samples."""
     out_dir.mkdir(parents=True, exist_ok=True)
     pause = float(os.environ.get(PUBLISH_PAUSE_ENV, "0") or 0)
     for record in records:
         task = record["task"]
-        if task in samples:
+        if task in samples and keep_samples:
             lines = "".join(json.dumps(s, default=str) + "\n" for s in samples[task])
             write_atomic(out_dir / f"{task}.samples.jsonl", lines)
+        if task in samples and record["output_type"] == "multiple_choice":
+            write_atomic(items_path(out_dir, task), item_lines(samples[task]))
         write_atomic(out_dir / f"{task}.json", json.dumps(record, indent=2, default=str) + "\n")
         if pause:
             print(f"wrote {out_dir / task}.json; the next in {pause:g}s", flush=True)
@@ -372,7 +377,7 @@ def evaluate(cfg: DictConfig) -> List[dict]:
             apply_chat_template=chat,
             fewshot_as_multiturn=chat,
             system_instruction=cfg.system_instruction,
-            log_samples=cfg.log_samples,
+            log_samples=True,  # the per-item scores come from the samples; log_samples decides what is written
             bootstrap_iters=1000,
             random_seed=cfg.seed,
             numpy_random_seed=cfg.seed,
@@ -384,10 +389,10 @@ def evaluate(cfg: DictConfig) -> List[dict]:
         return []
     records = task_records(results, cfg, model_dir, chat)
     samples = in_document_order(results.get("samples", {}))
-    publish(records, samples, out_dir)
+    publish(records, samples, out_dir, keep_samples=cfg.log_samples)
     if out_dir == model_dir / EVAL_DIR:
         refresh_model_card(model_dir)  # the card lists the results beside it (no-op without lineage.json)
-    log_to_wandb(records, samples, cfg)
+    log_to_wandb(records, samples if cfg.log_samples else {}, cfg)
     print(format_table(records), flush=True)
     print(f"results: {out_dir}/<task>.json", flush=True)
     return records

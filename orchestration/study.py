@@ -9,7 +9,11 @@ reads <run dir>/pipeline.json (written when the pipeline starts) and each evalua
     study.json       every number below, machine-readable
     study.md         one row per model, one column per task (= protocol), value ± 95% interval;
                      the change against the start model; for every merge its method, P1, P2,
-                     E=(P1+P2)/2, max(P1,P2), merged-E, merged-max and a verdict
+                     E=(P1+P2)/2, max(P1,P2), merged-E, merged-max and a verdict; for every
+                     multiple-choice task with per-item scores (<task>.items.jsonl) intervals
+                     clustered by fact, paired tests against the start model and between arms,
+                     margins and the control's distance from chance; the storage probe per epoch
+                     (orchestration/study_items.py)
     study_bars.png   one bar per model and task, the start model as a line
     study_synergy.png  merged score against E for every merge, with the diagonal
     study_cpt_epochs.png  score after each CPT epoch, against the start model (when evaluated)
@@ -32,6 +36,7 @@ from core.wandb_runs import log_wandb_run, table_rows
 from evaluation.results import interval, load_results
 from evaluation.synergy import compare
 from orchestration.steps import PLAN_FILE, START, STUDY_FILE
+from orchestration.study_items import item_statistics, items_markdown, value_loss_markdown, value_losses
 
 # The metric a task is ranked by: accuracy for log-likelihood MC/TF, exact match for the
 # paper's generation protocol; anything else: the task's first metric.
@@ -74,6 +79,8 @@ class ModelRow:
     """task -> the task's primary metric."""
     method: Optional[str] = None
     """A merge's merge_method (slerp, linear, ties, ...): two merges of the same parents differ by it."""
+    eval_dir: Optional[str] = None
+    """Where its evaluation wrote <task>.json and the per-item scores."""
 
     @property
     def label(self) -> str:
@@ -115,6 +122,7 @@ def collect(plan: dict) -> Tuple[List[ModelRow], List[str], List[dict]]:
             row = ModelRow(target, "epoch", "cpt")
         else:
             row = ModelRow(target, steps[target]["kind"], steps[target]["stage"], method=steps[target].get("method"))
+        row.eval_dir = step["output_dir"]
         results = load_results(step["output_dir"], output_dir=step["output_dir"])
         for task in step["tasks"]:
             if task in results:
@@ -184,7 +192,7 @@ def signed(x: Optional[float], percent: bool = False) -> str:
     return f"{100 * x:+.1f}%" if percent else f"{x:+.3f}"
 
 
-def markdown(plan: dict, rows, tasks, gains, synergies, missing) -> str:
+def markdown(plan: dict, rows, tasks, gains, synergies, missing, items=None, probes=None) -> str:
     metric = {t: next((r.scores[t].metric for r in rows if t in r.scores), "?") for t in tasks}
     lines = [f"# Study: {plan['pipeline']}", "",
              "Each column is one lm-eval task (one protocol: `_loglik` = log-likelihood of each option, "
@@ -214,6 +222,8 @@ def markdown(plan: dict, rows, tasks, gains, synergies, missing) -> str:
                 f"{s['max']:.3f} | {s['merged']:.3f} | {signed(s['merged-E'])} ± {s['margin_E']:.3f} | "
                 f"{signed(s['merged-max'])} ± {s['margin_max']:.3f} | {s['verdict']} |"
             )
+    lines += items_markdown(items or {})
+    lines += value_loss_markdown(probes or {})
     if missing:
         lines += ["", "## Missing", ""]
         lines += [f"- {m['model']}: {m['task']} (step {m['step']} has not written it yet)" for m in missing]
@@ -317,6 +327,10 @@ def run_study(run_dir: str) -> dict:
         )
     gains = improvements(rows, tasks)
     synergies = merge_synergies(plan, rows, tasks)
+    # each evaluation once (a CPT step's last-epoch row repeats its step's, without an eval_dir)
+    evaluated = {r.name: r.eval_dir for r in rows if r.eval_dir}
+    items = item_statistics(plan, evaluated, tasks)
+    probes = value_losses(plan)
     plots = plot(run, rows, tasks, synergies)
     report = {
         "pipeline": plan["pipeline"],
@@ -325,10 +339,12 @@ def run_study(run_dir: str) -> dict:
                     "scores": {t: s.as_dict() for t, s in r.scores.items()},
                     "vs_start": gains.get(r.name, {})} for r in rows],
         "merges": synergies,
+        "items": items,
+        "value_loss": probes,
         "missing": missing,
         "plots": {k: Path(v).name for k, v in plots.items()},
     }
-    md = markdown(plan, rows, tasks, gains, synergies, missing)
+    md = markdown(plan, rows, tasks, gains, synergies, missing, items, probes)
     write_atomic(run / "study.md", md)
     write_atomic(run / STUDY_FILE, json.dumps(report, indent=2) + "\n")  # last: it marks the step complete
     columns = ["model", "kind", "task", "metric", "value", "stderr"]

@@ -22,13 +22,28 @@ def tiny(tmp_path_factory):
     return tiny_llama(tmp_path_factory.mktemp("tiny") / "model", **EVAL_SHAPE)
 
 
+def assert_items_are_the_samples(eval_dir: Path, task: str, record: dict) -> None:
+    """The per-item file (the study's input) holds each question's fact, answer and option
+    log-likelihoods as lm-eval logged them, and its accuracy is the task's."""
+    from evaluation.items import load_items
+
+    items = load_items(eval_dir, task)
+    samples = [json.loads(line) for line in (eval_dir / f"{task}.samples.jsonl").read_text().splitlines()]
+    assert items.doc_ids == [s["doc_id"] for s in samples]
+    assert items.facts == [s["doc"]["fact_id"] for s in samples] and "|" in items.facts[0]
+    assert items.answers == [s["target"] for s in samples]
+    assert items.loglik == [[r[0] for r in s["filtered_resps"]] for s in samples] and len(items.loglik[0]) == 4
+    assert items.correct.tolist() == [max(ll) == ll[a] for ll, a in zip(items.loglik, items.answers)]
+    assert items.correct.mean() == record["results"]["acc,none"]
+
+
 @pytest.mark.integration
 def test_tiny_model_both_protocols_on_bundled_tasks(tiny):
     from core.model_card import lineage_record, write_model_card
 
     write_model_card(tiny, lineage_record({"kind": "model", "name": "tiny", "output": str(tiny)}, []))
     assert "No results yet" in (tiny / "README.md").read_text()
-    tasks = "[materials_cpt_mc_loglik,materials_cpt_mc_gen,materials_sft_tf_loglik,materials_sft_tf_gen]"
+    tasks = "[knowledge_cpt_mc_loglik,materials_cpt_mc_gen,materials_sft_tf_loglik,materials_sft_tf_gen]"
     proc = launch("eval.py", [str(tiny), f"tasks={tasks}", "limit=6"], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = results_of(tiny / "eval")
@@ -38,8 +53,10 @@ def test_tiny_model_both_protocols_on_bundled_tasks(tiny):
         assert record["versions"]["lm_eval"] == "0.4.13" and record["task_config"]["task"] == task
         samples = (tiny / "eval" / f"{task}.samples.jsonl").read_text().splitlines()
         assert len(samples) == 6 and "<|im_start|>user" in json.loads(samples[0])["arguments"][0][0]
-    assert found["materials_cpt_mc_loglik"]["output_type"] == "multiple_choice"
-    assert {"acc,none", "acc_norm,none"} <= set(found["materials_cpt_mc_loglik"]["results"])
+    assert found["knowledge_cpt_mc_loglik"]["output_type"] == "multiple_choice"
+    assert {"acc,none", "acc_norm,none"} <= set(found["knowledge_cpt_mc_loglik"]["results"])
+    assert_items_are_the_samples(tiny / "eval", "knowledge_cpt_mc_loglik", found["knowledge_cpt_mc_loglik"])
+    assert not (tiny / "eval" / "materials_cpt_mc_gen.items.jsonl").exists()  # generation: no options to score
     assert "exact_match,letter" in found["materials_cpt_mc_gen"]["results"]
     assert "You respond with one word or letter" in found["materials_cpt_mc_gen"]["task_config"]["doc_to_text"]
     for line in ("materials_cpt_mc_gen", "gen (greedy), chat template", "loglik, chat template", "95% interval"):

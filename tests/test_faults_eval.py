@@ -54,7 +54,8 @@ def test_killed_evaluation_keeps_whole_results_and_the_rerun_scores_only_the_res
     # one task complete (result after its samples), the other with nothing at all; no temp files
     (done,) = [t for t in TASKS if (out / f"{t}.json").exists()]
     (missing,) = [t for t in TASKS if t != done]
-    assert sorted(p.name for p in out.iterdir()) == sorted([f"{done}.json", f"{done}.samples.jsonl"])
+    written = [f"{done}.json", f"{done}.samples.jsonl"] + ([f"{done}.items.jsonl"] if done.endswith("_loglik") else [])
+    assert sorted(p.name for p in out.iterdir()) == sorted(written)
     kept = (out / f"{done}.json").read_bytes()
     assert json.loads(kept)["n"] == LIMIT
     assert len((out / f"{done}.samples.jsonl").read_text().splitlines()) == LIMIT

@@ -80,3 +80,60 @@ def assert_study_matches_evals(run: Path, models=TINY_MODELS, merges=TINY_MERGES
     assert {(m["merge"], m["method"]) for m in report["merges"]} == set(merges)
     for png in plots:
         assert (run / png).read_bytes()[:4] == b"\x89PNG", png
+
+
+# ---------------------------------------------------------------------------------------------
+# a knowledge-injection run with per-item scores (orchestration/study_items.py)
+# ---------------------------------------------------------------------------------------------
+CORRECT_MARGIN, WRONG_MARGIN = 0.5, -1.0  # log p(answer) - max log p(wrong), by construction
+
+
+def option_logliks(answer: int, correct: bool) -> list:
+    """Four options whose answer beats the best wrong one by CORRECT_MARGIN, or trails it by -WRONG_MARGIN."""
+    others = [-1.5, -2.0, -3.0] if correct else [-1.0, -2.5, -3.0]
+    loglik = list(others)
+    loglik.insert(answer, -1.0 if correct else -2.0)
+    return loglik
+
+
+def write_items(eval_dir: Path, task: str, correct: list, control: bool = False) -> None:
+    """<task>.items.jsonl (two wordings per fact: items 2f and 2f+1 ask fact f) and its result file."""
+    rows = [{"doc_id": i, "fact": f"fact-{i // 2}", "answer": i % 4, "loglik": option_logliks(i % 4, c),
+             "correct": bool(c)} for i, c in enumerate(correct)]
+    write_result(eval_dir, task, sum(correct) / len(correct), n=len(correct))
+    record = json.loads((eval_dir / f"{task}.json").read_text())
+    record["task_config"] = {"task": task, "metadata": {"version": 1.0, **({"control": "chance"} if control else {})}}
+    (eval_dir / f"{task}.json").write_text(json.dumps(record))
+    (eval_dir / f"{task}.items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def both_wordings(facts_right: range, n_facts: int, one_wording: range = range(0)) -> list:
+    """Per item (2 per fact): right on both wordings of `facts_right`, on the first of `one_wording`."""
+    return [f in facts_right or (f in one_wording and w == 0) for f in range(n_facts) for w in (0, 1)]
+
+
+def fake_knowledge_run(root: Path, correct: dict, control: dict) -> Path:
+    """The study's tree (start; standard: documents -> qa; mixed; pit: qa -> held), with per-item
+    scores of a fact task and a control task: correct/control = {model: [bool per item]}."""
+    run = root / "knowledge"
+    chains = {"standard-documents": [], "standard-qa": ["standard-documents"], "mixed": [],
+              "pit-qa": [], "pit-held": ["pit-qa"]}
+    steps = [{"name": n, "kind": "train", "stage": "mixed", "depends_on": d, "output_dir": str(run / n),
+              "parents": [], "epochs": None} for n, d in chains.items()]
+    for model in ["start", *chains]:
+        out = run / model / "eval"
+        steps.append({"name": f"eval-{model}", "kind": "eval", "stage": None, "output_dir": str(out),
+                      "evaluates": model, "tasks": ["facts_mc", "control_mc"], "depends_on": [], "parents": []})
+        write_items(out, "facts_mc", correct[model])
+        write_items(out, "control_mc", control[model], control=True)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "pipeline.json").write_text(json.dumps({"pipeline": "knowledge", "steps": steps}))
+    return run
+
+
+def write_value_losses(step_dir: Path, losses: list) -> None:
+    """A training step's value_loss.jsonl (train/value_probe.py): losses[k] after epoch k."""
+    step_dir.mkdir(parents=True, exist_ok=True)
+    records = [{"epoch": k, "step": 10 * k, "loss": loss, "value_tokens": 4000, "documents": 1480}
+               for k, loss in enumerate(losses)]
+    (step_dir / "value_loss.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
