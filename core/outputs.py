@@ -22,6 +22,11 @@ AUGMENT_MANIFEST = "manifest.json"
 """Written last into an augmented dataset (launch/augment.py): its presence means finished."""
 
 
+VALUE_LOSS_FILE = "value_loss.jsonl"
+"""<training output_dir>/value_loss.jsonl: the loss on the value tokens of training.value_probe's
+documents after each epoch (train/value_probe.py), which the study report reads."""
+
+
 def is_augmented_dataset(path: str | Path) -> bool:
     """A finished augmentation output: a saved dataset whose manifest.json is published with it."""
     return (Path(path) / AUGMENT_MANIFEST).is_file()

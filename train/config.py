@@ -215,6 +215,10 @@ class TrainingConfig:
     keep_epoch_models: bool = False
     """Also keep the model that ends each epoch, in <output_dir>/epochs/epoch-<k>/ (a model
     directory; checkpoints rotate, these stay): the paper's CPT-epoch curve evaluates each."""
+    value_probe: Optional[str] = None
+    """A JSONL file of documents with `text` and `value` (data/materials/facts_held.jsonl): before
+    training and after every epoch, the mean loss on each value's tokens inside its document goes
+    to <output_dir>/value_loss.jsonl (train/value_probe.py), the storage probe the study reads."""
     seed: int = checked(42, non_negative)
     ddp_timeout: int = checked(DDP_TIMEOUT_S, at_least(1))
     """Seconds a rank waits for the others at a barrier or collective before the run fails

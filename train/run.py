@@ -64,6 +64,7 @@ from train.runtime import (
 )
 from train.stages import get_stage
 from train.tracking import PromptCompletionsCallback, ThroughputCallback, configure_wandb, report_to
+from train.value_probe import value_probe_callback
 
 log = logging.getLogger("domainforge")
 
@@ -221,6 +222,7 @@ def train_stage(cfg: DictConfig, runtime: Runtime, stage) -> None:
     with args.main_process_first(local=False, desc="data"), args.main_process_first(local=True, desc="data"):
         data = stage.prepare_data(cfg, tokenizer)
     check_data_schedule(cfg, data, runtime, stage.data)  # every rank, before the run directory and the model
+    value_probe = value_probe_callback(cfg, tokenizer, data.stats.get("packed_epochs", 1))
 
     if runtime.is_main:
         if cfg.resume == "never":
@@ -236,6 +238,8 @@ def train_stage(cfg: DictConfig, runtime: Runtime, stage) -> None:
     callbacks = [preemption, BatchRecordCallback(cfg.training)]
     if cfg.training.keep_epoch_models:
         callbacks.append(EpochModelCallback(cfg.output_dir))
+    if value_probe:
+        callbacks.append(value_probe)
     if universal:
         callbacks.append(UniversalLoadRepair(resume_from))
     trainer = stage.build_trainer(cfg, args, model, tokenizer, data, callbacks)
