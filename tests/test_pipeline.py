@@ -19,6 +19,18 @@ from train.config import compose_train_config
 PRESETS = sorted(p.stem for p in (REPO / "conf" / "pipeline").glob("*.yaml"))
 
 
+def preset_args(preset, tmp_path):
+    """What a preset needs on the command line: the follow-up reads the knowledge study's arm."""
+    if preset == "smollm2_knowledge_followup":
+        from tests.support.models import stand_in_model
+
+        arm = stand_in_model(tmp_path / "arm", {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576,
+                                                 "intermediate_size": 1536, "num_hidden_layers": 30,
+                                                 "num_attention_heads": 9, "num_key_value_heads": 3})
+        return [f"pipeline.models.arm={arm}"]
+    return []
+
+
 def arg(step, key):
     """The value of `key=...` in a step's launch arguments."""
     values = [a.split("=", 1)[1] for a in step.args if a.startswith(key + "=")]
@@ -30,7 +42,7 @@ def model_steps(plan):
     return [s for s in plan.steps if s.kind in ("train", "merge")]
 
 
-def test_presets_are_the_papers_recipes():
+def test_presets_are_the_papers_recipes(tmp_path):
     assert PRESETS == [
         "knowledge_mixed",  # the knowledge-injection schedules: tests/test_knowledge.py
         "knowledge_pit",
@@ -40,12 +52,15 @@ def test_presets_are_the_papers_recipes():
         "llama_instruct_grid",
         "mistral_base_cpt_sft_slerp",
         "smollm2_augment",
+        "smollm2_knowledge",  # the three schedules as branches, on SmolLM2: tests/test_knowledge.py
+        "smollm2_knowledge_followup",
         "smollm2_study",
         "smollm_base_cpt_sft_dpo",
         "tiny",
         "tiny_augment",
     ]
-    plans = {p: plan_pipeline(compose_pipeline_job([f"pipeline={p}", "data.allow_demo=true"])) for p in PRESETS}
+    plans = {p: plan_pipeline(compose_pipeline_job([f"pipeline={p}", "data.allow_demo=true", *preset_args(p, tmp_path)]))
+             for p in PRESETS}
     steps = {p: [s.stage or "merge" for s in model_steps(plan)] for p, plan in plans.items()}
     assert steps["llama_instruct_cpt_sft_orpo_slerp"] == ["cpt", "sft", "orpo", "merge"]
     assert steps["llama_instruct_cpt_sft_dpo"] == ["cpt", "sft", "dpo"]
@@ -72,7 +87,8 @@ def test_presets_are_the_papers_recipes():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_step_of_every_preset_composes(preset, tmp_path):
-    plan = plan_pipeline(compose_pipeline_job([f"pipeline={preset}", f"root={tmp_path}", "data.allow_demo=true"]))
+    plan = plan_pipeline(compose_pipeline_job([f"pipeline={preset}", f"root={tmp_path}", "data.allow_demo=true",
+                                               *preset_args(preset, tmp_path)]))
     validate_step_configs(plan)  # composes each step's train/merge config: no typo anywhere
     assert [s.output_dir for s in model_steps(plan)] == [tmp_path / preset / s.name for s in model_steps(plan)]
 

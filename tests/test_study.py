@@ -107,6 +107,14 @@ def test_tiny_study_runs_end_to_end(tmp_path):
     assert kinds.count("train") == 4 and kinds.count("merge") == 3 and kinds.count("eval") == 8 and kinds[-1] == "study"
 
     assert_study_matches_evals(run)
+    # per-item statistics from the eval steps' item files; the storage probe from the CPT ranks
+    report = json.loads((run / "study.json").read_text())
+    sft_items = report["items"]["materials_sft_mc_loglik"]
+    assert sft_items["models"]["sft"]["n"] == 16 and not sft_items["without_items"]
+    assert [(p["a"], p["b"]) for p in sft_items["arms"]] == [("slerp-dpo", "slerp"), ("slerp-dpo", "linear"),
+                                                            ("slerp", "linear")]
+    probe = report["value_loss"]["cpt"]
+    assert [r["epoch"] for r in probe] == [0, 1, 2] and probe[2]["loss"] < probe[0]["loss"], probe
 
     # W&B: one group, a job type per step kind, eval tables and the study's plots.
     runs = {}
