@@ -6,7 +6,7 @@ so that a held-out question the model cannot answer says whether storage or extr
 
 One line per probe in <output_dir>/value_loss.jsonl:
 
-    {"epoch": 1, "step": 38, "loss": 2.41, "value_tokens": 4120, "documents": 1480}
+    {"epoch": 1, "step": 38, "loss": 2.41, "value_tokens": 4120, "documents": 1480, "seconds": 21.5}
 
 `loss` is the mean over all value tokens (nats per token) of -log p(token | the document before
 it). A run whose epochs are packed into one pass (subject-packed mixed data) probes after each
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -131,15 +132,16 @@ class ValueLossCallback(TrainerCallback):
             self.probe(args, state, model, self.steps[state.global_step])
 
     def probe(self, args, state, model, epoch: int) -> None:
+        started = time.monotonic()
         total, count = value_loss(model, self.documents, self.pad_id, args.device)
         if not state.is_world_process_zero:
             return
         record = {"epoch": epoch, "step": state.global_step, "loss": round(total / count, 5), "value_tokens": count,
-                  "documents": len(self.documents)}
+                  "documents": len(self.documents), "seconds": round(time.monotonic() - started, 1)}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         print(f"value loss after epoch {epoch} (step {state.global_step}): {record['loss']:.4f} nats per value token "
-              f"({count} tokens in {len(self.documents)} documents)", flush=True)
+              f"({count} tokens in {len(self.documents)} documents, {record['seconds']} s)", flush=True)
 
 
 def value_probe_callback(cfg, tokenizer, packed_epochs: int) -> Optional[ValueLossCallback]:
