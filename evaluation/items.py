@@ -36,8 +36,13 @@ def item_row(sample: dict) -> dict:
             "answer": int(sample["target"]), "loglik": loglik, "correct": bool(sample["acc"])}
 
 
-def item_lines(samples: List[dict]) -> str:
-    return "".join(json.dumps(item_row(s)) + "\n" for s in samples)
+def item_lines(samples: List[dict]) -> Optional[str]:
+    """The file's text; None for a task whose samples do not have this shape (a target that is not
+    an option's index, no `acc` metric): such a task simply has no per-item file."""
+    try:
+        return "".join(json.dumps(item_row(s)) + "\n" for s in samples)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
 
 
 @dataclass

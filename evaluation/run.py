@@ -290,8 +290,9 @@ def publish(records: List[dict], samples: dict, out_dir: Path, keep_samples: boo
         if task in samples and keep_samples:
             lines = "".join(json.dumps(s, default=str) + "\n" for s in samples[task])
             write_atomic(out_dir / f"{task}.samples.jsonl", lines)
-        if task in samples and record["output_type"] == "multiple_choice":
-            write_atomic(items_path(out_dir, task), item_lines(samples[task]))
+        items = item_lines(samples[task]) if task in samples and record["output_type"] == "multiple_choice" else None
+        if items is not None:
+            write_atomic(items_path(out_dir, task), items)
         write_atomic(out_dir / f"{task}.json", json.dumps(record, indent=2, default=str) + "\n")
         if pause:
             print(f"wrote {out_dir / task}.json; the next in {pause:g}s", flush=True)

@@ -108,3 +108,14 @@ def test_storage_probe_per_epoch_is_reported(report):
     assert [r["loss"] for r in probes["mixed"]] == [3.2, 2.7]
     assert "| pit-held | 3.200 | 2.500 | 1.900 | 1.400 |" in md
     assert "| mixed | 3.200 | 2.700 | – | – |" in md
+
+
+def test_an_item_line_is_the_logged_sample_and_an_odd_task_gets_no_file():
+    from evaluation.items import item_lines
+
+    sample = {"doc_id": 7, "doc": {"fact_id": "iron|lattice_a"}, "target": 2, "acc": 1.0,
+              "filtered_resps": [[-1.0, False], [-2.0, False], [-0.5, True]]}
+    assert json.loads(item_lines([sample])) == {"doc_id": 7, "fact": "iron|lattice_a", "answer": 2,
+                                                "loglik": [-1.0, -2.0, -0.5], "correct": True}
+    assert json.loads(item_lines([dict(sample, doc={})]))["fact"] == "7"  # no fact_id: its own fact
+    assert item_lines([dict(sample, target="Paris")]) is None  # a target that is not an option's index
