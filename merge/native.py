@@ -1,7 +1,10 @@
-"""Optional C loops for the two hottest bf16 steps of a merge: rounding float32 values to bf16
-in place (after every op of a bf16 merge: 5-13 times per element) and encoding float32 to bf16
-bytes. numpy needs 5 passes over a block for each; the C loop needs one, with the same bits
-(integer round-to-nearest-even on the float32 bit pattern; no floating point is involved).
+"""Optional C loops for the hottest bf16 steps of a merge: decoding bf16 bytes to float32,
+rounding float32 values to bf16 in place (after every op of a bf16 merge: 5-13 times per
+element), encoding float32 to bf16 bytes, and the whole elementwise chains of nuslerp and
+model_stock. numpy needs 2-5 passes over a block for each step, and a pass per op of a chain;
+each C loop needs one, with the same bits: the rounding is integer round-to-nearest-even on
+the float32 bit pattern, and the float ops are single IEEE float32 ops in numpy's order
+(no FMA contraction, no fast-math), as numpy's are.
 
 Built at first use with the system C compiler (`$CC`, else `cc`) into
 ~/.cache/domainforge/ (keyed by the source, the compiler and the machine type; no
@@ -27,9 +30,27 @@ from typing import Optional
 SOURCE = r"""
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
-/* round to nearest even on the 16 dropped bits, in place: numpy's Rounder, one pass */
-void round_bf16(uint32_t *x, size_t n) {
+/* Each loop is built for AVX-512, AVX2 and plain x86-64 and picked at load time (the same bits:
+   no FMA contraction), and written so that the compiler vectorises it. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define VECTOR __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define VECTOR
+#endif
+
+/* round to nearest even on the 16 dropped bits (torch's bf16 rounding of a float32 result) */
+static inline float rnd(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+/* numpy's Rounder, one pass, in place */
+VECTOR void round_bf16(uint32_t *x, size_t n) {
     for (size_t i = 0; i < n; i++) {
         uint32_t u = x[i];
         x[i] = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
@@ -37,18 +58,130 @@ void round_bf16(uint32_t *x, size_t n) {
 }
 
 /* float32 bits -> bf16 bits, rounding as above: merge/io.py's encode, one pass */
-void encode_bf16(const uint32_t *x, uint16_t *out, size_t n) {
+VECTOR void encode_bf16(const uint32_t *x, uint16_t *out, size_t n) {
     for (size_t i = 0; i < n; i++) {
         uint32_t u = x[i];
         out[i] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
     }
 }
+
+/* bf16 bits -> float32 bits (the top half): merge/io.py's decode, one pass */
+VECTOR void decode_bf16(const uint16_t *src, uint32_t *out, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        out[i] = (uint32_t)src[i] << 16;
+}
+
+/* The fused chains of the bf16 methods below each do what their numpy code does op by op,
+   every op rounded to bf16; one pass instead of two to ten. A coefficient pointer with
+   stride 0 is one value for the block, with stride 1 one value per element (per-row angles). */
+
+/* where mask (0 or 1) is set a, else b, without a branch */
+static inline float pick(uint8_t mask, float a, float b) {
+    uint32_t m = 0u - (uint32_t)mask, ua, ub;
+    memcpy(&ua, &a, 4);
+    memcpy(&ub, &b, 4);
+    ua = (ua & m) | (ub & ~m);
+    memcpy(&a, &ua, 4);
+    return a;
+}
+
+/* x = rnd(x - base): task vectors, model_stock's offsets */
+VECTOR void sub_round_bf16(float *restrict x, const float *restrict base, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        x[i] = rnd(x[i] - base[i]);
+}
+
+/* out = x² in float64 (numpy's square(x, dtype=float64)), for the norms: numpy then sums out
+   as before, so the sums keep their bits */
+VECTOR void square_f64(const float *restrict x, double *restrict out, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        out[i] = (double)x[i] * (double)x[i];
+}
+
+/* out = rnd(a * b): model_stock's pairwise products */
+VECTOR void mul_round_bf16(const float *restrict a, const float *restrict b, float *restrict out, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        out[i] = rnd(a[i] * b[i]);
+}
+
+/* nuslerp's dot terms of the normalised vectors: v0 = rnd(rnd(v0 / n0) * rnd(v1 / n1)) */
+VECTOR void nuslerp_dot_terms(float *restrict v0, const float *restrict v1, const float *restrict n0,
+                              const float *restrict n1, size_t stride, size_t n) {
+    if (stride == 0) {
+        float a = n0[0], b = n1[0];
+        for (size_t i = 0; i < n; i++)
+            v0[i] = rnd(rnd(v0[i] / a) * rnd(v1[i] / b));
+    } else {
+        for (size_t i = 0; i < n; i++)
+            v0[i] = rnd(rnd(v0[i] / n0[i]) * rnd(v1[i] / n1[i]));
+    }
+}
+
+/* nuslerp's interpolation: rnd(rnd(rnd(v0·a) + rnd(v1·b)) / scale), or where colinear
+   rnd(rnd(v0·la) + rnd(v1·lb)); plus base when there is one (unrounded, as the encode rounds) */
+VECTOR void nuslerp_combine(float *restrict v0, const float *restrict v1, const float *restrict base,
+                            const float *restrict a, const float *restrict b, const float *restrict scale,
+                            const uint8_t *restrict colinear, size_t stride, float la, float lb, size_t n) {
+    if (stride == 0 && colinear[0]) {
+        for (size_t i = 0; i < n; i++)
+            v0[i] = rnd(rnd(v0[i] * la) + rnd(v1[i] * lb));
+    } else if (stride == 0) {
+        float ca = a[0], cb = b[0], cs = scale[0];
+        for (size_t i = 0; i < n; i++)
+            v0[i] = rnd(rnd(rnd(v0[i] * ca) + rnd(v1[i] * cb)) / cs);
+    } else {
+        for (size_t i = 0; i < n; i++) {
+            float lerp = rnd(rnd(v0[i] * la) + rnd(v1[i] * lb));
+            float slerp = rnd(rnd(rnd(v0[i] * a[i]) + rnd(v1[i] * b[i])) / scale[i]);
+            v0[i] = pick(colinear[i], lerp, slerp);
+        }
+    }
+    if (base)
+        for (size_t i = 0; i < n; i++)
+            v0[i] = base[i] + v0[i];
+}
+
+/* model_stock's write: average = rnd(rnd(Σ w_j, rounded after each add) / count);
+   out = rnd(average · t) + rnd(w0 · (1 - t)) (unrounded, as the encode rounds), in ws[0] */
+VECTOR static void add_round(float *restrict out, const float *restrict w, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        out[i] = rnd(out[i] + w[i]);
+}
+
+VECTOR void model_stock_combine(const float *restrict w0, float *const *ws, size_t models, float count,
+                                const float *restrict t, const float *restrict one_minus_t, size_t stride, size_t n) {
+    float *restrict out = ws[0];
+    for (size_t j = 1; j < models; j++)
+        add_round(out, ws[j], n);
+    if (stride == 0) {
+        float ct = t[0], cu = one_minus_t[0];
+        for (size_t i = 0; i < n; i++)
+            out[i] = rnd(rnd(out[i] / count) * ct) + rnd(w0[i] * cu);
+    } else {
+        for (size_t i = 0; i < n; i++)
+            out[i] = rnd(rnd(out[i] / count) * t[i]) + rnd(w0[i] * one_minus_t[i]);
+    }
+}
 """
+# no FMA contraction, no fast-math: every op rounds as numpy's does (the same bits)
+FLAGS = ("-O3", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC")
+_P, _N, _F = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_float
+SIGNATURES = {  # every pointer is an array's .ctypes.data
+    "round_bf16": [_P, _N],
+    "encode_bf16": [_P, _P, _N],
+    "decode_bf16": [_P, _P, _N],
+    "sub_round_bf16": [_P, _P, _N],
+    "mul_round_bf16": [_P, _P, _P, _N],
+    "square_f64": [_P, _P, _N],
+    "nuslerp_dot_terms": [_P, _P, _P, _P, _N, _N],
+    "nuslerp_combine": [_P, _P, _P, _P, _P, _P, _P, _N, _F, _F, _N],
+    "model_stock_combine": [_P, _P, _N, _F, _P, _P, _N, _N],
+}
 DISABLE_ENV = "DOMAINFORGE_MERGE_NUMPY_ONLY"  # set to 1: the numpy loops (for comparisons)
 
 
 def _library_path(compiler: str) -> Path:
-    key = hashlib.sha256(f"{SOURCE}\0{compiler}\0{platform.machine()}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{SOURCE}\0{FLAGS}\0{compiler}\0{platform.machine()}".encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "domainforge"
     return cache / f"merge-kernels-{key}.so"
 
@@ -61,7 +194,7 @@ def _build(compiler: str, target: Path) -> None:
         src = Path(tmp) / "kernels.c"
         src.write_text(SOURCE)
         out = Path(tmp) / "kernels.so"
-        subprocess.run([compiler, "-O3", "-shared", "-fPIC", "-o", str(out), str(src)], check=True,
+        subprocess.run([compiler, *FLAGS, "-o", str(out), str(src)], check=True,
                        capture_output=True, timeout=120)
         os.replace(out, target)
 
@@ -84,8 +217,7 @@ def kernels() -> Optional[ctypes.CDLL]:
             err, subprocess.CalledProcessError) and err.stderr else [str(err)]
         print(f"merge: bf16 loops run in numpy (slower, same bytes): {(reason or [''])[0][:160]}", file=sys.stderr)
         return None
-    lib.round_bf16.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    lib.round_bf16.restype = None
-    lib.encode_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-    lib.encode_bf16.restype = None
+    for name, args in SIGNATURES.items():
+        getattr(lib, name).argtypes = args
+        getattr(lib, name).restype = None
     return lib

@@ -170,6 +170,12 @@ class Rounder:
         decode(encode(flat, self.dtype, self._out, self._scratch), self.dtype, flat)
         return x
 
+    @property
+    def fused(self):
+        """merge/native.py's C loops for fused bf16 chains (BF16 work with a compiler), else None:
+        the methods then run their numpy ops, with the same bits."""
+        return self._lib
+
     def scalar(self, value: float) -> float:
         """A scalar rounded to the working dtype (a 0-dim torch tensor of it)."""
         if self.dtype == "F64":
@@ -214,6 +220,7 @@ class Groups:
             self.count, self.size = numel // int(shape[0]), int(shape[0])
         else:
             self.size, self.count = numel, 1
+        self._squares = np.empty(0, np.float64)
 
     def index(self, offset: int, n: int) -> Optional[np.ndarray]:
         """Group of each element [offset, offset+n); None for one group."""
@@ -231,10 +238,32 @@ class Groups:
         else:
             acc += np.bincount(index, weights=values, minlength=self.count)
 
+    def add_squares(self, acc: np.ndarray, index: Optional[np.ndarray], x: np.ndarray, fused=None) -> None:
+        """acc[group] += Σ x² per group, squared and summed in float64 (torch.norm's float
+        accumulation); `fused` (Rounder.fused) squares in one C pass, the sums stay numpy's."""
+        if fused is None:
+            self.add(acc, index, np.square(x, dtype=np.float64))
+            return
+        n = x.shape[0]
+        if self._squares.shape[0] < n:
+            self._squares = np.empty(n, np.float64)
+        squares = self._squares[:n]
+        fused.square_f64(x.ctypes.data, squares.ctypes.data, n)
+        self.add(acc, index, squares)
+
     @staticmethod
     def pick(per_group: np.ndarray, index: Optional[np.ndarray]):
         """Per-element values of a per-group array (a scalar for one group)."""
         return per_group[0] if index is None else per_group[index]
+
+    @staticmethod
+    def operands(index: Optional[np.ndarray], *per_group: np.ndarray) -> Tuple[List[np.ndarray], int]:
+        """Per-group arrays as merge/native.py's fused loops take them, with their stride: one
+        value per element of the block (stride 1), or the one group's value (stride 0). Keep
+        the arrays alive while the loop runs."""
+        if index is None:
+            return [np.ascontiguousarray(a[:1]) for a in per_group], 0
+        return [np.ascontiguousarray(a[index]) for a in per_group], 1
 
 
 # ---------------------------------------------------------------------------------------------
