@@ -141,6 +141,74 @@ VECTOR void nuslerp_combine(float *restrict v0, const float *restrict v1, const 
             v0[i] = base[i] + v0[i];
 }
 
+/* The task-arithmetic family's write from its task vectors d_j (rounded to bf16), in two
+   steps. `ta_weigh`, per model, in place: d_j·mask_j (the mask as 0/1 floats), rnd(d_j·ratio_j)
+   where rescaled, rnd(d_j·w_j). `task_arithmetic_mix`: with sign consensus (TIES) the d_j that
+   agree with the sign of their float32 sum are summed from 0, as are their weights (the
+   divisor; 0 -> 1), each sum then rounded; else the d_j summed and rounded, over the given
+   divisor; rnd(mix / divisor) when normalising (x / 1 and rnd of a rounded value change no
+   bit, so the unnormalised and unscaled cases run the same loop), rnd(mix·scale); base + mix
+   (unrounded, as the encode rounds), into base. */
+VECTOR void ta_weigh(float *restrict d, const uint8_t *restrict mask, int rescaled, float ratio, float w, size_t n) {
+    if (mask && rescaled)
+        for (size_t i = 0; i < n; i++)
+            d[i] = rnd(rnd(d[i] * (float)mask[i] * ratio) * w);
+    else if (mask)
+        for (size_t i = 0; i < n; i++)
+            d[i] = rnd(d[i] * (float)mask[i] * w);
+    else if (rescaled)
+        for (size_t i = 0; i < n; i++)
+            d[i] = rnd(rnd(d[i] * ratio) * w);
+    else
+        for (size_t i = 0; i < n; i++)
+            d[i] = rnd(d[i] * w);
+}
+
+static inline float ta_finish(float mix, float div, float scale) {
+    return rnd(rnd(mix / div) * scale);
+}
+
+static inline void ta_consensus(float *restrict base, const float *const *ds, const float *weights, size_t models,
+                                int normalize, float scale, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        float total = ds[0][i], mix = 0.0f, div = 0.0f;
+        for (size_t j = 1; j < models; j++)
+            total = total + ds[j][i];
+        uint8_t positive = total >= 0.0f;
+        for (size_t j = 0; j < models; j++) {
+            float v = ds[j][i];
+            float agree = (float)(((uint8_t)(v > 0.0f) == positive) & (v != 0.0f));
+            mix = mix + v * agree;
+            div = div + agree * weights[j];
+        }
+        div = rnd(div);
+        div = div == 0.0f ? 1.0f : div;
+        base[i] = base[i] + ta_finish(rnd(mix), normalize ? div : 1.0f, scale);
+    }
+}
+
+static inline void ta_linear(float *restrict base, const float *const *ds, size_t models, float divisor, float scale,
+                             size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        float mix = ds[0][i];
+        for (size_t j = 1; j < models; j++)
+            mix = mix + ds[j][i];
+        base[i] = base[i] + ta_finish(rnd(mix), divisor, scale);
+    }
+}
+
+VECTOR void task_arithmetic_mix(float *restrict base, const float *const *ds, const float *weights, size_t models,
+                                int consensus, int normalize, float divisor, float scale, size_t n) {
+    if (consensus && models == 2)
+        ta_consensus(base, ds, weights, 2, normalize, scale, n);
+    else if (consensus)
+        ta_consensus(base, ds, weights, models, normalize, scale, n);
+    else if (models == 2)
+        ta_linear(base, ds, 2, divisor, scale, n);
+    else
+        ta_linear(base, ds, models, divisor, scale, n);
+}
+
 /* model_stock's write: average = rnd(rnd(Σ w_j, rounded after each add) / count);
    out = rnd(average · t) + rnd(w0 · (1 - t)) (unrounded, as the encode rounds), in ws[0] */
 VECTOR static void add_round(float *restrict out, const float *restrict w, size_t n) {
@@ -176,6 +244,8 @@ SIGNATURES = {  # every pointer is an array's .ctypes.data
     "nuslerp_dot_terms": [_P, _P, _P, _P, _N, _N],
     "nuslerp_combine": [_P, _P, _P, _P, _P, _P, _P, _N, _F, _F, _N],
     "model_stock_combine": [_P, _P, _N, _F, _P, _P, _N, _N],
+    "ta_weigh": [_P, _P, ctypes.c_int, _F, _F, _N],
+    "task_arithmetic_mix": [_P, _P, _P, _N, ctypes.c_int, ctypes.c_int, _F, _F, _N],
 }
 DISABLE_ENV = "DOMAINFORGE_MERGE_NUMPY_ONLY"  # set to 1: the numpy loops (for comparisons)
 

@@ -1,7 +1,7 @@
 """merge/native.py: the C loops give the numpy loops' bits on every kind of float32 (rounding
 ties both ways, subnormals, the largest finite values, inf, nan), nuslerp's and model_stock's
-fused chains give their numpy ops' bits in every mode, and without a C compiler the merge
-falls back to numpy after one line."""
+fused chains and the task-arithmetic family's write give their numpy ops' bits in every
+mode, and without a C compiler the merge falls back to numpy after one line."""
 
 from __future__ import annotations
 
@@ -89,12 +89,24 @@ FUSED_CASES = [
     ("model_stock", {"filter_wise": False}, True),
     ("model_stock", {"filter_wise": True}, True),
 ]
+TA = {"weight": [0.5, 0.75, 0.25], "density": [1.0, 0.5, 0.7], "normalize": False, "rescale": False, "lambda": 1.0,
+      "int8_mask": False}
+FUSED_CASES += [  # the task-arithmetic family: three models (the general loops; two take their own)
+    ("task_arithmetic", {**TA, "lambda": 0.7}, True),
+    ("task_arithmetic", {**TA, "normalize": True, "weight": [0.5, 0.75]}, True),
+    ("ties", {**TA, "normalize": True, "lambda": 0.6}, True),
+    ("ties", {**TA, "weight": [0.5, 0.5], "density": [0.5, 0.5]}, True),
+    ("dare_ties", {**TA, "rescale": True, "lambda": 1.5}, True),
+    ("dare_linear", {**TA, "rescale": True, "normalize": True}, True),
+    ("breadcrumbs_ties", {**TA, "gamma": [0.01, 0.01, 0.05]}, True),
+    ("della", {**TA, "rescale": True, "normalize": True, "epsilon": [0.1, 0.1, 0.2], "density": [0.5, 0.5, 0.4]}, True),
+]
 
 
 @pytest.mark.parametrize("method,params,has_base", FUSED_CASES)
 def test_fused_chains_give_the_numpy_bits(c_loops, monkeypatch, method, params, has_base):
     models = task_vector_models(48, 96)
-    if method == "model_stock":
+    if method == "model_stock" or len(params.get("weight", ())) == 3:
         models.append(models[2][::-1].copy())  # three models: three pairs
     if not has_base:
         models = models[1:]
@@ -105,7 +117,7 @@ def test_fused_chains_give_the_numpy_bits(c_loops, monkeypatch, method, params, 
     numpy_job, numpy_ops = run()
     assert np.isfinite(numpy_ops).mean() > 0.99
     assert np.array_equal(fused.view(np.uint32), numpy_ops.view(np.uint32))
-    for sums in ("sq0", "sq1", "dot", "sq", "dots"):  # the float64 reductions, before they are rounded
+    for sums in ("sq0", "sq1", "dot", "sq", "dots", "before", "after"):  # the float64 reductions, before they are rounded
         if hasattr(numpy_job, sums):
             assert np.array_equal(np.asarray(getattr(fused_job, sums)), np.asarray(getattr(numpy_job, sums))), sums
 

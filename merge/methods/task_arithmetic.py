@@ -21,6 +21,7 @@ Passes over the inputs before the writing pass:
 
 from __future__ import annotations
 
+import ctypes
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -131,6 +132,11 @@ class TaskArithmeticJob(TensorJob):
     def deltas(self, xs: List[np.ndarray]) -> List[np.ndarray]:
         """d_i = x_i - base, in place in xs[1:]."""
         base = xs[0]
+        fused = self.rnd.fused
+        if fused is not None:  # merge/native.py: the same bits in one pass
+            for x in xs[1:]:
+                fused.sub_round_bf16(x.ctypes.data, base.ctypes.data, x.shape[0])
+            return xs[1:]
         return [self.rnd(np.subtract(x, base, out=x)) for x in xs[1:]]
 
     def masks(self, ds: List[np.ndarray], offset: int) -> List[Optional[np.ndarray]]:
@@ -228,8 +234,34 @@ class TaskArithmeticJob(TensorJob):
         self.ratio = [l1_ratio(self.rnd, b, a) if self.active[i] else None
                       for i, (b, a) in enumerate(zip(self.before, self.after))]
 
+    def linear_divisor(self) -> np.float32:
+        """The divisor of a mix without sign consensus: the weights' sum in the working dtype."""
+        total_w = np.float32(0)
+        for w in self.weights:
+            total_w = np.float32(total_w + np.float32(w))
+        divisor = np.float32(self.rnd.scalar(total_w))
+        return np.float32(1) if abs(divisor) < 1e-8 else divisor
+
+    def fused_combine(self, xs, offset):
+        """combine's ops after the task vectors, rounded alike, in C loops (merge/native.py): one
+        pass per model, then one for the mix."""
+        fused, base = self.rnd.fused, xs[0]
+        ds = self.deltas(xs)
+        for d, mask, ratio, w in zip(ds, self.masks(ds, offset), self.ratio, self.weights):
+            mask = None if mask is None else np.ascontiguousarray(mask)
+            fused.ta_weigh(d.ctypes.data, None if mask is None else mask.ctypes.data, ratio is not None,
+                           1.0 if ratio is None else ratio, w, d.shape[0])
+        k = len(ds)
+        divisor = np.float32(1) if self.m.consensus or not self.normalize else self.linear_divisor()
+        fused.task_arithmetic_mix(base.ctypes.data, (ctypes.c_void_p * k)(*[d.ctypes.data for d in ds]),
+                                  (ctypes.c_float * k)(*self.weights), k, int(self.m.consensus),
+                                  int(self.normalize), divisor, np.float32(self.scale), base.shape[0])
+        return base
+
     def combine(self, xs, offset):
         rnd = self.rnd
+        if rnd.fused is not None:
+            return self.fused_combine(xs, offset)
         base = xs[0]
         ds = self.sparsified(self.deltas(xs), offset)
         for d, w in zip(ds, self.weights):
@@ -258,12 +290,7 @@ class TaskArithmeticJob(TensorJob):
             for d in ds[1:]:
                 np.add(mixed, d, out=mixed)
             rnd(mixed)
-            total_w = np.float32(0)
-            for w in self.weights:
-                total_w = np.float32(total_w + np.float32(w))
-            divisor = np.float32(rnd.scalar(total_w))
-            if abs(divisor) < 1e-8:
-                divisor = np.float32(1)
+            divisor = self.linear_divisor()
         if self.normalize:
             rnd(np.divide(mixed, divisor, out=mixed))
         if self.scale != 1:
