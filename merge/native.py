@@ -98,6 +98,14 @@ VECTOR void square_f64(const float *restrict x, double *restrict out, size_t n) 
         out[i] = (double)x[i] * (double)x[i];
 }
 
+/* hist[d] += 1 for each first 16-bit digit d of |x|'s float32 bits (inverted when descending):
+   the first pass of RankWindow's radix select, which numpy does in five */
+VECTOR void magnitude_histogram(const uint32_t *restrict x, int descending, int64_t *restrict hist, size_t n) {
+    uint32_t flip = descending ? 0xFFFFFFFFu : 0u;
+    for (size_t i = 0; i < n; i++)
+        hist[((x[i] & 0x7FFFFFFFu) ^ flip) >> 16]++;
+}
+
 /* out = rnd(a * b): model_stock's pairwise products */
 VECTOR void mul_round_bf16(const float *restrict a, const float *restrict b, float *restrict out, size_t n) {
     for (size_t i = 0; i < n; i++)
@@ -241,6 +249,7 @@ SIGNATURES = {  # every pointer is an array's .ctypes.data
     "sub_round_bf16": [_P, _P, _N],
     "mul_round_bf16": [_P, _P, _P, _N],
     "square_f64": [_P, _P, _N],
+    "magnitude_histogram": [_P, ctypes.c_int, _P, _N],
     "nuslerp_dot_terms": [_P, _P, _P, _P, _N, _N],
     "nuslerp_combine": [_P, _P, _P, _P, _P, _P, _P, _N, _F, _F, _N],
     "model_stock_combine": [_P, _P, _N, _F, _P, _P, _N, _N],

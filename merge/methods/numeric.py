@@ -336,20 +336,34 @@ class RankWindow:
         k = magnitudes.view(self.utype)
         return ~k if self.descending else k  # descending = ascending on inverted bits; ties keep index order
 
-    def reduce(self, pass_index: int, magnitudes: np.ndarray) -> None:
-        keys = self.keys(magnitudes)
+    def reduce_values(self, pass_index: int, values: np.ndarray, fused=None) -> None:
+        """`reduce` of |values|; `fused` (Rounder.fused) counts the first digit of float32
+        magnitudes in one C pass (the same counts: a histogram has no order)."""
+        if fused is None or pass_index or values.dtype != np.float32 or self.utype != np.uint32:
+            self.reduce(pass_index, np.abs(values))
+            return
+        hist = np.zeros(1 << self.DIGIT, np.int64)
+        fused.magnitude_histogram(values.ctypes.data, int(self.descending), hist.ctypes.data, values.shape[0])
+        self.reduce(pass_index, None, hist)
+
+    def reduce(self, pass_index: int, magnitudes: Optional[np.ndarray], first_digits: Optional[np.ndarray] = None) -> None:
+        """Count the block's digits at this pass; `first_digits`: pass 0's counts, already made."""
+        keys = self.keys(magnitudes) if first_digits is None else None
         shift = self.bits - self.DIGIT * (pass_index + 1)
         for t in range(2):
             if not self.bounded[t]:
                 continue
             if t == 1 and self.bounded[0] and self.prefix[1] == self.prefix[0] and self.below[1] == self.below[0]:
                 continue  # same candidates as target 0: share its histogram
-            if pass_index == 0:
-                sel = keys
+            if first_digits is not None:
+                hist = first_digits
             else:
-                sel = keys[(keys >> self.utype(shift + self.DIGIT)) == self.utype(self.prefix[t])]
-            digits = ((sel >> self.utype(shift)) & self.utype(0xFFFF)).astype(np.int64)
-            hist = np.bincount(digits, minlength=1 << self.DIGIT)
+                if pass_index == 0:
+                    sel = keys
+                else:
+                    sel = keys[(keys >> self.utype(shift + self.DIGIT)) == self.utype(self.prefix[t])]
+                digits = ((sel >> self.utype(shift)) & self.utype(0xFFFF)).astype(np.int64)
+                hist = np.bincount(digits, minlength=1 << self.DIGIT)
             self._hist[t] = hist if self._hist[t] is None else self._hist[t] + hist
 
     def end_pass(self, pass_index: int) -> None:

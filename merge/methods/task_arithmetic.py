@@ -214,7 +214,7 @@ class TaskArithmeticJob(TensorJob):
         if pass_index < self.rank_passes:
             for w, d in zip(self.windows, ds):
                 if w is not None and pass_index < w.passes:
-                    w.reduce(pass_index, np.abs(d))
+                    w.reduce_values(pass_index, d, self.rnd.fused)
             return
         masks = self.masks(ds, offset)
         if self.keep_masks:
