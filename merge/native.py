@@ -106,6 +106,62 @@ VECTOR void magnitude_histogram(const uint32_t *restrict x, int descending, int6
         hist[((x[i] & 0x7FFFFFFFu) ^ flip) >> 16]++;
 }
 
+/* della's keep thresholds of whole rows: limit[i] = table[rank of element i in its row], ranks
+   by bf16 magnitude ((x & 0x7FFFFFFF) >> 16), ties in index order: numpy's stable argsort of
+   the 16-bit keys, here a counting sort (stable) over the row's key range, or, where that range
+   passes RANGE, an LSD radix sort on the two bytes. scratch: 2·row + RANGE + 1 */
+#define RANGE 8192
+static inline uint32_t della_key(uint32_t x) {
+    return (x & 0x7FFFFFFFu) >> 16;
+}
+
+static void della_radix(const uint32_t *x, size_t row, uint32_t *by_low, uint32_t *order) {
+    uint32_t low[257] = {0}, high[257] = {0};
+    for (size_t i = 0; i < row; i++) {
+        uint32_t k = della_key(x[i]);
+        low[(k & 0xFFu) + 1]++;
+        high[(k >> 8) + 1]++;
+    }
+    for (size_t b = 1; b < 257; b++) {
+        low[b] += low[b - 1];
+        high[b] += high[b - 1];
+    }
+    for (size_t i = 0; i < row; i++)
+        by_low[low[della_key(x[i]) & 0xFFu]++] = (uint32_t)i;
+    for (size_t j = 0; j < row; j++) {
+        uint32_t i = by_low[j];
+        order[high[della_key(x[i]) >> 8]++] = i;
+    }
+}
+
+void della_limits(const uint32_t *d, size_t rows, size_t row, const uint32_t *table, uint32_t *limit,
+                  uint32_t *scratch) {
+    uint32_t *keys = scratch, *order = scratch + row, *count = scratch + 2 * row;
+    for (size_t r = 0; r < rows; r++) {
+        const uint32_t *x = d + r * row;
+        uint32_t lo = 0xFFFFFFFFu, hi = 0;
+        for (size_t i = 0; i < row; i++) {
+            uint32_t k = della_key(x[i]);
+            keys[i] = k;
+            lo = k < lo ? k : lo;
+            hi = k > hi ? k : hi;
+        }
+        if (hi - lo < RANGE) {
+            memset(count, 0, (hi - lo + 2) * sizeof(uint32_t));
+            for (size_t i = 0; i < row; i++)
+                count[keys[i] - lo + 1]++;
+            for (uint32_t b = 1; b <= hi - lo; b++)
+                count[b] += count[b - 1];
+            for (size_t i = 0; i < row; i++)
+                order[count[keys[i] - lo]++] = (uint32_t)i;
+        } else {
+            della_radix(x, row, keys, order);
+        }
+        for (size_t j = 0; j < row; j++)
+            limit[r * row + order[j]] = table[j];
+    }
+}
+
 /* out = rnd(a * b): model_stock's pairwise products */
 VECTOR void mul_round_bf16(const float *restrict a, const float *restrict b, float *restrict out, size_t n) {
     for (size_t i = 0; i < n; i++)
@@ -250,6 +306,7 @@ SIGNATURES = {  # every pointer is an array's .ctypes.data
     "mul_round_bf16": [_P, _P, _P, _N],
     "square_f64": [_P, _P, _N],
     "magnitude_histogram": [_P, ctypes.c_int, _P, _N],
+    "della_limits": [_P, _N, _N, _P, _P, _P],
     "nuslerp_dot_terms": [_P, _P, _P, _P, _N, _N],
     "nuslerp_combine": [_P, _P, _P, _P, _P, _P, _P, _N, _F, _F, _N],
     "model_stock_combine": [_P, _P, _N, _F, _P, _P, _N, _N],

@@ -30,6 +30,7 @@ from merge.methods.base import DENSITY, IN_0_1, NON_NEGATIVE, MergeMethod, Param
 from merge.methods.numeric import RankWindow, bernoulli, l1_ratio, random_key, random_words, thresholds
 
 MAGNITUDE, RANDOM, OUTLIERS, DELLA = "magnitude", "random", "magnitude_outliers", "della_magprune"
+DELLA_KEY_RANGE = 8192  # merge/native.py's RANGE: della_limits' counting-sort buckets
 KEPT_MASK_BYTES = 32 << 20  # per tensor and worker: a 65M-element embedding of two models is 16 MB
 
 
@@ -189,12 +190,17 @@ class TaskArithmeticJob(TensorJob):
         for i, d in enumerate(ds):
             if not self.active[i]:
                 continue
-            mags = np.abs(d).reshape(rows, row)
-            if self.plan.work_dtype == "BF16":  # bf16 magnitudes sort as 16-bit keys: numpy's radix sort
-                mags = (mags.view(np.uint32) >> 16).astype(np.uint16)
-            order = np.argsort(mags, axis=1, kind="stable")
             limit = np.empty(rows * row, np.uint32)
-            limit[order + starts] = self.della_thresholds(i)[None, :]  # the element of rank j gets table[j]
+            if self.rnd.fused is not None:  # the ranks below by a stable radix sort in C: the same order
+                scratch = np.empty(2 * row + DELLA_KEY_RANGE + 1, np.uint32)
+                self.rnd.fused.della_limits(d.ctypes.data, rows, row, self.della_thresholds(i).ctypes.data,
+                                            limit.ctypes.data, scratch.ctypes.data)
+            else:
+                mags = np.abs(d).reshape(rows, row)
+                if self.plan.work_dtype == "BF16":  # bf16 magnitudes sort as 16-bit keys: numpy's radix sort
+                    mags = (mags.view(np.uint32) >> 16).astype(np.uint16)
+                order = np.argsort(mags, axis=1, kind="stable")
+                limit[order + starts] = self.della_thresholds(i)[None, :]  # the element of rank j gets table[j]
             out[i] = random_words(self.keys[i], offset, n) < limit[lo : lo + n]
         return out
 
