@@ -30,7 +30,10 @@ from typing import Optional
 SOURCE = r"""
 #include <stddef.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
+
+#define COMMA ,
 
 /* Each loop is built for AVX-512, AVX2 and plain x86-64 and picked at load time (the same bits:
    no FMA contraction), and written so that the compiler vectorises it. */
@@ -96,6 +99,77 @@ VECTOR void sub_round_bf16(float *restrict x, const float *restrict base, size_t
 VECTOR void square_f64(const float *restrict x, double *restrict out, size_t n) {
     for (size_t i = 0; i < n; i++)
         out[i] = (double)x[i] * (double)x[i];
+}
+
+/* Sums in float64 with numpy's bits: np.sum(a, dtype=float64) adds, to 0.0, numpy's pairwise
+   sum (8 accumulators up to 128 values, halves above) of the whole array when it is float64,
+   and of each BUFFER-value piece (np.getbufsize()) when float32 values are cast as they are
+   summed. The values are made on the fly from the float32 arrays: VALUE(i) below. */
+#define PAIRWISE(NAME, PARAMS, ARGS, VALUE)                                                      \
+    static double NAME(PARAMS, size_t n) {                                                      \
+        if (n < 8) {                                                                            \
+            double res = 0.;                                                                    \
+            for (size_t i = 0; i < n; i++)                                                      \
+                res += VALUE(i);                                                                \
+            return res;                                                                         \
+        } else if (n <= 128) {                                                                  \
+            double r[8], res;                                                                   \
+            size_t i;                                                                           \
+            for (int j = 0; j < 8; j++)                                                         \
+                r[j] = VALUE(j);                                                                \
+            for (i = 8; i < n - (n % 8); i += 8)                                                \
+                for (int j = 0; j < 8; j++)                                                     \
+                    r[j] += VALUE(i + j);                                                       \
+            res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));            \
+            for (; i < n; i++)                                                                  \
+                res += VALUE(i);                                                                \
+            return res;                                                                         \
+        } else {                                                                                \
+            size_t n2 = n / 2;                                                                  \
+            n2 -= n2 % 8;                                                                       \
+            return NAME(ARGS, n2) + NAME(ARGS##_AT(n2), n - n2);                                \
+        }                                                                                       \
+    }
+
+#define SQUARE(i) ((double)x[i] * (double)x[i])
+#define X_ARGS x
+#define X_ARGS_AT(k) x + (k)
+PAIRWISE(pairwise_squares, const float *x, X_ARGS, SQUARE)
+
+#define VALUE(i) ((double)x[i])
+PAIRWISE(pairwise_values, const float *x, X_ARGS, VALUE)
+
+#define ABS(i) ((double)fabsf(x[i]))
+PAIRWISE(pairwise_abs, const float *x, X_ARGS, ABS)
+
+#define KEPT_ABS(i) ((double)(fabsf(x[i]) * (float)m[i]))
+#define XM_ARGS x, m
+#define XM_ARGS_AT(k) x + (k), m + (k)
+PAIRWISE(pairwise_kept_abs, const float *x COMMA const uint8_t *m, XM_ARGS, KEPT_ABS)
+
+/* np.sum(np.square(x, dtype=float64)): one float64 array, one pairwise sum */
+double sum_squares(const float *x, size_t n) {
+    return 0. + pairwise_squares(x, n);
+}
+
+/* np.sum(x, dtype=float64) of float32 values: buffered pieces */
+double sum_f32(const float *x, size_t n, size_t buffer) {
+    double acc = 0.;
+    for (size_t s = 0; s < n; s += buffer)
+        acc += pairwise_values(x + s, n - s < buffer ? n - s : buffer);
+    return acc;
+}
+
+/* the l1 norms of d before and after its keep-mask m, as np.sum(|d|, dtype=float64) and
+   np.sum(|d|·m, dtype=float64) of the float32 values: out[0], out[1] */
+void sum_abs_kept(const float *x, const uint8_t *m, size_t n, size_t buffer, double *out) {
+    double before = 0., after = 0.;
+    for (size_t s = 0; s < n; s += buffer)
+        before += pairwise_abs(x + s, n - s < buffer ? n - s : buffer);
+    for (size_t s = 0; s < n; s += buffer)
+        after += pairwise_kept_abs(x + s, m + s, n - s < buffer ? n - s : buffer);
+    out[0] = before;
+    out[1] = after;
 }
 
 /* hist[d] += 1 for each first 16-bit digit d of |x|'s float32 bits (inverted when descending):
@@ -306,6 +380,9 @@ SIGNATURES = {  # every pointer is an array's .ctypes.data
     "mul_round_bf16": [_P, _P, _P, _N],
     "square_f64": [_P, _P, _N],
     "magnitude_histogram": [_P, ctypes.c_int, _P, _N],
+    "sum_squares": [_P, _N],
+    "sum_f32": [_P, _N, _N],
+    "sum_abs_kept": [_P, _P, _N, _N, _P],
     "della_limits": [_P, _N, _N, _P, _P, _P],
     "nuslerp_dot_terms": [_P, _P, _P, _P, _N, _N],
     "nuslerp_combine": [_P, _P, _P, _P, _P, _P, _P, _N, _F, _F, _N],
@@ -313,6 +390,7 @@ SIGNATURES = {  # every pointer is an array's .ctypes.data
     "ta_weigh": [_P, _P, ctypes.c_int, _F, _F, _N],
     "task_arithmetic_mix": [_P, _P, _P, _N, ctypes.c_int, ctypes.c_int, _F, _F, _N],
 }
+SUMS = ("sum_squares", "sum_f32")  # return a double
 DISABLE_ENV = "DOMAINFORGE_MERGE_NUMPY_ONLY"  # set to 1: the numpy loops (for comparisons)
 
 
@@ -355,5 +433,5 @@ def kernels() -> Optional[ctypes.CDLL]:
         return None
     for name, args in SIGNATURES.items():
         getattr(lib, name).argtypes = args
-        getattr(lib, name).restype = None
+        getattr(lib, name).restype = ctypes.c_double if name in SUMS else None
     return lib

@@ -63,6 +63,29 @@ def test_c_decoding_gives_the_numpy_floats(c_loops, monkeypatch):
     assert np.array_equal(want.view(np.uint32), np.arange(1 << 16, dtype=np.uint32) << 16)
 
 
+@pytest.mark.parametrize("n", [1, 7, 8, 127, 128, 129, 1000, 8191, 8192, 8193, 100_003, 262_144])
+def test_c_sums_give_numpy_sums(c_loops, n):
+    """numpy's pairwise sums, of float32 values cast piece by piece and of a float64 array,
+    rebuilt in C: the same float64 bits at every size the blocking changes at."""
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * 10.0 ** rng.integers(-4, 4, n)).astype(np.float32)
+    mask = rng.random(n) < 0.5
+    groups = numeric.Groups((n,), "flat")
+    got, want = np.zeros(1), np.zeros(1)
+    groups.add(got, None, x, c_loops)
+    groups.add(want, None, x)
+    assert got[0] == want[0]
+    got, want = np.zeros(1), np.zeros(1)
+    groups.add_squares(got, None, x, c_loops)
+    groups.add_squares(want, None, x)
+    assert got[0] == want[0]
+    sums = np.empty(2)
+    c_loops.sum_abs_kept(x.ctypes.data, mask.ctypes.data, n, np.getbufsize(), sums.ctypes.data)
+    a = np.abs(x)
+    assert sums[0] == float(np.sum(a, dtype=np.float64))
+    assert sums[1] == float(np.sum(np.multiply(a, mask), dtype=np.float64))
+
+
 def task_vector_models(rows: int, width: int) -> list:
     """base, a and b of awkward magnitudes (1e-38 .. 1e15, bf16 rounding ties, a few subnormal
     and zero task vectors); b's task vector is 2x a's in every third row, so per-row angles

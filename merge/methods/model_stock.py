@@ -71,7 +71,7 @@ class ModelStockJob(TensorJob):
         for i, o in enumerate(os_):
             self.groups.add_squares(self.sq[i], index, o, self.rnd.fused)  # torch.norm: float accumulation
         for k, (a, b) in enumerate(self.pairs):
-            self.groups.add(self.dots[k], index, self.product(os_[a], os_[b]))
+            self.groups.add(self.dots[k], index, self.product(os_[a], os_[b]), self.rnd.fused)
 
     def end_pass(self, pass_index):
         rnd = self.rnd

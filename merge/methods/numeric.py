@@ -231,18 +231,25 @@ class Groups:
             return positions // self.size
         return positions % self.count
 
-    def add(self, acc: np.ndarray, index: Optional[np.ndarray], values: np.ndarray) -> None:
-        """acc[group] += values summed per group (float64 acc)."""
-        if index is None:
+    def add(self, acc: np.ndarray, index: Optional[np.ndarray], values: np.ndarray, fused=None) -> None:
+        """acc[group] += values summed per group (float64 acc); `fused` (Rounder.fused) sums
+        float32 values in one C pass with numpy's bits (merge/native.py)."""
+        if index is None and fused is not None and values.dtype == np.float32 and values.flags.c_contiguous:
+            acc[0] += fused.sum_f32(values.ctypes.data, values.shape[0], np.getbufsize())
+        elif index is None:
             acc[0] += float(np.sum(values, dtype=np.float64))
         else:
             acc += np.bincount(index, weights=values, minlength=self.count)
 
     def add_squares(self, acc: np.ndarray, index: Optional[np.ndarray], x: np.ndarray, fused=None) -> None:
         """acc[group] += Σ x² per group, squared and summed in float64 (torch.norm's float
-        accumulation); `fused` (Rounder.fused) squares in one C pass, the sums stay numpy's."""
+        accumulation); `fused` (Rounder.fused) squares (and sums one group) in one C pass with
+        numpy's bits."""
         if fused is None:
             self.add(acc, index, np.square(x, dtype=np.float64))
+            return
+        if index is None:
+            acc[0] += fused.sum_squares(x.ctypes.data, x.shape[0])
             return
         n = x.shape[0]
         if self._squares.shape[0] < n:

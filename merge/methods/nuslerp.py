@@ -84,7 +84,7 @@ class NuSlerpJob(TensorJob):
             (n0, n1), stride = Groups.operands(index, self.n0, self.n1)
             rnd.fused.nuslerp_dot_terms(v0.ctypes.data, v1.ctypes.data, n0.ctypes.data, n1.ctypes.data, stride,
                                         v0.shape[0])
-            self.groups.add(self.dot, index, v0)
+            self.groups.add(self.dot, index, v0, rnd.fused)
             return
         u0 = rnd(v0 / Groups.pick(self.n0, index))
         u1 = rnd(v1 / Groups.pick(self.n1, index))
