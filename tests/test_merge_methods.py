@@ -12,34 +12,13 @@ import numpy as np
 import pytest
 import yaml
 from tests.support.env import assert_one_line_error
-from tests.support.merge import run_merge_cli
+from tests.support.merge import merge_arrays, run_merge_cli
 from tests.support.models import load_dir, tiny_llama
 
 from core.errors import UserError
 from merge import methods
-from merge.methods.numeric import RankWindow, Rounder, TensorContext, uniforms
-from merge.plan import TensorPlan
+from merge.methods.numeric import RankWindow, Rounder, uniforms
 from merge.recipe import check_recipe
-
-
-def merge_arrays(method, arrays, params, shape=None, work="F32", block=1000, seed=0, has_base=True):
-    """One tensor through a method's job as merge/stream.py streams it: `passes` reductions over
-    blocks of `block` elements, then the combine pass; arrays[0] is the base when has_base."""
-    flat = [np.asarray(a, np.float32).reshape(-1) for a in arrays]
-    n = flat[0].shape[0]
-    plan = TensorPlan("model.layers.0.mlp.up_proj.weight", tuple(shape or (n,)), work, work,
-                      [(f"m{i}", "w") for i in range(len(flat))], method, dict(params), has_base)
-    rnd = Rounder(work)
-
-    def read(start, count):
-        return [rnd(f[start : start + count].copy()) for f in flat]
-
-    job = methods.get(method).job(plan, TensorContext(np.float32, rnd, read, block, seed))
-    for p in range(job.passes):
-        for lo in range(0, n, block):
-            job.reduce(p, read(lo, min(block, n - lo)), lo)
-        job.end_pass(p)
-    return np.concatenate([job.combine(read(lo, min(block, n - lo)), lo).copy() for lo in range(0, n, block)])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """merge/native.py: the C loops give the numpy loops' bits on every kind of float32 (rounding
-ties both ways, subnormals, the largest finite values, inf, nan), and without a C compiler
-the merge falls back to numpy after one line."""
+ties both ways, subnormals, the largest finite values, inf, nan), nuslerp's and model_stock's
+fused chains and the task-arithmetic family's write give their numpy ops' bits in every
+mode, and without a C compiler the merge falls back to numpy after one line."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from tests.support.merge import run_job
 
 from merge import io, native
 from merge.methods import numeric
@@ -49,6 +52,104 @@ def test_c_encoding_gives_the_numpy_bytes(c_loops, monkeypatch):
     monkeypatch.setattr(io, "kernels", lambda: None)
     want = io.encode(x, "BF16", np.empty(n * 2, np.uint8), np.empty(n, np.uint32))
     assert np.array_equal(got, want)
+
+
+def test_c_decoding_gives_the_numpy_floats(c_loops, monkeypatch):
+    raw = np.arange(1 << 16, dtype=np.uint16).view(np.uint8)  # every bf16 bit pattern
+    got = io.decode(raw, "BF16", np.empty(1 << 16, np.float32)).copy()
+    monkeypatch.setattr(io, "kernels", lambda: None)
+    want = io.decode(raw, "BF16", np.empty(1 << 16, np.float32))
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert np.array_equal(want.view(np.uint32), np.arange(1 << 16, dtype=np.uint32) << 16)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 127, 128, 129, 1000, 8191, 8192, 8193, 100_003, 262_144])
+def test_c_sums_give_numpy_sums(c_loops, n):
+    """numpy's pairwise sums, of float32 values cast piece by piece and of a float64 array,
+    rebuilt in C: the same float64 bits at every size the blocking changes at."""
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * 10.0 ** rng.integers(-4, 4, n)).astype(np.float32)
+    mask = rng.random(n) < 0.5
+    groups = numeric.Groups((n,), "flat")
+    got, want = np.zeros(1), np.zeros(1)
+    groups.add(got, None, x, c_loops)
+    groups.add(want, None, x)
+    assert got[0] == want[0]
+    got, want = np.zeros(1), np.zeros(1)
+    groups.add_squares(got, None, x, c_loops)
+    groups.add_squares(want, None, x)
+    assert got[0] == want[0]
+    sums = np.empty(2)
+    c_loops.sum_abs_kept(x.ctypes.data, mask.ctypes.data, n, np.getbufsize(), sums.ctypes.data)
+    a = np.abs(x)
+    assert sums[0] == float(np.sum(a, dtype=np.float64))
+    assert sums[1] == float(np.sum(np.multiply(a, mask), dtype=np.float64))
+
+
+def task_vector_models(rows: int, width: int) -> list:
+    """base, a and b of awkward magnitudes (1e-38 .. 1e15, bf16 rounding ties, a few subnormal
+    and zero task vectors); b's task vector is 2x a's in every third row, so per-row angles
+    meet both colinear rows (LERP) and the rest in one block."""
+    rng = np.random.default_rng(1)
+    scale = (10.0 ** rng.integers(-15, 15, (rows, 1))).astype(np.float32)
+    base = rng.standard_normal((rows, width)).astype(np.float32) * scale
+    a = base + rng.standard_normal((rows, width)).astype(np.float32) * scale * np.float32(0.1)
+    b = base + rng.standard_normal((rows, width)).astype(np.float32) * scale * np.float32(0.1)
+    b[::3] = base[::3] + 2 * (a[::3] - base[::3])
+    ties = awkward_floats()[1 << 20 :][: rows * width // 4]
+    ties = ties[np.isfinite(ties) & (np.abs(ties) < 1e15)]
+    a.reshape(-1)[: ties.size] = ties
+    a[1] = base[1]  # a zero task vector row
+    a[2] = base[2] + np.float32(1e-39)
+    return [base, a, b]
+
+
+FUSED_CASES = [
+    ("nuslerp", {"weight": [0.5, 0.5], "nuslerp_flatten": True, "nuslerp_row_wise": False}, True),
+    ("nuslerp", {"weight": [0.3, 0.9], "nuslerp_flatten": False, "nuslerp_row_wise": False}, True),
+    ("nuslerp", {"weight": [0.3, 0.9], "nuslerp_flatten": False, "nuslerp_row_wise": True}, True),
+    ("nuslerp", {"weight": [0.5, 0.25], "nuslerp_flatten": False, "nuslerp_row_wise": False}, False),
+    ("model_stock", {"filter_wise": False}, True),
+    ("model_stock", {"filter_wise": True}, True),
+]
+TA = {"weight": [0.5, 0.75, 0.25], "density": [1.0, 0.5, 0.7], "normalize": False, "rescale": False, "lambda": 1.0,
+      "int8_mask": False}
+FUSED_CASES += [  # the task-arithmetic family: three models (the general loops; two take their own)
+    ("task_arithmetic", {**TA, "lambda": 0.7}, True),
+    ("task_arithmetic", {**TA, "normalize": True, "weight": [0.5, 0.75]}, True),
+    ("ties", {**TA, "normalize": True, "lambda": 0.6}, True),
+    ("ties", {**TA, "weight": [0.5, 0.5], "density": [0.5, 0.5]}, True),
+    ("dare_ties", {**TA, "rescale": True, "lambda": 1.5}, True),
+    ("dare_linear", {**TA, "rescale": True, "normalize": True}, True),
+    ("breadcrumbs_ties", {**TA, "gamma": [0.01, 0.01, 0.05]}, True),
+    ("della", {**TA, "rescale": True, "normalize": True, "epsilon": [0.1, 0.1, 0.2], "density": [0.5, 0.5, 0.4]}, True),
+]
+
+
+@pytest.mark.parametrize("method,params,has_base", FUSED_CASES)
+def test_fused_chains_give_the_numpy_bits(c_loops, monkeypatch, method, params, has_base):
+    models = task_vector_models(48, 96)
+    if method == "model_stock" or len(params.get("weight", ())) == 3:
+        models.append(models[2][::-1].copy())  # three models: three pairs
+    if not has_base:
+        models = models[1:]
+    run = lambda: run_job(method, models, params, shape=(48, 96), work="BF16", block=1000, has_base=has_base)
+    fused_job, fused = run()
+    assert fused_job.rnd.fused is not None
+    monkeypatch.setattr(numeric.Rounder, "fused", property(lambda self: None))
+    numpy_job, numpy_ops = run()
+    assert np.isfinite(numpy_ops).mean() > 0.99
+    assert np.array_equal(fused.view(np.uint32), numpy_ops.view(np.uint32))
+    for sums in ("sq0", "sq1", "dot", "sq", "dots", "before", "after"):  # the float64 reductions, before they are rounded
+        if hasattr(numpy_job, sums):
+            assert np.array_equal(np.asarray(getattr(fused_job, sums)), np.asarray(getattr(numpy_job, sums))), sums
+
+
+def test_nuslerp_rows_meet_both_branches():
+    """The fused-chain test's per-row nuslerp has colinear rows and others in one block."""
+    params = {"weight": [0.3, 0.9], "nuslerp_flatten": False, "nuslerp_row_wise": False}
+    job, _ = run_job("nuslerp", task_vector_models(48, 96), params, shape=(48, 96), work="BF16", block=1000)
+    assert job.colinear.any() and not job.colinear.all()
 
 
 def test_without_a_compiler_numpy_runs_after_one_line(tmp_path, monkeypatch, capsys):

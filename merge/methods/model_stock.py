@@ -11,6 +11,7 @@ before the writing pass.
 
 from __future__ import annotations
 
+import ctypes
 from itertools import combinations
 
 import numpy as np
@@ -42,19 +43,35 @@ class ModelStockJob(TensorJob):
         self.sq = [np.zeros(g) for _ in range(self.n)]
         self.pairs = list(combinations(range(self.n), 2))
         self.dots = [np.zeros(g) for _ in self.pairs]
+        self._product = np.empty(0, np.float32)
 
     def offsets(self, xs):
         w0 = xs[0]
+        fused = self.rnd.fused
+        if fused is not None:  # merge/native.py: the same bits in one pass
+            for x in xs[1:]:
+                fused.sub_round_bf16(x.ctypes.data, w0.ctypes.data, x.shape[0])
+            return xs[1:]
         return [self.rnd(np.subtract(x, w0, out=x)) for x in xs[1:]]
+
+    def product(self, a, b):
+        """rnd(a·b), an elementwise op in the working dtype, into a reused buffer."""
+        fused = self.rnd.fused
+        if fused is None:
+            return self.rnd(np.multiply(a, b))
+        if self._product.shape[0] < a.shape[0]:
+            self._product = np.empty(a.shape[0], np.float32)
+        out = self._product[: a.shape[0]]
+        fused.mul_round_bf16(a.ctypes.data, b.ctypes.data, out.ctypes.data, a.shape[0])
+        return out
 
     def reduce(self, pass_index, xs, offset):
         index = self.groups.index(offset, xs[0].shape[0])
         os_ = self.offsets(xs)
         for i, o in enumerate(os_):
-            self.groups.add(self.sq[i], index, np.square(o, dtype=np.float64))  # torch.norm: float accumulation
+            self.groups.add_squares(self.sq[i], index, o, self.rnd.fused)  # torch.norm: float accumulation
         for k, (a, b) in enumerate(self.pairs):
-            product = self.rnd(np.multiply(os_[a], os_[b]))  # an elementwise op in the working dtype
-            self.groups.add(self.dots[k], index, product)
+            self.groups.add(self.dots[k], index, self.product(os_[a], os_[b]), self.rnd.fused)
 
     def end_pass(self, pass_index):
         rnd = self.rnd
@@ -76,6 +93,12 @@ class ModelStockJob(TensorJob):
         rnd = self.rnd
         index = self.groups.index(offset, xs[0].shape[0])
         w0, ws = xs[0], xs[1:]
+        if rnd.fused is not None:  # the ops below, rounded alike, in one pass (merge/native.py)
+            (t, one_minus_t), stride = Groups.operands(index, self.t, self.one_minus_t)
+            models = (ctypes.c_void_p * len(ws))(*[w.ctypes.data for w in ws])
+            rnd.fused.model_stock_combine(w0.ctypes.data, models, len(ws), np.float32(self.n), t.ctypes.data,
+                                          one_minus_t.ctypes.data, stride, w0.shape[0])
+            return ws[0]
         average = ws[0]
         for w in ws[1:]:
             rnd(np.add(average, w, out=average))

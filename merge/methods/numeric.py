@@ -170,6 +170,12 @@ class Rounder:
         decode(encode(flat, self.dtype, self._out, self._scratch), self.dtype, flat)
         return x
 
+    @property
+    def fused(self):
+        """merge/native.py's C loops for fused bf16 chains (BF16 work with a compiler), else None:
+        the methods then run their numpy ops, with the same bits."""
+        return self._lib
+
     def scalar(self, value: float) -> float:
         """A scalar rounded to the working dtype (a 0-dim torch tensor of it)."""
         if self.dtype == "F64":
@@ -214,6 +220,7 @@ class Groups:
             self.count, self.size = numel // int(shape[0]), int(shape[0])
         else:
             self.size, self.count = numel, 1
+        self._squares = np.empty(0, np.float64)
 
     def index(self, offset: int, n: int) -> Optional[np.ndarray]:
         """Group of each element [offset, offset+n); None for one group."""
@@ -224,17 +231,46 @@ class Groups:
             return positions // self.size
         return positions % self.count
 
-    def add(self, acc: np.ndarray, index: Optional[np.ndarray], values: np.ndarray) -> None:
-        """acc[group] += values summed per group (float64 acc)."""
-        if index is None:
+    def add(self, acc: np.ndarray, index: Optional[np.ndarray], values: np.ndarray, fused=None) -> None:
+        """acc[group] += values summed per group (float64 acc); `fused` (Rounder.fused) sums
+        float32 values in one C pass with numpy's bits (merge/native.py)."""
+        if index is None and fused is not None and values.dtype == np.float32 and values.flags.c_contiguous:
+            acc[0] += fused.sum_f32(values.ctypes.data, values.shape[0], np.getbufsize())
+        elif index is None:
             acc[0] += float(np.sum(values, dtype=np.float64))
         else:
             acc += np.bincount(index, weights=values, minlength=self.count)
+
+    def add_squares(self, acc: np.ndarray, index: Optional[np.ndarray], x: np.ndarray, fused=None) -> None:
+        """acc[group] += Σ x² per group, squared and summed in float64 (torch.norm's float
+        accumulation); `fused` (Rounder.fused) squares (and sums one group) in one C pass with
+        numpy's bits."""
+        if fused is None:
+            self.add(acc, index, np.square(x, dtype=np.float64))
+            return
+        if index is None:
+            acc[0] += fused.sum_squares(x.ctypes.data, x.shape[0])
+            return
+        n = x.shape[0]
+        if self._squares.shape[0] < n:
+            self._squares = np.empty(n, np.float64)
+        squares = self._squares[:n]
+        fused.square_f64(x.ctypes.data, squares.ctypes.data, n)
+        self.add(acc, index, squares)
 
     @staticmethod
     def pick(per_group: np.ndarray, index: Optional[np.ndarray]):
         """Per-element values of a per-group array (a scalar for one group)."""
         return per_group[0] if index is None else per_group[index]
+
+    @staticmethod
+    def operands(index: Optional[np.ndarray], *per_group: np.ndarray) -> Tuple[List[np.ndarray], int]:
+        """Per-group arrays as merge/native.py's fused loops take them, with their stride: one
+        value per element of the block (stride 1), or the one group's value (stride 0). Keep
+        the arrays alive while the loop runs."""
+        if index is None:
+            return [np.ascontiguousarray(a[:1]) for a in per_group], 0
+        return [np.ascontiguousarray(a[index]) for a in per_group], 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,20 +343,34 @@ class RankWindow:
         k = magnitudes.view(self.utype)
         return ~k if self.descending else k  # descending = ascending on inverted bits; ties keep index order
 
-    def reduce(self, pass_index: int, magnitudes: np.ndarray) -> None:
-        keys = self.keys(magnitudes)
+    def reduce_values(self, pass_index: int, values: np.ndarray, fused=None) -> None:
+        """`reduce` of |values|; `fused` (Rounder.fused) counts the first digit of float32
+        magnitudes in one C pass (the same counts: a histogram has no order)."""
+        if fused is None or pass_index or values.dtype != np.float32 or self.utype != np.uint32:
+            self.reduce(pass_index, np.abs(values))
+            return
+        hist = np.zeros(1 << self.DIGIT, np.int64)
+        fused.magnitude_histogram(values.ctypes.data, int(self.descending), hist.ctypes.data, values.shape[0])
+        self.reduce(pass_index, None, hist)
+
+    def reduce(self, pass_index: int, magnitudes: Optional[np.ndarray], first_digits: Optional[np.ndarray] = None) -> None:
+        """Count the block's digits at this pass; `first_digits`: pass 0's counts, already made."""
+        keys = self.keys(magnitudes) if first_digits is None else None
         shift = self.bits - self.DIGIT * (pass_index + 1)
         for t in range(2):
             if not self.bounded[t]:
                 continue
             if t == 1 and self.bounded[0] and self.prefix[1] == self.prefix[0] and self.below[1] == self.below[0]:
                 continue  # same candidates as target 0: share its histogram
-            if pass_index == 0:
-                sel = keys
+            if first_digits is not None:
+                hist = first_digits
             else:
-                sel = keys[(keys >> self.utype(shift + self.DIGIT)) == self.utype(self.prefix[t])]
-            digits = ((sel >> self.utype(shift)) & self.utype(0xFFFF)).astype(np.int64)
-            hist = np.bincount(digits, minlength=1 << self.DIGIT)
+                if pass_index == 0:
+                    sel = keys
+                else:
+                    sel = keys[(keys >> self.utype(shift + self.DIGIT)) == self.utype(self.prefix[t])]
+                digits = ((sel >> self.utype(shift)) & self.utype(0xFFFF)).astype(np.int64)
+                hist = np.bincount(digits, minlength=1 << self.DIGIT)
             self._hist[t] = hist if self._hist[t] is None else self._hist[t] + hist
 
     def end_pass(self, pass_index: int) -> None:

@@ -63,18 +63,29 @@ class NuSlerpJob(TensorJob):
         if not self.base:
             return xs[0], xs[1]
         b = xs[0]
+        fused = self.rnd.fused
+        if fused is not None:  # merge/native.py: the same bits in one pass
+            for x in xs[1:]:
+                fused.sub_round_bf16(x.ctypes.data, b.ctypes.data, x.shape[0])
+            return xs[1], xs[2]
         return self.rnd(np.subtract(xs[1], b, out=xs[1])), self.rnd(np.subtract(xs[2], b, out=xs[2]))
 
     def reduce(self, pass_index, xs, offset):
         v0, v1 = self.vectors(xs)
         index = self.groups.index(offset, v0.shape[0])
         if pass_index == 0:
-            self.groups.add(self.sq0, index, np.square(v0, dtype=np.float64))
-            self.groups.add(self.sq1, index, np.square(v1, dtype=np.float64))
+            self.groups.add_squares(self.sq0, index, v0, self.rnd.fused)
+            self.groups.add_squares(self.sq1, index, v1, self.rnd.fused)
             if not self.exact_dot:
                 self.groups.add(self.dot, index, np.multiply(v0, v1, dtype=np.float64))
             return
         rnd = self.rnd
+        if rnd.fused is not None:  # the three ops below, rounded alike, in one pass
+            (n0, n1), stride = Groups.operands(index, self.n0, self.n1)
+            rnd.fused.nuslerp_dot_terms(v0.ctypes.data, v1.ctypes.data, n0.ctypes.data, n1.ctypes.data, stride,
+                                        v0.shape[0])
+            self.groups.add(self.dot, index, v0, rnd.fused)
+            return
         u0 = rnd(v0 / Groups.pick(self.n0, index))
         u1 = rnd(v1 / Groups.pick(self.n1, index))
         self.groups.add(self.dot, index, rnd(np.multiply(u0, u1, out=u0)))
@@ -102,6 +113,8 @@ class NuSlerpJob(TensorJob):
         base = xs[0] if self.base else None
         v0, v1 = self.vectors(xs)
         index = self.groups.index(offset, v0.shape[0])
+        if rnd.fused is not None:
+            return self.fused_combine(base, v0, v1, index)
         colinear = Groups.pick(self.colinear, index)
         if np.all(colinear):
             a, b = np.float32(1 - self.t), np.float32(self.t)
@@ -122,6 +135,14 @@ class NuSlerpJob(TensorJob):
         if base is not None:
             np.add(base, v0, out=base)
             return base
+        return v0
+
+    def fused_combine(self, base, v0, v1, index):
+        """combine's ops, rounded alike, in one pass (merge/native.py), into v0."""
+        (a, b, scale, colinear), stride = Groups.operands(index, self.s0, self.s1, self.sin_theta, self.colinear)
+        self.rnd.fused.nuslerp_combine(
+            v0.ctypes.data, v1.ctypes.data, None if base is None else base.ctypes.data, a.ctypes.data, b.ctypes.data,
+            scale.ctypes.data, colinear.ctypes.data, stride, np.float32(1 - self.t), np.float32(self.t), v0.shape[0])
         return v0
 
 

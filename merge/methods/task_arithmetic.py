@@ -21,6 +21,7 @@ Passes over the inputs before the writing pass:
 
 from __future__ import annotations
 
+import ctypes
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -29,6 +30,7 @@ from merge.methods.base import DENSITY, IN_0_1, NON_NEGATIVE, MergeMethod, Param
 from merge.methods.numeric import RankWindow, bernoulli, l1_ratio, random_key, random_words, thresholds
 
 MAGNITUDE, RANDOM, OUTLIERS, DELLA = "magnitude", "random", "magnitude_outliers", "della_magprune"
+DELLA_KEY_RANGE = 8192  # merge/native.py's RANGE: della_limits' counting-sort buckets
 KEPT_MASK_BYTES = 32 << 20  # per tensor and worker: a 65M-element embedding of two models is 16 MB
 
 
@@ -131,6 +133,11 @@ class TaskArithmeticJob(TensorJob):
     def deltas(self, xs: List[np.ndarray]) -> List[np.ndarray]:
         """d_i = x_i - base, in place in xs[1:]."""
         base = xs[0]
+        fused = self.rnd.fused
+        if fused is not None:  # merge/native.py: the same bits in one pass
+            for x in xs[1:]:
+                fused.sub_round_bf16(x.ctypes.data, base.ctypes.data, x.shape[0])
+            return xs[1:]
         return [self.rnd(np.subtract(x, base, out=x)) for x in xs[1:]]
 
     def masks(self, ds: List[np.ndarray], offset: int) -> List[Optional[np.ndarray]]:
@@ -183,12 +190,17 @@ class TaskArithmeticJob(TensorJob):
         for i, d in enumerate(ds):
             if not self.active[i]:
                 continue
-            mags = np.abs(d).reshape(rows, row)
-            if self.plan.work_dtype == "BF16":  # bf16 magnitudes sort as 16-bit keys: numpy's radix sort
-                mags = (mags.view(np.uint32) >> 16).astype(np.uint16)
-            order = np.argsort(mags, axis=1, kind="stable")
             limit = np.empty(rows * row, np.uint32)
-            limit[order + starts] = self.della_thresholds(i)[None, :]  # the element of rank j gets table[j]
+            if self.rnd.fused is not None:  # the ranks below by a stable radix sort in C: the same order
+                scratch = np.empty(2 * row + DELLA_KEY_RANGE + 1, np.uint32)
+                self.rnd.fused.della_limits(d.ctypes.data, rows, row, self.della_thresholds(i).ctypes.data,
+                                            limit.ctypes.data, scratch.ctypes.data)
+            else:
+                mags = np.abs(d).reshape(rows, row)
+                if self.plan.work_dtype == "BF16":  # bf16 magnitudes sort as 16-bit keys: numpy's radix sort
+                    mags = (mags.view(np.uint32) >> 16).astype(np.uint16)
+                order = np.argsort(mags, axis=1, kind="stable")
+                limit[order + starts] = self.della_thresholds(i)[None, :]  # the element of rank j gets table[j]
             out[i] = random_words(self.keys[i], offset, n) < limit[lo : lo + n]
         return out
 
@@ -208,13 +220,20 @@ class TaskArithmeticJob(TensorJob):
         if pass_index < self.rank_passes:
             for w, d in zip(self.windows, ds):
                 if w is not None and pass_index < w.passes:
-                    w.reduce(pass_index, np.abs(d))
+                    w.reduce_values(pass_index, d, self.rnd.fused)
             return
         masks = self.masks(ds, offset)
         if self.keep_masks:
             self.kept_masks[offset] = [None if mask is None else np.packbits(mask) for mask in masks]
+        fused = self.rnd.fused
         for i, (d, mask) in enumerate(zip(ds, masks)):  # the l1 norms
-            if mask is not None:
+            if mask is not None and fused is not None:  # the sums below with their bits, in C
+                mask = np.ascontiguousarray(mask)
+                sums = np.empty(2)
+                fused.sum_abs_kept(d.ctypes.data, mask.ctypes.data, d.shape[0], np.getbufsize(), sums.ctypes.data)
+                self.before[i] += float(sums[0])
+                self.after[i] += float(sums[1])
+            elif mask is not None:
                 a = np.abs(d, out=d)
                 self.before[i] += float(np.sum(a, dtype=np.float64))
                 self.after[i] += float(np.sum(np.multiply(a, mask, out=a), dtype=np.float64))
@@ -228,8 +247,34 @@ class TaskArithmeticJob(TensorJob):
         self.ratio = [l1_ratio(self.rnd, b, a) if self.active[i] else None
                       for i, (b, a) in enumerate(zip(self.before, self.after))]
 
+    def linear_divisor(self) -> np.float32:
+        """The divisor of a mix without sign consensus: the weights' sum in the working dtype."""
+        total_w = np.float32(0)
+        for w in self.weights:
+            total_w = np.float32(total_w + np.float32(w))
+        divisor = np.float32(self.rnd.scalar(total_w))
+        return np.float32(1) if abs(divisor) < 1e-8 else divisor
+
+    def fused_combine(self, xs, offset):
+        """combine's ops after the task vectors, rounded alike, in C loops (merge/native.py): one
+        pass per model, then one for the mix."""
+        fused, base = self.rnd.fused, xs[0]
+        ds = self.deltas(xs)
+        for d, mask, ratio, w in zip(ds, self.masks(ds, offset), self.ratio, self.weights):
+            mask = None if mask is None else np.ascontiguousarray(mask)
+            fused.ta_weigh(d.ctypes.data, None if mask is None else mask.ctypes.data, ratio is not None,
+                           1.0 if ratio is None else ratio, w, d.shape[0])
+        k = len(ds)
+        divisor = np.float32(1) if self.m.consensus or not self.normalize else self.linear_divisor()
+        fused.task_arithmetic_mix(base.ctypes.data, (ctypes.c_void_p * k)(*[d.ctypes.data for d in ds]),
+                                  (ctypes.c_float * k)(*self.weights), k, int(self.m.consensus),
+                                  int(self.normalize), divisor, np.float32(self.scale), base.shape[0])
+        return base
+
     def combine(self, xs, offset):
         rnd = self.rnd
+        if rnd.fused is not None:
+            return self.fused_combine(xs, offset)
         base = xs[0]
         ds = self.sparsified(self.deltas(xs), offset)
         for d, w in zip(ds, self.weights):
@@ -258,12 +303,7 @@ class TaskArithmeticJob(TensorJob):
             for d in ds[1:]:
                 np.add(mixed, d, out=mixed)
             rnd(mixed)
-            total_w = np.float32(0)
-            for w in self.weights:
-                total_w = np.float32(total_w + np.float32(w))
-            divisor = np.float32(rnd.scalar(total_w))
-            if abs(divisor) < 1e-8:
-                divisor = np.float32(1)
+            divisor = self.linear_divisor()
         if self.normalize:
             rnd(np.divide(mixed, divisor, out=mixed))
         if self.scale != 1:

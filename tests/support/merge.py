@@ -1,5 +1,6 @@
-"""Merge recipes and the merge command for the merge tests, and an independent in-memory
-reference merge (torch, float64) to hold the merger's tensors to."""
+"""Merge recipes and the merge command for the merge tests, an independent in-memory
+reference merge (torch, float64) to hold the merger's tensors to, and one tensor through a
+method's job in memory (`merge_arrays`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from tests.support.env import REPO, offline_env, require_reference
@@ -93,3 +95,35 @@ def assert_bf16_close(ours, ref, name=""):
     assert differ.float().mean().item() < 1e-3, (name, differ.sum().item())
     step = want.float().abs() * 2**-7 + 1e-30
     assert ((ours.float() - want.float()).abs() <= step).all(), name
+
+
+# ---------------------------------------------------------------------------------------------
+# one tensor through a method's job, in memory
+# ---------------------------------------------------------------------------------------------
+def merge_arrays(method, arrays, params, shape=None, work="F32", block=1000, seed=0, has_base=True):
+    """One tensor through a method's job as merge/stream.py streams it: `passes` reductions over
+    blocks of `block` elements, then the combine pass; arrays[0] is the base when has_base."""
+    return run_job(method, arrays, params, shape, work, block, seed, has_base)[1]
+
+
+def run_job(method, arrays, params, shape=None, work="F32", block=1000, seed=0, has_base=True):
+    """merge_arrays' (job after the passes, merged elements): the job holds its reductions."""
+    from merge import methods
+    from merge.methods.numeric import Rounder, TensorContext
+    from merge.plan import TensorPlan
+
+    flat = [np.asarray(a, np.float32).reshape(-1) for a in arrays]
+    n = flat[0].shape[0]
+    plan = TensorPlan("model.layers.0.mlp.up_proj.weight", tuple(shape or (n,)), work, work,
+                      [(f"m{i}", "w") for i in range(len(flat))], method, dict(params), has_base)
+    rnd = Rounder(work)
+
+    def read(start, count):
+        return [rnd(f[start : start + count].copy()) for f in flat]
+
+    job = methods.get(method).job(plan, TensorContext(np.float32, rnd, read, block, seed))
+    for p in range(job.passes):
+        for lo in range(0, n, block):
+            job.reduce(p, read(lo, min(block, n - lo)), lo)
+        job.end_pass(p)
+    return job, np.concatenate([job.combine(read(lo, min(block, n - lo)), lo).copy() for lo in range(0, n, block)])
