@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,7 @@ from orchestration.planner import plan_pipeline
 
 SCHEDULES = ("knowledge_standard", "knowledge_mixed", "knowledge_pit")
 MATERIALS = REPO / "data" / "materials"
+GENERAL_TEXT = " ".join(r["text"] for r in rows(REPO / "data" / "general" / "cpt.jsonl"))
 
 
 def train_steps(preset, tmp_path, *overrides):
@@ -147,6 +148,58 @@ def block_subjects(row, tokenizer, subjects: dict) -> list:
         if text in subjects:
             found.append(subjects[text])
     return found
+
+
+def subset_settings(tmp_path, taught=300, held=150, qa=60) -> list:
+    """pipeline.settings pointing a schedule at the first rows of each bundled file (a cheap run)."""
+    files = {"taught_documents": ("facts_taught.jsonl", taught), "held_documents": ("facts_held.jsonl", held),
+             "qa": ("sft.jsonl", qa)}
+    settings = []
+    for key, (name, n) in files.items():
+        path = write_jsonl(tmp_path / name, rows(MATERIALS / name)[:n])
+        settings.append(f"pipeline.settings.{key}={path}")
+    return settings
+
+
+def trained_examples(step, tokenizer) -> Counter:
+    """The multiset of examples (token tuples) a planned step trains on over all its epochs."""
+    from train.data.mixed import prepare_mixed
+
+    data = prepare_mixed(step.config, tokenizer)
+    passes = step.config.training.num_train_epochs / data.stats.get("packed_epochs", 1)
+    seen = Counter()
+    for row in data.train_dataset:
+        start = 0
+        for length in row["seq_lengths"]:
+            seen[tuple(row["input_ids"][start:start + length])] += passes
+            start += length
+    return seen
+
+
+def test_general_replay_is_a_tenth_of_every_step_and_the_same_in_every_arm(tokenizer, tmp_path):
+    """pipeline.settings.general_share=0.1: every step trains on ~10% general tokens, and each
+    source brings its own general text, so the standard and mixed orders at equal exposures train
+    on one multiset of examples, the replay included."""
+    data = subset_settings(tmp_path)
+    arms = {"knowledge_standard": ["pipeline.settings.docs_epochs=2", "pipeline.settings.qa_epochs=2"],
+            "knowledge_mixed": ["pipeline.settings.epochs=2"]}
+    seen = {}
+    for preset, epochs in arms.items():
+        seen[preset] = Counter()
+        for step in train_steps(preset, tmp_path / preset, *data, *epochs):
+            examples = trained_examples(step, tokenizer)
+            share = general_share(examples, tokenizer)
+            assert 0.07 < share < 0.13, (preset, step.name, share)  # whole examples of <= 256 tokens
+            seen[preset] += examples
+    assert seen["knowledge_standard"] == seen["knowledge_mixed"]
+    off = train_steps("knowledge_mixed", tmp_path / "off", *data, "pipeline.settings.general_share=0")
+    assert general_share(trained_examples(off[0], tokenizer), tokenizer) == 0
+
+
+def general_share(examples: Counter, tokenizer) -> float:
+    """The share of the tokens that are general text (data/general/cpt.jsonl)."""
+    general = [e for e in examples if tokenizer.decode(e, skip_special_tokens=True).strip() in GENERAL_TEXT]
+    return sum(len(e) * examples[e] for e in general) / sum(len(e) * n for e, n in examples.items())
 
 
 def test_no_block_holds_two_renderings_of_one_subject(tokenizer):

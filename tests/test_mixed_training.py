@@ -126,6 +126,10 @@ def test_bad_mixed_sources_fail_in_one_line(tokenizer, repo):
     assert "format is for data.mixed sources only" in error_of(prepare_cpt, format_on_cpt, tokenizer)
     with pytest.raises(UserError, match="format"):
         mixed_cfg(f"data.mixed.sources=[{{path: {cpt}, format: prose}}]")
+    no_general = mixed_cfg("data.mixed.general_share=0.1")
+    assert "data.mixed.general is not set" in error_of(prepare_mixed, no_general, tokenizer)
+    general_on_cpt = compose_train_config(["+stage=cpt", f"data.cpt.general={cpt}"])
+    assert "general replay" in error_of(prepare_cpt, general_on_cpt, tokenizer)
 
 
 @pytest.mark.integration
