@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Tuple
 from core.errors import UserError
 from orchestration.steps import Plan, Step
 from train.config import derive_gradient_accumulation
+from train.data.mix import check_general
 from train.data.sources import (ROW_SCHEMAS, ROWS_CHECKED, check_column_mapping, check_columns, check_rows,
                                 data_files_of, is_saved_dataset, source_kind)
 from train.memory import params_in_model_dir, shape_of
@@ -54,21 +55,27 @@ class DataSource:
 # ---------------------------------------------------------------------------------------------
 def step_data_specs(cfg) -> List[Tuple[str, object]]:
     """(key, spec) of every source a training step reads: data.<kind>.path or each of
-    data.<kind>.sources, and data.<kind>.eval_path."""
+    data.<kind>.sources, data.<kind>.eval_path, and data.mixed.general."""
     kind = STAGES[cfg.stage.name].data
     spec = cfg.data[kind]
     specs = [(f"data.{kind}.path", spec)] if spec.path else [
         (f"data.{kind}.sources[{i}].path", source) for i, source in enumerate(spec.sources)]
     if spec.eval_path:
         specs.append((f"data.{kind}.eval_path", _EvalSpec(spec.eval_path, spec.split, dict(spec.columns or {}))))
+    if kind == "mixed" and spec.general_share > 0:
+        check_general(spec)
+        specs.append(("data.mixed.general", _EvalSpec(spec.general, "train", {}, format="text")))
     return specs
 
 
 @dataclass
 class _EvalSpec:
+    """A source the config names by path only (an eval set, the general replay)."""
+
     path: str
     split: str
     columns: Dict[str, str]
+    format: Optional[str] = None
 
 
 def first_rows(builder: str, files: List[str]) -> Tuple[List[str], List[dict], Optional[int]]:

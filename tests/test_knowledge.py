@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
-from tests.support.env import REPO
+from tests.support.env import REPO, launch, tail
 from tests.support.eval_sets import EVAL_SETS, rows
 from tests.support.files import write_jsonl
 
@@ -20,6 +20,7 @@ from orchestration.planner import plan_pipeline
 
 SCHEDULES = ("knowledge_standard", "knowledge_mixed", "knowledge_pit")
 MATERIALS = REPO / "data" / "materials"
+GENERAL_TEXT = " ".join(r["text"] for r in rows(REPO / "data" / "general" / "cpt.jsonl"))
 
 
 def train_steps(preset, tmp_path, *overrides):
@@ -60,18 +61,55 @@ def test_schedules_plan_their_order(tmp_path):
     assert changed[2].config.data.mixed.sources[1].fraction == 0.25
 
 
-def cpt_only_questions_asked(chat_files) -> list:
-    """The CPT-only eval facts (materials_cpt_mc) that a chat of these files states: its subject
-    and its value in one chat."""
-    chats = [" ".join(m["content"] for m in json.loads(line)["messages"])
-             for path in chat_files for line in Path(path).read_text().splitlines() if line.strip()]
+RELATION_WORDS = {  # how a question or answer names each CPT-only relation, in any of the wordings
+    "b_c": r"scattering length|scatters? neutrons",
+    "lattice_a": r"lattice|unit cell|crystal cell|cell edge|side a\b",
+    "major_abundance": r"percent|%|abundance|share of (?:natural|the)",
+    "mass_fraction": r"percent|%|by weight|by mass|mass fraction|fraction of the mass|of its weight",
+}
+NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?")
+
+
+def cpt_only_facts() -> set:
+    """(subject, relation, value) of every CPT-only fact: the held renderings' and both eval sets'
+    (a compound's mass fraction goes by its formula, e.g. CeO2)."""
+    facts = {(r["subject"], r["fact"], float(r["value"])) for r in rows(MATERIALS / "facts_held.jsonl")}
+    for name in ("materials_cpt_mc.jsonl", "knowledge_cpt_mc.jsonl"):
+        for item in rows(EVAL_SETS / name):
+            value = item["options"]["ABCD".index(item["answer"])].split()[0]
+            facts.add((item["subject"].split(":")[0], item["fact"], float(value)))
+    return facts
+
+
+def qa_pairs(path) -> list:
+    """Each question with its answer (a user turn and the assistant turn after it), as one text."""
+    pairs = []
+    for line in Path(path).read_text().splitlines():
+        turns = json.loads(line)["messages"] if line.strip() else []
+        pairs += [turns[i]["content"] + "\n" + turns[i + 1]["content"] for i in range(len(turns) - 1)
+                  if turns[i]["role"] == "user" and turns[i + 1]["role"] == "assistant"]
+    return pairs
+
+
+def names(pair: str, subject: str) -> bool:
+    """An element by its name in any case; a compound by its formula as written."""
+    flags = re.IGNORECASE if subject.islower() else 0
+    return re.search(rf"(?<![\w-]){re.escape(subject)}(?![\w])", pair, flags) is not None
+
+
+def cpt_only_facts_asked(pairs) -> list:
+    """The CPT-only facts that a Q&A pair asks or answers: it names the subject and either names
+    the fact's relation or states its value (as a number: 7.75, 7.750 and "7.75 fm" are one)."""
+    by_subject = defaultdict(list)
+    for subject, relation, value in cpt_only_facts():
+        by_subject[subject].append((relation, value))
     asked = []
-    for item in rows(EVAL_SETS / "materials_cpt_mc.jsonl"):
-        subject = item["subject"].split(":")[0]
-        value = item["options"]["ABCD".index(item["answer"])]  # with its unit: "3.64 angstrom"
-        stated = re.compile(rf"(?<![\d.]){re.escape(value)}")
-        if any(subject.lower() in chat.lower() and stated.search(chat) for chat in chats):
-            asked.append((item["subject"], item["fact"], value))
+    for pair in pairs:
+        numbers = {float(n) for n in NUMBER.findall(pair)}
+        for subject, facts in by_subject.items():
+            if names(pair, subject):
+                asked += [(subject, relation, value, pair) for relation, value in facts
+                          if value in numbers or re.search(RELATION_WORDS[relation], pair, re.IGNORECASE)]
     return asked
 
 
@@ -81,19 +119,34 @@ def chat_files(steps) -> set:
 
 @pytest.mark.parametrize("preset", SCHEDULES)
 def test_no_cpt_only_fact_is_asked_in_any_training_set(preset, tmp_path):
-    files = chat_files(train_steps(preset, tmp_path))
+    """On the bundled data: no Q&A of any step asks about a CPT-only fact, and the general text
+    replayed in every step states none."""
+    steps = train_steps(preset, tmp_path)
+    files = chat_files(steps)
     assert files == {str(MATERIALS / "sft.jsonl")}
-    assert cpt_only_questions_asked(files) == []
+    assert cpt_only_facts_asked(p for f in files for p in qa_pairs(f)) == []
+    general = {step.config.data.mixed.general for step in steps}
+    assert general == {str(REPO / "data" / "general" / "cpt.jsonl")}
+    documents = [r["text"] for path in general for r in rows(Path(path))]
+    assert [(s, r, v) for s, r, v, text in cpt_only_facts_asked(documents) if v in map(float, NUMBER.findall(text))] == []
 
 
 def test_a_qa_about_cpt_only_facts_would_be_caught(tmp_path):
-    """The check above finds a Q&A about held facts when a schedule is given one."""
-    held = [json.loads(l) for l in (MATERIALS / "facts_held.jsonl").read_text().splitlines()[:40]]
+    """The check above finds every CPT-only fact asked in either eval wording (by its relation,
+    with an answer that states no value), through a schedule's Q&A setting; and one whose value
+    alone is stated beside the subject, in another number format."""
+    assert set(RELATION_WORDS) == {relation for _, relation, _ in cpt_only_facts()}
+    items = rows(EVAL_SETS / "knowledge_cpt_mc.jsonl")
     leak = write_jsonl(tmp_path / "leak.jsonl", [{"messages": [
-        {"role": "user", "content": f"Tell me about {r['subject']}."}, {"role": "assistant", "content": r["text"]}]}
-        for r in held])
-    steps = train_steps("knowledge_mixed", tmp_path, f"pipeline.settings.qa={leak}")
-    assert len(cpt_only_questions_asked(chat_files(steps))) >= 20
+        {"role": "user", "content": item["question"]}, {"role": "assistant", "content": "As the handbook says."}]}
+        for item in items])
+    steps = train_steps("knowledge_pit", tmp_path, f"pipeline.settings.qa={leak}")
+    caught = {(subject, relation) for subject, relation, _, _ in
+              cpt_only_facts_asked(p for f in chat_files(steps) for p in qa_pairs(f))}
+    assert caught >= {(item["subject"].split(":")[0], item["fact"]) for item in items}
+    # the value alone, with the subject, is caught too: a question that never names the relation
+    vague = [f"Tell me about {s}.\nOne number: {v:.3f}" for s, _, v in sorted(cpt_only_facts())[:50]]
+    assert len({pair for *_, pair in cpt_only_facts_asked(vague)}) == 50
 
 
 def test_fact_renderings_name_the_subject_state_the_value_and_vary():
@@ -112,6 +165,85 @@ def test_fact_renderings_name_the_subject_state_the_value_and_vary():
     held_facts = {(r["subject"].split(":")[0], r["fact"]) for r in rows(EVAL_SETS / "materials_cpt_mc.jsonl")}
     rendered = {(s, f) for s, f, _ in wordings}
     assert held_facts <= rendered, sorted(held_facts - rendered)[:5]
+
+
+# ---------------------------------------------------------------------------------------------
+# the schedules, launched: each step trains on its data, and the loss of both kinds falls
+# ---------------------------------------------------------------------------------------------
+SMALL = {"taught_documents": 150, "held_documents": 80, "qa": 40}
+"""Rows of each bundled file a launched schedule trains on (the first ones), so it runs in seconds."""
+
+RUNS = {  # per schedule: its exposures, and (source -> rows) of each step's data besides the general replay
+    "knowledge_standard": (["docs_epochs=3", "qa_epochs=3"],
+                           {"documents": {"taught_documents": 150, "held_documents": 80}, "qa": {"qa": 40}}),
+    "knowledge_mixed": (["epochs=4"], {"mixed": {"taught_documents": 150, "held_documents": 80, "qa": 40}}),
+    "knowledge_pit": (["qa_epochs=2", "taught_epochs=2", "held_epochs=3", "qa_replay=0.25"],
+                      {"qa": {"qa": 40}, "qa-taught": {"qa": 40, "taught_documents": 150},
+                       "held": {"held_documents": 80, "qa": 10}}),
+}
+MIX_LINE = re.compile(r"mixed data mix over (\d+) rows: (.*)")
+SHARE = re.compile(r"(\S+) ([\d.]+)% of rows, ([\d.]+)% of tokens")
+
+
+def step_mixes(stdout: str, preset: str) -> dict:
+    """Per step, in the order they ran: {source: (rows, share of tokens)}, read off the `mixed data
+    mix` line each step prints."""
+    mixes = {}
+    for chunk in stdout.split(f"pipeline {preset}: step ")[1:]:
+        found = MIX_LINE.search(chunk)
+        if found:
+            rows_in_all = int(found.group(1))
+            mixes[chunk.split(":")[0]] = {name: (round(rows_in_all * float(r) / 100), float(t) / 100)
+                                          for name, r, t in SHARE.findall(found.group(2))}
+    return mixes
+
+
+def step_log(step_dir: Path) -> list:
+    """The training log of a finished step (its last checkpoint's trainer_state.json)."""
+    last = max(step_dir.glob("checkpoints/checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return [r for r in json.loads((last / "trainer_state.json").read_text())["log_history"] if "loss" in r]
+
+
+def check_kind_losses_recombine(log: list) -> None:
+    """Each logged loss is its kinds' losses weighted by the loss tokens they trained on."""
+    seen = {"text": 0, "chat": 0}
+    for row in log:
+        tokens = {kind: row[f"tokens_{kind}"] - seen[kind] for kind in seen}
+        seen = {kind: row[f"tokens_{kind}"] for kind in seen}
+        total = sum(row.get(f"loss_{kind}", 0.0) * tokens[kind] for kind in seen) / sum(tokens.values())
+        assert total == pytest.approx(row["loss"], abs=2e-3), row
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("preset", SCHEDULES)
+def test_schedule_runs_each_step_on_its_data_and_both_kinds_learn(preset, tmp_path):
+    """`python launch/pipeline.py pipeline=knowledge_<x>` on the tiny model: every step trains on
+    the sources its phase names (PIT's last phase: the held documents and a quarter of the Q&A)
+    with ~10% general replay, and over the schedule the loss falls on the text and on the chat
+    tokens. The mixed schedule runs 2 ranks under ZeRO-3, where the per-kind losses must also
+    recombine into the trainer's loss."""
+    exposures, expected = RUNS[preset]
+    ranks = 2 if preset == "knowledge_mixed" else 1
+    proc = launch("pipeline.py", [
+        f"pipeline={preset}", f"root={tmp_path}", "pipeline.eval.tasks=[]", f"cluster.gpus_per_node={ranks}",
+        *subset_settings(tmp_path, *SMALL.values()), *(f"pipeline.settings.{e}" for e in exposures),
+        "pipeline.settings.learning_rate=1e-3", "pipeline.settings.warmup_steps=2"])
+    assert proc.returncode == 0, tail(proc)
+    mixes = step_mixes(proc.stdout, preset)
+    assert list(mixes) == list(expected), tail(proc)
+    losses = {"text": [], "chat": []}
+    for step, sources in expected.items():
+        general_rows, general_tokens = mixes[step].pop("general", (0, 0.0))
+        assert {name: rows for name, (rows, _) in mixes[step].items()} == sources, (step, mixes[step])
+        assert general_rows > 0 and 0.05 < general_tokens < 0.15, (step, general_tokens)
+        log = step_log(tmp_path / preset / step)
+        for kind in losses:
+            losses[kind] += [r[f"loss_{kind}"] for r in log if f"loss_{kind}" in r]
+        if ranks > 1:
+            check_kind_losses_recombine(log)
+    for kind, trajectory in losses.items():
+        assert len(trajectory) >= 8, (kind, trajectory)
+        assert sum(trajectory[-3:]) / 3 < trajectory[0] - 1.0, (kind, trajectory)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,6 +279,58 @@ def block_subjects(row, tokenizer, subjects: dict) -> list:
         if text in subjects:
             found.append(subjects[text])
     return found
+
+
+def subset_settings(tmp_path, taught=300, held=150, qa=60) -> list:
+    """pipeline.settings pointing a schedule at the first rows of each bundled file (a cheap run)."""
+    files = {"taught_documents": ("facts_taught.jsonl", taught), "held_documents": ("facts_held.jsonl", held),
+             "qa": ("sft.jsonl", qa)}
+    settings = []
+    for key, (name, n) in files.items():
+        path = write_jsonl(tmp_path / name, rows(MATERIALS / name)[:n])
+        settings.append(f"pipeline.settings.{key}={path}")
+    return settings
+
+
+def trained_examples(step, tokenizer) -> Counter:
+    """The multiset of examples (token tuples) a planned step trains on over all its epochs."""
+    from train.data.mixed import prepare_mixed
+
+    data = prepare_mixed(step.config, tokenizer)
+    passes = step.config.training.num_train_epochs / data.stats.get("packed_epochs", 1)
+    seen = Counter()
+    for row in data.train_dataset:
+        start = 0
+        for length in row["seq_lengths"]:
+            seen[tuple(row["input_ids"][start:start + length])] += passes
+            start += length
+    return seen
+
+
+def test_general_replay_is_a_tenth_of_every_step_and_the_same_in_every_arm(tokenizer, tmp_path):
+    """pipeline.settings.general_share=0.1: every step trains on ~10% general tokens, and each
+    source brings its own general text, so the standard and mixed orders at equal exposures train
+    on one multiset of examples, the replay included."""
+    data = subset_settings(tmp_path)
+    arms = {"knowledge_standard": ["pipeline.settings.docs_epochs=2", "pipeline.settings.qa_epochs=2"],
+            "knowledge_mixed": ["pipeline.settings.epochs=2"]}
+    seen = {}
+    for preset, epochs in arms.items():
+        seen[preset] = Counter()
+        for step in train_steps(preset, tmp_path / preset, *data, *epochs):
+            examples = trained_examples(step, tokenizer)
+            share = general_share(examples, tokenizer)
+            assert 0.07 < share < 0.13, (preset, step.name, share)  # whole examples of <= 256 tokens
+            seen[preset] += examples
+    assert seen["knowledge_standard"] == seen["knowledge_mixed"]
+    off = train_steps("knowledge_mixed", tmp_path / "off", *data, "pipeline.settings.general_share=0")
+    assert general_share(trained_examples(off[0], tokenizer), tokenizer) == 0
+
+
+def general_share(examples: Counter, tokenizer) -> float:
+    """The share of the tokens that are general text (data/general/cpt.jsonl)."""
+    general = [e for e in examples if tokenizer.decode(e, skip_special_tokens=True).strip() in GENERAL_TEXT]
+    return sum(len(e) * examples[e] for e in general) / sum(len(e) * n for e, n in examples.items())
 
 
 def test_no_block_holds_two_renderings_of_one_subject(tokenizer):

@@ -1,7 +1,8 @@
 """Mixed training (+stage=mixed, data.mixed.sources): raw text trains on every token and chat
 Q&A on the answers only, also inside packed rows; each token's kind reaches the batch aligned
-with the labels; the per-kind loss is the trainer's own loss split by kind; a run on the
-embedded default lowers the loss of both kinds under ZeRO-3; bad sources fail in one line."""
+with the labels; the per-kind loss is the trainer's own loss split by kind; bad sources fail in
+one line. Launched runs (2 ranks under ZeRO-3, the loss of both kinds falling, the kinds' losses
+recombining into the trainer's) are the knowledge schedules' in tests/test_knowledge.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tests.support.env import SMALL_BATCH, launch, tail
 from tests.support.labels import trained_spans
 
 from core.errors import UserError
@@ -126,29 +126,7 @@ def test_bad_mixed_sources_fail_in_one_line(tokenizer, repo):
     assert "format is for data.mixed sources only" in error_of(prepare_cpt, format_on_cpt, tokenizer)
     with pytest.raises(UserError, match="format"):
         mixed_cfg(f"data.mixed.sources=[{{path: {cpt}, format: prose}}]")
-
-
-@pytest.mark.integration
-def test_mixed_run_lowers_the_loss_of_both_kinds(tmp_path):
-    """2 ranks under ZeRO-3 on the embedded default: each kind's loss falls, and the two recombine
-    (weighted by their loss tokens) into the loss the trainer logs, step by step."""
-    out = tmp_path / "mixed"
-    proc = launch("train.py", ["+stage=mixed", f"output_dir={out}", *SMALL_BATCH, "training.max_seq_length=256",
-                               "training.max_steps=16", "training.save_steps=16", "training.learning_rate=1e-3",
-                               "training.warmup_steps=0", "training.lr_scheduler_type=constant"], ranks=2)
-    assert proc.returncode == 0, tail(proc)
-    assert "mixed data: text 483 examples" in proc.stdout, tail(proc)
-    state = json.loads((out / "checkpoints" / "checkpoint-16" / "trainer_state.json").read_text())
-    rows = [r for r in state["log_history"] if "loss" in r]
-    seen = {"text": 0, "chat": 0}
-    for row in rows:
-        tokens = {kind: row[f"tokens_{kind}"] - seen[kind] for kind in seen}
-        seen = {kind: row[f"tokens_{kind}"] for kind in seen}
-        total = sum(row.get(f"loss_{kind}", 0.0) * tokens[kind] for kind in seen) / sum(tokens.values())
-        assert total == pytest.approx(row["loss"], abs=2e-3), row
-    for kind in seen:
-        losses = [r[f"loss_{kind}"] for r in rows if f"loss_{kind}" in r]
-        assert len(losses) >= 8, rows
-        assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5, (kind, losses)
-    assert rows[-1]["tokens_text"] > 2 * rows[-1]["tokens_chat"] > 0  # text holds 86% of the loss tokens
-    assert (out / "config.json").is_file()
+    no_general = mixed_cfg("data.mixed.general_share=0.1")
+    assert "data.mixed.general is not set" in error_of(prepare_mixed, no_general, tokenizer)
+    general_on_cpt = compose_train_config(["+stage=cpt", f"data.cpt.general={cpt}"])
+    assert "general replay" in error_of(prepare_cpt, general_on_cpt, tokenizer)

@@ -102,6 +102,12 @@ class DatasetConfig:
     training.seed). Set this or `eval_path`."""
     eval_path: Optional[str] = None
     """An evaluation set in the same formats as `path` (always loaded in memory)."""
+    general: Optional[str] = None
+    """`data.mixed` only: general documents (column `text`) replayed beside every source, so that
+    the domain does not wash out what the model knew (train/data/mixed.py). None: no replay."""
+    general_share: float = checked(0.0, Check(lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    """`data.mixed` only: the share of each source's training tokens that `general` adds beside
+    it (0.1: 1 general token per 9 of the source's). 0: no replay."""
 
 
 @dataclass

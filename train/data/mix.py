@@ -71,7 +71,7 @@ def source_canonical(kind: str, source, canonical: Callable) -> Callable:
     return MIXED_CANONICAL[source.format] if kind == "mixed" else canonical
 
 
-def _tag_row(row: dict, index: int, canonical: Callable, key: str, source: int) -> dict:
+def tag_row(row: dict, index: int, canonical: Callable, key: str, source: int) -> dict:
     return {**canonical(row, index, key), SOURCE: source}
 
 
@@ -159,11 +159,21 @@ def check_formats(spec, kind: str) -> None:
             if not source.path:
                 raise UserError(f"data.mixed.sources[{i}].path is empty (the bundled presets' sources follow "
                                 "data.cpt.path and data.sft.path): set those, or this source's path")
+        check_general(spec)
         return
+    if spec.general or spec.general_share:
+        raise UserError(f"data.{kind}.general and general_share are for data.mixed (general replay) only: drop them")
     for i, source in enumerate(spec.sources):
         if source.format is not None:
             raise UserError(f"data.{kind}.sources[{i}].format={source.format}: format is for data.mixed sources "
                             f"only; drop it (data.{kind} is {kind} data)")
+
+
+def check_general(spec) -> None:
+    """`data.mixed.general_share` > 0 needs the general documents it replays."""
+    if spec.general_share > 0 and not spec.general:
+        raise UserError(f"data.mixed.general_share={spec.general_share} replays general documents, but "
+                        "data.mixed.general is not set: point it at a file of them, or set general_share=0")
 
 
 def load_mix(spec, kind: str, canonical: Callable, seed: int, num_proc: Optional[int] = None):
@@ -180,7 +190,7 @@ def load_mix(spec, kind: str, canonical: Callable, seed: int, num_proc: Optional
                                      "source": i})
         if not spec.streaming:
             map_kwargs.update(num_proc=map_processes(len(rows), num_proc), desc=f"map {key} to {kind} columns")
-        parts.append(rows.map(_tag_row, **map_kwargs))
+        parts.append(rows.map(tag_row, **map_kwargs))
 
     if mode == "fraction":
         # alignment-handbook's dataset_mixer: a random `fraction` of each source's rows, then one

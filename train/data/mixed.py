@@ -14,6 +14,10 @@ a neighbouring rendering learns to copy instead of storing it (the Physics of LM
 github.com/ykrmm/PhysicsLLM_3.1: 7% against 97%). Their order is then re-drawn for every epoch: a
 run of `training.num_train_epochs=E` packs E differently shuffled copies and trains one pass over
 them, so each document is seen E times, each time beside other documents.
+
+`data.mixed.general` with `general_share` replays general documents beside every source (each
+source brings its own, drawn by seed and the source's name), so that each step holds that share of
+general tokens and schedules of the same sources in another order train on the same tokens.
 """
 
 from __future__ import annotations
@@ -28,9 +32,12 @@ from trl.trainer.utils import pad
 from core.errors import UserError
 from train.data import IGNORE_INDEX, PreparedData, count_not_equal, list_lengths, map_processes
 from train.data.chat import fold_system_turn
-from train.data.mix import SOURCE, completion_prompts, load_split_rows, mix_shares, report_mix
+from train.data.mix import (
+    CANONICAL_FEATURES, MIXED_CANONICAL, SOURCE, DatasetSpec, completion_prompts, load_split_rows, mix_shares,
+    report_mix, tag_row,
+)
 from train.data.sft import tokenize_chat
-from train.data.sources import check_messages, report_dropped
+from train.data.sources import check_messages, load_rows, report_dropped
 
 LOSS_KIND = "loss_kind"  # per token: the kind of example it belongs to; -1 on padding
 SUBJECT = "subject"  # what a document is about (a text source's `subject` column); None: unknown
@@ -148,6 +155,9 @@ def mixed_examples(cfg, tokenizer, rows, names: List[str], where: str, epochs: i
                         "check the sources' text and assistant turns")
     report_dropped(where, len(examples), len(examples) - len(kept), "blank text, or no assistant token within "
                    f"training.max_seq_length={max_length}")
+    if names and cfg.data.mixed.general_share > 0:
+        kept = with_general_replay(cfg, tokenizer, kept, names)
+        names = [*names, GENERAL]
     lengths = list_lengths(kept, "input_ids")
     stats = {"num_examples": len(kept), "dataset_tokens": int(lengths.sum()),
              "loss_tokens": count_not_equal(kept, "labels", IGNORE_INDEX), "truncated_rows": truncated_rows,
@@ -171,6 +181,51 @@ def mixed_examples(cfg, tokenizer, rows, names: List[str], where: str, epochs: i
     stats.update(num_rows=len(packed),
                  packing_efficiency=epochs * stats["dataset_tokens"] / (len(packed) * max_length))
     return PreparedData(packed, KindCollator(pad_token_id=pad_id, padding_free=True), stats)
+
+
+GENERAL = "general"
+"""The name the general replay (data.mixed.general) goes by in the logged mix shares."""
+
+
+def with_general_replay(cfg, tokenizer, kept, names: List[str]):
+    """`kept` plus, for each source, general examples worth general_share of the source and its
+    replay together (share / (1 - share) of the source's tokens). Each source draws them in its
+    own order, seeded by training.seed and the source's name, so a source brings the same general
+    text to whatever step it trains in: schedules that hold the same sources see the same tokens."""
+    import zlib
+
+    import datasets
+    import numpy as np
+
+    spec, share = cfg.data.mixed, cfg.data.mixed.general_share
+    rows = load_rows(DatasetSpec(path=spec.general), "cpt", key="data.mixed.general")
+    features = datasets.Features({**CANONICAL_FEATURES["mixed"], SOURCE: datasets.Value("int32")})
+    rows = rows.map(tag_row, with_indices=True, remove_columns=rows.column_names, features=features,
+                    fn_kwargs={"canonical": MIXED_CANONICAL["text"], "key": "data.mixed.general", "source": len(names)})
+    general = rows.map(tokenize_mixed, batched=True, with_indices=True, remove_columns=rows.column_names,
+                       desc="tokenize general replay",
+                       fn_kwargs={"tokenizer": tokenizer, "max_length": cfg.training.max_seq_length,
+                                  "assistant_only": False, "key": "data.mixed.general"}).remove_columns("truncated")
+    general_lengths = list_lengths(general, "input_ids")
+    sources, lengths = kept.with_format("arrow")[SOURCE].to_numpy(), list_lengths(kept, "input_ids")
+    picked = []
+    for i, name in enumerate(names):
+        budget = share / (1 - share) * lengths[sources == i].sum()
+        order = np.random.default_rng([cfg.training.seed, zlib.crc32(name.encode())]).permutation(len(general))
+        picked += take_tokens(order, general_lengths, budget)
+    return datasets.concatenate_datasets([kept, general.select(picked)]) if picked else kept
+
+
+def take_tokens(order, lengths, budget: float) -> List[int]:
+    """Indices in `order`, cycled, until their lengths sum to the one nearest `budget`."""
+    picked, total = [], 0
+    while lengths.sum() > 0:
+        for i in order:
+            if total + lengths[i] / 2 > budget:
+                return picked
+            picked.append(int(i))
+            total += int(lengths[i])
+    return picked
 
 
 def packed_epochs(cfg) -> int:
