@@ -32,7 +32,7 @@ GRAD_TOLERANCE = {"fp32": 1e-5, "bf16": 1e-5, "bf16-autocast": 2e-2}
 
 
 def labelled_batch(model, seed=0):
-    """[2, 160] tokens (more than the head's ENTROPY_ROWS); every other label is the model's own
+    """[2, 160] tokens (more than the head's ROWS); every other label is the model's own
     top-1 prediction (so is_top1 has hits), and two spans are masked with -100, one where row 0 starts."""
     ids = torch.randint(0, model.config.vocab_size, (2, 160), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
