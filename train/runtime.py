@@ -7,8 +7,9 @@ otherwise. CPU: DeepSpeed's CPU accelerator with gloo, bf16 where the CPU has na
 mixed precision on both: bf16 weights and gradients, fp32 master weights and Adam moments in
 the optimizer. Measured on a 2-core Xeon with AMX (docs/BENCHMARKS.md): a bare PyTorch loop
 trains SmolLM2-135M 1.98x faster in bf16 than in fp32, so the "bf16 ~20x slower on the CPU"
-measured here earlier does not hold on a CPU with native bf16; the project's CPT gains less
-(TRL's LM head runs its CPU fallback partly in fp32; the benchmark has the profile).
+measured here earlier does not hold on a CPU with native bf16. The project's CPT gets it on
+CPU ranks through its own LM head (train/cpu_lm_head.py; TRL's CPU fallback ran part of it in
+fp32) and the one-rank gradient shortcut below.
 """
 
 from __future__ import annotations
