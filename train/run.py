@@ -58,6 +58,7 @@ from train.runtime import (
     detect_runtime,
     ensure_process_group_env,
     let_accelerate_see_cpu_ranks,
+    pass_gradients_through_on_one_rank,
     release_cpu_allreduce_buffers,
     shutdown_process_group,
     training_arguments_accept_cpu_bf16,
@@ -204,6 +205,7 @@ def train_stage(cfg: DictConfig, runtime: Runtime, stage) -> None:
     universal = prepare_resume(resume_from, cfg, runtime)  # another world size: converted once
     if runtime.device == "cpu":
         let_accelerate_see_cpu_ranks()
+        pass_gradients_through_on_one_rank()
     evaluate = has_eval_split(cfg.data[stage.data])
     kwargs = common_trainer_kwargs(cfg, runtime, evaluate)
     if resume_from:

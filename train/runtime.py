@@ -7,8 +7,9 @@ otherwise. CPU: DeepSpeed's CPU accelerator with gloo, bf16 where the CPU has na
 mixed precision on both: bf16 weights and gradients, fp32 master weights and Adam moments in
 the optimizer. Measured on a 2-core Xeon with AMX (docs/BENCHMARKS.md): a bare PyTorch loop
 trains SmolLM2-135M 1.98x faster in bf16 than in fp32, so the "bf16 ~20x slower on the CPU"
-measured here earlier does not hold on a CPU with native bf16; the project's CPT gains less
-(TRL's LM head runs its CPU fallback partly in fp32; the benchmark has the profile).
+measured here earlier does not hold on a CPU with native bf16. The project's CPT gets it on
+CPU ranks through its own LM head (train/cpu_lm_head.py; TRL's CPU fallback ran part of it in
+fp32) and the one-rank gradient shortcut below.
 """
 
 from __future__ import annotations
@@ -145,6 +146,31 @@ def let_accelerate_see_cpu_ranks() -> None:
 
     PartialState._prepare_backend = _prepare_backend
     PartialState._domainforge_cpu_patch = True
+
+
+def pass_gradients_through_on_one_rank() -> None:
+    """Under ZeRO-3 with a partition group of one rank, hand each gradient on as its own partition.
+
+    DeepSpeed 0.19.8 reduce-scatters every gradient bucket whatever the group's size: it copies
+    the bucket into a flat buffer, divides it by the world size (1) and runs the collective over
+    it, before copying each partition into the optimizer's gradient buffer. On one rank the
+    reduced partition is the gradient itself, to the bit. Measured on one CPU rank
+    (docs/BENCHMARKS.md): ~6% of a bf16 SmolLM2-135M CPT step went to that reduce-scatter.
+    """
+    import deepspeed.runtime.zero.stage3 as stage3
+    import torch.distributed as dist
+
+    original = stage3.reduce_scatter_coalesced
+    if getattr(original, "_domainforge_one_rank", False):
+        return
+
+    def reduce_scatter_coalesced(tensors, group=None):
+        if dist.get_world_size(group) == 1:
+            return [tensor.view(-1) for tensor in tensors]
+        return original(tensors, group)
+
+    reduce_scatter_coalesced._domainforge_one_rank = True
+    stage3.reduce_scatter_coalesced = reduce_scatter_coalesced
 
 
 def release_cpu_allreduce_buffers(runtime: Runtime) -> None:

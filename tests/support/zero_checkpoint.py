@@ -1,6 +1,6 @@
 """A real DeepSpeed ZeRO-3 checkpoint in a few seconds, without the training stack: one gloo
 rank, a two-layer model, one AdamW step, `engine.save_checkpoint` (tests/test_reshard.py
-converts it into a universal checkpoint)."""
+converts it into a universal checkpoint); and the environment of such a one-rank script."""
 
 from __future__ import annotations
 
@@ -25,9 +25,14 @@ engine.save_checkpoint(sys.argv[1], tag="global_step1")
 """
 
 
+def one_gloo_rank_env() -> dict:
+    """What `deepspeed.init_distributed("gloo")` needs to start a world of one rank, without a launcher."""
+    return offline_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+
+
 def write_zero3_checkpoint(ckpt: Path) -> Path:
     """`ckpt` with `latest` = global_step1 and one rank's ZeRO-3 model and optimizer files."""
-    env = offline_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    proc = subprocess.run([sys.executable, "-c", WRITE, str(ckpt)], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", WRITE, str(ckpt)], env=one_gloo_rank_env(), capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return ckpt

@@ -6,21 +6,22 @@ kind has trained on so far (`tokens_text`, `tokens_chat`, summed over the ranks)
     deepspeed launch/train.py +stage=mixed
     deepspeed launch/train.py +stage=mixed data.mixed.sources.0.weight=3 data.mixed.sources.1.weight=1
 
-The per-kind loss is read off the forward the trainer already makes: TRL's fused LM head
-returns each token's log-probability, and a forward hook sums them by the kind each token
-carries (train/data/mixed.py), so it costs no extra pass and is the loss the model trains on.
+The per-kind loss is read off the forward the trainer already makes: TRL's fused LM head (on
+CPU ranks the model's own, train/cpu_lm_head.py) returns each token's log-probability, and a
+forward hook sums them by the kind each token carries (train/data/mixed.py), so it costs no
+extra pass and is the loss the model trains on.
 """
 
 from __future__ import annotations
 
 import torch
-from trl import SFTTrainer
 
+from train.cpu_lm_head import SFTTrainerWithCpuLogits
 from train.data.mixed import KIND_NAMES, LOSS_KIND, prepare_mixed
 from train.stages.sft import PretokenizedSFTStage
 
 
-class KindLossTrainer(SFTTrainer):
+class KindLossTrainer(SFTTrainerWithCpuLogits):
     """SFTTrainer that logs the loss of each kind of example (text, chat) separately."""
 
     def __init__(self, *args, **kwargs):

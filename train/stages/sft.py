@@ -6,8 +6,9 @@ block-diagonal mask so packed examples never attend to each other.
 CPT (train/stages/cpt.py) runs through the same TRL SFTTrainer on pre-packed text blocks.
 """
 
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig
 
+from train.cpu_lm_head import SFTTrainerWithCpuLogits
 from train.data.sft import prepare_sft
 from train.lora import peft_config
 
@@ -15,10 +16,10 @@ from train.lora import peft_config
 class PretokenizedSFTStage:
     """TRL's SFTTrainer on data that train/data/ already tokenized, masked and packed."""
 
-    def __init__(self, name, prepare, trainer_class=SFTTrainer):
+    def __init__(self, name, prepare, trainer_class=SFTTrainerWithCpuLogits):
         self.name = name
         self._prepare = prepare
-        self.trainer_class = trainer_class  # SFTTrainer or a subclass (train/stages/mixed.py)
+        self.trainer_class = trainer_class  # SFTTrainerWithCpuLogits or a subclass (train/stages/mixed.py)
 
     def prepare_data(self, cfg, tokenizer):
         return self._prepare(cfg, tokenizer)
