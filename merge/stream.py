@@ -117,6 +117,7 @@ def merge_tensor(plan: TensorPlan, merge: Merge, buf: Buffers, writer: ShardWrit
             for lo in range(0, count, block):
                 job.reduce(pass_index, _decode(plan, buf, raws, lo, min(lo + block, count), compute), start + lo)
             held = raws if count == n else None
+            del raws  # unmapped before the next chunk is mapped: both would be resident at once
         job.end_pass(pass_index)
     out_size = ITEMSIZE[plan.out_dtype]
     for start in range(0, n, chunk):
@@ -134,6 +135,7 @@ def merge_tensor(plan: TensorPlan, merge: Merge, buf: Buffers, writer: ShardWrit
                 round_through(result, plan.work_dtype, buf.tmp, buf.scratch)  # mergekit stores `dtype` first
             # write each block while it is still in cache (one 16 MB write per chunk ran ~2x slower)
             writer.write(encode(result, plan.out_dtype, buf.out, buf.scratch), offset + (start + lo) * out_size)
+        del raws
 
 
 def check_shard_header(path: Path, shard: ShardPlan) -> None:

@@ -59,7 +59,7 @@ def repeated_defaults(values: dict, schema: type, where: str) -> list:
             continue
         if dataclasses.is_dataclass(default) and isinstance(value, dict):
             found += repeated_defaults(value, type(default), f"{where}{key}.")
-        elif default is not MISSING and value == default:
+        elif default != MISSING and value == default:  # a schema may spell MISSING as its value, "???"
             found.append(f"{where}{key}: {value!r}")
     return found
 

@@ -65,6 +65,33 @@ def test_t_endpoints_return_a_model_exactly(tmp_path, tiny_pair, t, source):
             want[name].view(-1).view(dtype=__import__("torch").int16)), name
 
 
+def test_a_chunk_is_unmapped_before_the_next_is_mapped(tmp_path, tiny_pair, paper_merge, monkeypatch):
+    """Chunks are mapped with MAP_POPULATE: two resident at once would raise the peak RSS."""
+    import weakref
+
+    from merge.config import MergeOptions
+    from merge.io import ModelReader
+    from merge.recipe import load_merge_config
+    from merge.run import run_merge
+    from merge.shards import parse_size
+
+    live, overlaps, map_elements = [], [], ModelReader.map_elements
+
+    def tracked(reader, name, start, count):
+        chunk = (name, start)
+        overlaps.extend(key for key, ref in live if ref() is not None and key != chunk)
+        array = map_elements(reader, name, start, count)
+        live.append((chunk, weakref.ref(array)))
+        return array
+
+    monkeypatch.setattr(ModelReader, "map_elements", tracked)
+    cfg = write_config(tmp_path / "m.yml", tiny_pair["base"], tiny_pair["other"])
+    run_merge(load_merge_config(str(cfg)), str(tmp_path / "chunked"),
+              MergeOptions(shard_size=parse_size(SHARD), workers=1, chunk_elements=1000, progress=False))
+    assert len({key for key, _ in live}) > 10 and not overlaps, overlaps[:5]
+    assert shard_bytes(tmp_path / "chunked") == shard_bytes(paper_merge)
+
+
 def test_workers_ranks_chunks_and_hydra_give_identical_bytes(tmp_path, tiny_pair, paper_merge):
     from merge.config import MergeOptions
     from merge.recipe import load_merge_config
