@@ -368,6 +368,81 @@ VECTOR void model_stock_combine(const float *restrict w0, float *const *ws, size
             out[i] = rnd(rnd(out[i] / count) * t[i]) + rnd(w0[i] * one_minus_t[i]);
     }
 }
+
+/* numpy's np.random.Philox: Philox4x64-10 (Random123). A block is the 4 uint64 of a 256-bit
+   counter; numpy bumps the counter (with carry) before each block it draws. */
+static inline uint64_t mulhilo64(uint64_t a, uint64_t b, uint64_t *hi) {
+    __uint128_t p = (__uint128_t)a * b;
+    *hi = (uint64_t)(p >> 64);
+    return (uint64_t)p;
+}
+
+static inline void philox_block(const uint64_t *ctr, uint64_t k0, uint64_t k1, uint64_t *out) {
+    uint64_t c0 = ctr[0], c1 = ctr[1], c2 = ctr[2], c3 = ctr[3];
+    for (int r = 0; r < 10; r++) {
+        if (r) {
+            k0 += 0x9E3779B97F4A7C15ull;
+            k1 += 0xBB67AE8584CAA73Bull;
+        }
+        uint64_t hi0, hi1;
+        uint64_t lo0 = mulhilo64(0xD2E7470EE14C6C93ull, c0, &hi0);
+        uint64_t lo1 = mulhilo64(0xCA5A826395121157ull, c2, &hi1);
+        c0 = hi1 ^ c1 ^ k0;
+        c1 = lo1;
+        c2 = hi0 ^ c3 ^ k1;
+        c3 = lo0;
+    }
+    out[0] = c0;
+    out[1] = c1;
+    out[2] = c2;
+    out[3] = c3;
+}
+
+static inline void philox_bump(uint64_t *c) {
+    if (++c[0] == 0 && ++c[1] == 0 && ++c[2] == 0)
+        ++c[3];
+}
+
+/* np.random.Philox(key=k, counter=counter).random_raw(n) */
+void philox_raw(uint64_t k0, uint64_t k1, const uint64_t *counter, size_t n, uint64_t *out) {
+    uint64_t c[4] = {counter[0], counter[1], counter[2], counter[3]}, block[4];
+    for (size_t i = 0; i < n; i += 4) {
+        philox_bump(c);
+        philox_block(c, k0, k1, block);
+        for (size_t j = 0; j < 4 && i + j < n; j++)
+            out[i + j] = block[j];
+    }
+}
+
+/* keep[i] = word[skip + i] < limit[i·stride]: the stream's uint32 words (each uint64 low half
+   first, numpy's random_raw(...).view(uint32)) against one threshold (stride 0) or one per
+   element (stride 1), written as the bool mask in one pass, no words array */
+void philox_keep(uint64_t k0, uint64_t k1, const uint64_t *counter, size_t skip, size_t n, const uint32_t *limit,
+                 size_t stride, uint8_t *keep) {
+    uint64_t c[4] = {counter[0], counter[1], counter[2], counter[3]}, block[4];
+    uint32_t w[8];
+    size_t i = 0;
+    for (; skip >= 8; skip -= 8)
+        philox_bump(c);
+    while (i < n) {
+        philox_bump(c);
+        philox_block(c, k0, k1, block);
+        for (int j = 0; j < 4; j++) {
+            w[2 * j] = (uint32_t)block[j];
+            w[2 * j + 1] = (uint32_t)(block[j] >> 32);
+        }
+        if (stride == 0 && skip == 0 && n - i >= 8) {
+            uint32_t t = limit[0];
+            for (int j = 0; j < 8; j++)
+                keep[i + j] = w[j] < t;
+            i += 8;
+            continue;
+        }
+        for (size_t j = skip; j < 8 && i < n; j++, i++)
+            keep[i] = w[j] < limit[i * stride];
+        skip = 0;
+    }
+}
 """
 # no FMA contraction, no fast-math: every op rounds as numpy's does (the same bits)
 FLAGS = ("-O3", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC")
@@ -389,6 +464,8 @@ SIGNATURES = {  # every pointer is an array's .ctypes.data
     "model_stock_combine": [_P, _P, _N, _F, _P, _P, _N, _N],
     "ta_weigh": [_P, _P, ctypes.c_int, _F, _F, _N],
     "task_arithmetic_mix": [_P, _P, _P, _N, ctypes.c_int, ctypes.c_int, _F, _F, _N],
+    "philox_raw": [ctypes.c_uint64, ctypes.c_uint64, _P, _N, _P],
+    "philox_keep": [ctypes.c_uint64, ctypes.c_uint64, _P, _N, _N, _P, _N, _P],
 }
 SUMS = ("sum_squares", "sum_f32")  # return a double
 DISABLE_ENV = "DOMAINFORGE_MERGE_NUMPY_ONLY"  # set to 1: the numpy loops (for comparisons)

@@ -168,3 +168,68 @@ def test_without_a_compiler_numpy_runs_after_one_line(tmp_path, monkeypatch, cap
     x = awkward_floats()
     want = x.view(np.uint32) + 0x7FFF + ((x.view(np.uint32) >> 16) & 1) & np.uint32(0xFFFF0000)  # wraps as uint32
     assert np.array_equal(fallback(x.copy()).view(np.uint32), want)
+
+
+TOP = (1 << 64) - 1
+PHILOX_COUNTERS = [[0, 0, 0, 0], [5, 0, 0, 0], [TOP - 2, 0, 0, 0], [TOP, TOP - 1, 0, 0], [TOP, TOP, TOP, 7],
+                   [123456789, 42, 7, 0]]
+
+
+def philox_keys() -> list:
+    """random_key's keys (words past 2^63 among them, which numpy takes through float64) and
+    small and extreme ones."""
+    return [numeric.random_key(s, f"model.layers.{s}.mlp.up_proj.weight", s % 3) for s in range(6)] + [
+        [0, 0], [1, 2], [TOP, TOP], [1 << 63, 1]]
+
+
+@pytest.mark.parametrize("counter", PHILOX_COUNTERS)
+def test_c_philox_draws_numpys_words(c_loops, counter):
+    """Philox4x64-10 in C gives np.random.Philox's random_raw for every key and counter (carries
+    across counter words included), at lengths around the 4-word block."""
+    for key in philox_keys():
+        k0, k1 = numeric.philox_key(tuple(key))
+        for n in (1, 2, 3, 4, 5, 9, 1000, 100_001):
+            out = np.empty(n, np.uint64)
+            c_loops.philox_raw(k0, k1, np.array(counter, np.uint64).ctypes.data, n, out.ctypes.data)
+            want = np.random.Philox(key=key, counter=np.array(counter, np.uint64)).random_raw(n)
+            assert np.array_equal(out, want), (key, counter, n)
+
+
+def test_c_philox_keep_reads_words_low_half_first(c_loops):
+    """philox_keep's words are random_raw's uint64 split low half first, from any word of a
+    block, also across a counter carry."""
+    key = numeric.random_key(3, "w", 1)
+    k0, k1 = numeric.philox_key(tuple(key))
+    for counter in PHILOX_COUNTERS:
+        words = np.random.Philox(key=key, counter=np.array(counter, np.uint64)).random_raw(40).view(np.uint32)
+        limit = np.random.default_rng(1).integers(0, 1 << 32, 80, dtype=np.uint64).astype(np.uint32)
+        for skip in (0, 1, 7, 8, 13):
+            n = 80 - skip
+            keep = np.empty(n, np.bool_)
+            c_loops.philox_keep(k0, k1, np.array(counter, np.uint64).ctypes.data, skip, n, limit.ctypes.data, 1,
+                                keep.ctypes.data)
+            assert np.array_equal(keep, words[skip:] < limit[:n]), (counter, skip)
+
+
+KEEP_OFFSETS = [0, 1, 3, 7, 8, 9, 13, 1001, (1 << 33) + 5]
+KEEP_LENGTHS = [1, 2, 7, 8, 9, 100, 100_003]
+
+
+@pytest.mark.parametrize("numpy_only", [False, True])
+def test_keep_masks_are_the_numpy_draws(c_loops, monkeypatch, numpy_only):
+    """bernoulli's masks (one threshold) and della's (a threshold per element, from its rank
+    table) equal the numpy words against the thresholds, in C and in the numpy fallback, at
+    offsets inside a block and past 2^32 words."""
+    if numpy_only:
+        monkeypatch.setattr(numeric, "kernels", lambda: None)
+    rng = np.random.default_rng(2)
+    table = rng.integers(0, 1 << 32, 100_003, dtype=np.uint64).astype(np.uint32)
+    for key in philox_keys()[:6]:
+        for offset in KEEP_OFFSETS:
+            for n in KEEP_LENGTHS:
+                words = np.random.Philox(key=key, counter=[offset // 8, 0, 0, 0]).random_raw(n // 2 + 8)
+                words = words.view(np.uint32)[offset % 8 : offset % 8 + n]
+                for p in (0.1, 0.5, np.float32(0.9)):
+                    assert np.array_equal(numeric.bernoulli(key, offset, n, p), words < numeric.thresholds(p))
+                limit = table[:n]
+                assert np.array_equal(numeric.keep_below(key, offset, n, limit), words < limit)

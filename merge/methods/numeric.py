@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -302,7 +303,31 @@ def thresholds(p) -> np.ndarray:
 
 def bernoulli(key: List[int], offset: int, n: int, p: float) -> np.ndarray:
     """Keep-mask of elements [offset, offset+n), each True with probability p."""
-    return random_words(key, offset, n) < thresholds(p)
+    return keep_below(key, offset, n, thresholds(p))
+
+
+@functools.lru_cache(maxsize=64)
+def philox_key(key: Tuple[int, int]) -> Tuple[int, int]:
+    """The key numpy's Philox runs with: a list with a word past 2^63 goes through float64 on its
+    way to uint64 (low bits lost), and the C draws must lose the same bits."""
+    k0, k1 = np.random.Philox(key=list(key)).state["state"]["key"]
+    return int(k0), int(k1)
+
+
+def keep_below(key: List[int], offset: int, n: int, limit: np.ndarray) -> np.ndarray:
+    """random_words(key, offset, n) < limit (one uint32 threshold, or n of them): in one C pass
+    without the words (merge/native.py), else in numpy, with the same bits."""
+    lib = kernels()
+    if lib is None:
+        return random_words(key, offset, n) < limit
+    stride = 1 if limit.ndim else 0
+    limit = np.ascontiguousarray(limit, np.uint32)  # (makes a 0-d threshold 1-d)
+    keep = np.empty(n, np.bool_)
+    counter = np.array([offset // 8, 0, 0, 0], np.uint64)  # word w is word w % 8 of block w // 8 + 1
+    k0, k1 = philox_key(tuple(key))
+    lib.philox_keep(k0, k1, counter.ctypes.data, offset % 8, n, limit.ctypes.data,
+                    stride, keep.ctypes.data)
+    return keep
 
 
 def uniforms(key: List[int], offset: int, n: int) -> np.ndarray:

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from merge.methods.base import DENSITY, IN_0_1, NON_NEGATIVE, MergeMethod, Param, TensorJob
-from merge.methods.numeric import RankWindow, bernoulli, l1_ratio, random_key, random_words, thresholds
+from merge.methods.numeric import RankWindow, bernoulli, keep_below, l1_ratio, random_key, thresholds
 
 MAGNITUDE, RANDOM, OUTLIERS, DELLA = "magnitude", "random", "magnitude_outliers", "della_magprune"
 DELLA_KEY_RANGE = 8192  # merge/native.py's RANGE: della_limits' counting-sort buckets
@@ -201,7 +201,7 @@ class TaskArithmeticJob(TensorJob):
                     mags = (mags.view(np.uint32) >> 16).astype(np.uint16)
                 order = np.argsort(mags, axis=1, kind="stable")
                 limit[order + starts] = self.della_thresholds(i)[None, :]  # the element of rank j gets table[j]
-            out[i] = random_words(self.keys[i], offset, n) < limit[lo : lo + n]
+            out[i] = keep_below(self.keys[i], offset, n, limit[lo : lo + n])
         return out
 
     def sparsified(self, ds, offset):
