@@ -403,6 +403,36 @@ static inline void philox_bump(uint64_t *c) {
         ++c[3];
 }
 
+/* two consecutive blocks after counter c (bumped twice), their rounds interleaved: each block's
+   rounds are a chain of dependent multiplies, and two chains keep the multiplier busier */
+static inline void philox_blocks2(uint64_t *c, uint64_t k0, uint64_t k1, uint64_t *out) {
+    philox_bump(c);
+    uint64_t a0 = c[0], a1 = c[1], a2 = c[2], a3 = c[3];
+    philox_bump(c);
+    uint64_t b0 = c[0], b1 = c[1], b2 = c[2], b3 = c[3];
+    for (int r = 0; r < 10; r++) {
+        if (r) {
+            k0 += 0x9E3779B97F4A7C15ull;
+            k1 += 0xBB67AE8584CAA73Bull;
+        }
+        uint64_t ah0, ah1, bh0, bh1;
+        uint64_t al0 = mulhilo64(0xD2E7470EE14C6C93ull, a0, &ah0);
+        uint64_t al1 = mulhilo64(0xCA5A826395121157ull, a2, &ah1);
+        uint64_t bl0 = mulhilo64(0xD2E7470EE14C6C93ull, b0, &bh0);
+        uint64_t bl1 = mulhilo64(0xCA5A826395121157ull, b2, &bh1);
+        a0 = ah1 ^ a1 ^ k0;
+        a1 = al1;
+        a2 = ah0 ^ a3 ^ k1;
+        a3 = al0;
+        b0 = bh1 ^ b1 ^ k0;
+        b1 = bl1;
+        b2 = bh0 ^ b3 ^ k1;
+        b3 = bl0;
+    }
+    out[0] = a0, out[1] = a1, out[2] = a2, out[3] = a3;
+    out[4] = b0, out[5] = b1, out[6] = b2, out[7] = b3;
+}
+
 /* np.random.Philox(key=k, counter=counter).random_raw(n) */
 void philox_raw(uint64_t k0, uint64_t k1, const uint64_t *counter, size_t n, uint64_t *out) {
     uint64_t c[4] = {counter[0], counter[1], counter[2], counter[3]}, block[4];
@@ -419,29 +449,65 @@ void philox_raw(uint64_t k0, uint64_t k1, const uint64_t *counter, size_t n, uin
    element (stride 1), written as the bool mask in one pass, no words array */
 void philox_keep(uint64_t k0, uint64_t k1, const uint64_t *counter, size_t skip, size_t n, const uint32_t *limit,
                  size_t stride, uint8_t *keep) {
-    uint64_t c[4] = {counter[0], counter[1], counter[2], counter[3]}, block[4];
-    uint32_t w[8];
+    uint64_t c[4] = {counter[0], counter[1], counter[2], counter[3]}, block[8];
     size_t i = 0;
     for (; skip >= 8; skip -= 8)
         philox_bump(c);
-    while (i < n) {
+    if (skip) {  /* the rest of a started block */
         philox_bump(c);
         philox_block(c, k0, k1, block);
-        for (int j = 0; j < 4; j++) {
-            w[2 * j] = (uint32_t)block[j];
-            w[2 * j + 1] = (uint32_t)(block[j] >> 32);
-        }
-        if (stride == 0 && skip == 0 && n - i >= 8) {
-            uint32_t t = limit[0];
-            for (int j = 0; j < 8; j++)
-                keep[i + j] = w[j] < t;
-            i += 8;
-            continue;
-        }
         for (size_t j = skip; j < 8 && i < n; j++, i++)
-            keep[i] = w[j] < limit[i * stride];
-        skip = 0;
+            keep[i] = (uint32_t)(block[j / 2] >> (32 * (j % 2))) < limit[i * stride];
     }
+    for (; n - i >= 16; i += 16) {  /* whole pairs of blocks */
+        philox_blocks2(c, k0, k1, block);
+        const uint32_t *l = limit + i * stride;
+        for (int j = 0; j < 8; j++) {
+            keep[i + 2 * j] = (uint32_t)block[j] < (stride ? l[2 * j] : l[0]);
+            keep[i + 2 * j + 1] = (uint32_t)(block[j] >> 32) < (stride ? l[2 * j + 1] : l[0]);
+        }
+    }
+    for (size_t j = 8; i < n; i++, j++) {  /* the last block or two */
+        if (j == 8) {
+            philox_bump(c);
+            philox_block(c, k0, k1, block);
+            j = 0;
+        }
+        keep[i] = (uint32_t)(block[j / 2] >> (32 * (j % 2))) < limit[i * stride];
+    }
+}
+
+/* dare's norm pass over one model's task vector x, in pieces of `buffer` elements (numpy's
+   buffered cast; a multiple of 8): each piece's keep-mask as philox_keep draws it, into `mask`
+   (buffer bytes: it stays in the cache), the l1 norms before and after the mask with
+   sum_abs_kept's bits (out[0], out[1]), and the mask packed as np.packbits packs it (the first
+   element in the top bit) into bits: one pass instead of four */
+void keep_norms(const float *x, size_t n, size_t buffer, uint64_t k0, uint64_t k1, const uint64_t *counter,
+                size_t skip, const uint32_t *limit, size_t stride, uint8_t *mask, uint8_t *bits, double *out) {
+    double before = 0., after = 0.;
+    for (size_t s = 0; s < n; s += buffer) {
+        size_t len = n - s < buffer ? n - s : buffer, word = skip + s;
+        uint64_t c[4] = {counter[0] + word / 8, counter[1], counter[2], counter[3]};
+        if (c[0] < counter[0] && ++c[1] == 0 && ++c[2] == 0)  /* the add carried */
+            ++c[3];
+        philox_keep(k0, k1, c, word % 8, len, limit + s * stride, stride, mask);
+        before += pairwise_abs(x + s, len);
+        after += pairwise_kept_abs(x + s, mask, len);
+        size_t b = 0;
+        for (; 8 * b + 8 <= len; b++) {  /* eight 0/1 bytes -> one byte, element 8b in the top bit */
+            uint64_t m;
+            memcpy(&m, mask + 8 * b, 8);
+            bits[s / 8 + b] = (uint8_t)((m * 0x8040201008040201ull) >> 56);
+        }
+        if (8 * b < len) {
+            uint8_t byte = 0;
+            for (size_t j = 0; 8 * b + j < len; j++)
+                byte |= (uint8_t)(mask[8 * b + j] << (7 - j));
+            bits[s / 8 + b] = byte;
+        }
+    }
+    out[0] = before;
+    out[1] = after;
 }
 """
 # no FMA contraction, no fast-math: every op rounds as numpy's does (the same bits)
@@ -466,6 +532,7 @@ SIGNATURES = {  # every pointer is an array's .ctypes.data
     "task_arithmetic_mix": [_P, _P, _P, _N, ctypes.c_int, ctypes.c_int, _F, _F, _N],
     "philox_raw": [ctypes.c_uint64, ctypes.c_uint64, _P, _N, _P],
     "philox_keep": [ctypes.c_uint64, ctypes.c_uint64, _P, _N, _N, _P, _N, _P],
+    "keep_norms": [_P, _N, _N, ctypes.c_uint64, ctypes.c_uint64, _P, _N, _P, _N, _P, _P, _P],
 }
 SUMS = ("sum_squares", "sum_f32")  # return a double
 DISABLE_ENV = "DOMAINFORGE_MERGE_NUMPY_ONLY"  # set to 1: the numpy loops (for comparisons)

@@ -233,3 +233,19 @@ def test_keep_masks_are_the_numpy_draws(c_loops, monkeypatch, numpy_only):
                     assert np.array_equal(numeric.bernoulli(key, offset, n, p), words < numeric.thresholds(p))
                 limit = table[:n]
                 assert np.array_equal(numeric.keep_below(key, offset, n, limit), words < limit)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_dare_norm_pass_in_one_c_loop_gives_the_numpy_bits(c_loops, monkeypatch, method):
+    """dare's masks drawn with their l1 norms and packed in one C loop (keep_norms): the numpy
+    steps' masks, norms and output, on blocks of several of numpy's buffer pieces that start at
+    odd words."""
+    params = {**TA, "rescale": True, "weight": [0.5, 0.75], "density": [0.5, 0.3]}
+    models = task_vector_models(300, 301)
+    run = lambda: run_job(method, models, params, shape=(300, 301), work="BF16", block=20_003)
+    c_job, c_out = run()
+    monkeypatch.setattr(numeric.Rounder, "fused", property(lambda self: None))
+    numpy_job, numpy_out = run()
+    assert c_job.before == numpy_job.before and c_job.after == numpy_job.after
+    assert 0 < c_job.after[0] < c_job.before[0]
+    assert np.array_equal(c_out.view(np.uint32), numpy_out.view(np.uint32))

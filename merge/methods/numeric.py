@@ -330,6 +330,20 @@ def keep_below(key: List[int], offset: int, n: int, limit: np.ndarray) -> np.nda
     return keep
 
 
+def kept_bits_and_norms(lib, key: List[int], offset: int, x: np.ndarray, p: float):
+    """bernoulli(key, offset, n, p) packed as np.packbits packs it, with the l1 norms of x before
+    and after it (np.sum(|x|) and np.sum(|x|·mask), float64, numpy's bits), in one C pass
+    (merge/native.py's keep_norms)."""
+    n, buffer = x.shape[0], np.getbufsize()
+    limit = np.ascontiguousarray(thresholds(p), np.uint32)
+    bits, sums, scratch = np.empty(-(-n // 8), np.uint8), np.empty(2), np.empty(buffer, np.uint8)
+    k0, k1 = philox_key(tuple(key))
+    counter = np.array([offset // 8, 0, 0, 0], np.uint64)
+    lib.keep_norms(x.ctypes.data, n, buffer, k0, k1, counter.ctypes.data, offset % 8, limit.ctypes.data, 0,
+                   scratch.ctypes.data, bits.ctypes.data, sums.ctypes.data)
+    return bits, float(sums[0]), float(sums[1])
+
+
 def uniforms(key: List[int], offset: int, n: int) -> np.ndarray:
     """The words of `random_words` as floats in [0, 1) (for tests and docs)."""
     return random_words(key, offset, n) * (1.0 / 4294967296.0)

@@ -27,7 +27,8 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from merge.methods.base import DENSITY, IN_0_1, NON_NEGATIVE, MergeMethod, Param, TensorJob
-from merge.methods.numeric import RankWindow, bernoulli, keep_below, l1_ratio, random_key, thresholds
+from merge.methods.numeric import (RankWindow, bernoulli, keep_below, kept_bits_and_norms, l1_ratio, random_key,
+                                   thresholds)
 
 MAGNITUDE, RANDOM, OUTLIERS, DELLA = "magnitude", "random", "magnitude_outliers", "della_magprune"
 DELLA_KEY_RANGE = 8192  # merge/native.py's RANGE: della_limits' counting-sort buckets
@@ -222,10 +223,14 @@ class TaskArithmeticJob(TensorJob):
                 if w is not None and pass_index < w.passes:
                     w.reduce_values(pass_index, d, self.rnd.fused)
             return
+        fused = self.rnd.fused
+        if fused is not None and self.keep_masks and self.m.sparsify == RANDOM and np.getbufsize() % 8 == 0:
+            self.kept_masks[offset] = [self.kept_bits(fused, i, d, offset) if self.active[i] else None
+                                       for i, d in enumerate(ds)]
+            return
         masks = self.masks(ds, offset)
         if self.keep_masks:
             self.kept_masks[offset] = [None if mask is None else np.packbits(mask) for mask in masks]
-        fused = self.rnd.fused
         for i, (d, mask) in enumerate(zip(ds, masks)):  # the l1 norms
             if mask is not None and fused is not None:  # the sums below with their bits, in C
                 mask = np.ascontiguousarray(mask)
@@ -237,6 +242,13 @@ class TaskArithmeticJob(TensorJob):
                 a = np.abs(d, out=d)
                 self.before[i] += float(np.sum(a, dtype=np.float64))
                 self.after[i] += float(np.sum(np.multiply(a, mask, out=a), dtype=np.float64))
+
+    def kept_bits(self, fused, i, d, offset):
+        """Model i's mask as bits, drawn with its l1 norms in one C pass: the steps below."""
+        bits, before, after = kept_bits_and_norms(fused, self.keys[i], offset, d, self.keep_p[i])
+        self.before[i] += before
+        self.after[i] += after
+        return bits
 
     def end_pass(self, pass_index):
         if pass_index < self.rank_passes:
