@@ -51,20 +51,37 @@ def models(shape):
     return [base] + [0.8 * base + 0.3 * rng.standard_normal(shape).astype(np.float32) for _ in range(2)]
 
 
+def count_draws(monkeypatch, drawn, in_c):
+    """Appends the number of words each draw takes: the C loops' masks (merge/native.py), or,
+    without them, numpy's words."""
+    if not in_c:
+        monkeypatch.setattr(numeric, "kernels", lambda: None)
+        words = numeric.random_words
+        monkeypatch.setattr(numeric, "random_words", lambda key, offset, n: drawn.append(n) or words(key, offset, n))
+        return
+    keep, kept_bits = numeric.keep_below, numeric.kept_bits_and_norms
+
+    def counting_keep(key, offset, n, limit):
+        drawn.append(n)
+        return keep(key, offset, n, limit)
+
+    def counting_kept_bits(lib, key, offset, x, p):
+        drawn.append(x.shape[0])
+        return kept_bits(lib, key, offset, x, p)
+
+    for module in (numeric, task_arithmetic):  # bernoulli's draws, della's and dare's norm pass
+        monkeypatch.setattr(module, "keep_below", counting_keep)
+    monkeypatch.setattr(task_arithmetic, "kept_bits_and_norms", counting_kept_bits)
+
+
+@pytest.mark.parametrize("in_c", [True, False])
 @pytest.mark.parametrize("method,params", [("dare_linear", DARE), ("dare_ties", DARE), ("della", DELLA),
                                            ("della_linear", DELLA)])
-def test_each_random_word_is_drawn_once_and_the_bytes_stay(method, params, monkeypatch):
+def test_each_random_word_is_drawn_once_and_the_bytes_stay(method, params, in_c, monkeypatch):
     shape = (24, 50)
     arrays = models(shape)
     drawn = []
-    words = numeric.random_words
-
-    def counting(key, offset, n):
-        drawn.append(n)
-        return words(key, offset, n)
-
-    monkeypatch.setattr(numeric, "random_words", counting)  # dare's draws, through `bernoulli`
-    monkeypatch.setattr(task_arithmetic, "random_words", counting)  # della's
+    count_draws(monkeypatch, drawn, in_c)
     kept, _ = stream(method, arrays, params, shape, block=200)
     assert sum(drawn) == 2 * 24 * 50  # two models, each element once
     monkeypatch.setattr(task_arithmetic, "KEPT_MASK_BYTES", 0)  # past the cap: drawn again
