@@ -1,7 +1,8 @@
 """Optional C loops for the hottest bf16 steps of a merge: decoding bf16 bytes to float32,
 rounding float32 values to bf16 in place (after every op of a bf16 merge: 5-13 times per
-element), encoding float32 to bf16 bytes, and the whole elementwise chains of nuslerp and
-model_stock. numpy needs 2-5 passes over a block for each step, and a pass per op of a chain;
+element), encoding float32 to bf16 bytes, the whole elementwise chains of nuslerp and
+model_stock, and the dare/della keep-masks (numpy's Philox4x64-10 words, compared with their
+thresholds, summed and packed in the loop that draws them). numpy needs 2-5 passes over a block for each step, and a pass per op of a chain;
 each C loop needs one, with the same bits: the rounding is integer round-to-nearest-even on
 the float32 bit pattern, and the float ops are single IEEE float32 ops in numpy's order
 (no FMA contraction, no fast-math), as numpy's are.
