@@ -378,25 +378,27 @@ static inline uint64_t mulhilo64(uint64_t a, uint64_t b, uint64_t *hi) {
     return (uint64_t)p;
 }
 
+/* one Philox4x64 round on counter state c with round key (k0, k1) */
+static inline void philox_round(uint64_t *c, uint64_t k0, uint64_t k1) {
+    uint64_t hi0, hi1;
+    uint64_t lo0 = mulhilo64(0xD2E7470EE14C6C93ull, c[0], &hi0);
+    uint64_t lo1 = mulhilo64(0xCA5A826395121157ull, c[2], &hi1);
+    c[0] = hi1 ^ c[1] ^ k0;
+    c[1] = lo1;
+    c[2] = hi0 ^ c[3] ^ k1;
+    c[3] = lo0;
+}
+
 static inline void philox_block(const uint64_t *ctr, uint64_t k0, uint64_t k1, uint64_t *out) {
-    uint64_t c0 = ctr[0], c1 = ctr[1], c2 = ctr[2], c3 = ctr[3];
+    for (int i = 0; i < 4; i++)
+        out[i] = ctr[i];
     for (int r = 0; r < 10; r++) {
         if (r) {
             k0 += 0x9E3779B97F4A7C15ull;
             k1 += 0xBB67AE8584CAA73Bull;
         }
-        uint64_t hi0, hi1;
-        uint64_t lo0 = mulhilo64(0xD2E7470EE14C6C93ull, c0, &hi0);
-        uint64_t lo1 = mulhilo64(0xCA5A826395121157ull, c2, &hi1);
-        c0 = hi1 ^ c1 ^ k0;
-        c1 = lo1;
-        c2 = hi0 ^ c3 ^ k1;
-        c3 = lo0;
+        philox_round(out, k0, k1);
     }
-    out[0] = c0;
-    out[1] = c1;
-    out[2] = c2;
-    out[3] = c3;
 }
 
 static inline void philox_bump(uint64_t *c) {
@@ -404,34 +406,22 @@ static inline void philox_bump(uint64_t *c) {
         ++c[3];
 }
 
-/* two consecutive blocks after counter c (bumped twice), their rounds interleaved: each block's
+/* two consecutive blocks after counter c (bumped twice), round by round: each block's
    rounds are a chain of dependent multiplies, and two chains keep the multiplier busier */
 static inline void philox_blocks2(uint64_t *c, uint64_t k0, uint64_t k1, uint64_t *out) {
-    philox_bump(c);
-    uint64_t a0 = c[0], a1 = c[1], a2 = c[2], a3 = c[3];
-    philox_bump(c);
-    uint64_t b0 = c[0], b1 = c[1], b2 = c[2], b3 = c[3];
+    for (int block = 0; block < 2; block++) {
+        philox_bump(c);
+        for (int i = 0; i < 4; i++)
+            out[4 * block + i] = c[i];
+    }
     for (int r = 0; r < 10; r++) {
         if (r) {
             k0 += 0x9E3779B97F4A7C15ull;
             k1 += 0xBB67AE8584CAA73Bull;
         }
-        uint64_t ah0, ah1, bh0, bh1;
-        uint64_t al0 = mulhilo64(0xD2E7470EE14C6C93ull, a0, &ah0);
-        uint64_t al1 = mulhilo64(0xCA5A826395121157ull, a2, &ah1);
-        uint64_t bl0 = mulhilo64(0xD2E7470EE14C6C93ull, b0, &bh0);
-        uint64_t bl1 = mulhilo64(0xCA5A826395121157ull, b2, &bh1);
-        a0 = ah1 ^ a1 ^ k0;
-        a1 = al1;
-        a2 = ah0 ^ a3 ^ k1;
-        a3 = al0;
-        b0 = bh1 ^ b1 ^ k0;
-        b1 = bl1;
-        b2 = bh0 ^ b3 ^ k1;
-        b3 = bl0;
+        philox_round(out, k0, k1);
+        philox_round(out + 4, k0, k1);
     }
-    out[0] = a0, out[1] = a1, out[2] = a2, out[3] = a3;
-    out[4] = b0, out[5] = b1, out[6] = b2, out[7] = b3;
 }
 
 /* np.random.Philox(key=k, counter=counter).random_raw(n) */
