@@ -96,12 +96,11 @@ def value_loss(model, documents: List[Tuple[List[int], List[bool]]], pad_id: int
                 attention[i, :len(tokens)] = 1
                 scored[i, :len(mask)] = torch.tensor(mask)
             logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
-            # position t predicts token t+1: [batch, width-1, vocab] against [batch, width-1]
-            log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            target = ids[:, 1:].to(device)
-            token_log_probs = log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            # position t predicts token t+1; only the value positions' rows get a log-softmax
             mine = scored[:, 1:].to(device)
-            total -= float(token_log_probs[mine].double().sum())
+            picked = torch.log_softmax(logits[:, :-1][mine].float(), dim=-1)  # [value tokens, vocab]
+            target = ids[:, 1:].to(device)[mine]
+            total -= float(picked.gather(-1, target.unsqueeze(-1)).double().sum())
             count += int(mine.sum())
     finally:
         model.train(was_training)
