@@ -85,6 +85,9 @@ class StepConfig:
     """launch/train.py overrides for this step only, after the pipeline's."""
     resources: JobResources = field(default_factory=JobResources)
     """This step's SLURM job, over cluster.resources.<kind>, e.g. {nodes: 1, time: "02:00:00"} for a LoRA step."""
+    evaluate: bool = True
+    """With pipeline.eval.tasks: evaluate this step's model. false for an intermediate phase of a
+    schedule whose model nobody compares (its storage probe, training.value_probe, still reports it)."""
 
 
 @dataclass

@@ -108,7 +108,7 @@ class PipelinePlanner:
             step.resources = spec.resources
             self.steps.append(step)
             if self.evaluating and step.kind != "augment":
-                self.plan_evals(step)
+                self.plan_evals(step, spec.evaluate)
         if self.evaluating:
             self.plan_study()
         return Plan(self.pipeline.name, self.run_dir, self.steps, self.pipeline.wandb,
@@ -123,9 +123,10 @@ class PipelinePlanner:
         return Step(name, len(self.steps), out, "eval", args, evaluates=evaluates, tasks=self.eval_tasks,
                     depends_on=depends_on)
 
-    def plan_evals(self, step: Step) -> None:
-        """An evaluation of `step`'s model right after it; before the first model step, of the
-        start model too (after the first training step when that step converts it from GGUF)."""
+    def plan_evals(self, step: Step, evaluate: bool) -> None:
+        """An evaluation of `step`'s model right after it (unless the step says `evaluate: false`);
+        before the first model step, of the start model too (after the first training step when
+        that step converts it from GGUF)."""
         first_model_step = len(self.model_steps) == 1
         if first_model_step and self.pipeline.eval.start and self.start_dir is not None:
             after = [step.name] if is_gguf_cache(self.start_dir) else []
@@ -136,6 +137,8 @@ class PipelinePlanner:
                 self.steps.insert(len(self.steps) - 1, start_eval)
                 for i, s in enumerate(self.steps):
                     s.index = i
+        if not evaluate:
+            return
         if step.stage == "cpt" and self.pipeline.eval.cpt_epochs:
             # The last epoch's model is the step's own output, evaluated below.
             step.epochs = self.cpt_epochs(step)

@@ -43,22 +43,27 @@ def test_schedules_plan_their_order(tmp_path):
     taught, held, qa = ("taught_documents", "text", 1.0), ("held_documents", "text", 1.0), ("qa", "chat", 1.0)
     assert [sources_of(s) for s in steps["knowledge_standard"]] == [[taught, held], [qa]]
     assert [sources_of(s) for s in steps["knowledge_mixed"]] == [[taught, held, qa]]
-    assert [sources_of(s) for s in steps["knowledge_pit"]] == [[qa], [qa, taught], [held, ("qa", "chat", 0.1)]]
+    assert [sources_of(s) for s in steps["knowledge_pit"]] == [[qa], [qa, taught], [taught, held], [held]]
     for preset, planned in steps.items():
         for step in planned:
             training = step.config.training
             assert step.stage == "mixed"
             assert (training.lr_scheduler_type, training.learning_rate, training.warmup_steps) == \
                 ("constant_with_warmup", 3e-4, 10), preset
-    assert [s.config.training.num_train_epochs for s in steps["knowledge_pit"]] == [1, 3, 3]
+    # the same tokens in every schedule: each document and each Q&A 3 times
+    for preset, planned in steps.items():
+        passes = Counter()
+        for step in planned:
+            for name, _, fraction in sources_of(step):
+                passes[name] += step.config.training.num_train_epochs * fraction
+        assert passes == {"taught_documents": 3, "held_documents": 3, "qa": 3}, preset
     # exposures and data are settings: typed once, they reach the steps that read them
     mine = tmp_path / "qa.jsonl"
     mine.write_text((MATERIALS / "sft.jsonl").read_text())
     changed = train_steps("knowledge_pit", tmp_path, "pipeline.settings.held_epochs=5", f"pipeline.settings.qa={mine}",
-                          "pipeline.settings.qa_replay=0.25")
-    assert [s.config.training.num_train_epochs for s in changed] == [1, 3, 5]
+                          "pipeline.settings.taught_held_epochs=2")
+    assert [s.config.training.num_train_epochs for s in changed] == [1, 2, 2, 5]
     assert [s.config.data.mixed.sources[0].path for s in changed[:2]] == [str(mine)] * 2
-    assert changed[2].config.data.mixed.sources[1].fraction == 0.25
 
 
 RELATION_WORDS = {  # how a question or answer names each CPT-only relation, in any of the wordings
@@ -177,9 +182,10 @@ RUNS = {  # per schedule: its exposures, and (source -> rows) of each step's dat
     "knowledge_standard": (["docs_epochs=3", "qa_epochs=3"],
                            {"documents": {"taught_documents": 150, "held_documents": 80}, "qa": {"qa": 40}}),
     "knowledge_mixed": (["epochs=4"], {"mixed": {"taught_documents": 150, "held_documents": 80, "qa": 40}}),
-    "knowledge_pit": (["qa_epochs=2", "taught_epochs=2", "held_epochs=3", "qa_replay=0.25"],
+    "knowledge_pit": (["qa_epochs=2", "taught_epochs=2", "taught_held_epochs=1", "held_epochs=2"],
                       {"qa": {"qa": 40}, "qa-taught": {"qa": 40, "taught_documents": 150},
-                       "held": {"held_documents": 80, "qa": 10}}),
+                       "taught-held": {"taught_documents": 150, "held_documents": 80},
+                       "held": {"held_documents": 80}}),
 }
 MIX_LINE = re.compile(r"mixed data mix over (\d+) rows: (.*)")
 SHARE = re.compile(r"(\S+) ([\d.]+)% of rows, ([\d.]+)% of tokens")
@@ -218,9 +224,9 @@ def check_kind_losses_recombine(log: list) -> None:
 @pytest.mark.parametrize("preset", SCHEDULES)
 def test_schedule_runs_each_step_on_its_data_and_both_kinds_learn(preset, tmp_path):
     """`python launch/pipeline.py pipeline=knowledge_<x>` on the tiny model: every step trains on
-    the sources its phase names (PIT's last phase: the held documents and a quarter of the Q&A)
-    with ~10% general replay, and over the schedule the loss falls on the text and on the chat
-    tokens. The mixed schedule runs 2 ranks under ZeRO-3, where the per-kind losses must also
+    the sources its phase names (PIT: the Q&A, the Q&A with the taught documents, the taught with
+    the held documents, the held alone) with ~10% general replay, and over the schedule the loss
+    falls on the text and on the chat tokens. The mixed schedule runs 2 ranks under ZeRO-3, where the per-kind losses must also
     recombine into the trainer's loss."""
     exposures, expected = RUNS[preset]
     ranks = 2 if preset == "knowledge_mixed" else 1

@@ -12,7 +12,8 @@ from orchestration.planner import plan_pipeline
 
 ARMS = {"knowledge_standard": {"documents": "standard-documents", "qa": "standard-qa"},
         "knowledge_mixed": {"mixed": "mixed"},
-        "knowledge_pit": {"qa": "pit-qa", "qa-taught": "pit-qa-taught", "held": "pit-held"}}
+        "knowledge_pit": {"qa": "pit-qa", "qa-taught": "pit-qa-taught", "taught-held": "pit-taught-held",
+                          "held": "pit-held"}}
 TRAINING = ("learning_rate", "lr_scheduler_type", "warmup_steps", "max_seq_length", "per_device_train_batch_size",
             "gradient_accumulation_steps", "weight_decay", "num_train_epochs", "gradient_checkpointing")
 
@@ -40,18 +41,21 @@ def test_each_arm_trains_as_its_schedule_preset_with_general_replay(tmp_path):
             assert (Path(mixed.general).name, mixed.general_share) == ("cpt.jsonl", 0.1), study_step
     # the arms branch from the start model; within an arm each step reads the one before
     assert [study[n].input_dir for n in ("standard-documents", "mixed", "pit-qa")] == [study["eval-start"].args[0]] * 3
-    assert study["pit-held"].input_dir == str(study["pit-qa-taught"].output_dir)
+    assert study["pit-taught-held"].input_dir == str(study["pit-qa-taught"].output_dir)
+    assert study["pit-held"].input_dir == str(study["pit-taught-held"].output_dir)
     assert study["standard-qa"].input_dir == str(study["standard-documents"].output_dir)
 
 
-def test_every_step_probes_storage_and_every_model_takes_the_four_tasks(tmp_path):
+def test_every_step_probes_storage_and_each_arm_s_final_model_takes_the_four_tasks(tmp_path):
     study = planned("smollm2_knowledge", tmp_path)
     trained = [s for s in study.values() if s.kind == "train"]
-    assert len(trained) == 6
+    assert len(trained) == 7
     for step in trained:
         assert Path(step.config.training.value_probe).name == "facts_held.jsonl"
         assert step.config.training.precision == "auto" and step.config.model.gguf_file
     evals = [s for s in study.values() if s.kind == "eval"]
-    assert len(evals) == 7 and evals[0].evaluates == "start"
+    # `evaluate: false` on the intermediate phases: the start model and each arm's last step
+    assert [s.evaluates for s in evals] == ["start", "standard-qa", "mixed", "pit-held"]
+    assert study["study"].depends_on == [s.name for s in evals]
     assert all(s.tasks == ["knowledge_cpt_mc_loglik", "knowledge_control_mc_loglik", "materials_sft_mc_loglik",
                            "general_mc_loglik"] for s in evals)
