@@ -17,6 +17,7 @@ from typing import Dict, List
 
 from core.config import REPO_ROOT
 from core.errors import UserError
+from core.jsonl import read_json_objects
 
 LETTERS = "ABCDEFGH"  # 8 at most: the extraction regex stops before "I" (the pronoun)
 TF_ANSWERS = {"true": "True", "false": "False"}
@@ -35,23 +36,8 @@ def resolve_data_file(path: str) -> Path:
 
 def read_jsonl(path: str) -> List[dict]:
     """Rows of a JSONL file; UserError for a missing, empty or malformed file."""
-    file = resolve_data_file(path)
-    if not file.is_file():
-        raise UserError(f"eval set file {file} not found: give an existing .jsonl file")
-    rows = []
-    for number, line in enumerate(file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{file} line {number}: not valid JSON ({err.msg}): one JSON object per line") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{file} line {number}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    if not rows:
-        raise UserError(f"{file} is empty: an eval set needs at least one row ({FORMAT_HINT})")
-    return rows
+    rows = read_json_objects(resolve_data_file(path), "eval set", f"give a .jsonl file of rows ({FORMAT_HINT})")
+    return [row for _, row in rows]
 
 
 def eval_set_kind(row: dict, where: str) -> str:

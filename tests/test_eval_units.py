@@ -293,7 +293,7 @@ def test_mc_and_tf_rows_get_labels_and_letters(tmp_path):
 
 
 @pytest.mark.parametrize("rows, needle", [
-    ([], "is empty"),
+    ([], "has no rows"),
     ([{"question": "Q?", "options": ["a", "b"], "answer": "C"}], "not one of the option letters A, B"),
     ([{"question": "Q?", "answer": "A"}], "missing field 'options'"),
     ([{"prompt": "Q?", "answer": "A"}], "neither MC nor TF"),

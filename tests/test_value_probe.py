@@ -90,3 +90,9 @@ def test_a_value_missing_from_its_text_is_one_line(tmp_path):
         read_probe_rows(str(bad))
     with pytest.raises(UserError, match="not found"):
         read_probe_rows(str(tmp_path / "missing.jsonl"))
+    bad.write_text("\n" + json.dumps({"text": "Iron is 7.87.", "value": "7.87"}) + "\n{not json\n")
+    with pytest.raises(UserError, match=r"training.value_probe: .*held.jsonl line 3: not valid JSON"):
+        read_probe_rows(str(bad))
+    bad.write_text(json.dumps(["Iron", "7.87"]) + "\n")
+    with pytest.raises(UserError, match=r"held.jsonl line 1: expected a JSON object, got list"):
+        read_probe_rows(str(bad))

@@ -25,32 +25,25 @@ import torch
 from transformers import TrainerCallback
 
 from core.errors import UserError
+from core.jsonl import read_json_objects
 from core.outputs import VALUE_LOSS_FILE
 
 PROBE_BATCH = 16  # documents per forward: the renderings are one sentence each
+PROBE_FORMAT = "give a JSONL file of documents, each with `text` and the `value` it states"
 
 
 def read_probe_rows(path: str) -> List[dict]:
     """The probe file's rows (JSONL: `text` and `value`), each value checked to occur in its text."""
     file = Path(path).expanduser()
-    if not file.is_file():
-        raise UserError(f"training.value_probe: {file} not found: give a JSONL file of documents with `text` and `value`")
     rows = []
-    for number, line in enumerate(file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            text, value = str(row["text"]), str(row["value"])
-        except (ValueError, KeyError, TypeError) as err:
-            raise UserError(f"training.value_probe: {file} line {number} is not a JSON object with `text` and `value` "
-                            f"({type(err).__name__}: {err}): fix the line") from None
+    for number, row in read_json_objects(file, "training.value_probe", PROBE_FORMAT):
+        if not isinstance(row.get("text"), str) or "value" not in row:
+            raise UserError(f"training.value_probe: {file} line {number} has no string `text` and `value`: {PROBE_FORMAT}")
+        text, value = row["text"], str(row["value"])
         if value not in text:
             raise UserError(f"training.value_probe: {file} line {number}: its value {value!r} does not occur in its "
                             "text: the probe scores the value's tokens inside the document")
         rows.append({"text": text, "value": value})
-    if not rows:
-        raise UserError(f"training.value_probe: {file} has no rows")
     return rows
 
 
