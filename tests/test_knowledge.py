@@ -235,6 +235,8 @@ def test_schedule_runs_each_step_on_its_data_and_both_kinds_learn(preset, tmp_pa
         *subset_settings(tmp_path, *SMALL.values()), *(f"pipeline.settings.{e}" for e in exposures),
         "pipeline.settings.learning_rate=1e-3", "pipeline.settings.warmup_steps=2"])
     assert proc.returncode == 0, tail(proc)
+    # on one rank ZeRO-3 hands each gradient on as its own partition (train/runtime.py)
+    assert ("ZeRO-3 gradients skip the one-rank reduce-scatter" in proc.stdout) == (ranks == 1), tail(proc)
     mixes = step_mixes(proc.stdout, preset)
     assert list(mixes) == list(expected), tail(proc)
     losses = {"text": [], "chat": []}

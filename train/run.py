@@ -58,6 +58,7 @@ from train.runtime import (
     detect_runtime,
     ensure_process_group_env,
     let_accelerate_see_cpu_ranks,
+    gradients_pass_through_on_one_rank,
     pass_gradients_through_on_one_rank,
     release_cpu_allreduce_buffers,
     shutdown_process_group,
@@ -257,7 +258,9 @@ def train_stage(cfg: DictConfig, runtime: Runtime, stage) -> None:
         import torch.distributed as dist
 
         backend = dist.get_backend() if dist.is_initialized() else "no process group"
-        print(f"runtime: {runtime.world_size} rank(s) on {runtime.device}, {backend}, {runtime.precision}", flush=True)
+        skipped = (runtime.world_size == 1 and cfg.deepspeed.zero_stage == 3 and gradients_pass_through_on_one_rank())
+        print(f"runtime: {runtime.world_size} rank(s) on {runtime.device}, {backend}, {runtime.precision}"
+              + ("; ZeRO-3 gradients skip the one-rank reduce-scatter" if skipped else ""), flush=True)
     if resume_from and runtime.is_main:
         print(f"resuming from {resume_from}", flush=True)
     trainer.train(resume_from_checkpoint=resume_from)

@@ -173,6 +173,13 @@ def pass_gradients_through_on_one_rank() -> None:
     stage3.reduce_scatter_coalesced = reduce_scatter_coalesced
 
 
+def gradients_pass_through_on_one_rank() -> bool:
+    """Whether pass_gradients_through_on_one_rank is in place in DeepSpeed's ZeRO-3 module."""
+    import deepspeed.runtime.zero.stage3 as stage3
+
+    return getattr(stage3.reduce_scatter_coalesced, "_domainforge_one_rank", False)
+
+
 def release_cpu_allreduce_buffers(runtime: Runtime) -> None:
     """Unlink the names of DeepSpeed's CPU shared-memory all-reduce buffers once every rank
     has mapped them.
