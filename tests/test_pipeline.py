@@ -68,6 +68,8 @@ def test_presets_are_the_papers_recipes(tmp_path):
     assert steps["smollm_base_cpt_sft_dpo"] == ["cpt", "sft", "dpo"]
     # docs/STUDY.md's run: the grid on SmolLM2, each strategy after SFT merged with the start model.
     assert steps["smollm2_study"] == ["cpt", "sft", "dpo", "orpo", "merge", "merge", "merge"]
+    # the knowledge study's best arm: SFT then merged, and merged as it is
+    assert steps["smollm2_knowledge_followup"] == ["sft", "merge", "merge"]
     # The paper's grid: every strategy, each merged with the Instruct model it started from.
     # Full fine-tuning against LoRA is an axis: sft-lora branches from the same CPT model.
     # Merge methods are an axis too: the preference models are also merged linearly and by TIES.
