@@ -226,8 +226,8 @@ def test_schedule_runs_each_step_on_its_data_and_both_kinds_learn(preset, tmp_pa
     """`python launch/pipeline.py pipeline=knowledge_<x>` on the tiny model: every step trains on
     the sources its phase names (PIT: the Q&A, the Q&A with the taught documents, the taught with
     the held documents, the held alone) with ~10% general replay, and over the schedule the loss
-    falls on the text and on the chat tokens. The mixed schedule runs 2 ranks under ZeRO-3, where the per-kind losses must also
-    recombine into the trainer's loss."""
+    falls on the text and on the chat tokens. The mixed schedule runs 2 ranks under ZeRO-3, where
+    the per-kind losses must also recombine into the trainer's loss."""
     exposures, expected = RUNS[preset]
     ranks = 2 if preset == "knowledge_mixed" else 1
     proc = launch("pipeline.py", [

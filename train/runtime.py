@@ -160,9 +160,9 @@ def pass_gradients_through_on_one_rank() -> None:
     import deepspeed.runtime.zero.stage3 as stage3
     import torch.distributed as dist
 
-    original = stage3.reduce_scatter_coalesced
-    if getattr(original, "_domainforge_one_rank", False):
+    if gradients_pass_through_on_one_rank():
         return
+    original = stage3.reduce_scatter_coalesced
 
     def reduce_scatter_coalesced(tensors, group=None):
         if dist.get_world_size(group) == 1:
