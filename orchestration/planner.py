@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from core.config import user_conf_dir
 from core.errors import UserError
-from core.outputs import EVAL_DIR, MODEL_CACHE_DIR, epoch_model_dir
+from core.outputs import EVAL_DIR, MODEL_CACHE_DIR, epoch_model_dir, is_model_dir
 from evaluation.run import eval_set_tasks
 from orchestration.steps import JOBS_DIR, START, Plan, Step
 from train.config import compose_train_config
@@ -66,6 +66,7 @@ class PipelinePlanner:
         self.run_dir = Path(cfg.root).expanduser().resolve() / self.pipeline.name
         self.names = [s.name for s in self.pipeline.steps]
         self.steps: List[Step] = []
+        self.gguf_converter: Optional[str] = None  # the first step that loads a GGUF preset's file
 
     def fail(self, message: str) -> UserError:
         return UserError(f"pipeline {self.pipeline.name}: {message}")
@@ -125,11 +126,11 @@ class PipelinePlanner:
 
     def plan_evals(self, step: Step, evaluate: bool) -> None:
         """An evaluation of `step`'s model right after it (unless the step says `evaluate: false`);
-        before the first model step, of the start model too (after the first training step when
-        that step converts it from GGUF)."""
+        before the first model step, of the start model too (after the step that converts it, for
+        a GGUF preset)."""
         first_model_step = len(self.model_steps) == 1
         if first_model_step and self.pipeline.eval.start and self.start_dir is not None:
-            after = [step.name] if is_gguf_cache(self.start_dir) else []
+            after = self.start_copy_written_by(f"eval-{START}") if is_gguf_cache(self.start_dir) else []
             start_eval = self.eval_step(f"eval-{START}", self.start_dir, START, self.run_dir / START / EVAL_DIR, after)
             if after:
                 self.steps.append(start_eval)
@@ -182,6 +183,19 @@ class PipelinePlanner:
     def start_dir(self) -> Optional[str]:
         return start_model_dir(self.pipeline, self.run_dir)
 
+    def start_copy_written_by(self, reader: str) -> List[str]:
+        """For a step that reads the GGUF preset's converted start model without loading the GGUF
+        file itself: the earlier step that converts it, [] where the copy already exists here."""
+        if self.gguf_converter is not None:
+            return [self.gguf_converter]
+        if is_model_dir(self.start_dir):
+            return []
+        raise self.fail(
+            f"step '{reader}' reads `start`, the copy of model {self.pipeline.model}'s GGUF file at {self.start_dir}, "
+            "which no earlier step writes: put a training step that starts from `start` before it, or set "
+            "pipeline.start=<a model directory>"
+        )
+
     def resolve(self, ref: str, step_name: str, field_name: str) -> Tuple[Optional[str], Optional[str]]:
         """(directory, step it comes from) for a model reference in step `step_name`."""
         if ref.startswith("eval-") or ref == "study":
@@ -233,6 +247,8 @@ class PipelinePlanner:
         args = [f"augment={spec.augment.preset}", f"model={self.pipeline.model}", f"output_dir={out}"]
         if self.pipeline.start:
             args.append(f"model.path={self.start_dir}")  # the start model rewrites, and its tokenizer counts
+        elif self.gguf_converter is None and self.start_dir is not None and is_gguf_cache(self.start_dir):
+            self.gguf_converter = spec.name  # its tokenizer loads the GGUF preset (train/model.py)
         deps = []
         if spec.augment.match is not None:
             matched = self.resolve_dataset(spec.augment.match, spec.name, "augment.match")
@@ -254,6 +270,8 @@ class PipelinePlanner:
                     "(no directory): name a step instead"
                 )
             dirs[key] = path
+            if dep is None and not self.pipeline.start and is_gguf_cache(path):
+                deps += self.start_copy_written_by(spec.name)
             deps += [dep] if dep else []
         args = [
             f"merge={spec.merge.preset}", f"merge.base_model={dirs['base_model']}",
@@ -285,11 +303,15 @@ class PipelinePlanner:
                      f"logging.project={self.pipeline.wandb_project}"]
             if self.pipeline.wandb_entity:
                 args.append(f"logging.entity={self.pipeline.wandb_entity}")
-        if input_dir is not None and (dep is not None or self.pipeline.start or spec.input):
+        # A GGUF preset's start model is the copy the first step that loads the GGUF file converts it
+        # into (train/model.py): every step reading `start` loads the preset itself, since a
+        # model.path to that copy fails on a machine where no step has converted it yet.
+        gguf_start = dep is None and not self.pipeline.start and input_dir is not None and is_gguf_cache(input_dir)
+        if input_dir is not None and not gguf_start and (dep is not None or self.pipeline.start or spec.input):
             # A saved model directory: it takes precedence over a preset's GGUF file (train/model.py).
             args.append(f"model.path={input_dir}")
-        elif input_dir is not None and is_gguf_cache(input_dir):
-            input_dir = None  # the step converts the preset's GGUF file itself
+        elif gguf_start and self.gguf_converter is None:
+            self.gguf_converter = spec.name
         deps = [dep] if dep else []
         args += list(self.pipeline.overrides)
         if spec.corpus is not None:  # after the pipeline's overrides: a pipeline-wide data.cpt.path is the default
