@@ -191,8 +191,9 @@ class PipelinePlanner:
         if is_model_dir(self.start_dir):
             return []
         raise self.fail(
-            f"step '{reader}' reads `start`, the copy of model {self.pipeline.model}'s GGUF file at {self.start_dir}, "
-            "which no earlier step writes: put a training step that starts from `start` before it, or set "
+            f"step '{reader}' reads `start`, the copy of model {self.pipeline.model}'s GGUF file at "
+            f"{self.start_dir}, which no earlier step writes and no run has written yet: run a step that trains "
+            "from `start` first (in this pipeline or another, e.g. smollm2_knowledge before its follow-up), or set "
             "pipeline.start=<a model directory>"
         )
 

@@ -73,8 +73,8 @@ def test_a_merge_with_the_gguf_start_waits_for_its_copy_or_is_refused_before_any
     monkeypatch.setattr(planner, "MODEL_CACHE_DIR", tmp_path / "cache")
     job = ["pipeline=smollm2_knowledge_followup", f"root={tmp_path}", f"pipeline.models.arm={arm}"]
     with pytest.raises(UserError, match=r"step 'slerp-sft' reads `start`, the copy of model smollm2_135m's GGUF file "
-                                        r"at .*cache/SmolLM2-135M-Instruct.Q4_1, which no earlier step writes: "
-                                        r"put a training step that starts from `start` before it"):
+                                        r"at .*cache/SmolLM2-135M-Instruct.Q4_1, which no earlier step writes and no run "
+                                        r"has written yet: run a step that trains from `start` first"):
         plan_pipeline(compose_pipeline_job(job))
     copy = tmp_path / "cache" / "SmolLM2-135M-Instruct.Q4_1"
     copy.mkdir(parents=True)
