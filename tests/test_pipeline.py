@@ -20,14 +20,17 @@ PRESETS = sorted(p.stem for p in (REPO / "conf" / "pipeline").glob("*.yaml"))
 
 
 def preset_args(preset, tmp_path):
-    """What a preset needs on the command line: the follow-up reads the knowledge study's arm."""
+    """What a preset needs on the command line: the follow-up reads the knowledge study's arm, and
+    merges the Instruct model, which a machine where no run converted its GGUF file lacks (the plan
+    refuses then: tests/test_knowledge_study.py), so a directory stands in for it too."""
     if preset == "smollm2_knowledge_followup":
         from tests.support.models import stand_in_model
 
-        arm = stand_in_model(tmp_path / "arm", {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576,
-                                                 "intermediate_size": 1536, "num_hidden_layers": 30,
-                                                 "num_attention_heads": 9, "num_key_value_heads": 3})
-        return [f"pipeline.models.arm={arm}"]
+        smollm2 = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+                   "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3}
+        arm = stand_in_model(tmp_path / "arm", smollm2)
+        instruct = stand_in_model(tmp_path / "instruct", smollm2)
+        return [f"pipeline.models.arm={arm}", f"pipeline.start={instruct}"]
     return []
 
 
