@@ -183,6 +183,11 @@ class PipelinePlanner:
     def start_dir(self) -> Optional[str]:
         return start_model_dir(self.pipeline, self.run_dir)
 
+    def is_gguf_start_copy(self, path: Optional[str], dep: Optional[str]) -> bool:
+        """`path`, which no step of this pipeline makes (`dep` None), is the copy a GGUF preset's start
+        model is converted into (train/model.py), not a model directory the user gave."""
+        return dep is None and not self.pipeline.start and path is not None and is_gguf_cache(path)
+
     def start_copy_written_by(self, reader: str) -> List[str]:
         """For a step that reads the GGUF preset's converted start model without loading the GGUF
         file itself: [] where the copy already exists here, else the earlier step that converts it."""
@@ -248,7 +253,7 @@ class PipelinePlanner:
         args = [f"augment={spec.augment.preset}", f"model={self.pipeline.model}", f"output_dir={out}"]
         if self.pipeline.start:
             args.append(f"model.path={self.start_dir}")  # the start model rewrites, and its tokenizer counts
-        elif self.gguf_converter is None and self.start_dir is not None and is_gguf_cache(self.start_dir):
+        elif self.gguf_converter is None and self.is_gguf_start_copy(self.start_dir, None):
             self.gguf_converter = spec.name  # its tokenizer loads the GGUF preset (train/model.py)
         deps = []
         if spec.augment.match is not None:
@@ -271,7 +276,7 @@ class PipelinePlanner:
                     "(no directory): name a step instead"
                 )
             dirs[key] = path
-            if dep is None and not self.pipeline.start and is_gguf_cache(path):
+            if self.is_gguf_start_copy(path, dep):
                 deps += self.start_copy_written_by(spec.name)
             deps += [dep] if dep else []
         args = [
@@ -307,7 +312,7 @@ class PipelinePlanner:
         # A GGUF preset's start model is the copy the first step that loads the GGUF file converts it
         # into (train/model.py): every step reading `start` loads the preset itself, since a
         # model.path to that copy fails on a machine where no step has converted it yet.
-        gguf_start = dep is None and not self.pipeline.start and input_dir is not None and is_gguf_cache(input_dir)
+        gguf_start = self.is_gguf_start_copy(input_dir, dep)
         if input_dir is not None and not gguf_start and (dep is not None or self.pipeline.start or spec.input):
             # A saved model directory: it takes precedence over a preset's GGUF file (train/model.py).
             args.append(f"model.path={input_dir}")

@@ -13,6 +13,7 @@ import orchestration.planner as planner
 from core.errors import UserError
 from orchestration.config import compose_pipeline_job
 from orchestration.planner import plan_pipeline
+from tests.support.models import stand_in_model
 
 ARMS = {"knowledge_standard": {"documents": "standard-documents", "qa": "standard-qa"},
         "knowledge_mixed": {"mixed": "mixed"},
@@ -56,11 +57,6 @@ def fresh_machine(tmp_path, monkeypatch):
     return tmp_path / "cache" / "SmolLM2-135M-Instruct.Q4_1"
 
 
-def converted(copy):
-    copy.mkdir(parents=True)
-    (copy / "config.json").write_text("{}")
-
-
 def test_every_step_reading_the_gguf_start_loads_the_preset_so_a_fresh_machine_converts_it(tmp_path, monkeypatch):
     """`input: start` on a GGUF preset: the step loads the package's GGUF file (and converts it),
     not a model.path to the converted copy, which no step has written on a fresh machine."""
@@ -75,16 +71,14 @@ def test_every_step_reading_the_gguf_start_loads_the_preset_so_a_fresh_machine_c
     # the start model's evaluation reads the converted copy: after the first step, which writes it,
     # and on its own (`step=eval-start`) once the copy exists
     assert study["eval-start"].depends_on == ["standard-documents"]
-    converted(copy)
+    stand_in_model(copy)  # a run converted it
     assert planned("smollm2_knowledge", tmp_path)["eval-start"].depends_on == []
 
 
 def test_a_merge_with_the_gguf_start_waits_for_its_copy_or_is_refused_before_anything_runs(tmp_path, monkeypatch):
     """The follow-up merges `start` but trains only from the arm, so no step of its own converts the
     GGUF: it plans where the converted copy exists, and where it does not, the plan names the fix."""
-    arm = tmp_path / "arm"
-    arm.mkdir()
-    (arm / "config.json").write_text("{}")
+    arm = stand_in_model(tmp_path / "arm")
     copy = fresh_machine(tmp_path, monkeypatch)
     job = ["pipeline=smollm2_knowledge_followup", f"root={tmp_path}", f"pipeline.models.arm={arm}"]
     with pytest.raises(UserError, match=r"step 'slerp-sft' reads `start`, the copy of model smollm2_135m's GGUF file "
@@ -93,7 +87,7 @@ def test_a_merge_with_the_gguf_start_waits_for_its_copy_or_is_refused_before_any
         plan_pipeline(compose_pipeline_job(job))
     # in the paper's study the merges of `start` wait for the step that converts it, cpt
     assert planned("smollm2_study", tmp_path)["slerp-sft"].depends_on == ["cpt", "sft"]
-    converted(copy)
+    stand_in_model(copy)  # a run converted it
     steps = {s.name: s for s in plan_pipeline(compose_pipeline_job(job)).steps}
     assert steps["slerp-sft"].depends_on == ["sft"] and steps["slerp-arm"].depends_on == []
 
